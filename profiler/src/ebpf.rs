@@ -1,0 +1,64 @@
+//! The eBPF object embedded in `hvprof`, and loading it.
+//!
+//! `profiler/build.rs` builds `profiler-ebpf` with aya-build; the object is
+//! embedded here so that `hvprof` is one self-contained executable.
+
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use thiserror::Error;
+
+/// The compiled eBPF object (ELF, with BTF).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hvprof"));
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("loading the eBPF object failed: {chain}{hint}", chain = chain(source), hint = hint(source))]
+    Load {
+        #[source]
+        source: EbpfError,
+    },
+}
+
+/// The error and its causes, which aya's `Display` leaves out.
+fn chain(err: &EbpfError) -> String {
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn hint(err: &EbpfError) -> &'static str {
+    let text = chain(err);
+    if text.contains("Operation not permitted") || text.contains("Permission denied") {
+        ". Run hvprof as root, or grant it CAP_BPF and CAP_PERFMON"
+    } else {
+        ""
+    }
+}
+
+/// A read-only global of the eBPF object, set before load.
+pub struct Global<'a> {
+    pub name: &'a str,
+    pub value: u32,
+}
+
+/// Loads the embedded object with the given read-only globals. Raises
+/// RLIMIT_MEMLOCK first (needed on kernels before 5.11, harmless after).
+pub fn load(globals: &[Global<'_>]) -> Result<Ebpf, LoadError> {
+    // A failure here is not fatal: on 5.11+ the limit is not used, and on
+    // older kernels the load below fails with a message naming memlock.
+    let _ = crate::sys::raise_memlock();
+    let mut loader = EbpfLoader::new();
+    for g in globals {
+        loader.override_global(g.name, &g.value, true);
+    }
+    loader
+        .load(OBJECT)
+        .map_err(|source| LoadError::Load { source })
+}
