@@ -1,8 +1,12 @@
 //! hvprof's eBPF programs. One object; userspace picks which programs to load.
 #![no_std]
 #![no_main]
+// BPF atomic add: core's atomic types have no read-modify-write on this target.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd is the only BPF atomic add")]
 
 mod check;
+mod record;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -42,6 +42,15 @@ fn hint(err: &EbpfError) -> &'static str {
     }
 }
 
+/// Loads the embedded object for recording, with its configuration.
+pub fn load_with_config(config: &profiler_common::record::Config) -> Result<Ebpf, LoadError> {
+    let _ = crate::sys::raise_memlock();
+    EbpfLoader::new()
+        .override_global(profiler_common::record::names::CONFIG, config, true)
+        .load(OBJECT)
+        .map_err(|source| LoadError::Load { source })
+}
+
 /// A read-only global of the eBPF object, set before load.
 pub struct Global<'a> {
     pub name: &'a str,

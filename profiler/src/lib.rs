@@ -5,6 +5,13 @@
 //! binary is a thin clap shell over this library.
 
 pub mod check;
+pub mod cli;
 pub mod ebpf;
+pub mod procmaps;
+pub mod profile;
+pub mod record;
+pub mod render;
+pub mod symbolize;
 pub mod sys;
 pub mod tracefs;
+pub mod windows;

@@ -1,11 +1,18 @@
 //! The `hvprof` command line: a thin shell over the `profiler` library.
 
-use std::process::ExitCode;
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use profiler::{
+    cli::{parse_duration, parse_pids},
+    profile::Profile,
+    record::{self, RecordOptions, Target, VmEvent},
+    render,
+    windows::WindowSpec,
+};
 
-/// A profiler for hypervisor management stacks: on-CPU, off-CPU, lock, fork,
-/// cgroup and D-Bus profiles in windows keyed to the Nth VM created.
+/// A profiler for hypervisor management stacks: on-CPU and off-CPU profiles
+/// in windows keyed to the Nth VM created.
 #[derive(Debug, Parser)]
 #[command(name = "hvprof", version, about)]
 struct Cli {
@@ -23,29 +30,174 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Record on-CPU and off-CPU stacks in windows keyed to the Nth VM
+    /// created, then write the profile file, per-window folded stacks and
+    /// flame graphs, and a summary.
+    Record(RecordArgs),
+    /// Render a recorded profile file again: per-window folded stacks, flame
+    /// graphs and the summary. Works offline, on any machine.
+    Report {
+        /// The profile file (`profile.hvprof` in a recording directory).
+        profile: PathBuf,
+        /// Output directory.
+        #[arg(short, long, default_value = "hvprof-report")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Windows: a VM creation is a successful KVM_CREATE_VM ioctl (whoever makes it) or, with \
+--vm-event exec:PATTERN, an exec whose comm matches PATTERN. The kernel keeps the count; \
+each event is charged to the window the count is in when it happens. Window 0 is the setup \
+before the first VM. Events outside every window are not recorded.
+
+Off-CPU time is charged to the window in which the block STARTED, with the stack the task \
+blocked in.")]
+struct RecordArgs {
+    /// Record these processes (comma-separated pids).
+    #[arg(short = 'p', long = "pid", value_name = "PID[,PID]", value_parser = parse_pids, group = "target")]
+    pids: Option<Vec<u32>>,
+    /// Record processes whose comm is NAME, running now or exec'd later.
+    #[arg(long, value_name = "NAME", group = "target")]
+    comm: Option<String>,
+    /// Record every task on the system.
+    #[arg(short = 'a', long = "all", group = "target")]
+    all: bool,
+    /// Do not follow children (forks, threads and exec'd helpers are
+    /// followed by default, decided in the kernel).
+    #[arg(long)]
+    no_children: bool,
+    /// Windows of K VMs: 1–K, K+1–2K, … (default 10).
+    #[arg(long, value_name = "K", conflicts_with = "windows")]
+    window_size: Option<u32>,
+    /// Explicit windows of VM ordinals, e.g. 1-10,101-110,201-210.
+    #[arg(long, value_name = "RANGES")]
+    windows: Option<String>,
+    /// On-CPU sampling frequency (cpu-clock, every CPU).
+    #[arg(short = 'F', long, default_value_t = 99, value_name = "HZ")]
+    frequency: u64,
+    /// Ignore blocks shorter than this (e.g. 1ms, 500us).
+    #[arg(long, value_parser = parse_duration, default_value = "1us", value_name = "DURATION")]
+    min_block: Duration,
+    /// Ignore blocks longer than this.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    max_block: Option<Duration>,
+    /// What counts as a VM creation: `kvm` (KVM_CREATE_VM, default) and/or
+    /// `exec:PATTERN` (an exec whose comm matches, e.g. exec:qemu-system-*,
+    /// for QEMU under TCG, which makes no KVM ioctl). Repeatable.
+    #[arg(long = "vm-event", value_name = "EVENT", value_parser = VmEvent::parse)]
+    vm_events: Vec<VmEvent>,
+    /// Stop after this long (e.g. 30s). Ctrl-C or SIGTERM also stop cleanly.
+    #[arg(short, long, value_parser = parse_duration, value_name = "DURATION")]
+    duration: Option<Duration>,
+    /// Output directory.
+    #[arg(short, long, default_value = "hvprof-out")]
+    output: PathBuf,
+    /// Run this command and record it (and its children).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Check { json } => {
-            let report = profiler::check::run();
-            if json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("hvprof: cannot encode the report as JSON: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            } else {
-                print!("{}", report.to_text());
-            }
-            if report.record_ready {
-                ExitCode::SUCCESS
-            } else {
+        Cmd::Check { json } => check(json),
+        Cmd::Record(args) => match record_cmd(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hvprof: {e}");
                 ExitCode::FAILURE
             }
-        }
+        },
+        Cmd::Report { profile, output } => match report(&profile, &output) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hvprof: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn check(json: bool) -> ExitCode {
+    let report = profiler::check::run();
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("hvprof: cannot encode the report as JSON: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", report.to_text());
+    }
+    if report.record_ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
+    let target = match (args.pids, args.comm, args.all, args.command.is_empty()) {
+        (Some(p), None, false, true) => Target::Pids(p),
+        (None, Some(c), false, true) => Target::Comm(c),
+        (None, None, true, true) => Target::All,
+        (None, None, false, false) => Target::Command(args.command),
+        (None, None, false, true) => anyhow::bail!(
+            "say what to record: -p PID, --comm NAME, -a, or -- CMD ARGS (see `hvprof record --help`)"
+        ),
+        _ => anyhow::bail!("give one target: -p PID, --comm NAME, -a, or -- CMD ARGS, not several"),
+    };
+    let windows = match (args.window_size, args.windows) {
+        (_, Some(w)) => WindowSpec::parse_ranges(&w)?,
+        (k, None) => WindowSpec::every(k.unwrap_or(10))?,
+    };
+    anyhow::ensure!(
+        (1..=100_000).contains(&args.frequency),
+        "-F {}: the sampling frequency must be between 1 and 100000 Hz",
+        args.frequency
+    );
+    let max_block = args.max_block.unwrap_or(Duration::from_nanos(u64::MAX));
+    anyhow::ensure!(args.min_block <= max_block, "--min-block is larger than --max-block");
+    let mut vm_events = args.vm_events;
+    if vm_events.is_empty() {
+        vm_events.push(VmEvent::Kvm);
+    }
+    let opts = RecordOptions {
+        target,
+        follow_children: !args.no_children,
+        windows,
+        frequency_hz: args.frequency,
+        min_block: args.min_block,
+        max_block,
+        vm_events,
+        duration: args.duration,
+        output: args.output,
+        command_line: std::env::args().collect(),
+    };
+    let outcome = record::record(opts)?;
+    print!("{}", outcome.summary.to_text());
+    println!(
+        "\nwrote {} (profile: {}) in {} ms after the stop",
+        outcome.output.display(),
+        outcome.profile_path.display(),
+        outcome.stop_to_written.as_millis()
+    );
+    if let Some(status) = outcome.command_status
+        && !status.success()
+    {
+        eprintln!("hvprof: the recorded command ended with {status}");
+    }
+    Ok(())
+}
+
+fn report(path: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
+    let profile = Profile::read(path)?;
+    let summary = render::write_all(&profile, output)?;
+    print!("{}", summary.to_text());
+    println!("\nwrote {}", output.display());
+    Ok(())
 }

@@ -1,0 +1,401 @@
+//! What the recording programs share with userspace: configuration globals,
+//! aggregation keys and values, ring-buffer events and loss counters.
+//!
+//! Aggregation follows libbpf-tools (`profile.bpf.c`, `offcputime.bpf.c`): a
+//! hash of `{window, tgid, pid, kernel stack id, user stack id, comm}` to a
+//! count or to times, read by userspace when the recording stops.
+
+/// `KVM_CREATE_VM`, `_IO(KVMIO, 0x01)`: a successful call is a VM creation.
+pub const KVM_CREATE_VM: u64 = 0xAE01;
+
+/// The kernel's task comm length, with its NUL.
+pub const COMM_LEN: usize = 16;
+
+/// The deepest stack the stack map keeps (the kernel's `PERF_MAX_STACK_DEPTH`).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// At most this many explicit `--windows` ranges.
+pub const MAX_WINDOW_RANGES: u32 = 64;
+
+/// Window id of the time before the first VM is created.
+pub const SETUP_WINDOW: u32 = 0;
+
+/// Map, program and global names in the eBPF object.
+pub mod names {
+    pub const ONCPU_COUNTS: &str = "ONCPU_COUNTS";
+    pub const OFFCPU_TIMES: &str = "OFFCPU_TIMES";
+    pub const OFFCPU_START: &str = "OFFCPU_START";
+    pub const STACKS: &str = "STACKS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const TRACKED: &str = "TRACKED";
+    pub const WINDOW_RANGES: &str = "WINDOW_RANGES";
+    pub const VM_STATE: &str = "VM_STATE";
+    pub const LOSSES: &str = "LOSSES";
+    pub const PENDING_CREATE: &str = "PENDING_CREATE";
+
+    pub const CONFIG: &str = "CONFIG";
+
+    pub const PROG_ONCPU: &str = "oncpu_sample";
+    pub const PROG_SCHED_SWITCH: &str = "offcpu_sched_switch";
+    pub const PROG_SCHED_WAKEUP: &str = "offcpu_sched_wakeup";
+    pub const PROG_FORK: &str = "task_fork";
+    pub const PROG_EXEC: &str = "task_exec";
+    pub const PROG_EXIT: &str = "task_exit";
+    pub const PROG_IOCTL_ENTER: &str = "vm_ioctl_enter";
+    pub const PROG_IOCTL_EXIT: &str = "vm_ioctl_exit";
+}
+
+/// Which tasks are recorded.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetMode {
+    /// Every task (`-a`).
+    All = 0,
+    /// Tasks whose thread group is in the `TRACKED` map.
+    Tracked = 1,
+}
+
+/// How VM ordinals map to windows.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowMode {
+    /// Window `w >= 1` holds VMs `(w-1)*K+1 ..= w*K`.
+    Every = 0,
+    /// Window `i + 1` holds VMs `WINDOW_RANGES[i].first ..= .last`.
+    Ranges = 1,
+}
+
+/// Byte offsets of the tracepoint fields the programs read, taken from each
+/// tracepoint's `format` file by userspace (never hard-coded: they move
+/// between kernels, e.g. `sched_process_fork`'s comms became `__data_loc`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    pub switch_prev_pid: u32,
+    pub switch_prev_state: u32,
+    /// 4 or 8.
+    pub switch_prev_state_size: u32,
+    pub switch_next_pid: u32,
+    pub wakeup_pid: u32,
+    pub fork_parent_pid: u32,
+    pub fork_child_pid: u32,
+    pub ioctl_enter_cmd: u32,
+    pub ioctl_exit_ret: u32,
+    pub _pad: u32,
+}
+
+/// Read-only configuration, set by userspace before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// [`TargetMode`].
+    pub target_mode: u32,
+    /// Nonzero: children of tracked tasks are tracked too.
+    pub follow_children: u32,
+    /// [`WindowMode`].
+    pub window_mode: u32,
+    /// `K` of [`WindowMode::Every`].
+    pub window_size: u32,
+    /// Number of valid entries in `WINDOW_RANGES`.
+    pub window_ranges: u32,
+    /// Nonzero: a successful `KVM_CREATE_VM` counts as a VM creation.
+    pub vm_event_kvm: u32,
+    /// Nonzero: an exec whose new comm matches `vm_exec_comm` counts.
+    pub vm_event_exec: u32,
+    /// Nonzero: `vm_exec_comm` is a prefix (pattern ended in `*`).
+    pub vm_exec_prefix: u32,
+    /// Bytes of `vm_exec_comm` to compare.
+    pub vm_exec_len: u32,
+    /// hvprof's own thread group, never recorded.
+    pub self_tgid: u32,
+    pub vm_exec_comm: [u8; COMM_LEN],
+    /// `--comm`: an exec whose new comm equals this (first `target_comm_len`
+    /// bytes) starts tracking that process.
+    pub target_comm: [u8; COMM_LEN],
+    pub target_comm_len: u32,
+    pub _pad: u32,
+    /// `--min-block`, in ns.
+    pub min_block_ns: u64,
+    /// `--max-block`, in ns.
+    pub max_block_ns: u64,
+    pub offsets: TracepointOffsets,
+}
+
+impl Config {
+    #[must_use]
+    pub const fn zeroed() -> Self {
+        Self {
+            target_mode: 0,
+            follow_children: 0,
+            window_mode: 0,
+            window_size: 1,
+            window_ranges: 0,
+            vm_event_kvm: 0,
+            vm_event_exec: 0,
+            vm_exec_prefix: 0,
+            vm_exec_len: 0,
+            self_tgid: 0,
+            vm_exec_comm: [0; COMM_LEN],
+            target_comm: [0; COMM_LEN],
+            target_comm_len: 0,
+            _pad: 0,
+            min_block_ns: 0,
+            max_block_ns: u64::MAX,
+            offsets: TracepointOffsets {
+                switch_prev_pid: 0,
+                switch_prev_state: 0,
+                switch_prev_state_size: 0,
+                switch_next_pid: 0,
+                wakeup_pid: 0,
+                fork_parent_pid: 0,
+                fork_child_pid: 0,
+                ioctl_enter_cmd: 0,
+                ioctl_exit_ret: 0,
+                _pad: 0,
+            },
+        }
+    }
+}
+
+/// One explicit window: VM ordinals `first ..= last`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+/// The window a VM count falls in, or `None` when it is outside every
+/// window (then nothing is recorded). Shared by the programs and by tests.
+#[inline(always)]
+#[must_use]
+pub fn window_of(mode: u32, window_size: u32, vms: u64, ranges: &[WindowRange]) -> Option<u32> {
+    if vms == 0 {
+        return Some(SETUP_WINDOW);
+    }
+    if mode == WindowMode::Every as u32 {
+        let k = if window_size == 0 { 1 } else { u64::from(window_size) };
+        let w = (vms - 1) / k + 1;
+        return u32::try_from(w).ok();
+    }
+    let mut i = 0;
+    while i < ranges.len() {
+        let r = ranges[i];
+        if vms >= u64::from(r.first) && vms <= u64::from(r.last) {
+            return Some(i as u32 + 1);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Key of the on-CPU sample counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SampleKey {
+    pub window: u32,
+    pub tgid: u32,
+    pub pid: u32,
+    /// Stack id in `STACKS`, or a negative errno (no kernel stack: -EFAULT).
+    pub kern_stack: i32,
+    pub user_stack: i32,
+    pub _pad: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Key of the off-CPU times: the blocked task, its stacks when it blocked
+/// and the state it blocked in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OffCpuKey {
+    pub window: u32,
+    pub tgid: u32,
+    pub pid: u32,
+    pub kern_stack: i32,
+    pub user_stack: i32,
+    /// `prev_state` of `sched_switch`, masked to the task-state bits.
+    pub state: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Off-CPU times of one key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuValue {
+    /// Blocks counted.
+    pub count: u64,
+    /// Switch-out to switch-in.
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// Of `total_ns`, the part after the wakeup, waiting for a CPU.
+    pub runq_ns: u64,
+}
+
+/// A task that switched out and has not switched in yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffCpuStart {
+    pub key: OffCpuKey,
+    pub start_ns: u64,
+    /// 0 until `sched_wakeup` sees the task.
+    pub wakeup_ns: u64,
+}
+
+/// The VM counter, in a one-entry array so userspace can read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmState {
+    pub created: u64,
+}
+
+/// Kinds of ring-buffer events.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    VmCreated = 1,
+    /// A tracked task (or, with `-a`, any task) exec'd.
+    Exec = 2,
+    /// A tracked process exited (its thread-group leader).
+    Exit = 3,
+    /// A tracked task forked a new process (not a thread).
+    Fork = 4,
+}
+
+/// A VM creation seen as a successful `KVM_CREATE_VM`.
+pub const VM_SOURCE_KVM: u32 = 1;
+/// A VM creation seen as an exec matching `--vm-event exec:PATTERN`.
+pub const VM_SOURCE_EXEC: u32 = 2;
+
+/// A rare event, sent through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// [`EventKind`].
+    pub kind: u32,
+    pub pid: u32,
+    pub tgid: u32,
+    /// For [`EventKind::Fork`], the child's pid; for
+    /// [`EventKind::VmCreated`], [`VM_SOURCE_KVM`] or [`VM_SOURCE_EXEC`].
+    pub child: u32,
+    /// `bpf_ktime_get_ns`.
+    pub ts_ns: u64,
+    /// For [`EventKind::VmCreated`], the VM's ordinal (1-based).
+    pub ordinal: u64,
+    /// The window the event falls in (`u32::MAX`: outside every window).
+    pub window: u32,
+    pub _pad: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Slots of the `LOSSES` map: everything the kernel side could not record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// `bpf_get_stackid` → -EEXIST for a kernel stack (stack map bucket taken).
+    KernStackCollision = 0,
+    UserStackCollision = 1,
+    /// A kernel stack could not be taken for another reason (not -EFAULT).
+    KernStackError = 2,
+    /// A user task's user stack could not be taken (-EFAULT from a user task
+    /// is counted here too: frame pointers missing or stack paged out).
+    UserStackMissing = 3,
+    /// The stack map is full (-ENOMEM).
+    StackMapFull = 4,
+    /// An on-CPU sample could not be counted: the counts map is full.
+    OnCpuMapFull = 5,
+    OffCpuMapFull = 6,
+    /// A block could not be timed: the start map is full.
+    OffCpuStartFull = 7,
+    /// A ring-buffer event was dropped.
+    EventDropped = 8,
+    /// A child could not be followed: the tracked map is full.
+    TrackedFull = 9,
+}
+
+impl Loss {
+    pub const COUNT: u32 = 10;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::KernStackCollision,
+        Self::UserStackCollision,
+        Self::KernStackError,
+        Self::UserStackMissing,
+        Self::StackMapFull,
+        Self::OnCpuMapFull,
+        Self::OffCpuMapFull,
+        Self::OffCpuStartFull,
+        Self::EventDropped,
+        Self::TrackedFull,
+    ];
+}
+
+/// Key of the per-window loss counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LossKey {
+    pub window: u32,
+    /// [`Loss`].
+    pub loss: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): plain `#[repr(C)]` integers and byte arrays, with the
+    // padding spelled out as fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::WindowRange {}
+    unsafe impl aya::Pod for super::SampleKey {}
+    unsafe impl aya::Pod for super::OffCpuKey {}
+    unsafe impl aya::Pod for super::OffCpuValue {}
+    unsafe impl aya::Pod for super::OffCpuStart {}
+    unsafe impl aya::Pod for super::VmState {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::LossKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_every_k() {
+        let w = |n| window_of(WindowMode::Every as u32, 10, n, &[]);
+        assert_eq!(w(0), Some(0));
+        assert_eq!(w(1), Some(1));
+        assert_eq!(w(10), Some(1));
+        assert_eq!(w(11), Some(2));
+        assert_eq!(w(101), Some(11));
+        assert_eq!(window_of(WindowMode::Every as u32, 1, 7, &[]), Some(7));
+    }
+
+    #[test]
+    fn window_ranges() {
+        let r = [
+            WindowRange { first: 1, last: 10 },
+            WindowRange { first: 101, last: 110 },
+            WindowRange { first: 201, last: 210 },
+        ];
+        let w = |n| window_of(WindowMode::Ranges as u32, 0, n, &r);
+        assert_eq!(w(0), Some(0));
+        assert_eq!(w(1), Some(1));
+        assert_eq!(w(10), Some(1));
+        assert_eq!(w(11), None);
+        assert_eq!(w(100), None);
+        assert_eq!(w(101), Some(2));
+        assert_eq!(w(210), Some(3));
+        assert_eq!(w(211), None);
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<SampleKey>(), 6 * 4 + COMM_LEN);
+        assert_eq!(size_of::<OffCpuKey>(), 6 * 4 + COMM_LEN);
+        assert_eq!(size_of::<OffCpuStart>(), size_of::<OffCpuKey>() + 16);
+        assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
+        assert_eq!(size_of::<TracepointOffsets>(), 10 * 4);
+        assert_eq!(
+            size_of::<Config>(),
+            10 * 4 + 2 * COMM_LEN + 2 * 4 + 16 + size_of::<TracepointOffsets>()
+        );
+    }
+}

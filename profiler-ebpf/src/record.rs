@@ -1,0 +1,479 @@
+//! The recording programs: VM creations, windows, target following, on-CPU
+//! samples and off-CPU blocks, aggregated in the kernel.
+//!
+//! Every program computes the current window from the kernel's VM count when
+//! its event happens, so there is no race with userspace.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, perf_event, tracepoint},
+    maps::{Array, HashMap, PerCpuHashMap, RingBuf, StackTrace},
+    programs::{PerfEventContext, TracePointContext, tracing::StackIdContext},
+};
+use profiler_common::record::{
+    COMM_LEN, Config, Event, EventKind, KVM_CREATE_VM, Loss, LossKey, MAX_WINDOW_RANGES,
+    OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, SampleKey, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
+    WindowMode, WindowRange,
+};
+
+const EEXIST: i32 = 17;
+const EFAULT: i32 = 14;
+const ENOMEM: i32 = 12;
+
+/// Set by userspace before load.
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::zeroed();
+
+/// Reads one field of [`CONFIG`]; volatile so the load of the patched
+/// read-only value is kept.
+macro_rules! config {
+    ($field:ident) => {
+        // SAFETY: CONFIG is a plain static; reading a field is always valid.
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.$field) }
+    };
+    ($outer:ident . $field:ident) => {
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.$outer.$field) }
+    };
+}
+
+#[map]
+static ONCPU_COUNTS: HashMap<SampleKey, u64> = HashMap::with_max_entries(65536, 0);
+#[map]
+static OFFCPU_TIMES: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(65536, 0);
+#[map]
+static OFFCPU_START: HashMap<u32, OffCpuStart> = HashMap::with_max_entries(65536, 0);
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(32768, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+/// Tracked thread groups (and the tids of followed children, which for a
+/// new process is its tgid).
+#[map]
+static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+#[map]
+static WINDOW_RANGES: Array<WindowRange> = Array::with_max_entries(MAX_WINDOW_RANGES, 0);
+#[map]
+static VM_STATE: Array<VmState> = Array::with_max_entries(1, 0);
+#[map]
+static LOSSES: PerCpuHashMap<LossKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+/// Threads inside a `KVM_CREATE_VM` ioctl.
+#[map]
+static PENDING_CREATE: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Adds to a map value shared by all CPUs: a BPF atomic add (`lock xadd`),
+/// which every BPF cpu version has as long as the result is unused.
+#[inline(always)]
+fn add_atomic(dst: *mut u64, v: u64) {
+    // SAFETY: dst points into a map value, valid for the program's run.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(dst, v) };
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn vms_created() -> u64 {
+    VM_STATE.get(0).map_or(0, |s| s.created)
+}
+
+/// The current window, or `None` outside every window.
+#[inline(always)]
+fn window_for(vms: u64) -> Option<u32> {
+    if vms == 0 {
+        return Some(SETUP_WINDOW);
+    }
+    if config!(window_mode) == WindowMode::Every as u32 {
+        let k = config!(window_size);
+        let k = if k == 0 { 1 } else { u64::from(k) };
+        return Some(((vms - 1) / k + 1) as u32);
+    }
+    let n = config!(window_ranges);
+    let mut i = 0;
+    while i < MAX_WINDOW_RANGES {
+        if i >= n {
+            break;
+        }
+        if let Some(r) = WINDOW_RANGES.get(i)
+            && vms >= u64::from(r.first)
+            && vms <= u64::from(r.last)
+        {
+            return Some(i + 1);
+        }
+        i += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn current_window() -> Option<u32> {
+    window_for(vms_created())
+}
+
+#[inline(always)]
+fn lose(window: u32, loss: Loss) {
+    let key = LossKey {
+        window,
+        loss: loss as u32,
+    };
+    if let Some(v) = LOSSES.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, not shared with another CPU.
+        unsafe { *v += 1 };
+    } else {
+        let _ = LOSSES.insert(&key, &1, 0);
+    }
+}
+
+#[inline(always)]
+fn is_tracked(tgid: u32) -> bool {
+    if tgid == 0 || tgid == config!(self_tgid) {
+        return false;
+    }
+    if config!(target_mode) == TargetMode::All as u32 {
+        return true;
+    }
+    // SAFETY: the value is only tested for presence.
+    unsafe { TRACKED.get(&tgid) }.is_some()
+}
+
+#[inline(always)]
+fn comm() -> [u8; COMM_LEN] {
+    bpf_get_current_comm().unwrap_or([0; COMM_LEN])
+}
+
+/// Kernel and user stack ids of the current task, counting what is lost.
+#[inline(always)]
+fn stacks<C: StackIdContext>(ctx: &C, window: u32) -> (i32, i32) {
+    let kern = match ctx.get_stackid(&STACKS, 0) {
+        Ok(id) => id as i32,
+        Err(e) => {
+            // -EFAULT: no kernel stack (the task was in user mode).
+            match -e {
+                EEXIST => lose(window, Loss::KernStackCollision),
+                ENOMEM => lose(window, Loss::StackMapFull),
+                EFAULT => {}
+                _ => lose(window, Loss::KernStackError),
+            }
+            e
+        }
+    };
+    let user = match ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) {
+        Ok(id) => id as i32,
+        Err(e) => {
+            match -e {
+                EEXIST => lose(window, Loss::UserStackCollision),
+                ENOMEM => lose(window, Loss::StackMapFull),
+                // With -a, kernel threads have no user stack: not a loss.
+                EFAULT if config!(target_mode) == TargetMode::All as u32 => {}
+                _ => lose(window, Loss::UserStackMissing),
+            }
+            e
+        }
+    };
+    (kern, user)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    // SAFETY: the offset comes from the tracepoint's format file; the read is
+    // checked by the kernel.
+    unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+}
+
+// ---------------------------------------------------------------- on-CPU
+
+#[perf_event]
+pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    // pid 0 is the idle task.
+    if pid == 0 || !is_tracked(tgid) {
+        return 0;
+    }
+    let Some(window) = current_window() else {
+        return 0;
+    };
+    let (kern_stack, user_stack) = stacks(&ctx, window);
+    let key = SampleKey {
+        window,
+        tgid,
+        pid,
+        kern_stack,
+        user_stack,
+        _pad: 0,
+        comm: comm(),
+    };
+    if let Some(count) = ONCPU_COUNTS.get_ptr_mut(&key) {
+        add_atomic(count, 1);
+    } else if ONCPU_COUNTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
+        // Either another CPU inserted it first, or the map is full.
+        if let Some(count) = ONCPU_COUNTS.get_ptr_mut(&key) {
+            add_atomic(count, 1);
+        } else {
+            lose(window, Loss::OnCpuMapFull);
+        }
+    }
+    0
+}
+
+// --------------------------------------------------------------- off-CPU
+
+#[tracepoint]
+pub fn offcpu_sched_switch(ctx: TracePointContext) -> u32 {
+    let now = now();
+    // At sched_switch, current is still `prev`.
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if pid != 0
+        && is_tracked(tgid)
+        && let Some(window) = current_window()
+    {
+        let state = if config!(offsets.switch_prev_state_size) == 8 {
+            read::<i64>(&ctx, config!(offsets.switch_prev_state)).unwrap_or(0) as u32
+        } else {
+            read::<i32>(&ctx, config!(offsets.switch_prev_state)).unwrap_or(0) as u32
+        };
+        let (kern_stack, user_stack) = stacks(&ctx, window);
+        let start = OffCpuStart {
+            key: OffCpuKey {
+                window,
+                tgid,
+                pid,
+                kern_stack,
+                user_stack,
+                state,
+                comm: comm(),
+            },
+            start_ns: now,
+            wakeup_ns: 0,
+        };
+        if OFFCPU_START.insert(&pid, &start, 0).is_err() {
+            lose(window, Loss::OffCpuStartFull);
+        }
+    }
+
+    let Some(next) = read::<i32>(&ctx, config!(offsets.switch_next_pid)) else {
+        return 0;
+    };
+    let next = next as u32;
+    let Some(start) = OFFCPU_START.get_ptr(&next) else {
+        return 0;
+    };
+    // SAFETY: a valid map value; copied out before the entry is removed.
+    let start = unsafe { *start };
+    let _ = OFFCPU_START.remove(&next);
+    let blocked = now.saturating_sub(start.start_ns);
+    if blocked < config!(min_block_ns) || blocked > config!(max_block_ns) {
+        return 0;
+    }
+    let runq = if start.wakeup_ns == 0 {
+        0
+    } else {
+        now.saturating_sub(start.wakeup_ns)
+    };
+    if let Some(v) = OFFCPU_TIMES.get_ptr_mut(&start.key) {
+        // SAFETY: a valid map value. Two CPUs switch the same task in at
+        // the same time never, and distinct tasks have distinct keys (pid is
+        // in the key), so plain updates do not race.
+        unsafe {
+            (*v).count += 1;
+            (*v).total_ns += blocked;
+            (*v).runq_ns += runq;
+            if blocked > (*v).max_ns {
+                (*v).max_ns = blocked;
+            }
+        }
+    } else {
+        let v = OffCpuValue {
+            count: 1,
+            total_ns: blocked,
+            max_ns: blocked,
+            runq_ns: runq,
+        };
+        if OFFCPU_TIMES.insert(&start.key, &v, 0).is_err() {
+            lose(start.key.window, Loss::OffCpuMapFull);
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn offcpu_sched_wakeup(ctx: TracePointContext) -> u32 {
+    let Some(pid) = read::<i32>(&ctx, config!(offsets.wakeup_pid)) else {
+        return 0;
+    };
+    if let Some(start) = OFFCPU_START.get_ptr_mut(&(pid as u32)) {
+        // SAFETY: a valid map value.
+        unsafe {
+            if (*start).wakeup_ns == 0 {
+                (*start).wakeup_ns = now();
+            }
+        }
+    }
+    0
+}
+
+// ------------------------------------------------------ tasks and targets
+
+#[inline(always)]
+fn emit(kind: EventKind, tgid: u32, pid: u32, child: u32, ordinal: u64, window: Option<u32>) {
+    let event = Event {
+        kind: kind as u32,
+        pid,
+        tgid,
+        child,
+        ts_ns: now(),
+        ordinal,
+        window: window.unwrap_or(u32::MAX),
+        _pad: 0,
+        comm: comm(),
+    };
+    if EVENTS.output(&event, 0).is_err() {
+        lose(window.unwrap_or(u32::MAX), Loss::EventDropped);
+    }
+}
+
+/// `sched_process_fork` runs in the parent.
+#[tracepoint]
+pub fn task_fork(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    let Some(child) = read::<i32>(&ctx, config!(offsets.fork_child_pid)) else {
+        return 0;
+    };
+    let child = child as u32;
+    if config!(target_mode) == TargetMode::Tracked as u32 && config!(follow_children) != 0 {
+        // The child may be a thread (then its tid is harmless here and is
+        // removed when it exits) or a new process, whose pid is its tgid.
+        if TRACKED.insert(&child, &tgid, 0).is_err() {
+            lose(current_window().unwrap_or(u32::MAX), Loss::TrackedFull);
+        }
+    }
+    emit(EventKind::Fork, tgid, pid, child, 0, current_window());
+    0
+}
+
+#[inline(always)]
+fn comm_matches(comm: &[u8; COMM_LEN], pattern: &[u8; COMM_LEN], len: u32, prefix: bool) -> bool {
+    let len = if len as usize > COMM_LEN { COMM_LEN } else { len as usize };
+    let mut i = 0;
+    while i < COMM_LEN {
+        if i >= len {
+            break;
+        }
+        if comm[i] != pattern[i] {
+            return false;
+        }
+        i += 1;
+    }
+    // An exact pattern must end where the comm ends.
+    prefix || len >= COMM_LEN || comm[len] == 0
+}
+
+/// `sched_process_exec` runs in the new image: the comm is the new one.
+#[tracepoint]
+pub fn task_exec(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if tgid == config!(self_tgid) {
+        return 0;
+    }
+    let comm = comm();
+    if config!(target_comm_len) != 0
+        && config!(target_mode) == TargetMode::Tracked as u32
+        && comm_matches(&comm, &config!(target_comm), config!(target_comm_len), false)
+        && TRACKED.insert(&tgid, &tgid, 0).is_err()
+    {
+        lose(current_window().unwrap_or(u32::MAX), Loss::TrackedFull);
+    }
+    if config!(vm_event_exec) != 0
+        && comm_matches(
+            &comm,
+            &config!(vm_exec_comm),
+            config!(vm_exec_len),
+            config!(vm_exec_prefix) != 0,
+        )
+    {
+        vm_created(tgid, pid, VM_SOURCE_EXEC);
+    }
+    if is_tracked(tgid) {
+        emit(EventKind::Exec, tgid, pid, 0, 0, current_window());
+    }
+    0
+}
+
+#[tracepoint]
+pub fn task_exit(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    let _ = OFFCPU_START.remove(&pid);
+    if pid == tgid {
+        emit(EventKind::Exit, tgid, pid, 0, 0, current_window());
+    }
+    if config!(target_mode) == TargetMode::Tracked as u32 {
+        let _ = TRACKED.remove(&pid);
+    }
+    0
+}
+
+// ----------------------------------------------------------- VM creation
+
+#[inline(always)]
+fn vm_created(tgid: u32, pid: u32, source: u32) {
+    let Some(state) = VM_STATE.get_ptr_mut(0) else {
+        return;
+    };
+    // The count itself is exact (atomic add). The ordinal is read back after
+    // it: a fetch-add would need BPF cpu v3, which aya-build does not select,
+    // so two creations within the same instant on two CPUs may both read the
+    // later count. Userspace numbers creations by their time stamps.
+    // SAFETY: a valid map value.
+    let created = unsafe {
+        add_atomic(&raw mut (*state).created, 1);
+        core::ptr::read_volatile(&raw const (*state).created)
+    };
+    emit(EventKind::VmCreated, tgid, pid, source, created, window_for(created));
+}
+
+#[tracepoint]
+pub fn vm_ioctl_enter(ctx: TracePointContext) -> u32 {
+    if config!(vm_event_kvm) == 0 {
+        return 0;
+    }
+    let Some(cmd) = read::<u64>(&ctx, config!(offsets.ioctl_enter_cmd)) else {
+        return 0;
+    };
+    if cmd == KVM_CREATE_VM {
+        let pid = ctx.pid();
+        let _ = PENDING_CREATE.insert(&pid, &1, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn vm_ioctl_exit(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    // SAFETY: only presence is tested.
+    if unsafe { PENDING_CREATE.get(&pid) }.is_none() {
+        return 0;
+    }
+    let _ = PENDING_CREATE.remove(&pid);
+    let ret = read::<i64>(&ctx, config!(offsets.ioctl_exit_ret)).unwrap_or(-1);
+    // A VM fd: the VM exists.
+    if ret >= 0 {
+        vm_created(tgid, pid, VM_SOURCE_KVM);
+    }
+    0
+}

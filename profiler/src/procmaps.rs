@@ -1,0 +1,225 @@
+//! What hvprof keeps of a process while it is alive, so that its stacks can
+//! be symbolized after it is gone: its executable mappings, command line and
+//! comm. Processes in a mass boot live for milliseconds; their frames are
+//! turned into `(file, file offset)` from these snapshots, never from a live
+//! `/proc` read at the end.
+
+use std::{fs, path::PathBuf};
+
+/// One executable mapping of a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// The mapped file, or a pseudo name such as `[vdso]`.
+    pub path: String,
+}
+
+/// The executable mappings of one process at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub mappings: Vec<Mapping>,
+}
+
+/// Where a user address falls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location<'a> {
+    /// In a file: symbolize by file offset.
+    File { path: &'a str, offset: u64 },
+    /// In `[vdso]`, an anonymous (JIT) mapping or another pseudo file.
+    Pseudo { name: &'a str, offset: u64 },
+}
+
+impl Snapshot {
+    /// Reads `/proc/<pid>/maps`. `None` if the process is gone (a zombie's
+    /// maps are empty, which counts as gone).
+    #[must_use]
+    pub fn take(pid: u32) -> Option<Self> {
+        let text = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        let s = Self::parse(&text);
+        (!s.mappings.is_empty()).then_some(s)
+    }
+
+    /// Parses the text of `/proc/<pid>/maps`, keeping executable mappings.
+    #[must_use]
+    pub fn parse(text: &str) -> Self {
+        let mappings = text
+            .lines()
+            .filter_map(|line| {
+                let mut f = line.splitn(6, ' ');
+                let range = f.next()?;
+                let perms = f.next()?;
+                let offset = f.next()?;
+                let _dev = f.next()?;
+                let _inode = f.next()?;
+                let path = f.next().map_or("", str::trim);
+                if !perms.contains('x') {
+                    return None;
+                }
+                let (start, end) = range.split_once('-')?;
+                Some(Mapping {
+                    start: u64::from_str_radix(start, 16).ok()?,
+                    end: u64::from_str_radix(end, 16).ok()?,
+                    offset: u64::from_str_radix(offset, 16).ok()?,
+                    path: if path.is_empty() { "[anon]".to_owned() } else { path.to_owned() },
+                })
+            })
+            .collect();
+        Self { mappings }
+    }
+
+    /// The mapping containing `addr`.
+    #[must_use]
+    pub fn locate(&self, addr: u64) -> Option<Location<'_>> {
+        let m = self.mappings.iter().find(|m| m.start <= addr && addr < m.end)?;
+        let offset = addr - m.start + m.offset;
+        if m.path.starts_with('/') {
+            // "(deleted)": the file was replaced (an upgrade during the run);
+            // its offsets are still right but the new file's symbols are not.
+            Some(Location::File {
+                path: m.path.trim_end_matches(" (deleted)"),
+                offset,
+            })
+        } else {
+            Some(Location::Pseudo {
+                name: &m.path,
+                offset: addr - m.start,
+            })
+        }
+    }
+}
+
+/// `/proc/<pid>/cmdline` with NULs turned into spaces.
+#[must_use]
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then(|| args.join(" "))
+}
+
+/// `/proc/<pid>/comm`.
+#[must_use]
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_owned())
+}
+
+/// The thread-group ids of all processes.
+#[must_use]
+pub fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The VM name in a QEMU command line: `-name guest=NAME,debug-threads=on`
+/// (libvirt) or `-name NAME`.
+#[must_use]
+pub fn qemu_vm_name(cmdline: &str) -> Option<String> {
+    let mut args = cmdline.split(' ');
+    while let Some(a) = args.next() {
+        if a == "-name" || a == "--name" {
+            let v = args.next()?;
+            let first = v.split(',').next()?;
+            let name = first.strip_prefix("guest=").unwrap_or(first);
+            return (!name.is_empty()).then(|| name.to_owned());
+        }
+    }
+    None
+}
+
+/// The path of a pid's executable, if it is alive.
+#[must_use]
+pub fn exe(pid: u32) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0a00000-55d0c0a20000 r--p 00000000 fe:01 1234 /usr/sbin/libvirtd
+55d0c0a20000-55d0c0a80000 r-xp 00020000 fe:01 1234 /usr/sbin/libvirtd
+7f00aa000000-7f00aa100000 r-xp 00028000 fe:01 99   /usr/lib/x86_64-linux-gnu/libc.so.6
+7f00ab000000-7f00ab001000 rwxp 00000000 00:00 0
+7f00ac000000-7f00ac100000 r-xp 00000000 fe:01 77   /opt/old.so (deleted)
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0                          [vdso]
+";
+
+    #[test]
+    fn locates_addresses() {
+        let s = Snapshot::parse(MAPS);
+        assert_eq!(s.mappings.len(), 5);
+        assert_eq!(
+            s.locate(0x55d0_c0a2_0010),
+            Some(Location::File {
+                path: "/usr/sbin/libvirtd",
+                offset: 0x20010
+            })
+        );
+        assert_eq!(
+            s.locate(0x7f00_aa00_0100),
+            Some(Location::File {
+                path: "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                offset: 0x28100
+            })
+        );
+        assert_eq!(
+            s.locate(0x7f00_ac00_0004),
+            Some(Location::File {
+                path: "/opt/old.so",
+                offset: 4
+            })
+        );
+        assert_eq!(
+            s.locate(0x7ffd_0000_0010),
+            Some(Location::Pseudo {
+                name: "[vdso]",
+                offset: 0x10
+            })
+        );
+        assert_eq!(
+            s.locate(0x7f00_ab00_0010),
+            Some(Location::Pseudo {
+                name: "[anon]",
+                offset: 0x10
+            })
+        );
+        // Not executable, or not mapped.
+        assert_eq!(s.locate(0x55d0_c0a0_0010), None);
+        assert_eq!(s.locate(1), None);
+    }
+
+    #[test]
+    fn qemu_names() {
+        let libvirt = "/usr/bin/qemu-system-x86_64 -name guest=vm-17,debug-threads=on -S -machine pc";
+        assert_eq!(qemu_vm_name(libvirt).as_deref(), Some("vm-17"));
+        assert_eq!(qemu_vm_name("qemu -name plain -m 16").as_deref(), Some("plain"));
+        assert_eq!(qemu_vm_name("qemu -m 16"), None);
+        assert_eq!(qemu_vm_name("qemu -name"), None);
+    }
+
+    #[test]
+    fn snapshots_self() {
+        let s = Snapshot::take(std::process::id()).unwrap();
+        let here = snapshots_self as fn() as usize as u64;
+        match s.locate(here) {
+            Some(Location::File { path, .. }) => {
+                assert_eq!(Some(PathBuf::from(path)), exe(std::process::id()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(cmdline(std::process::id()).is_some());
+    }
+}

@@ -1,0 +1,327 @@
+//! The profile file: one self-contained, versioned, already-symbolized
+//! recording. Everything after it (report, diff, exports) works from this
+//! file alone, offline, on another machine.
+//!
+//! On disk: the 8-byte magic `HVPROF\0\n`, a little-endian `u32` format
+//! version, then gzip-compressed JSON of [`Profile`].
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{self, BufReader, BufWriter, Read, Write},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::windows::{WindowInfo, WindowSpec};
+
+pub const MAGIC: &[u8; 8] = b"HVPROF\0\n";
+/// Bumped on every incompatible change of [`Profile`].
+pub const FORMAT_VERSION: u32 = 1;
+/// The conventional file name inside a recording directory.
+pub const FILE_NAME: &str = "profile.hvprof";
+
+#[derive(Debug, Error)]
+pub enum ProfileError {
+    #[error("cannot read profile {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write profile {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{path} is not an hvprof profile (it does not start with the hvprof magic); pass the profile.hvprof written by `hvprof record`")]
+    Foreign { path: PathBuf },
+    #[error("{path} is a profile of format version {found}, this hvprof reads version {FORMAT_VERSION}; use the hvprof that recorded it, or record again")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path} is truncated or corrupt ({why}); it cannot be read — record again, or re-copy the file")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+/// Frame names are interned: stacks are lists of indices into
+/// [`Profile::frames`], root first.
+pub type Stack = Vec<u32>;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub hvprof_version: String,
+    pub hostname: String,
+    pub kernel: String,
+    pub cpus: usize,
+    /// Unix time of the start, in ms.
+    pub started_unix_ms: u64,
+    pub duration_ns: u64,
+    /// The `hvprof record` command line.
+    pub command_line: Vec<String>,
+    /// What was recorded: `pid 123`, `comm libvirtd`, `all`, `command …`.
+    pub target: String,
+    pub follow_children: bool,
+    pub frequency_hz: u64,
+    pub window_spec: Option<WindowSpec>,
+    pub min_block_ns: u64,
+    pub max_block_ns: u64,
+    /// `kvm`, `exec:qemu-system-*`.
+    pub vm_events: Vec<String>,
+    /// Why the recording stopped: `duration`, `SIGINT`, `target exited`, …
+    pub stop_reason: String,
+    pub tracers: Vec<String>,
+}
+
+/// One VM creation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCreation {
+    pub ordinal: u64,
+    /// Since the start of the recording.
+    pub time_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// `kvm` or `exec`.
+    pub source: String,
+    pub cmdline: Option<String>,
+    /// QEMU's `-name guest=NAME`.
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnCpu {
+    pub window: u32,
+    pub tgid: u32,
+    pub pid: u32,
+    pub comm: String,
+    pub stack: Stack,
+    pub samples: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffCpu {
+    pub window: u32,
+    pub tgid: u32,
+    pub pid: u32,
+    pub comm: String,
+    /// `S`, `D`, `R` (preempted), … as `ps` writes task states.
+    pub state: String,
+    pub stack: Stack,
+    pub blocks: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// Of `total_ns`, the time spent runnable after the wakeup.
+    pub runq_ns: u64,
+}
+
+/// A loss counter: something that was not recorded, and how often.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossCount {
+    /// `None`: outside every window, or not tied to one.
+    pub window: Option<u32>,
+    pub kind: String,
+    pub count: u64,
+}
+
+/// A process seen during the recording.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    pub tgid: u32,
+    pub comm: String,
+    pub cmdline: Option<String>,
+    /// The process it was forked from, when seen.
+    pub parent: Option<u32>,
+    pub forked_ns: Option<u64>,
+    pub exec_ns: Option<u64>,
+    pub exit_ns: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub meta: Meta,
+    pub windows: Vec<WindowInfo>,
+    pub vms: Vec<VmCreation>,
+    pub frames: Vec<String>,
+    pub oncpu: Vec<OnCpu>,
+    pub offcpu: Vec<OffCpu>,
+    pub losses: Vec<LossCount>,
+    pub processes: Vec<Process>,
+}
+
+/// Interns frame names while a profile is built.
+#[derive(Debug, Default)]
+pub struct FrameTable {
+    names: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl FrameTable {
+    pub fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        let i = u32::try_from(self.names.len()).expect("fewer than 4G frames");
+        self.names.push(name.to_owned());
+        self.index.insert(name.to_owned(), i);
+        i
+    }
+
+    #[must_use]
+    pub fn into_names(self) -> Vec<String> {
+        self.names
+    }
+}
+
+impl Profile {
+    /// Writes the profile (atomically: to a temporary name, then renamed).
+    pub fn write(&self, path: &Path) -> Result<(), ProfileError> {
+        let err = |source| ProfileError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let tmp = path.with_extension("hvprof.tmp");
+        let file = File::create(&tmp).map_err(err)?;
+        let mut out = BufWriter::new(file);
+        out.write_all(MAGIC).map_err(err)?;
+        out.write_all(&FORMAT_VERSION.to_le_bytes()).map_err(err)?;
+        let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+        serde_json::to_writer(&mut gz, self).map_err(|e| err(io::Error::other(e)))?;
+        let out = gz.finish().map_err(err)?;
+        out.into_inner()
+            .map_err(|e| err(e.into_error()))?
+            .sync_all()
+            .map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+
+    /// Reads a profile, rejecting foreign, newer and damaged files with an
+    /// error that says which.
+    pub fn read(path: &Path) -> Result<Self, ProfileError> {
+        let file = File::open(path).map_err(|source| ProfileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_reader(BufReader::new(file), path)
+    }
+
+    pub fn from_reader(mut input: impl Read, path: &Path) -> Result<Self, ProfileError> {
+        let mut head = [0u8; 12];
+        let mut got = 0;
+        while got < head.len() {
+            match input.read(&mut head[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(source) => {
+                    return Err(ProfileError::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        }
+        if got < MAGIC.len() || &head[..8] != MAGIC {
+            return Err(ProfileError::Foreign {
+                path: path.to_path_buf(),
+            });
+        }
+        if got < head.len() {
+            return Err(ProfileError::Corrupt {
+                path: path.to_path_buf(),
+                why: "it ends inside the header".to_owned(),
+            });
+        }
+        let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        if version != FORMAT_VERSION {
+            return Err(ProfileError::Version {
+                path: path.to_path_buf(),
+                found: version,
+            });
+        }
+        let gz = flate2::read::GzDecoder::new(input);
+        serde_json::from_reader(gz).map_err(|e| ProfileError::Corrupt {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })
+    }
+
+    /// The names of a stack's frames, root first.
+    pub fn frame_names<'a>(&'a self, stack: &'a [u32]) -> impl Iterator<Item = &'a str> + 'a {
+        stack
+            .iter()
+            .map(|&i| self.frames.get(i as usize).map_or("[bad frame]", String::as_str))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Profile {
+        let mut frames = FrameTable::default();
+        let main = frames.intern("main");
+        let busy = frames.intern("vmload_busy");
+        assert_eq!(frames.intern("main"), main);
+        Profile {
+            meta: Meta {
+                hvprof_version: "0.1.0".into(),
+                target: "pid 1".into(),
+                window_spec: Some(WindowSpec::Every { size: 2 }),
+                ..Meta::default()
+            },
+            windows: WindowSpec::Every { size: 2 }.windows(3),
+            vms: vec![VmCreation {
+                ordinal: 1,
+                time_ns: 5,
+                pid: 1,
+                tid: 1,
+                comm: "vmload".into(),
+                source: "kvm".into(),
+                cmdline: None,
+                name: None,
+            }],
+            frames: frames.into_names(),
+            oncpu: vec![OnCpu {
+                window: 1,
+                tgid: 1,
+                pid: 1,
+                comm: "vmload".into(),
+                stack: vec![main, busy],
+                samples: 7,
+            }],
+            ..Profile::default()
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let dir = std::env::temp_dir().join(format!("hvprof-profile-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(FILE_NAME);
+        let p = sample();
+        p.write(&path).unwrap();
+        let q = Profile::read(&path).unwrap();
+        assert_eq!(p, q);
+        assert_eq!(q.frame_names(&q.oncpu[0].stack).collect::<Vec<_>>(), ["main", "vmload_busy"]);
+
+        // Truncated: every prefix is rejected with a clear error, not a panic.
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in [0, 4, 8, 11, 12, 20, bytes.len() / 2, bytes.len() - 1] {
+            let err = Profile::from_reader(&bytes[..cut], &path).unwrap_err().to_string();
+            assert!(
+                err.contains("not an hvprof profile") || err.contains("truncated or corrupt"),
+                "cut {cut}: {err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rejects_foreign_and_newer_files() {
+        let path = Path::new("x.svg");
+        let err = Profile::from_reader(&b"<svg xmlns=...>"[..], path).unwrap_err();
+        assert!(matches!(err, ProfileError::Foreign { .. }), "{err}");
+        let mut newer = MAGIC.to_vec();
+        newer.extend_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        let err = Profile::from_reader(&newer[..], path).unwrap_err();
+        assert!(err.to_string().contains("format version 2"), "{err}");
+        let mut garbage = MAGIC.to_vec();
+        garbage.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        garbage.extend_from_slice(b"not gzip at all");
+        let err = Profile::from_reader(&garbage[..], path).unwrap_err();
+        assert!(matches!(err, ProfileError::Corrupt { .. }), "{err}");
+    }
+}

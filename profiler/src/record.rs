@@ -1,0 +1,1199 @@
+//! `hvprof record`: loads and attaches the recording programs, follows the
+//! target, drains the kernel's aggregations when the recording stops,
+//! symbolizes them and writes the profile file and its renderings.
+//!
+//! Stopping — duration, Ctrl-C, SIGTERM, the target exiting — always goes
+//! through the same drain, so whatever was recorded is written.
+
+use std::{
+    collections::{HashMap, HashSet},
+    ffi::OsString,
+    fmt, io,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf, StackTraceMap},
+    programs::{
+        PerfEvent, ProgramError, TracePoint,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+};
+use profiler_common::record::{
+    COMM_LEN, Config, Event, EventKind, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue,
+    SampleKey, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, names,
+};
+use thiserror::Error;
+
+use crate::{
+    ebpf,
+    procmaps::{self, Snapshot},
+    profile::{self, FrameTable, LossCount, Meta, OffCpu, OnCpu, Process, Profile, VmCreation},
+    render,
+    symbolize::Symbolizer,
+    sys::{self, Privileges},
+    tracefs::{Tracefs, TracefsError, Tracepoint},
+    windows::WindowSpec,
+};
+
+/// What to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `-p PID[,PID]`
+    Pids(Vec<u32>),
+    /// `--comm NAME`: running processes with this comm, and any that exec it.
+    Comm(String),
+    /// `-a`
+    All,
+    /// `-- CMD ARGS`: run it, and record it.
+    Command(Vec<OsString>),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pids(p) => {
+                let p: Vec<String> = p.iter().map(ToString::to_string).collect();
+                write!(f, "pid {}", p.join(","))
+            }
+            Self::Comm(c) => write!(f, "comm {c}"),
+            Self::All => f.write_str("all tasks"),
+            Self::Command(c) => {
+                let c: Vec<String> = c.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+                write!(f, "command `{}`", c.join(" "))
+            }
+        }
+    }
+}
+
+/// What counts as a VM creation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// A successful `KVM_CREATE_VM` ioctl.
+    Kvm,
+    /// An exec whose new comm matches `pattern` (`qemu-system-*`).
+    Exec { pattern: String },
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("--vm-event {text:?}: {why}")]
+pub struct VmEventError {
+    text: String,
+    why: String,
+}
+
+impl VmEvent {
+    /// Parses `kvm` or `exec:PATTERN`.
+    pub fn parse(text: &str) -> Result<Self, VmEventError> {
+        let err = |why: &str| VmEventError {
+            text: text.to_owned(),
+            why: why.to_owned(),
+        };
+        if text == "kvm" {
+            return Ok(Self::Kvm);
+        }
+        let Some(pattern) = text.strip_prefix("exec:") else {
+            return Err(err("expected `kvm` or `exec:PATTERN` (e.g. exec:qemu-system-*)"));
+        };
+        if pattern.is_empty() || pattern == "*" {
+            return Err(err("the pattern is empty"));
+        }
+        if pattern[..pattern.len() - 1].contains(['*', '?', '[']) {
+            return Err(err("only a trailing `*` is supported (the pattern is matched against the 15-character comm in the kernel)"));
+        }
+        Ok(Self::Exec {
+            pattern: pattern.to_owned(),
+        })
+    }
+
+    /// `(comm bytes, length, prefix?)` for the kernel. The comm after an
+    /// exec is the file name cut to 15 bytes, so longer patterns match on
+    /// their first 15 bytes.
+    fn kernel_pattern(pattern: &str) -> ([u8; COMM_LEN], u32, bool) {
+        let (body, mut prefix) = match pattern.strip_suffix('*') {
+            Some(b) => (b, true),
+            None => (pattern, false),
+        };
+        let bytes = body.as_bytes();
+        let max = COMM_LEN - 1;
+        if bytes.len() > max {
+            prefix = true;
+        }
+        let len = bytes.len().min(max);
+        let mut comm = [0u8; COMM_LEN];
+        comm[..len].copy_from_slice(&bytes[..len]);
+        (comm, u32::try_from(len).unwrap_or(0), prefix)
+    }
+}
+
+impl fmt::Display for VmEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Kvm => f.write_str("kvm"),
+            Self::Exec { pattern } => write!(f, "exec:{pattern}"),
+        }
+    }
+}
+
+/// The resolved configuration of one recording.
+#[derive(Clone, Debug)]
+pub struct RecordOptions {
+    pub target: Target,
+    pub follow_children: bool,
+    pub windows: WindowSpec,
+    pub frequency_hz: u64,
+    pub min_block: Duration,
+    pub max_block: Duration,
+    pub vm_events: Vec<VmEvent>,
+    pub duration: Option<Duration>,
+    pub output: PathBuf,
+    pub command_line: Vec<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum RecordError {
+    #[error("recording needs root or CAP_BPF + CAP_PERFMON; run `sudo hvprof record …` (`hvprof check` shows what is missing)")]
+    Privileges,
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Load(#[from] ebpf::LoadError),
+    #[error("attaching {what} failed: {source}; run `hvprof check` to see what this kernel allows")]
+    Attach {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the eBPF object is missing {name}: rebuild hvprof (`cargo xtask build`)")]
+    Missing { name: &'static str },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("no process with pid {pid}: check the pid (`pgrep -a NAME`)")]
+    NoSuchPid { pid: u32 },
+    #[error("cannot start {command}: {source}")]
+    Spawn { command: String, source: io::Error },
+    #[error("cannot create the output directory {path}: {source}")]
+    Output { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Profile(#[from] profile::ProfileError),
+    #[error(transparent)]
+    Render(#[from] render::RenderError),
+    #[error("the event loop failed: {0}")]
+    Runtime(io::Error),
+}
+
+/// What a recording produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub profile_path: PathBuf,
+    pub output: PathBuf,
+    pub summary: render::Summary,
+    /// From the stop to every file written.
+    pub stop_to_written: Duration,
+    /// Exit status of the `-- CMD` target, if it exited.
+    pub command_status: Option<std::process::ExitStatus>,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn comm_str(c: &[u8; COMM_LEN]) -> String {
+    let end = c.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&c[..end]).into_owned()
+}
+
+/// `ps`-style letter of a `sched_switch` `prev_state`.
+#[must_use]
+pub fn task_state_name(state: u32) -> &'static str {
+    // TASK_REPORT_MAX (0x100 on current kernels) marks a preempted task.
+    if state == 0 || state & 0x100 != 0 {
+        return "R";
+    }
+    match state & state.wrapping_neg() {
+        0x01 => "S",
+        0x02 => "D",
+        0x04 => "T",
+        0x08 => "t",
+        0x10 => "X",
+        0x20 => "Z",
+        0x40 => "P",
+        0x80 => "I",
+        _ => "?",
+    }
+}
+
+#[must_use]
+pub fn loss_name(l: Loss) -> &'static str {
+    match l {
+        Loss::KernStackCollision => "kernel stack collisions (-EEXIST)",
+        Loss::UserStackCollision => "user stack collisions (-EEXIST)",
+        Loss::KernStackError => "kernel stacks not taken",
+        Loss::UserStackMissing => "user stacks missing",
+        Loss::StackMapFull => "stack map full",
+        Loss::OnCpuMapFull => "on-CPU map full",
+        Loss::OffCpuMapFull => "off-CPU map full",
+        Loss::OffCpuStartFull => "off-CPU start map full",
+        Loss::EventDropped => "ring-buffer events dropped",
+        Loss::TrackedFull => "children not followed (tracked map full)",
+    }
+}
+
+/// Reads the tracepoint field offsets the programs need.
+fn offsets(tracefs: &Tracefs) -> Result<TracepointOffsets, TracefsError> {
+    let switch = tracefs.format(Tracepoint::new("sched", "sched_switch"))?;
+    let wakeup = tracefs.format(Tracepoint::new("sched", "sched_wakeup"))?;
+    let fork = tracefs.format(Tracepoint::new("sched", "sched_process_fork"))?;
+    let enter = tracefs.format(Tracepoint::new("syscalls", "sys_enter_ioctl"))?;
+    let exit = tracefs.format(Tracepoint::new("syscalls", "sys_exit_ioctl"))?;
+    Ok(TracepointOffsets {
+        switch_prev_pid: switch.offset("prev_pid", &[4])?,
+        switch_prev_state: switch.offset("prev_state", &[4, 8])?,
+        switch_prev_state_size: switch.field("prev_state")?.size,
+        switch_next_pid: switch.offset("next_pid", &[4])?,
+        wakeup_pid: wakeup.offset("pid", &[4])?,
+        fork_parent_pid: fork.offset("parent_pid", &[4])?,
+        fork_child_pid: fork.offset("child_pid", &[4])?,
+        ioctl_enter_cmd: enter.offset("cmd", &[8])?,
+        ioctl_exit_ret: exit.offset("ret", &[8])?,
+        _pad: 0,
+    })
+}
+
+/// The descendants of `roots` that are alive now (from `/proc/*/stat`).
+fn descendants(roots: &[u32]) -> Vec<u32> {
+    let mut parent: HashMap<u32, u32> = HashMap::new();
+    for pid in procmaps::all_pids() {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            && let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r)
+            && let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok())
+        {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut set: HashSet<u32> = roots.iter().copied().collect();
+    loop {
+        let before = set.len();
+        for (&pid, ppid) in &parent {
+            if set.contains(ppid) {
+                set.insert(pid);
+            }
+        }
+        if set.len() == before {
+            break;
+        }
+    }
+    let mut out: Vec<u32> = set.into_iter().filter(|p| !roots.contains(p)).collect();
+    out.sort_unstable();
+    out
+}
+
+/// A `-- CMD` child held before `exec` until the probes are attached, so its
+/// whole life is recorded. Forked by hand: `std::process::Command::spawn`
+/// waits for the exec, which is exactly what must not happen yet.
+struct GatedChild {
+    pid: u32,
+    gate: Option<std::os::fd::OwnedFd>,
+    status: Option<std::process::ExitStatus>,
+}
+
+impl GatedChild {
+    fn spawn(argv: &[OsString]) -> Result<Self, RecordError> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let command = argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let spawn_err = |source| RecordError::Spawn {
+            command: command.clone(),
+            source,
+        };
+        let cargs: Vec<std::ffi::CString> = argv
+            .iter()
+            .map(|a| std::ffi::CString::new(a.as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| spawn_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        let mut fds = [0i32; 2];
+        // SAFETY: fds is a valid 2-element array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(spawn_err(io::Error::last_os_error()));
+        }
+        // SAFETY: pipe2 returned two fresh fds that we now own.
+        let (read, write) = unsafe {
+            use std::os::fd::FromRawFd as _;
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        let read_fd = std::os::fd::AsRawFd::as_raw_fd(&read);
+        // SAFETY: hvprof is single-threaded here (the event loop has not
+        // started); the child only calls async-signal-safe functions.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(spawn_err(io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            // SAFETY: child side of fork: read, execvp and _exit only.
+            unsafe {
+                let mut b = 0u8;
+                if libc::read(read_fd, (&raw mut b).cast(), 1) != 1 {
+                    // hvprof went away before releasing the gate.
+                    libc::_exit(126);
+                }
+                libc::execvp(ptrs[0], ptrs.as_ptr());
+                libc::_exit(127);
+            }
+        }
+        drop(read);
+        Ok(Self {
+            pid: pid.cast_unsigned(),
+            gate: Some(write),
+            status: None,
+        })
+    }
+
+    fn release(&mut self) {
+        if let Some(w) = self.gate.take() {
+            let b = 1u8;
+            // SAFETY: w is an open pipe fd; b is one readable byte.
+            unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&w), (&raw const b).cast(), 1) };
+        }
+    }
+
+    fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt as _;
+        if self.status.is_none() {
+            let mut status = 0;
+            // SAFETY: waiting for our own child, by pid, without blocking.
+            let r = unsafe { libc::waitpid(self.pid.cast_signed(), &raw mut status, libc::WNOHANG) };
+            if r == self.pid.cast_signed() {
+                self.status = Some(std::process::ExitStatus::from_raw(status));
+            }
+        }
+        self.status
+    }
+
+    /// Ends the child if it still runs: SIGTERM, then SIGKILL after 2 s.
+    fn end(&mut self) -> Option<std::process::ExitStatus> {
+        self.release();
+        if self.try_wait().is_some() {
+            return self.status;
+        }
+        // SAFETY: signalling the child we forked, by its pid.
+        unsafe { libc::kill(self.pid.cast_signed(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if self.try_wait().is_some() {
+                return self.status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(self.pid.cast_signed(), libc::SIGKILL) };
+        while self.try_wait().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.status
+    }
+}
+
+impl Drop for GatedChild {
+    /// Never leave the child we started behind, even on an error path.
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.end();
+        }
+    }
+}
+
+/// Per-process knowledge gathered while recording.
+#[derive(Default)]
+struct Processes {
+    info: HashMap<u32, Process>,
+    snapshots: HashMap<u32, Vec<Snapshot>>,
+}
+
+impl Processes {
+    fn entry(&mut self, tgid: u32) -> &mut Process {
+        self.info.entry(tgid).or_insert_with(|| Process {
+            tgid,
+            comm: String::new(),
+            cmdline: None,
+            parent: None,
+            forked_ns: None,
+            exec_ns: None,
+            exit_ns: None,
+        })
+    }
+
+    fn snapshot(&mut self, tgid: u32) -> bool {
+        match Snapshot::take(tgid) {
+            Some(s) => {
+                let list = self.snapshots.entry(tgid).or_default();
+                if list.last() != Some(&s) {
+                    list.push(s);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn learn(&mut self, tgid: u32) {
+        if !self.snapshots.contains_key(&tgid) {
+            self.snapshot(tgid);
+        }
+        let cmdline = procmaps::cmdline(tgid);
+        let comm = procmaps::comm(tgid);
+        let p = self.entry(tgid);
+        if p.cmdline.is_none() {
+            p.cmdline = cmdline;
+        }
+        if p.comm.is_empty()
+            && let Some(c) = comm
+        {
+            p.comm = c;
+        }
+    }
+
+    /// Snapshots to symbolize `tgid`'s stacks with, oldest first: its
+    /// ancestors' (a forked child runs its parent's image until it execs),
+    /// then its own.
+    fn chain(&self, tgid: u32) -> Vec<&Snapshot> {
+        let mut lineage = vec![tgid];
+        let mut cur = tgid;
+        while let Some(parent) = self.info.get(&cur).and_then(|p| p.parent) {
+            if lineage.contains(&parent) || lineage.len() > 32 {
+                break;
+            }
+            lineage.push(parent);
+            cur = parent;
+        }
+        lineage
+            .iter()
+            .rev()
+            .filter_map(|t| self.snapshots.get(t))
+            .flat_map(|v| v.iter())
+            .collect()
+    }
+}
+
+struct Recorder {
+    opts: RecordOptions,
+    start_ns: u64,
+    started_unix_ms: u64,
+    processes: Processes,
+    vms: Vec<(Event, Option<String>)>,
+    target_pids: HashSet<u32>,
+    ring_losses: u64,
+}
+
+/// Why the recording stopped.
+#[derive(Clone, Debug)]
+enum Stop {
+    Duration,
+    Signal(&'static str),
+    TargetExited(String),
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Duration => f.write_str("duration reached"),
+            Self::Signal(s) => write!(f, "{s}"),
+            Self::TargetExited(s) => write!(f, "target exited ({s})"),
+        }
+    }
+}
+
+fn attach_err(what: impl Into<String>) -> impl FnOnce(ProgramError) -> RecordError {
+    let what = what.into();
+    move |source| RecordError::Attach { what, source }
+}
+
+fn tracepoint(bpf: &mut Ebpf, prog: &'static str, tp: Tracepoint) -> Result<(), RecordError> {
+    let p: &mut TracePoint = bpf
+        .program_mut(prog)
+        .ok_or(RecordError::Missing { name: prog })?
+        .try_into()
+        .map_err(attach_err(prog))?;
+    p.load().map_err(attach_err(format!("{prog} ({tp})")))?;
+    p.attach(tp.category, tp.name)
+        .map_err(attach_err(format!("{prog} to {tp}")))?;
+    Ok(())
+}
+
+/// Runs a whole recording.
+pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
+    if !Privileges::current().is_ok_and(|p| p.sufficient()) {
+        return Err(RecordError::Privileges);
+    }
+    std::fs::create_dir_all(&opts.output).map_err(|source| RecordError::Output {
+        path: opts.output.clone(),
+        source,
+    })?;
+    let (tracefs, _) = Tracefs::locate_or_mount()?;
+    let offsets = offsets(&tracefs)?;
+
+    let mut config = Config::zeroed();
+    config.target_mode = match opts.target {
+        Target::All => TargetMode::All as u32,
+        _ => TargetMode::Tracked as u32,
+    };
+    config.follow_children = u32::from(opts.follow_children);
+    config.window_mode = opts.windows.mode() as u32;
+    if let WindowSpec::Every { size } = opts.windows {
+        config.window_size = size;
+    }
+    let ranges = opts.windows.kernel_ranges();
+    config.window_ranges = u32::try_from(ranges.len()).unwrap_or(0);
+    config.self_tgid = std::process::id();
+    config.min_block_ns = u64::try_from(opts.min_block.as_nanos()).unwrap_or(u64::MAX);
+    config.max_block_ns = u64::try_from(opts.max_block.as_nanos()).unwrap_or(u64::MAX);
+    config.offsets = offsets;
+    for ev in &opts.vm_events {
+        match ev {
+            VmEvent::Kvm => config.vm_event_kvm = 1,
+            VmEvent::Exec { pattern } => {
+                let (comm, len, prefix) = VmEvent::kernel_pattern(pattern);
+                config.vm_event_exec = 1;
+                config.vm_exec_comm = comm;
+                config.vm_exec_len = len;
+                config.vm_exec_prefix = u32::from(prefix);
+            }
+        }
+    }
+    if let Target::Comm(name) = &opts.target {
+        let (comm, len, _) = VmEvent::kernel_pattern(name);
+        config.target_comm = comm;
+        config.target_comm_len = len;
+    }
+
+    // Who is tracked from the start.
+    let mut initial: Vec<u32> = Vec::new();
+    let mut gated = None;
+    match &opts.target {
+        Target::Pids(pids) => {
+            for &pid in pids {
+                if !PathBuf::from(format!("/proc/{pid}")).exists() {
+                    return Err(RecordError::NoSuchPid { pid });
+                }
+            }
+            initial.extend(pids);
+        }
+        Target::Comm(name) => {
+            let want: String = name.chars().take(COMM_LEN - 1).collect();
+            initial.extend(
+                procmaps::all_pids()
+                    .into_iter()
+                    .filter(|&p| procmaps::comm(p).as_deref() == Some(want.as_str())),
+            );
+        }
+        Target::All => {}
+        Target::Command(argv) => {
+            let g = GatedChild::spawn(argv)?;
+            initial.push(g.pid);
+            gated = Some(g);
+        }
+    }
+    if opts.follow_children && !initial.is_empty() && !matches!(opts.target, Target::Command(_)) {
+        let more = descendants(&initial);
+        initial.extend(more);
+    }
+
+    let mut bpf = ebpf::load_with_config(&config)?;
+    {
+        let mut map: Array<&mut MapData, profiler_common::record::WindowRange> = Array::try_from(
+            bpf.map_mut(names::WINDOW_RANGES)
+                .ok_or(RecordError::Missing { name: names::WINDOW_RANGES })?,
+        )
+        .map_err(|source| RecordError::Map {
+            name: names::WINDOW_RANGES,
+            source,
+        })?;
+        for (i, r) in ranges.iter().enumerate() {
+            map.set(u32::try_from(i).unwrap_or(0), r, 0)
+                .map_err(|source| RecordError::Map {
+                    name: names::WINDOW_RANGES,
+                    source,
+                })?;
+        }
+        let mut tracked: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
+            bpf.map_mut(names::TRACKED)
+                .ok_or(RecordError::Missing { name: names::TRACKED })?,
+        )
+        .map_err(|source| RecordError::Map {
+            name: names::TRACKED,
+            source,
+        })?;
+        for &pid in &initial {
+            tracked.insert(&pid, &pid, 0).map_err(|source| RecordError::Map {
+                name: names::TRACKED,
+                source,
+            })?;
+        }
+    }
+
+    let mut rec = Recorder {
+        start_ns: monotonic_ns(),
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
+        processes: Processes::default(),
+        vms: Vec::new(),
+        target_pids: match &opts.target {
+            Target::Pids(p) => p.iter().copied().collect(),
+            _ => HashSet::new(),
+        },
+        ring_losses: 0,
+        opts,
+    };
+    // Snapshot what runs already; with -a, everything.
+    let known: Vec<u32> = if matches!(rec.opts.target, Target::All) {
+        procmaps::all_pids()
+    } else {
+        initial.clone()
+    };
+    for pid in known {
+        rec.processes.learn(pid);
+    }
+
+    // Attach: task tracking first, so no fork between attaches is missed.
+    tracepoint(&mut bpf, names::PROG_FORK, Tracepoint::new("sched", "sched_process_fork"))?;
+    tracepoint(&mut bpf, names::PROG_EXEC, Tracepoint::new("sched", "sched_process_exec"))?;
+    tracepoint(&mut bpf, names::PROG_EXIT, Tracepoint::new("sched", "sched_process_exit"))?;
+    tracepoint(&mut bpf, names::PROG_IOCTL_ENTER, Tracepoint::new("syscalls", "sys_enter_ioctl"))?;
+    tracepoint(&mut bpf, names::PROG_IOCTL_EXIT, Tracepoint::new("syscalls", "sys_exit_ioctl"))?;
+    tracepoint(&mut bpf, names::PROG_SCHED_WAKEUP, Tracepoint::new("sched", "sched_wakeup"))?;
+    tracepoint(&mut bpf, names::PROG_SCHED_SWITCH, Tracepoint::new("sched", "sched_switch"))?;
+    {
+        let cpus = sys::online_cpus().map_err(RecordError::Runtime)?;
+        let p: &mut PerfEvent = bpf
+            .program_mut(names::PROG_ONCPU)
+            .ok_or(RecordError::Missing { name: names::PROG_ONCPU })?
+            .try_into()
+            .map_err(attach_err(names::PROG_ONCPU))?;
+        p.load().map_err(attach_err(names::PROG_ONCPU))?;
+        for cpu in cpus {
+            p.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(rec.opts.frequency_hz),
+                false,
+            )
+            .map_err(attach_err(format!("cpu-clock sampling on CPU {cpu}")))?;
+        }
+    }
+
+    if let Some(g) = gated.as_mut() {
+        g.release();
+    }
+    eprintln!(
+        "hvprof: recording {} (windows: {}, {} Hz); Ctrl-C to stop",
+        rec.opts.target, rec.opts.windows, rec.opts.frequency_hz
+    );
+
+    let stop = rec.run_loop(&mut bpf, gated.as_mut())?;
+    let stopped = Instant::now();
+    let stop_ns = monotonic_ns();
+
+    // Take final snapshots while processes are still alive, then stop the
+    // probes so the maps hold still while they are read.
+    let alive: Vec<u32> = rec.processes.info.keys().copied().collect();
+    for t in alive {
+        rec.processes.snapshot(t);
+    }
+    let command_status = gated.as_mut().and_then(GatedChild::end);
+    unload_all(&mut bpf);
+    rec.drain_events(&mut bpf);
+    let profile = rec.build_profile(&mut bpf, &stop, stop_ns)?;
+    let profile_path = rec.opts.output.join(profile::FILE_NAME);
+    profile.write(&profile_path)?;
+    let summary = render::write_all(&profile, &rec.opts.output)?;
+    Ok(Outcome {
+        profile_path,
+        output: rec.opts.output.clone(),
+        summary,
+        stop_to_written: stopped.elapsed(),
+        command_status,
+    })
+}
+
+/// Detaches and unloads every recording program, so the maps hold still.
+fn unload_all(bpf: &mut Ebpf) {
+    if let Some(p) = bpf.program_mut(names::PROG_ONCPU)
+        && let Ok(p) = <&mut PerfEvent>::try_from(p)
+    {
+        let _ = p.unload();
+    }
+    for name in [
+        names::PROG_SCHED_SWITCH,
+        names::PROG_SCHED_WAKEUP,
+        names::PROG_FORK,
+        names::PROG_EXEC,
+        names::PROG_EXIT,
+        names::PROG_IOCTL_ENTER,
+        names::PROG_IOCTL_EXIT,
+    ] {
+        if let Some(p) = bpf.program_mut(name)
+            && let Ok(p) = <&mut TracePoint>::try_from(p)
+        {
+            let _ = p.unload();
+        }
+    }
+}
+
+impl Recorder {
+    fn run_loop(&mut self, bpf: &mut Ebpf, mut gated: Option<&mut GatedChild>) -> Result<Stop, RecordError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(RecordError::Runtime)?;
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut sigint = signal(SignalKind::interrupt()).map_err(RecordError::Runtime)?;
+            let mut sigterm = signal(SignalKind::terminate()).map_err(RecordError::Runtime)?;
+            let deadline = self.opts.duration.map(|d| tokio::time::Instant::now() + d);
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            loop {
+                let sleep = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = sigint.recv() => return Ok(Stop::Signal("SIGINT")),
+                    _ = sigterm.recv() => return Ok(Stop::Signal("SIGTERM")),
+                    () = sleep => return Ok(Stop::Duration),
+                    _ = tick.tick() => {
+                        self.drain_events(bpf);
+                        if let Some(g) = gated.as_deref_mut()
+                            && let Some(status) = g.try_wait()
+                        {
+                            return Ok(Stop::TargetExited(status.to_string()));
+                        }
+                        if !self.target_pids.is_empty()
+                            && self.target_pids.iter().all(|p| !PathBuf::from(format!("/proc/{p}")).exists())
+                        {
+                            return Ok(Stop::TargetExited("every target pid is gone".to_owned()));
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Handles every pending ring-buffer event. Exec and fork events are
+    /// acted on at once: the snapshot of a short-lived process must be taken
+    /// while it lives.
+    fn drain_events(&mut self, bpf: &mut Ebpf) {
+        let Some(map) = bpf.map_mut(names::EVENTS) else {
+            return;
+        };
+        let Ok(mut ring) = RingBuf::try_from(map) else {
+            return;
+        };
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<Event>() {
+                // SAFETY: the kernel wrote an Event (plain old data) here;
+                // read_unaligned copes with any alignment.
+                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+            }
+        }
+        drop(ring);
+        for ev in events {
+            self.handle(ev);
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        let rel = ev.ts_ns.saturating_sub(self.start_ns);
+        match ev.kind {
+            k if k == EventKind::Exec as u32 => {
+                self.processes.snapshot(ev.tgid);
+                let cmdline = procmaps::cmdline(ev.tgid);
+                let p = self.processes.entry(ev.tgid);
+                p.exec_ns = Some(rel);
+                p.comm = comm_str(&ev.comm);
+                if cmdline.is_some() {
+                    p.cmdline = cmdline;
+                }
+            }
+            k if k == EventKind::Fork as u32 => {
+                if !self.processes.snapshots.contains_key(&ev.tgid) {
+                    self.processes.learn(ev.tgid);
+                }
+                // A thread's "child" is in the same thread group: skip it.
+                if procmaps::exe(ev.child).is_some()
+                    && std::fs::read_to_string(format!("/proc/{}/status", ev.child))
+                        .ok()
+                        .and_then(|s| {
+                            s.lines()
+                                .find_map(|l| l.strip_prefix("Tgid:"))
+                                .and_then(|v| v.trim().parse::<u32>().ok())
+                        })
+                        .is_some_and(|tgid| tgid == ev.tgid)
+                {
+                    return;
+                }
+                let comm = comm_str(&ev.comm);
+                let p = self.processes.entry(ev.child);
+                p.parent = Some(ev.tgid);
+                p.forked_ns = Some(rel);
+                if p.comm.is_empty() {
+                    p.comm = comm;
+                }
+            }
+            k if k == EventKind::Exit as u32 => {
+                let comm = comm_str(&ev.comm);
+                let p = self.processes.entry(ev.tgid);
+                p.exit_ns = Some(rel);
+                if p.comm.is_empty() {
+                    p.comm = comm;
+                }
+            }
+            k if k == EventKind::VmCreated as u32 => {
+                let cmdline = procmaps::cmdline(ev.tgid);
+                self.vms.push((ev, cmdline));
+            }
+            _ => self.ring_losses += 1,
+        }
+    }
+
+    fn build_profile(&mut self, bpf: &mut Ebpf, stop: &Stop, stop_ns: u64) -> Result<Profile, RecordError> {
+        let map_err = |name: &'static str| move |source| RecordError::Map { name, source };
+        let vm_count = {
+            let a: Array<&MapData, VmState> = Array::try_from(
+                bpf.map(names::VM_STATE)
+                    .ok_or(RecordError::Missing { name: names::VM_STATE })?,
+            )
+            .map_err(map_err(names::VM_STATE))?;
+            a.get(&0, 0).map_err(map_err(names::VM_STATE))?.created
+        };
+
+        let oncpu_raw: Vec<(SampleKey, u64)> = {
+            let m: BpfHashMap<&MapData, SampleKey, u64> = BpfHashMap::try_from(
+                bpf.map(names::ONCPU_COUNTS)
+                    .ok_or(RecordError::Missing { name: names::ONCPU_COUNTS })?,
+            )
+            .map_err(map_err(names::ONCPU_COUNTS))?;
+            m.iter().filter_map(Result::ok).collect()
+        };
+        let mut offcpu_raw: Vec<(OffCpuKey, OffCpuValue)> = {
+            let m: BpfHashMap<&MapData, OffCpuKey, OffCpuValue> = BpfHashMap::try_from(
+                bpf.map(names::OFFCPU_TIMES)
+                    .ok_or(RecordError::Missing { name: names::OFFCPU_TIMES })?,
+            )
+            .map_err(map_err(names::OFFCPU_TIMES))?;
+            m.iter().filter_map(Result::ok).collect()
+        };
+        // Tasks still blocked when the recording stopped: their block so far.
+        {
+            let m: BpfHashMap<&MapData, u32, OffCpuStart> = BpfHashMap::try_from(
+                bpf.map(names::OFFCPU_START)
+                    .ok_or(RecordError::Missing { name: names::OFFCPU_START })?,
+            )
+            .map_err(map_err(names::OFFCPU_START))?;
+            let min = u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
+            let max = u64::try_from(self.opts.max_block.as_nanos()).unwrap_or(u64::MAX);
+            for (_, s) in m.iter().filter_map(Result::ok) {
+                let blocked = stop_ns.saturating_sub(s.start_ns);
+                if blocked < min || blocked > max || s.start_ns < self.start_ns {
+                    continue;
+                }
+                offcpu_raw.push((
+                    s.key,
+                    OffCpuValue {
+                        count: 1,
+                        total_ns: blocked,
+                        max_ns: blocked,
+                        runq_ns: if s.wakeup_ns == 0 { 0 } else { stop_ns.saturating_sub(s.wakeup_ns) },
+                    },
+                ));
+            }
+        }
+        let mut losses: Vec<LossCount> = {
+            let m: PerCpuHashMap<&MapData, LossKey, u64> = PerCpuHashMap::try_from(
+                bpf.map(names::LOSSES)
+                    .ok_or(RecordError::Missing { name: names::LOSSES })?,
+            )
+            .map_err(map_err(names::LOSSES))?;
+            m.iter()
+                .filter_map(Result::ok)
+                .filter_map(|(k, v)| {
+                    let loss = Loss::ALL.get(k.loss as usize)?;
+                    Some(LossCount {
+                        window: (k.window != u32::MAX).then_some(k.window),
+                        kind: loss_name(*loss).to_owned(),
+                        count: v.iter().sum(),
+                    })
+                })
+                .filter(|l| l.count > 0)
+                .collect()
+        };
+        if self.ring_losses > 0 {
+            losses.push(LossCount {
+                window: None,
+                kind: "unknown ring-buffer events".to_owned(),
+                count: self.ring_losses,
+            });
+        }
+
+        // Stacks.
+        let stacks: HashMap<i32, Vec<u64>> = {
+            let m: StackTraceMap<&MapData> = StackTraceMap::try_from(
+                bpf.map(names::STACKS)
+                    .ok_or(RecordError::Missing { name: names::STACKS })?,
+            )
+            .map_err(map_err(names::STACKS))?;
+            let mut ids: Vec<i32> = oncpu_raw
+                .iter()
+                .flat_map(|(k, _)| [k.kern_stack, k.user_stack])
+                .chain(offcpu_raw.iter().flat_map(|(k, _)| [k.kern_stack, k.user_stack]))
+                .filter(|&id| id >= 0)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.into_iter()
+                .filter_map(|id| {
+                    let st = m.get(&id.cast_unsigned(), 0).ok()?;
+                    Some((id, st.frames().iter().map(|f| f.ip).collect()))
+                })
+                .collect()
+        };
+
+        let mut sym = Symbolizer::new();
+        let kaddrs: Vec<u64> = oncpu_raw
+            .iter()
+            .map(|(k, _)| k.kern_stack)
+            .chain(offcpu_raw.iter().map(|(k, _)| k.kern_stack))
+            .filter_map(|id| stacks.get(&id))
+            .flatten()
+            .copied()
+            .collect();
+        sym.prepare_kernel(&kaddrs);
+        // Batch the user frames per file.
+        let mut files = Vec::new();
+        for (tgid, id) in oncpu_raw
+            .iter()
+            .map(|(k, _)| (k.tgid, k.user_stack))
+            .chain(offcpu_raw.iter().map(|(k, _)| (k.tgid, k.user_stack)))
+        {
+            let chain = self.processes.chain(tgid);
+            for (i, &ip) in stacks.get(&id).into_iter().flatten().enumerate() {
+                let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
+                if let Some(fo) = Symbolizer::file_offset(&chain, addr) {
+                    files.push(fo);
+                }
+            }
+        }
+        files.sort_unstable();
+        files.dedup();
+        sym.prepare_files(&files);
+
+        let mut table = FrameTable::default();
+        let mut kcache: HashMap<i32, Vec<u32>> = HashMap::new();
+        let mut ucache: HashMap<(u32, i32), Vec<u32>> = HashMap::new();
+        let target_all = matches!(self.opts.target, Target::All);
+        let mut stack_of = |tgid: u32, kern: i32, user: i32, sym: &mut Symbolizer, table: &mut FrameTable| -> Vec<u32> {
+            let mut out = ucache
+                .entry((tgid, user))
+                .or_insert_with(|| {
+                    if user < 0 {
+                        return match -user {
+                            17 => vec![table.intern("[lost user stack: stack map collision]")],
+                            14 if target_all => Vec::new(),
+                            _ => vec![table.intern("[missing user stack]")],
+                        };
+                    }
+                    let chain = self.processes.chain(tgid);
+                    let mut frames = Vec::new();
+                    for (i, &ip) in stacks.get(&user).map_or(&[][..], Vec::as_slice).iter().enumerate().rev() {
+                        let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
+                        for f in sym.user_frames(&chain, addr) {
+                            frames.push(table.intern(&f));
+                        }
+                    }
+                    frames
+                })
+                .clone();
+            let k = kcache.entry(kern).or_insert_with(|| {
+                if kern < 0 {
+                    return match -kern {
+                        17 => vec![table.intern("[lost kernel stack: stack map collision]")],
+                        _ => Vec::new(),
+                    };
+                }
+                let mut frames = Vec::new();
+                for (i, &ip) in stacks.get(&kern).map_or(&[][..], Vec::as_slice).iter().enumerate().rev() {
+                    let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
+                    for f in sym.kernel_frames(addr) {
+                        frames.push(table.intern(&f));
+                    }
+                }
+                frames
+            });
+            out.extend_from_slice(k);
+            out
+        };
+
+        let mut oncpu: Vec<OnCpu> = oncpu_raw
+            .iter()
+            .map(|(k, n)| OnCpu {
+                window: k.window,
+                tgid: k.tgid,
+                pid: k.pid,
+                comm: comm_str(&k.comm),
+                stack: stack_of(k.tgid, k.kern_stack, k.user_stack, &mut sym, &mut table),
+                samples: *n,
+            })
+            .collect();
+        oncpu.sort_by(|a, b| (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack)));
+        let mut offcpu: Vec<OffCpu> = offcpu_raw
+            .iter()
+            .map(|(k, v)| OffCpu {
+                window: k.window,
+                tgid: k.tgid,
+                pid: k.pid,
+                comm: comm_str(&k.comm),
+                state: task_state_name(k.state).to_owned(),
+                stack: stack_of(k.tgid, k.kern_stack, k.user_stack, &mut sym, &mut table),
+                blocks: v.count,
+                total_ns: v.total_ns,
+                max_ns: v.max_ns,
+                runq_ns: v.runq_ns,
+            })
+            .collect();
+        offcpu.sort_by(|a, b| (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack)));
+
+        let stats = sym.stats;
+        if stats.user_unmapped > 0 {
+            losses.push(LossCount {
+                window: None,
+                kind: "user frames of processes gone before their maps were read".to_owned(),
+                count: stats.user_unmapped,
+            });
+        }
+
+        // VM creations, numbered by time (see the kernel's `vm_created`).
+        let mut vm_events = self.vms.clone();
+        vm_events.sort_by_key(|(e, _)| e.ts_ns);
+        let vms: Vec<VmCreation> = vm_events
+            .into_iter()
+            .enumerate()
+            .map(|(i, (e, cmdline))| {
+                let name = cmdline.as_deref().and_then(procmaps::qemu_vm_name);
+                VmCreation {
+                    ordinal: i as u64 + 1,
+                    time_ns: e.ts_ns.saturating_sub(self.start_ns),
+                    pid: e.tgid,
+                    tid: e.pid,
+                    comm: comm_str(&e.comm),
+                    source: if e.child == VM_SOURCE_EXEC { "exec" } else { "kvm" }.to_owned(),
+                    cmdline,
+                    name,
+                }
+            })
+            .collect();
+        if vms.len() as u64 != vm_count {
+            losses.push(LossCount {
+                window: None,
+                kind: "VM creation events missing (count from the kernel's counter)".to_owned(),
+                count: vm_count.saturating_sub(vms.len() as u64),
+            });
+        }
+
+        let mut processes: Vec<Process> = self.processes.info.values().cloned().collect();
+        processes.sort_by_key(|p| p.tgid);
+        Ok(Profile {
+            meta: Meta {
+                hvprof_version: env!("CARGO_PKG_VERSION").to_owned(),
+                hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|s| s.trim().to_owned())
+                    .unwrap_or_default(),
+                kernel: sys::kernel_release(),
+                cpus: sys::online_cpus().map_or(0, |c| c.len()),
+                started_unix_ms: self.started_unix_ms,
+                duration_ns: stop_ns.saturating_sub(self.start_ns),
+                command_line: self.opts.command_line.clone(),
+                target: self.opts.target.to_string(),
+                follow_children: self.opts.follow_children,
+                frequency_hz: self.opts.frequency_hz,
+                window_spec: Some(self.opts.windows.clone()),
+                min_block_ns: u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX),
+                max_block_ns: u64::try_from(self.opts.max_block.as_nanos()).unwrap_or(u64::MAX),
+                vm_events: self.opts.vm_events.iter().map(ToString::to_string).collect(),
+                stop_reason: stop.to_string(),
+                tracers: vec!["oncpu".to_owned(), "offcpu".to_owned()],
+            },
+            windows: self.opts.windows.windows(vm_count),
+            vms,
+            frames: table.into_names(),
+            oncpu,
+            offcpu,
+            losses,
+            processes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_event_patterns() {
+        assert_eq!(VmEvent::parse("kvm"), Ok(VmEvent::Kvm));
+        let e = VmEvent::parse("exec:qemu-system-*").unwrap();
+        assert_eq!(e.to_string(), "exec:qemu-system-*");
+        let (comm, len, prefix) = VmEvent::kernel_pattern("qemu-system-*");
+        assert_eq!(&comm[..len as usize], b"qemu-system-");
+        assert!(prefix);
+        // Longer than a comm: compared on its first 15 bytes, as a prefix.
+        let (comm, len, prefix) = VmEvent::kernel_pattern("qemu-system-x86_64");
+        assert_eq!(&comm[..len as usize], b"qemu-system-x86");
+        assert!(prefix);
+        let (_, len, prefix) = VmEvent::kernel_pattern("firecracker");
+        assert_eq!((len, prefix), (11, false));
+        for bad in ["exec:", "exec:*", "exec:q*emu", "tcg", "exec:a?b*"] {
+            assert!(VmEvent::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn task_states() {
+        assert_eq!(task_state_name(0), "R");
+        assert_eq!(task_state_name(0x100), "R");
+        assert_eq!(task_state_name(1), "S");
+        assert_eq!(task_state_name(2), "D");
+        assert_eq!(task_state_name(0x402), "D");
+        assert_eq!(task_state_name(0x80), "I");
+    }
+
+    #[test]
+    fn finds_own_children() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let d = descendants(&[std::process::id()]);
+        assert!(d.contains(&child.id()), "{d:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -1,0 +1,402 @@
+//! Renderers: from a [`Profile`] to folded stacks, flame graphs (inferno) and
+//! the summary (text and JSON). Nothing here touches BPF or `/proc`: a
+//! profile file on another machine renders the same.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    io::{self, BufWriter, Write},
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{profile::Profile, windows::WindowInfo};
+
+#[derive(Debug, Error)]
+pub enum RenderError {
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("rendering the flame graph {path} failed: {source}")]
+    FlameGraph { path: PathBuf, source: io::Error },
+}
+
+/// Off-CPU folded counts are in microseconds.
+pub const OFFCPU_UNIT: &str = "us";
+
+/// Folded lines (`comm;frame;…;frame count`) of one window's on-CPU
+/// samples, sorted, with equal stacks merged.
+#[must_use]
+pub fn oncpu_folded(profile: &Profile, window: u32) -> Vec<String> {
+    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
+    for row in profile.oncpu.iter().filter(|r| r.window == window) {
+        *folded.entry(stack_line(profile, &row.comm, &row.stack)).or_default() += row.samples;
+    }
+    folded
+        .into_iter()
+        .map(|(stack, n)| format!("{stack} {n}"))
+        .collect()
+}
+
+/// Folded lines of one window's off-CPU time, in microseconds.
+#[must_use]
+pub fn offcpu_folded(profile: &Profile, window: u32) -> Vec<String> {
+    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
+    for row in profile.offcpu.iter().filter(|r| r.window == window) {
+        *folded.entry(stack_line(profile, &row.comm, &row.stack)).or_default() += row.total_ns;
+    }
+    folded
+        .into_iter()
+        .filter_map(|(stack, ns)| {
+            let us = ns / 1000;
+            (us > 0).then(|| format!("{stack} {us}"))
+        })
+        .collect()
+}
+
+fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
+    // `;` separates frames and a space separates the count: keep both out
+    // of the names so every line parses.
+    let clean = |s: &str| s.replace(';', ":").replace(['\n', '\r'], " ");
+    let mut line = clean(comm).replace(' ', "_");
+    if line.is_empty() {
+        line.push_str("[unknown]");
+    }
+    for f in profile.frame_names(stack) {
+        line.push(';');
+        line.push_str(&clean(f));
+    }
+    line
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), RenderError> {
+    fs::write(path, text).map_err(|source| RenderError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Renders a flame graph from folded lines. An empty window still gets an
+/// SVG, which says that nothing was recorded.
+pub fn flame_graph(lines: &[String], title: &str, count_name: &str, path: &Path) -> Result<(), RenderError> {
+    let file = fs::File::create(path).map_err(|source| RenderError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = BufWriter::new(file);
+    let mut opts = inferno::flamegraph::Options::default();
+    opts.title = title.to_owned();
+    opts.count_name = count_name.to_owned();
+    opts.deterministic = true;
+    let result = if lines.is_empty() {
+        write!(
+            out,
+            r#"<?xml version="1.0" standalone="no"?><svg version="1.1" width="1200" height="60" xmlns="http://www.w3.org/2000/svg"><text x="600" y="24" text-anchor="middle" font-family="Verdana" font-size="17">{}</text><text x="600" y="48" text-anchor="middle" font-family="Verdana" font-size="12">nothing recorded in this window</text></svg>"#,
+            xml_escape(title)
+        )
+    } else {
+        inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut out)
+    };
+    result
+        .and_then(|()| out.flush())
+        .map_err(|source| RenderError::FlameGraph {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Per-window figures of the summary.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct WindowSummary {
+    pub id: u32,
+    pub label: String,
+    pub first_vm: Option<u64>,
+    pub last_vm: Option<u64>,
+    pub dir: String,
+    pub oncpu_samples: u64,
+    pub offcpu_ns: u64,
+    pub offcpu_blocks: u64,
+    pub losses: BTreeMap<String, u64>,
+    pub processes: usize,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Summary {
+    pub target: String,
+    pub kernel: String,
+    pub duration_ns: u64,
+    pub stop_reason: String,
+    pub frequency_hz: u64,
+    pub windows_spec: String,
+    pub vms_created: usize,
+    pub vms: Vec<crate::profile::VmCreation>,
+    pub windows: Vec<WindowSummary>,
+    /// Losses not tied to a window.
+    pub other_losses: BTreeMap<String, u64>,
+    pub total_losses: u64,
+}
+
+#[must_use]
+pub fn summary(profile: &Profile) -> Summary {
+    let windows = profile
+        .windows
+        .iter()
+        .map(|w| {
+            let mut pids = std::collections::HashSet::new();
+            let mut samples = 0;
+            for r in profile.oncpu.iter().filter(|r| r.window == w.id) {
+                samples += r.samples;
+                pids.insert(r.tgid);
+            }
+            let (mut ns, mut blocks) = (0, 0);
+            for r in profile.offcpu.iter().filter(|r| r.window == w.id) {
+                ns += r.total_ns;
+                blocks += r.blocks;
+                pids.insert(r.tgid);
+            }
+            let mut losses = BTreeMap::new();
+            for l in profile.losses.iter().filter(|l| l.window == Some(w.id)) {
+                *losses.entry(l.kind.clone()).or_default() += l.count;
+            }
+            WindowSummary {
+                id: w.id,
+                label: w.label(),
+                first_vm: w.first_vm,
+                last_vm: w.last_vm,
+                dir: w.dir_name(),
+                oncpu_samples: samples,
+                offcpu_ns: ns,
+                offcpu_blocks: blocks,
+                losses,
+                processes: pids.len(),
+            }
+        })
+        .collect();
+    let mut other_losses = BTreeMap::new();
+    let known: Vec<u32> = profile.windows.iter().map(|w| w.id).collect();
+    for l in profile
+        .losses
+        .iter()
+        .filter(|l| l.window.is_none_or(|w| !known.contains(&w)))
+    {
+        *other_losses.entry(l.kind.clone()).or_default() += l.count;
+    }
+    Summary {
+        target: profile.meta.target.clone(),
+        kernel: profile.meta.kernel.clone(),
+        duration_ns: profile.meta.duration_ns,
+        stop_reason: profile.meta.stop_reason.clone(),
+        frequency_hz: profile.meta.frequency_hz,
+        windows_spec: profile
+            .meta
+            .window_spec
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string),
+        vms_created: profile.vms.len(),
+        vms: profile.vms.clone(),
+        windows,
+        other_losses,
+        total_losses: profile.losses.iter().map(|l| l.count).sum(),
+    }
+}
+
+fn ms(ns: u64) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display only")]
+    let v = ns as f64 / 1e6;
+    format!("{v:.1} ms")
+}
+
+impl Summary {
+    #[must_use]
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "hvprof: {} for {} ({}), kernel {}, {} Hz, windows: {}",
+            self.target,
+            ms(self.duration_ns),
+            self.stop_reason,
+            self.kernel,
+            self.frequency_hz,
+            self.windows_spec
+        );
+        let _ = writeln!(out, "VMs created: {}", self.vms_created);
+        for vm in self.vms.iter().take(20) {
+            let _ = writeln!(
+                out,
+                "  VM {:>4}  {:>10}  pid {:<7} {:<16} {}",
+                vm.ordinal,
+                ms(vm.time_ns),
+                vm.pid,
+                vm.comm,
+                vm.name.as_deref().unwrap_or("")
+            );
+        }
+        if self.vms.len() > 20 {
+            let _ = writeln!(out, "  … {} more in summary.json", self.vms.len() - 20);
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>6} {:>7}  DIR",
+            "WIN", "VMS", "ON-CPU", "OFF-CPU", "BLOCKS", "PROCS", "LOSSES"
+        );
+        for w in &self.windows {
+            let _ = writeln!(
+                out,
+                "{:<4} {:<22} {:>10} {:>14} {:>9} {:>6} {:>7}  {}",
+                w.id,
+                w.label,
+                w.oncpu_samples,
+                ms(w.offcpu_ns),
+                w.offcpu_blocks,
+                w.processes,
+                w.losses.values().sum::<u64>(),
+                w.dir
+            );
+        }
+        if self.total_losses == 0 {
+            out.push_str("\nlosses: none\n");
+        } else {
+            let _ = writeln!(out, "\nlosses: {} in all", self.total_losses);
+            for w in &self.windows {
+                for (k, n) in &w.losses {
+                    let _ = writeln!(out, "  window {:<3} {k}: {n}", w.id);
+                }
+            }
+            for (k, n) in &self.other_losses {
+                let _ = writeln!(out, "  outside windows  {k}: {n}");
+            }
+        }
+        out
+    }
+}
+
+/// Writes every per-window output and the summary into `dir`.
+pub fn write_all(profile: &Profile, dir: &Path) -> Result<Summary, RenderError> {
+    let mkdir = |p: &Path| {
+        fs::create_dir_all(p).map_err(|source| RenderError::Write {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    mkdir(dir)?;
+    for w in &profile.windows {
+        write_window(profile, w, &dir.join(w.dir_name()), &mkdir)?;
+    }
+    let summary = summary(profile);
+    write_file(&dir.join("summary.txt"), &summary.to_text())?;
+    let json = serde_json::to_string_pretty(&summary).map_err(|e| RenderError::Write {
+        path: dir.join("summary.json"),
+        source: io::Error::other(e),
+    })?;
+    write_file(&dir.join("summary.json"), &json)?;
+    Ok(summary)
+}
+
+fn write_window(
+    profile: &Profile,
+    w: &WindowInfo,
+    wdir: &Path,
+    mkdir: &dyn Fn(&Path) -> Result<(), RenderError>,
+) -> Result<(), RenderError> {
+    mkdir(wdir)?;
+    let label = w.label();
+    let on = oncpu_folded(profile, w.id);
+    write_file(&wdir.join("oncpu.folded"), &join_lines(&on))?;
+    flame_graph(
+        &on,
+        &format!("On-CPU: window {} ({label})", w.id),
+        "samples",
+        &wdir.join("oncpu.svg"),
+    )?;
+    let off = offcpu_folded(profile, w.id);
+    write_file(&wdir.join("offcpu.folded"), &join_lines(&off))?;
+    flame_graph(
+        &off,
+        &format!("Off-CPU time: window {} ({label})", w.id),
+        "\u{b5}s",
+        &wdir.join("offcpu.svg"),
+    )?;
+    Ok(())
+}
+
+fn join_lines(lines: &[String]) -> String {
+    let mut s = lines.join("\n");
+    if !s.is_empty() {
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{FrameTable, OffCpu, OnCpu};
+
+    fn profile() -> Profile {
+        let mut t = FrameTable::default();
+        let (a, b, c) = (t.intern("main"), t.intern("busy"), t.intern("do;weird name"));
+        let on = |window, stack: Vec<u32>, samples| OnCpu {
+            window,
+            tgid: 1,
+            pid: 1,
+            comm: "vm load".into(),
+            stack,
+            samples,
+        };
+        Profile {
+            windows: crate::windows::WindowSpec::Every { size: 2 }.windows(2),
+            frames: t.into_names(),
+            oncpu: vec![on(1, vec![a, b], 3), on(1, vec![a, b], 4), on(1, vec![a, c], 1), on(0, vec![a], 9)],
+            offcpu: vec![OffCpu {
+                window: 1,
+                tgid: 1,
+                pid: 2,
+                comm: "t".into(),
+                state: "S".into(),
+                stack: vec![a],
+                blocks: 2,
+                total_ns: 2_500_000,
+                max_ns: 2_000_000,
+                runq_ns: 0,
+            }],
+            ..Profile::default()
+        }
+    }
+
+    #[test]
+    fn folds_and_merges() {
+        let p = profile();
+        assert_eq!(
+            oncpu_folded(&p, 1),
+            ["vm_load;main;busy 7", "vm_load;main;do:weird name 1"]
+        );
+        assert_eq!(oncpu_folded(&p, 0), ["vm_load;main 9"]);
+        assert!(oncpu_folded(&p, 5).is_empty());
+        assert_eq!(offcpu_folded(&p, 1), ["t;main 2500"]);
+    }
+
+    #[test]
+    fn writes_every_output() {
+        let dir = std::env::temp_dir().join(format!("hvprof-render-{}", std::process::id()));
+        let s = write_all(&profile(), &dir).unwrap();
+        assert_eq!(s.windows.len(), 2);
+        assert_eq!(s.windows[1].oncpu_samples, 8);
+        assert_eq!(s.windows[1].offcpu_ns, 2_500_000);
+        for f in ["w00-setup/oncpu.svg", "w01-vms-1-2/oncpu.svg", "w01-vms-1-2/offcpu.svg", "summary.txt", "summary.json"] {
+            assert!(dir.join(f).is_file(), "{f}");
+        }
+        let svg = fs::read_to_string(dir.join("w01-vms-1-2/oncpu.svg")).unwrap();
+        assert!(svg.contains("On-CPU: window 1 (VMs 1\u{2013}2)"), "title");
+        assert!(svg.contains("busy"));
+        let empty = fs::read_to_string(dir.join("w00-setup/offcpu.svg")).unwrap();
+        assert!(empty.contains("nothing recorded"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,247 @@
+//! Turning raw stack addresses into frame names with blazesym: kernel frames
+//! from kallsyms, user frames from the ELF files by file offset (computed
+//! from the process snapshots in [`crate::procmaps`], so a process that is
+//! gone still symbolizes), with inlined functions and demangled names.
+//!
+//! Frame naming follows the folded-stack conventions: kernel frames end in
+//! `_[k]`, inlined ones in `_[i]`, and a frame that cannot be named shows its
+//! module and offset (`[libfoo.so+0x1a2b]`), never a blank.
+
+use std::{collections::HashMap, path::Path};
+
+use blazesym::{
+    MaybeDefault,
+    symbolize::{
+        Input, Symbolized, Symbolizer as Blaze,
+        source::{self, Source},
+    },
+};
+
+use crate::procmaps::{Location, Snapshot};
+
+/// Frames of one address, root first (the function, then what is inlined
+/// into it at that address).
+pub type Frames = Vec<String>;
+
+/// Counts of how symbolization went, for the summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SymbolStats {
+    pub user_frames: u64,
+    /// User frames of processes with no snapshot at all: gone before their
+    /// maps could be read.
+    pub user_unmapped: u64,
+    /// User frames outside every mapping of their process: usually a
+    /// frame-pointer walk through code built without frame pointers.
+    pub user_outside: u64,
+    /// User frames in a file, but without a symbol for that offset.
+    pub user_unnamed: u64,
+    pub kernel_frames: u64,
+    pub kernel_unnamed: u64,
+}
+
+/// One long-lived symbolizer: blazesym's caches live as long as it does.
+pub struct Symbolizer {
+    blaze: Blaze,
+    kernel: HashMap<u64, Frames>,
+    files: HashMap<(String, u64), Frames>,
+    pub stats: SymbolStats,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn basename(path: &str) -> &str {
+    Path::new(path)
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or(path)
+}
+
+fn frames_of(sym: &Symbolized<'_>, suffix: &str) -> Option<Frames> {
+    let sym = sym.as_sym()?;
+    let mut frames = vec![format!("{}{suffix}", sym.name)];
+    for f in &sym.inlined {
+        frames.push(format!("{}_[i]", f.name));
+    }
+    Some(frames)
+}
+
+impl Symbolizer {
+    #[must_use]
+    pub fn new() -> Self {
+        let blaze = Blaze::builder()
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            .enable_code_info(true)
+            .build();
+        Self {
+            blaze,
+            kernel: HashMap::new(),
+            files: HashMap::new(),
+            stats: SymbolStats::default(),
+        }
+    }
+
+    /// Symbolizes kernel addresses in one batch; later lookups hit the cache.
+    pub fn prepare_kernel(&mut self, addrs: &[u64]) {
+        let mut todo: Vec<u64> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !self.kernel.contains_key(a))
+            .collect();
+        todo.sort_unstable();
+        todo.dedup();
+        if todo.is_empty() {
+            return;
+        }
+        let src = Source::Kernel(source::Kernel {
+            kallsyms: MaybeDefault::Default,
+            vmlinux: MaybeDefault::None,
+            kaslr_offset: None,
+            debug_syms: false,
+            ..source::Kernel::default()
+        });
+        let syms = self.blaze.symbolize(&src, Input::AbsAddr(&todo));
+        for (i, &addr) in todo.iter().enumerate() {
+            let frames = syms
+                .as_ref()
+                .ok()
+                .and_then(|s| s.get(i))
+                .and_then(|s| frames_of(s, "_[k]"));
+            let frames = frames.unwrap_or_else(|| vec![format!("[kernel+{addr:#x}]")]);
+            self.kernel.insert(addr, frames);
+        }
+    }
+
+    /// The frames of a kernel address (after [`Self::prepare_kernel`]).
+    pub fn kernel_frames(&mut self, addr: u64) -> Frames {
+        if !self.kernel.contains_key(&addr) {
+            self.prepare_kernel(&[addr]);
+        }
+        let f = self.kernel.get(&addr).cloned().unwrap_or_default();
+        self.stats.kernel_frames += 1;
+        if f.first().is_some_and(|n| n.starts_with("[kernel+")) {
+            self.stats.kernel_unnamed += 1;
+        }
+        f
+    }
+
+    /// Symbolizes many `(file, offset)` pairs, batching per file.
+    pub fn prepare_files(&mut self, items: &[(String, u64)]) {
+        let mut by_file: HashMap<&str, Vec<u64>> = HashMap::new();
+        for (path, off) in items {
+            if !self.files.contains_key(&(path.clone(), *off)) {
+                by_file.entry(path).or_default().push(*off);
+            }
+        }
+        for (path, mut offs) in by_file {
+            offs.sort_unstable();
+            offs.dedup();
+            // DWARF first (inlined functions, better names); some files make
+            // blazesym's DWARF reader fail as a whole (seen with Debian's
+            // libc), and then the symbol tables alone still name functions.
+            let src = Source::Elf(source::Elf::new(path));
+            let syms = self
+                .blaze
+                .symbolize(&src, Input::FileOffset(&offs))
+                .or_else(|_| {
+                    let mut elf = source::Elf::new(path);
+                    elf.debug_syms = false;
+                    self.blaze.symbolize(&Source::Elf(elf), Input::FileOffset(&offs))
+                });
+            for (i, &off) in offs.iter().enumerate() {
+                let frames = syms
+                    .as_ref()
+                    .ok()
+                    .and_then(|s| s.get(i))
+                    .and_then(|s| frames_of(s, ""));
+                let frames = frames.unwrap_or_else(|| vec![format!("[{}+{off:#x}]", basename(path))]);
+                self.files.insert((path.to_owned(), off), frames);
+            }
+        }
+    }
+
+    /// The frames of a user address, trying the process's snapshots from
+    /// newest to oldest (an exec changes the address space).
+    pub fn user_frames(&mut self, snapshots: &[&Snapshot], addr: u64) -> Frames {
+        self.stats.user_frames += 1;
+        let Some(loc) = snapshots.iter().rev().find_map(|s| s.locate(addr)) else {
+            if snapshots.is_empty() {
+                self.stats.user_unmapped += 1;
+            } else {
+                self.stats.user_outside += 1;
+            }
+            return vec!["[unknown]".to_owned()];
+        };
+        match loc {
+            Location::File { path, offset } => {
+                let key = (path.to_owned(), offset);
+                if !self.files.contains_key(&key) {
+                    self.prepare_files(std::slice::from_ref(&key));
+                }
+                let f = self.files.get(&key).cloned().unwrap_or_default();
+                if f.first().is_some_and(|n| n.starts_with('[')) {
+                    self.stats.user_unnamed += 1;
+                }
+                f
+            }
+            Location::Pseudo { name, offset } => {
+                vec![format!("[{}+{offset:#x}]", name.trim_matches(['[', ']']))]
+            }
+        }
+    }
+
+    /// The `(file, offset)` of a user address, for batching.
+    #[must_use]
+    pub fn file_offset(snapshots: &[&Snapshot], addr: u64) -> Option<(String, u64)> {
+        match snapshots.iter().rev().find_map(|s| s.locate(addr))? {
+            Location::File { path, offset } => Some((path.to_owned(), offset)),
+            Location::Pseudo { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    #[unsafe(no_mangle)]
+    pub extern "C" fn hvprof_symbolize_test_target() -> u64 {
+        std::hint::black_box(42)
+    }
+
+    #[test]
+    fn names_a_function_of_this_binary_by_file_offset() {
+        let snap = Snapshot::take(std::process::id()).unwrap();
+        let mut s = Symbolizer::new();
+        let addr = hvprof_symbolize_test_target as extern "C" fn() -> u64 as usize as u64;
+        let frames = s.user_frames(&[&snap], addr);
+        assert_eq!(frames, ["hvprof_symbolize_test_target"]);
+        // The same address in no snapshot: unknown, counted.
+        assert_eq!(s.user_frames(&[], addr), ["[unknown]"]);
+        assert_eq!(s.stats.user_unmapped, 1);
+    }
+
+    #[test]
+    fn unknown_offsets_show_module_and_offset() {
+        let exe = std::env::current_exe().unwrap();
+        let path = exe.to_str().unwrap().to_owned();
+        let mut s = Symbolizer::new();
+        // Offset 0 is the ELF header: no function there.
+        s.prepare_files(&[(path.clone(), 0)]);
+        let snap = Snapshot {
+            mappings: vec![crate::procmaps::Mapping {
+                start: 0x1000,
+                end: 0x2000,
+                offset: 0,
+                path: path.clone(),
+            }],
+        };
+        let f = s.user_frames(&[&snap], 0x1000);
+        assert!(f[0].starts_with('[') && f[0].ends_with("+0x0]"), "{f:?}");
+    }
+}

@@ -1,0 +1,231 @@
+//! Windows keyed to the Nth VM created: parsing `--window-size K` and
+//! `--windows 1-10,101-110`, and naming the windows. The kernel side computes
+//! the window of each event with `profiler_common::record::window_of`'s rule.
+
+use std::fmt;
+
+use profiler_common::record::{MAX_WINDOW_RANGES, SETUP_WINDOW, WindowMode, WindowRange, window_of};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// How VM ordinals are cut into windows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowSpec {
+    /// VMs 1–K, K+1–2K, …
+    Every { size: u32 },
+    /// Explicit, disjoint, increasing ranges.
+    Ranges { ranges: Vec<(u32, u32)> },
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WindowSpecError {
+    #[error("--window-size must be at least 1")]
+    ZeroSize,
+    #[error("--windows {text:?}: {why}; write ranges of VM ordinals like 1-10,101-110 (or a single ordinal like 5)")]
+    Bad { text: String, why: String },
+}
+
+impl WindowSpec {
+    /// Parses `--windows` (`1-10,101-110,201`).
+    pub fn parse_ranges(text: &str) -> Result<Self, WindowSpecError> {
+        let bad = |why: String| WindowSpecError::Bad {
+            text: text.to_owned(),
+            why,
+        };
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            if part.is_empty() {
+                return Err(bad("empty range".to_owned()));
+            }
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let parse = |s: &str| {
+                s.trim()
+                    .parse::<u32>()
+                    .map_err(|_| bad(format!("{s:?} is not a VM ordinal")))
+            };
+            let (a, b) = (parse(a)?, parse(b)?);
+            if a == 0 {
+                return Err(bad("VM ordinals start at 1 (window 0 is the setup before the first VM)".to_owned()));
+            }
+            if a > b {
+                return Err(bad(format!("{a}-{b} runs backwards")));
+            }
+            if let Some(&(_, last)) = ranges.last()
+                && a <= last
+            {
+                return Err(bad(format!("{a}-{b} overlaps or precedes the range before it")));
+            }
+            ranges.push((a, b));
+        }
+        if ranges.len() > MAX_WINDOW_RANGES as usize {
+            return Err(bad(format!("at most {MAX_WINDOW_RANGES} ranges")));
+        }
+        Ok(Self::Ranges { ranges })
+    }
+
+    pub fn every(size: u32) -> Result<Self, WindowSpecError> {
+        if size == 0 {
+            Err(WindowSpecError::ZeroSize)
+        } else {
+            Ok(Self::Every { size })
+        }
+    }
+
+    #[must_use]
+    pub fn mode(&self) -> WindowMode {
+        match self {
+            Self::Every { .. } => WindowMode::Every,
+            Self::Ranges { .. } => WindowMode::Ranges,
+        }
+    }
+
+    #[must_use]
+    pub fn kernel_ranges(&self) -> Vec<WindowRange> {
+        match self {
+            Self::Every { .. } => Vec::new(),
+            Self::Ranges { ranges } => ranges
+                .iter()
+                .map(|&(first, last)| WindowRange { first, last })
+                .collect(),
+        }
+    }
+
+    /// The window of the `vms`-th VM (same rule as the kernel).
+    #[must_use]
+    pub fn window_of(&self, vms: u64) -> Option<u32> {
+        let size = match self {
+            Self::Every { size } => *size,
+            Self::Ranges { .. } => 0,
+        };
+        window_of(self.mode() as u32, size, vms, &self.kernel_ranges())
+    }
+
+    /// The windows a recording that created `vms_created` VMs has: the
+    /// setup window, then every window up to the last VM (with `Every`), or
+    /// every explicit range.
+    #[must_use]
+    pub fn windows(&self, vms_created: u64) -> Vec<WindowInfo> {
+        let mut out = vec![WindowInfo {
+            id: SETUP_WINDOW,
+            first_vm: None,
+            last_vm: None,
+        }];
+        match self {
+            Self::Every { size } => {
+                let last = self.window_of(vms_created).unwrap_or(0);
+                for w in 1..=last {
+                    let first = u64::from(w - 1) * u64::from(*size) + 1;
+                    out.push(WindowInfo {
+                        id: w,
+                        first_vm: Some(first),
+                        last_vm: Some(first + u64::from(*size) - 1),
+                    });
+                }
+            }
+            Self::Ranges { ranges } => {
+                for (i, &(a, b)) in ranges.iter().enumerate() {
+                    out.push(WindowInfo {
+                        id: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                        first_vm: Some(u64::from(a)),
+                        last_vm: Some(u64::from(b)),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for WindowSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Every { size } => write!(f, "every {size} VMs"),
+            Self::Ranges { ranges } => {
+                let parts: Vec<String> = ranges
+                    .iter()
+                    .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+                    .collect();
+                write!(f, "VMs {}", parts.join(","))
+            }
+        }
+    }
+}
+
+/// One window of a recording.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowInfo {
+    pub id: u32,
+    /// `None` for the setup window.
+    pub first_vm: Option<u64>,
+    pub last_vm: Option<u64>,
+}
+
+impl WindowInfo {
+    /// `setup (before VM 1)` or `VMs 11–20`.
+    #[must_use]
+    pub fn label(&self) -> String {
+        match (self.first_vm, self.last_vm) {
+            (Some(a), Some(b)) if a == b => format!("VM {a}"),
+            (Some(a), Some(b)) => format!("VMs {a}\u{2013}{b}"),
+            _ => "setup (before VM 1)".to_owned(),
+        }
+    }
+
+    /// A directory name: `w00-setup`, `w02-vms-11-20`.
+    #[must_use]
+    pub fn dir_name(&self) -> String {
+        match (self.first_vm, self.last_vm) {
+            (Some(a), Some(b)) => format!("w{:02}-vms-{a}-{b}", self.id),
+            _ => format!("w{:02}-setup", self.id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ranges() {
+        let s = WindowSpec::parse_ranges("1-10, 101-110,201-210,300").unwrap();
+        assert_eq!(
+            s,
+            WindowSpec::Ranges {
+                ranges: vec![(1, 10), (101, 110), (201, 210), (300, 300)]
+            }
+        );
+        assert_eq!(s.to_string(), "VMs 1-10,101-110,201-210,300");
+        assert_eq!(s.window_of(0), Some(0));
+        assert_eq!(s.window_of(5), Some(1));
+        assert_eq!(s.window_of(50), None);
+        assert_eq!(s.window_of(300), Some(4));
+    }
+
+    #[test]
+    fn rejects_bad_ranges() {
+        for bad in ["", "0-3", "5-3", "1-10,5-20", "a-b", "1-10,,20", "10,3"] {
+            let e = WindowSpec::parse_ranges(bad).unwrap_err();
+            assert!(e.to_string().contains("write ranges"), "{bad}: {e}");
+        }
+        let many: Vec<String> = (1..=65).map(|i| (i * 2).to_string()).collect();
+        assert!(WindowSpec::parse_ranges(&many.join(",")).is_err());
+        assert_eq!(WindowSpec::every(0), Err(WindowSpecError::ZeroSize));
+    }
+
+    #[test]
+    fn lists_windows_and_labels() {
+        let s = WindowSpec::every(4).unwrap();
+        let w = s.windows(10);
+        assert_eq!(w.len(), 4);
+        assert_eq!(w[0].label(), "setup (before VM 1)");
+        assert_eq!(w[0].dir_name(), "w00-setup");
+        assert_eq!(w[1].label(), "VMs 1\u{2013}4");
+        assert_eq!(w[3].dir_name(), "w03-vms-9-12");
+        assert_eq!(s.windows(0).len(), 1);
+        let r = WindowSpec::parse_ranges("2-3,7").unwrap();
+        let w = r.windows(1);
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[2].label(), "VM 7");
+    }
+}
