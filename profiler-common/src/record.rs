@@ -14,6 +14,11 @@ pub const COMM_LEN: usize = 16;
 /// The deepest stack the stack map keeps (the kernel's `PERF_MAX_STACK_DEPTH`).
 pub const MAX_STACK_DEPTH: usize = 127;
 
+/// A stack id with this bit set lives in `STACKS_OVERFLOW`: stacks whose
+/// bucket in `STACKS` is taken by another stack go there, so that a hash
+/// collision costs a second lookup instead of the stack.
+pub const OVERFLOW_STACK_BIT: i32 = 1 << 30;
+
 /// At most this many explicit `--windows` ranges.
 pub const MAX_WINDOW_RANGES: u32 = 64;
 
@@ -26,6 +31,7 @@ pub mod names {
     pub const OFFCPU_TIMES: &str = "OFFCPU_TIMES";
     pub const OFFCPU_START: &str = "OFFCPU_START";
     pub const STACKS: &str = "STACKS";
+    pub const STACKS_OVERFLOW: &str = "STACKS_OVERFLOW";
     pub const EVENTS: &str = "EVENTS";
     pub const TRACKED: &str = "TRACKED";
     pub const WINDOW_RANGES: &str = "WINDOW_RANGES";
@@ -81,7 +87,7 @@ pub struct TracepointOffsets {
     pub fork_child_pid: u32,
     pub ioctl_enter_cmd: u32,
     pub ioctl_exit_ret: u32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// Read-only configuration, set by userspace before load.
@@ -113,7 +119,7 @@ pub struct Config {
     /// bytes) starts tracking that process.
     pub target_comm: [u8; COMM_LEN],
     pub target_comm_len: u32,
-    pub _pad: u32,
+    pub pad: u32,
     /// `--min-block`, in ns.
     pub min_block_ns: u64,
     /// `--max-block`, in ns.
@@ -138,7 +144,7 @@ impl Config {
             vm_exec_comm: [0; COMM_LEN],
             target_comm: [0; COMM_LEN],
             target_comm_len: 0,
-            _pad: 0,
+            pad: 0,
             min_block_ns: 0,
             max_block_ns: u64::MAX,
             offsets: TracepointOffsets {
@@ -151,7 +157,7 @@ impl Config {
                 fork_child_pid: 0,
                 ioctl_enter_cmd: 0,
                 ioctl_exit_ret: 0,
-                _pad: 0,
+                pad: 0,
             },
         }
     }
@@ -166,15 +172,19 @@ pub struct WindowRange {
 }
 
 /// The window a VM count falls in, or `None` when it is outside every
-/// window (then nothing is recorded). Shared by the programs and by tests.
-#[inline(always)]
+/// window (then nothing is recorded). The programs apply the same rule to
+/// the `WINDOW_RANGES` map.
 #[must_use]
 pub fn window_of(mode: u32, window_size: u32, vms: u64, ranges: &[WindowRange]) -> Option<u32> {
     if vms == 0 {
         return Some(SETUP_WINDOW);
     }
     if mode == WindowMode::Every as u32 {
-        let k = if window_size == 0 { 1 } else { u64::from(window_size) };
+        let k = if window_size == 0 {
+            1
+        } else {
+            u64::from(window_size)
+        };
         let w = (vms - 1) / k + 1;
         return u32::try_from(w).ok();
     }
@@ -182,7 +192,7 @@ pub fn window_of(mode: u32, window_size: u32, vms: u64, ranges: &[WindowRange]) 
     while i < ranges.len() {
         let r = ranges[i];
         if vms >= u64::from(r.first) && vms <= u64::from(r.last) {
-            return Some(i as u32 + 1);
+            return u32::try_from(i + 1).ok();
         }
         i += 1;
     }
@@ -196,10 +206,11 @@ pub struct SampleKey {
     pub window: u32,
     pub tgid: u32,
     pub pid: u32,
-    /// Stack id in `STACKS`, or a negative errno (no kernel stack: -EFAULT).
+    /// Stack id in `STACKS` (or in `STACKS_OVERFLOW`, with
+    /// [`OVERFLOW_STACK_BIT`]), or a negative errno (no kernel stack: -EFAULT).
     pub kern_stack: i32,
     pub user_stack: i32,
-    pub _pad: u32,
+    pub pad: u32,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -283,7 +294,7 @@ pub struct Event {
     pub ordinal: u64,
     /// The window the event falls in (`u32::MAX`: outside every window).
     pub window: u32,
-    pub _pad: u32,
+    pub pad: u32,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -291,7 +302,7 @@ pub struct Event {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Loss {
-    /// `bpf_get_stackid` → -EEXIST for a kernel stack (stack map bucket taken).
+    /// `bpf_get_stackid` → -EEXIST for a kernel stack in both stack maps.
     KernStackCollision = 0,
     UserStackCollision = 1,
     /// A kernel stack could not be taken for another reason (not -EFAULT).
@@ -371,8 +382,14 @@ mod tests {
     fn window_ranges() {
         let r = [
             WindowRange { first: 1, last: 10 },
-            WindowRange { first: 101, last: 110 },
-            WindowRange { first: 201, last: 210 },
+            WindowRange {
+                first: 101,
+                last: 110,
+            },
+            WindowRange {
+                first: 201,
+                last: 210,
+            },
         ];
         let w = |n| window_of(WindowMode::Ranges as u32, 0, n, &r);
         assert_eq!(w(0), Some(0));

@@ -14,13 +14,19 @@ use aya_ebpf::{
 };
 use profiler_common::record::{
     COMM_LEN, Config, Event, EventKind, KVM_CREATE_VM, Loss, LossKey, MAX_WINDOW_RANGES,
-    OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, SampleKey, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
-    WindowMode, WindowRange,
+    OVERFLOW_STACK_BIT, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, SampleKey, TargetMode,
+    VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode, WindowRange,
 };
 
 const EEXIST: i32 = 17;
 const EFAULT: i32 = 14;
 const ENOMEM: i32 = 12;
+/// Stands for "no user space: the task is exiting" in a user stack id.
+const ESRCH: i32 = 3;
+
+/// `prev_state` bits of `sched_switch` for an exiting task (`X`, `Z`).
+const TASK_REPORT_DEAD: u32 = 0x10;
+const TASK_REPORT_ZOMBIE: u32 = 0x20;
 
 /// Set by userspace before load.
 #[unsafe(no_mangle)]
@@ -48,6 +54,8 @@ static OFFCPU_START: HashMap<u32, OffCpuStart> = HashMap::with_max_entries(65536
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(32768, 0);
 #[map]
+static STACKS_OVERFLOW: StackTrace = StackTrace::with_max_entries(16384, 0);
+#[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 /// Tracked thread groups (and the tids of followed children, which for a
 /// new process is its tgid).
@@ -59,6 +67,10 @@ static WINDOW_RANGES: Array<WindowRange> = Array::with_max_entries(MAX_WINDOW_RA
 static VM_STATE: Array<VmState> = Array::with_max_entries(1, 0);
 #[map]
 static LOSSES: PerCpuHashMap<LossKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+/// Tracked tasks past `sched_process_exit`: their address space is gone, so
+/// a missing user stack is expected, not a loss.
+#[map]
+static EXITING: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 /// Threads inside a `KVM_CREATE_VM` ioctl.
 #[map]
 static PENDING_CREATE: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
@@ -68,7 +80,11 @@ static PENDING_CREATE: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 #[inline(always)]
 fn add_atomic(dst: *mut u64, v: u64) {
     // SAFETY: dst points into a map value, valid for the program's run.
-    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(dst, v) };
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            dst, v,
+        )
+    };
 }
 
 #[inline(always)]
@@ -146,11 +162,25 @@ fn comm() -> [u8; COMM_LEN] {
     bpf_get_current_comm().unwrap_or([0; COMM_LEN])
 }
 
+/// A stack id: from `STACKS`, or, when that bucket holds another stack
+/// (-EEXIST), from `STACKS_OVERFLOW` with [`OVERFLOW_STACK_BIT`].
+#[inline(always)]
+fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> Result<i32, i32> {
+    match ctx.get_stackid(&STACKS, flags) {
+        Ok(id) => Ok(id as i32),
+        Err(e) if -e == EEXIST => match ctx.get_stackid(&STACKS_OVERFLOW, flags) {
+            Ok(id) => Ok(id as i32 | OVERFLOW_STACK_BIT),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
 /// Kernel and user stack ids of the current task, counting what is lost.
 #[inline(always)]
 fn stacks<C: StackIdContext>(ctx: &C, window: u32) -> (i32, i32) {
-    let kern = match ctx.get_stackid(&STACKS, 0) {
-        Ok(id) => id as i32,
+    let kern = match stack_id(ctx, 0) {
+        Ok(id) => id,
         Err(e) => {
             // -EFAULT: no kernel stack (the task was in user mode).
             match -e {
@@ -162,20 +192,28 @@ fn stacks<C: StackIdContext>(ctx: &C, window: u32) -> (i32, i32) {
             e
         }
     };
-    let user = match ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) {
-        Ok(id) => id as i32,
+    let user = match stack_id(ctx, u64::from(BPF_F_USER_STACK)) {
+        Ok(id) => id,
         Err(e) => {
             match -e {
                 EEXIST => lose(window, Loss::UserStackCollision),
                 ENOMEM => lose(window, Loss::StackMapFull),
                 // With -a, kernel threads have no user stack: not a loss.
                 EFAULT if config!(target_mode) == TargetMode::All as u32 => {}
+                EFAULT if is_exiting() => return (kern, -ESRCH),
                 _ => lose(window, Loss::UserStackMissing),
             }
             e
         }
     };
     (kern, user)
+}
+
+#[inline(always)]
+fn is_exiting() -> bool {
+    let pid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: only presence is tested.
+    unsafe { EXITING.get(&pid) }.is_some()
 }
 
 #[inline(always)]
@@ -205,12 +243,15 @@ pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
         pid,
         kern_stack,
         user_stack,
-        _pad: 0,
+        pad: 0,
         comm: comm(),
     };
     if let Some(count) = ONCPU_COUNTS.get_ptr_mut(&key) {
         add_atomic(count, 1);
-    } else if ONCPU_COUNTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
+    } else if ONCPU_COUNTS
+        .insert(&key, &1, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         // Either another CPU inserted it first, or the map is full.
         if let Some(count) = ONCPU_COUNTS.get_ptr_mut(&key) {
             add_atomic(count, 1);
@@ -238,6 +279,12 @@ pub fn offcpu_sched_switch(ctx: TracePointContext) -> u32 {
         } else {
             read::<i32>(&ctx, config!(offsets.switch_prev_state)).unwrap_or(0) as u32
         };
+        // A task switching out for the last time (exit: X or Z) never
+        // comes back; it is not blocked.
+        if state & (TASK_REPORT_DEAD | TASK_REPORT_ZOMBIE) != 0 {
+            let _ = EXITING.remove(&pid);
+            return switch_in(&ctx, now);
+        }
         let (kern_stack, user_stack) = stacks(&ctx, window);
         let start = OffCpuStart {
             key: OffCpuKey {
@@ -257,7 +304,13 @@ pub fn offcpu_sched_switch(ctx: TracePointContext) -> u32 {
         }
     }
 
-    let Some(next) = read::<i32>(&ctx, config!(offsets.switch_next_pid)) else {
+    switch_in(&ctx, now)
+}
+
+/// The task switching in: if it was blocked, charge its block.
+#[inline(always)]
+fn switch_in(ctx: &TracePointContext, now: u64) -> u32 {
+    let Some(next) = read::<i32>(ctx, config!(offsets.switch_next_pid)) else {
         return 0;
     };
     let next = next as u32;
@@ -330,7 +383,7 @@ fn emit(kind: EventKind, tgid: u32, pid: u32, child: u32, ordinal: u64, window: 
         ts_ns: now(),
         ordinal,
         window: window.unwrap_or(u32::MAX),
-        _pad: 0,
+        pad: 0,
         comm: comm(),
     };
     if EVENTS.output(&event, 0).is_err() {
@@ -363,7 +416,11 @@ pub fn task_fork(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn comm_matches(comm: &[u8; COMM_LEN], pattern: &[u8; COMM_LEN], len: u32, prefix: bool) -> bool {
-    let len = if len as usize > COMM_LEN { COMM_LEN } else { len as usize };
+    let len = if len as usize > COMM_LEN {
+        COMM_LEN
+    } else {
+        len as usize
+    };
     let mut i = 0;
     while i < COMM_LEN {
         if i >= len {
@@ -389,7 +446,12 @@ pub fn task_exec(_ctx: TracePointContext) -> u32 {
     let comm = comm();
     if config!(target_comm_len) != 0
         && config!(target_mode) == TargetMode::Tracked as u32
-        && comm_matches(&comm, &config!(target_comm), config!(target_comm_len), false)
+        && comm_matches(
+            &comm,
+            &config!(target_comm),
+            config!(target_comm_len),
+            false,
+        )
         && TRACKED.insert(&tgid, &tgid, 0).is_err()
     {
         lose(current_window().unwrap_or(u32::MAX), Loss::TrackedFull);
@@ -418,6 +480,7 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = OFFCPU_START.remove(&pid);
+    let _ = EXITING.insert(&pid, &1, 0);
     if pid == tgid {
         emit(EventKind::Exit, tgid, pid, 0, 0, current_window());
     }
@@ -443,7 +506,14 @@ fn vm_created(tgid: u32, pid: u32, source: u32) {
         add_atomic(&raw mut (*state).created, 1);
         core::ptr::read_volatile(&raw const (*state).created)
     };
-    emit(EventKind::VmCreated, tgid, pid, source, created, window_for(created));
+    emit(
+        EventKind::VmCreated,
+        tgid,
+        pid,
+        source,
+        created,
+        window_for(created),
+    );
 }
 
 #[tracepoint]

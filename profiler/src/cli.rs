@@ -21,13 +21,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ns" => 1.0,
         "m" | "min" => 60e9,
         "h" => 3600e9,
-        other => return Err(format!("unknown unit {other:?} in {text:?} (use ns, us, ms, s, m, h)")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use ns, us, ms, s, m, h)"
+            ));
+        }
     };
     let ns = value * scale;
     if !ns.is_finite() || ns < 0.0 || ns > 1.8e19 {
         return Err(format!("{text:?} is out of range"));
     }
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "range checked above")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "range checked above"
+    )]
     Ok(Duration::from_nanos(ns as u64))
 }
 

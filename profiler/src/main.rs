@@ -56,8 +56,8 @@ Off-CPU time is charged to the window in which the block STARTED, with the stack
 blocked in.")]
 struct RecordArgs {
     /// Record these processes (comma-separated pids).
-    #[arg(short = 'p', long = "pid", value_name = "PID[,PID]", value_parser = parse_pids, group = "target")]
-    pids: Option<Vec<u32>>,
+    #[arg(short = 'p', long = "pid", value_name = "PID[,PID]", group = "target")]
+    pids: Option<String>,
     /// Record processes whose comm is NAME, running now or exec'd later.
     #[arg(long, value_name = "NAME", group = "target")]
     comm: Option<String>,
@@ -94,6 +94,10 @@ struct RecordArgs {
     /// Output directory.
     #[arg(short, long, default_value = "hvprof-out")]
     output: PathBuf,
+    /// Measure each eBPF program's cost (kernel BPF statistics: runs and
+    /// run time) and put it in the summary.
+    #[arg(long)]
+    bpf_stats: bool,
     /// Run this command and record it (and its children).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -141,7 +145,13 @@ fn check(json: bool) -> ExitCode {
 }
 
 fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
-    let target = match (args.pids, args.comm, args.all, args.command.is_empty()) {
+    let pids = args
+        .pids
+        .as_deref()
+        .map(parse_pids)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("-p: {e}"))?;
+    let target = match (pids, args.comm, args.all, args.command.is_empty()) {
         (Some(p), None, false, true) => Target::Pids(p),
         (None, Some(c), false, true) => Target::Comm(c),
         (None, None, true, true) => Target::All,
@@ -161,7 +171,10 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         args.frequency
     );
     let max_block = args.max_block.unwrap_or(Duration::from_nanos(u64::MAX));
-    anyhow::ensure!(args.min_block <= max_block, "--min-block is larger than --max-block");
+    anyhow::ensure!(
+        args.min_block <= max_block,
+        "--min-block is larger than --max-block"
+    );
     let mut vm_events = args.vm_events;
     if vm_events.is_empty() {
         vm_events.push(VmEvent::Kvm);
@@ -177,6 +190,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         duration: args.duration,
         output: args.output,
         command_line: std::env::args().collect(),
+        bpf_stats: args.bpf_stats,
     };
     let outcome = record::record(opts)?;
     print!("{}", outcome.summary.to_text());

@@ -63,7 +63,11 @@ impl Snapshot {
                     start: u64::from_str_radix(start, 16).ok()?,
                     end: u64::from_str_radix(end, 16).ok()?,
                     offset: u64::from_str_radix(offset, 16).ok()?,
-                    path: if path.is_empty() { "[anon]".to_owned() } else { path.to_owned() },
+                    path: if path.is_empty() {
+                        "[anon]".to_owned()
+                    } else {
+                        path.to_owned()
+                    },
                 })
             })
             .collect();
@@ -73,7 +77,10 @@ impl Snapshot {
     /// The mapping containing `addr`.
     #[must_use]
     pub fn locate(&self, addr: u64) -> Option<Location<'_>> {
-        let m = self.mappings.iter().find(|m| m.start <= addr && addr < m.end)?;
+        let m = self
+            .mappings
+            .iter()
+            .find(|m| m.start <= addr && addr < m.end)?;
         let offset = addr - m.start + m.offset;
         if m.path.starts_with('/') {
             // "(deleted)": the file was replaced (an upgrade during the run);
@@ -136,6 +143,16 @@ pub fn qemu_vm_name(cmdline: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// Whether a process is alive: it exists and is not a zombie.
+#[must_use]
+pub fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 /// The path of a pid's executable, if it is alive.
@@ -203,9 +220,13 @@ mod tests {
 
     #[test]
     fn qemu_names() {
-        let libvirt = "/usr/bin/qemu-system-x86_64 -name guest=vm-17,debug-threads=on -S -machine pc";
+        let libvirt =
+            "/usr/bin/qemu-system-x86_64 -name guest=vm-17,debug-threads=on -S -machine pc";
         assert_eq!(qemu_vm_name(libvirt).as_deref(), Some("vm-17"));
-        assert_eq!(qemu_vm_name("qemu -name plain -m 16").as_deref(), Some("plain"));
+        assert_eq!(
+            qemu_vm_name("qemu -name plain -m 16").as_deref(),
+            Some("plain")
+        );
         assert_eq!(qemu_vm_name("qemu -m 16"), None);
         assert_eq!(qemu_vm_name("qemu -name"), None);
     }

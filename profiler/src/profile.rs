@@ -29,11 +29,17 @@ pub enum ProfileError {
     Read { path: PathBuf, source: io::Error },
     #[error("cannot write profile {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
-    #[error("{path} is not an hvprof profile (it does not start with the hvprof magic); pass the profile.hvprof written by `hvprof record`")]
+    #[error(
+        "{path} is not an hvprof profile (it does not start with the hvprof magic); pass the profile.hvprof written by `hvprof record`"
+    )]
     Foreign { path: PathBuf },
-    #[error("{path} is a profile of format version {found}, this hvprof reads version {FORMAT_VERSION}; use the hvprof that recorded it, or record again")]
+    #[error(
+        "{path} is a profile of format version {found}, this hvprof reads version {FORMAT_VERSION}; use the hvprof that recorded it, or record again"
+    )]
     Version { path: PathBuf, found: u32 },
-    #[error("{path} is truncated or corrupt ({why}); it cannot be read — record again, or re-copy the file")]
+    #[error(
+        "{path} is truncated or corrupt ({why}); it cannot be read — record again, or re-copy the file"
+    )]
     Corrupt { path: PathBuf, why: String },
 }
 
@@ -41,7 +47,17 @@ pub enum ProfileError {
 /// [`Profile::frames`], root first.
 pub type Stack = Vec<u32>;
 
+/// What one eBPF program cost, from the kernel's BPF statistics
+/// (`record --bpf-stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramStat {
+    pub program: String,
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Meta {
     pub hvprof_version: String,
     pub hostname: String,
@@ -64,6 +80,8 @@ pub struct Meta {
     /// Why the recording stopped: `duration`, `SIGINT`, `target exited`, …
     pub stop_reason: String,
     pub tracers: Vec<String>,
+    /// Per-program eBPF cost, when recorded with `--bpf-stats`.
+    pub program_stats: Vec<ProgramStat>,
 }
 
 /// One VM creation.
@@ -240,9 +258,11 @@ impl Profile {
 
     /// The names of a stack's frames, root first.
     pub fn frame_names<'a>(&'a self, stack: &'a [u32]) -> impl Iterator<Item = &'a str> + 'a {
-        stack
-            .iter()
-            .map(|&i| self.frames.get(i as usize).map_or("[bad frame]", String::as_str))
+        stack.iter().map(|&i| {
+            self.frames
+                .get(i as usize)
+                .map_or("[bad frame]", String::as_str)
+        })
     }
 }
 
@@ -295,12 +315,17 @@ mod tests {
         p.write(&path).unwrap();
         let q = Profile::read(&path).unwrap();
         assert_eq!(p, q);
-        assert_eq!(q.frame_names(&q.oncpu[0].stack).collect::<Vec<_>>(), ["main", "vmload_busy"]);
+        assert_eq!(
+            q.frame_names(&q.oncpu[0].stack).collect::<Vec<_>>(),
+            ["main", "vmload_busy"]
+        );
 
         // Truncated: every prefix is rejected with a clear error, not a panic.
         let bytes = std::fs::read(&path).unwrap();
         for cut in [0, 4, 8, 11, 12, 20, bytes.len() / 2, bytes.len() - 1] {
-            let err = Profile::from_reader(&bytes[..cut], &path).unwrap_err().to_string();
+            let err = Profile::from_reader(&bytes[..cut], &path)
+                .unwrap_err()
+                .to_string();
             assert!(
                 err.contains("not an hvprof profile") || err.contains("truncated or corrupt"),
                 "cut {cut}: {err}"

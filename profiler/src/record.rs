@@ -22,8 +22,8 @@ use aya::{
     },
 };
 use profiler_common::record::{
-    COMM_LEN, Config, Event, EventKind, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue,
-    SampleKey, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, names,
+    COMM_LEN, Config, Event, EventKind, Loss, LossKey, OVERFLOW_STACK_BIT, OffCpuKey, OffCpuStart,
+    OffCpuValue, SampleKey, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, names,
 };
 use thiserror::Error;
 
@@ -95,13 +95,17 @@ impl VmEvent {
             return Ok(Self::Kvm);
         }
         let Some(pattern) = text.strip_prefix("exec:") else {
-            return Err(err("expected `kvm` or `exec:PATTERN` (e.g. exec:qemu-system-*)"));
+            return Err(err(
+                "expected `kvm` or `exec:PATTERN` (e.g. exec:qemu-system-*)",
+            ));
         };
         if pattern.is_empty() || pattern == "*" {
             return Err(err("the pattern is empty"));
         }
         if pattern[..pattern.len() - 1].contains(['*', '?', '[']) {
-            return Err(err("only a trailing `*` is supported (the pattern is matched against the 15-character comm in the kernel)"));
+            return Err(err(
+                "only a trailing `*` is supported (the pattern is matched against the 15-character comm in the kernel)",
+            ));
         }
         Ok(Self::Exec {
             pattern: pattern.to_owned(),
@@ -150,11 +154,16 @@ pub struct RecordOptions {
     pub duration: Option<Duration>,
     pub output: PathBuf,
     pub command_line: Vec<String>,
+    /// Turn on the kernel's BPF run-time statistics and keep each program's
+    /// cost in the profile.
+    pub bpf_stats: bool,
 }
 
 #[derive(Debug, Error)]
 pub enum RecordError {
-    #[error("recording needs root or CAP_BPF + CAP_PERFMON; run `sudo hvprof record …` (`hvprof check` shows what is missing)")]
+    #[error(
+        "recording needs root or CAP_BPF + CAP_PERFMON; run `sudo hvprof record …` (`hvprof check` shows what is missing)"
+    )]
     Privileges,
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
@@ -222,7 +231,7 @@ pub fn task_state_name(state: u32) -> &'static str {
     if state == 0 || state & 0x100 != 0 {
         return "R";
     }
-    match state & state.wrapping_neg() {
+    match state.isolate_lowest_one() {
         0x01 => "S",
         0x02 => "D",
         0x04 => "T",
@@ -268,7 +277,7 @@ fn offsets(tracefs: &Tracefs) -> Result<TracepointOffsets, TracefsError> {
         fork_child_pid: fork.offset("child_pid", &[4])?,
         ioctl_enter_cmd: enter.offset("cmd", &[8])?,
         ioctl_exit_ret: exit.offset("ret", &[8])?,
-        _pad: 0,
+        pad: 0,
     })
 }
 
@@ -372,7 +381,13 @@ impl GatedChild {
         if let Some(w) = self.gate.take() {
             let b = 1u8;
             // SAFETY: w is an open pipe fd; b is one readable byte.
-            unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&w), (&raw const b).cast(), 1) };
+            unsafe {
+                libc::write(
+                    std::os::fd::AsRawFd::as_raw_fd(&w),
+                    (&raw const b).cast(),
+                    1,
+                )
+            };
         }
     }
 
@@ -381,7 +396,8 @@ impl GatedChild {
         if self.status.is_none() {
             let mut status = 0;
             // SAFETY: waiting for our own child, by pid, without blocking.
-            let r = unsafe { libc::waitpid(self.pid.cast_signed(), &raw mut status, libc::WNOHANG) };
+            let r =
+                unsafe { libc::waitpid(self.pid.cast_signed(), &raw mut status, libc::WNOHANG) };
             if r == self.pid.cast_signed() {
                 self.status = Some(std::process::ExitStatus::from_raw(status));
             }
@@ -501,6 +517,8 @@ struct Recorder {
     processes: Processes,
     vms: Vec<(Event, Option<String>)>,
     target_pids: HashSet<u32>,
+    /// Every `-p` target has exited.
+    targets_gone: bool,
     ring_losses: u64,
 }
 
@@ -540,9 +558,20 @@ fn tracepoint(bpf: &mut Ebpf, prog: &'static str, tp: Tracepoint) -> Result<(), 
 }
 
 /// Runs a whole recording.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the recording's steps in order, each short"
+)]
 pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     if !Privileges::current().is_ok_and(|p| p.sufficient()) {
         return Err(RecordError::Privileges);
+    }
+    if let Target::Pids(pids) = &opts.target
+        && let Some(&pid) = pids
+            .iter()
+            .find(|p| !PathBuf::from(format!("/proc/{p}")).exists())
+    {
+        return Err(RecordError::NoSuchPid { pid });
     }
     std::fs::create_dir_all(&opts.output).map_err(|source| RecordError::Output {
         path: opts.output.clone(),
@@ -589,14 +618,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     let mut initial: Vec<u32> = Vec::new();
     let mut gated = None;
     match &opts.target {
-        Target::Pids(pids) => {
-            for &pid in pids {
-                if !PathBuf::from(format!("/proc/{pid}")).exists() {
-                    return Err(RecordError::NoSuchPid { pid });
-                }
-            }
-            initial.extend(pids);
-        }
+        Target::Pids(pids) => initial.extend(pids),
         Target::Comm(name) => {
             let want: String = name.chars().take(COMM_LEN - 1).collect();
             initial.extend(
@@ -617,11 +639,22 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         initial.extend(more);
     }
 
+    // Kept open for the whole recording: statistics are on while it is.
+    let _stats = if opts.bpf_stats {
+        Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .map_err(|e| RecordError::Runtime(e.io_error))?,
+        )
+    } else {
+        None
+    };
     let mut bpf = ebpf::load_with_config(&config)?;
     {
         let mut map: Array<&mut MapData, profiler_common::record::WindowRange> = Array::try_from(
             bpf.map_mut(names::WINDOW_RANGES)
-                .ok_or(RecordError::Missing { name: names::WINDOW_RANGES })?,
+                .ok_or(RecordError::Missing {
+                    name: names::WINDOW_RANGES,
+                })?,
         )
         .map_err(|source| RecordError::Map {
             name: names::WINDOW_RANGES,
@@ -634,19 +667,21 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
                     source,
                 })?;
         }
-        let mut tracked: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(
-            bpf.map_mut(names::TRACKED)
-                .ok_or(RecordError::Missing { name: names::TRACKED })?,
-        )
-        .map_err(|source| RecordError::Map {
-            name: names::TRACKED,
-            source,
-        })?;
-        for &pid in &initial {
-            tracked.insert(&pid, &pid, 0).map_err(|source| RecordError::Map {
+        let mut tracked: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(bpf.map_mut(names::TRACKED).ok_or(RecordError::Missing {
+                name: names::TRACKED,
+            })?)
+            .map_err(|source| RecordError::Map {
                 name: names::TRACKED,
                 source,
             })?;
+        for &pid in &initial {
+            tracked
+                .insert(&pid, &pid, 0)
+                .map_err(|source| RecordError::Map {
+                    name: names::TRACKED,
+                    source,
+                })?;
         }
     }
 
@@ -661,6 +696,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             Target::Pids(p) => p.iter().copied().collect(),
             _ => HashSet::new(),
         },
+        targets_gone: false,
         ring_losses: 0,
         opts,
     };
@@ -675,18 +711,48 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     }
 
     // Attach: task tracking first, so no fork between attaches is missed.
-    tracepoint(&mut bpf, names::PROG_FORK, Tracepoint::new("sched", "sched_process_fork"))?;
-    tracepoint(&mut bpf, names::PROG_EXEC, Tracepoint::new("sched", "sched_process_exec"))?;
-    tracepoint(&mut bpf, names::PROG_EXIT, Tracepoint::new("sched", "sched_process_exit"))?;
-    tracepoint(&mut bpf, names::PROG_IOCTL_ENTER, Tracepoint::new("syscalls", "sys_enter_ioctl"))?;
-    tracepoint(&mut bpf, names::PROG_IOCTL_EXIT, Tracepoint::new("syscalls", "sys_exit_ioctl"))?;
-    tracepoint(&mut bpf, names::PROG_SCHED_WAKEUP, Tracepoint::new("sched", "sched_wakeup"))?;
-    tracepoint(&mut bpf, names::PROG_SCHED_SWITCH, Tracepoint::new("sched", "sched_switch"))?;
+    tracepoint(
+        &mut bpf,
+        names::PROG_FORK,
+        Tracepoint::new("sched", "sched_process_fork"),
+    )?;
+    tracepoint(
+        &mut bpf,
+        names::PROG_EXEC,
+        Tracepoint::new("sched", "sched_process_exec"),
+    )?;
+    tracepoint(
+        &mut bpf,
+        names::PROG_EXIT,
+        Tracepoint::new("sched", "sched_process_exit"),
+    )?;
+    tracepoint(
+        &mut bpf,
+        names::PROG_IOCTL_ENTER,
+        Tracepoint::new("syscalls", "sys_enter_ioctl"),
+    )?;
+    tracepoint(
+        &mut bpf,
+        names::PROG_IOCTL_EXIT,
+        Tracepoint::new("syscalls", "sys_exit_ioctl"),
+    )?;
+    tracepoint(
+        &mut bpf,
+        names::PROG_SCHED_WAKEUP,
+        Tracepoint::new("sched", "sched_wakeup"),
+    )?;
+    tracepoint(
+        &mut bpf,
+        names::PROG_SCHED_SWITCH,
+        Tracepoint::new("sched", "sched_switch"),
+    )?;
     {
         let cpus = sys::online_cpus().map_err(RecordError::Runtime)?;
         let p: &mut PerfEvent = bpf
             .program_mut(names::PROG_ONCPU)
-            .ok_or(RecordError::Missing { name: names::PROG_ONCPU })?
+            .ok_or(RecordError::Missing {
+                name: names::PROG_ONCPU,
+            })?
             .try_into()
             .map_err(attach_err(names::PROG_ONCPU))?;
         p.load().map_err(attach_err(names::PROG_ONCPU))?;
@@ -720,9 +786,15 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         rec.processes.snapshot(t);
     }
     let command_status = gated.as_mut().and_then(GatedChild::end);
+    let program_stats = if rec.opts.bpf_stats {
+        program_stats(&bpf)
+    } else {
+        Vec::new()
+    };
     unload_all(&mut bpf);
     rec.drain_events(&mut bpf);
-    let profile = rec.build_profile(&mut bpf, &stop, stop_ns)?;
+    let mut profile = rec.build_profile(&mut bpf, &stop, stop_ns)?;
+    profile.meta.program_stats = program_stats;
     let profile_path = rec.opts.output.join(profile::FILE_NAME);
     profile.write(&profile_path)?;
     let summary = render::write_all(&profile, &rec.opts.output)?;
@@ -735,6 +807,32 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     })
 }
 
+const PROGRAMS: [&str; 8] = [
+    names::PROG_ONCPU,
+    names::PROG_SCHED_SWITCH,
+    names::PROG_SCHED_WAKEUP,
+    names::PROG_FORK,
+    names::PROG_EXEC,
+    names::PROG_EXIT,
+    names::PROG_IOCTL_ENTER,
+    names::PROG_IOCTL_EXIT,
+];
+
+/// Run counts and run time of every recording program.
+fn program_stats(bpf: &Ebpf) -> Vec<profile::ProgramStat> {
+    PROGRAMS
+        .iter()
+        .filter_map(|&name| {
+            let info = bpf.program(name)?.info().ok()?;
+            Some(profile::ProgramStat {
+                program: name.to_owned(),
+                runs: info.run_count(),
+                run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+            })
+        })
+        .collect()
+}
+
 /// Detaches and unloads every recording program, so the maps hold still.
 fn unload_all(bpf: &mut Ebpf) {
     if let Some(p) = bpf.program_mut(names::PROG_ONCPU)
@@ -742,15 +840,7 @@ fn unload_all(bpf: &mut Ebpf) {
     {
         let _ = p.unload();
     }
-    for name in [
-        names::PROG_SCHED_SWITCH,
-        names::PROG_SCHED_WAKEUP,
-        names::PROG_FORK,
-        names::PROG_EXEC,
-        names::PROG_EXIT,
-        names::PROG_IOCTL_ENTER,
-        names::PROG_IOCTL_EXIT,
-    ] {
+    for name in &PROGRAMS[1..] {
         if let Some(p) = bpf.program_mut(name)
             && let Ok(p) = <&mut TracePoint>::try_from(p)
         {
@@ -760,7 +850,11 @@ fn unload_all(bpf: &mut Ebpf) {
 }
 
 impl Recorder {
-    fn run_loop(&mut self, bpf: &mut Ebpf, mut gated: Option<&mut GatedChild>) -> Result<Stop, RecordError> {
+    fn run_loop(
+        &mut self,
+        bpf: &mut Ebpf,
+        mut gated: Option<&mut GatedChild>,
+    ) -> Result<Stop, RecordError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -789,8 +883,9 @@ impl Recorder {
                         {
                             return Ok(Stop::TargetExited(status.to_string()));
                         }
-                        if !self.target_pids.is_empty()
-                            && self.target_pids.iter().all(|p| !PathBuf::from(format!("/proc/{p}")).exists())
+                        if self.targets_gone
+                            || (!self.target_pids.is_empty()
+                                && self.target_pids.iter().all(|&p| !procmaps::alive(p)))
                         {
                             return Ok(Stop::TargetExited("every target pid is gone".to_owned()));
                         }
@@ -863,6 +958,10 @@ impl Recorder {
                 }
             }
             k if k == EventKind::Exit as u32 => {
+                self.target_pids.remove(&ev.tgid);
+                if self.target_pids.is_empty() && matches!(self.opts.target, Target::Pids(_)) {
+                    self.targets_gone = true;
+                }
                 let comm = comm_str(&ev.comm);
                 let p = self.processes.entry(ev.tgid);
                 p.exit_ns = Some(rel);
@@ -878,45 +977,56 @@ impl Recorder {
         }
     }
 
-    fn build_profile(&mut self, bpf: &mut Ebpf, stop: &Stop, stop_ns: u64) -> Result<Profile, RecordError> {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "drain, then symbolize, then assemble: one pass"
+    )]
+    fn build_profile(
+        &mut self,
+        bpf: &mut Ebpf,
+        stop: &Stop,
+        stop_ns: u64,
+    ) -> Result<Profile, RecordError> {
         let map_err = |name: &'static str| move |source| RecordError::Map { name, source };
         let vm_count = {
-            let a: Array<&MapData, VmState> = Array::try_from(
-                bpf.map(names::VM_STATE)
-                    .ok_or(RecordError::Missing { name: names::VM_STATE })?,
-            )
-            .map_err(map_err(names::VM_STATE))?;
+            let a: Array<&MapData, VmState> =
+                Array::try_from(bpf.map(names::VM_STATE).ok_or(RecordError::Missing {
+                    name: names::VM_STATE,
+                })?)
+                .map_err(map_err(names::VM_STATE))?;
             a.get(&0, 0).map_err(map_err(names::VM_STATE))?.created
         };
 
         let oncpu_raw: Vec<(SampleKey, u64)> = {
-            let m: BpfHashMap<&MapData, SampleKey, u64> = BpfHashMap::try_from(
-                bpf.map(names::ONCPU_COUNTS)
-                    .ok_or(RecordError::Missing { name: names::ONCPU_COUNTS })?,
-            )
-            .map_err(map_err(names::ONCPU_COUNTS))?;
+            let m: BpfHashMap<&MapData, SampleKey, u64> =
+                BpfHashMap::try_from(bpf.map(names::ONCPU_COUNTS).ok_or(RecordError::Missing {
+                    name: names::ONCPU_COUNTS,
+                })?)
+                .map_err(map_err(names::ONCPU_COUNTS))?;
             m.iter().filter_map(Result::ok).collect()
         };
         let mut offcpu_raw: Vec<(OffCpuKey, OffCpuValue)> = {
-            let m: BpfHashMap<&MapData, OffCpuKey, OffCpuValue> = BpfHashMap::try_from(
-                bpf.map(names::OFFCPU_TIMES)
-                    .ok_or(RecordError::Missing { name: names::OFFCPU_TIMES })?,
-            )
-            .map_err(map_err(names::OFFCPU_TIMES))?;
+            let m: BpfHashMap<&MapData, OffCpuKey, OffCpuValue> =
+                BpfHashMap::try_from(bpf.map(names::OFFCPU_TIMES).ok_or(RecordError::Missing {
+                    name: names::OFFCPU_TIMES,
+                })?)
+                .map_err(map_err(names::OFFCPU_TIMES))?;
             m.iter().filter_map(Result::ok).collect()
         };
         // Tasks still blocked when the recording stopped: their block so far.
         {
-            let m: BpfHashMap<&MapData, u32, OffCpuStart> = BpfHashMap::try_from(
-                bpf.map(names::OFFCPU_START)
-                    .ok_or(RecordError::Missing { name: names::OFFCPU_START })?,
-            )
-            .map_err(map_err(names::OFFCPU_START))?;
+            let m: BpfHashMap<&MapData, u32, OffCpuStart> =
+                BpfHashMap::try_from(bpf.map(names::OFFCPU_START).ok_or(RecordError::Missing {
+                    name: names::OFFCPU_START,
+                })?)
+                .map_err(map_err(names::OFFCPU_START))?;
             let min = u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
             let max = u64::try_from(self.opts.max_block.as_nanos()).unwrap_or(u64::MAX);
             for (_, s) in m.iter().filter_map(Result::ok) {
                 let blocked = stop_ns.saturating_sub(s.start_ns);
-                if blocked < min || blocked > max || s.start_ns < self.start_ns {
+                let alive =
+                    PathBuf::from(format!("/proc/{}/task/{}", s.key.tgid, s.key.pid)).exists();
+                if blocked < min || blocked > max || s.start_ns < self.start_ns || !alive {
                     continue;
                 }
                 offcpu_raw.push((
@@ -925,17 +1035,21 @@ impl Recorder {
                         count: 1,
                         total_ns: blocked,
                         max_ns: blocked,
-                        runq_ns: if s.wakeup_ns == 0 { 0 } else { stop_ns.saturating_sub(s.wakeup_ns) },
+                        runq_ns: if s.wakeup_ns == 0 {
+                            0
+                        } else {
+                            stop_ns.saturating_sub(s.wakeup_ns)
+                        },
                     },
                 ));
             }
         }
         let mut losses: Vec<LossCount> = {
-            let m: PerCpuHashMap<&MapData, LossKey, u64> = PerCpuHashMap::try_from(
-                bpf.map(names::LOSSES)
-                    .ok_or(RecordError::Missing { name: names::LOSSES })?,
-            )
-            .map_err(map_err(names::LOSSES))?;
+            let m: PerCpuHashMap<&MapData, LossKey, u64> =
+                PerCpuHashMap::try_from(bpf.map(names::LOSSES).ok_or(RecordError::Missing {
+                    name: names::LOSSES,
+                })?)
+                .map_err(map_err(names::LOSSES))?;
             m.iter()
                 .filter_map(Result::ok)
                 .filter_map(|(k, v)| {
@@ -957,25 +1071,40 @@ impl Recorder {
             });
         }
 
-        // Stacks.
+        // Stacks, from both stack maps.
         let stacks: HashMap<i32, Vec<u64>> = {
-            let m: StackTraceMap<&MapData> = StackTraceMap::try_from(
-                bpf.map(names::STACKS)
-                    .ok_or(RecordError::Missing { name: names::STACKS })?,
-            )
-            .map_err(map_err(names::STACKS))?;
             let mut ids: Vec<i32> = oncpu_raw
                 .iter()
                 .flat_map(|(k, _)| [k.kern_stack, k.user_stack])
-                .chain(offcpu_raw.iter().flat_map(|(k, _)| [k.kern_stack, k.user_stack]))
+                .chain(
+                    offcpu_raw
+                        .iter()
+                        .flat_map(|(k, _)| [k.kern_stack, k.user_stack]),
+                )
                 .filter(|&id| id >= 0)
                 .collect();
             ids.sort_unstable();
             ids.dedup();
+            let main: StackTraceMap<&MapData> =
+                StackTraceMap::try_from(bpf.map(names::STACKS).ok_or(RecordError::Missing {
+                    name: names::STACKS,
+                })?)
+                .map_err(map_err(names::STACKS))?;
+            let overflow: StackTraceMap<&MapData> = StackTraceMap::try_from(
+                bpf.map(names::STACKS_OVERFLOW)
+                    .ok_or(RecordError::Missing {
+                        name: names::STACKS_OVERFLOW,
+                    })?,
+            )
+            .map_err(map_err(names::STACKS_OVERFLOW))?;
             ids.into_iter()
                 .filter_map(|id| {
-                    let st = m.get(&id.cast_unsigned(), 0).ok()?;
-                    Some((id, st.frames().iter().map(|f| f.ip).collect()))
+                    let st = if id & OVERFLOW_STACK_BIT == 0 {
+                        main.get(&id.cast_unsigned(), 0)
+                    } else {
+                        overflow.get(&(id & !OVERFLOW_STACK_BIT).cast_unsigned(), 0)
+                    };
+                    Some((id, st.ok()?.frames().iter().map(|f| f.ip).collect()))
                 })
                 .collect()
         };
@@ -1013,7 +1142,12 @@ impl Recorder {
         let mut kcache: HashMap<i32, Vec<u32>> = HashMap::new();
         let mut ucache: HashMap<(u32, i32), Vec<u32>> = HashMap::new();
         let target_all = matches!(self.opts.target, Target::All);
-        let mut stack_of = |tgid: u32, kern: i32, user: i32, sym: &mut Symbolizer, table: &mut FrameTable| -> Vec<u32> {
+        let mut stack_of = |tgid: u32,
+                            kern: i32,
+                            user: i32,
+                            sym: &mut Symbolizer,
+                            table: &mut FrameTable|
+         -> Vec<u32> {
             let mut out = ucache
                 .entry((tgid, user))
                 .or_insert_with(|| {
@@ -1021,12 +1155,20 @@ impl Recorder {
                         return match -user {
                             17 => vec![table.intern("[lost user stack: stack map collision]")],
                             14 if target_all => Vec::new(),
+                            // Exiting: its address space is already gone.
+                            3 => Vec::new(),
                             _ => vec![table.intern("[missing user stack]")],
                         };
                     }
                     let chain = self.processes.chain(tgid);
                     let mut frames = Vec::new();
-                    for (i, &ip) in stacks.get(&user).map_or(&[][..], Vec::as_slice).iter().enumerate().rev() {
+                    for (i, &ip) in stacks
+                        .get(&user)
+                        .map_or(&[][..], Vec::as_slice)
+                        .iter()
+                        .enumerate()
+                        .rev()
+                    {
                         let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
                         for f in sym.user_frames(&chain, addr) {
                             frames.push(table.intern(&f));
@@ -1043,7 +1185,13 @@ impl Recorder {
                     };
                 }
                 let mut frames = Vec::new();
-                for (i, &ip) in stacks.get(&kern).map_or(&[][..], Vec::as_slice).iter().enumerate().rev() {
+                for (i, &ip) in stacks
+                    .get(&kern)
+                    .map_or(&[][..], Vec::as_slice)
+                    .iter()
+                    .enumerate()
+                    .rev()
+                {
                     let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
                     for f in sym.kernel_frames(addr) {
                         frames.push(table.intern(&f));
@@ -1066,7 +1214,9 @@ impl Recorder {
                 samples: *n,
             })
             .collect();
-        oncpu.sort_by(|a, b| (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack)));
+        oncpu.sort_by(|a, b| {
+            (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack))
+        });
         let mut offcpu: Vec<OffCpu> = offcpu_raw
             .iter()
             .map(|(k, v)| OffCpu {
@@ -1082,7 +1232,9 @@ impl Recorder {
                 runq_ns: v.runq_ns,
             })
             .collect();
-        offcpu.sort_by(|a, b| (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack)));
+        offcpu.sort_by(|a, b| {
+            (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack))
+        });
 
         let stats = sym.stats;
         if stats.user_unmapped > 0 {
@@ -1107,7 +1259,12 @@ impl Recorder {
                     pid: e.tgid,
                     tid: e.pid,
                     comm: comm_str(&e.comm),
-                    source: if e.child == VM_SOURCE_EXEC { "exec" } else { "kvm" }.to_owned(),
+                    source: if e.child == VM_SOURCE_EXEC {
+                        "exec"
+                    } else {
+                        "kvm"
+                    }
+                    .to_owned(),
                     cmdline,
                     name,
                 }
@@ -1140,9 +1297,15 @@ impl Recorder {
                 window_spec: Some(self.opts.windows.clone()),
                 min_block_ns: u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX),
                 max_block_ns: u64::try_from(self.opts.max_block.as_nanos()).unwrap_or(u64::MAX),
-                vm_events: self.opts.vm_events.iter().map(ToString::to_string).collect(),
+                vm_events: self
+                    .opts
+                    .vm_events
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
                 stop_reason: stop.to_string(),
                 tracers: vec!["oncpu".to_owned(), "offcpu".to_owned()],
+                program_stats: Vec::new(),
             },
             windows: self.opts.windows.windows(vm_count),
             vms,
@@ -1190,7 +1353,10 @@ mod tests {
 
     #[test]
     fn finds_own_children() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let d = descendants(&[std::process::id()]);
         assert!(d.contains(&child.id()), "{d:?}");
         child.kill().unwrap();

@@ -32,7 +32,9 @@ pub const OFFCPU_UNIT: &str = "us";
 pub fn oncpu_folded(profile: &Profile, window: u32) -> Vec<String> {
     let mut folded: BTreeMap<String, u64> = BTreeMap::new();
     for row in profile.oncpu.iter().filter(|r| r.window == window) {
-        *folded.entry(stack_line(profile, &row.comm, &row.stack)).or_default() += row.samples;
+        *folded
+            .entry(stack_line(profile, &row.comm, &row.stack))
+            .or_default() += row.samples;
     }
     folded
         .into_iter()
@@ -45,7 +47,9 @@ pub fn oncpu_folded(profile: &Profile, window: u32) -> Vec<String> {
 pub fn offcpu_folded(profile: &Profile, window: u32) -> Vec<String> {
     let mut folded: BTreeMap<String, u64> = BTreeMap::new();
     for row in profile.offcpu.iter().filter(|r| r.window == window) {
-        *folded.entry(stack_line(profile, &row.comm, &row.stack)).or_default() += row.total_ns;
+        *folded
+            .entry(stack_line(profile, &row.comm, &row.stack))
+            .or_default() += row.total_ns;
     }
     folded
         .into_iter()
@@ -80,15 +84,20 @@ fn write_file(path: &Path, text: &str) -> Result<(), RenderError> {
 
 /// Renders a flame graph from folded lines. An empty window still gets an
 /// SVG, which says that nothing was recorded.
-pub fn flame_graph(lines: &[String], title: &str, count_name: &str, path: &Path) -> Result<(), RenderError> {
+pub fn flame_graph(
+    lines: &[String],
+    title: &str,
+    count_name: &str,
+    path: &Path,
+) -> Result<(), RenderError> {
     let file = fs::File::create(path).map_err(|source| RenderError::Write {
         path: path.to_path_buf(),
         source,
     })?;
     let mut out = BufWriter::new(file);
     let mut opts = inferno::flamegraph::Options::default();
-    opts.title = title.to_owned();
-    opts.count_name = count_name.to_owned();
+    title.clone_into(&mut opts.title);
+    count_name.clone_into(&mut opts.count_name);
     opts.deterministic = true;
     let result = if lines.is_empty() {
         write!(
@@ -108,7 +117,10 @@ pub fn flame_graph(lines: &[String], title: &str, count_name: &str, path: &Path)
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Per-window figures of the summary.
@@ -140,6 +152,8 @@ pub struct Summary {
     /// Losses not tied to a window.
     pub other_losses: BTreeMap<String, u64>,
     pub total_losses: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub program_stats: Vec<crate::profile::ProgramStat>,
 }
 
 #[must_use]
@@ -203,6 +217,7 @@ pub fn summary(profile: &Profile) -> Summary {
         windows,
         other_losses,
         total_losses: profile.losses.iter().map(|l| l.count).sum(),
+        program_stats: profile.meta.program_stats.clone(),
     }
 }
 
@@ -259,6 +274,23 @@ impl Summary {
                 w.losses.values().sum::<u64>(),
                 w.dir
             );
+        }
+        if !self.program_stats.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{:<22} {:>12} {:>12} {:>10}",
+                "EBPF PROGRAM", "RUNS", "TOTAL", "NS/RUN"
+            );
+            for p in &self.program_stats {
+                let _ = writeln!(
+                    out,
+                    "{:<22} {:>12} {:>12} {:>10}",
+                    p.program,
+                    p.runs,
+                    ms(p.run_time_ns),
+                    p.run_time_ns.checked_div(p.runs).unwrap_or(0)
+                );
+            }
         }
         if self.total_losses == 0 {
             out.push_str("\nlosses: none\n");
@@ -341,7 +373,11 @@ mod tests {
 
     fn profile() -> Profile {
         let mut t = FrameTable::default();
-        let (a, b, c) = (t.intern("main"), t.intern("busy"), t.intern("do;weird name"));
+        let (a, b, c) = (
+            t.intern("main"),
+            t.intern("busy"),
+            t.intern("do;weird name"),
+        );
         let on = |window, stack: Vec<u32>, samples| OnCpu {
             window,
             tgid: 1,
@@ -353,7 +389,12 @@ mod tests {
         Profile {
             windows: crate::windows::WindowSpec::Every { size: 2 }.windows(2),
             frames: t.into_names(),
-            oncpu: vec![on(1, vec![a, b], 3), on(1, vec![a, b], 4), on(1, vec![a, c], 1), on(0, vec![a], 9)],
+            oncpu: vec![
+                on(1, vec![a, b], 3),
+                on(1, vec![a, b], 4),
+                on(1, vec![a, c], 1),
+                on(0, vec![a], 9),
+            ],
             offcpu: vec![OffCpu {
                 window: 1,
                 tgid: 1,
@@ -378,7 +419,7 @@ mod tests {
             ["vm_load;main;busy 7", "vm_load;main;do:weird name 1"]
         );
         assert_eq!(oncpu_folded(&p, 0), ["vm_load;main 9"]);
-        assert!(oncpu_folded(&p, 5).is_empty());
+        assert_eq!(oncpu_folded(&p, 5), Vec::<String>::new());
         assert_eq!(offcpu_folded(&p, 1), ["t;main 2500"]);
     }
 
@@ -389,7 +430,13 @@ mod tests {
         assert_eq!(s.windows.len(), 2);
         assert_eq!(s.windows[1].oncpu_samples, 8);
         assert_eq!(s.windows[1].offcpu_ns, 2_500_000);
-        for f in ["w00-setup/oncpu.svg", "w01-vms-1-2/oncpu.svg", "w01-vms-1-2/offcpu.svg", "summary.txt", "summary.json"] {
+        for f in [
+            "w00-setup/oncpu.svg",
+            "w01-vms-1-2/oncpu.svg",
+            "w01-vms-1-2/offcpu.svg",
+            "summary.txt",
+            "summary.json",
+        ] {
             assert!(dir.join(f).is_file(), "{f}");
         }
         let svg = fs::read_to_string(dir.join("w01-vms-1-2/oncpu.svg")).unwrap();

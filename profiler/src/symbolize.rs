@@ -150,7 +150,8 @@ impl Symbolizer {
                 .or_else(|_| {
                     let mut elf = source::Elf::new(path);
                     elf.debug_syms = false;
-                    self.blaze.symbolize(&Source::Elf(elf), Input::FileOffset(&offs))
+                    self.blaze
+                        .symbolize(&Source::Elf(elf), Input::FileOffset(&offs))
                 });
             for (i, &off) in offs.iter().enumerate() {
                 let frames = syms
@@ -158,7 +159,8 @@ impl Symbolizer {
                     .ok()
                     .and_then(|s| s.get(i))
                     .and_then(|s| frames_of(s, ""));
-                let frames = frames.unwrap_or_else(|| vec![format!("[{}+{off:#x}]", basename(path))]);
+                let frames =
+                    frames.unwrap_or_else(|| vec![format!("[{}+{off:#x}]", basename(path))]);
                 self.files.insert((path.to_owned(), off), frames);
             }
         }
@@ -230,18 +232,20 @@ mod tests {
     fn unknown_offsets_show_module_and_offset() {
         let exe = std::env::current_exe().unwrap();
         let path = exe.to_str().unwrap().to_owned();
+        // Past the end of the file: no segment maps it.
+        let past = std::fs::metadata(&exe).unwrap().len() + 0x1000;
         let mut s = Symbolizer::new();
-        // Offset 0 is the ELF header: no function there.
-        s.prepare_files(&[(path.clone(), 0)]);
         let snap = Snapshot {
             mappings: vec![crate::procmaps::Mapping {
                 start: 0x1000,
                 end: 0x2000,
-                offset: 0,
+                offset: past,
                 path: path.clone(),
             }],
         };
         let f = s.user_frames(&[&snap], 0x1000);
-        assert!(f[0].starts_with('[') && f[0].ends_with("+0x0]"), "{f:?}");
+        let name = exe.file_name().unwrap().to_str().unwrap();
+        assert_eq!(f, [format!("[{name}+{past:#x}]")]);
+        assert_eq!(s.stats.user_unnamed, 1);
     }
 }

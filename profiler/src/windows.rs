@@ -4,7 +4,9 @@
 
 use std::fmt;
 
-use profiler_common::record::{MAX_WINDOW_RANGES, SETUP_WINDOW, WindowMode, WindowRange, window_of};
+use profiler_common::record::{
+    MAX_WINDOW_RANGES, SETUP_WINDOW, WindowMode, WindowRange, window_of,
+};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -22,7 +24,9 @@ pub enum WindowSpec {
 pub enum WindowSpecError {
     #[error("--window-size must be at least 1")]
     ZeroSize,
-    #[error("--windows {text:?}: {why}; write ranges of VM ordinals like 1-10,101-110 (or a single ordinal like 5)")]
+    #[error(
+        "--windows {text:?}: {why}; write ranges of VM ordinals like 1-10,101-110 (or a single ordinal like 5)"
+    )]
     Bad { text: String, why: String },
 }
 
@@ -46,7 +50,9 @@ impl WindowSpec {
             };
             let (a, b) = (parse(a)?, parse(b)?);
             if a == 0 {
-                return Err(bad("VM ordinals start at 1 (window 0 is the setup before the first VM)".to_owned()));
+                return Err(bad(
+                    "VM ordinals start at 1 (window 0 is the setup before the first VM)".to_owned(),
+                ));
             }
             if a > b {
                 return Err(bad(format!("{a}-{b} runs backwards")));
@@ -54,7 +60,9 @@ impl WindowSpec {
             if let Some(&(_, last)) = ranges.last()
                 && a <= last
             {
-                return Err(bad(format!("{a}-{b} overlaps or precedes the range before it")));
+                return Err(bad(format!(
+                    "{a}-{b} overlaps or precedes the range before it"
+                )));
             }
             ranges.push((a, b));
         }
@@ -144,7 +152,13 @@ impl fmt::Display for WindowSpec {
             Self::Ranges { ranges } => {
                 let parts: Vec<String> = ranges
                     .iter()
-                    .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+                    .map(|(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
                     .collect();
                 write!(f, "VMs {}", parts.join(","))
             }

@@ -3,6 +3,7 @@
 //! Every set-up step a fresh machine needs is here, so that README.md's two
 //! commands (`cargo xtask sample`, `cargo xtask test`) are all a newcomer runs.
 
+mod bench;
 mod toolchain;
 
 use std::{
@@ -35,7 +36,20 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Bootstrap, build, and run hvprof on the built-in sample workload.
-    Sample,
+    Sample {
+        /// Where the report goes.
+        #[arg(short, long, default_value = "target/hvprof-sample")]
+        output: PathBuf,
+    },
+    /// Measure: the sample workload with and without `hvprof record`,
+    /// alternating; prints the overhead ratio, per-event eBPF cost, losses
+    /// and the time from stop to files written.
+    Bench {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 30)]
+        vms: usize,
+    },
 }
 
 fn cargo() -> Command {
@@ -61,16 +75,18 @@ fn describe(cmd: &Command) -> String {
         .join(" ")
 }
 
-fn build_release() -> anyhow::Result<PathBuf> {
+/// Builds `hvprof` and the sample workload (release); returns their paths.
+fn build_release() -> anyhow::Result<(PathBuf, PathBuf)> {
     run(cargo().args([
         "build",
         "--release",
         "--package",
         "profiler",
-        "--bin",
-        "hvprof",
+        "--package",
+        "vmload",
     ]))?;
-    Ok(toolchain::root().join("target/release/hvprof"))
+    let dir = toolchain::root().join("target/release");
+    Ok((dir.join("hvprof"), dir.join("vmload")))
 }
 
 fn main() -> ExitCode {
@@ -78,12 +94,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Bootstrap => toolchain::bootstrap(),
         Cmd::Build => toolchain::bootstrap().and_then(|()| {
-            let exe = build_release()?;
+            let (exe, _) = build_release()?;
             println!("xtask: built {}", exe.display());
             Ok(())
         }),
         Cmd::Test { args } => toolchain::bootstrap().and_then(|()| test(&args)),
-        Cmd::Sample => toolchain::bootstrap().and_then(|()| sample()),
+        Cmd::Sample { output } => toolchain::bootstrap().and_then(|()| sample(&output)),
+        Cmd::Bench { rounds, vms } => toolchain::bootstrap().and_then(|()| {
+            let (hvprof, vmload) = build_release()?;
+            bench::run(&hvprof, &vmload, rounds, vms)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -107,7 +127,24 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sample() -> anyhow::Result<()> {
-    let exe = build_release()?;
-    run(Command::new(&exe).arg("check"))
+/// The sample run: hvprof records the sample workload, which creates 6 VMs
+/// through /dev/kvm with named work between them, in windows of 2 VMs.
+fn sample(output: &std::path::Path) -> anyhow::Result<()> {
+    let (hvprof, vmload) = build_release()?;
+    run(Command::new(&hvprof).arg("check"))
+        .context("this machine cannot record: see the table above")?;
+    let plan =
+        "busy:400,vm,busy:600,block:400,vm,vm,child:300,vm,vm,spawn:300,thread:300,vm,block:300";
+    run(Command::new(&hvprof)
+        .args(["record", "--window-size", "2", "-o"])
+        .arg(output)
+        .arg("--")
+        .arg(&vmload)
+        .arg(plan))?;
+    println!(
+        "\nxtask: flame graphs per window in {}/w*/oncpu.svg and offcpu.svg; re-render with `hvprof report {}/profile.hvprof -o DIR`",
+        output.display(),
+        output.display()
+    );
+    Ok(())
 }

@@ -1,0 +1,438 @@
+//! Privileged integration tests of `hvprof record` against the sample
+//! workload (`samples/vmload`), whose ground truth they know: how many VMs it
+//! creates and when, and which named function burns or sleeps for how long
+//! between them. They need root and /dev/kvm, and fail (not skip) without.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use profiler::profile::Profile;
+
+const HZ: u64 = 99;
+
+fn vmload() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--package", "vmload", "--bin", "vmload"])
+            .status()
+            .expect("run cargo");
+        assert!(status.success(), "building samples/vmload failed");
+        let path = Path::new(env!("CARGO_BIN_EXE_hvprof")).with_file_name("vmload");
+        assert!(path.is_file(), "{} missing", path.display());
+        assert!(
+            Path::new("/dev/kvm").exists(),
+            "these tests create VMs: /dev/kvm is needed"
+        );
+        path
+    })
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hvprof-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Runs `hvprof record ARGS -o DIR` to completion and reads the profile.
+fn record(name: &str, args: &[&str]) -> (Profile, PathBuf) {
+    let dir = out_dir(name);
+    let out = Command::new(env!("CARGO_BIN_EXE_hvprof"))
+        .arg("record")
+        .arg("-o")
+        .arg(&dir)
+        .args(args)
+        .output()
+        .expect("run hvprof");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "hvprof record failed:\n{stdout}\n{stderr}"
+    );
+    let profile = Profile::read(&dir.join("profile.hvprof")).expect("read profile");
+    (profile, dir)
+}
+
+/// On-CPU samples per window of stacks whose leaf-most named frame is `func`.
+fn samples_of(p: &Profile, func: &str) -> BTreeMap<u32, u64> {
+    let mut m = BTreeMap::new();
+    for r in &p.oncpu {
+        if p.frame_names(&r.stack).any(|f| f == func) {
+            *m.entry(r.window).or_default() += r.samples;
+        }
+    }
+    m
+}
+
+/// Off-CPU ns per window of stacks through `func`.
+fn blocked_in(p: &Profile, func: &str) -> BTreeMap<u32, u64> {
+    let mut m = BTreeMap::new();
+    for r in &p.offcpu {
+        if p.frame_names(&r.stack).any(|f| f == func) {
+            *m.entry(r.window).or_default() += r.total_ns;
+        }
+    }
+    m
+}
+
+fn tgids_of(p: &Profile, func: &str) -> Vec<u32> {
+    let mut t: Vec<u32> = p
+        .oncpu
+        .iter()
+        .filter(|r| p.frame_names(&r.stack).any(|f| f == func))
+        .map(|r| r.tgid)
+        .collect();
+    t.sort_unstable();
+    t.dedup();
+    t
+}
+
+/// `ms` of CPU at `HZ`, within ±35 % (the machine has two CPUs and other
+/// tests' leftovers; the busy loop is wall-clock bounded).
+fn assert_samples(got: u64, ms: u64, what: &str) {
+    let want = ms * HZ / 1000;
+    let (lo, hi) = (want * 65 / 100, want * 135 / 100 + 2);
+    assert!(
+        (lo..=hi).contains(&got),
+        "{what}: {got} samples, want {want} (±35%)"
+    );
+}
+
+/// A sleep of `ms`: never less, at most 15 % + 20 ms more.
+#[expect(clippy::cast_precision_loss, reason = "display only")]
+fn assert_blocked(got_ns: u64, ms: u64, what: &str) {
+    let want = ms * 1_000_000;
+    let hi = want * 115 / 100 + 20_000_000;
+    assert!(
+        (want * 99 / 100..=hi).contains(&got_ns),
+        "{what}: {:.1} ms off-CPU, want {ms} ms",
+        got_ns as f64 / 1e6
+    );
+}
+
+fn folded_files(dir: &Path) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for w in std::fs::read_dir(dir).unwrap() {
+        let w = w.unwrap().path();
+        if w.is_dir() {
+            for f in ["oncpu.folded", "offcpu.folded"] {
+                let text = std::fs::read_to_string(w.join(f)).unwrap();
+                m.insert(
+                    format!("{}/{f}", w.file_name().unwrap().to_string_lossy()),
+                    text,
+                );
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn windows_follow_vm_creations_and_stacks_match_ground_truth() {
+    let vmload = vmload();
+    // VMs: 1 | 2 3 | 4 5 6 → windows of 2: w1 = VMs 1–2, w2 = 3–4, w3 = 5–6.
+    let plan =
+        "busy:400,vm,busy:600,block:400,vm,vm,child:300,vm,vm,spawn:300,thread:300,vm,block:300";
+    let (p, dir) = record(
+        "truth",
+        &["--window-size", "2", "--", vmload.to_str().unwrap(), plan],
+    );
+
+    // Exactly six VM creations, ordinals 1..=6, by the workload, via KVM.
+    assert_eq!(p.vms.len(), 6, "{:#?}", p.vms);
+    for (i, vm) in p.vms.iter().enumerate() {
+        assert_eq!(vm.ordinal, i as u64 + 1);
+        assert_eq!(vm.source, "kvm");
+        assert_eq!(vm.comm, "vmload");
+    }
+    assert!(p.vms.windows(2).all(|w| w[0].time_ns <= w[1].time_ns));
+    let ids: Vec<u32> = p.windows.iter().map(|w| w.id).collect();
+    assert_eq!(ids, [0, 1, 2, 3]);
+    assert_eq!(p.windows[2].first_vm, Some(3));
+    assert!(
+        p.meta.stop_reason.starts_with("target exited"),
+        "{}",
+        p.meta.stop_reason
+    );
+
+    // The busy function is on CPU only where it ran, for as long as it ran.
+    let busy = samples_of(&p, "vmload_busy");
+    assert_eq!(busy.keys().copied().collect::<Vec<_>>(), [0, 1], "{busy:?}");
+    assert_samples(busy[&0], 400, "vmload_busy in setup");
+    assert_samples(busy[&1], 600, "vmload_busy in window 1");
+
+    // A forked child (never exec'd) is followed, in window 2, and its
+    // frames symbolize from its parent's image after it is gone.
+    let child = samples_of(&p, "vmload_child_busy");
+    assert_eq!(child.keys().copied().collect::<Vec<_>>(), [2], "{child:?}");
+    assert_samples(child[&2], 300, "vmload_child_busy");
+    let main_pid = p.vms[0].pid;
+    assert!(
+        tgids_of(&p, "vmload_child_busy")
+            .iter()
+            .all(|&t| t != main_pid)
+    );
+
+    // An exec'd helper and a thread, in window 3.
+    let spawned = samples_of(&p, "vmload_spawned_busy");
+    assert_eq!(
+        spawned.keys().copied().collect::<Vec<_>>(),
+        [3],
+        "{spawned:?}"
+    );
+    assert_samples(spawned[&3], 300, "vmload_spawned_busy");
+    assert!(
+        tgids_of(&p, "vmload_spawned_busy")
+            .iter()
+            .all(|&t| t != main_pid)
+    );
+    let thread = samples_of(&p, "vmload_thread_busy");
+    assert_eq!(
+        thread.keys().copied().collect::<Vec<_>>(),
+        [3],
+        "{thread:?}"
+    );
+    assert_samples(thread[&3], 300, "vmload_thread_busy");
+    assert_eq!(tgids_of(&p, "vmload_thread_busy"), [main_pid]);
+
+    // Off-CPU: the blocking function, for as long as it slept, where it slept.
+    let blocked = blocked_in(&p, "vmload_block");
+    assert_eq!(
+        blocked.keys().copied().collect::<Vec<_>>(),
+        [1, 3],
+        "{blocked:?}"
+    );
+    assert_blocked(blocked[&1], 400, "vmload_block in window 1");
+    assert_blocked(blocked[&3], 300, "vmload_block in window 3");
+    assert!(
+        p.offcpu
+            .iter()
+            .filter(|r| p.frame_names(&r.stack).any(|f| f == "vmload_block"))
+            .all(|r| r.state == "S")
+    );
+
+    // Kernel frames are named too.
+    assert!(
+        p.frames.iter().any(|f| f == "schedule_[k]"),
+        "no kernel frames"
+    );
+    assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
+
+    // The profile alone re-renders the same folded stacks.
+    let again = out_dir("truth-report");
+    let status = Command::new(env!("CARGO_BIN_EXE_hvprof"))
+        .arg("report")
+        .arg(dir.join("profile.hvprof"))
+        .arg("-o")
+        .arg(&again)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (a, b) = (folded_files(&dir), folded_files(&again));
+    assert_eq!(a.len(), 8);
+    assert_eq!(a, b, "report differs from record");
+    for w in ["w00-setup", "w01-vms-1-2", "w02-vms-3-4", "w03-vms-5-6"] {
+        let svg = std::fs::read_to_string(dir.join(w).join("oncpu.svg")).unwrap();
+        assert!(svg.contains("<svg"), "{w}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&again);
+}
+
+#[test]
+fn nothing_is_recorded_outside_the_requested_windows() {
+    let vmload = vmload();
+    // Windows: VM 2 and VM 4 only; the busy spells after VMs 1 and 3 fall
+    // outside every window.
+    let plan = "busy:300,vm,busy:300,vm,busy:300,vm,busy:300,vm,busy:300";
+    let (p, dir) = record(
+        "ranges",
+        &["--windows", "2,4", "--", vmload.to_str().unwrap(), plan],
+    );
+    assert_eq!(p.vms.len(), 4, "every creation is in the timeline");
+    let ids: Vec<u32> = p.windows.iter().map(|w| w.id).collect();
+    assert_eq!(ids, [0, 1, 2]);
+    assert!(p.oncpu.iter().all(|r| r.window <= 2));
+    assert!(p.offcpu.iter().all(|r| r.window <= 2));
+    let busy = samples_of(&p, "vmload_busy");
+    assert_eq!(
+        busy.keys().copied().collect::<Vec<_>>(),
+        [0, 1, 2],
+        "{busy:?}"
+    );
+    for w in 0..=2 {
+        assert_samples(busy[&w], 300, &format!("window {w}"));
+    }
+    let total: u64 = p.oncpu.iter().map(|r| r.samples).sum();
+    assert!(
+        total < 5 * 300 * HZ / 1000 * 80 / 100,
+        "outside windows recorded: {total}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn children_are_not_followed_when_told_not_to() {
+    let vmload = vmload();
+    let (p, dir) = record(
+        "nochildren",
+        &[
+            "--no-children",
+            "--",
+            vmload.to_str().unwrap(),
+            "busy:200,child:300,spawn:300",
+        ],
+    );
+    assert!(samples_of(&p, "vmload_child_busy").is_empty());
+    assert!(samples_of(&p, "vmload_spawned_busy").is_empty());
+    assert_samples(samples_of(&p, "vmload_busy")[&0], 200, "vmload_busy");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `hvprof record ARGS` and waits until it says it is recording.
+fn start_recording(dir: &Path, args: &[&str]) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvprof"))
+        .arg("record")
+        .arg("-o")
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "hvprof did not start recording");
+        match lines.next() {
+            Some(Ok(l)) if l.contains("recording") => break,
+            Some(_) => {}
+            None => panic!("hvprof exited before recording: {:?}", child.wait()),
+        }
+    }
+    // Keep draining stderr so hvprof never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+#[test]
+fn a_vm_created_by_any_process_moves_the_window_of_the_target() {
+    let vmload = vmload();
+    // The target sleeps twice, then burns CPU. Its second sleep starts in
+    // window 0; during it another process, not a target, creates a VM; the
+    // burn is then in window 1.
+    let spawned = Instant::now();
+    let mut target = Command::new(vmload)
+        .arg("block:1200,block:1500,busy:400")
+        .spawn()
+        .unwrap();
+    let dir = out_dir("pid");
+    let pid = target.id().to_string();
+    let hv = start_recording(&dir, &["-p", &pid, "--window-size", "1"]);
+    assert!(
+        spawned.elapsed() < Duration::from_millis(1100),
+        "hvprof took {:?} to start; the test's timing needs < 1.1 s",
+        spawned.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(1600).saturating_sub(spawned.elapsed()));
+    let other = Command::new(vmload).arg("vm").output().unwrap();
+    assert!(other.status.success());
+    let out = hv.wait_with_output().unwrap();
+    target.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    assert_eq!(p.vms.len(), 1);
+    assert_ne!(
+        p.vms[0].pid,
+        target.id(),
+        "the VM came from the other process"
+    );
+    assert!(
+        p.meta.stop_reason.contains("target exited"),
+        "{}",
+        p.meta.stop_reason
+    );
+    // The other process is not recorded.
+    assert!(p.oncpu.iter().all(|r| r.tgid == target.id()));
+    assert!(p.offcpu.iter().all(|r| r.tgid == target.id()));
+    let busy = samples_of(&p, "vmload_busy");
+    assert_eq!(busy.keys().copied().collect::<Vec<_>>(), [1], "{busy:?}");
+    assert_samples(busy[&1], 400, "vmload_busy after the VM");
+    // The second sleep started before the VM and ended after it: it is
+    // charged to window 0, whole. (The first began before the recording.)
+    let blocked = blocked_in(&p, "vmload_block");
+    assert_eq!(
+        blocked.keys().copied().collect::<Vec<_>>(),
+        [0],
+        "{blocked:?}"
+    );
+    assert_blocked(blocked[&0], 1500, "second sleep");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_writes_everything_and_ends_the_command() {
+    let vmload = vmload();
+    let dir = out_dir("sigint");
+    let hv = start_recording(
+        &dir,
+        &["--", vmload.to_str().unwrap(), "busy:300,vm,block:60000"],
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: signalling the hvprof we started, by pid.
+    unsafe { libc::kill(hv.id().cast_signed(), libc::SIGINT) };
+    let out = hv.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    assert_eq!(p.meta.stop_reason, "SIGINT");
+    assert_eq!(p.vms.len(), 1);
+    assert_samples(samples_of(&p, "vmload_busy")[&0], 300, "before the stop");
+    // The command hvprof started is gone.
+    let vmload_pid = p.vms[0].pid;
+    assert!(
+        !Path::new(&format!("/proc/{vmload_pid}")).exists(),
+        "vmload left running"
+    );
+    assert!(dir.join("w01-vms-1-10/offcpu.svg").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let hv = env!("CARGO_BIN_EXE_hvprof");
+    let run = |args: &[&str]| {
+        let o = Command::new(hv).args(args).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let junk = std::env::temp_dir().join(format!("hvprof-junk-{}", std::process::id()));
+    std::fs::write(&junk, "not a profile").unwrap();
+    let (code, err) = run(&["report", junk.to_str().unwrap(), "-o", "/tmp/x"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is not an hvprof profile"), "{err}");
+    std::fs::remove_file(&junk).unwrap();
+    let (code, err) = run(&["record", "-p", "999999999"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no process with pid 999999999"), "{err}");
+    let (code, err) = run(&["record"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("say what to record"), "{err}");
+    let (code, err) = run(&["record", "--windows", "5-3", "-a"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("runs backwards"), "{err}");
+}

@@ -1,0 +1,378 @@
+//! vmload: a workload whose ground truth hvprof's tests know.
+//!
+//! It runs a plan of steps, e.g.
+//! `vmload busy:200,vm,busy:300,block:200,vm,child:100,vm`:
+//!
+//! - `vm` — create one VM with `KVM_CREATE_VM` on `/dev/kvm` (then close it);
+//! - `busy:MS` — burn CPU for MS ms in `vmload_busy`;
+//! - `block:MS` — sleep MS ms in `vmload_block` (off-CPU, state S);
+//! - `child:MS` — fork a child that burns MS ms in `vmload_child_busy`, and
+//!   wait for it (a fork helper that never execs);
+//! - `spawn:MS` — run this binary again as an exec'd helper that burns MS ms
+//!   in `vmload_spawned_busy`, and wait for it;
+//! - `thread:MS` — a thread that burns MS ms in `vmload_thread_busy`.
+//!
+//! Fixed-work steps, for benchmarks (their wall time grows with overhead):
+//!
+//! - `work:N` — N million rounds of arithmetic in `vmload_work`;
+//! - `forks:N` — N forks of a child that exits at once, each waited for;
+//! - `spawns:N` — N runs of `/bin/true`;
+//! - `switches:N` — N round trips between two threads over pipes (2N
+//!   context switches).
+//!
+//! Every step is a named, never-inlined function, so a test knows which
+//! window each stack belongs in and how much time it must show.
+
+use std::{
+    hint::black_box,
+    time::{Duration, Instant},
+};
+
+/// `KVM_CREATE_VM`, `_IO(KVMIO, 0x01)`.
+const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Vm,
+    Busy(u64),
+    Block(u64),
+    Child(u64),
+    Spawn(u64),
+    Thread(u64),
+    Work(u64),
+    Forks(u64),
+    Spawns(u64),
+    Switches(u64),
+}
+
+fn parse(plan: &str) -> Result<Vec<Step>, String> {
+    plan.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s == "vm" {
+                return Ok(Step::Vm);
+            }
+            let (name, ms) = s
+                .split_once(':')
+                .ok_or_else(|| format!("step {s:?}: expected vm or NAME:MS"))?;
+            let ms: u64 = ms
+                .parse()
+                .map_err(|_| format!("step {s:?}: {ms:?} is not a number of ms"))?;
+            match name {
+                "busy" => Ok(Step::Busy(ms)),
+                "block" => Ok(Step::Block(ms)),
+                "child" => Ok(Step::Child(ms)),
+                "spawn" => Ok(Step::Spawn(ms)),
+                "thread" => Ok(Step::Thread(ms)),
+                "work" => Ok(Step::Work(ms)),
+                "forks" => Ok(Step::Forks(ms)),
+                "spawns" => Ok(Step::Spawns(ms)),
+                "switches" => Ok(Step::Switches(ms)),
+                _ => Err(format!("step {s:?}: unknown step {name:?}")),
+            }
+        })
+        .collect()
+}
+
+/// Burns CPU until `ms` have passed. The clock is read rarely so that
+/// nearly every sample lands in this function's own code.
+#[inline(never)]
+fn burn(ms: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    loop {
+        for _ in 0..200_000 {
+            x = black_box(x.rotate_left(7) ^ x.wrapping_mul(0x2545_f491_4f6c_dd1d));
+        }
+        if Instant::now() >= deadline {
+            return x;
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_busy(ms: u64) -> u64 {
+    black_box(burn(ms))
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_child_busy(ms: u64) -> u64 {
+    black_box(burn(ms))
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_spawned_busy(ms: u64) -> u64 {
+    black_box(burn(ms))
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_thread_busy(ms: u64) -> u64 {
+    black_box(burn(ms))
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_work(millions: u64) -> u64 {
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..millions * 1_000_000 {
+        x = black_box(x.rotate_left(7) ^ x.wrapping_mul(0x2545_f491_4f6c_dd1d));
+    }
+    x
+}
+
+fn forks(n: u64) -> Result<(), String> {
+    for _ in 0..n {
+        // SAFETY: the child only _exits.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            // SAFETY: leave the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    }
+    Ok(())
+}
+
+fn switches(n: u64) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    let (mut a_rx, mut b_tx) = std::io::pipe().map_err(|e| e.to_string())?;
+    let (mut b_rx, mut a_tx) = std::io::pipe().map_err(|e| e.to_string())?;
+    let echo = std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        while a_rx.read_exact(&mut b).is_ok() {
+            if a_tx.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let mut byte = [0u8; 1];
+    for _ in 0..n {
+        b_tx.write_all(&byte).map_err(|e| e.to_string())?;
+        b_rx.read_exact(&mut byte).map_err(|e| e.to_string())?;
+    }
+    drop(b_tx);
+    echo.join().map_err(|_| "echo thread panicked".to_owned())
+}
+
+/// The libc sleep is a leaf without a frame, so a frame-pointer walk skips
+/// its direct caller: that caller is this helper, and `vmload_block` above
+/// it stays visible.
+#[inline(never)]
+fn sleep_in_kernel(ms: u64) {
+    let mut ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(ms / 1000).unwrap_or(0),
+        tv_nsec: libc::c_long::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    };
+    // Restart after a signal, for the remaining time.
+    loop {
+        let mut rem = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid timespec pointers.
+        let r = unsafe { libc::nanosleep(&raw const ts, &raw mut rem) };
+        if r == 0 {
+            return;
+        }
+        ts = rem;
+    }
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_block(ms: u64) {
+    sleep_in_kernel(black_box(ms));
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_create_vm(kvm: libc::c_int) -> libc::c_int {
+    // SAFETY: KVM_CREATE_VM takes the machine type (0) as its argument.
+    unsafe { libc::ioctl(kvm, KVM_CREATE_VM, 0) }
+}
+
+fn open_kvm() -> Result<libc::c_int, String> {
+    // SAFETY: a valid NUL-terminated path.
+    let fd = unsafe { libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!(
+            "cannot open /dev/kvm: {} (load kvm_intel/kvm_amd, run as root)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(fd)
+}
+
+fn run(steps: &[Step]) -> Result<(), String> {
+    let mut kvm = None;
+    let mut vms = 0;
+    let start = Instant::now();
+    for &step in steps {
+        match step {
+            Step::Vm => {
+                let fd = match kvm {
+                    Some(fd) => fd,
+                    None => *kvm.insert(open_kvm()?),
+                };
+                let vm = vmload_create_vm(fd);
+                if vm < 0 {
+                    return Err(format!(
+                        "KVM_CREATE_VM failed: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                // SAFETY: vm is the fd KVM_CREATE_VM returned.
+                unsafe { libc::close(vm) };
+                vms += 1;
+                eprintln!(
+                    "vmload: {:>8.3}s VM {vms} created",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            Step::Busy(ms) => {
+                vmload_busy(ms);
+            }
+            Step::Block(ms) => vmload_block(ms),
+            Step::Child(ms) => {
+                // SAFETY: the child only burns CPU and _exits.
+                let pid = unsafe { libc::fork() };
+                if pid < 0 {
+                    return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
+                }
+                if pid == 0 {
+                    vmload_child_busy(ms);
+                    // SAFETY: leave the child without running the parent's
+                    // exit handlers.
+                    unsafe { libc::_exit(0) };
+                }
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(pid, &raw mut status, 0) };
+            }
+            Step::Spawn(ms) => {
+                let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+                let status = std::process::Command::new(exe)
+                    .arg("--spawned-busy")
+                    .arg(ms.to_string())
+                    .status()
+                    .map_err(|e| format!("spawn: {e}"))?;
+                if !status.success() {
+                    return Err(format!("spawned helper failed: {status}"));
+                }
+            }
+            Step::Work(n) => {
+                vmload_work(n);
+            }
+            Step::Forks(n) => forks(n)?,
+            Step::Spawns(n) => {
+                for _ in 0..n {
+                    let st = std::process::Command::new("/bin/true")
+                        .status()
+                        .map_err(|e| format!("/bin/true: {e}"))?;
+                    if !st.success() {
+                        return Err(format!("/bin/true: {st}"));
+                    }
+                }
+            }
+            Step::Switches(n) => switches(n)?,
+            Step::Thread(ms) => {
+                std::thread::Builder::new()
+                    .name("vmload-worker".to_owned())
+                    .spawn(move || vmload_thread_busy(ms))
+                    .map_err(|e| format!("thread: {e}"))?
+                    .join()
+                    .map_err(|_| "thread panicked".to_owned())?;
+            }
+        }
+    }
+    if let Some(fd) = kvm {
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
+    }
+    eprintln!("vmload: done in {:.6}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() == 2 && args[0] == "--spawned-busy" {
+        let ms = args[1].parse().unwrap_or(0);
+        vmload_spawned_busy(ms);
+        return std::process::ExitCode::SUCCESS;
+    }
+    let Some(plan) = args.first().filter(|_| args.len() == 1) else {
+        eprintln!("usage: vmload PLAN   (e.g. vmload busy:200,vm,block:100,vm,child:50)");
+        return std::process::ExitCode::from(2);
+    };
+    match parse(plan).and_then(|steps| run(&steps)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmload: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plans() {
+        assert_eq!(
+            parse("busy:200, vm,block:5,child:1,spawn:2,thread:3").unwrap(),
+            [
+                Step::Busy(200),
+                Step::Vm,
+                Step::Block(5),
+                Step::Child(1),
+                Step::Spawn(2),
+                Step::Thread(3)
+            ]
+        );
+        assert_eq!(
+            parse("work:2,forks:3,spawns:4,switches:5").unwrap(),
+            [
+                Step::Work(2),
+                Step::Forks(3),
+                Step::Spawns(4),
+                Step::Switches(5)
+            ]
+        );
+        assert!(parse("busy").is_err());
+        assert!(parse("busy:x").is_err());
+        assert!(parse("nap:3").is_err());
+    }
+
+    #[test]
+    fn fixed_work_steps_run() {
+        run(&[
+            Step::Work(1),
+            Step::Forks(2),
+            Step::Spawns(1),
+            Step::Switches(10),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn burns_about_as_long_as_asked() {
+        let t = Instant::now();
+        vmload_busy(50);
+        let e = t.elapsed();
+        assert!(
+            e >= Duration::from_millis(50) && e < Duration::from_millis(500),
+            "{e:?}"
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! `cargo xtask bench`: the sample workload with and without `hvprof record`
+//! in the same run, alternating, and the figures that matter: added wall
+//! time, each eBPF program's cost per event, losses, and the time from the
+//! stop to every file written. A measurement, not a test: nothing here fails
+//! on a threshold.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, anyhow, ensure};
+
+/// 30 VMs, each followed by CPU work, forks, execs and context switches.
+fn plan(vms: usize) -> String {
+    vec!["vm,work:30,forks:20,spawns:5,switches:2000"; vms].join(",")
+}
+
+/// Runs a command whose stderr carries `vmload: done in Xs`; returns X.
+fn workload_seconds(cmd: &mut Command) -> anyhow::Result<(f64, String)> {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success(), "{cmd:?} failed:\n{stdout}\n{stderr}");
+    let secs = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmload: done in "))
+        .and_then(|v| v.trim_end_matches('s').parse().ok())
+        .ok_or_else(|| anyhow!("no `vmload: done` line in:\n{stderr}"))?;
+    Ok((secs, stdout))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(hvprof: &Path, vmload: &Path, rounds: usize, vms: usize) -> anyhow::Result<()> {
+    let plan = plan(vms);
+    let out_dir = std::env::temp_dir().join(format!("hvprof-bench-{}", std::process::id()));
+    let (mut base, mut with) = (Vec::new(), Vec::new());
+    let mut last_stdout = String::new();
+    println!("bench: {rounds} rounds of {vms} VMs, each: work:30,forks:20,spawns:5,switches:2000");
+    for round in 1..=rounds {
+        let (b, _) = workload_seconds(Command::new(vmload).arg(&plan))?;
+        let (w, stdout) = workload_seconds(
+            Command::new(hvprof)
+                .args(["record", "--bpf-stats", "--window-size", "10", "-o"])
+                .arg(&out_dir)
+                .arg("--")
+                .arg(vmload)
+                .arg(&plan),
+        )?;
+        println!(
+            "  round {round}: without {b:.3} s, with hvprof {w:.3} s ({:+.1} %)",
+            (w / b - 1.0) * 100.0
+        );
+        base.push(b);
+        with.push(w);
+        last_stdout = stdout;
+    }
+    let (b, w) = (median(&mut base), median(&mut with));
+    println!("\nworkload wall time, median: without {b:.3} s, with hvprof {w:.3} s");
+    println!(
+        "overhead ratio: {:.3} ({:+.1} % added wall time)",
+        w / b,
+        (w / b - 1.0) * 100.0
+    );
+
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("summary.json"))
+            .context("reading the last summary.json")?,
+    )?;
+    println!("\neBPF cost per event (last run, kernel BPF statistics):");
+    println!(
+        "  {:<22} {:>10} {:>12} {:>8}",
+        "program", "runs", "total ms", "ns/run"
+    );
+    for p in summary["program_stats"].as_array().into_iter().flatten() {
+        let runs = p["runs"].as_u64().unwrap_or(0);
+        let ns = p["run_time_ns"].as_u64().unwrap_or(0);
+        #[expect(clippy::cast_precision_loss, reason = "display")]
+        let total_ms = ns as f64 / 1e6;
+        println!(
+            "  {:<22} {:>10} {:>12.1} {:>8}",
+            p["program"].as_str().unwrap_or("?"),
+            runs,
+            total_ms,
+            ns.checked_div(runs).unwrap_or(0)
+        );
+    }
+    println!("losses (last run): {}", summary["total_losses"]);
+    if let Some(line) = last_stdout.lines().find(|l| l.contains("after the stop")) {
+        println!(
+            "stop to files written: {}",
+            line.rsplit(" in ").next().unwrap_or(line)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+    Ok(())
+}
