@@ -216,6 +216,50 @@ mod tests {
         std::hint::black_box(42)
     }
 
+    /// The return address of its call: an address inside the caller.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(never)]
+    fn return_address() -> u64 {
+        let ra: u64;
+        // SAFETY: frame pointers are forced (.cargo/config.toml), so [rbp+8]
+        // is this function's return address.
+        unsafe { std::arch::asm!("mov {}, [rbp + 8]", out(reg) ra) };
+        ra
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[expect(
+        clippy::inline_always,
+        reason = "the test needs it inlined even without optimization"
+    )]
+    #[inline(always)]
+    fn hvprof_inlined_helper() -> u64 {
+        return_address()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(never)]
+    #[unsafe(no_mangle)]
+    pub extern "C" fn hvprof_symbolize_outer() -> u64 {
+        std::hint::black_box(hvprof_inlined_helper())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn inlined_functions_become_frames() {
+        let snap = Snapshot::take(std::process::id()).unwrap();
+        let mut s = Symbolizer::new();
+        // A return address points after the call: symbolize the call itself.
+        let frames = s.user_frames(&[&snap], hvprof_symbolize_outer() - 1);
+        assert_eq!(frames[0], "hvprof_symbolize_outer", "{frames:?}");
+        assert!(
+            frames[1..]
+                .iter()
+                .any(|f| f.ends_with("hvprof_inlined_helper_[i]")),
+            "{frames:?}"
+        );
+    }
+
     #[test]
     fn names_a_function_of_this_binary_by_file_offset() {
         let snap = Snapshot::take(std::process::id()).unwrap();

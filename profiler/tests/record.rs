@@ -411,6 +411,110 @@ fn ctrl_c_stops_cleanly_writes_everything_and_ends_the_command() {
 }
 
 #[test]
+fn an_exec_can_count_as_a_vm_creation() {
+    let vmload = vmload();
+    // QEMU under TCG makes no KVM ioctl; here /bin/true stands in for it.
+    let (p, dir) = record(
+        "execvm",
+        &[
+            "--vm-event",
+            "exec:tru*",
+            "--window-size",
+            "1",
+            "--",
+            vmload.to_str().unwrap(),
+            "busy:200,spawns:1,busy:300,spawns:1,busy:200",
+        ],
+    );
+    assert_eq!(p.vms.len(), 2, "{:#?}", p.vms);
+    assert!(p.vms.iter().all(|v| v.source == "exec" && v.comm == "true"));
+    let busy = samples_of(&p, "vmload_busy");
+    assert_eq!(
+        busy.keys().copied().collect::<Vec<_>>(),
+        [0, 1, 2],
+        "{busy:?}"
+    );
+    assert_samples(busy[&1], 300, "between the two execs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn min_and_max_block_filter_off_cpu_time() {
+    let vmload = vmload();
+    let (p, dir) = record(
+        "minblock",
+        &[
+            "--min-block",
+            "250ms",
+            "--max-block",
+            "700ms",
+            "--",
+            vmload.to_str().unwrap(),
+            "block:100,block:400,block:900",
+        ],
+    );
+    let blocked = blocked_in(&p, "vmload_block");
+    assert_blocked(blocked[&0], 400, "only the 400 ms sleep is kept");
+    assert!(
+        p.offcpu
+            .iter()
+            .all(|r| r.max_ns >= 250_000_000 && r.max_ns <= 700_000_000)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn comm_target_picks_up_processes_that_exec_later() {
+    let vmload = vmload();
+    let dir = out_dir("comm");
+    let hv = start_recording(&dir, &["--comm", "vmload", "-d", "2500ms"]);
+    let mine = Command::new(vmload).arg("busy:400").output().unwrap();
+    assert!(mine.status.success());
+    // Not a vmload: not recorded, though it burns CPU meanwhile.
+    let other = Command::new("sh")
+        .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+        .status()
+        .unwrap();
+    assert!(other.success());
+    let out = hv.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    assert_eq!(p.meta.stop_reason, "duration reached");
+    assert_samples(samples_of(&p, "vmload_busy")[&0], 400, "vmload_busy");
+    assert!(
+        p.oncpu.iter().all(|r| r.comm == "vmload"),
+        "only vmload is recorded"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn all_records_every_task_but_hvprof_itself() {
+    let vmload = vmload();
+    let dir = out_dir("all");
+    let hv = start_recording(&dir, &["-a", "-d", "2s"]);
+    let hv_pid = hv.id();
+    let w = Command::new(vmload).arg("busy:400").output().unwrap();
+    assert!(w.status.success());
+    let out = hv.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    assert_samples(samples_of(&p, "vmload_busy")[&0], 400, "vmload_busy");
+    assert!(
+        p.oncpu.iter().all(|r| r.tgid != hv_pid),
+        "hvprof recorded itself"
+    );
+    // Kernel threads are recorded too (no user stack, not a loss).
+    assert!(
+        p.offcpu
+            .iter()
+            .any(|r| r.comm.starts_with("kworker") || r.comm.starts_with("rcu"))
+    );
+    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bad_input_gets_a_clear_error() {
     let hv = env!("CARGO_BIN_EXE_hvprof");
     let run = |args: &[&str]| {
