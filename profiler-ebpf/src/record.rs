@@ -71,6 +71,10 @@ static LOSSES: PerCpuHashMap<LossKey, u64> = PerCpuHashMap::with_max_entries(409
 /// a missing user stack is expected, not a loss.
 #[map]
 static EXITING: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
+/// Processes whose VM was counted at exec (`--vm-event exec:`): their first
+/// successful `KVM_CREATE_VM` is that same VM and is not counted again.
+#[map]
+static VM_BY_EXEC: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 /// Threads inside a `KVM_CREATE_VM` ioctl.
 #[map]
 static PENDING_CREATE: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
@@ -465,6 +469,9 @@ pub fn task_exec(_ctx: TracePointContext) -> u32 {
         )
     {
         vm_created(tgid, pid, VM_SOURCE_EXEC);
+        if config!(vm_event_kvm) != 0 {
+            let _ = VM_BY_EXEC.insert(&tgid, &1, 0);
+        }
     }
     if is_tracked(tgid) {
         emit(EventKind::Exec, tgid, pid, 0, 0, current_window());
@@ -476,6 +483,9 @@ pub fn task_exec(_ctx: TracePointContext) -> u32 {
 pub fn task_exit(_ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if pid == tgid && config!(vm_event_exec) != 0 && config!(vm_event_kvm) != 0 {
+        let _ = VM_BY_EXEC.remove(&tgid);
+    }
     if !is_tracked(tgid) {
         return 0;
     }
@@ -541,8 +551,8 @@ pub fn vm_ioctl_exit(ctx: TracePointContext) -> u32 {
     }
     let _ = PENDING_CREATE.remove(&pid);
     let ret = read::<i64>(&ctx, config!(offsets.ioctl_exit_ret)).unwrap_or(-1);
-    // A VM fd: the VM exists.
-    if ret >= 0 {
+    // A VM fd: the VM exists (unless its exec already counted it).
+    if ret >= 0 && VM_BY_EXEC.remove(&tgid).is_err() {
         vm_created(tgid, pid, VM_SOURCE_KVM);
     }
     0

@@ -439,6 +439,28 @@ fn an_exec_can_count_as_a_vm_creation() {
 }
 
 #[test]
+fn a_vm_seen_both_at_exec_and_at_kvm_create_counts_once() {
+    let vmload = vmload();
+    // The exec of vmload counts; its first KVM_CREATE_VM is that same VM;
+    // its second is a new one.
+    let (p, dir) = record(
+        "execkvm",
+        &[
+            "--vm-event",
+            "exec:vmload",
+            "--vm-event",
+            "kvm",
+            "--",
+            vmload.to_str().unwrap(),
+            "vm,vm",
+        ],
+    );
+    let sources: Vec<&str> = p.vms.iter().map(|v| v.source.as_str()).collect();
+    assert_eq!(sources, ["exec", "kvm"], "{:#?}", p.vms);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn min_and_max_block_filter_off_cpu_time() {
     let vmload = vmload();
     let (p, dir) = record(
