@@ -14,10 +14,27 @@ pub const COMM_LEN: usize = 16;
 /// The deepest stack the stack map keeps (the kernel's `PERF_MAX_STACK_DEPTH`).
 pub const MAX_STACK_DEPTH: usize = 127;
 
-/// A stack id with this bit set lives in `STACKS_OVERFLOW`: stacks whose
-/// bucket in `STACKS` is taken by another stack go there, so that a hash
-/// collision costs a second lookup instead of the stack.
-pub const OVERFLOW_STACK_BIT: i32 = 1 << 30;
+/// One stack as the kernel's `bpf_get_stack` writes it: instruction
+/// pointers, leaf first, zero after the last frame.
+///
+/// Stacks are stored by a 64-bit hash of their content in the `STACKS` hash
+/// map, not in a `BPF_MAP_TYPE_STACK_TRACE` map: that map keeps one stack per
+/// bucket and loses a stack whenever two share a bucket (-EEXIST), which
+/// QEMU's TCG threads and frame-pointer-less libraries, with thousands of
+/// distinct user stacks, make common. A hash map chains, so it never loses a
+/// stack to a collision; a 64-bit content hash makes two distinct stacks
+/// sharing an id negligible.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackBuf {
+    pub ips: [u64; MAX_STACK_DEPTH],
+}
+
+/// Stack ids below this are not hashes but "no stack" reasons: the errno
+/// `bpf_get_stack` returned (e.g. 14 for -EFAULT, no stack in that mode).
+pub const STACK_ID_MIN: u64 = 4096;
+/// No user space: the task is exiting and its address space is gone.
+pub const STACK_EXITING: u64 = 3;
 
 /// At most this many explicit `--windows` ranges.
 pub const MAX_WINDOW_RANGES: u32 = 64;
@@ -31,7 +48,6 @@ pub mod names {
     pub const OFFCPU_TIMES: &str = "OFFCPU_TIMES";
     pub const OFFCPU_START: &str = "OFFCPU_START";
     pub const STACKS: &str = "STACKS";
-    pub const STACKS_OVERFLOW: &str = "STACKS_OVERFLOW";
     pub const EVENTS: &str = "EVENTS";
     pub const TRACKED: &str = "TRACKED";
     pub const WINDOW_RANGES: &str = "WINDOW_RANGES";
@@ -206,11 +222,10 @@ pub struct SampleKey {
     pub window: u32,
     pub tgid: u32,
     pub pid: u32,
-    /// Stack id in `STACKS` (or in `STACKS_OVERFLOW`, with
-    /// [`OVERFLOW_STACK_BIT`]), or a negative errno (no kernel stack: -EFAULT).
-    pub kern_stack: i32,
-    pub user_stack: i32,
     pub pad: u32,
+    /// Key in `STACKS`, or below [`STACK_ID_MIN`] the reason there is none.
+    pub kern_stack: u64,
+    pub user_stack: u64,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -222,10 +237,10 @@ pub struct OffCpuKey {
     pub window: u32,
     pub tgid: u32,
     pub pid: u32,
-    pub kern_stack: i32,
-    pub user_stack: i32,
-    /// `prev_state` of `sched_switch`, masked to the task-state bits.
+    /// `prev_state` of `sched_switch`.
     pub state: u32,
+    pub kern_stack: u64,
+    pub user_stack: u64,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -302,15 +317,16 @@ pub struct Event {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Loss {
-    /// `bpf_get_stackid` → -EEXIST for a kernel stack in both stack maps.
+    /// Unused since stacks are stored by content hash (kept for the numbering).
     KernStackCollision = 0,
+    /// Unused, as above.
     UserStackCollision = 1,
-    /// A kernel stack could not be taken for another reason (not -EFAULT).
+    /// A kernel stack could not be taken (other than -EFAULT: none).
     KernStackError = 2,
     /// A user task's user stack could not be taken (-EFAULT from a user task
     /// is counted here too: frame pointers missing or stack paged out).
     UserStackMissing = 3,
-    /// The stack map is full (-ENOMEM).
+    /// The stack map is full.
     StackMapFull = 4,
     /// An on-CPU sample could not be counted: the counts map is full.
     OnCpuMapFull = 5,
@@ -361,6 +377,7 @@ mod pod {
     unsafe impl aya::Pod for super::VmState {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::LossKey {}
+    unsafe impl aya::Pod for super::StackBuf {}
 }
 
 #[cfg(test)]
@@ -405,8 +422,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
-        assert_eq!(size_of::<SampleKey>(), 6 * 4 + COMM_LEN);
-        assert_eq!(size_of::<OffCpuKey>(), 6 * 4 + COMM_LEN);
+        assert_eq!(size_of::<SampleKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
+        assert_eq!(size_of::<OffCpuKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
+        assert_eq!(size_of::<StackBuf>(), MAX_STACK_DEPTH * 8);
         assert_eq!(size_of::<OffCpuStart>(), size_of::<OffCpuKey>() + 16);
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
         assert_eq!(size_of::<TracepointOffsets>(), 10 * 4);

@@ -5,24 +5,23 @@
 //! its event happens, so there is no race with userspace.
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns},
     macros::{map, perf_event, tracepoint},
-    maps::{Array, HashMap, PerCpuHashMap, RingBuf, StackTrace},
-    programs::{PerfEventContext, TracePointContext, tracing::StackIdContext},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::record::{
-    COMM_LEN, Config, Event, EventKind, KVM_CREATE_VM, Loss, LossKey, MAX_WINDOW_RANGES,
-    OVERFLOW_STACK_BIT, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, SampleKey, TargetMode,
-    VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode, WindowRange,
+    COMM_LEN, Config, Event, EventKind, KVM_CREATE_VM, Loss, LossKey, MAX_STACK_DEPTH,
+    MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, STACK_EXITING,
+    STACK_ID_MIN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
+    WindowMode, WindowRange,
 };
 
-const EEXIST: i32 = 17;
 const EFAULT: i32 = 14;
 const ENOMEM: i32 = 12;
-/// Stands for "no user space: the task is exiting" in a user stack id.
-const ESRCH: i32 = 3;
+const E2BIG: i32 = 7;
 
 /// `prev_state` bits of `sched_switch` for an exiting task (`X`, `Z`).
 const TASK_REPORT_DEAD: u32 = 0x10;
@@ -51,10 +50,14 @@ static ONCPU_COUNTS: HashMap<SampleKey, u64> = HashMap::with_max_entries(65536, 
 static OFFCPU_TIMES: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(65536, 0);
 #[map]
 static OFFCPU_START: HashMap<u32, OffCpuStart> = HashMap::with_max_entries(65536, 0);
+/// Stacks by content hash (see `StackBuf`). Preallocated: an insert from
+/// the sampling interrupt must not fail for want of memory. Userspace sets
+/// the size (`--max-stacks`).
 #[map]
-static STACKS: StackTrace = StackTrace::with_max_entries(32768, 0);
+static STACKS: HashMap<u64, StackBuf> = HashMap::with_max_entries(65536, 0);
+/// Per-CPU scratch for `bpf_get_stack`: a stack is larger than the BPF stack.
 #[map]
-static STACKS_OVERFLOW: StackTrace = StackTrace::with_max_entries(16384, 0);
+static STACK_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 /// Tracked thread groups (and the tids of followed children, which for a
@@ -166,48 +169,80 @@ fn comm() -> [u8; COMM_LEN] {
     bpf_get_current_comm().unwrap_or([0; COMM_LEN])
 }
 
-/// A stack id: from `STACKS`, or, when that bucket holds another stack
-/// (-EEXIST), from `STACKS_OVERFLOW` with [`OVERFLOW_STACK_BIT`].
+/// Takes the current stack (kernel, or user with `BPF_F_USER_STACK`),
+/// stores it in `STACKS` under its content hash and returns the hash.
 #[inline(always)]
-fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> Result<i32, i32> {
-    match ctx.get_stackid(&STACKS, flags) {
-        Ok(id) => Ok(id as i32),
-        Err(e) if -e == EEXIST => match ctx.get_stackid(&STACKS_OVERFLOW, flags) {
-            Ok(id) => Ok(id as i32 | OVERFLOW_STACK_BIT),
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
+fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> Result<u64, i32> {
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return Err(-ENOMEM);
+    };
+    // SAFETY: buf is this CPU's scratch value, StackBuf-sized; the kernel
+    // zeroes what it does not fill.
+    let n = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.cast(),
+            core::mem::size_of::<StackBuf>() as u32,
+            flags,
+        )
+    };
+    if n < 0 {
+        return Err(n as i32);
     }
+    if n == 0 {
+        return Err(-EFAULT);
+    }
+    let frames = n as usize / 8;
+    // FNV-1a over the frames.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < MAX_STACK_DEPTH {
+        if i >= frames {
+            break;
+        }
+        // SAFETY: i < MAX_STACK_DEPTH, inside the scratch buffer.
+        let ip = unsafe { (*buf).ips[i] };
+        h = (h ^ ip).wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    if h < STACK_ID_MIN {
+        h |= 1 << 63;
+    }
+    if STACKS.get_ptr(&h).is_none() {
+        // SAFETY: buf is valid for reads of one StackBuf.
+        if let Err(e) = STACKS.insert(&h, unsafe { &*buf }, 0) {
+            return Err(e as i32);
+        }
+    }
+    Ok(h)
 }
 
 /// Kernel and user stack ids of the current task, counting what is lost.
 #[inline(always)]
-fn stacks<C: StackIdContext>(ctx: &C, window: u32) -> (i32, i32) {
+fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
     let kern = match stack_id(ctx, 0) {
         Ok(id) => id,
         Err(e) => {
             // -EFAULT: no kernel stack (the task was in user mode).
             match -e {
-                EEXIST => lose(window, Loss::KernStackCollision),
-                ENOMEM => lose(window, Loss::StackMapFull),
                 EFAULT => {}
+                E2BIG | ENOMEM => lose(window, Loss::StackMapFull),
                 _ => lose(window, Loss::KernStackError),
             }
-            e
+            u64::from((-e) as u32)
         }
     };
     let user = match stack_id(ctx, u64::from(BPF_F_USER_STACK)) {
         Ok(id) => id,
         Err(e) => {
             match -e {
-                EEXIST => lose(window, Loss::UserStackCollision),
-                ENOMEM => lose(window, Loss::StackMapFull),
+                E2BIG | ENOMEM => lose(window, Loss::StackMapFull),
                 // With -a, kernel threads have no user stack: not a loss.
                 EFAULT if config!(target_mode) == TargetMode::All as u32 => {}
-                EFAULT if is_exiting() => return (kern, -ESRCH),
+                EFAULT if is_exiting() => return (kern, STACK_EXITING),
                 _ => lose(window, Loss::UserStackMissing),
             }
-            e
+            u64::from((-e) as u32)
         }
     };
     (kern, user)
@@ -245,9 +280,9 @@ pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
         window,
         tgid,
         pid,
+        pad: 0,
         kern_stack,
         user_stack,
-        pad: 0,
         comm: comm(),
     };
     if let Some(count) = ONCPU_COUNTS.get_ptr_mut(&key) {
@@ -295,9 +330,9 @@ pub fn offcpu_sched_switch(ctx: TracePointContext) -> u32 {
                 window,
                 tgid,
                 pid,
+                state,
                 kern_stack,
                 user_stack,
-                state,
                 comm: comm(),
             },
             start_ns: now,

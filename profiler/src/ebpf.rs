@@ -43,10 +43,14 @@ fn hint(err: &EbpfError) -> &'static str {
 }
 
 /// Loads the embedded object for recording, with its configuration.
-pub fn load_with_config(config: &profiler_common::record::Config) -> Result<Ebpf, LoadError> {
+pub fn load_with_config(
+    config: &profiler_common::record::Config,
+    max_stacks: u32,
+) -> Result<Ebpf, LoadError> {
     let _ = crate::sys::raise_memlock();
     EbpfLoader::new()
         .override_global(profiler_common::record::names::CONFIG, config, true)
+        .map_max_entries(profiler_common::record::names::STACKS, max_stacks)
         .load(OBJECT)
         .map_err(|source| LoadError::Load { source })
 }

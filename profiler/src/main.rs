@@ -98,6 +98,10 @@ struct RecordArgs {
     /// run time) and put it in the summary.
     #[arg(long)]
     bpf_stats: bool,
+    /// Distinct stacks the kernel side keeps; each takes 1 KiB of kernel
+    /// memory, allocated when recording starts.
+    #[arg(long, default_value_t = 65536, value_name = "N")]
+    max_stacks: u32,
     /// Run this command and record it (and its children).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -191,6 +195,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         output: args.output,
         command_line: std::env::args().collect(),
         bpf_stats: args.bpf_stats,
+        max_stacks: args.max_stacks.max(1024),
     };
     let outcome = record::record(opts)?;
     print!("{}", outcome.summary.to_text());

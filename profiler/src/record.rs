@@ -15,15 +15,16 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf, StackTraceMap},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf},
     programs::{
         PerfEvent, ProgramError, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
 use profiler_common::record::{
-    COMM_LEN, Config, Event, EventKind, Loss, LossKey, OVERFLOW_STACK_BIT, OffCpuKey, OffCpuStart,
-    OffCpuValue, SampleKey, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, names,
+    COMM_LEN, Config, Event, EventKind, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue,
+    STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf, TargetMode, TracepointOffsets,
+    VM_SOURCE_EXEC, VmState, names,
 };
 use thiserror::Error;
 
@@ -157,6 +158,9 @@ pub struct RecordOptions {
     /// Turn on the kernel's BPF run-time statistics and keep each program's
     /// cost in the profile.
     pub bpf_stats: bool,
+    /// Distinct stacks the kernel side can keep (each takes 1 KiB, allocated
+    /// up front).
+    pub max_stacks: u32,
 }
 
 #[derive(Debug, Error)]
@@ -251,7 +255,7 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::UserStackCollision => "user stack collisions (-EEXIST)",
         Loss::KernStackError => "kernel stacks not taken",
         Loss::UserStackMissing => "user stacks missing",
-        Loss::StackMapFull => "stack map full",
+        Loss::StackMapFull => "stack map full (raise --max-stacks)",
         Loss::OnCpuMapFull => "on-CPU map full",
         Loss::OffCpuMapFull => "off-CPU map full",
         Loss::OffCpuStartFull => "off-CPU start map full",
@@ -648,7 +652,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     } else {
         None
     };
-    let mut bpf = ebpf::load_with_config(&config)?;
+    let mut bpf = ebpf::load_with_config(&config, opts.max_stacks)?;
     {
         let mut map: Array<&mut MapData, profiler_common::record::WindowRange> = Array::try_from(
             bpf.map_mut(names::WINDOW_RANGES)
@@ -1071,9 +1075,9 @@ impl Recorder {
             });
         }
 
-        // Stacks, from both stack maps.
-        let stacks: HashMap<i32, Vec<u64>> = {
-            let mut ids: Vec<i32> = oncpu_raw
+        // Stacks, by content hash.
+        let stacks: HashMap<u64, Vec<u64>> = {
+            let mut ids: Vec<u64> = oncpu_raw
                 .iter()
                 .flat_map(|(k, _)| [k.kern_stack, k.user_stack])
                 .chain(
@@ -1081,30 +1085,24 @@ impl Recorder {
                         .iter()
                         .flat_map(|(k, _)| [k.kern_stack, k.user_stack]),
                 )
-                .filter(|&id| id >= 0)
+                .filter(|&id| id >= STACK_ID_MIN)
                 .collect();
             ids.sort_unstable();
             ids.dedup();
-            let main: StackTraceMap<&MapData> =
-                StackTraceMap::try_from(bpf.map(names::STACKS).ok_or(RecordError::Missing {
+            let m: BpfHashMap<&MapData, u64, StackBuf> =
+                BpfHashMap::try_from(bpf.map(names::STACKS).ok_or(RecordError::Missing {
                     name: names::STACKS,
                 })?)
                 .map_err(map_err(names::STACKS))?;
-            let overflow: StackTraceMap<&MapData> = StackTraceMap::try_from(
-                bpf.map(names::STACKS_OVERFLOW)
-                    .ok_or(RecordError::Missing {
-                        name: names::STACKS_OVERFLOW,
-                    })?,
-            )
-            .map_err(map_err(names::STACKS_OVERFLOW))?;
             ids.into_iter()
                 .filter_map(|id| {
-                    let st = if id & OVERFLOW_STACK_BIT == 0 {
-                        main.get(&id.cast_unsigned(), 0)
-                    } else {
-                        overflow.get(&(id & !OVERFLOW_STACK_BIT).cast_unsigned(), 0)
-                    };
-                    Some((id, st.ok()?.frames().iter().map(|f| f.ip).collect()))
+                    let st = m.get(&id, 0).ok()?;
+                    let n = st
+                        .ips
+                        .iter()
+                        .position(|&ip| ip == 0)
+                        .unwrap_or(st.ips.len());
+                    Some((id, st.ips[..n].to_vec()))
                 })
                 .collect()
         };
@@ -1139,24 +1137,23 @@ impl Recorder {
         sym.prepare_files(&files);
 
         let mut table = FrameTable::default();
-        let mut kcache: HashMap<i32, Vec<u32>> = HashMap::new();
-        let mut ucache: HashMap<(u32, i32), Vec<u32>> = HashMap::new();
+        let mut kcache: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut ucache: HashMap<(u32, u64), Vec<u32>> = HashMap::new();
         let target_all = matches!(self.opts.target, Target::All);
         let mut stack_of = |tgid: u32,
-                            kern: i32,
-                            user: i32,
+                            kern: u64,
+                            user: u64,
                             sym: &mut Symbolizer,
                             table: &mut FrameTable|
          -> Vec<u32> {
             let mut out = ucache
                 .entry((tgid, user))
                 .or_insert_with(|| {
-                    if user < 0 {
-                        return match -user {
-                            17 => vec![table.intern("[lost user stack: stack map collision]")],
+                    if user < STACK_ID_MIN {
+                        return match user {
+                            // No user space: a kernel thread (-a), or exiting.
                             14 if target_all => Vec::new(),
-                            // Exiting: its address space is already gone.
-                            3 => Vec::new(),
+                            STACK_EXITING => Vec::new(),
                             _ => vec![table.intern("[missing user stack]")],
                         };
                     }
@@ -1178,11 +1175,8 @@ impl Recorder {
                 })
                 .clone();
             let k = kcache.entry(kern).or_insert_with(|| {
-                if kern < 0 {
-                    return match -kern {
-                        17 => vec![table.intern("[lost kernel stack: stack map collision]")],
-                        _ => Vec::new(),
-                    };
+                if kern < STACK_ID_MIN {
+                    return Vec::new();
                 }
                 let mut frames = Vec::new();
                 for (i, &ip) in stacks

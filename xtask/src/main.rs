@@ -4,6 +4,7 @@
 //! commands (`cargo xtask sample`, `cargo xtask test`) are all a newcomer runs.
 
 mod bench;
+mod massboot;
 mod toolchain;
 
 use std::{
@@ -49,6 +50,19 @@ enum Cmd {
         rounds: usize,
         #[arg(long, default_value_t = 30)]
         vms: usize,
+    },
+    /// Profile a real libvirtd mass boot end to end: install libvirt and
+    /// QEMU if missing, start the daemons by hand, boot N transient guests
+    /// over the libvirt API while `hvprof record` follows libvirtd, then
+    /// tear everything down (needs root).
+    Massboot(massboot::Opts),
+    /// (internal) Run a command under a child subreaper that reaps orphans.
+    #[command(hide = true)]
+    Subreaper {
+        #[arg(long)]
+        pidfile: PathBuf,
+        #[arg(last = true)]
+        cmd: Vec<String>,
     },
 }
 
@@ -100,6 +114,17 @@ fn main() -> ExitCode {
         }),
         Cmd::Test { args } => toolchain::bootstrap().and_then(|()| test(&args)),
         Cmd::Sample { output } => toolchain::bootstrap().and_then(|()| sample(&output)),
+        Cmd::Massboot(opts) => {
+            let hvprof = match &opts.hvprof {
+                Some(p) => Ok(p.clone()),
+                None => toolchain::bootstrap().and_then(|()| build_release().map(|(h, _)| h)),
+            };
+            hvprof.and_then(|h| massboot::run(&opts, &h).map(|_| ()))
+        }
+        Cmd::Subreaper { pidfile, cmd } => match massboot::subreaper(&pidfile, &cmd) {
+            Ok(code) => return ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => Err(e),
+        },
         Cmd::Bench { rounds, vms } => toolchain::bootstrap().and_then(|()| {
             let (hvprof, vmload) = build_release()?;
             bench::run(&hvprof, &vmload, rounds, vms)

@@ -1,0 +1,169 @@
+//! End to end: a real libvirtd mass boot with Debian's libvirt and QEMU,
+//! profiled by hvprof (`cargo xtask massboot`): 12 TCG guests and 2 paused
+//! KVM guests, windows of 4 VMs. Needs root, /dev/kvm and Debian's package
+//! mirrors (massboot installs libvirt and QEMU if they are missing).
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use profiler::profile::Profile;
+
+fn xtask() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--package", "xtask"])
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building xtask failed");
+    Path::new(env!("CARGO_BIN_EXE_hvprof")).with_file_name("xtask")
+}
+
+fn live_comm(comm: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.contains(&format!("({comm})"))
+                    && !s
+                        .rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+        })
+        .collect()
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one boot, then every assertion on it"
+)]
+fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
+    let qemu_conf_before = std::fs::read("/etc/libvirt/qemu.conf").ok();
+    let user_before = Command::new("id")
+        .arg("libvirt-qemu")
+        .output()
+        .unwrap()
+        .status
+        .success();
+    let dir = std::env::temp_dir().join(format!("hvprof-massboot-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(xtask())
+        .args([
+            "massboot",
+            "--vms",
+            "12",
+            "--window-size",
+            "4",
+            "--accel",
+            "tcg",
+            "--kvm-paused",
+            "2",
+        ])
+        .arg("--hvprof")
+        .arg(env!("CARGO_BIN_EXE_hvprof"))
+        .arg("-o")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "massboot failed:\n{stdout}\n{stderr}");
+
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    // Exactly 14 VM creations, ordinals 1..=14, each one of our guests,
+    // each made by a QEMU process.
+    assert_eq!(p.vms.len(), 14, "{:#?}", p.vms);
+    for (i, vm) in p.vms.iter().enumerate() {
+        assert_eq!(vm.ordinal, i as u64 + 1);
+        assert_eq!(vm.comm, "qemu-system-x86", "{vm:?}");
+    }
+    let names: BTreeSet<String> = p.vms.iter().filter_map(|v| v.name.clone()).collect();
+    let want: BTreeSet<String> = (1..=14).map(|i| format!("hvprof-mb-{i}")).collect();
+    assert_eq!(names, want);
+
+    // Windows 0 (setup), 1–4, 5–8, 9–12, 13–16: every one has data.
+    let ids: Vec<u32> = p.windows.iter().map(|w| w.id).collect();
+    assert_eq!(ids, [0, 1, 2, 3, 4]);
+    for w in &ids {
+        let on = p.oncpu.iter().filter(|r| r.window == *w).count();
+        let off = p.offcpu.iter().filter(|r| r.window == *w).count();
+        assert!(on + off > 0, "window {w} is empty");
+    }
+
+    // libvirtd's RPC worker threads, on CPU and off CPU.
+    assert!(
+        p.oncpu.iter().any(|r| r.comm == "rpc-libvirtd"),
+        "no rpc-libvirtd on-CPU"
+    );
+    assert!(
+        p.offcpu.iter().any(|r| r.comm == "rpc-libvirtd"),
+        "no rpc-libvirtd off-CPU"
+    );
+
+    // QEMU processes were followed as children of libvirtd.
+    let libvirtd = p
+        .meta
+        .target
+        .strip_prefix("pid ")
+        .unwrap()
+        .parse::<u32>()
+        .unwrap();
+    let qemus: Vec<u32> = p.vms.iter().map(|v| v.pid).collect();
+    let qemu_rows = p.oncpu.iter().filter(|r| qemus.contains(&r.tgid)).count()
+        + p.offcpu.iter().filter(|r| qemus.contains(&r.tgid)).count();
+    assert!(qemu_rows > 0, "no QEMU stacks");
+    for q in &qemus {
+        let mut cur = *q;
+        let mut hops = 0;
+        while cur != libvirtd {
+            let proc = p
+                .processes
+                .iter()
+                .find(|x| x.tgid == cur)
+                .unwrap_or_else(|| panic!("process {cur} unknown"));
+            cur = proc
+                .parent
+                .unwrap_or_else(|| panic!("QEMU {q}: no parent recorded for {cur}"));
+            hops += 1;
+            assert!(hops < 8, "QEMU {q} is not a descendant of libvirtd");
+        }
+    }
+
+    // No losses at defaults.
+    assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
+
+    // The teardown left nothing behind, and undid its configuration.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("massboot.json")).unwrap()).unwrap();
+    assert_eq!(report["teardown_left"], serde_json::json!([]));
+    assert_eq!(report["guests"], 14);
+    assert!(live_comm("libvirtd").is_empty(), "libvirtd left running");
+    assert!(live_comm("virtlogd").is_empty(), "virtlogd left running");
+    assert!(live_comm("qemu-system-x86").is_empty(), "QEMU left running");
+    let cgroups = Command::new("find")
+        .args(["/sys/fs/cgroup", "-name", "*hvprof*"])
+        .output()
+        .unwrap();
+    assert!(
+        cgroups.stdout.is_empty(),
+        "cgroups left: {}",
+        String::from_utf8_lossy(&cgroups.stdout)
+    );
+    assert_eq!(
+        std::fs::read("/etc/libvirt/qemu.conf").ok(),
+        qemu_conf_before
+    );
+    assert_eq!(
+        Command::new("id")
+            .arg("libvirt-qemu")
+            .output()
+            .unwrap()
+            .status
+            .success(),
+        user_before
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

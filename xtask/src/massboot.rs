@@ -1,0 +1,779 @@
+//! `cargo xtask massboot`: profile a real libvirtd mass boot, end to end,
+//! with Debian's own libvirt and QEMU, on a machine without systemd.
+//!
+//! Installs what is missing, starts virtlogd and libvirtd by hand (libvirtd
+//! under a child subreaper, because this PID 1 reaps orphans only every 1–2 s
+//! and libvirt's destroy waits for the QEMU zombie), boots N transient guests
+//! over the libvirt API from T client threads while `hvprof record` follows
+//! libvirtd and its children, then destroys every guest, stops the daemons
+//! and undoes the configuration it wrote. Every step that fails says which
+//! step, why, and where the log is; the teardown runs on every path.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+
+/// Packages the boot needs; qemu-system-x86 comes from bookworm-backports,
+/// because this image's qemu-utils 10 (backports) conflicts with bookworm's
+/// QEMU 7.2.
+const PACKAGES: &[(&str, Option<&str>)] = &[
+    ("libvirt-daemon", None),
+    ("libvirt-daemon-driver-qemu", None),
+    ("libvirt-clients", None),
+    ("python3-libvirt", None),
+    ("qemu-system-x86", Some("bookworm-backports")),
+];
+
+const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
+const QEMU_USER: &str = "libvirt-qemu";
+const GUEST_PREFIX: &str = "hvprof-mb-";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Opts {
+    /// Guests to boot.
+    #[arg(long, default_value_t = 12)]
+    pub vms: usize,
+    /// Client threads calling the libvirt API.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// QEMU accelerator of the guests.
+    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    pub accel: Accel,
+    /// Start the guests paused (with kvm: the VM is created without this
+    /// kernel's ~5 s of real-mode emulation per guest).
+    #[arg(long)]
+    pub paused: bool,
+    /// Also boot this many paused KVM guests, after the others.
+    #[arg(long, default_value_t = 0)]
+    pub kvm_paused: usize,
+    /// Windows of K VMs.
+    #[arg(long, conflicts_with = "windows")]
+    pub window_size: Option<u32>,
+    /// Explicit windows, e.g. 1-10,41-50.
+    #[arg(long)]
+    pub windows: Option<String>,
+    /// Report directory.
+    #[arg(short, long, default_value = "target/massboot")]
+    pub output: PathBuf,
+    /// Use this hvprof instead of building the release one.
+    #[arg(long)]
+    pub hvprof: Option<PathBuf>,
+}
+
+/// A 512-byte boot sector: write '!' to COM1 and halt.
+///
+/// ```text
+/// ba f8 03   mov  dx, 0x3f8     ; COM1 data port
+/// b0 21      mov  al, '!'
+/// ee         out  dx, al
+/// fa         cli
+/// f4         hlt
+/// eb fd      jmp  short hlt     ; stay halted (NMIs)
+/// …zeros…    55 aa at 510      ; boot signature
+/// ```
+#[must_use]
+pub fn boot_sector() -> [u8; 512] {
+    let code = [0xba, 0xf8, 0x03, 0xb0, 0x21, 0xee, 0xfa, 0xf4, 0xeb, 0xfd];
+    let mut s = [0u8; 512];
+    s[..code.len()].copy_from_slice(&code);
+    s[510] = 0x55;
+    s[511] = 0xaa;
+    s
+}
+
+fn domain_xml(name: &str, accel: Accel, disk: &Path, serial: &Path) -> String {
+    let ty = match accel {
+        Accel::Tcg => "qemu",
+        Accel::Kvm => "kvm",
+    };
+    // <acpi/>: without it libvirt 9.0 passes -no-acpi, which QEMU 10 rejects.
+    format!(
+        "<domain type='{ty}'>
+  <name>{name}</name>
+  <memory unit='MiB'>16</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/></features>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='hda' bus='ide'/></disk>
+    <serial type='file'><source path='{}'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>",
+        disk.display(),
+        serial.display()
+    )
+}
+
+fn sh(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Installs the missing packages, and only those. Backports are added for
+/// this one apt run through a temporary sources directory; the system's apt
+/// sources are not changed.
+fn ensure_packages() -> anyhow::Result<()> {
+    let missing: Vec<_> = PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
+    if missing.is_empty() {
+        println!("massboot: packages present");
+        return Ok(());
+    }
+    let names: Vec<String> = missing
+        .iter()
+        .map(|(p, suite)| suite.map_or_else(|| (*p).to_owned(), |s| format!("{p}/{s}")))
+        .collect();
+    println!("massboot: installing {} (a minute)…", names.join(" "));
+    let parts = std::env::temp_dir().join(format!("hvprof-apt-{}", std::process::id()));
+    fs::create_dir_all(&parts)?;
+    let result = (|| {
+        for entry in
+            fs::read_dir("/etc/apt/sources.list.d").context("reading /etc/apt/sources.list.d")?
+        {
+            let p = entry?.path();
+            if p.extension().is_some_and(|e| e == "list" || e == "sources") {
+                fs::copy(&p, parts.join(p.file_name().unwrap_or_default()))?;
+            }
+        }
+        fs::write(
+            parts.join("hvprof-bookworm-backports.sources"),
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )?;
+        let apt = |args: &[&str]| {
+            let mut c = Command::new("apt-get");
+            c.arg("-o")
+                .arg(format!("Dir::Etc::SourceParts={}", parts.display()))
+                .args(["-o", "Dir::Etc::SourceList=/etc/apt/sources.list"])
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive");
+            c
+        };
+        sh(&mut apt(&["update", "-qq"]))
+            .context("apt-get update (with bookworm-backports) failed")?;
+        let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+        install.args(&names);
+        sh(&mut install).context("installing the libvirt and QEMU packages failed")?;
+        Ok(())
+    })();
+    let _ = fs::remove_dir_all(&parts);
+    result
+}
+
+/// Live (not zombie) processes whose comm is `comm`.
+fn pids_named(comm: &str) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                let (name, rest) = st
+                    .split_once(" (")
+                    .and_then(|(_, r)| r.rsplit_once(')'))
+                    .unwrap_or(("", ""));
+                name == comm && !rest.trim_start().starts_with(['Z', 'X'])
+            })
+        })
+        .collect()
+}
+
+/// QEMU processes of our guests.
+fn our_qemus() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).contains(&format!("guest={GUEST_PREFIX}"))
+            })
+        })
+        .collect()
+}
+
+/// Cgroup directories libvirt made for our guests (any hierarchy).
+pub fn our_cgroups() -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        if depth > 6 {
+            return;
+        }
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // libvirt escapes '-' as \x2d in machine names.
+                if name.contains("hvprof\\x2dmb") || name.contains(GUEST_PREFIX) {
+                    out.push(p.clone());
+                }
+                walk(&p, depth + 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), 0, &mut out);
+    out
+}
+
+fn signal(pid: u32, sig: i32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: signalling a process we started, by pid.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Signals a child and waits for it; kills it (SIGKILL) after `grace`.
+fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    signal(child.id(), sig);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[derive(Default)]
+enum QemuConf {
+    /// Not written (yet).
+    #[default]
+    Untouched,
+    /// Written; there was none before.
+    WasAbsent,
+    /// Written; this was the content before.
+    Was(Vec<u8>),
+}
+
+/// Everything massboot changed, undone in reverse order on drop — on success,
+/// on error and on panic.
+#[derive(Default)]
+struct Session {
+    logs: PathBuf,
+    scratch: Option<PathBuf>,
+    created_user: bool,
+    /// What qemu.conf was before massboot wrote it.
+    qemu_conf: QemuConf,
+    virtlogd: Option<Child>,
+    /// The subreaper that runs libvirtd.
+    libvirtd: Option<Child>,
+    guests_file: Option<PathBuf>,
+    hvprof: Option<Child>,
+    /// What the teardown found and removed, for the report.
+    leftovers: Vec<String>,
+}
+
+impl Session {
+    fn teardown(&mut self) {
+        if let Some(mut hv) = self.hvprof.take() {
+            stop_child(&mut hv, libc::SIGINT, Duration::from_secs(60));
+        }
+        if let Some(g) = self.guests_file.take()
+            && self.libvirtd.is_some()
+        {
+            let _ = Command::new("/usr/bin/python3")
+                .arg(boot_script())
+                .arg("destroy")
+                .arg(&g)
+                .status();
+        }
+        if let Some(mut l) = self.libvirtd.take() {
+            // The subreaper forwards SIGTERM to libvirtd and reaps the rest.
+            stop_child(&mut l, libc::SIGTERM, Duration::from_secs(15));
+        }
+        if let Some(mut v) = self.virtlogd.take() {
+            stop_child(&mut v, libc::SIGTERM, Duration::from_secs(5));
+        }
+        for pid in our_qemus() {
+            self.leftovers.push(format!("QEMU pid {pid} (killed)"));
+            signal(pid, libc::SIGKILL);
+        }
+        for cg in our_cgroups().into_iter().rev() {
+            if fs::remove_dir(&cg).is_ok() {
+                self.leftovers
+                    .push(format!("cgroup {} (removed)", cg.display()));
+            }
+        }
+        match std::mem::take(&mut self.qemu_conf) {
+            QemuConf::Was(old) => {
+                let _ = fs::write(QEMU_CONF, old);
+            }
+            QemuConf::WasAbsent => {
+                let _ = fs::remove_file(QEMU_CONF);
+            }
+            QemuConf::Untouched => {}
+        }
+        if std::mem::take(&mut self.created_user) {
+            let _ = Command::new("userdel").arg(QEMU_USER).status();
+        }
+        if let Some(s) = self.scratch.take() {
+            let _ = fs::remove_dir_all(s);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn boot_script() -> PathBuf {
+    crate::toolchain::root().join("samples/massboot/boot.py")
+}
+
+/// `cargo xtask subreaper --pidfile F -- CMD…`: become a child subreaper, run
+/// CMD, reap every orphan that lands here, forward SIGTERM/SIGINT to CMD,
+/// and exit with CMD's status once it and all orphans are gone.
+pub fn subreaper(pidfile: &Path, cmd: &[String]) -> anyhow::Result<i32> {
+    ensure!(!cmd.is_empty(), "subreaper needs a command");
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    ensure!(
+        r == 0,
+        "PR_SET_CHILD_SUBREAPER: {}",
+        std::io::Error::last_os_error()
+    );
+    // Block the signals we forward; take them with sigtimedwait below.
+    // SAFETY: plain signal-set manipulation on a local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+        set
+    };
+    let mut command = Command::new(&cmd[0]);
+    command.args(&cmd[1..]);
+    // SAFETY: only async-signal-safe calls between fork and exec: the child
+    // must not inherit the blocked signals (it would ignore SIGTERM).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut empty);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &raw const empty, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let child = command.spawn().context("starting the command")?;
+    let main = child.id();
+    fs::write(pidfile, main.to_string())?;
+    let mut status = None;
+    loop {
+        // Reap everything that has exited.
+        loop {
+            let mut st = 0;
+            // SAFETY: reaping our own (or reparented) children.
+            let pid = unsafe { libc::waitpid(-1, &raw mut st, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if pid.cast_unsigned() == main {
+                status = Some(if libc::WIFEXITED(st) {
+                    libc::WEXITSTATUS(st)
+                } else {
+                    128 + libc::WTERMSIG(st)
+                });
+            }
+        }
+        if status.is_some() {
+            // Any children left? ECHILD means none.
+            // SAFETY: as above.
+            let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+            if r < 0 {
+                break;
+            }
+        }
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        // SAFETY: valid set and timeout.
+        let sig =
+            unsafe { libc::sigtimedwait(&raw const set, std::ptr::null_mut(), &raw const ts) };
+        if (sig == libc::SIGTERM || sig == libc::SIGINT) && status.is_none() {
+            signal(main, sig);
+        }
+    }
+    drop(child);
+    Ok(status.unwrap_or(0))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "index"
+    )]
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the whole mass boot. Returns the report directory.
+#[expect(clippy::too_many_lines, reason = "the boot's steps in order")]
+pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
+    // SAFETY: geteuid cannot fail.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "massboot starts libvirtd and loads eBPF: run it as root"
+    );
+    ensure!(opts.vms + opts.kvm_paused > 0, "--vms 0: nothing to boot");
+    ensure!(
+        (opts.accel == Accel::Tcg && opts.kvm_paused == 0) || Path::new("/dev/kvm").exists(),
+        "KVM guests need /dev/kvm"
+    );
+    let step = |s: &str| println!("massboot: {s}");
+    ensure_packages().context("step 1/7 (packages) failed")?;
+    for d in ["libvirtd", "virtlogd"] {
+        let running = pids_named(d);
+        ensure!(
+            running.is_empty(),
+            "a {d} is already running (pid {running:?}); massboot starts and stops its own — stop that one first"
+        );
+    }
+
+    let out = opts.output.clone();
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = out.canonicalize()?;
+    let mut s = Session::default();
+    s.logs = out.join("logs");
+    fs::create_dir_all(&s.logs)?;
+    let scratch = std::env::temp_dir().join(format!("hvprof-massboot-{}", std::process::id()));
+    fs::create_dir_all(&scratch)?;
+    s.scratch = Some(scratch.clone());
+
+    step("step 2/7: libvirt configuration (user libvirt-qemu, qemu.conf)");
+    if Command::new("id")
+        .arg(QEMU_USER)
+        .output()
+        .is_ok_and(|o| !o.status.success())
+    {
+        sh(Command::new("useradd").args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            QEMU_USER,
+        ]))
+        .context("step 2/7: creating the libvirt-qemu user failed")?;
+        s.created_user = true;
+    }
+    s.qemu_conf = fs::read(QEMU_CONF).map_or(QemuConf::WasAbsent, QemuConf::Was);
+    fs::create_dir_all("/etc/libvirt")?;
+    fs::write(
+        QEMU_CONF,
+        "# Written by hvprof's cargo xtask massboot; restored when it ends.\n\
+         user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\n",
+    )
+    .context("step 2/7: writing /etc/libvirt/qemu.conf failed")?;
+
+    step("step 3/7: starting virtlogd and libvirtd (under a child subreaper)");
+    let vlog = fs::File::create(s.logs.join("virtlogd.log"))?;
+    s.virtlogd = Some(
+        Command::new("virtlogd")
+            .stdout(vlog.try_clone()?)
+            .stderr(vlog)
+            .spawn()
+            .context("step 3/7: starting virtlogd failed")?,
+    );
+    let pidfile = scratch.join("libvirtd.pid");
+    let lerr = fs::File::create(s.logs.join("libvirtd.stderr"))?;
+    let xtask = std::env::current_exe()?;
+    s.libvirtd = Some(
+        Command::new(&xtask)
+            .args(["subreaper", "--pidfile"])
+            .arg(&pidfile)
+            .args(["--", "libvirtd"])
+            .env(
+                "LIBVIRT_LOG_OUTPUTS",
+                format!("3:file:{}", s.logs.join("libvirtd.log").display()),
+            )
+            .stdout(lerr.try_clone()?)
+            .stderr(lerr)
+            .spawn()
+            .context("step 3/7: starting libvirtd failed")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let libvirtd_pid: u32 = loop {
+        let up = Command::new("virsh")
+            .args(["-c", "qemu:///system", "version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|st| st.success());
+        if up
+            && let Some(pid) = fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+        {
+            break pid;
+        }
+        if let Some(l) = s.libvirtd.as_mut()
+            && let Ok(Some(st)) = l.try_wait()
+        {
+            bail!(
+                "step 3/7: libvirtd exited ({st}) while starting; see {}/libvirtd.log and libvirtd.stderr",
+                s.logs.display()
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "step 3/7: libvirtd did not answer on qemu:///system within 30 s; see {}/libvirtd.log",
+            s.logs.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    step("step 4/7: preparing guests");
+    let sector = boot_sector();
+    let mut guests = Vec::new();
+    for i in 0..opts.vms + opts.kvm_paused {
+        let name = format!("{GUEST_PREFIX}{}", i + 1);
+        let (accel, paused) = if i < opts.vms {
+            (opts.accel, opts.paused)
+        } else {
+            (Accel::Kvm, true)
+        };
+        // Each guest its own disk: IDE disks cannot be read-only.
+        let disk = scratch.join(format!("{name}.img"));
+        fs::write(&disk, sector)?;
+        let serial = scratch.join(format!("{name}.serial"));
+        guests.push(serde_json::json!({
+            "name": name,
+            "xml": domain_xml(&name, accel, &disk, &serial),
+            "serial": serial,
+            "paused": paused,
+        }));
+    }
+    let guests_file = scratch.join("guests.json");
+    fs::write(&guests_file, serde_json::to_string(&guests)?)?;
+    s.guests_file = Some(guests_file.clone());
+
+    step(&format!(
+        "step 5/7: hvprof record -p {libvirtd_pid} (libvirtd and its children)"
+    ));
+    let mut rec = Command::new(hvprof);
+    rec.args(["record", "-p", &libvirtd_pid.to_string()]).args([
+        "--vm-event",
+        "kvm",
+        "--vm-event",
+        "exec:qemu-system-*",
+    ]);
+    match (&opts.windows, opts.window_size) {
+        (Some(w), _) => rec.args(["--windows", w]),
+        (None, k) => rec.args(["--window-size", &k.unwrap_or(10).to_string()]),
+    };
+    rec.arg("-o")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut hv = rec.spawn().context("step 5/7: starting hvprof failed")?;
+    let stderr = hv
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow!("no hvprof stderr"))?;
+    s.hvprof = Some(hv);
+    let mut lines = BufReader::new(stderr).lines();
+    let mut hv_err = String::new();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("recording") => break,
+            Some(Ok(l)) => {
+                hv_err.push_str(&l);
+                hv_err.push('\n');
+            }
+            _ => bail!("step 5/7: hvprof exited before recording:\n{hv_err}"),
+        }
+    }
+    let err_drain =
+        std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+
+    step(&format!(
+        "step 6/7: booting {} guests from {} client threads",
+        guests.len(),
+        opts.threads
+    ));
+    let boot = Command::new("/usr/bin/python3")
+        .arg(boot_script())
+        .arg("boot")
+        .arg(&guests_file)
+        .args(["--threads", &opts.threads.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("step 6/7: running the boot client failed")?;
+    let boot_json: serde_json::Value = serde_json::from_slice(&boot.stdout).map_err(|e| {
+        anyhow!(
+            "step 6/7: the boot client printed no result ({e}); see {}/libvirtd.log",
+            s.logs.display()
+        )
+    })?;
+    let errors: Vec<String> = boot_json["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        errors.is_empty(),
+        "step 6/7: guests failed to boot:\n  {}\nsee {}/libvirtd.log",
+        errors.join("\n  "),
+        s.logs.display()
+    );
+
+    // Stop recording before the teardown, so the profile is the boot alone.
+    let hv = s.hvprof.take().ok_or_else(|| anyhow!("hvprof is gone"))?;
+    signal(hv.id(), libc::SIGINT);
+    let hv_out = hv.wait_with_output()?;
+    let hv_stderr = err_drain.join().unwrap_or_default();
+    ensure!(
+        hv_out.status.success(),
+        "step 6/7: hvprof record failed ({}):\n{hv_stderr}",
+        hv_out.status
+    );
+    print!("{}", String::from_utf8_lossy(&hv_out.stdout));
+
+    step("step 7/7: destroying guests, stopping the daemons, restoring the configuration");
+    s.teardown();
+    let leftovers = std::mem::take(&mut s.leftovers);
+    let still: Vec<String> = our_qemus()
+        .iter()
+        .map(|p| format!("QEMU pid {p}"))
+        .chain(
+            our_cgroups()
+                .iter()
+                .map(|c| format!("cgroup {}", c.display())),
+        )
+        .chain(
+            pids_named("libvirtd")
+                .iter()
+                .map(|p| format!("libvirtd pid {p}")),
+        )
+        .chain(
+            pids_named("virtlogd")
+                .iter()
+                .map(|p| format!("virtlogd pid {p}")),
+        )
+        .collect();
+
+    // The boot's own figures.
+    let mut create: Vec<f64> = boot_json["guests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| g["create_s"].as_f64())
+        .collect();
+    create.sort_by(f64::total_cmp);
+    let wall = boot_json["wall_s"].as_f64().unwrap_or(0.0);
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "\nmassboot: {} guests booted in {wall:.2} s",
+        create.len()
+    );
+    let _ = writeln!(
+        text,
+        "  createXML latency: p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms",
+        percentile(&create, 0.5) * 1e3,
+        percentile(&create, 0.9) * 1e3,
+        create.last().copied().unwrap_or(0.0) * 1e3
+    );
+    let _ = writeln!(
+        text,
+        "  teardown: {}",
+        if leftovers.is_empty() && still.is_empty() {
+            "clean (no guest, daemon or cgroup left)".to_owned()
+        } else {
+            format!("cleaned {leftovers:?}; still there: {still:?}")
+        }
+    );
+    let _ = writeln!(text, "  report: {}", out.display());
+    print!("{text}");
+    let report = serde_json::json!({
+        "guests": create.len(),
+        "wall_s": wall,
+        "create_s": { "p50": percentile(&create, 0.5), "p90": percentile(&create, 0.9),
+                      "max": create.last().copied().unwrap_or(0.0) },
+        "boot": boot_json,
+        "teardown_cleaned": leftovers,
+        "teardown_left": still,
+        "libvirtd_pid": libvirtd_pid,
+    });
+    fs::write(
+        out.join("massboot.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    ensure!(still.is_empty(), "the teardown left {still:?} behind");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_sector_is_bootable() {
+        let s = boot_sector();
+        assert_eq!(&s[510..], [0x55, 0xaa]);
+        assert_eq!(s[0], 0xba);
+    }
+
+    #[test]
+    fn domain_has_acpi_and_its_own_disk() {
+        let x = domain_xml(
+            "hvprof-mb-3",
+            Accel::Kvm,
+            Path::new("/d/3.img"),
+            Path::new("/d/3.serial"),
+        );
+        assert!(x.contains("<domain type='kvm'>") && x.contains("<acpi/>"));
+        assert!(x.contains("/d/3.img") && x.contains("<memory unit='MiB'>16</memory>"));
+    }
+
+    #[test]
+    fn percentiles() {
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0];
+        assert!((percentile(&v, 0.5) - 3.0).abs() < 1e-9);
+        assert!((percentile(&v, 0.9) - 5.0).abs() < 1e-9);
+        assert!(percentile(&[], 0.5).abs() < 1e-9);
+    }
+}
