@@ -1158,19 +1158,25 @@ impl Recorder {
                         };
                     }
                     let chain = self.processes.chain(tgid);
-                    let mut frames = Vec::new();
-                    for (i, &ip) in stacks
-                        .get(&user)
-                        .map_or(&[][..], Vec::as_slice)
-                        .iter()
-                        .enumerate()
-                        .rev()
-                    {
+                    let ips = stacks.get(&user).map_or(&[][..], Vec::as_slice);
+                    // Walk from the leaf. A frame in no executable mapping
+                    // means the frame-pointer walk left the stack (code
+                    // built without frame pointers): what follows it is
+                    // garbage, so the stack ends in one `[unknown]`.
+                    let mut leaf_first: Vec<String> = Vec::new();
+                    for (i, &ip) in ips.iter().enumerate() {
                         let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
-                        for f in sym.user_frames(&chain, addr) {
-                            frames.push(table.intern(&f));
+                        let mapped = chain.iter().any(|s| s.locate(addr).is_some());
+                        let names = sym.user_frames(&chain, addr);
+                        // Inlined frames come outermost first: reverse them
+                        // for this leaf-first walk.
+                        leaf_first.extend(names.into_iter().rev());
+                        if !mapped {
+                            break;
                         }
                     }
+                    let frames: Vec<u32> =
+                        leaf_first.iter().rev().map(|f| table.intern(f)).collect();
                     frames
                 })
                 .clone();
