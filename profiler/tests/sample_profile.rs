@@ -22,7 +22,7 @@ fn sample_profile_has_the_boot_it_recorded() {
     assert_eq!(p.windows.len(), 5);
     assert!(p.oncpu.iter().any(|r| r.comm == "rpc-libvirtd"));
     assert!(p.offcpu.iter().any(|r| r.comm == "rpc-libvirtd"));
-    assert!(p.losses.is_empty());
+    assert!(p.losses.is_empty(), "{:?}", p.losses);
     // Every window has on-CPU samples, and the folded stacks are well formed.
     for w in &p.windows {
         let lines = render::oncpu_folded(&p, w.id);
