@@ -135,7 +135,8 @@ pub struct Config {
     /// bytes) starts tracking that process.
     pub target_comm: [u8; COMM_LEN],
     pub target_comm_len: u32,
-    pub pad: u32,
+    /// Most frames of a user stack (0: [`MAX_STACK_DEPTH`]).
+    pub user_stack_depth: u32,
     /// `--min-block`, in ns.
     pub min_block_ns: u64,
     /// `--max-block`, in ns.
@@ -160,7 +161,7 @@ impl Config {
             vm_exec_comm: [0; COMM_LEN],
             target_comm: [0; COMM_LEN],
             target_comm_len: 0,
-            pad: 0,
+            user_stack_depth: 0,
             min_block_ns: 0,
             max_block_ns: u64::MAX,
             offsets: TracepointOffsets {

@@ -176,16 +176,22 @@ fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> Result<u64, i32> {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         return Err(-ENOMEM);
     };
-    // SAFETY: buf is this CPU's scratch value, StackBuf-sized; the kernel
-    // zeroes what it does not fill.
-    let n = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            buf.cast(),
-            core::mem::size_of::<StackBuf>() as u32,
-            flags,
-        )
+    // The buffer size bounds the walk. User stacks get `user_stack_depth`
+    // frames: without frame pointers (Debian's libvirt, glib, QEMU) a walk
+    // runs on through garbage, and every frame costs a user-memory read.
+    let size = if flags & u64::from(BPF_F_USER_STACK) != 0 {
+        let d = config!(user_stack_depth) as usize;
+        let d = if d == 0 || d > MAX_STACK_DEPTH {
+            MAX_STACK_DEPTH
+        } else {
+            d
+        };
+        d * 8
+    } else {
+        core::mem::size_of::<StackBuf>()
     };
+    // SAFETY: buf is this CPU's scratch value, at least `size` bytes.
+    let n = unsafe { bpf_get_stack(ctx.as_ptr(), buf.cast(), size as u32, flags) };
     if n < 0 {
         return Err(n as i32);
     }
@@ -209,6 +215,18 @@ fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> Result<u64, i32> {
         h |= 1 << 63;
     }
     if STACKS.get_ptr(&h).is_none() {
+        // A new stack (rare once warm): clear what an earlier, deeper stack
+        // left in the scratch, so the stored copy ends with zeros.
+        let mut i = 0;
+        while i < MAX_STACK_DEPTH {
+            if i >= frames {
+                // SAFETY: i < MAX_STACK_DEPTH, inside the scratch buffer.
+                // Volatile: a loop of plain stores becomes a memset the
+                // verifier rejects.
+                unsafe { core::ptr::write_volatile(&raw mut (*buf).ips[i], 0) };
+            }
+            i += 1;
+        }
         // SAFETY: buf is valid for reads of one StackBuf.
         if let Err(e) = STACKS.insert(&h, unsafe { &*buf }, 0) {
             return Err(e as i32);

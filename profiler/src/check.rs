@@ -620,17 +620,25 @@ fn perf_event_row(bpf: &mut Ebpf) -> Row {
                 (format!("CPU {cpu}: {why}"), fix)
             })?;
         }
-        // Idle CPUs are sampled too (cpu-clock is a timer), so waiting is
-        // enough to see every CPU fire.
+        // An idle CPU may not be sampled (tickless idle): keep every CPU
+        // that has not fired yet busy for a moment, pinned there.
         let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            std::thread::sleep(Duration::from_millis(50));
-            let per_cpu = counter(bpf, CheckCounter::PerfEvent);
-            let silent: Vec<u32> = cpus
-                .iter()
+        let silent = |per_cpu: &[u64]| -> Vec<u32> {
+            cpus.iter()
                 .copied()
                 .filter(|&c| per_cpu.get(c as usize).copied().unwrap_or(0) == 0)
+                .collect()
+        };
+        loop {
+            let busy: Vec<_> = silent(&counter(bpf, CheckCounter::PerfEvent))
+                .into_iter()
+                .map(|c| std::thread::spawn(move || spin_on(c, 50)))
                 .collect();
+            for b in busy {
+                let _ = b.join();
+            }
+            let per_cpu = counter(bpf, CheckCounter::PerfEvent);
+            let silent = silent(&per_cpu);
             if silent.is_empty() {
                 let total: u64 = per_cpu.iter().sum();
                 return Ok(format!("{} CPUs, {total} samples", cpus.len()));
@@ -650,6 +658,22 @@ fn perf_event_row(bpf: &mut Ebpf) -> Row {
     match result {
         Ok(detail) => Row::ok(CAP, NeededBy::OnCpu, true, detail),
         Err((why, fix)) => Row::missing(CAP, NeededBy::OnCpu, true, why, fix),
+    }
+}
+
+/// Burns `ms` of CPU on `cpu` (pinned; unpinned if pinning fails).
+fn spin_on(cpu: u32, ms: u64) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
+    // sched_setaffinity(0, …) act on this thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+    let end = Instant::now() + Duration::from_millis(ms);
+    let mut x = 1u64;
+    while Instant::now() < end {
+        x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
     }
 }
 

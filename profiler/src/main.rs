@@ -102,6 +102,11 @@ struct RecordArgs {
     /// memory, allocated when recording starts.
     #[arg(long, default_value_t = 65536, value_name = "N")]
     max_stacks: u32,
+    /// Most frames walked in a user stack (at most 127). Each frame is a read
+    /// of user memory; without frame pointers a walk runs on through garbage,
+    /// so a lower bound is cheaper where binaries lack them.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=127))]
+    user_stack_depth: u32,
     /// Run this command and record it (and its children).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -196,6 +201,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         command_line: std::env::args().collect(),
         bpf_stats: args.bpf_stats,
         max_stacks: args.max_stacks.max(1024),
+        user_stack_depth: args.user_stack_depth,
     };
     let outcome = record::record(opts)?;
     print!("{}", outcome.summary.to_text());

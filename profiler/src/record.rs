@@ -161,6 +161,8 @@ pub struct RecordOptions {
     /// Distinct stacks the kernel side can keep (each takes 1 KiB, allocated
     /// up front).
     pub max_stacks: u32,
+    /// Most frames walked in a user stack.
+    pub user_stack_depth: u32,
 }
 
 #[derive(Debug, Error)]
@@ -600,6 +602,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.min_block_ns = u64::try_from(opts.min_block.as_nanos()).unwrap_or(u64::MAX);
     config.max_block_ns = u64::try_from(opts.max_block.as_nanos()).unwrap_or(u64::MAX);
     config.offsets = offsets;
+    config.user_stack_depth = opts.user_stack_depth;
     for ev in &opts.vm_events {
         match ev {
             VmEvent::Kvm => config.vm_event_kvm = 1,

@@ -71,6 +71,9 @@ pub struct Opts {
     /// Use this hvprof instead of building the release one.
     #[arg(long)]
     pub hvprof: Option<PathBuf>,
+    /// Boot without recording: the baseline for hvprof's overhead.
+    #[arg(long)]
+    pub no_record: bool,
 }
 
 /// A 512-byte boot sector: write '!' to COM1 and halt.
@@ -589,44 +592,46 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
     fs::write(&guests_file, serde_json::to_string(&guests)?)?;
     s.guests_file = Some(guests_file.clone());
 
-    step(&format!(
-        "step 5/7: hvprof record -p {libvirtd_pid} (libvirtd and its children)"
-    ));
-    let mut rec = Command::new(hvprof);
-    rec.args(["record", "-p", &libvirtd_pid.to_string()]).args([
-        "--vm-event",
-        "kvm",
-        "--vm-event",
-        "exec:qemu-system-*",
-    ]);
-    match (&opts.windows, opts.window_size) {
-        (Some(w), _) => rec.args(["--windows", w]),
-        (None, k) => rec.args(["--window-size", &k.unwrap_or(10).to_string()]),
-    };
-    rec.arg("-o")
-        .arg(&out)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut hv = rec.spawn().context("step 5/7: starting hvprof failed")?;
-    let stderr = hv
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow!("no hvprof stderr"))?;
-    s.hvprof = Some(hv);
-    let mut lines = BufReader::new(stderr).lines();
-    let mut hv_err = String::new();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("recording") => break,
-            Some(Ok(l)) => {
-                hv_err.push_str(&l);
-                hv_err.push('\n');
+    let err_drain = if opts.no_record {
+        step("step 5/7: not recording (--no-record)");
+        None
+    } else {
+        step(&format!(
+            "step 5/7: hvprof record -p {libvirtd_pid} (libvirtd and its children)"
+        ));
+        let mut rec = Command::new(hvprof);
+        rec.args(["record", "--bpf-stats", "-p", &libvirtd_pid.to_string()])
+            .args(["--vm-event", "kvm", "--vm-event", "exec:qemu-system-*"]);
+        match (&opts.windows, opts.window_size) {
+            (Some(w), _) => rec.args(["--windows", w]),
+            (None, k) => rec.args(["--window-size", &k.unwrap_or(10).to_string()]),
+        };
+        rec.arg("-o")
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut hv = rec.spawn().context("step 5/7: starting hvprof failed")?;
+        let stderr = hv
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("no hvprof stderr"))?;
+        s.hvprof = Some(hv);
+        let mut lines = BufReader::new(stderr).lines();
+        let mut hv_err = String::new();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("recording") => break,
+                Some(Ok(l)) => {
+                    hv_err.push_str(&l);
+                    hv_err.push('\n');
+                }
+                _ => bail!("step 5/7: hvprof exited before recording:\n{hv_err}"),
             }
-            _ => bail!("step 5/7: hvprof exited before recording:\n{hv_err}"),
         }
-    }
-    let err_drain =
-        std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+        Some(std::thread::spawn(move || {
+            lines.map_while(Result::ok).collect::<Vec<_>>().join("\n")
+        }))
+    };
 
     step(&format!(
         "step 6/7: booting {} guests from {} client threads",
@@ -661,16 +666,18 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
     );
 
     // Stop recording before the teardown, so the profile is the boot alone.
-    let hv = s.hvprof.take().ok_or_else(|| anyhow!("hvprof is gone"))?;
-    signal(hv.id(), libc::SIGINT);
-    let hv_out = hv.wait_with_output()?;
-    let hv_stderr = err_drain.join().unwrap_or_default();
-    ensure!(
-        hv_out.status.success(),
-        "step 6/7: hvprof record failed ({}):\n{hv_stderr}",
-        hv_out.status
-    );
-    print!("{}", String::from_utf8_lossy(&hv_out.stdout));
+    if let Some(err_drain) = err_drain {
+        let hv = s.hvprof.take().ok_or_else(|| anyhow!("hvprof is gone"))?;
+        signal(hv.id(), libc::SIGINT);
+        let hv_out = hv.wait_with_output()?;
+        let hv_stderr = err_drain.join().unwrap_or_default();
+        ensure!(
+            hv_out.status.success(),
+            "step 6/7: hvprof record failed ({}):\n{hv_stderr}",
+            hv_out.status
+        );
+        print!("{}", String::from_utf8_lossy(&hv_out.stdout));
+    }
 
     step("step 7/7: destroying guests, stopping the daemons, restoring the configuration");
     s.teardown();
