@@ -65,6 +65,12 @@ pub mod names {
     pub const PROG_EXIT: &str = "task_exit";
     pub const PROG_IOCTL_ENTER: &str = "vm_ioctl_enter";
     pub const PROG_IOCTL_EXIT: &str = "vm_ioctl_exit";
+    pub const PROG_LOCK_BEGIN: &str = "lock_contention_begin";
+    pub const PROG_LOCK_END: &str = "lock_contention_end";
+
+    pub const LOCK_WAITS: &str = "LOCK_WAITS";
+    pub const LOCK_PENDING: &str = "LOCK_PENDING";
+    pub const COUNTERS: &str = "COUNTERS";
 }
 
 /// Which tasks are recorded.
@@ -103,7 +109,23 @@ pub struct TracepointOffsets {
     pub fork_child_pid: u32,
     pub ioctl_enter_cmd: u32,
     pub ioctl_exit_ret: u32,
+    pub lock_begin_addr: u32,
+    pub lock_begin_flags: u32,
+    pub lock_end_addr: u32,
     pub pad: u32,
+    pub pad2: u32,
+}
+
+/// The log2 bucket of a wait (see [`LOCK_HIST_BUCKETS`]).
+#[must_use]
+pub fn hist_bucket(ns: u64) -> usize {
+    let b = (64 - ns.leading_zeros()) as usize;
+    let b = b.saturating_sub(1);
+    if b >= LOCK_HIST_BUCKETS {
+        LOCK_HIST_BUCKETS - 1
+    } else {
+        b
+    }
 }
 
 /// Read-only configuration, set by userspace before load.
@@ -174,7 +196,11 @@ impl Config {
                 fork_child_pid: 0,
                 ioctl_enter_cmd: 0,
                 ioctl_exit_ret: 0,
+                lock_begin_addr: 0,
+                lock_begin_flags: 0,
+                lock_end_addr: 0,
                 pad: 0,
+                pad2: 0,
             },
         }
     }
@@ -314,6 +340,90 @@ pub struct Event {
     pub comm: [u8; COMM_LEN],
 }
 
+/// `lock:contention_begin` flags (include/trace/events/lock.h).
+pub mod lock_flags {
+    pub const SPIN: u32 = 1 << 0;
+    pub const READ: u32 = 1 << 1;
+    pub const WRITE: u32 = 1 << 2;
+    pub const RT: u32 = 1 << 3;
+    pub const PERCPU: u32 = 1 << 4;
+    pub const MUTEX: u32 = 1 << 5;
+}
+
+/// log2 buckets of lock wait time: bucket `i` holds waits in
+/// `[2^i, 2^(i+1))` ns (bucket 0 also 0–1 ns); the last collects the rest.
+pub const LOCK_HIST_BUCKETS: usize = 40;
+
+/// Key of the lock-wait aggregation: one lock, waited for from one stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LockKey {
+    pub window: u32,
+    pub tgid: u32,
+    /// `lock:contention_begin` flags ([`lock_flags`]).
+    pub flags: u32,
+    pub pad: u32,
+    pub lock: u64,
+    /// The waiter's stacks, as in [`SampleKey`].
+    pub kern_stack: u64,
+    pub user_stack: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Waits of one [`LockKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockValue {
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    pub hist: [u64; LOCK_HIST_BUCKETS],
+}
+
+/// Most contentions one task can be inside at once: a spinlock taken in a
+/// mutex's slow path, an interrupt contending while the task waits, …
+pub const MAX_LOCK_NESTING: usize = 4;
+
+/// One contention in progress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LockBegin {
+    pub lock: u64,
+    pub start_ns: u64,
+    /// The CPU the wait began on (the end may come on another).
+    pub cpu: u32,
+    pub pad: u32,
+    pub flags: u32,
+    /// The window at the begin (waits are charged there).
+    pub window: u32,
+}
+
+/// The contentions a task is inside, innermost last. An end pops the entry
+/// of its lock, wherever it is, so nesting and interrupts pair correctly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockPending {
+    pub depth: u32,
+    pub pad: u32,
+    pub entries: [LockBegin; MAX_LOCK_NESTING],
+}
+
+/// Slots of the per-CPU `COUNTERS` array: facts about the recording that
+/// are not losses.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Lock waits that began on one CPU and ended on another (the waiter
+    /// slept and was migrated); paired per task, so timed correctly.
+    LockWaitsMigrated = 0,
+    /// Lock waits paired from a nested or interrupting contention.
+    LockWaitsNested = 1,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 2;
+}
+
 /// Slots of the `LOSSES` map: everything the kernel side could not record.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -338,10 +448,14 @@ pub enum Loss {
     EventDropped = 8,
     /// A child could not be followed: the tracked map is full.
     TrackedFull = 9,
+    /// A lock wait could not be counted: the lock map is full.
+    LockMapFull = 10,
+    /// Contentions nested deeper than [`MAX_LOCK_NESTING`]: not timed.
+    LockNestingTooDeep = 11,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -353,6 +467,8 @@ impl Loss {
         Self::OffCpuStartFull,
         Self::EventDropped,
         Self::TrackedFull,
+        Self::LockMapFull,
+        Self::LockNestingTooDeep,
     ];
 }
 
@@ -379,6 +495,9 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::LossKey {}
     unsafe impl aya::Pod for super::StackBuf {}
+    unsafe impl aya::Pod for super::LockKey {}
+    unsafe impl aya::Pod for super::LockValue {}
+    unsafe impl aya::Pod for super::LockPending {}
 }
 
 #[cfg(test)]
@@ -421,6 +540,16 @@ mod tests {
     }
 
     #[test]
+    fn hist_buckets() {
+        assert_eq!(hist_bucket(0), 0);
+        assert_eq!(hist_bucket(1), 0);
+        assert_eq!(hist_bucket(2), 1);
+        assert_eq!(hist_bucket(1023), 9);
+        assert_eq!(hist_bucket(1024), 10);
+        assert_eq!(hist_bucket(u64::MAX), LOCK_HIST_BUCKETS - 1);
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<SampleKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
@@ -428,7 +557,10 @@ mod tests {
         assert_eq!(size_of::<StackBuf>(), MAX_STACK_DEPTH * 8);
         assert_eq!(size_of::<OffCpuStart>(), size_of::<OffCpuKey>() + 16);
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
-        assert_eq!(size_of::<TracepointOffsets>(), 10 * 4);
+        assert_eq!(size_of::<TracepointOffsets>(), 14 * 4);
+        assert_eq!(size_of::<LockKey>(), 4 * 4 + 3 * 8 + COMM_LEN);
+        assert_eq!(size_of::<LockValue>(), (3 + LOCK_HIST_BUCKETS) * 8);
+        assert_eq!(size_of::<LockPending>(), 8 + MAX_LOCK_NESTING * 32);
         assert_eq!(
             size_of::<Config>(),
             10 * 4 + 2 * COMM_LEN + 2 * 4 + 16 + size_of::<TracepointOffsets>()

@@ -7,16 +7,20 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
+        bpf_ktime_get_ns,
+    },
     macros::{map, perf_event, tracepoint},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::record::{
-    COMM_LEN, Config, Event, EventKind, KVM_CREATE_VM, Loss, LossKey, MAX_STACK_DEPTH,
+    COMM_LEN, Config, Counter, Event, EventKind, KVM_CREATE_VM, LOCK_HIST_BUCKETS, LockBegin,
+    LockKey, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH,
     MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, STACK_EXITING,
     STACK_ID_MIN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
-    WindowMode, WindowRange,
+    WindowMode, WindowRange, hist_bucket,
 };
 
 const EFAULT: i32 = 14;
@@ -543,6 +547,7 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = OFFCPU_START.remove(&pid);
+    let _ = LOCK_PENDING.remove(&pid);
     let _ = EXITING.insert(&pid, &1, 0);
     if pid == tgid {
         emit(EventKind::Exit, tgid, pid, 0, 0, current_window());
@@ -607,6 +612,192 @@ pub fn vm_ioctl_exit(ctx: TracePointContext) -> u32 {
     // A VM fd: the VM exists (unless its exec already counted it).
     if ret >= 0 && VM_BY_EXEC.remove(&tgid).is_err() {
         vm_created(tgid, pid, VM_SOURCE_KVM);
+    }
+    0
+}
+
+// ---------------------------------------------------------- lock contention
+
+#[map]
+static LOCK_WAITS: HashMap<LockKey, LockValue> = HashMap::with_max_entries(32768, 0);
+/// Contentions in progress, per thread.
+#[map]
+static LOCK_PENDING: HashMap<u32, LockPending> = HashMap::with_max_entries(32768, 0);
+
+/// Initial values for inserts: larger than the BPF stack allows.
+#[unsafe(no_mangle)]
+static LOCK_VALUE_ZERO: LockValue = LockValue {
+    count: 0,
+    total_ns: 0,
+    max_ns: 0,
+    hist: [0; LOCK_HIST_BUCKETS],
+};
+#[unsafe(no_mangle)]
+static LOCK_PENDING_ZERO: LockPending = LockPending {
+    depth: 0,
+    pad: 0,
+    entries: [LockBegin {
+        lock: 0,
+        start_ns: 0,
+        cpu: 0,
+        pad: 0,
+        flags: 0,
+        window: 0,
+    }; MAX_LOCK_NESTING],
+};
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(c: Counter) {
+    if let Some(v) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: this CPU's slot.
+        unsafe { *v += 1 };
+    }
+}
+
+#[tracepoint]
+pub fn lock_contention_begin(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    let Some(window) = current_window() else {
+        return 0;
+    };
+    let Some(lock) = read::<u64>(&ctx, config!(offsets.lock_begin_addr)) else {
+        return 0;
+    };
+    let flags = read::<u32>(&ctx, config!(offsets.lock_begin_flags)).unwrap_or(0);
+    let pending = match LOCK_PENDING.get_ptr_mut(&pid) {
+        Some(p) => p,
+        None => {
+            let _ = LOCK_PENDING.insert(&pid, &LOCK_PENDING_ZERO, u64::from(BPF_NOEXIST));
+            match LOCK_PENDING.get_ptr_mut(&pid) {
+                Some(p) => p,
+                None => {
+                    lose(window, Loss::LockMapFull);
+                    return 0;
+                }
+            }
+        }
+    };
+    // SAFETY: a valid map value, only touched by this thread (and by
+    // interrupts on this CPU, which run to completion first).
+    unsafe {
+        let depth = (*pending).depth as usize;
+        // The same lock again (a mutex that spun, then sleeps): one wait,
+        // from the first begin; keep the latest flags.
+        let mut i = 0;
+        while i < MAX_LOCK_NESTING {
+            if i < depth && (*pending).entries[i].lock == lock {
+                (*pending).entries[i].flags = flags;
+                return 0;
+            }
+            i += 1;
+        }
+        if depth >= MAX_LOCK_NESTING {
+            lose(window, Loss::LockNestingTooDeep);
+            return 0;
+        }
+        (*pending).entries[depth] = LockBegin {
+            lock,
+            start_ns: now(),
+            cpu: bpf_get_smp_processor_id(),
+            pad: 0,
+            flags,
+            window,
+        };
+        (*pending).depth = depth as u32 + 1;
+    }
+    0
+}
+
+#[tracepoint]
+pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let Some(pending) = LOCK_PENDING.get_ptr_mut(&pid) else {
+        return 0;
+    };
+    let Some(lock) = read::<u64>(&ctx, config!(offsets.lock_end_addr)) else {
+        return 0;
+    };
+    let end = now();
+    // SAFETY: as in lock_contention_begin.
+    let begin = unsafe {
+        let depth = (*pending).depth as usize;
+        // Innermost first: find the begin of this lock and take it out.
+        let mut found = MAX_LOCK_NESTING;
+        let mut i = MAX_LOCK_NESTING;
+        while i > 0 {
+            i -= 1;
+            if i < depth && found == MAX_LOCK_NESTING && (*pending).entries[i].lock == lock {
+                found = i;
+            }
+        }
+        if found >= MAX_LOCK_NESTING {
+            // Began before the recording, or in another task.
+            return 0;
+        }
+        let begin = (*pending).entries[found];
+        let mut j = 0;
+        while j + 1 < MAX_LOCK_NESTING {
+            if j >= found && j + 1 < depth {
+                (*pending).entries[j] = (*pending).entries[j + 1];
+            }
+            j += 1;
+        }
+        (*pending).depth = depth as u32 - 1;
+        if depth > 1 {
+            count(Counter::LockWaitsNested);
+        }
+        begin
+    };
+    // SAFETY: no preconditions.
+    if begin.cpu != unsafe { bpf_get_smp_processor_id() } {
+        count(Counter::LockWaitsMigrated);
+    }
+    let wait = end.saturating_sub(begin.start_ns);
+    let (kern_stack, user_stack) = stacks(&ctx, begin.window);
+    let key = LockKey {
+        window: begin.window,
+        tgid,
+        flags: begin.flags,
+        pad: 0,
+        lock,
+        kern_stack,
+        user_stack,
+        comm: comm(),
+    };
+    let value = match LOCK_WAITS.get_ptr_mut(&key) {
+        Some(v) => v,
+        None => {
+            let _ = LOCK_WAITS.insert(&key, &LOCK_VALUE_ZERO, u64::from(BPF_NOEXIST));
+            match LOCK_WAITS.get_ptr_mut(&key) {
+                Some(v) => v,
+                None => {
+                    lose(begin.window, Loss::LockMapFull);
+                    return 0;
+                }
+            }
+        }
+    };
+    let bucket = hist_bucket(wait);
+    // SAFETY: a valid map value; the adds are atomic against other CPUs
+    // (threads of one process contend on the same lock from the same stack);
+    // the max is best effort.
+    unsafe {
+        add_atomic(&raw mut (*value).count, 1);
+        add_atomic(&raw mut (*value).total_ns, wait);
+        if bucket < LOCK_HIST_BUCKETS {
+            add_atomic(&raw mut (*value).hist[bucket], 1);
+        }
+        if wait > (*value).max_ns {
+            (*value).max_ns = wait;
+        }
     }
     0
 }

@@ -13,5 +13,6 @@ pub mod record;
 pub mod render;
 pub mod symbolize;
 pub mod sys;
+pub mod tables;
 pub mod tracefs;
 pub mod windows;

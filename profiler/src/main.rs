@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use profiler::{
     cli::{parse_duration, parse_pids},
     profile::Profile,
-    record::{self, RecordOptions, Target, VmEvent},
+    record::{self, RecordOptions, Target, Tracer, VmEvent},
     render,
     windows::WindowSpec,
 };
@@ -107,6 +107,10 @@ struct RecordArgs {
     /// so a lower bound is cheaper where binaries lack them.
     #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=127))]
     user_stack_depth: u32,
+    /// Tracers to load: oncpu, offcpu, locks (default: all). A tracer this
+    /// kernel cannot run is skipped with a warning; the others still run.
+    #[arg(long, value_name = "LIST")]
+    tracers: Option<String>,
     /// Run this command and record it (and its children).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -202,9 +206,24 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         bpf_stats: args.bpf_stats,
         max_stacks: args.max_stacks.max(1024),
         user_stack_depth: args.user_stack_depth,
+        tracers: match args.tracers.as_deref() {
+            Some(t) => Tracer::parse_list(t).map_err(|e| anyhow::anyhow!("--tracers: {e}"))?,
+            None => Tracer::ALL.to_vec(),
+        },
     };
     let outcome = record::record(opts)?;
     print!("{}", outcome.summary.to_text());
+    let profile = Profile::read(&outcome.profile_path)?;
+    if profile.meta.tracers.iter().any(|t| t == "locks") {
+        let rows = profiler::tables::locks(&profile, None);
+        println!(
+            "\nkernel lock contention, whole recording (by total wait; per window in w*/locks.txt):"
+        );
+        print!(
+            "{}",
+            profiler::tables::locks_text(&rows[..rows.len().min(15)])
+        );
+    }
     println!(
         "\nwrote {} (profile: {}) in {} ms after the stop",
         outcome.output.display(),

@@ -82,6 +82,9 @@ pub struct Meta {
     pub tracers: Vec<String>,
     /// Per-program eBPF cost, when recorded with `--bpf-stats`.
     pub program_stats: Vec<ProgramStat>,
+    /// Facts counted in the kernel that are not losses (e.g. lock waits
+    /// that ended on another CPU than they began on).
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// One VM creation.
@@ -126,6 +129,28 @@ pub struct OffCpu {
     pub runq_ns: u64,
 }
 
+/// Waits for one kernel lock from one stack (the lock-contention tracer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockWait {
+    pub window: u32,
+    pub tgid: u32,
+    pub comm: String,
+    /// The lock's address.
+    pub lock: u64,
+    /// A static lock's symbol (from kallsyms), if the kernel exports it.
+    pub lock_name: Option<String>,
+    /// `spinlock`, `mutex`, `rwsem:W`, … as `perf lock contention` names them.
+    pub lock_type: String,
+    /// The waiter's stack.
+    pub stack: Stack,
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// log2 histogram of the waits: bucket `i` counts waits in
+    /// `[2^i, 2^(i+1))` ns.
+    pub hist: Vec<u64>,
+}
+
 /// A loss counter: something that was not recorded, and how often.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LossCount {
@@ -158,6 +183,8 @@ pub struct Profile {
     pub offcpu: Vec<OffCpu>,
     pub losses: Vec<LossCount>,
     pub processes: Vec<Process>,
+    #[serde(default)]
+    pub locks: Vec<LockWait>,
 }
 
 /// Interns frame names while a profile is built.

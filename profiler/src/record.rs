@@ -22,19 +22,22 @@ use aya::{
     },
 };
 use profiler_common::record::{
-    COMM_LEN, Config, Event, EventKind, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue,
-    STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf, TargetMode, TracepointOffsets,
-    VM_SOURCE_EXEC, VmState, names,
+    COMM_LEN, Config, Counter, Event, EventKind, LockKey, LockValue, Loss, LossKey, OffCpuKey,
+    OffCpuStart, OffCpuValue, STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf, TargetMode,
+    TracepointOffsets, VM_SOURCE_EXEC, VmState, names,
 };
 use thiserror::Error;
 
 use crate::{
     ebpf,
     procmaps::{self, Snapshot},
-    profile::{self, FrameTable, LossCount, Meta, OffCpu, OnCpu, Process, Profile, VmCreation},
+    profile::{
+        self, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu, Process, Profile, VmCreation,
+    },
     render,
     symbolize::Symbolizer,
     sys::{self, Privileges},
+    tables,
     tracefs::{Tracefs, TracefsError, Tracepoint},
     windows::WindowSpec,
 };
@@ -66,6 +69,45 @@ impl fmt::Display for Target {
                 write!(f, "command `{}`", c.join(" "))
             }
         }
+    }
+}
+
+/// A tracer that `--tracers` can select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tracer {
+    OnCpu,
+    OffCpu,
+    Locks,
+}
+
+impl Tracer {
+    pub const ALL: [Self; 3] = [Self::OnCpu, Self::OffCpu, Self::Locks];
+
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OnCpu => "oncpu",
+            Self::OffCpu => "offcpu",
+            Self::Locks => "locks",
+        }
+    }
+
+    /// Parses `oncpu,offcpu,locks`.
+    pub fn parse_list(text: &str) -> Result<Vec<Self>, String> {
+        let mut out = Vec::new();
+        for t in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let tracer = Self::ALL
+                .into_iter()
+                .find(|x| x.name() == t)
+                .ok_or_else(|| format!("unknown tracer {t:?}: choose from oncpu, offcpu, locks"))?;
+            if !out.contains(&tracer) {
+                out.push(tracer);
+            }
+        }
+        if out.is_empty() {
+            return Err("--tracers: name at least one tracer".to_owned());
+        }
+        Ok(out)
     }
 }
 
@@ -163,6 +205,7 @@ pub struct RecordOptions {
     pub max_stacks: u32,
     /// Most frames walked in a user stack.
     pub user_stack_depth: u32,
+    pub tracers: Vec<Tracer>,
 }
 
 #[derive(Debug, Error)]
@@ -263,7 +306,25 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::OffCpuStartFull => "off-CPU start map full",
         Loss::EventDropped => "ring-buffer events dropped",
         Loss::TrackedFull => "children not followed (tracked map full)",
+        Loss::LockMapFull => "lock waits not counted (lock map full)",
+        Loss::LockNestingTooDeep => "lock waits not timed (contentions nested too deep)",
     }
+}
+
+/// Exact addresses of kernel data symbols (static locks such as
+/// `cgroup_mutex`), when kallsyms lists data (CONFIG_KALLSYMS_ALL).
+fn kernel_data_symbols() -> HashMap<u64, String> {
+    std::fs::read_to_string("/proc/kallsyms")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+            let ty = f.next()?;
+            let name = f.next()?;
+            (addr != 0 && matches!(ty, "d" | "D" | "b" | "B")).then(|| (addr, name.to_owned()))
+        })
+        .collect()
 }
 
 /// Reads the tracepoint field offsets the programs need.
@@ -283,8 +344,18 @@ fn offsets(tracefs: &Tracefs) -> Result<TracepointOffsets, TracefsError> {
         fork_child_pid: fork.offset("child_pid", &[4])?,
         ioctl_enter_cmd: enter.offset("cmd", &[8])?,
         ioctl_exit_ret: exit.offset("ret", &[8])?,
-        pad: 0,
+        ..TracepointOffsets::default()
     })
+}
+
+/// Offsets of the lock-contention tracepoints, or why they cannot be used.
+fn lock_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
+    let begin = tracefs.format(Tracepoint::new("lock", "contention_begin"))?;
+    let end = tracefs.format(Tracepoint::new("lock", "contention_end"))?;
+    offsets.lock_begin_addr = begin.offset("lock_addr", &[8])?;
+    offsets.lock_begin_flags = begin.offset("flags", &[4])?;
+    offsets.lock_end_addr = end.offset("lock_addr", &[8])?;
+    Ok(())
 }
 
 /// The descendants of `roots` that are alive now (from `/proc/*/stat`).
@@ -525,6 +596,8 @@ struct Recorder {
     target_pids: HashSet<u32>,
     /// Every `-p` target has exited.
     targets_gone: bool,
+    /// The tracers actually attached.
+    tracers: Vec<Tracer>,
     ring_losses: u64,
 }
 
@@ -584,7 +657,14 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         source,
     })?;
     let (tracefs, _) = Tracefs::locate_or_mount()?;
-    let offsets = offsets(&tracefs)?;
+    let mut offsets = offsets(&tracefs)?;
+    let mut active = opts.tracers.clone();
+    if active.contains(&Tracer::Locks)
+        && let Err(e) = lock_offsets(&tracefs, &mut offsets)
+    {
+        eprintln!("hvprof: warning: the locks tracer is skipped: {e}");
+        active.retain(|t| *t != Tracer::Locks);
+    }
 
     let mut config = Config::zeroed();
     config.target_mode = match opts.target {
@@ -704,6 +784,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             _ => HashSet::new(),
         },
         targets_gone: false,
+        tracers: Vec::new(),
         ring_losses: 0,
         opts,
     };
@@ -743,17 +824,31 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         names::PROG_IOCTL_EXIT,
         Tracepoint::new("syscalls", "sys_exit_ioctl"),
     )?;
-    tracepoint(
-        &mut bpf,
-        names::PROG_SCHED_WAKEUP,
-        Tracepoint::new("sched", "sched_wakeup"),
-    )?;
-    tracepoint(
-        &mut bpf,
-        names::PROG_SCHED_SWITCH,
-        Tracepoint::new("sched", "sched_switch"),
-    )?;
-    {
+    if active.contains(&Tracer::OffCpu) {
+        tracepoint(
+            &mut bpf,
+            names::PROG_SCHED_WAKEUP,
+            Tracepoint::new("sched", "sched_wakeup"),
+        )?;
+        tracepoint(
+            &mut bpf,
+            names::PROG_SCHED_SWITCH,
+            Tracepoint::new("sched", "sched_switch"),
+        )?;
+    }
+    if active.contains(&Tracer::Locks) {
+        tracepoint(
+            &mut bpf,
+            names::PROG_LOCK_BEGIN,
+            Tracepoint::new("lock", "contention_begin"),
+        )?;
+        tracepoint(
+            &mut bpf,
+            names::PROG_LOCK_END,
+            Tracepoint::new("lock", "contention_end"),
+        )?;
+    }
+    if active.contains(&Tracer::OnCpu) {
         let cpus = sys::online_cpus().map_err(RecordError::Runtime)?;
         let p: &mut PerfEvent = bpf
             .program_mut(names::PROG_ONCPU)
@@ -773,6 +868,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             .map_err(attach_err(format!("cpu-clock sampling on CPU {cpu}")))?;
         }
     }
+    rec.tracers = active;
 
     if let Some(g) = gated.as_mut() {
         g.release();
@@ -814,7 +910,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     })
 }
 
-const PROGRAMS: [&str; 8] = [
+const PROGRAMS: [&str; 10] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_SCHED_WAKEUP,
@@ -823,6 +919,8 @@ const PROGRAMS: [&str; 8] = [
     names::PROG_EXIT,
     names::PROG_IOCTL_ENTER,
     names::PROG_IOCTL_EXIT,
+    names::PROG_LOCK_BEGIN,
+    names::PROG_LOCK_END,
 ];
 
 /// Run counts and run time of every recording program.
@@ -984,6 +1082,30 @@ impl Recorder {
         }
     }
 
+    /// The kernel's `COUNTERS`, summed over CPUs, by name.
+    fn counters(&self, bpf: &Ebpf) -> std::collections::BTreeMap<String, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        let Some(m) = bpf.map(names::COUNTERS) else {
+            return out;
+        };
+        let Ok(a) = aya::maps::PerCpuArray::<_, u64>::try_from(m) else {
+            return out;
+        };
+        if self.tracers.contains(&Tracer::Locks) {
+            for (c, name) in [
+                (
+                    Counter::LockWaitsMigrated,
+                    "lock waits ended on another CPU",
+                ),
+                (Counter::LockWaitsNested, "lock waits nested in another"),
+            ] {
+                let n: u64 = a.get(&(c as u32), 0).map_or(0, |v| v.iter().sum());
+                out.insert(name.to_owned(), n);
+            }
+        }
+        out
+    }
+
     #[expect(
         clippy::too_many_lines,
         reason = "drain, then symbolize, then assemble: one pass"
@@ -1079,15 +1201,34 @@ impl Recorder {
         }
 
         // Stacks, by content hash.
+        let locks_raw: Vec<(LockKey, LockValue)> = match bpf.map(names::LOCK_WAITS) {
+            Some(m) if self.tracers.contains(&Tracer::Locks) => {
+                let m: BpfHashMap<&MapData, LockKey, LockValue> =
+                    BpfHashMap::try_from(m).map_err(map_err(names::LOCK_WAITS))?;
+                m.iter().filter_map(Result::ok).collect()
+            }
+            _ => Vec::new(),
+        };
+        // Every (tgid, kernel stack, user stack) that needs frames.
+        let triples: Vec<(u32, u64, u64)> = oncpu_raw
+            .iter()
+            .map(|(k, _)| (k.tgid, k.kern_stack, k.user_stack))
+            .chain(
+                offcpu_raw
+                    .iter()
+                    .map(|(k, _)| (k.tgid, k.kern_stack, k.user_stack)),
+            )
+            .chain(
+                locks_raw
+                    .iter()
+                    .map(|(k, _)| (k.tgid, k.kern_stack, k.user_stack)),
+            )
+            .collect();
+
         let stacks: HashMap<u64, Vec<u64>> = {
-            let mut ids: Vec<u64> = oncpu_raw
+            let mut ids: Vec<u64> = triples
                 .iter()
-                .flat_map(|(k, _)| [k.kern_stack, k.user_stack])
-                .chain(
-                    offcpu_raw
-                        .iter()
-                        .flat_map(|(k, _)| [k.kern_stack, k.user_stack]),
-                )
+                .flat_map(|&(_, k, u)| [k, u])
                 .filter(|&id| id >= STACK_ID_MIN)
                 .collect();
             ids.sort_unstable();
@@ -1111,10 +1252,9 @@ impl Recorder {
         };
 
         let mut sym = Symbolizer::new();
-        let kaddrs: Vec<u64> = oncpu_raw
+        let kaddrs: Vec<u64> = triples
             .iter()
-            .map(|(k, _)| k.kern_stack)
-            .chain(offcpu_raw.iter().map(|(k, _)| k.kern_stack))
+            .map(|&(_, k, _)| k)
             .filter_map(|id| stacks.get(&id))
             .flatten()
             .copied()
@@ -1122,11 +1262,7 @@ impl Recorder {
         sym.prepare_kernel(&kaddrs);
         // Batch the user frames per file.
         let mut files = Vec::new();
-        for (tgid, id) in oncpu_raw
-            .iter()
-            .map(|(k, _)| (k.tgid, k.user_stack))
-            .chain(offcpu_raw.iter().map(|(k, _)| (k.tgid, k.user_stack)))
-        {
+        for &(tgid, _, id) in &triples {
             let chain = self.processes.chain(tgid);
             for (i, &ip) in stacks.get(&id).into_iter().flatten().enumerate() {
                 let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
@@ -1239,6 +1375,30 @@ impl Recorder {
             (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack))
         });
 
+        let data_symbols = kernel_data_symbols();
+        let mut locks: Vec<LockWait> = locks_raw
+            .iter()
+            .map(|(k, v)| LockWait {
+                window: k.window,
+                tgid: k.tgid,
+                comm: comm_str(&k.comm),
+                lock: k.lock,
+                lock_name: data_symbols.get(&k.lock).cloned(),
+                lock_type: tables::lock_type_name(k.flags).to_owned(),
+                stack: stack_of(k.tgid, k.kern_stack, k.user_stack, &mut sym, &mut table),
+                count: v.count,
+                total_ns: v.total_ns,
+                max_ns: v.max_ns,
+                hist: {
+                    let n = v.hist.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
+                    v.hist[..n].to_vec()
+                },
+            })
+            .collect();
+        locks.sort_by(|a, b| {
+            (a.window, a.lock, a.tgid, &a.stack).cmp(&(b.window, b.lock, b.tgid, &b.stack))
+        });
+
         let stats = sym.stats;
         if stats.user_unmapped > 0 {
             losses.push(LossCount {
@@ -1307,8 +1467,9 @@ impl Recorder {
                     .map(ToString::to_string)
                     .collect(),
                 stop_reason: stop.to_string(),
-                tracers: vec!["oncpu".to_owned(), "offcpu".to_owned()],
+                tracers: self.tracers.iter().map(|t| t.name().to_owned()).collect(),
                 program_stats: Vec::new(),
+                counters: self.counters(bpf),
             },
             windows: self.opts.windows.windows(vm_count),
             vms,
@@ -1317,6 +1478,7 @@ impl Recorder {
             offcpu,
             losses,
             processes,
+            locks,
         })
     }
 }

@@ -60,6 +60,32 @@ pub fn offcpu_folded(profile: &Profile, window: u32) -> Vec<String> {
         .collect()
 }
 
+/// Folded lines of one window's kernel lock waits, in microseconds: the
+/// waiter's stack, then the lock (`[lock 0x… rwsem:W]` or its symbol).
+#[must_use]
+pub fn lockwait_folded(profile: &Profile, window: u32) -> Vec<String> {
+    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
+    for w in profile.locks.iter().filter(|w| w.window == window) {
+        let lock = w
+            .lock_name
+            .clone()
+            .unwrap_or_else(|| format!("{:#x}", w.lock));
+        let line = format!(
+            "{};[lock {lock} {}]",
+            stack_line(profile, &w.comm, &w.stack),
+            w.lock_type
+        );
+        *folded.entry(line).or_default() += w.total_ns;
+    }
+    folded
+        .into_iter()
+        .filter_map(|(stack, ns)| {
+            let us = ns / 1000;
+            (us > 0).then(|| format!("{stack} {us}"))
+        })
+        .collect()
+}
+
 fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
     // `;` separates frames and a space separates the count: keep both out
     // of the names so every line parses.
@@ -134,6 +160,8 @@ pub struct WindowSummary {
     pub oncpu_samples: u64,
     pub offcpu_ns: u64,
     pub offcpu_blocks: u64,
+    pub lock_wait_ns: u64,
+    pub lock_contentions: u64,
     pub losses: BTreeMap<String, u64>,
     pub processes: usize,
 }
@@ -174,6 +202,11 @@ pub fn summary(profile: &Profile) -> Summary {
                 blocks += r.blocks;
                 pids.insert(r.tgid);
             }
+            let (mut lock_ns, mut lock_n) = (0, 0);
+            for l in profile.locks.iter().filter(|l| l.window == w.id) {
+                lock_ns += l.total_ns;
+                lock_n += l.count;
+            }
             let mut losses = BTreeMap::new();
             for l in profile.losses.iter().filter(|l| l.window == Some(w.id)) {
                 *losses.entry(l.kind.clone()).or_default() += l.count;
@@ -187,6 +220,8 @@ pub fn summary(profile: &Profile) -> Summary {
                 oncpu_samples: samples,
                 offcpu_ns: ns,
                 offcpu_blocks: blocks,
+                lock_wait_ns: lock_ns,
+                lock_contentions: lock_n,
                 losses,
                 processes: pids.len(),
             }
@@ -258,18 +293,19 @@ impl Summary {
         }
         let _ = writeln!(
             out,
-            "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>6} {:>7}  DIR",
-            "WIN", "VMS", "ON-CPU", "OFF-CPU", "BLOCKS", "PROCS", "LOSSES"
+            "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7}  DIR",
+            "WIN", "VMS", "ON-CPU", "OFF-CPU", "BLOCKS", "LOCK WAIT", "PROCS", "LOSSES"
         );
         for w in &self.windows {
             let _ = writeln!(
                 out,
-                "{:<4} {:<22} {:>10} {:>14} {:>9} {:>6} {:>7}  {}",
+                "{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7}  {}",
                 w.id,
                 w.label,
                 w.oncpu_samples,
                 ms(w.offcpu_ns),
                 w.offcpu_blocks,
+                ms(w.lock_wait_ns),
                 w.processes,
                 w.losses.values().sum::<u64>(),
                 w.dir
@@ -321,6 +357,7 @@ pub fn write_all(profile: &Profile, dir: &Path) -> Result<Summary, RenderError> 
     for w in &profile.windows {
         write_window(profile, w, &dir.join(w.dir_name()), &mkdir)?;
     }
+    write_lock_tables(profile, None, dir)?;
     let summary = summary(profile);
     write_file(&dir.join("summary.txt"), &summary.to_text())?;
     let json = serde_json::to_string_pretty(&summary).map_err(|e| RenderError::Write {
@@ -355,7 +392,34 @@ fn write_window(
         "\u{b5}s",
         &wdir.join("offcpu.svg"),
     )?;
+    let lock = lockwait_folded(profile, w.id);
+    write_file(&wdir.join("lockwait.folded"), &join_lines(&lock))?;
+    flame_graph(
+        &lock,
+        &format!("Kernel lock wait: window {} ({label})", w.id),
+        "\u{b5}s",
+        &wdir.join("lockwait.svg"),
+    )?;
+    write_lock_tables(profile, Some(w.id), wdir)?;
     Ok(())
+}
+
+/// `locks.txt`, `.md`, `.csv`, `.json` for one window or the whole
+/// recording.
+fn write_lock_tables(
+    profile: &Profile,
+    window: Option<u32>,
+    dir: &Path,
+) -> Result<(), RenderError> {
+    let rows = crate::tables::locks(profile, window);
+    write_file(&dir.join("locks.txt"), &crate::tables::locks_text(&rows))?;
+    write_file(&dir.join("locks.md"), &crate::tables::locks_markdown(&rows))?;
+    write_file(&dir.join("locks.csv"), &crate::tables::locks_csv(&rows))?;
+    let json = serde_json::to_string_pretty(&rows).map_err(|e| RenderError::Write {
+        path: dir.join("locks.json"),
+        source: io::Error::other(e),
+    })?;
+    write_file(&dir.join("locks.json"), &json)
 }
 
 fn join_lines(lines: &[String]) -> String {

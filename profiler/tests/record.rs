@@ -537,6 +537,118 @@ fn all_records_every_task_but_hvprof_itself() {
 }
 
 #[test]
+fn a_contended_kernel_lock_shows_with_type_caller_and_window() {
+    let vmload = vmload();
+    // mmap_lock contention only between VM 1 and VM 2: window 1.
+    let (p, dir) = record(
+        "locks",
+        &[
+            "--window-size",
+            "1",
+            "--",
+            vmload.to_str().unwrap(),
+            "busy:200,vm,contend:800,vm,busy:200",
+        ],
+    );
+    assert!(
+        p.meta.tracers.iter().any(|t| t == "locks"),
+        "{:?}",
+        p.meta.tracers
+    );
+    let ours = |w: &profiler::profile::LockWait| {
+        p.frame_names(&w.stack)
+            .any(|f| f == "vmload_contend" || f.starts_with("vmload::contend"))
+    };
+    let windows: std::collections::BTreeSet<u32> = p
+        .locks
+        .iter()
+        .filter(|w| ours(w))
+        .map(|w| w.window)
+        .collect();
+    assert_eq!(
+        windows.into_iter().collect::<Vec<_>>(),
+        [1],
+        "waits from vmload_contend"
+    );
+    // The mmap_lock: an rwsem, waited for by writers from the mmap path.
+    let rows = profiler::tables::locks(&p, Some(1));
+    let mmap_lock = rows
+        .iter()
+        .find(|r| {
+            r.lock_type == "rwsem:W" && (r.caller.contains("mmap") || r.caller.contains("munmap"))
+        })
+        .unwrap_or_else(|| panic!("no rwsem:W from the mmap path in {rows:#?}"));
+    assert!(mmap_lock.contentions > 0 && mmap_lock.total_ns > 0);
+    assert!(mmap_lock.max_ns <= mmap_lock.total_ns && mmap_lock.mean_ns <= mmap_lock.max_ns);
+    assert!(mmap_lock.p50_ns <= mmap_lock.p99_ns);
+    // Readers of the same lock (page faults) are a separate row of the same lock.
+    assert!(
+        rows.iter()
+            .any(|r| r.address == mmap_lock.address && r.lock_type == "rwsem:R")
+    );
+    // The waits could not be longer than the phase that made them.
+    let ours_total: u64 = p.locks.iter().filter(|w| ours(w)).map(|w| w.total_ns).sum();
+    assert!(
+        ours_total > 0 && ours_total < 4 * 800_000_000,
+        "{ours_total}"
+    );
+    // Sleeping waiters woke on the other CPU and were still paired: the
+    // pairing is per task, not per CPU.
+    let migrated = p
+        .meta
+        .counters
+        .get("lock waits ended on another CPU")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        migrated > 0,
+        "no lock wait migrated CPUs: {:?}",
+        p.meta.counters
+    );
+    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    // Tables and the lock-wait flame graph are written.
+    for f in [
+        "locks.txt",
+        "locks.md",
+        "locks.csv",
+        "locks.json",
+        "w01-vms-1-1/locks.txt",
+        "w01-vms-1-1/lockwait.svg",
+    ] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    let folded = std::fs::read_to_string(dir.join("w01-vms-1-1/lockwait.folded")).unwrap();
+    // (The frame-pointer walk skips the caller of libc's frameless mmap
+    // wrapper, vmload_contend, but keeps the closure above it.)
+    assert!(
+        folded
+            .lines()
+            .any(|l| l.contains("vmload::contend") && l.contains("rwsem:W]")),
+        "{folded}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tracers_can_be_chosen() {
+    let vmload = vmload();
+    let (p, dir) = record(
+        "tracers",
+        &[
+            "--tracers",
+            "oncpu",
+            "--",
+            vmload.to_str().unwrap(),
+            "busy:200,block:200,contend:200",
+        ],
+    );
+    assert_eq!(p.meta.tracers, ["oncpu"]);
+    assert!(p.offcpu.is_empty() && p.locks.is_empty());
+    assert_samples(samples_of(&p, "vmload_busy")[&0], 200, "vmload_busy");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn bad_input_gets_a_clear_error() {
     let hv = env!("CARGO_BIN_EXE_hvprof");
     let run = |args: &[&str]| {
@@ -558,6 +670,9 @@ fn bad_input_gets_a_clear_error() {
     let (code, err) = run(&["record"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("say what to record"), "{err}");
+    let (code, err) = run(&["record", "--tracers", "oncpu,gpu", "-a"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown tracer \"gpu\""), "{err}");
     let (code, err) = run(&["record", "--windows", "5-3", "-a"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("runs backwards"), "{err}");

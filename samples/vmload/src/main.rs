@@ -12,6 +12,10 @@
 //!   in `vmload_spawned_busy`, and wait for it;
 //! - `thread:MS` — a thread that burns MS ms in `vmload_thread_busy`.
 //!
+//! - `contend:MS` — 4 threads mmap, touch and munmap memory in one address
+//!   space for MS ms in `vmload_contend`: the kernel's mmap_lock (an rwsem)
+//!   is contended on purpose.
+//!
 //! Fixed-work steps, for benchmarks (their wall time grows with overhead):
 //!
 //! - `work:N` — N million rounds of arithmetic in `vmload_work`;
@@ -40,6 +44,7 @@ enum Step {
     Spawn(u64),
     Thread(u64),
     Work(u64),
+    Contend(u64),
     Forks(u64),
     Spawns(u64),
     Switches(u64),
@@ -66,6 +71,7 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
                 "spawn" => Ok(Step::Spawn(ms)),
                 "thread" => Ok(Step::Thread(ms)),
                 "work" => Ok(Step::Work(ms)),
+                "contend" => Ok(Step::Contend(ms)),
                 "forks" => Ok(Step::Forks(ms)),
                 "spawns" => Ok(Step::Spawns(ms)),
                 "switches" => Ok(Step::Switches(ms)),
@@ -123,6 +129,55 @@ pub extern "C" fn vmload_work(millions: u64) -> u64 {
         x = black_box(x.rotate_left(7) ^ x.wrapping_mul(0x2545_f491_4f6c_dd1d));
     }
     x
+}
+
+/// mmap, touch, munmap until `ms` have passed: page faults take the
+/// mmap_lock for reading, mmap and munmap take it for writing.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_contend(ms: u64) -> u64 {
+    const LEN: usize = 256 * 1024;
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    let mut rounds = 0;
+    while Instant::now() < deadline {
+        // SAFETY: an anonymous private mapping, touched within its length,
+        // then unmapped.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                continue;
+            }
+            let bytes = p.cast::<u8>();
+            for off in (0..LEN).step_by(4096) {
+                bytes.add(off).write_volatile(1);
+            }
+            libc::munmap(p, LEN);
+        }
+        rounds += 1;
+    }
+    rounds
+}
+
+fn contend(ms: u64) -> Result<(), String> {
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::Builder::new()
+                .name(format!("vmload-mm{i}"))
+                .spawn(move || vmload_contend(ms))
+                .map_err(|e| format!("thread: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    for t in threads {
+        t.join().map_err(|_| "contend thread panicked".to_owned())?;
+    }
+    Ok(())
 }
 
 fn forks(n: u64) -> Result<(), String> {
@@ -274,6 +329,7 @@ fn run(steps: &[Step]) -> Result<(), String> {
                 vmload_work(n);
             }
             Step::Forks(n) => forks(n)?,
+            Step::Contend(ms) => contend(ms)?,
             Step::Spawns(n) => {
                 for _ in 0..n {
                     let st = std::process::Command::new("/bin/true")
