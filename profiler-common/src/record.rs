@@ -71,6 +71,9 @@ pub mod names {
     pub const LOCK_WAITS: &str = "LOCK_WAITS";
     pub const LOCK_PENDING: &str = "LOCK_PENDING";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const FORK_CALLS: &str = "FORK_CALLS";
+    pub const PROG_FORK_ENTER: &str = "fork_syscall_enter";
+    pub const PROG_FORK_EXIT: &str = "fork_syscall_exit";
 }
 
 /// Which tasks are recorded.
@@ -112,6 +115,13 @@ pub struct TracepointOffsets {
     pub lock_begin_addr: u32,
     pub lock_begin_flags: u32,
     pub lock_end_addr: u32,
+    /// `__syscall_nr` of the `sys_enter_*` fork tracepoints.
+    pub syscall_nr: u32,
+    /// `clone_flags` of `sys_enter_clone`; `uargs` of `sys_enter_clone3`.
+    pub clone_flags: u32,
+    pub clone3_uargs: u32,
+    /// `ret` of the `sys_exit_*` fork tracepoints.
+    pub fork_exit_ret: u32,
     pub pad: u32,
     pub pad2: u32,
 }
@@ -159,6 +169,11 @@ pub struct Config {
     pub target_comm_len: u32,
     /// Most frames of a user stack (0: [`MAX_STACK_DEPTH`]).
     pub user_stack_depth: u32,
+    /// This architecture's numbers of clone, clone3, fork and vfork.
+    pub nr_clone: u32,
+    pub nr_clone3: u32,
+    pub nr_fork: u32,
+    pub nr_vfork: u32,
     /// `--min-block`, in ns.
     pub min_block_ns: u64,
     /// `--max-block`, in ns.
@@ -184,6 +199,10 @@ impl Config {
             target_comm: [0; COMM_LEN],
             target_comm_len: 0,
             user_stack_depth: 0,
+            nr_clone: 0,
+            nr_clone3: 0,
+            nr_fork: 0,
+            nr_vfork: 0,
             min_block_ns: 0,
             max_block_ns: u64::MAX,
             offsets: TracepointOffsets {
@@ -199,6 +218,10 @@ impl Config {
                 lock_begin_addr: 0,
                 lock_begin_flags: 0,
                 lock_end_addr: 0,
+                syscall_nr: 0,
+                clone_flags: 0,
+                clone3_uargs: 0,
+                fork_exit_ret: 0,
                 pad: 0,
                 pad2: 0,
             },
@@ -408,6 +431,52 @@ pub struct LockPending {
     pub entries: [LockBegin; MAX_LOCK_NESTING],
 }
 
+/// Fork syscalls, as [`ForkKey::kind`] numbers them (low byte).
+pub mod fork_kind {
+    pub const CLONE: u32 = 1;
+    pub const CLONE3: u32 = 2;
+    pub const FORK: u32 = 3;
+    pub const VFORK: u32 = 4;
+    /// Set when the call created a thread (`CLONE_THREAD`).
+    pub const THREAD: u32 = 1 << 8;
+}
+
+/// `CLONE_THREAD` (include/uapi/linux/sched.h).
+pub const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// Key of the fork-syscall aggregation: who forked, how, from where.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ForkKey {
+    pub window: u32,
+    pub tgid: u32,
+    /// [`fork_kind`].
+    pub kind: u32,
+    pub pad: u32,
+    /// The parent's user stack (the caller of fork, e.g. `virFork`).
+    pub user_stack: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Successful fork syscalls of one [`ForkKey`], and the parent's time in
+/// them (for vfork: until the child execs or exits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkValue {
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+}
+
+/// A fork syscall in progress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkStart {
+    pub start_ns: u64,
+    pub window: u32,
+    pub kind: u32,
+}
+
 /// Slots of the per-CPU `COUNTERS` array: facts about the recording that
 /// are not losses.
 #[repr(u32)]
@@ -452,10 +521,12 @@ pub enum Loss {
     LockMapFull = 10,
     /// Contentions nested deeper than [`MAX_LOCK_NESTING`]: not timed.
     LockNestingTooDeep = 11,
+    /// A fork could not be counted: the fork map is full.
+    ForkMapFull = 12,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -469,6 +540,7 @@ impl Loss {
         Self::TrackedFull,
         Self::LockMapFull,
         Self::LockNestingTooDeep,
+        Self::ForkMapFull,
     ];
 }
 
@@ -498,6 +570,8 @@ mod pod {
     unsafe impl aya::Pod for super::LockKey {}
     unsafe impl aya::Pod for super::LockValue {}
     unsafe impl aya::Pod for super::LockPending {}
+    unsafe impl aya::Pod for super::ForkKey {}
+    unsafe impl aya::Pod for super::ForkValue {}
 }
 
 #[cfg(test)]
@@ -557,13 +631,14 @@ mod tests {
         assert_eq!(size_of::<StackBuf>(), MAX_STACK_DEPTH * 8);
         assert_eq!(size_of::<OffCpuStart>(), size_of::<OffCpuKey>() + 16);
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
-        assert_eq!(size_of::<TracepointOffsets>(), 14 * 4);
+        assert_eq!(size_of::<TracepointOffsets>(), 18 * 4);
+        assert_eq!(size_of::<ForkKey>(), 4 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<LockKey>(), 4 * 4 + 3 * 8 + COMM_LEN);
         assert_eq!(size_of::<LockValue>(), (3 + LOCK_HIST_BUCKETS) * 8);
         assert_eq!(size_of::<LockPending>(), 8 + MAX_LOCK_NESTING * 32);
         assert_eq!(
             size_of::<Config>(),
-            10 * 4 + 2 * COMM_LEN + 2 * 4 + 16 + size_of::<TracepointOffsets>()
+            10 * 4 + 2 * COMM_LEN + 2 * 4 + 4 * 4 + 16 + size_of::<TracepointOffsets>()
         );
     }
 }

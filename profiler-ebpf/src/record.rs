@@ -9,18 +9,18 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
-        bpf_ktime_get_ns,
+        bpf_ktime_get_ns, bpf_probe_read_user,
     },
     macros::{map, perf_event, tracepoint},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::record::{
-    COMM_LEN, Config, Counter, Event, EventKind, KVM_CREATE_VM, LOCK_HIST_BUCKETS, LockBegin,
-    LockKey, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH,
-    MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, STACK_EXITING,
-    STACK_ID_MIN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
-    WindowMode, WindowRange, hist_bucket,
+    CLONE_THREAD, COMM_LEN, Config, Counter, Event, EventKind, ForkKey, ForkStart, ForkValue,
+    KVM_CREATE_VM, LOCK_HIST_BUCKETS, LockBegin, LockKey, LockPending, LockValue, Loss, LossKey,
+    MAX_LOCK_NESTING, MAX_STACK_DEPTH, MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart, OffCpuValue,
+    SETUP_WINDOW, STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC,
+    VM_SOURCE_KVM, VmState, WindowMode, WindowRange, fork_kind, hist_bucket,
 };
 
 const EFAULT: i32 = 14;
@@ -548,6 +548,7 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     }
     let _ = OFFCPU_START.remove(&pid);
     let _ = LOCK_PENDING.remove(&pid);
+    let _ = FORK_START.remove(&pid);
     let _ = EXITING.insert(&pid, &1, 0);
     if pid == tgid {
         emit(EventKind::Exit, tgid, pid, 0, 0, current_window());
@@ -797,6 +798,109 @@ pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
         }
         if wait > (*value).max_ns {
             (*value).max_ns = wait;
+        }
+    }
+    0
+}
+
+// ------------------------------------------------------------------- forks
+
+#[map]
+static FORK_CALLS: HashMap<ForkKey, ForkValue> = HashMap::with_max_entries(16384, 0);
+/// Fork syscalls in progress, per thread.
+#[map]
+static FORK_START: HashMap<u32, ForkStart> = HashMap::with_max_entries(16384, 0);
+
+/// `sys_enter_{clone,clone3,fork,vfork}`: one program, told apart by the
+/// syscall number.
+#[tracepoint]
+pub fn fork_syscall_enter(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    let Some(window) = current_window() else {
+        return 0;
+    };
+    let nr = read::<i32>(&ctx, config!(offsets.syscall_nr)).unwrap_or(-1) as u32;
+    let (mut kind, flags) = if nr == config!(nr_clone) {
+        (
+            fork_kind::CLONE,
+            read::<u64>(&ctx, config!(offsets.clone_flags)).unwrap_or(0),
+        )
+    } else if nr == config!(nr_clone3) {
+        let uargs = read::<u64>(&ctx, config!(offsets.clone3_uargs)).unwrap_or(0);
+        // struct clone_args starts with `flags`.
+        // SAFETY: a user pointer, read with the checked helper.
+        let flags = unsafe { bpf_probe_read_user(uargs as *const u64) }.unwrap_or(0);
+        (fork_kind::CLONE3, flags)
+    } else if nr == config!(nr_fork) {
+        (fork_kind::FORK, 0)
+    } else {
+        (fork_kind::VFORK, 0)
+    };
+    if flags & CLONE_THREAD != 0 {
+        kind |= fork_kind::THREAD;
+    }
+    let start = ForkStart {
+        start_ns: now(),
+        window,
+        kind,
+    };
+    let _ = FORK_START.insert(&pid, &start, 0);
+    0
+}
+
+#[tracepoint]
+pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    // The child returns from the same syscall: it has no start entry.
+    let Some(start) = FORK_START.get_ptr(&pid) else {
+        return 0;
+    };
+    // SAFETY: a valid map value, copied before removal.
+    let start = unsafe { *start };
+    let _ = FORK_START.remove(&pid);
+    // Failed forks (ret < 0) created nothing.
+    if read::<i64>(&ctx, config!(offsets.fork_exit_ret)).unwrap_or(-1) <= 0 {
+        return 0;
+    }
+    let took = now().saturating_sub(start.start_ns);
+    let (_, user_stack) = stacks(&ctx, start.window);
+    let key = ForkKey {
+        window: start.window,
+        tgid,
+        kind: start.kind,
+        pad: 0,
+        user_stack,
+        comm: comm(),
+    };
+    let value = match FORK_CALLS.get_ptr_mut(&key) {
+        Some(v) => v,
+        None => {
+            let zero = ForkValue {
+                count: 0,
+                total_ns: 0,
+                max_ns: 0,
+            };
+            let _ = FORK_CALLS.insert(&key, &zero, u64::from(BPF_NOEXIST));
+            match FORK_CALLS.get_ptr_mut(&key) {
+                Some(v) => v,
+                None => {
+                    lose(start.window, Loss::ForkMapFull);
+                    return 0;
+                }
+            }
+        }
+    };
+    // SAFETY: a valid map value; atomic adds, best-effort max.
+    unsafe {
+        add_atomic(&raw mut (*value).count, 1);
+        add_atomic(&raw mut (*value).total_ns, took);
+        if took > (*value).max_ns {
+            (*value).max_ns = took;
         }
     }
     0

@@ -151,6 +151,24 @@ pub struct LockWait {
     pub hist: Vec<u64>,
 }
 
+/// Successful fork syscalls from one parent and call site.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkCall {
+    pub window: u32,
+    pub tgid: u32,
+    pub comm: String,
+    /// `clone`, `clone3`, `fork` or `vfork`.
+    pub syscall: String,
+    /// A thread (`CLONE_THREAD`) rather than a process.
+    pub thread: bool,
+    /// The parent's user stack.
+    pub stack: Stack,
+    pub count: u64,
+    /// The parent's time in the syscall (vfork: until the child execs).
+    pub total_ns: u64,
+    pub max_ns: u64,
+}
+
 /// A loss counter: something that was not recorded, and how often.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LossCount {
@@ -171,6 +189,11 @@ pub struct Process {
     pub forked_ns: Option<u64>,
     pub exec_ns: Option<u64>,
     pub exit_ns: Option<u64>,
+    /// The windows of its fork and of its (last) exec.
+    #[serde(default)]
+    pub fork_window: Option<u32>,
+    #[serde(default)]
+    pub exec_window: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -185,6 +208,8 @@ pub struct Profile {
     pub processes: Vec<Process>,
     #[serde(default)]
     pub locks: Vec<LockWait>,
+    #[serde(default)]
+    pub forks: Vec<ForkCall>,
 }
 
 /// Interns frame names while a profile is built.

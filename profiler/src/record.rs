@@ -22,9 +22,9 @@ use aya::{
     },
 };
 use profiler_common::record::{
-    COMM_LEN, Config, Counter, Event, EventKind, LockKey, LockValue, Loss, LossKey, OffCpuKey,
-    OffCpuStart, OffCpuValue, STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf, TargetMode,
-    TracepointOffsets, VM_SOURCE_EXEC, VmState, names,
+    COMM_LEN, Config, Counter, Event, EventKind, ForkKey, ForkValue, LockKey, LockValue, Loss,
+    LossKey, OffCpuKey, OffCpuStart, OffCpuValue, STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf,
+    TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, fork_kind, names,
 };
 use thiserror::Error;
 
@@ -32,7 +32,8 @@ use crate::{
     ebpf,
     procmaps::{self, Snapshot},
     profile::{
-        self, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu, Process, Profile, VmCreation,
+        self, ForkCall, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu, Process, Profile,
+        VmCreation,
     },
     render,
     symbolize::Symbolizer,
@@ -78,10 +79,11 @@ pub enum Tracer {
     OnCpu,
     OffCpu,
     Locks,
+    Fork,
 }
 
 impl Tracer {
-    pub const ALL: [Self; 3] = [Self::OnCpu, Self::OffCpu, Self::Locks];
+    pub const ALL: [Self; 4] = [Self::OnCpu, Self::OffCpu, Self::Locks, Self::Fork];
 
     #[must_use]
     pub fn name(self) -> &'static str {
@@ -89,6 +91,7 @@ impl Tracer {
             Self::OnCpu => "oncpu",
             Self::OffCpu => "offcpu",
             Self::Locks => "locks",
+            Self::Fork => "fork",
         }
     }
 
@@ -99,7 +102,9 @@ impl Tracer {
             let tracer = Self::ALL
                 .into_iter()
                 .find(|x| x.name() == t)
-                .ok_or_else(|| format!("unknown tracer {t:?}: choose from oncpu, offcpu, locks"))?;
+                .ok_or_else(|| {
+                    format!("unknown tracer {t:?}: choose from oncpu, offcpu, locks, fork")
+                })?;
             if !out.contains(&tracer) {
                 out.push(tracer);
             }
@@ -308,6 +313,7 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::TrackedFull => "children not followed (tracked map full)",
         Loss::LockMapFull => "lock waits not counted (lock map full)",
         Loss::LockNestingTooDeep => "lock waits not timed (contentions nested too deep)",
+        Loss::ForkMapFull => "forks not counted (fork map full)",
     }
 }
 
@@ -346,6 +352,37 @@ fn offsets(tracefs: &Tracefs) -> Result<TracepointOffsets, TracefsError> {
         ioctl_exit_ret: exit.offset("ret", &[8])?,
         ..TracepointOffsets::default()
     })
+}
+
+/// The fork syscalls' tracepoints.
+const FORK_SYSCALLS: [&str; 4] = ["clone", "clone3", "fork", "vfork"];
+
+/// Offsets of the fork-syscall tracepoints, or why they cannot be used.
+fn fork_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
+    let clone = tracefs.format(Tracepoint::new("syscalls", "sys_enter_clone"))?;
+    let clone3 = tracefs.format(Tracepoint::new("syscalls", "sys_enter_clone3"))?;
+    let exit = tracefs.format(Tracepoint::new("syscalls", "sys_exit_clone"))?;
+    for name in FORK_SYSCALLS {
+        tracefs.id(Tracepoint::new(
+            "syscalls",
+            leak(format!("sys_enter_{name}")),
+        ))?;
+        tracefs.id(Tracepoint::new(
+            "syscalls",
+            leak(format!("sys_exit_{name}")),
+        ))?;
+    }
+    offsets.syscall_nr = clone.offset("__syscall_nr", &[4])?;
+    offsets.clone_flags = clone.offset("clone_flags", &[8])?;
+    offsets.clone3_uargs = clone3.offset("uargs", &[8])?;
+    offsets.fork_exit_ret = exit.offset("ret", &[8])?;
+    Ok(())
+}
+
+/// Tracepoint names are `&'static str`; the few built at run time live for
+/// the whole recording anyway.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
 }
 
 /// Offsets of the lock-contention tracepoints, or why they cannot be used.
@@ -532,6 +569,8 @@ impl Processes {
             forked_ns: None,
             exec_ns: None,
             exit_ns: None,
+            fork_window: None,
+            exec_window: None,
         })
     }
 
@@ -630,7 +669,10 @@ fn tracepoint(bpf: &mut Ebpf, prog: &'static str, tp: Tracepoint) -> Result<(), 
         .ok_or(RecordError::Missing { name: prog })?
         .try_into()
         .map_err(attach_err(prog))?;
-    p.load().map_err(attach_err(format!("{prog} ({tp})")))?;
+    // One program may be attached to several tracepoints: load it once.
+    if p.fd().is_err() {
+        p.load().map_err(attach_err(format!("{prog} ({tp})")))?;
+    }
     p.attach(tp.category, tp.name)
         .map_err(attach_err(format!("{prog} to {tp}")))?;
     Ok(())
@@ -665,6 +707,12 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         eprintln!("hvprof: warning: the locks tracer is skipped: {e}");
         active.retain(|t| *t != Tracer::Locks);
     }
+    if active.contains(&Tracer::Fork)
+        && let Err(e) = fork_offsets(&tracefs, &mut offsets)
+    {
+        eprintln!("hvprof: warning: the fork tracer is skipped: {e}");
+        active.retain(|t| *t != Tracer::Fork);
+    }
 
     let mut config = Config::zeroed();
     config.target_mode = match opts.target {
@@ -683,6 +731,14 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.max_block_ns = u64::try_from(opts.max_block.as_nanos()).unwrap_or(u64::MAX);
     config.offsets = offsets;
     config.user_stack_depth = opts.user_stack_depth;
+    for (field, nr) in [
+        (&mut config.nr_clone, libc::SYS_clone),
+        (&mut config.nr_clone3, libc::SYS_clone3),
+        (&mut config.nr_fork, libc::SYS_fork),
+        (&mut config.nr_vfork, libc::SYS_vfork),
+    ] {
+        *field = u32::try_from(nr).unwrap_or(u32::MAX);
+    }
     for ev in &opts.vm_events {
         match ev {
             VmEvent::Kvm => config.vm_event_kvm = 1,
@@ -848,6 +904,22 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             Tracepoint::new("lock", "contention_end"),
         )?;
     }
+    if active.contains(&Tracer::Fork) {
+        for name in FORK_SYSCALLS {
+            tracepoint(
+                &mut bpf,
+                names::PROG_FORK_ENTER,
+                Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))),
+            )?;
+        }
+        for name in FORK_SYSCALLS {
+            tracepoint(
+                &mut bpf,
+                names::PROG_FORK_EXIT,
+                Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))),
+            )?;
+        }
+    }
     if active.contains(&Tracer::OnCpu) {
         let cpus = sys::online_cpus().map_err(RecordError::Runtime)?;
         let p: &mut PerfEvent = bpf
@@ -910,7 +982,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     })
 }
 
-const PROGRAMS: [&str; 10] = [
+const PROGRAMS: [&str; 12] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_SCHED_WAKEUP,
@@ -921,6 +993,8 @@ const PROGRAMS: [&str; 10] = [
     names::PROG_IOCTL_EXIT,
     names::PROG_LOCK_BEGIN,
     names::PROG_LOCK_END,
+    names::PROG_FORK_ENTER,
+    names::PROG_FORK_EXIT,
 ];
 
 /// Run counts and run time of every recording program.
@@ -1032,6 +1106,7 @@ impl Recorder {
                 let cmdline = procmaps::cmdline(ev.tgid);
                 let p = self.processes.entry(ev.tgid);
                 p.exec_ns = Some(rel);
+                p.exec_window = (ev.window != u32::MAX).then_some(ev.window);
                 p.comm = comm_str(&ev.comm);
                 if cmdline.is_some() {
                     p.cmdline = cmdline;
@@ -1058,6 +1133,7 @@ impl Recorder {
                 let p = self.processes.entry(ev.child);
                 p.parent = Some(ev.tgid);
                 p.forked_ns = Some(rel);
+                p.fork_window = (ev.window != u32::MAX).then_some(ev.window);
                 if p.comm.is_empty() {
                     p.comm = comm;
                 }
@@ -1209,6 +1285,15 @@ impl Recorder {
             }
             _ => Vec::new(),
         };
+        let forks_raw: Vec<(ForkKey, ForkValue)> = match bpf.map(names::FORK_CALLS) {
+            Some(m) if self.tracers.contains(&Tracer::Fork) => {
+                let m: BpfHashMap<&MapData, ForkKey, ForkValue> =
+                    BpfHashMap::try_from(m).map_err(map_err(names::FORK_CALLS))?;
+                m.iter().filter_map(Result::ok).collect()
+            }
+            _ => Vec::new(),
+        };
+
         // Every (tgid, kernel stack, user stack) that needs frames.
         let triples: Vec<(u32, u64, u64)> = oncpu_raw
             .iter()
@@ -1399,6 +1484,28 @@ impl Recorder {
             (a.window, a.lock, a.tgid, &a.stack).cmp(&(b.window, b.lock, b.tgid, &b.stack))
         });
 
+        let mut forks: Vec<ForkCall> = forks_raw
+            .iter()
+            .map(|(k, v)| ForkCall {
+                window: k.window,
+                tgid: k.tgid,
+                comm: comm_str(&k.comm),
+                syscall: FORK_SYSCALLS
+                    .get(((k.kind & 0xff) as usize).wrapping_sub(1))
+                    .copied()
+                    .unwrap_or("?")
+                    .to_owned(),
+                thread: k.kind & fork_kind::THREAD != 0,
+                stack: stack_of(k.tgid, 0, k.user_stack, &mut sym, &mut table),
+                count: v.count,
+                total_ns: v.total_ns,
+                max_ns: v.max_ns,
+            })
+            .collect();
+        forks.sort_by(|a, b| {
+            (a.window, a.tgid, &a.stack, a.thread).cmp(&(b.window, b.tgid, &b.stack, b.thread))
+        });
+
         let stats = sym.stats;
         if stats.user_unmapped > 0 {
             losses.push(LossCount {
@@ -1479,6 +1586,7 @@ impl Recorder {
             losses,
             processes,
             locks,
+            forks,
         })
     }
 }

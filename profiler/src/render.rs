@@ -162,6 +162,7 @@ pub struct WindowSummary {
     pub offcpu_blocks: u64,
     pub lock_wait_ns: u64,
     pub lock_contentions: u64,
+    pub forks: u64,
     pub losses: BTreeMap<String, u64>,
     pub processes: usize,
 }
@@ -222,6 +223,12 @@ pub fn summary(profile: &Profile) -> Summary {
                 offcpu_blocks: blocks,
                 lock_wait_ns: lock_ns,
                 lock_contentions: lock_n,
+                forks: profile
+                    .forks
+                    .iter()
+                    .filter(|f| f.window == w.id)
+                    .map(|f| f.count)
+                    .sum(),
                 losses,
                 processes: pids.len(),
             }
@@ -293,19 +300,20 @@ impl Summary {
         }
         let _ = writeln!(
             out,
-            "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7}  DIR",
-            "WIN", "VMS", "ON-CPU", "OFF-CPU", "BLOCKS", "LOCK WAIT", "PROCS", "LOSSES"
+            "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>6} {:>7}  DIR",
+            "WIN", "VMS", "ON-CPU", "OFF-CPU", "BLOCKS", "LOCK WAIT", "FORKS", "PROCS", "LOSSES"
         );
         for w in &self.windows {
             let _ = writeln!(
                 out,
-                "{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7}  {}",
+                "{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>6} {:>7}  {}",
                 w.id,
                 w.label,
                 w.oncpu_samples,
                 ms(w.offcpu_ns),
                 w.offcpu_blocks,
                 ms(w.lock_wait_ns),
+                w.forks,
                 w.processes,
                 w.losses.values().sum::<u64>(),
                 w.dir
@@ -404,22 +412,63 @@ fn write_window(
     Ok(())
 }
 
-/// `locks.txt`, `.md`, `.csv`, `.json` for one window or the whole
-/// recording.
+/// `NAME.txt`, `.md`, `.csv`, `.json` of one table.
+fn write_table<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    human: &crate::tables::Table,
+    machine: &crate::tables::Table,
+    json: &T,
+    text_tail: &str,
+) -> Result<(), RenderError> {
+    write_file(
+        &dir.join(format!("{name}.txt")),
+        &format!("{}{text_tail}", human.text()),
+    )?;
+    write_file(&dir.join(format!("{name}.md")), &human.markdown())?;
+    write_file(&dir.join(format!("{name}.csv")), &machine.csv())?;
+    let path = dir.join(format!("{name}.json"));
+    let json = serde_json::to_string_pretty(json).map_err(|e| RenderError::Write {
+        path: path.clone(),
+        source: io::Error::other(e),
+    })?;
+    write_file(&path, &json)
+}
+
+/// The lock and fork tables for one window or the whole recording.
 fn write_lock_tables(
     profile: &Profile,
     window: Option<u32>,
     dir: &Path,
 ) -> Result<(), RenderError> {
-    let rows = crate::tables::locks(profile, window);
-    write_file(&dir.join("locks.txt"), &crate::tables::locks_text(&rows))?;
-    write_file(&dir.join("locks.md"), &crate::tables::locks_markdown(&rows))?;
-    write_file(&dir.join("locks.csv"), &crate::tables::locks_csv(&rows))?;
-    let json = serde_json::to_string_pretty(&rows).map_err(|e| RenderError::Write {
-        path: dir.join("locks.json"),
-        source: io::Error::other(e),
-    })?;
-    write_file(&dir.join("locks.json"), &json)
+    use crate::tables::{fork_summary, fork_table, forks, lock_table, locks};
+    #[derive(Serialize)]
+    struct Forks<'a> {
+        forks: &'a [crate::tables::ForkRow],
+        summary: &'a crate::tables::ForkSummary,
+    }
+    let rows = locks(profile, window);
+    write_table(
+        dir,
+        "locks",
+        &lock_table(&rows, true),
+        &lock_table(&rows, false),
+        &rows,
+        "",
+    )?;
+    let rows = forks(profile, window);
+    let summary = fork_summary(profile, window);
+    write_table(
+        dir,
+        "forks",
+        &fork_table(&rows, true),
+        &fork_table(&rows, false),
+        &Forks {
+            forks: &rows,
+            summary: &summary,
+        },
+        &format!("\n{}", summary.text()),
+    )
 }
 
 fn join_lines(lines: &[String]) -> String {

@@ -212,112 +212,348 @@ pub fn human_ns(ns: u64) -> String {
     }
 }
 
-const HEADERS: [&str; 10] = [
-    "lock",
-    "type",
-    "caller",
-    "contentions",
-    "total",
-    "max",
-    "mean",
-    "p50",
-    "p99",
-    "address",
-];
-
-fn cells(r: &LockRow) -> [String; 10] {
-    [
-        r.lock.clone(),
-        r.lock_type.clone(),
-        r.caller.clone(),
-        r.contentions.to_string(),
-        human_ns(r.total_ns),
-        human_ns(r.max_ns),
-        human_ns(r.mean_ns),
-        format!("<={}", human_ns(r.p50_ns)),
-        format!("<={}", human_ns(r.p99_ns)),
-        r.address.clone(),
-    ]
+/// A table of strings, rendered the same way for every tracer.
+pub struct Table {
+    pub headers: Vec<&'static str>,
+    /// Columns right-aligned in text (numbers).
+    pub numeric: Vec<bool>,
+    pub rows: Vec<Vec<String>>,
+    /// Said instead of the rows when there are none.
+    pub empty: &'static str,
 }
 
-/// Aligned text, numbers right-aligned.
-#[must_use]
-pub fn locks_text(rows: &[LockRow]) -> String {
-    let body: Vec<[String; 10]> = rows.iter().map(cells).collect();
-    let mut width = HEADERS.map(str::len);
-    for r in &body {
-        for (i, c) in r.iter().enumerate() {
-            width[i] = width[i].max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let line = |out: &mut String, cols: &[String]| {
-        for (i, c) in cols.iter().enumerate() {
-            let w = width[i];
-            if (3..=8).contains(&i) {
-                let _ = write!(out, "{c:>w$}  ");
-            } else {
-                let _ = write!(out, "{c:<w$}  ");
+impl Table {
+    /// Aligned text, numbers right-aligned.
+    #[must_use]
+    pub fn text(&self) -> String {
+        let mut width: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate() {
+                width[i] = width[i].max(c.chars().count());
             }
         }
-        let trimmed = out.trim_end().len();
-        out.truncate(trimmed);
+        let mut out = String::new();
+        let mut line = |cols: &[String]| {
+            let mut l = String::new();
+            for (i, c) in cols.iter().enumerate() {
+                let w = width[i];
+                if self.numeric[i] {
+                    let _ = write!(l, "{c:>w$}  ");
+                } else {
+                    let _ = write!(l, "{c:<w$}  ");
+                }
+            }
+            out.push_str(l.trim_end());
+            out.push('\n');
+        };
+        line(
+            &self
+                .headers
+                .iter()
+                .map(|h| h.to_uppercase())
+                .collect::<Vec<_>>(),
+        );
+        for r in &self.rows {
+            line(r);
+        }
+        if self.rows.is_empty() {
+            let _ = writeln!(out, "({})", self.empty);
+        }
+        out
+    }
+
+    #[must_use]
+    pub fn markdown(&self) -> String {
+        let esc = |s: &str| s.replace('|', "\\|");
+        let mut out = format!(
+            "| {} |\n|{}\n",
+            self.headers.join(" | "),
+            "---|".repeat(self.headers.len())
+        );
+        for r in &self.rows {
+            let c: Vec<String> = r.iter().map(|c| esc(c)).collect();
+            let _ = writeln!(out, "| {} |", c.join(" | "));
+        }
+        out
+    }
+
+    #[must_use]
+    pub fn csv(&self) -> String {
+        let q = |s: &str| {
+            if s.contains([',', '"', '\n']) {
+                format!("\"{}\"", s.replace('"', "\"\""))
+            } else {
+                s.to_owned()
+            }
+        };
+        let mut out = self.headers.join(",");
         out.push('\n');
-    };
-    line(&mut out, &HEADERS.map(str::to_uppercase));
-    for r in &body {
-        line(&mut out, r);
+        for r in &self.rows {
+            let c: Vec<String> = r.iter().map(|c| q(c)).collect();
+            out.push_str(&c.join(","));
+            out.push('\n');
+        }
+        out
     }
-    if rows.is_empty() {
-        out.push_str("(no lock contention recorded)\n");
+}
+
+/// The lock table: people read durations, CSV keeps nanoseconds.
+#[must_use]
+pub fn lock_table(rows: &[LockRow], human: bool) -> Table {
+    let d = |ns: u64| if human { human_ns(ns) } else { ns.to_string() };
+    Table {
+        headers: if human {
+            vec![
+                "lock",
+                "type",
+                "caller",
+                "contentions",
+                "total",
+                "max",
+                "mean",
+                "p50",
+                "p99",
+                "address",
+            ]
+        } else {
+            vec![
+                "lock",
+                "type",
+                "caller",
+                "contentions",
+                "total_ns",
+                "max_ns",
+                "mean_ns",
+                "p50_ns",
+                "p99_ns",
+                "address",
+            ]
+        },
+        numeric: vec![
+            false, false, false, true, true, true, true, true, true, false,
+        ],
+        rows: rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.lock.clone(),
+                    r.lock_type.clone(),
+                    r.caller.clone(),
+                    r.contentions.to_string(),
+                    d(r.total_ns),
+                    d(r.max_ns),
+                    d(r.mean_ns),
+                    if human {
+                        format!("<={}", d(r.p50_ns))
+                    } else {
+                        d(r.p50_ns)
+                    },
+                    if human {
+                        format!("<={}", d(r.p99_ns))
+                    } else {
+                        d(r.p99_ns)
+                    },
+                    r.address.clone(),
+                ]
+            })
+            .collect(),
+        empty: "no lock contention recorded",
     }
-    out
+}
+
+#[must_use]
+pub fn locks_text(rows: &[LockRow]) -> String {
+    lock_table(rows, true).text()
 }
 
 #[must_use]
 pub fn locks_markdown(rows: &[LockRow]) -> String {
-    let esc = |s: &str| s.replace('|', "\\|");
-    let mut out = format!(
-        "| {} |\n|{}\n",
-        HEADERS.join(" | "),
-        "---|".repeat(HEADERS.len())
-    );
-    for r in rows {
-        let c = cells(r).map(|c| esc(&c));
-        let _ = writeln!(out, "| {} |", c.join(" | "));
-    }
-    out
+    lock_table(rows, true).markdown()
 }
 
 #[must_use]
 pub fn locks_csv(rows: &[LockRow]) -> String {
-    let q = |s: &str| {
-        if s.contains([',', '"', '\n']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_owned()
-        }
-    };
-    let mut out = String::from(
-        "lock,type,caller,contentions,total_ns,max_ns,mean_ns,p50_ns,p99_ns,address\n",
-    );
-    for r in rows {
-        let _ = writeln!(
-            out,
-            "{},{},{},{},{},{},{},{},{},{}",
-            q(&r.lock),
-            q(&r.lock_type),
-            q(&r.caller),
-            r.contentions,
-            r.total_ns,
-            r.max_ns,
-            r.mean_ns,
-            r.p50_ns,
-            r.p99_ns,
-            r.address
-        );
+    lock_table(rows, false).csv()
+}
+
+/// libc's own frames on the way into the kernel's fork.
+fn is_fork_wrapper(frame: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "fork",
+        "__fork",
+        "__libc_fork",
+        "_Fork",
+        "arch_fork",
+        "vfork",
+        "__vfork",
+        "clone",
+        "__clone",
+        "clone3",
+        "__clone3",
+        "__clone_internal",
+        "__clone_internal_fallback",
+        "__spawni",
+        "__spawnix",
+        "__spawn_process",
+        "posix_spawn",
+        "__posix_spawn",
+        "posix_spawnp",
+        "__posix_spawnp",
+        "pthread_create",
+        "__pthread_create_2_1",
+        "create_thread",
+    ];
+    NAMES.contains(&frame) || frame.starts_with("[libc.so") || frame.starts_with("[unknown")
+}
+
+/// Forks from one parent and call site, in a table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ForkRow {
+    pub parent: String,
+    /// The parent's first frame outside libc's fork machinery.
+    pub caller: String,
+    pub syscall: String,
+    /// `process` or `thread`.
+    pub creates: String,
+    pub count: u64,
+    pub total_ns: u64,
+    pub mean_ns: u64,
+    pub max_ns: u64,
+}
+
+/// The forks of one window or of the whole recording, by time in fork.
+#[must_use]
+pub fn forks(profile: &Profile, window: Option<u32>) -> Vec<ForkRow> {
+    // (parent, caller, syscall, thread) → (count, total, max)
+    type Group = (String, String, String, bool);
+    let mut by: BTreeMap<Group, (u64, u64, u64)> = BTreeMap::new();
+    for f in profile
+        .forks
+        .iter()
+        .filter(|f| window.is_none_or(|w| f.window == w))
+    {
+        let caller = profile
+            .frame_names(&f.stack)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .find(|n| !is_fork_wrapper(n))
+            .unwrap_or("[unknown]")
+            .to_owned();
+        let e = by
+            .entry((f.comm.clone(), caller, f.syscall.clone(), f.thread))
+            .or_default();
+        e.0 += f.count;
+        e.1 += f.total_ns;
+        e.2 = e.2.max(f.max_ns);
     }
-    out
+    let mut rows: Vec<ForkRow> = by
+        .into_iter()
+        .map(
+            |((parent, caller, syscall, thread), (count, total, max))| ForkRow {
+                parent,
+                caller,
+                syscall,
+                creates: if thread { "thread" } else { "process" }.to_owned(),
+                count,
+                total_ns: total,
+                mean_ns: total.checked_div(count).unwrap_or(0),
+                max_ns: max,
+            },
+        )
+        .collect();
+    rows.sort_by(|a, b| {
+        b.total_ns
+            .cmp(&a.total_ns)
+            .then_with(|| a.caller.cmp(&b.caller))
+    });
+    rows
+}
+
+#[must_use]
+pub fn fork_table(rows: &[ForkRow], human: bool) -> Table {
+    let d = |ns: u64| if human { human_ns(ns) } else { ns.to_string() };
+    Table {
+        headers: if human {
+            vec![
+                "parent",
+                "caller",
+                "syscall",
+                "creates",
+                "count",
+                "time in fork",
+                "mean",
+                "max",
+            ]
+        } else {
+            vec![
+                "parent", "caller", "syscall", "creates", "count", "total_ns", "mean_ns", "max_ns",
+            ]
+        },
+        numeric: vec![false, false, false, false, true, true, true, true],
+        rows: rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.parent.clone(),
+                    r.caller.clone(),
+                    r.syscall.clone(),
+                    r.creates.clone(),
+                    r.count.to_string(),
+                    d(r.total_ns),
+                    d(r.mean_ns),
+                    d(r.max_ns),
+                ]
+            })
+            .collect(),
+        empty: "no forks recorded",
+    }
+}
+
+/// Execs and child lifetimes of a window (or of the whole recording).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ForkSummary {
+    pub execs: u64,
+    /// Child processes forked in the window that exited while recording.
+    pub children_exited: u64,
+    pub lifetime_p50_ns: u64,
+    pub lifetime_max_ns: u64,
+}
+
+#[must_use]
+pub fn fork_summary(profile: &Profile, window: Option<u32>) -> ForkSummary {
+    let in_window = |w: Option<u32>| window.is_none_or(|id| w == Some(id));
+    let execs = profile
+        .processes
+        .iter()
+        .filter(|p| p.exec_ns.is_some() && in_window(p.exec_window))
+        .count();
+    let mut lives: Vec<u64> = profile
+        .processes
+        .iter()
+        .filter(|p| in_window(p.fork_window))
+        .filter_map(|p| Some(p.exit_ns?.saturating_sub(p.forked_ns?)))
+        .collect();
+    lives.sort_unstable();
+    ForkSummary {
+        execs: execs as u64,
+        children_exited: lives.len() as u64,
+        lifetime_p50_ns: lives.get(lives.len() / 2).copied().unwrap_or(0),
+        lifetime_max_ns: lives.last().copied().unwrap_or(0),
+    }
+}
+
+impl ForkSummary {
+    #[must_use]
+    pub fn text(&self) -> String {
+        format!(
+            "execs: {}; child processes exited: {} (lifetime p50 {}, max {})\n",
+            self.execs,
+            self.children_exited,
+            human_ns(self.lifetime_p50_ns),
+            human_ns(self.lifetime_max_ns)
+        )
+    }
 }
 
 #[cfg(test)]
@@ -414,6 +650,54 @@ mod tests {
         assert_eq!(
             locks_text(&[]).lines().last(),
             Some("(no lock contention recorded)")
+        );
+    }
+
+    #[test]
+    fn forks_by_parent_and_caller() {
+        let mut t = FrameTable::default();
+        let stack = vec![
+            t.intern("main"),
+            t.intern("virFork"),
+            t.intern("__libc_fork"),
+            t.intern("_Fork"),
+        ];
+        let call = |window, thread, count, ns| crate::profile::ForkCall {
+            window,
+            tgid: 7,
+            comm: "rpc-libvirtd".into(),
+            syscall: "clone".into(),
+            thread,
+            stack: stack.clone(),
+            count,
+            total_ns: ns,
+            max_ns: ns,
+        };
+        let p = Profile {
+            frames: t.into_names(),
+            forks: vec![
+                call(1, false, 3, 300),
+                call(1, false, 2, 200),
+                call(2, true, 1, 50),
+            ],
+            ..Profile::default()
+        };
+        let rows = forks(&p, Some(1));
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].caller.as_str(), rows[0].count, rows[0].total_ns),
+            ("virFork", 5, 500)
+        );
+        assert_eq!(rows[0].creates, "process");
+        assert_eq!(forks(&p, None).len(), 2);
+        let text = fork_table(&rows, true).text();
+        assert!(
+            text.contains("rpc-libvirtd") && text.contains("virFork"),
+            "{text}"
+        );
+        assert_eq!(
+            fork_table(&[], true).text().lines().last(),
+            Some("(no forks recorded)")
         );
     }
 

@@ -630,6 +630,51 @@ fn a_contended_kernel_lock_shows_with_type_caller_and_window() {
 }
 
 #[test]
+fn forks_threads_and_execs_are_counted_exactly_per_window() {
+    let vmload = vmload();
+    // Window 1: 7 forks (glibc fork: clone). Window 2: 3 spawns of
+    // /bin/true (posix_spawn: clone3 + exec) and 1 thread (clone3).
+    let (p, dir) = record(
+        "forks",
+        &[
+            "--window-size",
+            "1",
+            "--",
+            vmload.to_str().unwrap(),
+            "busy:50,vm,forks:7,vm,spawns:3,thread:50",
+        ],
+    );
+    let count = |w: u32, thread: bool| -> u64 {
+        p.forks
+            .iter()
+            .filter(|f| f.window == w && f.thread == thread && f.comm.starts_with("vmload"))
+            .map(|f| f.count)
+            .sum()
+    };
+    assert_eq!((count(1, false), count(1, true)), (7, 0), "{:#?}", p.forks);
+    assert_eq!((count(2, false), count(2, true)), (3, 1), "{:#?}", p.forks);
+    assert!(
+        p.forks
+            .iter()
+            .all(|f| f.total_ns > 0 && f.max_ns <= f.total_ns)
+    );
+    let s1 = profiler::tables::fork_summary(&p, Some(1));
+    assert_eq!(s1.children_exited, 7, "{s1:?}");
+    assert!(s1.lifetime_max_ns > 0);
+    let s2 = profiler::tables::fork_summary(&p, Some(2));
+    assert_eq!(s2.execs, 3, "{s2:?}");
+    let rows = profiler::tables::forks(&p, Some(2));
+    assert!(
+        rows.iter()
+            .any(|r| r.creates == "thread" && r.syscall == "clone3" && r.count == 1),
+        "{rows:#?}"
+    );
+    assert!(dir.join("w01-vms-1-1/forks.txt").is_file() && dir.join("forks.csv").is_file());
+    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn tracers_can_be_chosen() {
     let vmload = vmload();
     let (p, dir) = record(
