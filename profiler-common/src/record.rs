@@ -72,6 +72,12 @@ pub mod names {
     pub const LOCK_PENDING: &str = "LOCK_PENDING";
     pub const COUNTERS: &str = "COUNTERS";
     pub const FORK_CALLS: &str = "FORK_CALLS";
+    pub const CGROUP_OPS: &str = "CGROUP_OPS";
+    pub const PROG_CGROUP_MKDIR: &str = "cgroup_mkdir";
+    pub const PROG_CGROUP_RMDIR: &str = "cgroup_rmdir";
+    pub const PROG_CGROUP_ATTACH: &str = "cgroup_attach";
+    pub const PROG_CGROUP_SYSCALL_ENTER: &str = "cgroup_syscall_enter";
+    pub const PROG_CGROUP_SYSCALL_EXIT: &str = "cgroup_syscall_exit";
     pub const PROG_FORK_ENTER: &str = "fork_syscall_enter";
     pub const PROG_FORK_EXIT: &str = "fork_syscall_exit";
 }
@@ -122,8 +128,12 @@ pub struct TracepointOffsets {
     pub clone3_uargs: u32,
     /// `ret` of the `sys_exit_*` fork tracepoints.
     pub fork_exit_ret: u32,
-    pub pad: u32,
-    pub pad2: u32,
+    /// `root` and `path` (`__data_loc`) of `cgroup_mkdir`/`cgroup_rmdir`.
+    pub cgroup_root: u32,
+    pub cgroup_path: u32,
+    /// `dst_root` and `dst_path` of `cgroup_attach_task`.
+    pub cgroup_attach_root: u32,
+    pub cgroup_attach_path: u32,
 }
 
 /// The log2 bucket of a wait (see [`LOCK_HIST_BUCKETS`]).
@@ -222,8 +232,10 @@ impl Config {
                 clone_flags: 0,
                 clone3_uargs: 0,
                 fork_exit_ret: 0,
-                pad: 0,
-                pad2: 0,
+                cgroup_root: 0,
+                cgroup_path: 0,
+                cgroup_attach_root: 0,
+                cgroup_attach_path: 0,
             },
         }
     }
@@ -477,6 +489,54 @@ pub struct ForkStart {
     pub kind: u32,
 }
 
+/// Cgroup operations, as [`CgroupKey::kind`] numbers them.
+pub mod cgroup_op {
+    pub const MKDIR: u32 = 1;
+    pub const RMDIR: u32 = 2;
+    pub const ATTACH: u32 = 3;
+}
+
+/// Bytes of a cgroup path kept (longer paths are cut).
+pub const CGROUP_PATH_LEN: usize = 112;
+
+/// Key of the cgroup-operation aggregation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CgroupKey {
+    pub window: u32,
+    /// [`cgroup_op`].
+    pub kind: u32,
+    pub tgid: u32,
+    /// The hierarchy id (0: cgroup v2), as in `/proc/cgroups`.
+    pub root: u32,
+    /// The (destination) cgroup's path in its hierarchy, NUL-terminated.
+    pub path: [u8; CGROUP_PATH_LEN],
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Operations of one [`CgroupKey`]; latency is that of the system call
+/// the task made them in (mkdir, rmdir, write to `cgroup.procs`, …).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupValue {
+    pub count: u64,
+    /// Operations inside a timed system call.
+    pub timed: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+}
+
+/// An operation waiting for its system call to return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupPending {
+    pub key: CgroupKey,
+    pub start_ns: u64,
+    /// Operations seen in this system call so far (0: none yet).
+    pub ops: u32,
+    pub pad: u32,
+}
+
 /// Slots of the per-CPU `COUNTERS` array: facts about the recording that
 /// are not losses.
 #[repr(u32)]
@@ -523,10 +583,12 @@ pub enum Loss {
     LockNestingTooDeep = 11,
     /// A fork could not be counted: the fork map is full.
     ForkMapFull = 12,
+    /// A cgroup operation could not be counted: the cgroup map is full.
+    CgroupMapFull = 13,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -541,6 +603,7 @@ impl Loss {
         Self::LockMapFull,
         Self::LockNestingTooDeep,
         Self::ForkMapFull,
+        Self::CgroupMapFull,
     ];
 }
 
@@ -572,6 +635,8 @@ mod pod {
     unsafe impl aya::Pod for super::LockPending {}
     unsafe impl aya::Pod for super::ForkKey {}
     unsafe impl aya::Pod for super::ForkValue {}
+    unsafe impl aya::Pod for super::CgroupKey {}
+    unsafe impl aya::Pod for super::CgroupValue {}
 }
 
 #[cfg(test)]
@@ -631,7 +696,8 @@ mod tests {
         assert_eq!(size_of::<StackBuf>(), MAX_STACK_DEPTH * 8);
         assert_eq!(size_of::<OffCpuStart>(), size_of::<OffCpuKey>() + 16);
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
-        assert_eq!(size_of::<TracepointOffsets>(), 18 * 4);
+        assert_eq!(size_of::<TracepointOffsets>(), 20 * 4);
+        assert_eq!(size_of::<CgroupKey>(), 4 * 4 + CGROUP_PATH_LEN + COMM_LEN);
         assert_eq!(size_of::<ForkKey>(), 4 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<LockKey>(), 4 * 4 + 3 * 8 + COMM_LEN);
         assert_eq!(size_of::<LockValue>(), (3 + LOCK_HIST_BUCKETS) * 8);

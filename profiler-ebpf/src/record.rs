@@ -9,14 +9,14 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
     },
     macros::{map, perf_event, tracepoint},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::record::{
-    CLONE_THREAD, COMM_LEN, Config, Counter, Event, EventKind, ForkKey, ForkStart, ForkValue,
+    CGROUP_PATH_LEN, CLONE_THREAD, COMM_LEN, CgroupKey, CgroupPending, CgroupValue, cgroup_op, Config, Counter, Event, EventKind, ForkKey, ForkStart, ForkValue,
     KVM_CREATE_VM, LOCK_HIST_BUCKETS, LockBegin, LockKey, LockPending, LockValue, Loss, LossKey,
     MAX_LOCK_NESTING, MAX_STACK_DEPTH, MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart, OffCpuValue,
     SETUP_WINDOW, STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC,
@@ -549,6 +549,7 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     let _ = OFFCPU_START.remove(&pid);
     let _ = LOCK_PENDING.remove(&pid);
     let _ = FORK_START.remove(&pid);
+    let _ = CGROUP_PENDING.remove(&pid);
     let _ = EXITING.insert(&pid, &1, 0);
     if pid == tgid {
         emit(EventKind::Exit, tgid, pid, 0, 0, current_window());
@@ -903,5 +904,171 @@ pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
             (*value).max_ns = took;
         }
     }
+    0
+}
+
+// ----------------------------------------------------------------- cgroups
+
+#[map]
+static CGROUP_OPS: HashMap<CgroupKey, CgroupValue> = HashMap::with_max_entries(16384, 0);
+/// The timed system call each thread is in, and the operations seen in it.
+#[map]
+static CGROUP_PENDING: HashMap<u32, CgroupPending> = HashMap::with_max_entries(8192, 0);
+/// Builds an untimed operation's key (too large for the BPF stack).
+#[map]
+static CGROUP_SCRATCH: PerCpuArray<CgroupKey> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+static CGROUP_PENDING_ZERO: CgroupPending = CgroupPending {
+    key: CgroupKey {
+        window: 0,
+        kind: 0,
+        tgid: 0,
+        root: 0,
+        path: [0; CGROUP_PATH_LEN],
+        comm: [0; COMM_LEN],
+    },
+    start_ns: 0,
+    ops: 0,
+    pad: 0,
+};
+#[unsafe(no_mangle)]
+static CGROUP_VALUE_ZERO: CgroupValue = CgroupValue {
+    count: 0,
+    timed: 0,
+    total_ns: 0,
+    max_ns: 0,
+};
+
+/// Adds `ops` operations taking `ns` (timed or not) to a key's value.
+#[inline(always)]
+fn cgroup_account(key: *const CgroupKey, window: u32, ops: u64, timed: bool, ns: u64) {
+    // SAFETY: key points to a map value or this CPU's scratch.
+    let key = unsafe { &*key };
+    let value = match CGROUP_OPS.get_ptr_mut(key) {
+        Some(v) => v,
+        None => {
+            let _ = CGROUP_OPS.insert(key, &CGROUP_VALUE_ZERO, u64::from(BPF_NOEXIST));
+            match CGROUP_OPS.get_ptr_mut(key) {
+                Some(v) => v,
+                None => {
+                    lose(window, Loss::CgroupMapFull);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: a valid map value; atomic adds, best-effort max.
+    unsafe {
+        add_atomic(&raw mut (*value).count, ops);
+        if timed {
+            add_atomic(&raw mut (*value).timed, ops);
+            add_atomic(&raw mut (*value).total_ns, ns);
+            if ns > (*value).max_ns {
+                (*value).max_ns = ns;
+            }
+        }
+    }
+}
+
+/// Fills a key from a cgroup tracepoint.
+#[inline(always)]
+fn cgroup_key(ctx: &TracePointContext, key: *mut CgroupKey, kind: u32, window: u32, tgid: u32, root_off: u32, path_off: u32) {
+    // SAFETY: key points to a map value or this CPU's scratch, valid for
+    // writes; the path is read with the checked string helper.
+    unsafe {
+        (*key).window = window;
+        (*key).kind = kind;
+        (*key).tgid = tgid;
+        (*key).root = read::<i32>(ctx, root_off).unwrap_or(-1) as u32;
+        (*key).comm = comm();
+        let loc = read::<u32>(ctx, path_off).unwrap_or(0);
+        let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+        if bpf_probe_read_kernel_str_bytes(src, &mut (*key).path).is_err() {
+            (*key).path[0] = 0;
+        }
+    }
+}
+
+#[inline(always)]
+fn cgroup_op(ctx: &TracePointContext, kind: u32, root_off: u32, path_off: u32) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    let Some(window) = current_window() else {
+        return 0;
+    };
+    if let Some(p) = CGROUP_PENDING.get_ptr_mut(&pid) {
+        // Inside a timed system call: charged when it returns.
+        // SAFETY: a valid map value of this thread.
+        unsafe {
+            if (*p).ops == 0 {
+                cgroup_key(ctx, &raw mut (*p).key, kind, window, tgid, root_off, path_off);
+            }
+            (*p).ops += 1;
+        }
+        return 0;
+    }
+    let Some(key) = CGROUP_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    cgroup_key(ctx, key, kind, window, tgid, root_off, path_off);
+    cgroup_account(key, window, 1, false, 0);
+    0
+}
+
+#[tracepoint]
+pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
+    cgroup_op(&ctx, cgroup_op::MKDIR, config!(offsets.cgroup_root), config!(offsets.cgroup_path))
+}
+
+#[tracepoint]
+pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
+    cgroup_op(&ctx, cgroup_op::RMDIR, config!(offsets.cgroup_root), config!(offsets.cgroup_path))
+}
+
+#[tracepoint]
+pub fn cgroup_attach(ctx: TracePointContext) -> u32 {
+    cgroup_op(
+        &ctx,
+        cgroup_op::ATTACH,
+        config!(offsets.cgroup_attach_root),
+        config!(offsets.cgroup_attach_path),
+    )
+}
+
+/// `sys_enter_{mkdir,mkdirat,rmdir,unlinkat,write}` of tracked tasks: the
+/// system calls cgroup operations are made in.
+#[tracepoint]
+pub fn cgroup_syscall_enter(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    let _ = CGROUP_PENDING.insert(&pid, &CGROUP_PENDING_ZERO, 0);
+    if let Some(p) = CGROUP_PENDING.get_ptr_mut(&pid) {
+        // SAFETY: a valid map value of this thread.
+        unsafe { (*p).start_ns = now() };
+    }
+    0
+}
+
+#[tracepoint]
+pub fn cgroup_syscall_exit(_ctx: TracePointContext) -> u32 {
+    let pid = bpf_get_current_pid_tgid() as u32;
+    let Some(p) = CGROUP_PENDING.get_ptr_mut(&pid) else {
+        return 0;
+    };
+    // SAFETY: a valid map value of this thread, removed after use.
+    unsafe {
+        if (*p).ops > 0 {
+            let ns = now().saturating_sub((*p).start_ns);
+            cgroup_account(&raw const (*p).key, (*p).key.window, u64::from((*p).ops), true, ns);
+        }
+    }
+    let _ = CGROUP_PENDING.remove(&pid);
     0
 }

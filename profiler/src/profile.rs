@@ -169,6 +169,25 @@ pub struct ForkCall {
     pub max_ns: u64,
 }
 
+/// Cgroup operations of one kind on one cgroup, by one process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupOp {
+    pub window: u32,
+    pub tgid: u32,
+    pub comm: String,
+    /// `mkdir`, `rmdir` or `attach`.
+    pub op: String,
+    /// `v2`, or the v1 hierarchy's controllers (`memory`, `cpu,cpuacct`).
+    pub hierarchy: String,
+    /// The (destination) cgroup, as the kernel names it.
+    pub path: String,
+    pub count: u64,
+    /// Operations whose system call was timed (the rest: count only).
+    pub timed: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+}
+
 /// A loss counter: something that was not recorded, and how often.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LossCount {
@@ -210,6 +229,8 @@ pub struct Profile {
     pub locks: Vec<LockWait>,
     #[serde(default)]
     pub forks: Vec<ForkCall>,
+    #[serde(default)]
+    pub cgroups: Vec<CgroupOp>,
 }
 
 /// Interns frame names while a profile is built.

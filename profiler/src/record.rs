@@ -22,7 +22,7 @@ use aya::{
     },
 };
 use profiler_common::record::{
-    COMM_LEN, Config, Counter, Event, EventKind, ForkKey, ForkValue, LockKey, LockValue, Loss,
+    COMM_LEN, CgroupKey, CgroupValue, Config, Counter, Event, EventKind, ForkKey, cgroup_op, ForkValue, LockKey, LockValue, Loss,
     LossKey, OffCpuKey, OffCpuStart, OffCpuValue, STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf,
     TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, fork_kind, names,
 };
@@ -32,7 +32,7 @@ use crate::{
     ebpf,
     procmaps::{self, Snapshot},
     profile::{
-        self, ForkCall, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu, Process, Profile,
+        self, CgroupOp, ForkCall, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu, Process, Profile,
         VmCreation,
     },
     render,
@@ -80,10 +80,11 @@ pub enum Tracer {
     OffCpu,
     Locks,
     Fork,
+    Cgroup,
 }
 
 impl Tracer {
-    pub const ALL: [Self; 4] = [Self::OnCpu, Self::OffCpu, Self::Locks, Self::Fork];
+    pub const ALL: [Self; 5] = [Self::OnCpu, Self::OffCpu, Self::Locks, Self::Fork, Self::Cgroup];
 
     #[must_use]
     pub fn name(self) -> &'static str {
@@ -92,6 +93,7 @@ impl Tracer {
             Self::OffCpu => "offcpu",
             Self::Locks => "locks",
             Self::Fork => "fork",
+            Self::Cgroup => "cgroup",
         }
     }
 
@@ -103,7 +105,7 @@ impl Tracer {
                 .into_iter()
                 .find(|x| x.name() == t)
                 .ok_or_else(|| {
-                    format!("unknown tracer {t:?}: choose from oncpu, offcpu, locks, fork")
+                    format!("unknown tracer {t:?}: choose from oncpu, offcpu, locks, fork, cgroup")
                 })?;
             if !out.contains(&tracer) {
                 out.push(tracer);
@@ -314,6 +316,7 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::LockMapFull => "lock waits not counted (lock map full)",
         Loss::LockNestingTooDeep => "lock waits not timed (contentions nested too deep)",
         Loss::ForkMapFull => "forks not counted (fork map full)",
+        Loss::CgroupMapFull => "cgroup operations not counted (cgroup map full)",
     }
 }
 
@@ -383,6 +386,46 @@ fn fork_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<()
 /// the whole recording anyway.
 fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
+}
+
+/// The system calls cgroup operations are made in (and timed by).
+const CGROUP_SYSCALLS: [&str; 5] = ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"];
+
+/// Offsets of the cgroup tracepoints, or why they cannot be used.
+fn cgroup_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
+    let mkdir = tracefs.format(Tracepoint::new("cgroup", "cgroup_mkdir"))?;
+    tracefs.format(Tracepoint::new("cgroup", "cgroup_rmdir"))?;
+    let attach = tracefs.format(Tracepoint::new("cgroup", "cgroup_attach_task"))?;
+    for name in CGROUP_SYSCALLS {
+        tracefs.id(Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))))?;
+        tracefs.id(Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))))?;
+    }
+    offsets.cgroup_root = mkdir.offset("root", &[4])?;
+    offsets.cgroup_path = mkdir.offset("path", &[4])?;
+    offsets.cgroup_attach_root = attach.offset("dst_root", &[4])?;
+    offsets.cgroup_attach_path = attach.offset("dst_path", &[4])?;
+    Ok(())
+}
+
+/// Hierarchy ids to names, from `/proc/cgroups` (0 is cgroup v2).
+fn cgroup_hierarchies() -> HashMap<u32, String> {
+    let mut out: HashMap<u32, Vec<String>> = HashMap::new();
+    for line in std::fs::read_to_string("/proc/cgroups").unwrap_or_default().lines().skip(1) {
+        let mut f = line.split_whitespace();
+        if let (Some(name), Some(id)) = (f.next(), f.next().and_then(|i| i.parse().ok())) {
+            out.entry(id).or_default().push(name.to_owned());
+        }
+    }
+    let mut names: HashMap<u32, String> = out
+        .into_iter()
+        .filter(|(id, _)| *id != 0)
+        .map(|(id, mut v)| {
+            v.sort();
+            (id, v.join(","))
+        })
+        .collect();
+    names.insert(0, "v2".to_owned());
+    names
 }
 
 /// Offsets of the lock-contention tracepoints, or why they cannot be used.
@@ -713,6 +756,12 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         eprintln!("hvprof: warning: the fork tracer is skipped: {e}");
         active.retain(|t| *t != Tracer::Fork);
     }
+    if active.contains(&Tracer::Cgroup)
+        && let Err(e) = cgroup_offsets(&tracefs, &mut offsets)
+    {
+        eprintln!("hvprof: warning: the cgroup tracer is skipped: {e}");
+        active.retain(|t| *t != Tracer::Cgroup);
+    }
 
     let mut config = Config::zeroed();
     config.target_mode = match opts.target {
@@ -920,6 +969,23 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             )?;
         }
     }
+    if active.contains(&Tracer::Cgroup) {
+        tracepoint(&mut bpf, names::PROG_CGROUP_MKDIR, Tracepoint::new("cgroup", "cgroup_mkdir"))?;
+        tracepoint(&mut bpf, names::PROG_CGROUP_RMDIR, Tracepoint::new("cgroup", "cgroup_rmdir"))?;
+        tracepoint(&mut bpf, names::PROG_CGROUP_ATTACH, Tracepoint::new("cgroup", "cgroup_attach_task"))?;
+        for name in CGROUP_SYSCALLS {
+            tracepoint(
+                &mut bpf,
+                names::PROG_CGROUP_SYSCALL_ENTER,
+                Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))),
+            )?;
+            tracepoint(
+                &mut bpf,
+                names::PROG_CGROUP_SYSCALL_EXIT,
+                Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))),
+            )?;
+        }
+    }
     if active.contains(&Tracer::OnCpu) {
         let cpus = sys::online_cpus().map_err(RecordError::Runtime)?;
         let p: &mut PerfEvent = bpf
@@ -982,7 +1048,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     })
 }
 
-const PROGRAMS: [&str; 12] = [
+const PROGRAMS: [&str; 17] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_SCHED_WAKEUP,
@@ -995,6 +1061,11 @@ const PROGRAMS: [&str; 12] = [
     names::PROG_LOCK_END,
     names::PROG_FORK_ENTER,
     names::PROG_FORK_EXIT,
+    names::PROG_CGROUP_MKDIR,
+    names::PROG_CGROUP_RMDIR,
+    names::PROG_CGROUP_ATTACH,
+    names::PROG_CGROUP_SYSCALL_ENTER,
+    names::PROG_CGROUP_SYSCALL_EXIT,
 ];
 
 /// Run counts and run time of every recording program.
@@ -1506,6 +1577,42 @@ impl Recorder {
             (a.window, a.tgid, &a.stack, a.thread).cmp(&(b.window, b.tgid, &b.stack, b.thread))
         });
 
+        let hierarchies = cgroup_hierarchies();
+        let mut cgroups: Vec<CgroupOp> = match bpf.map(names::CGROUP_OPS) {
+            Some(m) if self.tracers.contains(&Tracer::Cgroup) => {
+                let m: BpfHashMap<&MapData, CgroupKey, CgroupValue> =
+                    BpfHashMap::try_from(m).map_err(map_err(names::CGROUP_OPS))?;
+                m.iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| CgroupOp {
+                        window: k.window,
+                        tgid: k.tgid,
+                        comm: comm_str(&k.comm),
+                        op: match k.kind {
+                            cgroup_op::MKDIR => "mkdir",
+                            cgroup_op::RMDIR => "rmdir",
+                            _ => "attach",
+                        }
+                        .to_owned(),
+                        hierarchy: hierarchies
+                            .get(&k.root)
+                            .cloned()
+                            .unwrap_or_else(|| format!("hierarchy {}", k.root)),
+                        path: {
+                            let end = k.path.iter().position(|&b| b == 0).unwrap_or(k.path.len());
+                            String::from_utf8_lossy(&k.path[..end]).into_owned()
+                        },
+                        count: v.count,
+                        timed: v.timed,
+                        total_ns: v.total_ns,
+                        max_ns: v.max_ns,
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        cgroups.sort_by(|a, b| (a.window, &a.op, &a.hierarchy, &a.path, a.tgid).cmp(&(b.window, &b.op, &b.hierarchy, &b.path, b.tgid)));
+
         let stats = sym.stats;
         if stats.user_unmapped > 0 {
             losses.push(LossCount {
@@ -1587,6 +1694,7 @@ impl Recorder {
             processes,
             locks,
             forks,
+            cgroups,
         })
     }
 }

@@ -163,6 +163,7 @@ pub struct WindowSummary {
     pub lock_wait_ns: u64,
     pub lock_contentions: u64,
     pub forks: u64,
+    pub cgroup_ops: u64,
     pub losses: BTreeMap<String, u64>,
     pub processes: usize,
 }
@@ -228,6 +229,12 @@ pub fn summary(profile: &Profile) -> Summary {
                     .iter()
                     .filter(|f| f.window == w.id)
                     .map(|f| f.count)
+                    .sum(),
+                cgroup_ops: profile
+                    .cgroups
+                    .iter()
+                    .filter(|c| c.window == w.id)
+                    .map(|c| c.count)
                     .sum(),
                 losses,
                 processes: pids.len(),
@@ -300,13 +307,13 @@ impl Summary {
         }
         let _ = writeln!(
             out,
-            "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>6} {:>7}  DIR",
-            "WIN", "VMS", "ON-CPU", "OFF-CPU", "BLOCKS", "LOCK WAIT", "FORKS", "PROCS", "LOSSES"
+            "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7} {:>6} {:>7}  DIR",
+            "WIN", "VMS", "ON-CPU", "OFF-CPU", "BLOCKS", "LOCK WAIT", "FORKS", "CGROUP", "PROCS", "LOSSES"
         );
         for w in &self.windows {
             let _ = writeln!(
                 out,
-                "{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>6} {:>7}  {}",
+                "{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7} {:>6} {:>7}  {}",
                 w.id,
                 w.label,
                 w.oncpu_samples,
@@ -314,6 +321,7 @@ impl Summary {
                 w.offcpu_blocks,
                 ms(w.lock_wait_ns),
                 w.forks,
+                w.cgroup_ops,
                 w.processes,
                 w.losses.values().sum::<u64>(),
                 w.dir
@@ -453,6 +461,15 @@ fn write_lock_tables(
         "locks",
         &lock_table(&rows, true),
         &lock_table(&rows, false),
+        &rows,
+        "",
+    )?;
+    let rows = crate::tables::cgroups(profile, window);
+    write_table(
+        dir,
+        "cgroups",
+        &crate::tables::cgroup_table(&rows, true),
+        &crate::tables::cgroup_table(&rows, false),
         &rows,
         "",
     )?;

@@ -556,6 +556,121 @@ impl ForkSummary {
     }
 }
 
+/// Folds the per-VM and per-instance parts of a cgroup path so that the
+/// operations of every VM aggregate: libvirt's
+/// `machine/qemu-12-vm\x2d12.libvirt-qemu/vcpu0` becomes
+/// `machine/qemu-*.libvirt-qemu/vcpu*`; other runs of digits become `*`.
+#[must_use]
+pub fn fold_cgroup_path(path: &str) -> String {
+    let fold_digits = |c: &str| {
+        let mut out = String::with_capacity(c.len());
+        let mut in_digits = false;
+        for ch in c.chars() {
+            if ch.is_ascii_digit() {
+                if !in_digits {
+                    out.push('*');
+                }
+                in_digits = true;
+            } else {
+                out.push(ch);
+                in_digits = false;
+            }
+        }
+        out
+    };
+    path.split('/')
+        .map(|c| {
+            if c.starts_with("qemu-")
+                && let Some(rest) = c.strip_suffix(".libvirt-qemu")
+                && rest.len() > 5
+            {
+                return "qemu-*.libvirt-qemu".to_owned();
+            }
+            fold_digits(c)
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Cgroup operations of one kind on one (folded) path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CgroupRow {
+    pub op: String,
+    pub hierarchy: String,
+    pub path: String,
+    pub count: u64,
+    pub timed: u64,
+    pub total_ns: u64,
+    pub mean_ns: u64,
+    pub max_ns: u64,
+}
+
+/// The cgroup operations of one window or of the whole recording, by
+/// total latency, then count.
+#[must_use]
+pub fn cgroups(profile: &Profile, window: Option<u32>) -> Vec<CgroupRow> {
+    type Group = (String, String, String);
+    let mut by: BTreeMap<Group, (u64, u64, u64, u64)> = BTreeMap::new();
+    for c in profile.cgroups.iter().filter(|c| window.is_none_or(|w| c.window == w)) {
+        let e = by
+            .entry((c.op.clone(), c.hierarchy.clone(), fold_cgroup_path(&c.path)))
+            .or_default();
+        e.0 += c.count;
+        e.1 += c.timed;
+        e.2 += c.total_ns;
+        e.3 = e.3.max(c.max_ns);
+    }
+    let mut rows: Vec<CgroupRow> = by
+        .into_iter()
+        .map(|((op, hierarchy, path), (count, timed, total, max))| CgroupRow {
+            op,
+            hierarchy,
+            path,
+            count,
+            timed,
+            total_ns: total,
+            mean_ns: total.checked_div(timed).unwrap_or(0),
+            max_ns: max,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.total_ns
+            .cmp(&a.total_ns)
+            .then(b.count.cmp(&a.count))
+            .then_with(|| a.path.cmp(&b.path))
+    });
+    rows
+}
+
+#[must_use]
+pub fn cgroup_table(rows: &[CgroupRow], human: bool) -> Table {
+    let d = |ns: u64| if human { human_ns(ns) } else { ns.to_string() };
+    Table {
+        headers: if human {
+            vec!["op", "hierarchy", "cgroup", "count", "timed", "total", "mean", "max"]
+        } else {
+            vec!["op", "hierarchy", "cgroup", "count", "timed", "total_ns", "mean_ns", "max_ns"]
+        },
+        numeric: vec![false, false, false, true, true, true, true, true],
+        rows: rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.op.clone(),
+                    r.hierarchy.clone(),
+                    r.path.clone(),
+                    r.count.to_string(),
+                    r.timed.to_string(),
+                    d(r.total_ns),
+                    d(r.mean_ns),
+                    d(r.max_ns),
+                ]
+            })
+            .collect(),
+        empty: "no cgroup operations recorded",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,6 +814,20 @@ mod tests {
             fork_table(&[], true).text().lines().last(),
             Some("(no forks recorded)")
         );
+    }
+
+    #[test]
+    fn folds_per_vm_cgroup_paths() {
+        assert_eq!(
+            fold_cgroup_path("/machine/qemu-12-vm\\x2d12.libvirt-qemu/emulator"),
+            "/machine/qemu-*.libvirt-qemu/emulator"
+        );
+        assert_eq!(
+            fold_cgroup_path("/machine/qemu-3-guest.libvirt-qemu/vcpu0"),
+            "/machine/qemu-*.libvirt-qemu/vcpu*"
+        );
+        assert_eq!(fold_cgroup_path("/hvprof-vmload-4242/cg-17"), "/hvprof-vmload-*/cg-*");
+        assert_eq!(fold_cgroup_path("/machine"), "/machine");
     }
 
     #[test]

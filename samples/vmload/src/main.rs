@@ -16,6 +16,11 @@
 //!   space for MS ms in `vmload_contend`: the kernel's mmap_lock (an rwsem)
 //!   is contended on purpose.
 //!
+//! - `cgroups:N` — under the cgroup v2 mount, make `hvprof-vmload-PID/`,
+//!   then N times: mkdir `cg-I`, move itself in (write to `cgroup.procs`),
+//!   move back, rmdir; then remove the parent: N+1 mkdirs, 2N attaches (one
+//!   per thread moved: run it single-threaded), N+1 rmdirs.
+//!
 //! Fixed-work steps, for benchmarks (their wall time grows with overhead):
 //!
 //! - `work:N` — N million rounds of arithmetic in `vmload_work`;
@@ -45,6 +50,7 @@ enum Step {
     Thread(u64),
     Work(u64),
     Contend(u64),
+    Cgroups(u64),
     Forks(u64),
     Spawns(u64),
     Switches(u64),
@@ -72,6 +78,7 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
                 "thread" => Ok(Step::Thread(ms)),
                 "work" => Ok(Step::Work(ms)),
                 "contend" => Ok(Step::Contend(ms)),
+                "cgroups" => Ok(Step::Cgroups(ms)),
                 "forks" => Ok(Step::Forks(ms)),
                 "spawns" => Ok(Step::Spawns(ms)),
                 "switches" => Ok(Step::Switches(ms)),
@@ -178,6 +185,61 @@ fn contend(ms: u64) -> Result<(), String> {
         t.join().map_err(|_| "contend thread panicked".to_owned())?;
     }
     Ok(())
+}
+
+/// The cgroup v2 mount point.
+fn cgroup2_mount() -> Result<std::path::PathBuf, String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| format!("/proc/mounts: {e}"))?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, ty) = (f.next()?, f.next()?, f.next()?);
+            (ty == "cgroup2").then(|| std::path::PathBuf::from(dir))
+        })
+        .ok_or_else(|| "no cgroup2 mount".to_owned())
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_cgroups(n: u64) -> u64 {
+    match cgroups(n) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("vmload: cgroups: {e}");
+            1
+        }
+    }
+}
+
+fn cgroups(n: u64) -> Result<(), String> {
+    let root = cgroup2_mount()?;
+    // Where this process is now (v2 line `0::/path`), to move back to.
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("no cgroup v2 line in /proc/self/cgroup")?;
+    let home = root.join(own.trim_start_matches('/'));
+    let parent = root.join(format!("hvprof-vmload-{}", std::process::id()));
+    let pid = std::process::id().to_string();
+    let io = |what: &str, p: &std::path::Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+    std::fs::create_dir(&parent).map_err(|e| io("mkdir", &parent, e))?;
+    let result = (|| {
+        for i in 0..n {
+            let cg = parent.join(format!("cg-{i}"));
+            std::fs::create_dir(&cg).map_err(|e| io("mkdir", &cg, e))?;
+            let moved = std::fs::write(cg.join("cgroup.procs"), &pid)
+                .map_err(|e| io("attach to", &cg, e))
+                .and_then(|()| std::fs::write(home.join("cgroup.procs"), &pid).map_err(|e| io("attach to", &home, e)));
+            std::fs::remove_dir(&cg).map_err(|e| io("rmdir", &cg, e))?;
+            moved?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::write(home.join("cgroup.procs"), &pid);
+    std::fs::remove_dir(&parent).map_err(|e| io("rmdir", &parent, e))?;
+    result
 }
 
 fn forks(n: u64) -> Result<(), String> {
@@ -330,6 +392,11 @@ fn run(steps: &[Step]) -> Result<(), String> {
             }
             Step::Forks(n) => forks(n)?,
             Step::Contend(ms) => contend(ms)?,
+            Step::Cgroups(n) => {
+                if vmload_cgroups(n) != 0 {
+                    return Err("the cgroups step failed".to_owned());
+                }
+            }
             Step::Spawns(n) => {
                 for _ in 0..n {
                     let st = std::process::Command::new("/bin/true")
