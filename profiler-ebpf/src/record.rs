@@ -16,11 +16,12 @@ use aya_ebpf::{
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::record::{
-    CGROUP_PATH_LEN, CLONE_THREAD, COMM_LEN, CgroupKey, CgroupPending, CgroupValue, cgroup_op, Config, Counter, Event, EventKind, ForkKey, ForkStart, ForkValue,
-    KVM_CREATE_VM, LOCK_HIST_BUCKETS, LockBegin, LockKey, LockPending, LockValue, Loss, LossKey,
-    MAX_LOCK_NESTING, MAX_STACK_DEPTH, MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart, OffCpuValue,
-    SETUP_WINDOW, STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC,
-    VM_SOURCE_KVM, VmState, WindowMode, WindowRange, fork_kind, hist_bucket,
+    CGROUP_PATH_LEN, CLONE_THREAD, COMM_LEN, CgroupKey, CgroupPending, CgroupValue, Config,
+    Counter, Event, EventKind, ForkKey, ForkStart, ForkValue, KVM_CREATE_VM, LOCK_HIST_BUCKETS,
+    LockBegin, LockKey, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH,
+    MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, STACK_EXITING,
+    STACK_ID_MIN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
+    WindowMode, WindowRange, cgroup_op, fork_kind, hist_bucket,
 };
 
 const EFAULT: i32 = 14;
@@ -973,7 +974,15 @@ fn cgroup_account(key: *const CgroupKey, window: u32, ops: u64, timed: bool, ns:
 
 /// Fills a key from a cgroup tracepoint.
 #[inline(always)]
-fn cgroup_key(ctx: &TracePointContext, key: *mut CgroupKey, kind: u32, window: u32, tgid: u32, root_off: u32, path_off: u32) {
+fn cgroup_key(
+    ctx: &TracePointContext,
+    key: *mut CgroupKey,
+    kind: u32,
+    window: u32,
+    tgid: u32,
+    root_off: u32,
+    path_off: u32,
+) {
     // SAFETY: key points to a map value or this CPU's scratch, valid for
     // writes; the path is read with the checked string helper.
     unsafe {
@@ -1005,7 +1014,15 @@ fn cgroup_op(ctx: &TracePointContext, kind: u32, root_off: u32, path_off: u32) -
         // SAFETY: a valid map value of this thread.
         unsafe {
             if (*p).ops == 0 {
-                cgroup_key(ctx, &raw mut (*p).key, kind, window, tgid, root_off, path_off);
+                cgroup_key(
+                    ctx,
+                    &raw mut (*p).key,
+                    kind,
+                    window,
+                    tgid,
+                    root_off,
+                    path_off,
+                );
             }
             (*p).ops += 1;
         }
@@ -1021,12 +1038,22 @@ fn cgroup_op(ctx: &TracePointContext, kind: u32, root_off: u32, path_off: u32) -
 
 #[tracepoint]
 pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
-    cgroup_op(&ctx, cgroup_op::MKDIR, config!(offsets.cgroup_root), config!(offsets.cgroup_path))
+    cgroup_op(
+        &ctx,
+        cgroup_op::MKDIR,
+        config!(offsets.cgroup_root),
+        config!(offsets.cgroup_path),
+    )
 }
 
 #[tracepoint]
 pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
-    cgroup_op(&ctx, cgroup_op::RMDIR, config!(offsets.cgroup_root), config!(offsets.cgroup_path))
+    cgroup_op(
+        &ctx,
+        cgroup_op::RMDIR,
+        config!(offsets.cgroup_root),
+        config!(offsets.cgroup_path),
+    )
 }
 
 #[tracepoint]
@@ -1066,7 +1093,13 @@ pub fn cgroup_syscall_exit(_ctx: TracePointContext) -> u32 {
     unsafe {
         if (*p).ops > 0 {
             let ns = now().saturating_sub((*p).start_ns);
-            cgroup_account(&raw const (*p).key, (*p).key.window, u64::from((*p).ops), true, ns);
+            cgroup_account(
+                &raw const (*p).key,
+                (*p).key.window,
+                u64::from((*p).ops),
+                true,
+                ns,
+            );
         }
     }
     let _ = CGROUP_PENDING.remove(&pid);

@@ -224,6 +224,23 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
             profiler::tables::locks_text(&rows[..rows.len().min(15)])
         );
     }
+    if profile.meta.tracers.iter().any(|t| t == "fork") {
+        let rows = profiler::tables::forks(&profile, None);
+        println!("\nforks, whole recording (by time in fork; per window in w*/forks.txt):");
+        print!(
+            "{}",
+            profiler::tables::fork_table(&rows[..rows.len().min(15)], true).text()
+        );
+        print!("{}", profiler::tables::fork_summary(&profile, None).text());
+    }
+    if profile.meta.tracers.iter().any(|t| t == "cgroup") {
+        let rows = profiler::tables::cgroups(&profile, None);
+        println!("\ncgroup operations, whole recording (per window in w*/cgroups.txt):");
+        print!(
+            "{}",
+            profiler::tables::cgroup_table(&rows[..rows.len().min(15)], true).text()
+        );
+    }
     println!(
         "\nwrote {} (profile: {}) in {} ms after the stop",
         outcome.output.display(),

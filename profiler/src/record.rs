@@ -22,9 +22,10 @@ use aya::{
     },
 };
 use profiler_common::record::{
-    COMM_LEN, CgroupKey, CgroupValue, Config, Counter, Event, EventKind, ForkKey, cgroup_op, ForkValue, LockKey, LockValue, Loss,
-    LossKey, OffCpuKey, OffCpuStart, OffCpuValue, STACK_EXITING, STACK_ID_MIN, SampleKey, StackBuf,
-    TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, fork_kind, names,
+    COMM_LEN, CgroupKey, CgroupValue, Config, Counter, Event, EventKind, ForkKey, ForkValue,
+    LockKey, LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue, STACK_EXITING,
+    STACK_ID_MIN, SampleKey, StackBuf, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState,
+    cgroup_op, fork_kind, names,
 };
 use thiserror::Error;
 
@@ -32,8 +33,8 @@ use crate::{
     ebpf,
     procmaps::{self, Snapshot},
     profile::{
-        self, CgroupOp, ForkCall, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu, Process, Profile,
-        VmCreation,
+        self, CgroupOp, ForkCall, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu, Process,
+        Profile, VmCreation,
     },
     render,
     symbolize::Symbolizer,
@@ -84,7 +85,13 @@ pub enum Tracer {
 }
 
 impl Tracer {
-    pub const ALL: [Self; 5] = [Self::OnCpu, Self::OffCpu, Self::Locks, Self::Fork, Self::Cgroup];
+    pub const ALL: [Self; 5] = [
+        Self::OnCpu,
+        Self::OffCpu,
+        Self::Locks,
+        Self::Fork,
+        Self::Cgroup,
+    ];
 
     #[must_use]
     pub fn name(self) -> &'static str {
@@ -397,8 +404,14 @@ fn cgroup_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<
     tracefs.format(Tracepoint::new("cgroup", "cgroup_rmdir"))?;
     let attach = tracefs.format(Tracepoint::new("cgroup", "cgroup_attach_task"))?;
     for name in CGROUP_SYSCALLS {
-        tracefs.id(Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))))?;
-        tracefs.id(Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))))?;
+        tracefs.id(Tracepoint::new(
+            "syscalls",
+            leak(format!("sys_enter_{name}")),
+        ))?;
+        tracefs.id(Tracepoint::new(
+            "syscalls",
+            leak(format!("sys_exit_{name}")),
+        ))?;
     }
     offsets.cgroup_root = mkdir.offset("root", &[4])?;
     offsets.cgroup_path = mkdir.offset("path", &[4])?;
@@ -410,7 +423,11 @@ fn cgroup_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<
 /// Hierarchy ids to names, from `/proc/cgroups` (0 is cgroup v2).
 fn cgroup_hierarchies() -> HashMap<u32, String> {
     let mut out: HashMap<u32, Vec<String>> = HashMap::new();
-    for line in std::fs::read_to_string("/proc/cgroups").unwrap_or_default().lines().skip(1) {
+    for line in std::fs::read_to_string("/proc/cgroups")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+    {
         let mut f = line.split_whitespace();
         if let (Some(name), Some(id)) = (f.next(), f.next().and_then(|i| i.parse().ok())) {
             out.entry(id).or_default().push(name.to_owned());
@@ -970,9 +987,21 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         }
     }
     if active.contains(&Tracer::Cgroup) {
-        tracepoint(&mut bpf, names::PROG_CGROUP_MKDIR, Tracepoint::new("cgroup", "cgroup_mkdir"))?;
-        tracepoint(&mut bpf, names::PROG_CGROUP_RMDIR, Tracepoint::new("cgroup", "cgroup_rmdir"))?;
-        tracepoint(&mut bpf, names::PROG_CGROUP_ATTACH, Tracepoint::new("cgroup", "cgroup_attach_task"))?;
+        tracepoint(
+            &mut bpf,
+            names::PROG_CGROUP_MKDIR,
+            Tracepoint::new("cgroup", "cgroup_mkdir"),
+        )?;
+        tracepoint(
+            &mut bpf,
+            names::PROG_CGROUP_RMDIR,
+            Tracepoint::new("cgroup", "cgroup_rmdir"),
+        )?;
+        tracepoint(
+            &mut bpf,
+            names::PROG_CGROUP_ATTACH,
+            Tracepoint::new("cgroup", "cgroup_attach_task"),
+        )?;
         for name in CGROUP_SYSCALLS {
             tracepoint(
                 &mut bpf,
@@ -1611,7 +1640,15 @@ impl Recorder {
             }
             _ => Vec::new(),
         };
-        cgroups.sort_by(|a, b| (a.window, &a.op, &a.hierarchy, &a.path, a.tgid).cmp(&(b.window, &b.op, &b.hierarchy, &b.path, b.tgid)));
+        cgroups.sort_by(|a, b| {
+            (a.window, &a.op, &a.hierarchy, &a.path, a.tgid).cmp(&(
+                b.window,
+                &b.op,
+                &b.hierarchy,
+                &b.path,
+                b.tgid,
+            ))
+        });
 
         let stats = sym.stats;
         if stats.user_unmapped > 0 {

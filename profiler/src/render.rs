@@ -308,7 +308,16 @@ impl Summary {
         let _ = writeln!(
             out,
             "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7} {:>6} {:>7}  DIR",
-            "WIN", "VMS", "ON-CPU", "OFF-CPU", "BLOCKS", "LOCK WAIT", "FORKS", "CGROUP", "PROCS", "LOSSES"
+            "WIN",
+            "VMS",
+            "ON-CPU",
+            "OFF-CPU",
+            "BLOCKS",
+            "LOCK WAIT",
+            "FORKS",
+            "CGROUP",
+            "PROCS",
+            "LOSSES"
         );
         for w in &self.windows {
             let _ = writeln!(

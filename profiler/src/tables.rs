@@ -611,7 +611,11 @@ pub struct CgroupRow {
 pub fn cgroups(profile: &Profile, window: Option<u32>) -> Vec<CgroupRow> {
     type Group = (String, String, String);
     let mut by: BTreeMap<Group, (u64, u64, u64, u64)> = BTreeMap::new();
-    for c in profile.cgroups.iter().filter(|c| window.is_none_or(|w| c.window == w)) {
+    for c in profile
+        .cgroups
+        .iter()
+        .filter(|c| window.is_none_or(|w| c.window == w))
+    {
         let e = by
             .entry((c.op.clone(), c.hierarchy.clone(), fold_cgroup_path(&c.path)))
             .or_default();
@@ -622,16 +626,18 @@ pub fn cgroups(profile: &Profile, window: Option<u32>) -> Vec<CgroupRow> {
     }
     let mut rows: Vec<CgroupRow> = by
         .into_iter()
-        .map(|((op, hierarchy, path), (count, timed, total, max))| CgroupRow {
-            op,
-            hierarchy,
-            path,
-            count,
-            timed,
-            total_ns: total,
-            mean_ns: total.checked_div(timed).unwrap_or(0),
-            max_ns: max,
-        })
+        .map(
+            |((op, hierarchy, path), (count, timed, total, max))| CgroupRow {
+                op,
+                hierarchy,
+                path,
+                count,
+                timed,
+                total_ns: total,
+                mean_ns: total.checked_div(timed).unwrap_or(0),
+                max_ns: max,
+            },
+        )
         .collect();
     rows.sort_by(|a, b| {
         b.total_ns
@@ -647,9 +653,27 @@ pub fn cgroup_table(rows: &[CgroupRow], human: bool) -> Table {
     let d = |ns: u64| if human { human_ns(ns) } else { ns.to_string() };
     Table {
         headers: if human {
-            vec!["op", "hierarchy", "cgroup", "count", "timed", "total", "mean", "max"]
+            vec![
+                "op",
+                "hierarchy",
+                "cgroup",
+                "count",
+                "timed",
+                "total",
+                "mean",
+                "max",
+            ]
         } else {
-            vec!["op", "hierarchy", "cgroup", "count", "timed", "total_ns", "mean_ns", "max_ns"]
+            vec![
+                "op",
+                "hierarchy",
+                "cgroup",
+                "count",
+                "timed",
+                "total_ns",
+                "mean_ns",
+                "max_ns",
+            ]
         },
         numeric: vec![false, false, false, true, true, true, true, true],
         rows: rows
@@ -826,7 +850,10 @@ mod tests {
             fold_cgroup_path("/machine/qemu-3-guest.libvirt-qemu/vcpu0"),
             "/machine/qemu-*.libvirt-qemu/vcpu*"
         );
-        assert_eq!(fold_cgroup_path("/hvprof-vmload-4242/cg-17"), "/hvprof-vmload-*/cg-*");
+        assert_eq!(
+            fold_cgroup_path("/hvprof-vmload-4242/cg-17"),
+            "/hvprof-vmload-*/cg-*"
+        );
         assert_eq!(fold_cgroup_path("/machine"), "/machine");
     }
 

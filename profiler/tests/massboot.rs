@@ -132,6 +132,34 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
         }
     }
 
+    // libvirtd forks for every VM (and QEMU makes threads).
+    let libvirtd_forks: u64 = p
+        .forks
+        .iter()
+        .filter(|f| f.tgid == libvirtd && !f.thread)
+        .map(|f| f.count)
+        .sum();
+    assert!(
+        libvirtd_forks >= 14,
+        "libvirtd forked {libvirtd_forks} times for 14 VMs"
+    );
+    // One per-VM machine cgroup made in the v2 hierarchy for every VM.
+    let machine_mkdirs: u64 = profiler::tables::cgroups(&p, None)
+        .iter()
+        .filter(|r| {
+            r.op == "mkdir" && r.hierarchy == "v2" && r.path == "/machine/qemu-*.libvirt-qemu"
+        })
+        .map(|r| r.count)
+        .sum();
+    assert_eq!(
+        machine_mkdirs,
+        14,
+        "{:#?}",
+        profiler::tables::cgroups(&p, None)
+    );
+    // The kernel lock tracer ran and libvirtd waited on kernel locks.
+    assert!(p.meta.tracers.iter().any(|t| t == "locks"));
+
     // No losses at defaults.
     assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
 

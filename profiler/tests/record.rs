@@ -680,11 +680,20 @@ fn cgroup_operations_are_counted_exactly_per_window_and_path() {
     // Window 1: 4 rounds of mkdir/attach/attach back/rmdir under a parent.
     let (p, dir) = record(
         "cgroups",
-        &["--window-size", "1", "--", vmload.to_str().unwrap(), "busy:50,vm,cgroups:4,vm,busy:50"],
+        &[
+            "--window-size",
+            "1",
+            "--",
+            vmload.to_str().unwrap(),
+            "busy:50,vm,cgroups:4,vm,busy:50",
+        ],
     );
     let rows = profiler::tables::cgroups(&p, Some(1));
     let count = |op: &str, path: &str| -> u64 {
-        rows.iter().filter(|r| r.op == op && r.path == path && r.hierarchy == "v2").map(|r| r.count).sum()
+        rows.iter()
+            .filter(|r| r.op == op && r.path == path && r.hierarchy == "v2")
+            .map(|r| r.count)
+            .sum()
     };
     assert_eq!(count("mkdir", "/hvprof-vmload-*/cg-*"), 4, "{rows:#?}");
     assert_eq!(count("attach", "/hvprof-vmload-*/cg-*"), 4, "{rows:#?}");
@@ -692,8 +701,15 @@ fn cgroup_operations_are_counted_exactly_per_window_and_path() {
     assert_eq!(count("mkdir", "/hvprof-vmload-*"), 1, "{rows:#?}");
     assert_eq!(count("rmdir", "/hvprof-vmload-*"), 1, "{rows:#?}");
     // Every operation was made in a timed system call, with a latency.
-    assert!(rows.iter().all(|r| r.timed == r.count && r.total_ns > 0 && r.max_ns <= r.total_ns), "{rows:#?}");
-    assert!(profiler::tables::cgroups(&p, Some(0)).is_empty() && profiler::tables::cgroups(&p, Some(2)).is_empty());
+    assert!(
+        rows.iter()
+            .all(|r| r.timed == r.count && r.total_ns > 0 && r.max_ns <= r.total_ns),
+        "{rows:#?}"
+    );
+    assert!(
+        profiler::tables::cgroups(&p, Some(0)).is_empty()
+            && profiler::tables::cgroups(&p, Some(2)).is_empty()
+    );
     assert!(dir.join("w01-vms-1-1/cgroups.csv").is_file());
     assert!(p.losses.is_empty(), "{:?}", p.losses);
     let _ = std::fs::remove_dir_all(&dir);

@@ -189,7 +189,8 @@ fn contend(ms: u64) -> Result<(), String> {
 
 /// The cgroup v2 mount point.
 fn cgroup2_mount() -> Result<std::path::PathBuf, String> {
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| format!("/proc/mounts: {e}"))?;
+    let mounts =
+        std::fs::read_to_string("/proc/mounts").map_err(|e| format!("/proc/mounts: {e}"))?;
     mounts
         .lines()
         .find_map(|l| {
@@ -223,7 +224,8 @@ fn cgroups(n: u64) -> Result<(), String> {
     let home = root.join(own.trim_start_matches('/'));
     let parent = root.join(format!("hvprof-vmload-{}", std::process::id()));
     let pid = std::process::id().to_string();
-    let io = |what: &str, p: &std::path::Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+    let io =
+        |what: &str, p: &std::path::Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
     std::fs::create_dir(&parent).map_err(|e| io("mkdir", &parent, e))?;
     let result = (|| {
         for i in 0..n {
@@ -231,7 +233,10 @@ fn cgroups(n: u64) -> Result<(), String> {
             std::fs::create_dir(&cg).map_err(|e| io("mkdir", &cg, e))?;
             let moved = std::fs::write(cg.join("cgroup.procs"), &pid)
                 .map_err(|e| io("attach to", &cg, e))
-                .and_then(|()| std::fs::write(home.join("cgroup.procs"), &pid).map_err(|e| io("attach to", &home, e)));
+                .and_then(|()| {
+                    std::fs::write(home.join("cgroup.procs"), &pid)
+                        .map_err(|e| io("attach to", &home, e))
+                });
             std::fs::remove_dir(&cg).map_err(|e| io("rmdir", &cg, e))?;
             moved?;
         }
