@@ -111,6 +111,11 @@ struct RecordArgs {
     /// kernel cannot run is skipped with a warning; the others still run.
     #[arg(long, value_name = "LIST")]
     tracers: Option<String>,
+    /// Time cgroup attaches made by writing to cgroup.procs too. This hooks
+    /// every write(2) on the system (~0.2 µs each): without it, attaches are
+    /// counted, and mkdir/rmdir are timed.
+    #[arg(long)]
+    time_cgroup_writes: bool,
     /// Run this command and record it (and its children).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -206,6 +211,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         bpf_stats: args.bpf_stats,
         max_stacks: args.max_stacks.max(1024),
         user_stack_depth: args.user_stack_depth,
+        time_cgroup_writes: args.time_cgroup_writes,
         tracers: match args.tracers.as_deref() {
             Some(t) => Tracer::parse_list(t).map_err(|e| anyhow::anyhow!("--tracers: {e}"))?,
             None => Tracer::ALL.to_vec(),

@@ -220,6 +220,9 @@ pub struct RecordOptions {
     /// Most frames walked in a user stack.
     pub user_stack_depth: u32,
     pub tracers: Vec<Tracer>,
+    /// Also time cgroup attaches made by writing to `cgroup.procs` (hooks
+    /// every `write(2)` on the system).
+    pub time_cgroup_writes: bool,
 }
 
 #[derive(Debug, Error)]
@@ -395,7 +398,9 @@ fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-/// The system calls cgroup operations are made in (and timed by).
+/// The system calls cgroup operations are made in (and timed by). `write`
+/// (moving a task by writing to `cgroup.procs`) fires for every write on
+/// the system, so it is hooked only with `--time-cgroup-writes`.
 const CGROUP_SYSCALLS: [&str; 5] = ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"];
 
 /// Offsets of the cgroup tracepoints, or why they cannot be used.
@@ -1003,6 +1008,9 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             Tracepoint::new("cgroup", "cgroup_attach_task"),
         )?;
         for name in CGROUP_SYSCALLS {
+            if name == "write" && !rec.opts.time_cgroup_writes {
+                continue;
+            }
             tracepoint(
                 &mut bpf,
                 names::PROG_CGROUP_SYSCALL_ENTER,

@@ -679,15 +679,22 @@ pub fn cgroup_table(rows: &[CgroupRow], human: bool) -> Table {
         rows: rows
             .iter()
             .map(|r| {
+                let t = |ns: u64| {
+                    if r.timed == 0 && human {
+                        "-".to_owned()
+                    } else {
+                        d(ns)
+                    }
+                };
                 vec![
                     r.op.clone(),
                     r.hierarchy.clone(),
                     r.path.clone(),
                     r.count.to_string(),
                     r.timed.to_string(),
-                    d(r.total_ns),
-                    d(r.mean_ns),
-                    d(r.max_ns),
+                    t(r.total_ns),
+                    t(r.mean_ns),
+                    t(r.max_ns),
                 ]
             })
             .collect(),

@@ -700,18 +700,47 @@ fn cgroup_operations_are_counted_exactly_per_window_and_path() {
     assert_eq!(count("rmdir", "/hvprof-vmload-*/cg-*"), 4, "{rows:#?}");
     assert_eq!(count("mkdir", "/hvprof-vmload-*"), 1, "{rows:#?}");
     assert_eq!(count("rmdir", "/hvprof-vmload-*"), 1, "{rows:#?}");
-    // Every operation was made in a timed system call, with a latency.
-    assert!(
-        rows.iter()
-            .all(|r| r.timed == r.count && r.total_ns > 0 && r.max_ns <= r.total_ns),
-        "{rows:#?}"
-    );
+    // mkdir and rmdir are timed in their system calls; attaches (writes to
+    // cgroup.procs) are counted only, unless --time-cgroup-writes.
+    for r in &rows {
+        if r.op == "attach" {
+            assert_eq!(r.timed, 0, "{r:?}");
+        } else {
+            assert!(
+                r.timed == r.count && r.total_ns > 0 && r.max_ns <= r.total_ns,
+                "{r:?}"
+            );
+        }
+    }
     assert!(
         profiler::tables::cgroups(&p, Some(0)).is_empty()
             && profiler::tables::cgroups(&p, Some(2)).is_empty()
     );
     assert!(dir.join("w01-vms-1-1/cgroups.csv").is_file());
     assert!(p.losses.is_empty(), "{:?}", p.losses);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cgroup_attaches_are_timed_when_asked() {
+    let vmload = vmload();
+    let (p, dir) = record(
+        "cgwrites",
+        &[
+            "--time-cgroup-writes",
+            "--",
+            vmload.to_str().unwrap(),
+            "cgroups:3",
+        ],
+    );
+    let rows = profiler::tables::cgroups(&p, Some(0));
+    let attach: Vec<_> = rows
+        .iter()
+        .filter(|r| r.op == "attach" && r.path == "/hvprof-vmload-*/cg-*")
+        .collect();
+    assert_eq!(attach.len(), 1, "{rows:#?}");
+    assert_eq!((attach[0].count, attach[0].timed), (3, 3));
+    assert!(attach[0].total_ns > 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
