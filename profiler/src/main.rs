@@ -54,6 +54,10 @@ before the first VM. Events outside every window are not recorded.
 
 Off-CPU time is charged to the window in which the block STARTED, with the stack the task \
 blocked in.")]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each bool is a command-line flag"
+)]
 struct RecordArgs {
     /// Record these processes (comma-separated pids).
     #[arg(short = 'p', long = "pid", value_name = "PID[,PID]", group = "target")]

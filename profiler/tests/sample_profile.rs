@@ -23,6 +23,21 @@ fn sample_profile_has_the_boot_it_recorded() {
     assert!(p.oncpu.iter().any(|r| r.comm == "rpc-libvirtd"));
     assert!(p.offcpu.iter().any(|r| r.comm == "rpc-libvirtd"));
     assert!(p.losses.is_empty(), "{:?}", p.losses);
+    // Every tracer's data is there: per-VM cgroups, libvirtd's forks, locks.
+    let mkdirs: u64 = profiler::tables::cgroups(&p, None)
+        .iter()
+        .filter(|r| {
+            r.op == "mkdir" && r.hierarchy == "v2" && r.path == "/machine/qemu-*.libvirt-qemu"
+        })
+        .map(|r| r.count)
+        .sum();
+    assert_eq!(mkdirs, 14);
+    assert!(
+        p.forks
+            .iter()
+            .any(|f| f.comm == "rpc-libvirtd" && !f.thread)
+    );
+    assert!(!p.locks.is_empty());
     // Every window has on-CPU samples, and the folded stacks are well formed.
     for w in &p.windows {
         let lines = render::oncpu_folded(&p, w.id);
