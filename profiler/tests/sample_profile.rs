@@ -37,7 +37,7 @@ fn sample_profile_has_the_boot_it_recorded() {
             .iter()
             .any(|f| f.comm == "rpc-libvirtd" && !f.thread)
     );
-    assert!(!p.locks.is_empty());
+    assert!(!p.locks.is_empty(), "no lock waits in the sample");
     // Every window has on-CPU samples, and the folded stacks are well formed.
     for w in &p.windows {
         let lines = render::oncpu_folded(&p, w.id);
