@@ -80,6 +80,7 @@ pub mod names {
     pub const PROG_CGROUP_SYSCALL_EXIT: &str = "cgroup_syscall_exit";
     pub const PROG_FORK_ENTER: &str = "fork_syscall_enter";
     pub const PROG_FORK_EXIT: &str = "fork_syscall_exit";
+    pub const PROG_FORK_CALLER: &str = "fork_caller";
 }
 
 /// Which tasks are recorded.
@@ -465,8 +466,13 @@ pub struct ForkKey {
     /// [`fork_kind`].
     pub kind: u32,
     pub pad: u32,
-    /// The parent's user stack (the caller of fork, e.g. `virFork`).
+    /// The parent's user stack.
     pub user_stack: u64,
+    /// The return address of the libc call that forked (`fork`,
+    /// `posix_spawn`, `pthread_create`, …), read at its entry by a uprobe:
+    /// the exact caller (e.g. inside `virFork`) even when the frame-pointer
+    /// walk cannot get past libc. 0 if unknown.
+    pub caller: u64,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -698,7 +704,7 @@ mod tests {
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
         assert_eq!(size_of::<TracepointOffsets>(), 20 * 4);
         assert_eq!(size_of::<CgroupKey>(), 4 * 4 + CGROUP_PATH_LEN + COMM_LEN);
-        assert_eq!(size_of::<ForkKey>(), 4 * 4 + 8 + COMM_LEN);
+        assert_eq!(size_of::<ForkKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<LockKey>(), 4 * 4 + 3 * 8 + COMM_LEN);
         assert_eq!(size_of::<LockValue>(), (3 + LOCK_HIST_BUCKETS) * 8);
         assert_eq!(size_of::<LockPending>(), 8 + MAX_LOCK_NESTING * 32);

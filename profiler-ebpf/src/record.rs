@@ -11,9 +11,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
         bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
     },
-    macros::{map, perf_event, tracepoint},
+    macros::{map, perf_event, tracepoint, uprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{PerfEventContext, TracePointContext},
+    programs::{PerfEventContext, ProbeContext, TracePointContext},
 };
 use profiler_common::record::{
     CGROUP_PATH_LEN, CLONE_THREAD, COMM_LEN, CgroupKey, CgroupPending, CgroupValue, Config,
@@ -550,6 +550,7 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     let _ = OFFCPU_START.remove(&pid);
     let _ = LOCK_PENDING.remove(&pid);
     let _ = FORK_START.remove(&pid);
+    let _ = FORK_CALLER.remove(&pid);
     let _ = CGROUP_PENDING.remove(&pid);
     let _ = EXITING.insert(&pid, &1, 0);
     if pid == tgid {
@@ -812,6 +813,29 @@ static FORK_CALLS: HashMap<ForkKey, ForkValue> = HashMap::with_max_entries(16384
 /// Fork syscalls in progress, per thread.
 #[map]
 static FORK_START: HashMap<u32, ForkStart> = HashMap::with_max_entries(16384, 0);
+/// Per thread: the return address of the libc fork function it is in.
+#[map]
+static FORK_CALLER: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+
+/// uprobe on libc's `fork`, `vfork`, `posix_spawn[p]`, `pthread_create`: at
+/// a function's entry the return address is at the top of the stack, so
+/// the caller is exact, frame pointers or not.
+#[uprobe]
+pub fn fork_caller(ctx: ProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    if !is_tracked(tgid) {
+        return 0;
+    }
+    // SAFETY: regs is the probed task's user register file; the stack slot
+    // is read with the checked helper.
+    let ret = unsafe {
+        let sp = (*ctx.regs).rsp;
+        bpf_probe_read_user(sp as *const u64).unwrap_or(0)
+    };
+    let _ = FORK_CALLER.insert(&pid, &ret, 0);
+    0
+}
 
 /// `sys_enter_{clone,clone3,fork,vfork}`: one program, told apart by the
 /// syscall number.
@@ -871,12 +895,16 @@ pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
     }
     let took = now().saturating_sub(start.start_ns);
     let (_, user_stack) = stacks(&ctx, start.window);
+    // SAFETY: only copied.
+    let caller = unsafe { FORK_CALLER.get(&pid) }.copied().unwrap_or(0);
+    let _ = FORK_CALLER.remove(&pid);
     let key = ForkKey {
         window: start.window,
         tgid,
         kind: start.kind,
         pad: 0,
         user_stack,
+        caller,
         comm: comm(),
     };
     let value = match FORK_CALLS.get_ptr_mut(&key) {

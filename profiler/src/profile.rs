@@ -163,6 +163,10 @@ pub struct ForkCall {
     pub thread: bool,
     /// The parent's user stack.
     pub stack: Stack,
+    /// The function that called libc's fork/spawn/thread creation (from the
+    /// return address a uprobe read at its entry), when known.
+    #[serde(default)]
+    pub caller: Option<String>,
     pub count: u64,
     /// The parent's time in the syscall (vfork: until the child execs).
     pub total_ns: u64,

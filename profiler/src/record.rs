@@ -9,7 +9,7 @@ use std::{
     collections::{HashMap, HashSet},
     ffi::OsString,
     fmt, io,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -390,6 +390,46 @@ fn fork_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<()
     offsets.clone3_uargs = clone3.offset("uargs", &[8])?;
     offsets.fork_exit_ret = exit.offset("ret", &[8])?;
     Ok(())
+}
+
+/// libc functions that fork, spawn or create threads: a uprobe at their
+/// entry reads the caller's return address.
+const FORK_FUNCTIONS: [&str; 5] = [
+    "fork",
+    "vfork",
+    "posix_spawn",
+    "posix_spawnp",
+    "pthread_create",
+];
+
+/// The libc files the targets use (from their maps) and the usual paths,
+/// canonical and distinct: a uprobe fires per file, so one file must not be
+/// probed twice through two names.
+fn libc_paths(pids: &[u32]) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = pids
+        .iter()
+        .filter_map(|&p| Snapshot::take(p))
+        .flat_map(|s| s.mappings)
+        .filter(|m| {
+            Path::new(&m.path)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))
+        })
+        .map(|m| PathBuf::from(m.path))
+        .chain(
+            [
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/libc.so.6",
+            ]
+            .map(PathBuf::from),
+        )
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
 }
 
 /// Tracepoint names are `&'static str`; the few built at run time live for
@@ -991,6 +1031,31 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             )?;
         }
     }
+    if active.contains(&Tracer::Fork) {
+        let p: &mut aya::programs::UProbe = bpf
+            .program_mut(names::PROG_FORK_CALLER)
+            .ok_or(RecordError::Missing {
+                name: names::PROG_FORK_CALLER,
+            })?
+            .try_into()
+            .map_err(attach_err(names::PROG_FORK_CALLER))?;
+        p.load().map_err(attach_err(names::PROG_FORK_CALLER))?;
+        let mut attached = 0;
+        for libc in libc_paths(&initial) {
+            for f in FORK_FUNCTIONS {
+                if p.attach([f], &libc, aya::programs::uprobe::UProbeScope::AllProcesses)
+                    .is_ok()
+                {
+                    attached += 1;
+                }
+            }
+        }
+        if attached == 0 {
+            eprintln!(
+                "hvprof: warning: no libc fork function could be probed: fork callers come from stacks only"
+            );
+        }
+    }
     if active.contains(&Tracer::Cgroup) {
         tracepoint(
             &mut bpf,
@@ -1085,7 +1150,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     })
 }
 
-const PROGRAMS: [&str; 17] = [
+const PROGRAMS: [&str; 18] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_SCHED_WAKEUP,
@@ -1103,6 +1168,7 @@ const PROGRAMS: [&str; 17] = [
     names::PROG_CGROUP_ATTACH,
     names::PROG_CGROUP_SYSCALL_ENTER,
     names::PROG_CGROUP_SYSCALL_EXIT,
+    names::PROG_FORK_CALLER,
 ];
 
 /// Run counts and run time of every recording program.
@@ -1133,6 +1199,11 @@ fn unload_all(bpf: &mut Ebpf) {
         {
             let _ = p.unload();
         }
+    }
+    if let Some(p) = bpf.program_mut(names::PROG_FORK_CALLER)
+        && let Ok(p) = <&mut aya::programs::UProbe>::try_from(p)
+    {
+        let _ = p.unload();
     }
 }
 
@@ -1605,6 +1676,14 @@ impl Recorder {
                     .to_owned(),
                 thread: k.kind & fork_kind::THREAD != 0,
                 stack: stack_of(k.tgid, 0, k.user_stack, &mut sym, &mut table),
+                caller: (k.caller != 0)
+                    .then(|| {
+                        // The call instruction is just before the return address.
+                        sym.user_frames(&self.processes.chain(k.tgid), k.caller - 1)
+                            .into_iter()
+                            .next()
+                    })
+                    .flatten(),
                 count: v.count,
                 total_ns: v.total_ns,
                 max_ns: v.max_ns,

@@ -432,14 +432,16 @@ pub fn forks(profile: &Profile, window: Option<u32>) -> Vec<ForkRow> {
         .iter()
         .filter(|f| window.is_none_or(|w| f.window == w))
     {
-        let caller = profile
-            .frame_names(&f.stack)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .find(|n| !is_fork_wrapper(n))
-            .unwrap_or("[unknown]")
-            .to_owned();
+        let caller = f.caller.clone().unwrap_or_else(|| {
+            profile
+                .frame_names(&f.stack)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .find(|n| !is_fork_wrapper(n))
+                .unwrap_or("[unknown]")
+                .to_owned()
+        });
         let e = by
             .entry((f.comm.clone(), caller, f.syscall.clone(), f.thread))
             .or_default();
@@ -815,6 +817,7 @@ mod tests {
             syscall: "clone".into(),
             thread,
             stack: stack.clone(),
+            caller: None,
             count,
             total_ns: ns,
             max_ns: ns,

@@ -669,6 +669,18 @@ fn forks_threads_and_execs_are_counted_exactly_per_window() {
             .any(|r| r.creates == "thread" && r.syscall == "clone3" && r.count == 1),
         "{rows:#?}"
     );
+    // The callers, from a uprobe on libc's fork functions.
+    let w1 = profiler::tables::forks(&p, Some(1));
+    assert!(
+        w1.iter()
+            .any(|r| r.caller == "vmload::forks" && r.count == 7),
+        "{w1:#?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.caller.contains("Command>::spawn") && r.count == 3),
+        "{rows:#?}"
+    );
     assert!(dir.join("w01-vms-1-1/forks.txt").is_file() && dir.join("forks.csv").is_file());
     assert!(p.losses.is_empty(), "{:?}", p.losses);
     let _ = std::fs::remove_dir_all(&dir);
