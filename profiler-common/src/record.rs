@@ -35,6 +35,9 @@ pub struct StackBuf {
 pub const STACK_ID_MIN: u64 = 4096;
 /// No user space: the task is exiting and its address space is gone.
 pub const STACK_EXITING: u64 = 3;
+/// Not taken, on purpose: a preempted task's stacks (see
+/// `Config::preempted_stacks`).
+pub const STACK_NOT_TAKEN: u64 = 1;
 
 /// At most this many explicit `--windows` ranges.
 pub const MAX_WINDOW_RANGES: u32 = 64;
@@ -180,6 +183,9 @@ pub struct Config {
     pub target_comm_len: u32,
     /// Most frames of a user stack (0: [`MAX_STACK_DEPTH`]).
     pub user_stack_depth: u32,
+    /// Nonzero: take stacks of preempted tasks too (state R) at switch-out.
+    pub preempted_stacks: u32,
+    pub pad: u32,
     /// This architecture's numbers of clone, clone3, fork and vfork.
     pub nr_clone: u32,
     pub nr_clone3: u32,
@@ -210,6 +216,8 @@ impl Config {
             target_comm: [0; COMM_LEN],
             target_comm_len: 0,
             user_stack_depth: 0,
+            preempted_stacks: 0,
+            pad: 0,
             nr_clone: 0,
             nr_clone3: 0,
             nr_fork: 0,
@@ -710,7 +718,7 @@ mod tests {
         assert_eq!(size_of::<LockPending>(), 8 + MAX_LOCK_NESTING * 32);
         assert_eq!(
             size_of::<Config>(),
-            10 * 4 + 2 * COMM_LEN + 2 * 4 + 4 * 4 + 16 + size_of::<TracepointOffsets>()
+            10 * 4 + 2 * COMM_LEN + 2 * 4 + 2 * 4 + 4 * 4 + 16 + size_of::<TracepointOffsets>()
         );
     }
 }

@@ -20,8 +20,8 @@ use profiler_common::record::{
     Counter, Event, EventKind, ForkKey, ForkStart, ForkValue, KVM_CREATE_VM, LOCK_HIST_BUCKETS,
     LockBegin, LockKey, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH,
     MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, STACK_EXITING,
-    STACK_ID_MIN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
-    WindowMode, WindowRange, cgroup_op, fork_kind, hist_bucket,
+    STACK_ID_MIN, STACK_NOT_TAKEN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM,
+    VmState, WindowMode, WindowRange, cgroup_op, fork_kind, hist_bucket,
 };
 
 const EFAULT: i32 = 14;
@@ -347,7 +347,15 @@ pub fn offcpu_sched_switch(ctx: TracePointContext) -> u32 {
             let _ = EXITING.remove(&pid);
             return switch_in(&ctx, now);
         }
-        let (kern_stack, user_stack) = stacks(&ctx, window);
+        // Preempted (R): waiting for a CPU, not blocked. Its stack is where
+        // it ran, which on-CPU samples show; walking it at every preemption
+        // is most of the off-CPU cost under CPU contention.
+        let preempted = state == 0 || state & 0x100 != 0;
+        let (kern_stack, user_stack) = if preempted && config!(preempted_stacks) == 0 {
+            (STACK_NOT_TAKEN, STACK_NOT_TAKEN)
+        } else {
+            stacks(&ctx, window)
+        };
         let start = OffCpuStart {
             key: OffCpuKey {
                 window,

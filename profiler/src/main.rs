@@ -120,6 +120,13 @@ struct RecordArgs {
     /// counted, and mkdir/rmdir are timed.
     #[arg(long)]
     time_cgroup_writes: bool,
+    /// Take the stacks of preempted tasks (state R) at switch-out too. By
+    /// default their off-CPU time is kept under one `[preempted]` frame: it
+    /// is waiting for a CPU, where it was running is what on-CPU samples
+    /// show, and walking stacks at every preemption is most of the off-CPU
+    /// tracer's cost when CPUs are contended.
+    #[arg(long)]
+    preempted_stacks: bool,
     /// Run this command and record it (and its children).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -216,6 +223,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         max_stacks: args.max_stacks.max(1024),
         user_stack_depth: args.user_stack_depth,
         time_cgroup_writes: args.time_cgroup_writes,
+        preempted_stacks: args.preempted_stacks,
         tracers: match args.tracers.as_deref() {
             Some(t) => Tracer::parse_list(t).map_err(|e| anyhow::anyhow!("--tracers: {e}"))?,
             None => Tracer::ALL.to_vec(),

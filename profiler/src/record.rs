@@ -24,8 +24,8 @@ use aya::{
 use profiler_common::record::{
     COMM_LEN, CgroupKey, CgroupValue, Config, Counter, Event, EventKind, ForkKey, ForkValue,
     LockKey, LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue, STACK_EXITING,
-    STACK_ID_MIN, SampleKey, StackBuf, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState,
-    cgroup_op, fork_kind, names,
+    STACK_ID_MIN, STACK_NOT_TAKEN, SampleKey, StackBuf, TargetMode, TracepointOffsets,
+    VM_SOURCE_EXEC, VmState, cgroup_op, fork_kind, names,
 };
 use thiserror::Error;
 
@@ -200,6 +200,10 @@ impl fmt::Display for VmEvent {
 
 /// The resolved configuration of one recording.
 #[derive(Clone, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches from the command line"
+)]
 pub struct RecordOptions {
     pub target: Target,
     pub follow_children: bool,
@@ -223,6 +227,8 @@ pub struct RecordOptions {
     /// Also time cgroup attaches made by writing to `cgroup.procs` (hooks
     /// every `write(2)` on the system).
     pub time_cgroup_writes: bool,
+    /// Take stacks of preempted tasks at switch-out too.
+    pub preempted_stacks: bool,
 }
 
 #[derive(Debug, Error)]
@@ -842,6 +848,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.max_block_ns = u64::try_from(opts.max_block.as_nanos()).unwrap_or(u64::MAX);
     config.offsets = offsets;
     config.user_stack_depth = opts.user_stack_depth;
+    config.preempted_stacks = u32::from(opts.preempted_stacks);
     for (field, nr) in [
         (&mut config.nr_clone, libc::SYS_clone),
         (&mut config.nr_clone3, libc::SYS_clone3),
@@ -1557,6 +1564,7 @@ impl Recorder {
                             // No user space: a kernel thread (-a), or exiting.
                             14 if target_all => Vec::new(),
                             STACK_EXITING => Vec::new(),
+                            STACK_NOT_TAKEN => vec![table.intern("[preempted]")],
                             _ => vec![table.intern("[missing user stack]")],
                         };
                     }

@@ -74,6 +74,10 @@ pub struct Opts {
     /// Boot without recording: the baseline for hvprof's overhead.
     #[arg(long)]
     pub no_record: bool,
+    /// Extra argument for `hvprof record` (repeatable), e.g.
+    /// `--hvprof-arg=--tracers=oncpu,offcpu`.
+    #[arg(long = "hvprof-arg", allow_hyphen_values = true)]
+    pub hvprof_args: Vec<String>,
 }
 
 /// A 512-byte boot sector: write '!' to COM1 and halt.
@@ -606,6 +610,7 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
             (Some(w), _) => rec.args(["--windows", w]),
             (None, k) => rec.args(["--window-size", &k.unwrap_or(10).to_string()]),
         };
+        rec.args(&opts.hvprof_args);
         rec.arg("-o")
             .arg(&out)
             .stdout(Stdio::piped())
