@@ -74,6 +74,8 @@ pub mod names {
     pub const LOCK_WAITS: &str = "LOCK_WAITS";
     pub const LOCK_PENDING: &str = "LOCK_PENDING";
     pub const COUNTERS: &str = "COUNTERS";
+    /// One `u32`: nonzero once userspace stopped the recording.
+    pub const STOPPED: &str = "STOPPED";
     pub const FORK_CALLS: &str = "FORK_CALLS";
     pub const CGROUP_OPS: &str = "CGROUP_OPS";
     pub const PROG_CGROUP_MKDIR: &str = "cgroup_mkdir";

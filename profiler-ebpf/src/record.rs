@@ -138,8 +138,22 @@ fn window_for(vms: u64) -> Option<u32> {
     None
 }
 
+/// Set by userspace when the recording stops: the programs stay attached
+/// while the maps are read (detaching takes an RCU grace period per probe),
+/// but change nothing any more.
+#[map]
+static STOPPED: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn stopped() -> bool {
+    STOPPED.get(0).is_some_and(|s| *s != 0)
+}
+
 #[inline(always)]
 fn current_window() -> Option<u32> {
+    if stopped() {
+        return None;
+    }
     window_for(vms_created())
 }
 
@@ -380,6 +394,9 @@ pub fn offcpu_sched_switch(ctx: TracePointContext) -> u32 {
 /// The task switching in: if it was blocked, charge its block.
 #[inline(always)]
 fn switch_in(ctx: &TracePointContext, now: u64) -> u32 {
+    if stopped() {
+        return 0;
+    }
     let Some(next) = read::<i32>(ctx, config!(offsets.switch_next_pid)) else {
         return 0;
     };
@@ -574,6 +591,9 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn vm_created(tgid: u32, pid: u32, source: u32) {
+    if stopped() {
+        return;
+    }
     let Some(state) = VM_STATE.get_ptr_mut(0) else {
         return;
     };
@@ -729,6 +749,9 @@ pub fn lock_contention_begin(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
+    if stopped() {
+        return 0;
+    }
     let id = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((id >> 32) as u32, id as u32);
     let Some(pending) = LOCK_PENDING.get_ptr_mut(&pid) else {
@@ -888,6 +911,9 @@ pub fn fork_syscall_enter(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
+    if stopped() {
+        return 0;
+    }
     let id = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((id >> 32) as u32, id as u32);
     // The child returns from the same syscall: it has no start entry.
@@ -1121,6 +1147,9 @@ pub fn cgroup_syscall_enter(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn cgroup_syscall_exit(_ctx: TracePointContext) -> u32 {
+    if stopped() {
+        return 0;
+    }
     let pid = bpf_get_current_pid_tgid() as u32;
     let Some(p) = CGROUP_PENDING.get_ptr_mut(&pid) else {
         return 0;

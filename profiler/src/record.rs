@@ -1141,18 +1141,30 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     } else {
         Vec::new()
     };
-    unload_all(&mut bpf);
+    // Freeze the maps: the programs see STOPPED and change nothing, so they
+    // can stay attached until the files are written (detaching costs an RCU
+    // grace period per probe, seconds with dozens of them).
+    if let Some(m) = bpf.map_mut(names::STOPPED)
+        && let Ok(mut a) = Array::<&mut MapData, u32>::try_from(m)
+    {
+        let _ = a.set(0, &1, 0);
+    }
+    // Let programs already running on other CPUs finish.
+    std::thread::sleep(Duration::from_millis(2));
     rec.drain_events(&mut bpf);
     let mut profile = rec.build_profile(&mut bpf, &stop, stop_ns)?;
     profile.meta.program_stats = program_stats;
     let profile_path = rec.opts.output.join(profile::FILE_NAME);
     profile.write(&profile_path)?;
     let summary = render::write_all(&profile, &rec.opts.output)?;
+    let stop_to_written = stopped.elapsed();
+    unload_all(&mut bpf);
+    drop(bpf);
     Ok(Outcome {
         profile_path,
         output: rec.opts.output.clone(),
         summary,
-        stop_to_written: stopped.elapsed(),
+        stop_to_written,
         command_status,
     })
 }
