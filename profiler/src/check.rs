@@ -306,6 +306,36 @@ pub const TRACEPOINTS: &[(Tracepoint, NeededBy, bool)] = &[
         NeededBy::Cgroup,
         false,
     ),
+    (
+        Tracepoint::new("syscalls", "sys_enter_clone"),
+        NeededBy::Fork,
+        false,
+    ),
+    (
+        Tracepoint::new("syscalls", "sys_exit_clone"),
+        NeededBy::Fork,
+        false,
+    ),
+    (
+        Tracepoint::new("syscalls", "sys_enter_clone3"),
+        NeededBy::Fork,
+        false,
+    ),
+    (
+        Tracepoint::new("syscalls", "sys_exit_clone3"),
+        NeededBy::Fork,
+        false,
+    ),
+    (
+        Tracepoint::new("syscalls", "sys_enter_mkdir"),
+        NeededBy::Cgroup,
+        false,
+    ),
+    (
+        Tracepoint::new("syscalls", "sys_exit_mkdir"),
+        NeededBy::Cgroup,
+        false,
+    ),
 ];
 
 const FIX_PRIVILEGES: &str =
