@@ -712,6 +712,21 @@ fn cgroup_operations_are_counted_exactly_per_window_and_path() {
     assert_eq!(count("rmdir", "/hvprof-vmload-*/cg-*"), 4, "{rows:#?}");
     assert_eq!(count("mkdir", "/hvprof-vmload-*"), 1, "{rows:#?}");
     assert_eq!(count("rmdir", "/hvprof-vmload-*"), 1, "{rows:#?}");
+    assert_eq!(count("attach", "/"), 4, "{rows:#?}");
+    // The v1 memory hierarchy (mounted here next to v2), named by controller.
+    let v1 = |op: &str| -> u64 {
+        rows.iter()
+            .filter(|r| {
+                r.op == op && r.hierarchy == "memory" && r.path.ends_with("/hvprof-vmload-*/cg-*")
+            })
+            .map(|r| r.count)
+            .sum()
+    };
+    assert_eq!(
+        (v1("mkdir"), v1("attach"), v1("rmdir")),
+        (4, 4, 4),
+        "{rows:#?}"
+    );
     // mkdir and rmdir are timed in their system calls; attaches (writes to
     // cgroup.procs) are counted only, unless --time-cgroup-writes.
     for r in &rows {
@@ -748,7 +763,7 @@ fn cgroup_attaches_are_timed_when_asked() {
     let rows = profiler::tables::cgroups(&p, Some(0));
     let attach: Vec<_> = rows
         .iter()
-        .filter(|r| r.op == "attach" && r.path == "/hvprof-vmload-*/cg-*")
+        .filter(|r| r.op == "attach" && r.hierarchy == "v2" && r.path == "/hvprof-vmload-*/cg-*")
         .collect();
     assert_eq!(attach.len(), 1, "{rows:#?}");
     assert_eq!((attach[0].count, attach[0].timed), (3, 3));

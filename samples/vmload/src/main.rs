@@ -16,10 +16,11 @@
 //!   space for MS ms in `vmload_contend`: the kernel's mmap_lock (an rwsem)
 //!   is contended on purpose.
 //!
-//! - `cgroups:N` — under the cgroup v2 mount, make `hvprof-vmload-PID/`,
-//!   then N times: mkdir `cg-I`, move itself in (write to `cgroup.procs`),
-//!   move back, rmdir; then remove the parent: N+1 mkdirs, 2N attaches (one
-//!   per thread moved: run it single-threaded), N+1 rmdirs.
+//! - `cgroups:N` — under the cgroup v2 mount (and the v1 `memory`
+//!   hierarchy, where mounted), make `hvprof-vmload-PID/`, then N times:
+//!   mkdir `cg-I`, move itself in (write to `cgroup.procs`), move back,
+//!   rmdir; then remove the parent: per hierarchy N+1 mkdirs, 2N attaches
+//!   (one per thread moved: run it single-threaded), N+1 rmdirs.
 //!
 //! Fixed-work steps, for benchmarks (their wall time grows with overhead):
 //!
@@ -213,14 +214,41 @@ pub extern "C" fn vmload_cgroups(n: u64) -> u64 {
     }
 }
 
+/// Runs the cgroup rounds in the v2 hierarchy and, where one is mounted, in
+/// the v1 `memory` hierarchy.
 fn cgroups(n: u64) -> Result<(), String> {
-    let root = cgroup2_mount()?;
-    // Where this process is now (v2 line `0::/path`), to move back to.
     let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
-    let own = own
+    let v2_home = own
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or("no cgroup v2 line in /proc/self/cgroup")?;
+    cgroup_rounds(&cgroup2_mount()?, v2_home, n)?;
+    if let Some(mem) = cgroup1_mount("memory") {
+        let home = own
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+                ctrls.split(',').any(|c| c == "memory").then_some(path)
+            })
+            .ok_or("no memory line in /proc/self/cgroup")?;
+        cgroup_rounds(&mem, home, n)?;
+    }
+    Ok(())
+}
+
+/// The mount point of the v1 hierarchy with this controller.
+fn cgroup1_mount(controller: &str) -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, ty, opts) = (f.next()?, f.next()?, f.next()?, f.next()?);
+        (ty == "cgroup" && opts.split(',').any(|o| o == controller))
+            .then(|| std::path::PathBuf::from(dir))
+    })
+}
+
+fn cgroup_rounds(root: &std::path::Path, own: &str, n: u64) -> Result<(), String> {
     let home = root.join(own.trim_start_matches('/'));
     let parent = root.join(format!("hvprof-vmload-{}", std::process::id()));
     let pid = std::process::id().to_string();
@@ -242,7 +270,9 @@ fn cgroups(n: u64) -> Result<(), String> {
         }
         Ok(())
     })();
-    let _ = std::fs::write(home.join("cgroup.procs"), &pid);
+    if result.is_err() {
+        let _ = std::fs::write(home.join("cgroup.procs"), &pid);
+    }
     std::fs::remove_dir(&parent).map_err(|e| io("rmdir", &parent, e))?;
     result
 }
