@@ -381,15 +381,8 @@ fn fork_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<()
     let clone = tracefs.format(Tracepoint::new("syscalls", "sys_enter_clone"))?;
     let clone3 = tracefs.format(Tracepoint::new("syscalls", "sys_enter_clone3"))?;
     let exit = tracefs.format(Tracepoint::new("syscalls", "sys_exit_clone"))?;
-    for name in FORK_SYSCALLS {
-        tracefs.id(Tracepoint::new(
-            "syscalls",
-            leak(format!("sys_enter_{name}")),
-        ))?;
-        tracefs.id(Tracepoint::new(
-            "syscalls",
-            leak(format!("sys_exit_{name}")),
-        ))?;
+    for tp in FORK_SYSCALLS.into_iter().flat_map(syscall_pair) {
+        tracefs.id(tp)?;
     }
     offsets.syscall_nr = clone.offset("__syscall_nr", &[4])?;
     offsets.clone_flags = clone.offset("clone_flags", &[8])?;
@@ -438,6 +431,14 @@ fn libc_paths(pids: &[u32]) -> Vec<PathBuf> {
     paths
 }
 
+/// `syscalls:sys_enter_NAME` and `syscalls:sys_exit_NAME`.
+fn syscall_pair(name: &str) -> [Tracepoint; 2] {
+    [
+        Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))),
+        Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))),
+    ]
+}
+
 /// Tracepoint names are `&'static str`; the few built at run time live for
 /// the whole recording anyway.
 fn leak(s: String) -> &'static str {
@@ -454,15 +455,8 @@ fn cgroup_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<
     let mkdir = tracefs.format(Tracepoint::new("cgroup", "cgroup_mkdir"))?;
     tracefs.format(Tracepoint::new("cgroup", "cgroup_rmdir"))?;
     let attach = tracefs.format(Tracepoint::new("cgroup", "cgroup_attach_task"))?;
-    for name in CGROUP_SYSCALLS {
-        tracefs.id(Tracepoint::new(
-            "syscalls",
-            leak(format!("sys_enter_{name}")),
-        ))?;
-        tracefs.id(Tracepoint::new(
-            "syscalls",
-            leak(format!("sys_exit_{name}")),
-        ))?;
+    for tp in CGROUP_SYSCALLS.into_iter().flat_map(syscall_pair) {
+        tracefs.id(tp)?;
     }
     offsets.cgroup_root = mkdir.offset("root", &[4])?;
     offsets.cgroup_path = mkdir.offset("path", &[4])?;
@@ -1023,19 +1017,15 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         )?;
     }
     if active.contains(&Tracer::Fork) {
+        // A start left by a call whose exit came before its probe was
+        // attached is overwritten by the thread's next fork.
         for name in FORK_SYSCALLS {
-            tracepoint(
-                &mut bpf,
-                names::PROG_FORK_ENTER,
-                Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))),
-            )?;
+            let [enter, _] = syscall_pair(name);
+            tracepoint(&mut bpf, names::PROG_FORK_ENTER, enter)?;
         }
         for name in FORK_SYSCALLS {
-            tracepoint(
-                &mut bpf,
-                names::PROG_FORK_EXIT,
-                Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))),
-            )?;
+            let [_, exit] = syscall_pair(name);
+            tracepoint(&mut bpf, names::PROG_FORK_EXIT, exit)?;
         }
     }
     if active.contains(&Tracer::Fork) {
@@ -1083,16 +1073,9 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             if name == "write" && !rec.opts.time_cgroup_writes {
                 continue;
             }
-            tracepoint(
-                &mut bpf,
-                names::PROG_CGROUP_SYSCALL_ENTER,
-                Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))),
-            )?;
-            tracepoint(
-                &mut bpf,
-                names::PROG_CGROUP_SYSCALL_EXIT,
-                Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))),
-            )?;
+            let [enter, exit] = syscall_pair(name);
+            tracepoint(&mut bpf, names::PROG_CGROUP_SYSCALL_ENTER, enter)?;
+            tracepoint(&mut bpf, names::PROG_CGROUP_SYSCALL_EXIT, exit)?;
         }
     }
     if active.contains(&Tracer::OnCpu) {
