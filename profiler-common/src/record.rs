@@ -260,6 +260,23 @@ pub struct WindowRange {
     pub last: u32,
 }
 
+/// [`WindowMode::Every`]: the window of the `vms`-th VM (`vms >= 1`), in
+/// windows of `size` (0 counts as 1). Used by the programs too.
+#[inline(always)]
+#[must_use]
+#[expect(clippy::inline_always, reason = "on the eBPF per-event path")]
+pub fn window_every(size: u32, vms: u64) -> u32 {
+    let k = if size == 0 { 1 } else { u64::from(size) };
+    let w = vms.saturating_sub(1) / k + 1;
+    if w > u64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        #[expect(clippy::cast_possible_truncation, reason = "checked just above")]
+        let w = w as u32;
+        w
+    }
+}
+
 /// The window a VM count falls in, or `None` when it is outside every
 /// window (then nothing is recorded). The programs apply the same rule to
 /// the `WINDOW_RANGES` map.
@@ -269,13 +286,7 @@ pub fn window_of(mode: u32, window_size: u32, vms: u64, ranges: &[WindowRange]) 
         return Some(SETUP_WINDOW);
     }
     if mode == WindowMode::Every as u32 {
-        let k = if window_size == 0 {
-            1
-        } else {
-            u64::from(window_size)
-        };
-        let w = (vms - 1) / k + 1;
-        return u32::try_from(w).ok();
+        return Some(window_every(window_size, vms));
     }
     let mut i = 0;
     while i < ranges.len() {

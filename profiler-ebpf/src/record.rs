@@ -21,7 +21,7 @@ use profiler_common::record::{
     LockBegin, LockKey, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH,
     MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW, STACK_EXITING,
     STACK_ID_MIN, STACK_NOT_TAKEN, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM,
-    VmState, WindowMode, WindowRange, cgroup_op, fork_kind, hist_bucket,
+    VmState, WindowMode, WindowRange, cgroup_op, fork_kind, hist_bucket, window_every,
 };
 
 const EFAULT: i32 = 14;
@@ -99,6 +99,36 @@ fn add_atomic(dst: *mut u64, v: u64) {
     };
 }
 
+/// The value of `key`, inserting `zero` first if there is none; `None`
+/// (counted as `full` in `window`) when the map is full. An insert that loses
+/// a race with another CPU still finds that CPU's value.
+#[inline(always)]
+fn slot<K, V>(map: &HashMap<K, V>, key: &K, zero: &V, window: u32, full: Loss) -> Option<*mut V> {
+    if let Some(v) = map.get_ptr_mut(key) {
+        return Some(v);
+    }
+    let _ = map.insert(key, zero, u64::from(BPF_NOEXIST));
+    let v = map.get_ptr_mut(key);
+    if v.is_none() {
+        lose(window, full);
+    }
+    v
+}
+
+/// Adds one timed event to a value's `count`/`total_ns`/`max_ns` (atomic
+/// adds; the max is best effort).
+#[inline(always)]
+fn add_time(count: *mut u64, total: *mut u64, max: *mut u64, n: u64, ns: u64) {
+    add_atomic(count, n);
+    add_atomic(total, ns);
+    // SAFETY: max points into the same map value as count and total.
+    unsafe {
+        if ns > *max {
+            *max = ns;
+        }
+    }
+}
+
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -117,9 +147,7 @@ fn window_for(vms: u64) -> Option<u32> {
         return Some(SETUP_WINDOW);
     }
     if config!(window_mode) == WindowMode::Every as u32 {
-        let k = config!(window_size);
-        let k = if k == 0 { 1 } else { u64::from(k) };
-        return Some(((vms - 1) / k + 1) as u32);
+        return Some(window_every(config!(window_size), vms));
     }
     let n = config!(window_ranges);
     let mut i = 0;
@@ -322,18 +350,8 @@ pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
         user_stack,
         comm: comm(),
     };
-    if let Some(count) = ONCPU_COUNTS.get_ptr_mut(&key) {
+    if let Some(count) = slot(&ONCPU_COUNTS, &key, &0, window, Loss::OnCpuMapFull) {
         add_atomic(count, 1);
-    } else if ONCPU_COUNTS
-        .insert(&key, &1, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        // Either another CPU inserted it first, or the map is full.
-        if let Some(count) = ONCPU_COUNTS.get_ptr_mut(&key) {
-            add_atomic(count, 1);
-        } else {
-            lose(window, Loss::OnCpuMapFull);
-        }
     }
     0
 }
@@ -703,18 +721,14 @@ pub fn lock_contention_begin(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let flags = read::<u32>(&ctx, config!(offsets.lock_begin_flags)).unwrap_or(0);
-    let pending = match LOCK_PENDING.get_ptr_mut(&pid) {
-        Some(p) => p,
-        None => {
-            let _ = LOCK_PENDING.insert(&pid, &LOCK_PENDING_ZERO, u64::from(BPF_NOEXIST));
-            match LOCK_PENDING.get_ptr_mut(&pid) {
-                Some(p) => p,
-                None => {
-                    lose(window, Loss::LockMapFull);
-                    return 0;
-                }
-            }
-        }
+    let Some(pending) = slot(
+        &LOCK_PENDING,
+        &pid,
+        &LOCK_PENDING_ZERO,
+        window,
+        Loss::LockMapFull,
+    ) else {
+        return 0;
     };
     // SAFETY: a valid map value, only touched by this thread (and by
     // interrupts on this CPU, which run to completion first).
@@ -807,31 +821,28 @@ pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
         user_stack,
         comm: comm(),
     };
-    let value = match LOCK_WAITS.get_ptr_mut(&key) {
-        Some(v) => v,
-        None => {
-            let _ = LOCK_WAITS.insert(&key, &LOCK_VALUE_ZERO, u64::from(BPF_NOEXIST));
-            match LOCK_WAITS.get_ptr_mut(&key) {
-                Some(v) => v,
-                None => {
-                    lose(begin.window, Loss::LockMapFull);
-                    return 0;
-                }
-            }
-        }
+    let Some(value) = slot(
+        &LOCK_WAITS,
+        &key,
+        &LOCK_VALUE_ZERO,
+        begin.window,
+        Loss::LockMapFull,
+    ) else {
+        return 0;
     };
     let bucket = hist_bucket(wait);
-    // SAFETY: a valid map value; the adds are atomic against other CPUs
-    // (threads of one process contend on the same lock from the same stack);
-    // the max is best effort.
+    // SAFETY: a valid map value (threads of one process contend on the same
+    // lock from the same stack, hence the atomic adds).
     unsafe {
-        add_atomic(&raw mut (*value).count, 1);
-        add_atomic(&raw mut (*value).total_ns, wait);
+        add_time(
+            &raw mut (*value).count,
+            &raw mut (*value).total_ns,
+            &raw mut (*value).max_ns,
+            1,
+            wait,
+        );
         if bucket < LOCK_HIST_BUCKETS {
             add_atomic(&raw mut (*value).hist[bucket], 1);
-        }
-        if wait > (*value).max_ns {
-            (*value).max_ns = wait;
         }
     }
     0
@@ -941,31 +952,22 @@ pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
         caller,
         comm: comm(),
     };
-    let value = match FORK_CALLS.get_ptr_mut(&key) {
-        Some(v) => v,
-        None => {
-            let zero = ForkValue {
-                count: 0,
-                total_ns: 0,
-                max_ns: 0,
-            };
-            let _ = FORK_CALLS.insert(&key, &zero, u64::from(BPF_NOEXIST));
-            match FORK_CALLS.get_ptr_mut(&key) {
-                Some(v) => v,
-                None => {
-                    lose(start.window, Loss::ForkMapFull);
-                    return 0;
-                }
-            }
-        }
+    let zero = ForkValue {
+        count: 0,
+        total_ns: 0,
+        max_ns: 0,
     };
-    // SAFETY: a valid map value; atomic adds, best-effort max.
-    unsafe {
-        add_atomic(&raw mut (*value).count, 1);
-        add_atomic(&raw mut (*value).total_ns, took);
-        if took > (*value).max_ns {
-            (*value).max_ns = took;
-        }
+    if let Some(v) = slot(&FORK_CALLS, &key, &zero, start.window, Loss::ForkMapFull) {
+        // SAFETY: a valid map value.
+        unsafe {
+            add_time(
+                &raw mut (*v).count,
+                &raw mut (*v).total_ns,
+                &raw mut (*v).max_ns,
+                1,
+                took,
+            )
+        };
     }
     0
 }
@@ -1008,28 +1010,26 @@ static CGROUP_VALUE_ZERO: CgroupValue = CgroupValue {
 fn cgroup_account(key: *const CgroupKey, window: u32, ops: u64, timed: bool, ns: u64) {
     // SAFETY: key points to a map value or this CPU's scratch.
     let key = unsafe { &*key };
-    let value = match CGROUP_OPS.get_ptr_mut(key) {
-        Some(v) => v,
-        None => {
-            let _ = CGROUP_OPS.insert(key, &CGROUP_VALUE_ZERO, u64::from(BPF_NOEXIST));
-            match CGROUP_OPS.get_ptr_mut(key) {
-                Some(v) => v,
-                None => {
-                    lose(window, Loss::CgroupMapFull);
-                    return;
-                }
-            }
-        }
+    let Some(value) = slot(
+        &CGROUP_OPS,
+        key,
+        &CGROUP_VALUE_ZERO,
+        window,
+        Loss::CgroupMapFull,
+    ) else {
+        return;
     };
-    // SAFETY: a valid map value; atomic adds, best-effort max.
+    // SAFETY: a valid map value.
     unsafe {
         add_atomic(&raw mut (*value).count, ops);
         if timed {
-            add_atomic(&raw mut (*value).timed, ops);
-            add_atomic(&raw mut (*value).total_ns, ns);
-            if ns > (*value).max_ns {
-                (*value).max_ns = ns;
-            }
+            add_time(
+                &raw mut (*value).timed,
+                &raw mut (*value).total_ns,
+                &raw mut (*value).max_ns,
+                ops,
+                ns,
+            );
         }
     }
 }

@@ -231,9 +231,9 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
     };
     let outcome = record::record(opts)?;
     print!("{}", outcome.summary.to_text());
-    let profile = Profile::read(&outcome.profile_path)?;
+    let profile = &outcome.profile;
     if profile.meta.tracers.iter().any(|t| t == "locks") {
-        let rows = profiler::tables::locks(&profile, None);
+        let rows = profiler::tables::locks(profile, None);
         println!(
             "\nkernel lock contention, whole recording (by total wait; per window in w*/locks.txt):"
         );
@@ -243,16 +243,16 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         );
     }
     if profile.meta.tracers.iter().any(|t| t == "fork") {
-        let rows = profiler::tables::forks(&profile, None);
+        let rows = profiler::tables::forks(profile, None);
         println!("\nforks, whole recording (by time in fork; per window in w*/forks.txt):");
         print!(
             "{}",
             profiler::tables::fork_table(&rows[..rows.len().min(15)], true).text()
         );
-        print!("{}", profiler::tables::fork_summary(&profile, None).text());
+        print!("{}", profiler::tables::fork_summary(profile, None).text());
     }
     if profile.meta.tracers.iter().any(|t| t == "cgroup") {
-        let rows = profiler::tables::cgroups(&profile, None);
+        let rows = profiler::tables::cgroups(profile, None);
         println!("\ncgroup operations, whole recording (per window in w*/cgroups.txt):");
         print!(
             "{}",

@@ -272,6 +272,8 @@ pub enum RecordError {
 /// What a recording produced.
 #[derive(Debug)]
 pub struct Outcome {
+    /// What was written, for printing without reading the file back.
+    pub profile: Profile,
     pub profile_path: PathBuf,
     pub output: PathBuf,
     pub summary: render::Summary,
@@ -1144,6 +1146,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     unload_all(&mut bpf);
     drop(bpf);
     Ok(Outcome {
+        profile,
         profile_path,
         output: rec.opts.output.clone(),
         summary,
