@@ -192,6 +192,38 @@ pub struct CgroupOp {
     pub max_ns: u64,
 }
 
+/// Blocking D-Bus client calls to one method from one stack (the dbus
+/// tracer). One call is one outermost blocking library call: GIO's nested
+/// `call_sync` → `send_message_with_reply_sync` counts once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbusCall {
+    pub window: u32,
+    pub tgid: u32,
+    pub comm: String,
+    /// `libdbus`, `gio` or `sd-bus`.
+    pub library: String,
+    /// The outermost blocking function, e.g. `g_dbus_connection_call_sync`.
+    pub function: String,
+    /// Bus name called (`org.freedesktop.machine1`), when known.
+    pub destination: Option<String>,
+    pub path: Option<String>,
+    pub interface: Option<String>,
+    pub member: Option<String>,
+    /// The timeout the caller passed, in ms (`-1`: the library default,
+    /// 25 s for libdbus and GIO), when the function takes one.
+    pub timeout_ms: Option<i64>,
+    /// The caller's user stack.
+    pub stack: Stack,
+    pub calls: u64,
+    /// Calls that ran for (at least) their whole timeout.
+    pub timeouts: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// log2 histogram of the latencies: bucket `i` counts calls in
+    /// `[2^i, 2^(i+1))` ns.
+    pub hist: Vec<u64>,
+}
+
 /// A loss counter: something that was not recorded, and how often.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LossCount {
@@ -235,6 +267,8 @@ pub struct Profile {
     pub forks: Vec<ForkCall>,
     #[serde(default)]
     pub cgroups: Vec<CgroupOp>,
+    #[serde(default)]
+    pub dbus: Vec<DbusCall>,
 }
 
 /// Interns frame names while a profile is built.

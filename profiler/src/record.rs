@@ -1825,6 +1825,7 @@ impl Recorder {
             locks,
             forks,
             cgroups,
+            dbus: Vec::new(),
         })
     }
 }
