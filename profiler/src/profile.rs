@@ -368,7 +368,10 @@ impl Profile {
     }
 
     /// The names of a stack's frames, root first.
-    pub fn frame_names<'a>(&'a self, stack: &'a [u32]) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn frame_names<'a>(
+        &'a self,
+        stack: &'a [u32],
+    ) -> impl DoubleEndedIterator<Item = &'a str> + 'a {
         stack.iter().map(|&i| {
             self.frames
                 .get(i as usize)

@@ -86,6 +86,30 @@ pub fn lockwait_folded(profile: &Profile, window: u32) -> Vec<String> {
         .collect()
 }
 
+/// Folded lines of one window's blocking D-Bus calls, in microseconds: the
+/// caller's stack, then the call (`[dbus gio org.foo.Bar.Method]`).
+#[must_use]
+pub fn dbuswait_folded(profile: &Profile, window: u32) -> Vec<String> {
+    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
+    for c in profile.dbus.iter().filter(|c| c.window == window) {
+        let line = format!(
+            "{};[dbus {} {} {}]",
+            stack_line(profile, &c.comm, &c.stack),
+            c.library,
+            c.destination.as_deref().unwrap_or("?"),
+            crate::tables::dbus_method(c).replace(';', ":"),
+        );
+        *folded.entry(line).or_default() += c.total_ns;
+    }
+    folded
+        .into_iter()
+        .filter_map(|(stack, ns)| {
+            let us = ns / 1000;
+            (us > 0).then(|| format!("{stack} {us}"))
+        })
+        .collect()
+}
+
 fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
     // `;` separates frames and a space separates the count: keep both out
     // of the names so every line parses.
@@ -425,6 +449,14 @@ fn write_window(
         "\u{b5}s",
         &wdir.join("lockwait.svg"),
     )?;
+    let dbus = dbuswait_folded(profile, w.id);
+    write_file(&wdir.join("dbuswait.folded"), &join_lines(&dbus))?;
+    flame_graph(
+        &dbus,
+        &format!("D-Bus wait: window {} ({label})", w.id),
+        "\u{b5}s",
+        &wdir.join("dbuswait.svg"),
+    )?;
     write_lock_tables(profile, Some(w.id), wdir)?;
     Ok(())
 }
@@ -479,6 +511,15 @@ fn write_lock_tables(
         "cgroups",
         &crate::tables::cgroup_table(&rows, true),
         &crate::tables::cgroup_table(&rows, false),
+        &rows,
+        "",
+    )?;
+    let rows = crate::tables::dbus(profile, window);
+    write_table(
+        dir,
+        "dbus",
+        &crate::tables::dbus_table(&rows, true),
+        &crate::tables::dbus_table(&rows, false),
         &rows,
         "",
     )?;

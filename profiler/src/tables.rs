@@ -704,6 +704,153 @@ pub fn cgroup_table(rows: &[CgroupRow], human: bool) -> Table {
     }
 }
 
+/// The method a D-Bus call went to: `interface.member`, or what is known.
+#[must_use]
+pub fn dbus_method(c: &crate::profile::DbusCall) -> String {
+    match (&c.interface, &c.member) {
+        (Some(i), Some(m)) => format!("{i}.{m}"),
+        (None, Some(m)) => m.clone(),
+        (Some(i), None) => format!("{i}.?"),
+        (None, None) => "?".to_owned(),
+    }
+}
+
+/// Blocking D-Bus calls to one method of one destination through one
+/// library.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DbusRow {
+    pub library: String,
+    pub destination: String,
+    /// `interface.member`.
+    pub method: String,
+    pub calls: u64,
+    pub timeouts: u64,
+    pub total_ns: u64,
+    pub mean_ns: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub max_ns: u64,
+    /// The callers' user stacks with the most time, leaf first, the most
+    /// expensive first (at most three), each as `frame <- frame <- …`.
+    pub top_callers: Vec<String>,
+}
+
+/// The D-Bus calls of one window or of the whole recording, by total
+/// latency, then calls.
+#[must_use]
+pub fn dbus(profile: &Profile, window: Option<u32>) -> Vec<DbusRow> {
+    #[derive(Default)]
+    struct Acc {
+        calls: u64,
+        timeouts: u64,
+        total: u64,
+        max: u64,
+        hist: Vec<u64>,
+        stacks: BTreeMap<String, u64>,
+    }
+    let mut by: BTreeMap<(String, String, String), Acc> = BTreeMap::new();
+    for c in profile
+        .dbus
+        .iter()
+        .filter(|c| window.is_none_or(|w| c.window == w))
+    {
+        let a = by
+            .entry((
+                c.library.clone(),
+                c.destination.clone().unwrap_or_else(|| "?".to_owned()),
+                dbus_method(c),
+            ))
+            .or_default();
+        a.calls += c.calls;
+        a.timeouts += c.timeouts;
+        a.total += c.total_ns;
+        a.max = a.max.max(c.max_ns);
+        if a.hist.len() < c.hist.len() {
+            a.hist.resize(c.hist.len(), 0);
+        }
+        for (i, n) in c.hist.iter().enumerate() {
+            a.hist[i] += n;
+        }
+        let frames: Vec<&str> = profile.frame_names(&c.stack).rev().take(4).collect();
+        let caller = if frames.is_empty() {
+            "[unknown]".to_owned()
+        } else {
+            frames.join(" <- ")
+        };
+        *a.stacks.entry(caller).or_default() += c.total_ns;
+    }
+    let mut rows: Vec<DbusRow> = by
+        .into_iter()
+        .map(|((library, destination, method), a)| {
+            let mut stacks: Vec<(String, u64)> = a.stacks.into_iter().collect();
+            stacks.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+            DbusRow {
+                library,
+                destination,
+                method,
+                calls: a.calls,
+                timeouts: a.timeouts,
+                total_ns: a.total,
+                mean_ns: a.total.checked_div(a.calls).unwrap_or(0),
+                p50_ns: hist_quantile(&a.hist, 0.5),
+                p99_ns: hist_quantile(&a.hist, 0.99),
+                max_ns: a.max,
+                top_callers: stacks.into_iter().take(3).map(|(s, _)| s).collect(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.total_ns
+            .cmp(&a.total_ns)
+            .then(b.calls.cmp(&a.calls))
+            .then_with(|| a.method.cmp(&b.method))
+    });
+    rows
+}
+
+#[must_use]
+pub fn dbus_table(rows: &[DbusRow], human: bool) -> Table {
+    let d = |ns: u64| if human { human_ns(ns) } else { ns.to_string() };
+    let ns = |h: &'static str, m: &'static str| if human { h } else { m };
+    Table {
+        headers: vec![
+            "library",
+            "destination",
+            "method",
+            "calls",
+            "timeouts",
+            ns("total", "total_ns"),
+            ns("mean", "mean_ns"),
+            ns("p50", "p50_ns"),
+            ns("p99", "p99_ns"),
+            ns("max", "max_ns"),
+            "top caller",
+        ],
+        numeric: vec![
+            false, false, false, true, true, true, true, true, true, true, false,
+        ],
+        rows: rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.library.clone(),
+                    r.destination.clone(),
+                    r.method.clone(),
+                    r.calls.to_string(),
+                    r.timeouts.to_string(),
+                    d(r.total_ns),
+                    d(r.mean_ns),
+                    d(r.p50_ns),
+                    d(r.p99_ns),
+                    d(r.max_ns),
+                    r.top_callers.first().cloned().unwrap_or_default(),
+                ]
+            })
+            .collect(),
+        empty: "no blocking D-Bus calls recorded",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
