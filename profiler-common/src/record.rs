@@ -86,6 +86,10 @@ pub mod names {
     pub const PROG_FORK_ENTER: &str = "fork_syscall_enter";
     pub const PROG_FORK_EXIT: &str = "fork_syscall_exit";
     pub const PROG_FORK_CALLER: &str = "fork_caller";
+    pub const DBUS_CALLS: &str = "DBUS_CALLS";
+    pub const PROG_DBUS_ENTER: &str = "dbus_enter";
+    pub const PROG_DBUS_RETURN: &str = "dbus_return";
+    pub const PROG_DBUS_NAMES: &str = "dbus_names";
 }
 
 /// Which tasks are recorded.
@@ -323,6 +327,10 @@ pub struct OffCpuKey {
     pub pid: u32,
     /// `prev_state` of `sched_switch`.
     pub state: u32,
+    /// The outermost blocking D-Bus call ([`dbus_fn`]) the task was
+    /// inside, 0 if none.
+    pub dbus: u32,
+    pub pad: u32,
     pub kern_stack: u64,
     pub user_stack: u64,
     pub comm: [u8; COMM_LEN],
@@ -580,6 +588,114 @@ impl Counter {
     pub const COUNT: u32 = 2;
 }
 
+/// The blocking D-Bus client functions, as uprobe cookies number them.
+pub mod dbus_fn {
+    /// libdbus `dbus_connection_send_with_reply_and_block(conn, msg, timeout_ms, err)`.
+    pub const LIBDBUS_SEND_BLOCK: u32 = 1;
+    /// libdbus `dbus_pending_call_block(pending)`.
+    pub const LIBDBUS_PENDING_BLOCK: u32 = 2;
+    /// GIO `g_dbus_connection_call_sync(conn, name, path, iface, method, params, type, flags, timeout_ms, …)`.
+    pub const GIO_CALL_SYNC: u32 = 3;
+    /// GIO `g_dbus_connection_call_with_unix_fd_list_sync` (same leading arguments).
+    pub const GIO_CALL_FD_SYNC: u32 = 4;
+    /// GIO `g_dbus_connection_send_message_with_reply_sync(conn, msg, flags, timeout_ms, …)`.
+    pub const GIO_SEND_MESSAGE_SYNC: u32 = 5;
+    /// GIO `g_dbus_proxy_call_sync(proxy, method, params, flags, timeout_ms, …)`.
+    pub const GIO_PROXY_CALL_SYNC: u32 = 6;
+    /// sd-bus `sd_bus_call(bus, msg, usec, err, reply)`.
+    pub const SDBUS_CALL: u32 = 7;
+    /// Not blocking, probed for what the next blocking call is about:
+    /// libdbus `dbus_message_new_method_call(dest, path, iface, method)`.
+    pub const LIBDBUS_NEW_METHOD_CALL: u32 = 16;
+    /// GIO `g_dbus_message_new_method_call(name, path, iface, method)`.
+    pub const GIO_NEW_METHOD_CALL: u32 = 17;
+    /// sd-bus `sd_bus_message_new_method_call(bus, &msg, dest, path, iface, member)`.
+    pub const SDBUS_NEW_METHOD_CALL: u32 = 18;
+    /// libdbus `dbus_connection_send_with_reply(conn, msg, &pending, timeout_ms)`:
+    /// the timeout a later `dbus_pending_call_block` waits for.
+    pub const LIBDBUS_SEND_WITH_REPLY: u32 = 19;
+    /// libdbus `dbus_message_set_destination(msg, dest)` (dbus-send names
+    /// the destination after constructing the message).
+    pub const LIBDBUS_SET_DESTINATION: u32 = 20;
+}
+
+/// Bytes kept of each D-Bus name (destination, path, interface, member).
+pub const DBUS_NAME_LEN: usize = 80;
+
+/// What a D-Bus call is addressed to, NUL-padded (truncated names end
+/// without a NUL).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DbusNames {
+    pub destination: [u8; DBUS_NAME_LEN],
+    pub path: [u8; DBUS_NAME_LEN],
+    pub interface: [u8; DBUS_NAME_LEN],
+    pub member: [u8; DBUS_NAME_LEN],
+}
+
+/// No timeout given: the library default (25 s in libdbus, GIO and sd-bus).
+pub const DBUS_TIMEOUT_DEFAULT: i64 = -1;
+/// The call waits forever (`DBUS_TIMEOUT_INFINITE`, `G_MAXINT`).
+pub const DBUS_TIMEOUT_INFINITE: i64 = 0x7fff_ffff;
+/// The libraries' default timeout, in ms.
+pub const DBUS_DEFAULT_TIMEOUT_MS: u64 = 25_000;
+
+/// Key of the D-Bus call aggregation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DbusKey {
+    pub window: u32,
+    pub tgid: u32,
+    /// [`dbus_fn`] of the outermost call.
+    pub function: u32,
+    pub pad: u32,
+    /// As passed, in ms ([`DBUS_TIMEOUT_DEFAULT`], [`DBUS_TIMEOUT_INFINITE`]).
+    pub timeout_ms: i64,
+    /// The caller's user stack, taken when the outermost call returned.
+    pub user_stack: u64,
+    pub comm: [u8; COMM_LEN],
+    pub names: DbusNames,
+}
+
+/// Calls of one [`DbusKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbusValue {
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// Calls that lasted at least their timeout.
+    pub timeouts: u64,
+    pub hist: [u64; LOCK_HIST_BUCKETS],
+}
+
+/// A thread inside a blocking D-Bus call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbusInflight {
+    /// Nesting: GIO's `call_sync` ends in `send_message_with_reply_sync`,
+    /// libdbus's `send_with_reply_and_block` in `pending_call_block`.
+    pub depth: u32,
+    pub function: u32,
+    pub window: u32,
+    pub pad: u32,
+    pub timeout_ms: i64,
+    pub start_ns: u64,
+    pub names: DbusNames,
+}
+
+/// What the thread's last message constructor (or libdbus
+/// `send_with_reply`) said, for the blocking call that follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbusLast {
+    /// 0 when no timeout was seen.
+    pub has_timeout: u32,
+    pub pad: u32,
+    pub timeout_ms: i64,
+    pub names: DbusNames,
+}
+
 /// Slots of the `LOSSES` map: everything the kernel side could not record.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -612,10 +728,12 @@ pub enum Loss {
     ForkMapFull = 12,
     /// A cgroup operation could not be counted: the cgroup map is full.
     CgroupMapFull = 13,
+    /// A D-Bus call could not be counted: a D-Bus map is full.
+    DbusMapFull = 14,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -631,6 +749,7 @@ impl Loss {
         Self::LockNestingTooDeep,
         Self::ForkMapFull,
         Self::CgroupMapFull,
+        Self::DbusMapFull,
     ];
 }
 
@@ -664,6 +783,8 @@ mod pod {
     unsafe impl aya::Pod for super::ForkValue {}
     unsafe impl aya::Pod for super::CgroupKey {}
     unsafe impl aya::Pod for super::CgroupValue {}
+    unsafe impl aya::Pod for super::DbusKey {}
+    unsafe impl aya::Pod for super::DbusValue {}
 }
 
 #[cfg(test)]
@@ -719,7 +840,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<SampleKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
-        assert_eq!(size_of::<OffCpuKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
+        assert_eq!(size_of::<OffCpuKey>(), 6 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<StackBuf>(), MAX_STACK_DEPTH * 8);
         assert_eq!(size_of::<OffCpuStart>(), size_of::<OffCpuKey>() + 16);
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
@@ -727,6 +848,16 @@ mod tests {
         assert_eq!(size_of::<CgroupKey>(), 4 * 4 + CGROUP_PATH_LEN + COMM_LEN);
         assert_eq!(size_of::<ForkKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<LockKey>(), 4 * 4 + 3 * 8 + COMM_LEN);
+        assert_eq!(size_of::<DbusNames>(), 4 * DBUS_NAME_LEN);
+        assert_eq!(
+            size_of::<DbusKey>(),
+            4 * 4 + 2 * 8 + COMM_LEN + size_of::<DbusNames>()
+        );
+        assert_eq!(
+            size_of::<DbusInflight>(),
+            4 * 4 + 2 * 8 + size_of::<DbusNames>()
+        );
+        assert_eq!(size_of::<DbusLast>(), 2 * 4 + 8 + size_of::<DbusNames>());
         assert_eq!(size_of::<LockValue>(), (3 + LOCK_HIST_BUCKETS) * 8);
         assert_eq!(size_of::<LockPending>(), 8 + MAX_LOCK_NESTING * 32);
         assert_eq!(

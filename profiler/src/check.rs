@@ -455,6 +455,7 @@ pub fn run() -> Report {
             rows.push(perf_event_row(&mut bpf));
             rows.extend(tracepoint_rows(&mut bpf, tracefs.as_ref().ok()));
             rows.push(uprobe_row(&mut bpf));
+            rows.push(dbus_libraries_row());
             match &btf {
                 Ok(btf) => rows.extend(fentry_rows(&mut bpf, btf)),
                 Err(_) => {
@@ -811,6 +812,30 @@ fn fork_row(bpf: &mut Ebpf, tp: Tracepoint, needed_by: NeededBy) -> Row {
             "the tracepoint does not fire as expected; report this kernel",
         )
     }
+}
+
+/// The D-Bus client libraries the dbus tracer would probe.
+fn dbus_libraries_row() -> Row {
+    let libs = crate::record::dbus_library_paths(&[]);
+    if libs.is_empty() {
+        return Row::missing(
+            "D-Bus client libraries",
+            NeededBy::Dbus,
+            false,
+            "no libdbus-1, libgio-2.0 or libsystemd in the standard library directories (a target's own copy is found from its maps at record time)",
+            "install the library your D-Bus clients use (libdbus-1-3, libglib2.0-0, libsystemd0)",
+        );
+    }
+    let list: Vec<String> = libs
+        .iter()
+        .map(|(lib, p)| format!("{lib} {}", p.display()))
+        .collect();
+    Row::ok(
+        "D-Bus client libraries",
+        NeededBy::Dbus,
+        false,
+        list.join(", "),
+    )
 }
 
 fn uprobe_row(bpf: &mut Ebpf) -> Row {

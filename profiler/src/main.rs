@@ -111,7 +111,7 @@ struct RecordArgs {
     /// so a lower bound is cheaper where binaries lack them.
     #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=127))]
     user_stack_depth: u32,
-    /// Tracers to load: oncpu, offcpu, locks (default: all). A tracer this
+    /// Tracers to load: oncpu, offcpu, locks, fork, cgroup, dbus (default: all). A tracer this
     /// kernel cannot run is skipped with a warning; the others still run.
     #[arg(long, value_name = "LIST")]
     tracers: Option<String>,

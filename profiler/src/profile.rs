@@ -127,6 +127,9 @@ pub struct OffCpu {
     pub max_ns: u64,
     /// Of `total_ns`, the time spent runnable after the wakeup.
     pub runq_ns: u64,
+    /// The blocking D-Bus function the task was inside when it blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dbus: Option<String>,
 }
 
 /// Waits for one kernel lock from one stack (the lock-contention tracer).

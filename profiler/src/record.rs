@@ -22,10 +22,10 @@ use aya::{
     },
 };
 use profiler_common::record::{
-    COMM_LEN, CgroupKey, CgroupValue, Config, Counter, Event, EventKind, ForkKey, ForkValue,
-    LockKey, LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue, STACK_EXITING,
-    STACK_ID_MIN, STACK_NOT_TAKEN, SampleKey, StackBuf, TargetMode, TracepointOffsets,
-    VM_SOURCE_EXEC, VmState, cgroup_op, fork_kind, names,
+    COMM_LEN, CgroupKey, CgroupValue, Config, Counter, DbusKey, DbusValue, Event, EventKind,
+    ForkKey, ForkValue, LockKey, LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue,
+    STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, SampleKey, StackBuf, TargetMode,
+    TracepointOffsets, VM_SOURCE_EXEC, VmState, cgroup_op, dbus_fn, fork_kind, names,
 };
 use thiserror::Error;
 
@@ -33,8 +33,8 @@ use crate::{
     ebpf,
     procmaps::{self, Snapshot},
     profile::{
-        self, CgroupOp, ForkCall, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu, Process,
-        Profile, VmCreation,
+        self, CgroupOp, DbusCall, ForkCall, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu,
+        Process, Profile, VmCreation,
     },
     render,
     symbolize::Symbolizer,
@@ -82,15 +82,17 @@ pub enum Tracer {
     Locks,
     Fork,
     Cgroup,
+    Dbus,
 }
 
 impl Tracer {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::OnCpu,
         Self::OffCpu,
         Self::Locks,
         Self::Fork,
         Self::Cgroup,
+        Self::Dbus,
     ];
 
     #[must_use]
@@ -101,6 +103,7 @@ impl Tracer {
             Self::Locks => "locks",
             Self::Fork => "fork",
             Self::Cgroup => "cgroup",
+            Self::Dbus => "dbus",
         }
     }
 
@@ -112,7 +115,9 @@ impl Tracer {
                 .into_iter()
                 .find(|x| x.name() == t)
                 .ok_or_else(|| {
-                    format!("unknown tracer {t:?}: choose from oncpu, offcpu, locks, fork, cgroup")
+                    format!(
+                        "unknown tracer {t:?}: choose from oncpu, offcpu, locks, fork, cgroup, dbus"
+                    )
                 })?;
             if !out.contains(&tracer) {
                 out.push(tracer);
@@ -331,6 +336,7 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::OffCpuStartFull => "off-CPU start map full",
         Loss::EventDropped => "ring-buffer events dropped",
         Loss::TrackedFull => "children not followed (tracked map full)",
+        Loss::DbusMapFull => "D-Bus calls not counted (map full)",
         Loss::LockMapFull => "lock waits not counted (lock map full)",
         Loss::LockNestingTooDeep => "lock waits not timed (contentions nested too deep)",
         Loss::ForkMapFull => "forks not counted (fork map full)",
@@ -431,6 +437,182 @@ fn libc_paths(pids: &[u32]) -> Vec<PathBuf> {
     paths.sort();
     paths.dedup();
     paths
+}
+
+/// The D-Bus client libraries and what is probed in each: blocking calls
+/// (entry and return) and the constructors that name the next call.
+/// One D-Bus client library: the files it comes in (name prefixes), its
+/// blocking calls (probed at entry and return) and the constructors that
+/// name the next call, each with its [`dbus_fn`] number.
+struct DbusLibrary {
+    name: &'static str,
+    files: &'static [&'static str],
+    blocking: &'static [(&'static str, u32)],
+    constructors: &'static [(&'static str, u32)],
+}
+
+const DBUS_LIBRARIES: [DbusLibrary; 3] = [
+    DbusLibrary {
+        name: "libdbus",
+        files: &["libdbus-1.so"],
+        blocking: &[
+            (
+                "dbus_connection_send_with_reply_and_block",
+                dbus_fn::LIBDBUS_SEND_BLOCK,
+            ),
+            ("dbus_pending_call_block", dbus_fn::LIBDBUS_PENDING_BLOCK),
+        ],
+        constructors: &[
+            (
+                "dbus_message_new_method_call",
+                dbus_fn::LIBDBUS_NEW_METHOD_CALL,
+            ),
+            (
+                "dbus_connection_send_with_reply",
+                dbus_fn::LIBDBUS_SEND_WITH_REPLY,
+            ),
+            (
+                "dbus_message_set_destination",
+                dbus_fn::LIBDBUS_SET_DESTINATION,
+            ),
+        ],
+    },
+    DbusLibrary {
+        name: "gio",
+        files: &["libgio-2.0.so"],
+        blocking: &[
+            ("g_dbus_connection_call_sync", dbus_fn::GIO_CALL_SYNC),
+            (
+                "g_dbus_connection_call_with_unix_fd_list_sync",
+                dbus_fn::GIO_CALL_FD_SYNC,
+            ),
+            (
+                "g_dbus_connection_send_message_with_reply_sync",
+                dbus_fn::GIO_SEND_MESSAGE_SYNC,
+            ),
+            ("g_dbus_proxy_call_sync", dbus_fn::GIO_PROXY_CALL_SYNC),
+        ],
+        constructors: &[(
+            "g_dbus_message_new_method_call",
+            dbus_fn::GIO_NEW_METHOD_CALL,
+        )],
+    },
+    DbusLibrary {
+        name: "sd-bus",
+        files: &["libsystemd.so", "libsystemd-shared-", "libelogind.so"],
+        blocking: &[("sd_bus_call", dbus_fn::SDBUS_CALL)],
+        constructors: &[(
+            "sd_bus_message_new_method_call",
+            dbus_fn::SDBUS_NEW_METHOD_CALL,
+        )],
+    },
+];
+
+/// The library and function name of a [`dbus_fn`] number.
+#[must_use]
+pub fn dbus_function(f: u32) -> (&'static str, &'static str) {
+    DBUS_LIBRARIES
+        .iter()
+        .flat_map(|l| l.blocking.iter().map(move |(name, n)| (l.name, *name, *n)))
+        .find(|&(_, _, n)| n == f)
+        .map_or(("?", "?"), |(lib, name, _)| (lib, name))
+}
+
+/// The D-Bus client library files to probe: those the targets have mapped,
+/// and those in the standard library directories, canonical and distinct
+/// (a uprobe is per file, so one file must not be probed twice).
+pub(crate) fn dbus_library_paths(pids: &[u32]) -> Vec<(&'static str, PathBuf)> {
+    let which = |path: &Path| {
+        let name = path.file_name()?.to_str()?;
+        DBUS_LIBRARIES
+            .iter()
+            .position(|l| l.files.iter().any(|p| name.starts_with(p)))
+    };
+    let mut candidates: Vec<PathBuf> = pids
+        .iter()
+        .filter_map(|&p| Snapshot::take(p))
+        .flat_map(|s| s.mappings)
+        .map(|m| PathBuf::from(m.path))
+        .collect();
+    for dir in [
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu/systemd",
+        "/lib/systemd",
+        "/usr/lib/systemd",
+        "/lib64",
+        "/usr/lib64",
+    ] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            candidates.extend(entries.filter_map(Result::ok).map(|e| e.path()));
+        }
+    }
+    let mut out: Vec<(usize, PathBuf)> = candidates
+        .into_iter()
+        .filter_map(|p| {
+            let lib = which(&p)?;
+            let p = p.canonicalize().ok()?;
+            p.is_file().then_some((lib, p))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out.into_iter()
+        .map(|(lib, p)| (DBUS_LIBRARIES[lib].name, p))
+        .collect()
+}
+
+/// Attaches the D-Bus probes to every client library file found; returns
+/// the probed files, with the library's name.
+fn attach_dbus(bpf: &mut Ebpf, pids: &[u32]) -> Result<Vec<(String, PathBuf)>, RecordError> {
+    use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope};
+    let libs = dbus_library_paths(pids);
+    let mut probed = Vec::new();
+    for name in [
+        names::PROG_DBUS_ENTER,
+        names::PROG_DBUS_RETURN,
+        names::PROG_DBUS_NAMES,
+    ] {
+        let p: &mut aya::programs::UProbe = bpf
+            .program_mut(name)
+            .ok_or(RecordError::Missing { name })?
+            .try_into()
+            .map_err(attach_err(name))?;
+        p.load().map_err(attach_err(name))?;
+    }
+    for (lib, path) in libs {
+        let Some(l) = DBUS_LIBRARIES.iter().find(|l| l.name == lib) else {
+            continue;
+        };
+        let (lib_name, blocking, constructors) = (l.name, l.blocking, l.constructors);
+        let mut any = false;
+        for (prog, functions) in [
+            (names::PROG_DBUS_ENTER, blocking),
+            (names::PROG_DBUS_RETURN, blocking),
+            (names::PROG_DBUS_NAMES, constructors),
+        ] {
+            let p: &mut aya::programs::UProbe = bpf
+                .program_mut(prog)
+                .ok_or(RecordError::Missing { name: prog })?
+                .try_into()
+                .map_err(attach_err(prog))?;
+            // By symbol name, one function at a time: a library without
+            // one of them (an old libdbus) still gets the others.
+            for &(function, cookie) in functions {
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::Symbol(function),
+                    cookie: Some(u64::from(cookie)),
+                };
+                if p.attach([point], &path, UProbeScope::AllProcesses).is_ok() {
+                    any = true;
+                }
+            }
+        }
+        if any {
+            probed.push((lib_name.to_owned(), path));
+        }
+    }
+    Ok(probed)
 }
 
 /// `syscalls:sys_enter_NAME` and `syscalls:sys_exit_NAME`.
@@ -1080,6 +1262,15 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             tracepoint(&mut bpf, names::PROG_CGROUP_SYSCALL_EXIT, exit)?;
         }
     }
+    if active.contains(&Tracer::Dbus) {
+        let probed = attach_dbus(&mut bpf, &initial)?;
+        if probed.is_empty() {
+            eprintln!(
+                "hvprof: warning: the dbus tracer is skipped: no D-Bus client library (libdbus-1, libgio-2.0, libsystemd) found in the targets' maps or the standard library directories"
+            );
+            active.retain(|t| *t != Tracer::Dbus);
+        }
+    }
     if active.contains(&Tracer::OnCpu) {
         let cpus = sys::online_cpus().map_err(RecordError::Runtime)?;
         let p: &mut PerfEvent = bpf
@@ -1205,10 +1396,17 @@ fn unload_all(bpf: &mut Ebpf) {
             let _ = p.unload();
         }
     }
-    if let Some(p) = bpf.program_mut(names::PROG_FORK_CALLER)
-        && let Ok(p) = <&mut aya::programs::UProbe>::try_from(p)
-    {
-        let _ = p.unload();
+    for name in [
+        names::PROG_FORK_CALLER,
+        names::PROG_DBUS_ENTER,
+        names::PROG_DBUS_RETURN,
+        names::PROG_DBUS_NAMES,
+    ] {
+        if let Some(p) = bpf.program_mut(name)
+            && let Ok(p) = <&mut aya::programs::UProbe>::try_from(p)
+        {
+            let _ = p.unload();
+        }
     }
 }
 
@@ -1469,6 +1667,14 @@ impl Recorder {
             }
             _ => Vec::new(),
         };
+        let dbus_raw: Vec<(DbusKey, DbusValue)> = match bpf.map(names::DBUS_CALLS) {
+            Some(m) if self.tracers.contains(&Tracer::Dbus) => {
+                let m: BpfHashMap<&MapData, DbusKey, DbusValue> =
+                    BpfHashMap::try_from(m).map_err(map_err(names::DBUS_CALLS))?;
+                m.iter().filter_map(Result::ok).collect()
+            }
+            _ => Vec::new(),
+        };
         let forks_raw: Vec<(ForkKey, ForkValue)> = match bpf.map(names::FORK_CALLS) {
             Some(m) if self.tracers.contains(&Tracer::Fork) => {
                 let m: BpfHashMap<&MapData, ForkKey, ForkValue> =
@@ -1492,6 +1698,8 @@ impl Recorder {
                     .iter()
                     .map(|(k, _)| (k.tgid, k.kern_stack, k.user_stack)),
             )
+            .chain(forks_raw.iter().map(|(k, _)| (k.tgid, 0, k.user_stack)))
+            .chain(dbus_raw.iter().map(|(k, _)| (k.tgid, 0, k.user_stack)))
             .collect();
 
         let stacks: HashMap<u64, Vec<u64>> = {
@@ -1634,6 +1842,7 @@ impl Recorder {
                 pid: k.pid,
                 comm: comm_str(&k.comm),
                 state: task_state_name(k.state).to_owned(),
+                dbus: (k.dbus != 0).then(|| dbus_function(k.dbus).1.to_owned()),
                 stack: stack_of(k.tgid, k.kern_stack, k.user_stack, &mut sym, &mut table),
                 blocks: v.count,
                 total_ns: v.total_ns,
@@ -1697,6 +1906,44 @@ impl Recorder {
             .collect();
         forks.sort_by(|a, b| {
             (a.window, a.tgid, &a.stack, a.thread).cmp(&(b.window, b.tgid, &b.stack, b.thread))
+        });
+
+        let name = |b: &[u8]| {
+            let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+            (end > 0).then(|| String::from_utf8_lossy(&b[..end]).into_owned())
+        };
+        let mut dbus: Vec<DbusCall> = dbus_raw
+            .iter()
+            .map(|(k, v)| {
+                let (library, function) = dbus_function(k.function);
+                DbusCall {
+                    window: k.window,
+                    tgid: k.tgid,
+                    comm: comm_str(&k.comm),
+                    library: library.to_owned(),
+                    function: function.to_owned(),
+                    destination: name(&k.names.destination),
+                    path: name(&k.names.path),
+                    interface: name(&k.names.interface),
+                    member: name(&k.names.member),
+                    timeout_ms: (k.function != dbus_fn::LIBDBUS_PENDING_BLOCK
+                        || k.timeout_ms != profiler_common::record::DBUS_TIMEOUT_DEFAULT)
+                        .then_some(k.timeout_ms),
+                    stack: stack_of(k.tgid, 0, k.user_stack, &mut sym, &mut table),
+                    calls: v.count,
+                    timeouts: v.timeouts,
+                    total_ns: v.total_ns,
+                    max_ns: v.max_ns,
+                    hist: {
+                        let n = v.hist.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
+                        v.hist[..n].to_vec()
+                    },
+                }
+            })
+            .collect();
+        dbus.sort_by(|a, b| {
+            (a.window, a.tgid, &a.library, &a.member, &a.stack)
+                .cmp(&(b.window, b.tgid, &b.library, &b.member, &b.stack))
         });
 
         let hierarchies = cgroup_hierarchies();
@@ -1825,7 +2072,7 @@ impl Recorder {
             locks,
             forks,
             cgroups,
-            dbus: Vec::new(),
+            dbus,
         })
     }
 }

@@ -47,9 +47,14 @@ pub fn oncpu_folded(profile: &Profile, window: u32) -> Vec<String> {
 pub fn offcpu_folded(profile: &Profile, window: u32) -> Vec<String> {
     let mut folded: BTreeMap<String, u64> = BTreeMap::new();
     for row in profile.offcpu.iter().filter(|r| r.window == window) {
-        *folded
-            .entry(stack_line(profile, &row.comm, &row.stack))
-            .or_default() += row.total_ns;
+        // Blocked inside a D-Bus call: under a frame that says so, whatever
+        // the (often frame-pointer-less) library stack shows.
+        let mut line = stack_line(profile, &row.comm, &row.stack);
+        if let Some(f) = &row.dbus {
+            let at = line.find(';').unwrap_or(line.len());
+            line.insert_str(at, &format!(";[D-Bus {}]", f.replace(';', ":")));
+        }
+        *folded.entry(line).or_default() += row.total_ns;
     }
     folded
         .into_iter()
@@ -586,6 +591,7 @@ mod tests {
                 total_ns: 2_500_000,
                 max_ns: 2_000_000,
                 runq_ns: 0,
+                dbus: None,
             }],
             ..Profile::default()
         }

@@ -1022,4 +1022,74 @@ mod tests {
         assert_eq!(hist_quantile(&[99, 0, 1], 0.99), 2);
         assert_eq!(hist_quantile(&[98, 0, 2], 0.99), 8);
     }
+
+    #[test]
+    fn dbus_rows_group_by_library_destination_and_method() {
+        let mut t = FrameTable::default();
+        let (main, vir) = (t.intern("main"), t.intern("virSystemdCreateMachine"));
+        let call = |window, library: &str, member: &str, calls, timeouts, total_ns, max_ns| {
+            crate::profile::DbusCall {
+                window,
+                tgid: 7,
+                comm: "libvirtd".into(),
+                library: library.into(),
+                function: "g_dbus_connection_call_sync".into(),
+                destination: Some("org.freedesktop.machine1".into()),
+                path: Some("/org/freedesktop/machine1".into()),
+                interface: Some("org.freedesktop.machine1.Manager".into()),
+                member: Some(member.into()),
+                timeout_ms: Some(-1),
+                stack: vec![main, vir],
+                calls,
+                timeouts,
+                total_ns,
+                max_ns,
+                hist: {
+                    let mut h = vec![0; 35];
+                    h[20] = calls - timeouts;
+                    h[34] = timeouts;
+                    h
+                },
+            }
+        };
+        let p = Profile {
+            dbus: vec![
+                call(
+                    1,
+                    "gio",
+                    "CreateMachine",
+                    4,
+                    1,
+                    25_004_000_000,
+                    25_001_000_000,
+                ),
+                call(2, "gio", "CreateMachine", 2, 0, 2_000_000, 1_500_000),
+                call(2, "gio", "TerminateMachine", 1, 0, 1_000_000, 1_000_000),
+            ],
+            frames: t.into_names(),
+            ..Profile::default()
+        };
+        let all = dbus(&p, None);
+        assert_eq!(all.len(), 2);
+        let create = &all[0];
+        assert_eq!(
+            create.method,
+            "org.freedesktop.machine1.Manager.CreateMachine"
+        );
+        assert_eq!((create.calls, create.timeouts), (6, 1));
+        assert_eq!(create.total_ns, 25_006_000_000);
+        assert_eq!(create.max_ns, 25_001_000_000);
+        assert_eq!(create.p50_ns, 1 << 21);
+        assert_eq!(create.p99_ns, 1 << 35);
+        assert_eq!(
+            create.top_callers,
+            vec!["virSystemdCreateMachine <- main".to_owned()]
+        );
+        let w2 = dbus(&p, Some(2));
+        assert_eq!(w2.len(), 2);
+        assert_eq!((w2[0].calls, w2[0].timeouts), (2, 0));
+        let text = dbus_table(&w2, true).text();
+        assert!(text.contains("TerminateMachine"), "{text}");
+        assert!(dbus(&p, Some(3)).is_empty());
+    }
 }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod massboot;
+mod packages;
 mod toolchain;
 
 use std::{
@@ -139,7 +140,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// What the tests drive besides hvprof: the D-Bus daemon and the three
+/// client libraries' command-line clients, and python3-gi for the sample
+/// D-Bus service.
+const TEST_PACKAGES: &[(&str, Option<&str>)] = &[
+    ("dbus-daemon", None),
+    ("dbus-bin", None),
+    ("libglib2.0-bin", None),
+    ("python3-gi", None),
+    ("systemd", None),
+];
+
 fn test(args: &[String]) -> anyhow::Result<()> {
+    packages::ensure("test", TEST_PACKAGES)?;
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

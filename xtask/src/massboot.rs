@@ -138,63 +138,6 @@ fn sh(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-}
-
-/// Installs the missing packages, and only those. Backports are added for
-/// this one apt run through a temporary sources directory; the system's apt
-/// sources are not changed.
-fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<_> = PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
-    if missing.is_empty() {
-        println!("massboot: packages present");
-        return Ok(());
-    }
-    let names: Vec<String> = missing
-        .iter()
-        .map(|(p, suite)| suite.map_or_else(|| (*p).to_owned(), |s| format!("{p}/{s}")))
-        .collect();
-    println!("massboot: installing {} (a minute)…", names.join(" "));
-    let parts = std::env::temp_dir().join(format!("hvprof-apt-{}", std::process::id()));
-    fs::create_dir_all(&parts)?;
-    let result = (|| {
-        for entry in
-            fs::read_dir("/etc/apt/sources.list.d").context("reading /etc/apt/sources.list.d")?
-        {
-            let p = entry?.path();
-            if p.extension().is_some_and(|e| e == "list" || e == "sources") {
-                fs::copy(&p, parts.join(p.file_name().unwrap_or_default()))?;
-            }
-        }
-        fs::write(
-            parts.join("hvprof-bookworm-backports.sources"),
-            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\n\
-             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
-        )?;
-        let apt = |args: &[&str]| {
-            let mut c = Command::new("apt-get");
-            c.arg("-o")
-                .arg(format!("Dir::Etc::SourceParts={}", parts.display()))
-                .args(["-o", "Dir::Etc::SourceList=/etc/apt/sources.list"])
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive");
-            c
-        };
-        sh(&mut apt(&["update", "-qq"]))
-            .context("apt-get update (with bookworm-backports) failed")?;
-        let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
-        install.args(&names);
-        sh(&mut install).context("installing the libvirt and QEMU packages failed")?;
-        Ok(())
-    })();
-    let _ = fs::remove_dir_all(&parts);
-    result
-}
-
 /// Live (not zombie) processes whose comm is `comm`.
 fn pids_named(comm: &str) -> Vec<u32> {
     fs::read_dir("/proc")
@@ -492,7 +435,7 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
         "KVM guests need /dev/kvm"
     );
     let step = |s: &str| println!("massboot: {s}");
-    ensure_packages().context("step 1/7 (packages) failed")?;
+    crate::packages::ensure("massboot", PACKAGES).context("step 1/7 (packages) failed")?;
     for d in ["libvirtd", "virtlogd"] {
         let running = pids_named(d);
         ensure!(
