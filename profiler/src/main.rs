@@ -259,6 +259,16 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
             profiler::tables::cgroup_table(&rows[..rows.len().min(15)], true).text()
         );
     }
+    if profile.meta.tracers.iter().any(|t| t == "dbus") {
+        let rows = profiler::tables::dbus(profile, None);
+        println!(
+            "\nblocking D-Bus calls, whole recording (by total latency; per window in w*/dbus.txt):"
+        );
+        print!(
+            "{}",
+            profiler::tables::dbus_table(&rows[..rows.len().min(15)], true).text()
+        );
+    }
     println!(
         "\nwrote {} (profile: {}) in {} ms after the stop",
         outcome.output.display(),
