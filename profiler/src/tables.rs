@@ -1090,6 +1090,6 @@ mod tests {
         assert_eq!((w2[0].calls, w2[0].timeouts), (2, 0));
         let text = dbus_table(&w2, true).text();
         assert!(text.contains("TerminateMachine"), "{text}");
-        assert!(dbus(&p, Some(3)).is_empty());
+        assert_eq!(dbus(&p, Some(3)), Vec::new());
     }
 }
