@@ -191,7 +191,9 @@ pub struct Config {
     pub user_stack_depth: u32,
     /// Nonzero: take stacks of preempted tasks too (state R) at switch-out.
     pub preempted_stacks: u32,
-    pub pad: u32,
+    /// Nonzero: reuse a thread's off-CPU stacks when it blocks again at the
+    /// same site (same user registers and innermost kernel frames).
+    pub block_site_cache: u32,
     /// This architecture's numbers of clone, clone3, fork and vfork.
     pub nr_clone: u32,
     pub nr_clone3: u32,
@@ -223,7 +225,7 @@ impl Config {
             target_comm_len: 0,
             user_stack_depth: 0,
             preempted_stacks: 0,
-            pad: 0,
+            block_site_cache: 0,
             nr_clone: 0,
             nr_clone3: 0,
             nr_fork: 0,

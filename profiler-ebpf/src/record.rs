@@ -9,11 +9,12 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
-        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
+        bpf_probe_read_user_str_bytes, bpf_task_pt_regs,
     },
     macros::{map, perf_event, tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{PerfEventContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use profiler_common::record::{
@@ -316,6 +317,91 @@ fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
     (kern, user)
 }
 
+/// Per thread: where it last blocked and the stacks taken there.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct BlockSite {
+    /// User ip, sp, bp and the return address at bp+8 when it blocked.
+    user: [u64; 4],
+    /// Hash of the innermost kernel frames.
+    kern_head: u64,
+    state: u32,
+    pad: u32,
+    kern_stack: u64,
+    user_stack: u64,
+}
+
+#[map]
+static BLOCK_SITES: LruHashMap<u32, BlockSite> = LruHashMap::with_max_entries(32768, 0);
+
+/// Kernel frames walked to tell two blocks of a thread apart: deep enough
+/// to pass `__schedule`, `schedule`, the wait primitive and its caller.
+const KERN_HEAD_FRAMES: usize = 8;
+
+/// The off-CPU stacks of the current task, reused from its previous block
+/// when it blocks again at the same site: same user registers (ip, sp, bp
+/// and the caller's return address, so the same user call chain), same
+/// innermost kernel frames, same state. A thread blocking in a loop (a
+/// QEMU worker on its futex, a main loop in ppoll) then costs a short
+/// kernel walk instead of two full walks.
+#[inline(always)]
+fn block_stacks(ctx: &TracePointContext, window: u32, pid: u32, state: u32) -> (u64, u64) {
+    // SAFETY: the helpers take the current task's BTF pointer; the reads
+    // are checked.
+    let user = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        let ip = bpf_probe_read_kernel(regs.add(PT_REGS_IP) as *const u64).unwrap_or(0);
+        let sp = bpf_probe_read_kernel(regs.add(PT_REGS_SP) as *const u64).unwrap_or(0);
+        let bp = bpf_probe_read_kernel(regs.add(PT_REGS_BP) as *const u64).unwrap_or(0);
+        let ret = bpf_probe_read_user((bp + 8) as *const u64).unwrap_or(0);
+        [ip, sp, bp, ret]
+    };
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return stacks(ctx, window);
+    };
+    // SAFETY: buf is this CPU's scratch value, larger than the head.
+    let n = unsafe { bpf_get_stack(ctx.as_ptr(), buf.cast(), (KERN_HEAD_FRAMES * 8) as u32, 0) };
+    if n <= 0 || user[0] == 0 {
+        return stacks(ctx, window);
+    }
+    let frames = n as usize / 8;
+    let mut head: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < KERN_HEAD_FRAMES {
+        if i >= frames {
+            break;
+        }
+        // SAFETY: i < KERN_HEAD_FRAMES, inside the scratch buffer.
+        head = (head ^ unsafe { (*buf).ips[i] }).wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    if let Some(site) = BLOCK_SITES.get_ptr(&pid) {
+        // SAFETY: a valid map value of this thread.
+        let site = unsafe { &*site };
+        if site.user == user && site.kern_head == head && site.state == state {
+            return (site.kern_stack, site.user_stack);
+        }
+    }
+    let (kern_stack, user_stack) = stacks(ctx, window);
+    if kern_stack >= STACK_ID_MIN && user_stack >= STACK_ID_MIN {
+        let site = BlockSite {
+            user,
+            kern_head: head,
+            state,
+            pad: 0,
+            kern_stack,
+            user_stack,
+        };
+        let _ = BLOCK_SITES.insert(&pid, &site, 0);
+    }
+    (kern_stack, user_stack)
+}
+
+/// Offsets in x86-64 `struct pt_regs`.
+const PT_REGS_BP: usize = 4 * 8;
+const PT_REGS_IP: usize = 16 * 8;
+const PT_REGS_SP: usize = 19 * 8;
+
 #[inline(always)]
 fn is_exiting() -> bool {
     let pid = bpf_get_current_pid_tgid() as u32;
@@ -388,6 +474,8 @@ pub fn offcpu_sched_switch(ctx: TracePointContext) -> u32 {
         let preempted = state == 0 || state & 0x100 != 0;
         let (kern_stack, user_stack) = if preempted && config!(preempted_stacks) == 0 {
             (STACK_NOT_TAKEN, STACK_NOT_TAKEN)
+        } else if config!(block_site_cache) != 0 {
+            block_stacks(&ctx, window, pid, state)
         } else {
             stacks(&ctx, window)
         };

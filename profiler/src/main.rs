@@ -127,6 +127,12 @@ struct RecordArgs {
     /// tracer's cost when CPUs are contended.
     #[arg(long)]
     preempted_stacks: bool,
+    /// Walk both stacks at every block. By default a thread that blocks
+    /// again at the same site (same user ip, sp, bp and caller, same
+    /// innermost kernel frames, same state) reuses the stacks taken there
+    /// the last time, which is most blocks of a busy daemon.
+    #[arg(long)]
+    no_stack_cache: bool,
     /// Run this command and record it (and its children).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -265,6 +271,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         user_stack_depth: args.user_stack_depth,
         time_cgroup_writes: args.time_cgroup_writes,
         preempted_stacks: args.preempted_stacks,
+        block_site_cache: !args.no_stack_cache,
         tracers: match args.tracers.as_deref() {
             Some(t) => Tracer::parse_list(t).map_err(|e| anyhow::anyhow!("--tracers: {e}"))?,
             None => Tracer::ALL.to_vec(),

@@ -234,6 +234,8 @@ pub struct RecordOptions {
     pub time_cgroup_writes: bool,
     /// Take stacks of preempted tasks at switch-out too.
     pub preempted_stacks: bool,
+    /// Reuse a thread's off-CPU stacks when it blocks again at the same site.
+    pub block_site_cache: bool,
 }
 
 #[derive(Debug, Error)]
@@ -1027,6 +1029,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.offsets = offsets;
     config.user_stack_depth = opts.user_stack_depth;
     config.preempted_stacks = u32::from(opts.preempted_stacks);
+    config.block_site_cache = u32::from(opts.block_site_cache);
     for (field, nr) in [
         (&mut config.nr_clone, libc::SYS_clone),
         (&mut config.nr_clone3, libc::SYS_clone3),
