@@ -143,6 +143,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The HTML report's test opens it in a real headless browser.
+    massboot::ensure_packages(&[("chromium", None)], "test")?;
     // Privileged integration tests share kernel state (tracepoints, the VM
     // counter), so they run one at a time, as aya's own do.
     run(cargo()
