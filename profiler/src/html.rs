@@ -76,18 +76,20 @@ svg.chart .axis { stroke: #888; }
 svg.chart .grid { stroke: #eee; }
 "#;
 
-/// The page's own script: window selection (buttons, heatmap cells), lazy
-/// loading of the flame graph frames of the selected window, and the
-/// heatmap's per-VM switch. It reads only attributes the report wrote and
-/// writes no markup.
+/// The page's own script: window selection (buttons, heatmap cells, timeline
+/// bands: any element with `data-select-window`), loading the flame graph
+/// frames of the selected window (those outside windows at once), and the
+/// heatmap's per-VM switch. It moves only attribute values the report wrote
+/// (escaped) and never builds markup from them.
 const SCRIPT: &str = r#"
 (function () {
   "use strict";
+  function show(frame) {
+    frame.srcdoc = frame.getAttribute("data-srcdoc");
+    frame.removeAttribute("data-srcdoc");
+  }
   function load(scope) {
-    scope.querySelectorAll("iframe[data-srcdoc]").forEach(function (f) {
-      f.srcdoc = f.getAttribute("data-srcdoc");
-      f.removeAttribute("data-srcdoc");
-    });
+    scope.querySelectorAll("iframe[data-srcdoc]").forEach(show);
   }
   function select(id) {
     document.querySelectorAll("section.window").forEach(function (s) {
@@ -121,13 +123,10 @@ const SCRIPT: &str = r#"
     });
   });
   document.querySelectorAll("iframe[data-srcdoc]").forEach(function (f) {
-    if (!f.closest("section.window")) {
-      f.srcdoc = f.getAttribute("data-srcdoc");
-      f.removeAttribute("data-srcdoc");
-    }
+    if (!f.closest("section.window")) show(f);
   });
-  var first = document.querySelector("nav.windows [data-select-window]");
-  if (first) select(first.getAttribute("data-initial") || first.getAttribute("data-select-window"));
+  var nav = document.querySelector("nav.windows");
+  if (nav) select(nav.getAttribute("data-initial"));
 })();
 "#;
 
@@ -178,11 +177,12 @@ pub fn table(t: &Table) -> String {
 }
 
 /// A flame graph SVG (inferno's, with its script) in a figure with a
-/// caption. The SVG becomes the `srcdoc` of an iframe when the window it is
-/// in is selected (at once outside windows): it runs in a document of its
-/// own. `caption` is plain text.
+/// caption; `name` (e.g. `oncpu`) becomes the figure's `data-graph`. The SVG
+/// becomes the `srcdoc` of an iframe when the window it is in is selected
+/// (at once outside windows): it runs in a document of its own. `caption`
+/// and `name` are plain text.
 #[must_use]
-pub fn flame_graph_frame(svg: &[u8], caption: &str) -> String {
+pub fn flame_graph_frame(svg: &[u8], name: &str, caption: &str) -> String {
     let svg = String::from_utf8_lossy(svg);
     // The XML prologue and DOCTYPE mean nothing in an HTML document.
     let body = svg.find("<svg").map_or(&*svg, |i| &svg[i..]);
@@ -211,8 +211,9 @@ pub fn flame_graph_frame(svg: &[u8], caption: &str) -> String {
         }
     }
     format!(
-        "<figure class=\"flame\"><figcaption>{}</figcaption>\
+        "<figure class=\"flame\" data-graph=\"{}\"><figcaption>{}</figcaption>\
          <iframe title=\"{}\" height=\"{height}\" data-srcdoc='{attr}'></iframe></figure>\n",
+        escape(name),
         escape(caption),
         escape(caption)
     )
@@ -225,20 +226,17 @@ fn svg_height(svg: &str) -> Option<u32> {
     rest[..rest.find('"')?].parse().ok()
 }
 
-/// The window selector: one button per `(id, label)`; `initial` is selected
-/// when the page opens. Pairs with [`window_section`].
+/// The window selector: one button per `(id, label)`; `initial` (else the
+/// first) is selected when the page opens. Pairs with [`window_section`].
 #[must_use]
 pub fn window_nav(windows: &[(u32, String)], initial: Option<u32>) -> String {
-    let mut out = String::from("<nav class=\"windows\" aria-label=\"windows\">\n");
-    for (i, (id, label)) in windows.iter().enumerate() {
-        let init = match initial {
-            Some(w) if i == 0 => format!(" data-initial=\"{w}\""),
-            _ => String::new(),
-        };
+    let initial = initial.or(windows.first().map(|w| w.0)).unwrap_or(0);
+    let mut out =
+        format!("<nav class=\"windows\" aria-label=\"windows\" data-initial=\"{initial}\">\n");
+    for (id, label) in windows {
         let _ = writeln!(
             out,
-            "<button type=\"button\" data-select-window=\"{id}\"{init}>{} {}</button>",
-            id,
+            "<button type=\"button\" data-select-window=\"{id}\">{id} {}</button>",
             escape(label)
         );
     }
@@ -625,6 +623,7 @@ fn window_bands(profile: &Profile, max_ord: u64, y: &dyn Fn(f64) -> f64, out: &m
         if a > max_ord {
             continue;
         }
+        // A last window the boot did not fill ends at the last VM.
         let b = b.min(max_ord);
         let (y0, y1) = (y(f(b) + 0.5).max(PAD_T), y(f(a) - 0.5).min(PAD_T + ph));
         let fill = if i % 2 == 0 { "#f3f6fb" } else { "#e6edf7" };
@@ -639,11 +638,7 @@ fn window_bands(profile: &Profile, max_ord: u64, y: &dyn Fn(f64) -> f64, out: &m
             PAD_L + pw + 4.0,
             f64::midpoint(y0, y1) + 4.0,
             w.id,
-            if a == b {
-                format!("{a}")
-            } else {
-                format!("{a}-{b}")
-            }
+            short_label(w)
         );
     }
 }
@@ -1018,11 +1013,7 @@ fn window_panel(
                 tracer_of(g.name)
             );
         }
-        out.push_str(&flame_graph_frame(&svg, &caption).replacen(
-            "<figure class=\"flame\"",
-            &format!("<figure class=\"flame\" data-graph=\"{}\"", g.name),
-            1,
-        ));
+        out.push_str(&flame_graph_frame(&svg, g.name, &caption));
     }
     out.push_str(&tables_html(profile, Some(w.id)));
     out.push_str("<h4>Losses</h4>\n");
@@ -1111,7 +1102,7 @@ mod tests {
     #[test]
     fn frames_keep_the_svg_in_one_attribute() {
         let svg = br#"<?xml version="1.0"?><svg height="42" x='a'><title>&lt;x&gt; it's</title><script>var a = '</script>';</script></svg>"#;
-        let h = flame_graph_frame(svg, "t <1>");
+        let h = flame_graph_frame(svg, "oncpu", "t <1>");
         assert!(h.contains("height=\"46\""), "{h}");
         let attr = h.split("data-srcdoc='").nth(1).unwrap();
         let attr = &attr[..attr.find('\'').unwrap()];
@@ -1119,6 +1110,59 @@ mod tests {
         assert!(attr.contains("&amp;lt;x&amp;gt; it&#39;s"), "{attr}");
         assert!(!h.contains("<?xml"));
         assert!(h.contains("<figcaption>t &lt;1&gt;</figcaption>"));
+    }
+
+    #[test]
+    fn vm_latency_from_the_spawning_fork() {
+        use crate::profile::Process;
+        let proc = |tgid, parent, forked: Option<u64>, exec: Option<u64>| Process {
+            tgid,
+            comm: String::new(),
+            cmdline: None,
+            parent,
+            forked_ns: forked,
+            exec_ns: exec,
+            exit_ns: None,
+            fork_window: None,
+            exec_window: None,
+        };
+        let vm = |ordinal, time_ns, pid| VmCreation {
+            ordinal,
+            time_ns,
+            pid,
+            tid: pid,
+            comm: "qemu".into(),
+            source: "kvm".into(),
+            cmdline: None,
+            name: None,
+        };
+        let p = Profile {
+            windows: crate::windows::WindowSpec::Every { size: 2 }.windows(3),
+            processes: vec![
+                // libvirtd (not forked while recording) forks a helper
+                // (100), which forks QEMU (101), which execs, then creates
+                // VM 1.
+                proc(100, Some(1), Some(1_000), None),
+                proc(101, Some(100), Some(1_500), Some(2_000)),
+                // A harness started by hand (exec'd) forks QEMU 201: the
+                // harness's own fork is not part of the VM's creation.
+                proc(200, Some(1), Some(100), Some(150)),
+                proc(201, Some(200), Some(5_000), None),
+            ],
+            vms: vec![vm(1, 9_000, 101), vm(2, 10_000, 201), vm(3, 12_000, 201)],
+            ..Profile::default()
+        };
+        let l = vm_latencies(&p);
+        assert_eq!(l[0].fork_to_create_ns, Some(8_000));
+        assert_eq!(l[0].exec_to_create_ns, Some(7_000));
+        assert_eq!(l[0].since_previous_ns, None);
+        assert_eq!(l[0].window, Some(1));
+        assert_eq!(l[1].fork_to_create_ns, Some(5_000));
+        assert_eq!(l[1].exec_to_create_ns, None);
+        // The same process's second VM: only the gap is known.
+        assert_eq!(l[2].fork_to_create_ns, None);
+        assert_eq!(l[2].since_previous_ns, Some(2_000));
+        assert_eq!(l[2].window, Some(2));
     }
 
     #[test]

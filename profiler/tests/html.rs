@@ -69,6 +69,14 @@ fn srcdocs(page: &str) -> Vec<String> {
         .collect()
 }
 
+/// The sum of a graph's folded counts in a window: inferno's total.
+fn folded_total(p: &Profile, g: &render::Graph, window: u32) -> u64 {
+    (g.folded)(p, window)
+        .iter()
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum()
+}
+
 /// The part of `page` that holds window `id`'s panel.
 fn window_panel(page: &str, id: u32) -> &str {
     let start = page
@@ -110,10 +118,7 @@ fn report_has_every_window_heatmap_and_tables() {
                 w.id,
                 g.name
             );
-            let total: u64 = (g.folded)(&p, w.id)
-                .iter()
-                .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
-                .sum();
+            let total = folded_total(&p, g, w.id);
             if total == 0 {
                 assert!(
                     doc.contains("nothing recorded in this window"),
@@ -590,6 +595,47 @@ fn artifacts() -> PathBuf {
     dir
 }
 
+/// Selects window `w` with its button and checks that exactly its panel
+/// shows, with its four graphs loaded: each frame's document is the graph
+/// of this window (its title, and inferno's total equal to the folded
+/// counts), laid out to the frame's width.
+fn select_and_check_window(b: &mut Browser, p: &Profile, w: &profiler::windows::WindowInfo) {
+    b.eval(&format!(
+        "document.querySelector('nav.windows [data-select-window=\"{}\"]').click()",
+        w.id
+    ));
+    assert_eq!(b.settle(), w.id.to_string());
+    let shown = b.eval(
+        "[...document.querySelectorAll('section.window')].filter(s => !s.hidden && s.offsetParent !== null).map(s => s.dataset.window)",
+    );
+    assert_eq!(shown, json!([w.id.to_string()]));
+    let graphs = b.eval(&format!(
+        r#"[...document.querySelectorAll('section.window[data-window="{}"] iframe')].map(f => {{
+            const d = f.contentDocument;
+            const fr = d.getElementById("frames");
+            return {{
+                title: d.querySelector("svg text").textContent,
+                total: fr ? Number(fr.getAttribute("total_samples")) : 0,
+                boxes: fr ? fr.children.length : 0,
+                width: d.querySelector("svg").getBoundingClientRect().width,
+            }};
+        }})"#,
+        w.id
+    ));
+    let graphs = graphs.as_array().unwrap();
+    assert_eq!(graphs.len(), 4, "window {}", w.id);
+    for (g, got) in render::GRAPHS.iter().zip(graphs) {
+        let total = folded_total(p, g, w.id);
+        assert_eq!(got["title"], json!(g.title_for(w)), "window {}", w.id);
+        assert_eq!(got["total"], json!(total), "window {} {}", w.id, g.name);
+        assert_eq!(got["boxes"].as_u64().unwrap() > 0, total > 0, "{got}");
+        assert!(
+            got["width"].as_f64().unwrap() > 1000.0,
+            "graph fills the frame: {got}"
+        );
+    }
+}
+
 #[test]
 fn browser_renders_the_report_and_switches_windows() {
     let p = sample();
@@ -600,51 +646,45 @@ fn browser_renders_the_report_and_switches_windows() {
     let first = b.settle();
     assert_eq!(first, "1", "opens on the first window with VMs");
     for w in &p.windows {
-        b.eval(&format!(
-            "document.querySelector('nav.windows [data-select-window=\"{}\"]').click()",
-            w.id
-        ));
-        assert_eq!(b.settle(), w.id.to_string());
-        // Exactly this window's panel shows, with its four graphs loaded:
-        // each frame's document is the graph of this window (its title,
-        // and inferno's total equal to the folded counts).
-        let shown = b.eval(
-            "[...document.querySelectorAll('section.window')].filter(s => !s.hidden && s.offsetParent !== null).map(s => s.dataset.window)",
-        );
-        assert_eq!(shown, json!([w.id.to_string()]));
-        let graphs = b.eval(&format!(
-            r#"[...document.querySelectorAll('section.window[data-window="{}"] iframe')].map(f => {{
-                const d = f.contentDocument;
-                const fr = d.getElementById("frames");
-                return {{
-                    title: d.querySelector("svg text").textContent,
-                    total: fr ? Number(fr.getAttribute("total_samples")) : 0,
-                    boxes: fr ? fr.children.length : 0,
-                    width: d.querySelector("svg").getBoundingClientRect().width,
-                }};
-            }})"#,
-            w.id
-        ));
-        let graphs = graphs.as_array().unwrap();
-        assert_eq!(graphs.len(), 4, "window {}", w.id);
-        for (g, got) in render::GRAPHS.iter().zip(graphs) {
-            let total: u64 = (g.folded)(&p, w.id)
-                .iter()
-                .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
-                .sum();
-            assert_eq!(got["title"], json!(g.title_for(w)), "window {}", w.id);
-            assert_eq!(got["total"], json!(total), "window {} {}", w.id, g.name);
-            assert_eq!(got["boxes"].as_u64().unwrap() > 0, total > 0, "{got}");
-            assert!(
-                got["width"].as_f64().unwrap() > 1000.0,
-                "graph fills the frame: {got}"
-            );
-        }
+        select_and_check_window(&mut b, &p, w);
     }
 
     // A heatmap cell selects its window.
     b.eval("document.querySelector('table.heatmap td.cell[data-select-window=\"3\"]').click()");
     assert_eq!(b.settle(), "3");
+    // The heatmap's per-VM switch divides by the VMs created in the window
+    // (none in the setup window), and switches back.
+    let w1 = &p.windows[1];
+    let samples: u64 = p
+        .oncpu
+        .iter()
+        .filter(|r| r.window == 1)
+        .map(|r| r.samples)
+        .sum();
+    let vms = p
+        .vms
+        .iter()
+        .filter(|v| (w1.first_vm.unwrap()..=w1.last_vm.unwrap()).contains(&v.ordinal))
+        .count() as u64;
+    let cells = b.eval(
+        r#"(() => {
+            const box = document.getElementById("heatmap-per-vm");
+            const cell = w => document.querySelector(`table.heatmap td.cell[data-metric="on-CPU samples"][data-select-window="${w}"]`).textContent;
+            box.click();
+            const r = {setup: cell(0), w1: cell(1)};
+            box.click();
+            r.back = cell(1);
+            return r;
+        })()"#,
+    );
+    assert_eq!(
+        cells,
+        json!({
+            "setup": "-",
+            "w1": format!("{} per VM", (samples + vms / 2) / vms),
+            "back": samples.to_string(),
+        })
+    );
     // Inferno's zoom and search work inside the frame.
     let zoom = b.eval(
         r##"(() => {
