@@ -42,6 +42,11 @@ enum Cmd {
         /// Output directory.
         #[arg(short, long, default_value = "hvprof-report")]
         output: PathBuf,
+        /// Also write OUTPUT/report.html: one self-contained page (no
+        /// network fetches) with the VM timeline, a VM-ordinal heatmap, and
+        /// every window's flame graphs, tables and losses.
+        #[arg(long)]
+        html: bool,
     },
 }
 
@@ -149,7 +154,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Report { profile, output } => match report(&profile, &output) {
+        Cmd::Report {
+            profile,
+            output,
+            html,
+        } => match report(&profile, &output, html) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hvprof: {e}");
@@ -294,10 +303,15 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(path: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
+fn report(path: &std::path::Path, output: &std::path::Path, html: bool) -> anyhow::Result<()> {
     let profile = Profile::read(path)?;
     let summary = render::write_all(&profile, output)?;
     print!("{}", summary.to_text());
+    if html {
+        let page = output.join(profiler::html::FILE_NAME);
+        profiler::html::write_report(&profile, &page)?;
+        println!("\nHTML report: {}", page.display());
+    }
     println!("\nwrote {}", output.display());
     Ok(())
 }

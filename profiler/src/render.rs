@@ -150,26 +150,82 @@ pub fn flame_graph(
         source,
     })?;
     let mut out = BufWriter::new(file);
-    let mut opts = inferno::flamegraph::Options::default();
-    title.clone_into(&mut opts.title);
-    count_name.clone_into(&mut opts.count_name);
-    opts.deterministic = true;
-    let result = if lines.is_empty() {
-        write!(
-            out,
-            r#"<?xml version="1.0" standalone="no"?><svg version="1.1" width="1200" height="60" xmlns="http://www.w3.org/2000/svg"><text x="600" y="24" text-anchor="middle" font-family="Verdana" font-size="17">{}</text><text x="600" y="48" text-anchor="middle" font-family="Verdana" font-size="12">nothing recorded in this window</text></svg>"#,
-            xml_escape(title)
-        )
-    } else {
-        inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut out)
-    };
-    result
+    write_flame_graph(lines, title, count_name, &mut out)
         .and_then(|()| out.flush())
         .map_err(|source| RenderError::FlameGraph {
             path: path.to_path_buf(),
             source,
         })
 }
+
+/// [`flame_graph`] into any writer (the HTML report keeps them in memory).
+pub fn write_flame_graph(
+    lines: &[String],
+    title: &str,
+    count_name: &str,
+    mut out: impl Write,
+) -> io::Result<()> {
+    let mut opts = inferno::flamegraph::Options::default();
+    title.clone_into(&mut opts.title);
+    count_name.clone_into(&mut opts.count_name);
+    opts.deterministic = true;
+    if lines.is_empty() {
+        write!(
+            out,
+            r#"<?xml version="1.0" standalone="no"?><svg version="1.1" width="1200" height="60" xmlns="http://www.w3.org/2000/svg"><text x="600" y="24" text-anchor="middle" font-family="Verdana" font-size="17">{}</text><text x="600" y="48" text-anchor="middle" font-family="Verdana" font-size="12">nothing recorded in this window</text></svg>"#,
+            xml_escape(title)
+        )
+    } else {
+        inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), out)
+    }
+}
+
+/// One of the per-window flame graphs.
+pub struct Graph {
+    /// File stem: `oncpu` → `oncpu.folded`, `oncpu.svg`.
+    pub name: &'static str,
+    /// The title before `: window N (VMs a–b)`.
+    pub title: &'static str,
+    /// What a folded count is.
+    pub count_name: &'static str,
+    pub folded: fn(&Profile, u32) -> Vec<String>,
+}
+
+impl Graph {
+    /// `On-CPU: window 1 (VMs 1–4)`.
+    #[must_use]
+    pub fn title_for(&self, w: &WindowInfo) -> String {
+        format!("{}: window {} ({})", self.title, w.id, w.label())
+    }
+}
+
+/// The flame graphs every window gets, in the order reports show them.
+pub const GRAPHS: [Graph; 4] = [
+    Graph {
+        name: "oncpu",
+        title: "On-CPU",
+        count_name: "samples",
+        folded: oncpu_folded,
+    },
+    Graph {
+        name: "offcpu",
+        title: "Off-CPU time",
+        count_name: "\u{b5}s",
+        folded: offcpu_folded,
+    },
+    Graph {
+        name: "lockwait",
+        title: "Kernel lock wait",
+        count_name: "\u{b5}s",
+        folded: lockwait_folded,
+    },
+    Graph {
+        name: "dbuswait",
+        title: "D-Bus wait",
+        count_name: "\u{b5}s",
+        folded: dbuswait_folded,
+    },
+];
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -429,39 +485,19 @@ fn write_window(
     mkdir: &dyn Fn(&Path) -> Result<(), RenderError>,
 ) -> Result<(), RenderError> {
     mkdir(wdir)?;
-    let label = w.label();
-    let on = oncpu_folded(profile, w.id);
-    write_file(&wdir.join("oncpu.folded"), &join_lines(&on))?;
-    flame_graph(
-        &on,
-        &format!("On-CPU: window {} ({label})", w.id),
-        "samples",
-        &wdir.join("oncpu.svg"),
-    )?;
-    let off = offcpu_folded(profile, w.id);
-    write_file(&wdir.join("offcpu.folded"), &join_lines(&off))?;
-    flame_graph(
-        &off,
-        &format!("Off-CPU time: window {} ({label})", w.id),
-        "\u{b5}s",
-        &wdir.join("offcpu.svg"),
-    )?;
-    let lock = lockwait_folded(profile, w.id);
-    write_file(&wdir.join("lockwait.folded"), &join_lines(&lock))?;
-    flame_graph(
-        &lock,
-        &format!("Kernel lock wait: window {} ({label})", w.id),
-        "\u{b5}s",
-        &wdir.join("lockwait.svg"),
-    )?;
-    let dbus = dbuswait_folded(profile, w.id);
-    write_file(&wdir.join("dbuswait.folded"), &join_lines(&dbus))?;
-    flame_graph(
-        &dbus,
-        &format!("D-Bus wait: window {} ({label})", w.id),
-        "\u{b5}s",
-        &wdir.join("dbuswait.svg"),
-    )?;
+    for g in &GRAPHS {
+        let lines = (g.folded)(profile, w.id);
+        write_file(
+            &wdir.join(format!("{}.folded", g.name)),
+            &join_lines(&lines),
+        )?;
+        flame_graph(
+            &lines,
+            &g.title_for(w),
+            g.count_name,
+            &wdir.join(format!("{}.svg", g.name)),
+        )?;
+    }
     write_lock_tables(profile, Some(w.id), wdir)?;
     Ok(())
 }

@@ -141,14 +141,16 @@ fn main() -> ExitCode {
 }
 
 /// What the tests drive besides hvprof: the D-Bus daemon and the three
-/// client libraries' command-line clients, and python3-gi for the sample
-/// D-Bus service.
+/// client libraries' command-line clients, python3-gi for the sample D-Bus
+/// service, and a browser for the HTML report.
 const TEST_PACKAGES: &[(&str, Option<&str>)] = &[
     ("dbus-daemon", None),
     ("dbus-bin", None),
     ("libglib2.0-bin", None),
     ("python3-gi", None),
     ("systemd", None),
+    // The HTML report's test opens it in a real headless browser.
+    ("chromium", None),
 ];
 
 fn test(args: &[String]) -> anyhow::Result<()> {

@@ -1,0 +1,1179 @@
+//! The self-contained HTML report (`hvprof report PROFILE --html`): one file
+//! with the recording's header, the VM timeline, a VM-ordinal heatmap, and
+//! per window its flame graphs, tables and losses, then the whole
+//! recording's tables. No network fetches: the styles, the scripts and every
+//! SVG are inline.
+//!
+//! Everything that comes from the recorded system (frame names, comms,
+//! command lines, guest names, cgroup paths, D-Bus names) goes through
+//! [`escape`]. Each inferno flame graph is embedded as the `srcdoc` of its
+//! own `<iframe>`, so its script (zoom, search) runs in a document of its
+//! own: several graphs' global variables cannot clash, and the SVG stays in
+//! an attribute value, where no sequence of its characters can close it.
+//!
+//! The page skeleton is reusable (the diff report uses it): [`page`],
+//! [`escape`], [`table`], [`flame_graph_frame`], [`window_nav`] and
+//! [`window_section`].
+
+use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
+
+use crate::{
+    profile::{Profile, VmCreation},
+    render::{self, GRAPHS, RenderError},
+    tables::{self, Table, human_ns},
+    windows::WindowInfo,
+};
+
+/// The report's file name in the output directory.
+pub const FILE_NAME: &str = "report.html";
+
+/// Escapes text for HTML and SVG element content and for attribute values
+/// (quoted with `"` or `'`).
+#[must_use]
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = r#"
+:root { --fg: #1d1d1f; --muted: #666; --line: #ddd; --accent: #b3261e; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); margin: 0 auto; padding: 1em 1.5em 4em; max-width: 1280px; }
+h1 { font-size: 1.6em; margin: .2em 0 .4em; }
+h2 { font-size: 1.3em; margin: 1.8em 0 .5em; border-bottom: 2px solid var(--line); padding-bottom: .2em; }
+h3 { font-size: 1.1em; margin: 1.2em 0 .4em; }
+code, .mono, td, th { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12.5px; }
+dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: .15em 1.2em; margin: 0; }
+dl.meta dt { color: var(--muted); }
+dl.meta dd { margin: 0; word-break: break-all; }
+table { border-collapse: collapse; margin: .3em 0 1em; }
+th, td { border: 1px solid var(--line); padding: .15em .5em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+td.num, th.num { text-align: right; white-space: nowrap; }
+p.note, .muted { color: var(--muted); }
+.scroll { overflow-x: auto; }
+nav.windows { display: flex; flex-wrap: wrap; gap: .3em; margin: .5em 0 1em; position: sticky; top: 0; background: #fff; padding: .4em 0; z-index: 2; border-bottom: 1px solid var(--line); }
+nav.windows button { font: inherit; padding: .25em .7em; border: 1px solid #aaa; border-radius: 4px; background: #fafafa; cursor: pointer; }
+nav.windows button.selected { background: var(--accent); color: #fff; border-color: var(--accent); }
+figure.flame { margin: .6em 0 1.2em; }
+figure.flame figcaption { font-weight: 600; margin-bottom: .2em; }
+figure.flame iframe { width: 100%; border: 1px solid var(--line); display: block; }
+table.heatmap td.cell { cursor: pointer; text-align: right; min-width: 5.5em; }
+table.heatmap td.cell.selected { outline: 3px solid #1a73e8; outline-offset: -3px; }
+table.heatmap th.win { cursor: pointer; text-align: center; }
+svg.chart { display: block; max-width: 100%; height: auto; font: 11px system-ui, sans-serif; }
+svg.chart .axis { stroke: #888; }
+svg.chart .grid { stroke: #eee; }
+"#;
+
+/// The page's own script: window selection (buttons, heatmap cells, timeline
+/// bands: any element with `data-select-window`), loading the flame graph
+/// frames of the selected window (those outside windows at once), and the
+/// heatmap's per-VM switch. It moves only attribute values the report wrote
+/// (escaped) and never builds markup from them.
+const SCRIPT: &str = r#"
+(function () {
+  "use strict";
+  function show(frame) {
+    frame.srcdoc = frame.getAttribute("data-srcdoc");
+    frame.removeAttribute("data-srcdoc");
+  }
+  function load(scope) {
+    scope.querySelectorAll("iframe[data-srcdoc]").forEach(show);
+  }
+  function select(id) {
+    document.querySelectorAll("section.window").forEach(function (s) {
+      var on = s.getAttribute("data-window") === id;
+      s.hidden = !on;
+      if (on) load(s);
+    });
+    document.querySelectorAll("[data-select-window]").forEach(function (b) {
+      b.classList.toggle("selected", b.getAttribute("data-select-window") === id);
+    });
+    document.body.setAttribute("data-selected-window", id);
+  }
+  document.addEventListener("click", function (e) {
+    var t = e.target.closest("[data-select-window]");
+    if (!t) return;
+    select(t.getAttribute("data-select-window"));
+    if (t.hasAttribute("data-scroll")) {
+      var v = document.getElementById("window-view");
+      if (v) v.scrollIntoView();
+    }
+  });
+  var perVm = document.getElementById("heatmap-per-vm");
+  if (perVm) perVm.addEventListener("change", function () {
+    document.querySelectorAll("table.heatmap td.cell").forEach(function (c) {
+      ["style", "title", "data-text"].forEach(function (a) {
+        var alt = c.getAttribute("data-alt-" + a);
+        c.setAttribute("data-alt-" + a, c.getAttribute(a) || "");
+        c.setAttribute(a, alt);
+      });
+      c.textContent = c.getAttribute("data-text");
+    });
+  });
+  document.querySelectorAll("iframe[data-srcdoc]").forEach(function (f) {
+    if (!f.closest("section.window")) show(f);
+  });
+  var nav = document.querySelector("nav.windows");
+  if (nav) select(nav.getAttribute("data-initial"));
+})();
+"#;
+
+/// A whole page: `<head>` with the report's style and a content security
+/// policy that forbids every fetch, `body`, then the report's script.
+/// `title` is plain text (escaped here); `body` is markup.
+#[must_use]
+pub fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; \
+         script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n\
+         <script>{SCRIPT}</script>\n</body>\n</html>\n",
+        escape(title)
+    )
+}
+
+/// A [`Table`] as an HTML table (numeric columns right-aligned), or its
+/// "nothing recorded" sentence when it has no rows.
+#[must_use]
+pub fn table(t: &Table) -> String {
+    if t.rows.is_empty() {
+        return format!("<p class=\"note\">({})</p>\n", escape(t.empty));
+    }
+    let class = |i: usize| {
+        if t.numeric.get(i).copied().unwrap_or(false) {
+            " class=\"num\""
+        } else {
+            ""
+        }
+    };
+    let mut out = String::from("<div class=\"scroll\"><table>\n<thead><tr>");
+    for (i, h) in t.headers.iter().enumerate() {
+        let _ = write!(out, "<th{}>{}</th>", class(i), escape(h));
+    }
+    out.push_str("</tr></thead>\n<tbody>\n");
+    for r in &t.rows {
+        out.push_str("<tr>");
+        for (i, c) in r.iter().enumerate() {
+            let _ = write!(out, "<td{}>{}</td>", class(i), escape(c));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</tbody></table></div>\n");
+    out
+}
+
+/// A flame graph SVG (inferno's, with its script) in a figure with a
+/// caption; `name` (e.g. `oncpu`) becomes the figure's `data-graph`. The SVG
+/// becomes the `srcdoc` of an iframe when the window it is in is selected
+/// (at once outside windows): it runs in a document of its own. `caption`
+/// and `name` are plain text.
+#[must_use]
+pub fn flame_graph_frame(svg: &[u8], name: &str, caption: &str) -> String {
+    let svg = String::from_utf8_lossy(svg);
+    // The XML prologue and DOCTYPE mean nothing in an HTML document.
+    let body = svg.find("<svg").map_or(&*svg, |i| &svg[i..]);
+    let height = svg_height(body).unwrap_or(400) + 4;
+    // The document is HTML: an SVG without a width attribute (inferno's
+    // script removes it to follow the frame's width) would be 300 px wide.
+    // history.replaceState (inferno keeps the zoom in the URL) throws in an
+    // about:srcdoc document: keep zoom working without the error. A frame
+    // in a hidden window is 0 px wide: inferno's resize handler would set
+    // a negative width; it runs again when the frame shows.
+    let doc = format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><style>html,body{{margin:0}}\
+         body>svg{{display:block;width:100%}}</style><script>(function(h){{var r=h.replaceState;\
+         h.replaceState=function(){{try{{return r.apply(h,arguments)}}catch(e){{}}}}}})(history);\
+         addEventListener(\"resize\",function(e){{if(innerWidth<50)e.stopImmediatePropagation()}})\
+         </script></head><body>{body}</body></html>"
+    );
+    // Single-quoted attribute: only `&` and `'` are special in it, so the
+    // SVG's many `"` stay one byte each.
+    let mut attr = String::with_capacity(doc.len() + doc.len() / 16);
+    for c in doc.chars() {
+        match c {
+            '&' => attr.push_str("&amp;"),
+            '\'' => attr.push_str("&#39;"),
+            c => attr.push(c),
+        }
+    }
+    format!(
+        "<figure class=\"flame\" data-graph=\"{}\"><figcaption>{}</figcaption>\
+         <iframe title=\"{}\" height=\"{height}\" data-srcdoc='{attr}'></iframe></figure>\n",
+        escape(name),
+        escape(caption),
+        escape(caption)
+    )
+}
+
+/// The `height` of the first `<svg` element.
+fn svg_height(svg: &str) -> Option<u32> {
+    let tag = &svg[..svg.find('>')?];
+    let rest = &tag[tag.find(" height=\"")? + 9..];
+    rest[..rest.find('"')?].parse().ok()
+}
+
+/// The window selector: one button per `(id, label)`; `initial` (else the
+/// first) is selected when the page opens. Pairs with [`window_section`].
+#[must_use]
+pub fn window_nav(windows: &[(u32, String)], initial: Option<u32>) -> String {
+    let initial = initial.or(windows.first().map(|w| w.0)).unwrap_or(0);
+    let mut out =
+        format!("<nav class=\"windows\" aria-label=\"windows\" data-initial=\"{initial}\">\n");
+    for (id, label) in windows {
+        let _ = writeln!(
+            out,
+            "<button type=\"button\" data-select-window=\"{id}\">{id} {}</button>",
+            escape(label)
+        );
+    }
+    out.push_str("</nav>\n");
+    out
+}
+
+/// One window's panel: shown when its window is selected, and its flame
+/// graph frames load then. `body` is markup.
+#[must_use]
+pub fn window_section(id: u32, body: &str) -> String {
+    format!(
+        "<section class=\"window\" data-window=\"{id}\" id=\"window-{id}\" hidden>\n{body}</section>\n"
+    )
+}
+
+/// Renders one flame graph in memory.
+fn flame_svg(lines: &[String], title: &str, unit: &str) -> Result<Vec<u8>, RenderError> {
+    let mut svg = Vec::new();
+    render::write_flame_graph(lines, title, unit, &mut svg).map_err(|source| {
+        RenderError::FlameGraph {
+            path: title.into(),
+            source,
+        }
+    })?;
+    Ok(svg)
+}
+
+/// How long each VM took to be created, where the profile shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmLatency {
+    pub ordinal: u64,
+    pub window: Option<u32>,
+    /// Since the previous VM creation (any process).
+    pub since_previous_ns: Option<u64>,
+    /// From the fork that started the VM's process to the creation: the
+    /// fork of the VM's process, or of its forked parent when that parent
+    /// never exec'd (libvirt forks a child that forks QEMU), when the fork
+    /// was recorded and this is the first VM of that process.
+    pub fork_to_create_ns: Option<u64>,
+    /// From the VM process's exec to the creation (the VMM's own start-up
+    /// until `KVM_CREATE_VM`), when the exec was recorded and this is the
+    /// first VM of that process.
+    pub exec_to_create_ns: Option<u64>,
+}
+
+/// Per-VM creation latencies, in ordinal order.
+#[must_use]
+pub fn vm_latencies(profile: &Profile) -> Vec<VmLatency> {
+    let procs: BTreeMap<u32, &crate::profile::Process> =
+        profile.processes.iter().map(|p| (p.tgid, p)).collect();
+    let mut vms: Vec<&VmCreation> = profile.vms.iter().collect();
+    vms.sort_by_key(|v| v.ordinal);
+    let mut seen_pids = std::collections::HashSet::new();
+    let vm_pids: std::collections::HashSet<u32> = vms.iter().map(|v| v.pid).collect();
+    let mut prev: Option<u64> = None;
+    vms.iter()
+        .map(|v| {
+            let first_of_process = seen_pids.insert(v.pid);
+            let proc = procs.get(&v.pid).filter(|_| first_of_process);
+            let fork = proc.and_then(|p| {
+                let mut fork = p.forked_ns?;
+                // libvirt (virCommand) forks a child that forks QEMU: start
+                // at the outer fork when the parent is such a helper — it
+                // was forked while recording, never exec'd, made no VM.
+                if let Some(parent) = p.parent.and_then(|pp| procs.get(&pp))
+                    && parent.exec_ns.is_none()
+                    && !vm_pids.contains(&parent.tgid)
+                    && let Some(f) = parent.forked_ns
+                {
+                    fork = f.min(fork);
+                }
+                Some(fork)
+            });
+            let lat = VmLatency {
+                ordinal: v.ordinal,
+                window: window_of_vm(profile, v.ordinal),
+                since_previous_ns: prev.map(|p| v.time_ns.saturating_sub(p)),
+                fork_to_create_ns: fork.filter(|&f| f <= v.time_ns).map(|f| v.time_ns - f),
+                exec_to_create_ns: proc
+                    .and_then(|p| p.exec_ns)
+                    .filter(|&e| e <= v.time_ns)
+                    .map(|e| v.time_ns - e),
+            };
+            prev = Some(v.time_ns);
+            lat
+        })
+        .collect()
+}
+
+fn window_of_vm(profile: &Profile, ordinal: u64) -> Option<u32> {
+    profile
+        .windows
+        .iter()
+        .find(
+            |w| matches!((w.first_vm, w.last_vm), (Some(a), Some(b)) if (a..=b).contains(&ordinal)),
+        )
+        .map(|w| w.id)
+}
+
+/// The whole report for `profile`, as one HTML document.
+pub fn report(profile: &Profile) -> Result<String, RenderError> {
+    let summary = render::summary(profile);
+    let mut body = String::new();
+    header(profile, &summary, &mut body);
+    timeline(profile, &mut body);
+    heatmap(profile, &summary, &mut body);
+
+    body.push_str("<h2 id=\"window-view\">Per window</h2>\n");
+    let nav: Vec<(u32, String)> = profile.windows.iter().map(|w| (w.id, w.label())).collect();
+    // Open on the first window with VMs: the setup is rarely the question.
+    let initial = profile
+        .windows
+        .iter()
+        .find(|w| w.first_vm.is_some())
+        .or(profile.windows.first())
+        .map(|w| w.id);
+    body.push_str(&window_nav(&nav, initial));
+    for w in &profile.windows {
+        let panel = window_panel(profile, &summary, w)?;
+        body.push_str(&window_section(w.id, &panel));
+    }
+
+    body.push_str("<h2 id=\"whole\">Whole recording</h2>\n");
+    body.push_str(&tables_html(profile, None));
+    Ok(page(
+        &format!("hvprof report: {}", profile.meta.target),
+        &body,
+    ))
+}
+
+/// Writes [`report`] to `path`.
+pub fn write_report(profile: &Profile, path: &Path) -> Result<(), RenderError> {
+    let html = report(profile)?;
+    fs::write(path, html).map_err(|source| RenderError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn has_tracer(profile: &Profile, tracer: &str) -> bool {
+    // Profiles without the list predate it: assume everything ran.
+    profile.meta.tracers.is_empty() || profile.meta.tracers.iter().any(|t| t == tracer)
+}
+
+fn header(profile: &Profile, summary: &render::Summary, out: &mut String) {
+    let m = &profile.meta;
+    let _ = writeln!(out, "<h1>hvprof report: {}</h1>", escape(&m.target));
+    out.push_str("<dl class=\"meta\">\n");
+    let mut row = |k: &str, v: &str| {
+        let _ = writeln!(out, "<dt>{}</dt><dd>{}</dd>", escape(k), escape(v));
+    };
+    row("target", &m.target);
+    row("kernel", &m.kernel);
+    row("host", &format!("{} ({} CPUs)", m.hostname, m.cpus));
+    if m.started_unix_ms > 0 {
+        row("started", &utc(m.started_unix_ms));
+    }
+    row("duration", &human_ns(m.duration_ns));
+    row("stop reason", &m.stop_reason);
+    row("tracers", &m.tracers.join(", "));
+    row("sampling", &format!("{} Hz", m.frequency_hz));
+    row("windows", &summary.windows_spec);
+    row("VM events", &m.vm_events.join(", "));
+    row("VMs created", &summary.vms_created.to_string());
+    row(
+        "losses",
+        &if summary.total_losses == 0 {
+            "none".to_owned()
+        } else {
+            format!("{} in all (per window below)", summary.total_losses)
+        },
+    );
+    row("command", &m.command_line.join(" "));
+    row("hvprof", &m.hvprof_version);
+    out.push_str("</dl>\n");
+    if !summary.other_losses.is_empty() {
+        out.push_str("<h3>Losses outside every window</h3>\n");
+        out.push_str(&losses_table(&summary.other_losses));
+    }
+}
+
+/// `2026-11-22 00:37:53 UTC` from Unix milliseconds.
+fn utc(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn losses_table(losses: &BTreeMap<String, u64>) -> String {
+    table(&Table {
+        headers: vec!["loss", "count"],
+        numeric: vec![false, true],
+        rows: losses
+            .iter()
+            .map(|(k, n)| vec![k.clone(), n.to_string()])
+            .collect(),
+        empty: "no losses",
+    })
+}
+
+#[expect(clippy::cast_precision_loss, reason = "chart coordinates")]
+fn f(v: u64) -> f64 {
+    v as f64
+}
+
+/// A "nice" tick step (1, 2 or 5 × 10^k) for about `n` ticks up to `max`.
+fn tick_step(max: f64, n: f64) -> f64 {
+    if max <= 0.0 {
+        return 1.0;
+    }
+    let raw = max / n;
+    let mag = 10f64.powf(raw.log10().floor());
+    let m = raw / mag;
+    mag * if m <= 1.0 {
+        1.0
+    } else if m <= 2.0 {
+        2.0
+    } else if m <= 5.0 {
+        5.0
+    } else {
+        10.0
+    }
+}
+
+fn tick_label(v: f64, step: f64) -> String {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a few decimals"
+    )]
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    format!("{v:.decimals$}")
+}
+
+const CHART_W: f64 = 900.0;
+const CHART_H: f64 = 260.0;
+const PAD_L: f64 = 56.0;
+const PAD_R: f64 = 70.0;
+const PAD_T: f64 = 14.0;
+const PAD_B: f64 = 40.0;
+/// The plot area's width and height.
+const PLOT_W: f64 = CHART_W - PAD_L - PAD_R;
+const PLOT_H: f64 = CHART_H - PAD_T - PAD_B;
+
+fn chart_start(out: &mut String, id: &str, what: &str) {
+    let _ = write!(
+        out,
+        "<svg class=\"chart\" id=\"{id}\" viewBox=\"0 0 {CHART_W} {CHART_H}\" width=\"{CHART_W}\" height=\"{CHART_H}\" role=\"img\" aria-label=\"{}\">",
+        escape(what)
+    );
+}
+
+/// The axes and their labels, and the end of the chart.
+fn chart_end(out: &mut String, x_label: &str, y_label: &str) {
+    let _ = writeln!(
+        out,
+        "<line class=\"axis\" x1=\"{PAD_L}\" x2=\"{PAD_L}\" y1=\"{PAD_T}\" y2=\"{0:.1}\"/><line class=\"axis\" x1=\"{PAD_L}\" x2=\"{1:.1}\" y1=\"{0:.1}\" y2=\"{0:.1}\"/>\
+         <text x=\"{2:.1}\" y=\"{3:.1}\" text-anchor=\"middle\">{x_label}</text>\
+         <text transform=\"translate(14 {4:.1}) rotate(-90)\" text-anchor=\"middle\">{y_label}</text></svg>",
+        PAD_T + PLOT_H,
+        PAD_L + PLOT_W,
+        PAD_L + PLOT_W / 2.0,
+        CHART_H - 6.0,
+        PAD_T + PLOT_H / 2.0,
+        x_label = escape(x_label),
+        y_label = escape(y_label),
+    );
+}
+
+fn timeline(profile: &Profile, out: &mut String) {
+    out.push_str("<h2 id=\"timeline\">VM timeline</h2>\n");
+    if profile.vms.is_empty() {
+        out.push_str("<p class=\"note\">(no VM was created while recording)</p>\n");
+        return;
+    }
+    let mut vms: Vec<&VmCreation> = profile.vms.iter().collect();
+    vms.sort_by_key(|v| v.ordinal);
+    let lat = vm_latencies(profile);
+    let max_ord = vms.last().map_or(1, |v| v.ordinal).max(1);
+    let t_max = f(profile
+        .meta
+        .duration_ns
+        .max(vms.last().map_or(1, |v| v.time_ns)))
+        / 1e9;
+    let (pw, ph) = (PLOT_W, PLOT_H);
+    let x = |t_s: f64| PAD_L + t_s / t_max.max(1e-9) * pw;
+    let y = |ord: f64| PAD_T + ph - ord / f(max_ord) * ph;
+
+    out.push_str(
+        "<p>Each VM creation against its time since the recording started; the bands are the windows (click one to open it).</p>\n",
+    );
+    chart_start(out, "vm-timeline", "VM ordinal against creation time");
+    window_bands(profile, max_ord, &y, out);
+    // Axes and ticks.
+    let ts = tick_step(t_max, 8.0);
+    let mut t = 0.0;
+    while t <= t_max + 1e-9 {
+        let _ = write!(
+            out,
+            "<line class=\"grid\" x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{PAD_T}\" y2=\"{1:.1}\"/><text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">{3}</text>",
+            x(t),
+            PAD_T + ph,
+            PAD_T + ph + 14.0,
+            tick_label(t, ts)
+        );
+        t += ts;
+    }
+    let os = tick_step(f(max_ord), 6.0).max(1.0);
+    let mut o = 0.0;
+    while o <= f(max_ord) + 1e-9 {
+        let _ = write!(
+            out,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            PAD_L - 6.0,
+            y(o) + 4.0,
+            tick_label(o, os)
+        );
+        o += os;
+    }
+    // The step line: the count of VMs created so far.
+    let mut path = format!("M{:.1},{:.1}", x(0.0), y(0.0));
+    for v in &vms {
+        let (vx, vy) = (x(f(v.time_ns) / 1e9), y(f(v.ordinal)));
+        let _ = write!(path, " H{vx:.1} V{vy:.1}");
+    }
+    let _ = write!(
+        path,
+        " H{:.1}",
+        x(f(profile.meta.duration_ns) / 1e9).max(x(0.0))
+    );
+    let _ = write!(
+        out,
+        "<path d=\"{path}\" fill=\"none\" stroke=\"#b3261e\" stroke-width=\"1.5\"/>"
+    );
+    for v in &vms {
+        let _ = write!(
+            out,
+            "<circle class=\"vm\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"#b3261e\"><title>{}</title></circle>",
+            x(f(v.time_ns) / 1e9),
+            y(f(v.ordinal)),
+            escape(&format!(
+                "VM {} at {}: {} pid {}{}",
+                v.ordinal,
+                human_ns(v.time_ns),
+                v.comm,
+                v.pid,
+                v.name
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            ))
+        );
+    }
+    chart_end(out, "time since the start (s)", "VM ordinal");
+
+    latency_chart(&lat, out);
+    vm_table(&vms, &lat, out);
+}
+
+/// The timeline's horizontal band of each window's VM ordinals.
+fn window_bands(profile: &Profile, max_ord: u64, y: &dyn Fn(f64) -> f64, out: &mut String) {
+    let (pw, ph) = (PLOT_W, PLOT_H);
+    for (i, w) in profile.windows.iter().enumerate() {
+        let (Some(a), Some(b)) = (w.first_vm, w.last_vm) else {
+            continue;
+        };
+        if a > max_ord {
+            continue;
+        }
+        // A last window the boot did not fill ends at the last VM.
+        let b = b.min(max_ord);
+        let (y0, y1) = (y(f(b) + 0.5).max(PAD_T), y(f(a) - 0.5).min(PAD_T + ph));
+        let fill = if i % 2 == 0 { "#f3f6fb" } else { "#e6edf7" };
+        let _ = write!(
+            out,
+            "<rect x=\"{PAD_L:.1}\" y=\"{y0:.1}\" width=\"{pw:.1}\" height=\"{:.1}\" fill=\"{fill}\" data-select-window=\"{}\" data-scroll=\"\" style=\"cursor:pointer\"><title>window {} ({})</title></rect>\
+             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#456\">w{} {}</text>",
+            (y1 - y0).max(0.0),
+            w.id,
+            w.id,
+            escape(&w.label()),
+            PAD_L + pw + 4.0,
+            f64::midpoint(y0, y1) + 4.0,
+            w.id,
+            short_label(w)
+        );
+    }
+}
+
+fn latency_chart(lat: &[VmLatency], out: &mut String) {
+    // The better measure when the profile has it for most VMs.
+    let forks = lat.iter().filter(|l| l.fork_to_create_ns.is_some()).count();
+    let use_fork = forks * 2 >= lat.len() && forks > 0;
+    let value = |l: &VmLatency| {
+        if use_fork {
+            l.fork_to_create_ns
+        } else {
+            l.since_previous_ns
+        }
+    };
+    let what = if use_fork {
+        "from the fork that started the VM's process to its creation (libvirt's helper child, then QEMU, up to KVM_CREATE_VM or the exec that counted)"
+    } else {
+        "the gap since the previous VM creation (the profile has no fork of the VMs' processes)"
+    };
+    let _ = writeln!(
+        out,
+        "<h3>Creation latency per VM</h3>\n<p>Per VM: {}.</p>",
+        escape(what)
+    );
+    let max = lat.iter().filter_map(value).max().unwrap_or(0);
+    if max == 0 {
+        out.push_str("<p class=\"note\">(not derivable from this profile)</p>\n");
+        return;
+    }
+    let n = lat.len().max(1);
+    let (pw, ph) = (PLOT_W, PLOT_H);
+    let max_ms = f(max) / 1e6;
+    let bw = pw / f(n as u64);
+    chart_start(out, "vm-latency", "creation latency per VM");
+    let step = tick_step(max_ms, 5.0);
+    let mut t = 0.0;
+    while t <= max_ms + 1e-9 {
+        let yy = PAD_T + ph - t / max_ms * ph;
+        let _ = write!(
+            out,
+            "<line class=\"grid\" x1=\"{PAD_L}\" x2=\"{:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            PAD_L + pw,
+            PAD_L - 6.0,
+            yy + 4.0,
+            tick_label(t, step)
+        );
+        t += step;
+    }
+    let label_every = (n / 30).max(1);
+    for (i, l) in lat.iter().enumerate() {
+        let bx = PAD_L + bw * f(i as u64);
+        if let Some(v) = value(l) {
+            let h = f(v) / f(max) * ph;
+            let _ = write!(
+                out,
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"#d9822b\"><title>VM {}: {}</title></rect>",
+                bx + bw * 0.1,
+                PAD_T + ph - h,
+                bw * 0.8,
+                l.ordinal,
+                human_ns(v)
+            );
+        }
+        if i % label_every == 0 {
+            let _ = write!(
+                out,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+                bx + bw / 2.0,
+                PAD_T + ph + 14.0,
+                l.ordinal
+            );
+        }
+    }
+    chart_end(out, "VM ordinal", "ms");
+}
+
+fn vm_table(vms: &[&VmCreation], lat: &[VmLatency], out: &mut String) {
+    let d = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), human_ns);
+    let t = Table {
+        headers: vec![
+            "VM",
+            "window",
+            "created at",
+            "since previous",
+            "fork \u{2192} created",
+            "exec \u{2192} created",
+            "pid",
+            "comm",
+            "counted by",
+            "name",
+        ],
+        numeric: vec![
+            true, true, true, true, true, true, true, false, false, false,
+        ],
+        rows: vms
+            .iter()
+            .zip(lat)
+            .map(|(v, l)| {
+                vec![
+                    v.ordinal.to_string(),
+                    l.window.map_or_else(|| "-".to_owned(), |w| w.to_string()),
+                    human_ns(v.time_ns),
+                    d(l.since_previous_ns),
+                    d(l.fork_to_create_ns),
+                    d(l.exec_to_create_ns),
+                    v.pid.to_string(),
+                    v.comm.clone(),
+                    v.source.clone(),
+                    v.name.clone().unwrap_or_default(),
+                ]
+            })
+            .collect(),
+        empty: "no VMs",
+    };
+    out.push_str("<details><summary>VM creations (table, with command lines)</summary>\n");
+    out.push_str(&table(&t));
+    out.push_str("<div class=\"scroll\"><table><thead><tr><th class=\"num\">VM</th><th>command line</th></tr></thead><tbody>\n");
+    for v in vms {
+        let _ = writeln!(
+            out,
+            "<tr><td class=\"num\">{}</td><td>{}</td></tr>",
+            v.ordinal,
+            escape(v.cmdline.as_deref().unwrap_or("-"))
+        );
+    }
+    out.push_str("</tbody></table></div></details>\n");
+}
+
+/// One heatmap row: a metric per window, and how to show a value.
+struct Metric {
+    name: &'static str,
+    values: Vec<u64>,
+    show: fn(u64) -> String,
+}
+
+/// The heatmap's rows: VMs created first (the per-VM switch divides by it).
+fn metrics(profile: &Profile, summary: &render::Summary) -> Vec<Metric> {
+    let ws = &summary.windows;
+    let per_window = |f: &dyn Fn(u32) -> u64| profile.windows.iter().map(|w| f(w.id)).collect();
+    let dbus = |w: u32, timeouts: bool| {
+        profile
+            .dbus
+            .iter()
+            .filter(|c| c.window == w)
+            .map(|c| if timeouts { c.timeouts } else { c.total_ns })
+            .sum()
+    };
+    let vms_in = |w: u32| {
+        profile
+            .vms
+            .iter()
+            .filter(|v| window_of_vm(profile, v.ordinal) == Some(w))
+            .count() as u64
+    };
+    let count = |n: u64| n.to_string();
+    vec![
+        Metric {
+            name: "VMs created",
+            values: per_window(&vms_in),
+            show: count,
+        },
+        Metric {
+            name: "on-CPU samples",
+            values: ws.iter().map(|w| w.oncpu_samples).collect(),
+            show: count,
+        },
+        Metric {
+            name: "off-CPU time",
+            values: ws.iter().map(|w| w.offcpu_ns).collect(),
+            show: human_ns,
+        },
+        Metric {
+            name: "lock wait",
+            values: ws.iter().map(|w| w.lock_wait_ns).collect(),
+            show: human_ns,
+        },
+        Metric {
+            name: "forks",
+            values: ws.iter().map(|w| w.forks).collect(),
+            show: count,
+        },
+        Metric {
+            name: "cgroup ops",
+            values: ws.iter().map(|w| w.cgroup_ops).collect(),
+            show: count,
+        },
+        Metric {
+            name: "D-Bus time",
+            values: per_window(&|w| dbus(w, false)),
+            show: human_ns,
+        },
+        Metric {
+            name: "D-Bus timeouts",
+            values: per_window(&|w| dbus(w, true)),
+            show: count,
+        },
+        Metric {
+            name: "losses",
+            values: ws.iter().map(|w| w.losses.values().sum()).collect(),
+            show: count,
+        },
+    ]
+}
+
+fn heatmap(profile: &Profile, summary: &render::Summary, out: &mut String) {
+    let metrics = metrics(profile, summary);
+    let vms: Vec<u64> = metrics[0].values.clone();
+    out.push_str(
+        "<h2 id=\"heatmap\">VM-ordinal heatmap</h2>\n<p>Windows from left to right; each row's colour is its value against the row's largest. Hover a cell for its value, click it to open that window below.</p>\n\
+         <label><input type=\"checkbox\" id=\"heatmap-per-vm\"> per VM created in the window (the setup window and windows without VMs show -)</label>\n",
+    );
+    out.push_str("<div class=\"scroll\"><table class=\"heatmap\"><thead><tr><th>metric</th>");
+    for w in &profile.windows {
+        let _ = write!(
+            out,
+            "<th class=\"win\" data-select-window=\"{}\" data-scroll=\"\" title=\"{}\">w{}<br><span class=\"muted\">{}</span></th>",
+            w.id,
+            escape(&w.label()),
+            w.id,
+            escape(&short_label(w))
+        );
+    }
+    out.push_str("</tr></thead><tbody>\n");
+    for m in &metrics {
+        let _ = write!(out, "<tr><th>{}</th>", escape(m.name));
+        let raw: Vec<Option<f64>> = m.values.iter().map(|&v| Some(f(v))).collect();
+        let per_vm: Vec<Option<f64>> = m
+            .values
+            .iter()
+            .zip(&vms)
+            .map(|(&v, &n)| (n > 0).then(|| f(v) / f(n)))
+            .collect();
+        let raw_max = raw.iter().flatten().copied().fold(0.0, f64::max);
+        let vm_max = per_vm.iter().flatten().copied().fold(0.0, f64::max);
+        for (i, w) in profile.windows.iter().enumerate() {
+            let v = m.values[i];
+            let (style, text, title) = cell(raw[i], raw_max, &(m.show)(v), m.name, w);
+            let pv = per_vm[i].map(|x| {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "display of a per-VM mean"
+                )]
+                let r = x.round() as u64;
+                format!("{} per VM", (m.show)(r))
+            });
+            let (astyle, atext, atitle) =
+                cell(per_vm[i], vm_max, pv.as_deref().unwrap_or("-"), m.name, w);
+            let _ = write!(
+                out,
+                "<td class=\"cell\" data-select-window=\"{}\" data-scroll=\"\" data-metric=\"{}\" data-value=\"{v}\" style=\"{style}\" title=\"{}\" data-text=\"{}\" data-alt-style=\"{astyle}\" data-alt-title=\"{}\" data-alt-data-text=\"{}\">{}</td>",
+                w.id,
+                escape(m.name),
+                escape(&title),
+                escape(&text),
+                escape(&atitle),
+                escape(&atext),
+                escape(&text)
+            );
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</tbody></table></div>\n");
+}
+
+fn short_label(w: &WindowInfo) -> String {
+    match (w.first_vm, w.last_vm) {
+        (Some(a), Some(b)) if a == b => format!("{a}"),
+        (Some(a), Some(b)) => format!("{a}\u{2013}{b}"),
+        _ => "setup".to_owned(),
+    }
+}
+
+/// A heatmap cell's style, text and tooltip.
+fn cell(
+    value: Option<f64>,
+    max: f64,
+    shown: &str,
+    metric: &str,
+    window: &WindowInfo,
+) -> (String, String, String) {
+    let title = format!(
+        "{metric}, window {} ({}): {}",
+        window.id,
+        window.label(),
+        if value.is_some() { shown } else { "-" }
+    );
+    let Some(value) = value else {
+        return (
+            "background:#fff;color:#999".to_owned(),
+            "-".to_owned(),
+            title,
+        );
+    };
+    let level = if max > 0.0 { value / max } else { 0.0 };
+    let (red, green, blue) = heat(level);
+    let fg = if level > 0.55 { "#fff" } else { "#111" };
+    (
+        format!("background:rgb({red},{green},{blue});color:{fg}"),
+        shown.to_owned(),
+        title,
+    )
+}
+
+/// White through orange to dark red.
+fn heat(t: f64) -> (u8, u8, u8) {
+    const STOPS: [(f64, [f64; 3]); 5] = [
+        (0.0, [255.0, 255.0, 255.0]),
+        (0.25, [254.0, 224.0, 144.0]),
+        (0.5, [253.0, 141.0, 60.0]),
+        (0.75, [215.0, 48.0, 31.0]),
+        (1.0, [127.0, 0.0, 0.0]),
+    ];
+    let t = t.clamp(0.0, 1.0);
+    let i = STOPS
+        .windows(2)
+        .position(|s| t <= s[1].0)
+        .unwrap_or(STOPS.len() - 2);
+    let ((t0, c0), (t1, c1)) = (STOPS[i], STOPS[i + 1]);
+    let k = (t - t0) / (t1 - t0);
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "0..=255"
+    )]
+    let ch = |j: usize| (c0[j] + (c1[j] - c0[j]) * k).round() as u8;
+    (ch(0), ch(1), ch(2))
+}
+
+/// The tracer whose data a flame graph shows.
+fn tracer_of(graph: &str) -> &str {
+    match graph {
+        "lockwait" => "locks",
+        "dbuswait" => "dbus",
+        other => other,
+    }
+}
+
+fn window_panel(
+    profile: &Profile,
+    summary: &render::Summary,
+    w: &WindowInfo,
+) -> Result<String, RenderError> {
+    let mut out = String::new();
+    let ws = summary.windows.iter().find(|s| s.id == w.id);
+    let _ = writeln!(
+        out,
+        "<h3>Window {}: {}</h3>\n<p class=\"note\">{}</p>",
+        w.id,
+        escape(&w.label()),
+        escape(&ws.map_or_else(String::new, |s| format!(
+            "{} on-CPU samples, {} off CPU in {} blocks, {} lock wait, {} forks, {} cgroup operations, {} processes",
+            s.oncpu_samples,
+            human_ns(s.offcpu_ns),
+            s.offcpu_blocks,
+            human_ns(s.lock_wait_ns),
+            s.forks,
+            s.cgroup_ops,
+            s.processes
+        )))
+    );
+    for g in &GRAPHS {
+        let lines = (g.folded)(profile, w.id);
+        let title = g.title_for(w);
+        let svg = flame_svg(&lines, &title, g.count_name)?;
+        let mut caption = title.clone();
+        if !has_tracer(profile, tracer_of(g.name)) {
+            let _ = write!(
+                caption,
+                " \u{2014} the {} tracer was not part of this recording",
+                tracer_of(g.name)
+            );
+        }
+        out.push_str(&flame_graph_frame(&svg, g.name, &caption));
+    }
+    out.push_str(&tables_html(profile, Some(w.id)));
+    out.push_str("<h4>Losses</h4>\n");
+    out.push_str(&losses_table(
+        &ws.map(|s| s.losses.clone()).unwrap_or_default(),
+    ));
+    Ok(out)
+}
+
+/// The lock, fork, cgroup and D-Bus tables of one window or of the whole
+/// recording.
+fn tables_html(profile: &Profile, window: Option<u32>) -> String {
+    let mut out = String::new();
+    let mut section = |title: &str, tracer: &str, t: &Table, tail: &str| {
+        let _ = writeln!(out, "<h4>{}</h4>", escape(title));
+        if has_tracer(profile, tracer) {
+            out.push_str(&table(t));
+            out.push_str(tail);
+        } else {
+            let _ = writeln!(
+                out,
+                "<p class=\"note\">(the {} tracer was not part of this recording)</p>",
+                escape(tracer)
+            );
+        }
+    };
+    section(
+        "Kernel lock contention",
+        "locks",
+        &tables::lock_table(&tables::locks(profile, window), true),
+        "",
+    );
+    section(
+        "Forks",
+        "fork",
+        &tables::fork_table(&tables::forks(profile, window), true),
+        &format!(
+            "<p class=\"note\">{}</p>\n",
+            escape(tables::fork_summary(profile, window).text().trim_end())
+        ),
+    );
+    section(
+        "Cgroup operations",
+        "cgroup",
+        &tables::cgroup_table(&tables::cgroups(profile, window), true),
+        "",
+    );
+    section(
+        "Blocking D-Bus calls",
+        "dbus",
+        &tables::dbus_table(&tables::dbus(profile, window), true),
+        "",
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_quotes() {
+        assert_eq!(
+            escape(r#"<script>alert("x")</script> & 'y'"#),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
+        );
+    }
+
+    #[test]
+    fn tables_escape_cells() {
+        let t = Table {
+            headers: vec!["name", "n"],
+            numeric: vec![false, true],
+            rows: vec![vec!["<b>".into(), "1".into()]],
+            empty: "none",
+        };
+        let h = table(&t);
+        assert!(
+            h.contains("<td>&lt;b&gt;</td><td class=\"num\">1</td>"),
+            "{h}"
+        );
+        let empty = Table { rows: vec![], ..t };
+        assert_eq!(table(&empty), "<p class=\"note\">(none)</p>\n");
+    }
+
+    #[test]
+    fn frames_keep_the_svg_in_one_attribute() {
+        let svg = br#"<?xml version="1.0"?><svg height="42" x='a'><title>&lt;x&gt; it's</title><script>var a = '</script>';</script></svg>"#;
+        let h = flame_graph_frame(svg, "oncpu", "t <1>");
+        assert!(h.contains("height=\"46\""), "{h}");
+        let attr = h.split("data-srcdoc='").nth(1).unwrap();
+        let attr = &attr[..attr.find('\'').unwrap()];
+        assert!(!attr.contains('\''));
+        assert!(attr.contains("&amp;lt;x&amp;gt; it&#39;s"), "{attr}");
+        assert!(!h.contains("<?xml"));
+        assert!(h.contains("<figcaption>t &lt;1&gt;</figcaption>"));
+    }
+
+    #[test]
+    fn vm_latency_from_the_spawning_fork() {
+        use crate::profile::Process;
+        let proc = |tgid, parent, forked: Option<u64>, exec: Option<u64>| Process {
+            tgid,
+            comm: String::new(),
+            cmdline: None,
+            parent,
+            forked_ns: forked,
+            exec_ns: exec,
+            exit_ns: None,
+            fork_window: None,
+            exec_window: None,
+        };
+        let vm = |ordinal, time_ns, pid| VmCreation {
+            ordinal,
+            time_ns,
+            pid,
+            tid: pid,
+            comm: "qemu".into(),
+            source: "kvm".into(),
+            cmdline: None,
+            name: None,
+        };
+        let p = Profile {
+            windows: crate::windows::WindowSpec::Every { size: 2 }.windows(3),
+            processes: vec![
+                // libvirtd (not forked while recording) forks a helper
+                // (100), which forks QEMU (101), which execs, then creates
+                // VM 1.
+                proc(100, Some(1), Some(1_000), None),
+                proc(101, Some(100), Some(1_500), Some(2_000)),
+                // A harness started by hand (exec'd) forks QEMU 201: the
+                // harness's own fork is not part of the VM's creation.
+                proc(200, Some(1), Some(100), Some(150)),
+                proc(201, Some(200), Some(5_000), None),
+            ],
+            vms: vec![vm(1, 9_000, 101), vm(2, 10_000, 201), vm(3, 12_000, 201)],
+            ..Profile::default()
+        };
+        let l = vm_latencies(&p);
+        assert_eq!(l[0].fork_to_create_ns, Some(8_000));
+        assert_eq!(l[0].exec_to_create_ns, Some(7_000));
+        assert_eq!(l[0].since_previous_ns, None);
+        assert_eq!(l[0].window, Some(1));
+        assert_eq!(l[1].fork_to_create_ns, Some(5_000));
+        assert_eq!(l[1].exec_to_create_ns, None);
+        // The same process's second VM: only the gap is known.
+        assert_eq!(l[2].fork_to_create_ns, None);
+        assert_eq!(l[2].since_previous_ns, Some(2_000));
+        assert_eq!(l[2].window, Some(2));
+    }
+
+    #[test]
+    fn dates_and_ticks() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_700_000_000_123), "2023-11-14 22:13:20 UTC");
+        assert!((tick_step(4.27, 8.0) - 1.0).abs() < 1e-9);
+        assert!((tick_step(3.0, 8.0) - 0.5).abs() < 1e-9);
+        assert!((tick_step(14.0, 6.0) - 5.0).abs() < 1e-9);
+        assert_eq!(tick_label(0.5, 0.5), "0.5");
+        assert_eq!(heat(0.0), (255, 255, 255));
+        assert_eq!(heat(1.0), (127, 0, 0));
+    }
+}
