@@ -5,7 +5,9 @@
 //! binary is a thin clap shell over this library.
 
 pub mod check;
+pub mod ci;
 pub mod cli;
+pub mod diff;
 pub mod ebpf;
 pub mod html;
 pub mod procmaps;

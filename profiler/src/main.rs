@@ -36,6 +36,7 @@ enum Cmd {
     Record(RecordArgs),
     /// Render a recorded profile file again: per-window folded stacks, flame
     /// graphs and the summary. Works offline, on any machine.
+    #[command(after_help = profiler::ci::GRAMMAR)]
     Report {
         /// The profile file (`profile.hvprof` in a recording directory).
         profile: PathBuf,
@@ -47,6 +48,45 @@ enum Cmd {
         /// every window's flame graphs, tables and losses.
         #[arg(long)]
         html: bool,
+        /// Exit 3 when this condition holds, e.g. `losses>0`,
+        /// `lock.total>1s` (repeatable; the language is below).
+        #[arg(long = "fail-on", value_name = "EXPR", value_parser = profiler::ci::parse_report_gate)]
+        fail_on: Vec<profiler::ci::Gate>,
+        /// Append a compact markdown summary (VMs, losses, per-window
+        /// metrics, top locks and D-Bus calls, gates) to FILE, e.g.
+        /// `"$GITHUB_STEP_SUMMARY"`.
+        #[arg(long, value_name = "FILE")]
+        markdown_summary: Option<PathBuf>,
+    },
+    /// Compare two profiles window by window (windows matched by VM range):
+    /// differential flame graphs and deltas (A, B, Δ, ratio) of the
+    /// per-window metrics and the lock, fork, cgroup and D-Bus tables, as
+    /// text, markdown, JSON and HTML.
+    #[command(after_help = profiler::ci::GRAMMAR)]
+    Diff {
+        /// The baseline profile.
+        a: PathBuf,
+        /// The profile compared with it.
+        b: PathBuf,
+        /// Output directory.
+        #[arg(short, long, default_value = "hvprof-diff")]
+        output: PathBuf,
+        /// Differential flame graphs of raw counts; by default A's counts
+        /// are scaled to B's total so runs of different length compare.
+        #[arg(long)]
+        no_normalize: bool,
+        /// When the profiles' windows differ, diff only the windows both
+        /// have (same VM range) instead of failing.
+        #[arg(long)]
+        common_windows: bool,
+        /// Exit 3 when this condition holds, e.g. `regression>10%`,
+        /// `losses>0` (repeatable; the language is below).
+        #[arg(long = "fail-on", value_name = "EXPR", value_parser = profiler::ci::parse_diff_gate)]
+        fail_on: Vec<profiler::ci::Gate>,
+        /// Append a compact markdown summary to FILE, e.g.
+        /// `"$GITHUB_STEP_SUMMARY"`.
+        #[arg(long, value_name = "FILE")]
+        markdown_summary: Option<PathBuf>,
     },
 }
 
@@ -158,14 +198,62 @@ fn main() -> ExitCode {
             profile,
             output,
             html,
-        } => match report(&profile, &output, html) {
-            Ok(()) => ExitCode::SUCCESS,
+            fail_on,
+            markdown_summary,
+        } => match report(
+            &profile,
+            &output,
+            html,
+            &fail_on,
+            markdown_summary.as_deref(),
+        ) {
+            Ok(gates_passed) => gate_exit(gates_passed),
             Err(e) => {
                 eprintln!("hvprof: {e}");
-                ExitCode::FAILURE
+                ExitCode::from(profiler::ci::EXIT_ERROR)
             }
         },
+        Cmd::Diff {
+            a,
+            b,
+            output,
+            no_normalize,
+            common_windows,
+            fail_on,
+            markdown_summary,
+        } => {
+            let args = profiler::diff::DiffArgs {
+                a: &a,
+                b: &b,
+                output: &output,
+                normalize: !no_normalize,
+                common_windows,
+                gates: &fail_on,
+                markdown_summary: markdown_summary.as_deref(),
+            };
+            match profiler::diff::run(&args) {
+                Ok(outcome) => {
+                    for w in &outcome.warnings {
+                        eprintln!("hvprof: warning: {w}");
+                    }
+                    print!("{}", outcome.text);
+                    gate_exit(!outcome.gate_failed())
+                }
+                Err(e) => {
+                    eprintln!("hvprof: {e}");
+                    ExitCode::from(profiler::ci::EXIT_ERROR)
+                }
+            }
+        }
     }
+}
+
+fn gate_exit(passed: bool) -> ExitCode {
+    ExitCode::from(if passed {
+        profiler::ci::EXIT_OK
+    } else {
+        profiler::ci::EXIT_GATE_FAILED
+    })
 }
 
 fn check(json: bool) -> ExitCode {
@@ -303,7 +391,14 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(path: &std::path::Path, output: &std::path::Path, html: bool) -> anyhow::Result<()> {
+/// Returns whether every gate passed.
+fn report(
+    path: &std::path::Path,
+    output: &std::path::Path,
+    html: bool,
+    gates: &[profiler::ci::Gate],
+    markdown_summary: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
     let profile = Profile::read(path)?;
     let summary = render::write_all(&profile, output)?;
     print!("{}", summary.to_text());
@@ -313,5 +408,9 @@ fn report(path: &std::path::Path, output: &std::path::Path, html: bool) -> anyho
         println!("\nHTML report: {}", page.display());
     }
     println!("\nwrote {}", output.display());
-    Ok(())
+    let results = profiler::ci::check_report(&profile, path, gates, markdown_summary)?;
+    if !results.is_empty() {
+        print!("\n{}", profiler::ci::gates_text(&results));
+    }
+    Ok(results.iter().all(|r| r.passed))
 }

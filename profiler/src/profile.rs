@@ -363,7 +363,8 @@ impl Profile {
                 found: version,
             });
         }
-        let gz = flate2::read::GzDecoder::new(input);
+        // serde_json reads a reader byte by byte: buffer the decompressor.
+        let gz = BufReader::with_capacity(1 << 16, flate2::read::GzDecoder::new(input));
         serde_json::from_reader(gz).map_err(|e| ProfileError::Corrupt {
             path: path.to_path_buf(),
             why: e.to_string(),

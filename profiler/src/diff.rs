@@ -1,0 +1,1251 @@
+//! `hvprof diff A B`: two profiles compared window by window. Windows are
+//! matched by VM range (the setup window with the setup window); per window,
+//! differential flame graphs (inferno's differential folding, A normalised
+//! to B's total by default), the per-window metrics and the lock, fork,
+//! cgroup and D-Bus tables as deltas (A, B, Δ, ratio B/A). Written as text,
+//! markdown, JSON and one self-contained HTML page.
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    ci::{self, Facts, Gate, GateResult, Metric, Unit},
+    profile::{Profile, ProfileError},
+    render::{self, RenderError},
+    tables::{self, Table, human_ns},
+    windows::WindowInfo,
+};
+
+#[derive(Debug, Error)]
+pub enum DiffError {
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error(
+        "the two profiles' windows do not match, so their windows cannot be compared one to one:\n  A {a}: {a_windows}\n  B {b}: {b_windows}\nrecord both with the same --window-size or --windows (and enough VMs to reach the same windows), or pass --common-windows to diff only the windows both have ({common})"
+    )]
+    WindowsDiffer {
+        a: PathBuf,
+        b: PathBuf,
+        a_windows: String,
+        b_windows: String,
+        common: String,
+    },
+    #[error(
+        "the two profiles have no window in common:\n  A {a}: {a_windows}\n  B {b}: {b_windows}\nrecord both with the same --window-size or --windows"
+    )]
+    NoCommonWindows {
+        a: PathBuf,
+        b: PathBuf,
+        a_windows: String,
+        b_windows: String,
+    },
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(transparent)]
+    Gate(#[from] ci::GateError),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// What `hvprof diff` is asked to do.
+pub struct DiffArgs<'a> {
+    pub a: &'a Path,
+    pub b: &'a Path,
+    pub output: &'a Path,
+    /// Scale A's flame-graph counts to B's total (inferno's `normalize`).
+    pub normalize: bool,
+    /// Diff only the windows both profiles have instead of failing.
+    pub common_windows: bool,
+    pub gates: &'a [Gate],
+    /// Append a compact markdown summary to this file.
+    pub markdown_summary: Option<&'a Path>,
+}
+
+/// What `hvprof diff` found: the text to print, warnings for stderr, and
+/// whether a gate failed.
+pub struct Outcome {
+    pub diff: Diff,
+    pub text: String,
+    pub warnings: Vec<String>,
+}
+
+impl Outcome {
+    #[must_use]
+    pub fn gate_failed(&self) -> bool {
+        self.diff.gates.iter().any(|g| !g.passed)
+    }
+}
+
+/// Reads both profiles, diffs them, writes every output into
+/// `args.output`, and evaluates the gates.
+pub fn run(args: &DiffArgs<'_>) -> Result<Outcome, DiffError> {
+    let a = Profile::read(args.a)?;
+    let b = Profile::read(args.b)?;
+    let matched = match_windows(&a, args.a, &b, args.b, args.common_windows)?;
+    let (fa, fb) = (Facts::new(&matched.a), Facts::new(&matched.b));
+    let mut diff = compare(&fa, args.a, &fb, args.b, args.normalize);
+    diff.unmatched_a = matched.only_a.iter().map(window_name).collect();
+    diff.unmatched_b = matched.only_b.iter().map(window_name).collect();
+    diff.gates = ci::evaluate_diff(args.gates, &fa, &fb)?;
+    write_all(&mut diff, &matched.a, &matched.b, args.output)?;
+    if let Some(path) = args.markdown_summary {
+        ci::append_markdown(path, &diff.summary_markdown()).map_err(|source| DiffError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    let mut warnings = Vec::new();
+    if !diff.unmatched_a.is_empty() || !diff.unmatched_b.is_empty() {
+        warnings.push(format!(
+            "--common-windows: left out windows only A has ({}) and only B has ({})",
+            list_or_none(&diff.unmatched_a),
+            list_or_none(&diff.unmatched_b)
+        ));
+    }
+    let mut text = diff.text(Some(10));
+    let _ = writeln!(
+        text,
+        "\nwrote {} (diff.txt, diff.md, diff.json, diff.html, per-window differential flame graphs)",
+        args.output.display()
+    );
+    Ok(Outcome {
+        diff,
+        text,
+        warnings,
+    })
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".to_owned()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn window_name(w: &WindowInfo) -> String {
+    format!("{} {}", w.id, w.label())
+}
+
+/// Both profiles cut to the windows they share, with B's window ids
+/// replaced by A's.
+pub struct Matched<'a> {
+    pub a: Cow<'a, Profile>,
+    pub b: Cow<'a, Profile>,
+    pub only_a: Vec<WindowInfo>,
+    pub only_b: Vec<WindowInfo>,
+}
+
+fn range(w: &WindowInfo) -> (Option<u64>, Option<u64>) {
+    (w.first_vm, w.last_vm)
+}
+
+/// Matches windows by VM range. Identical window lists borrow both
+/// profiles; otherwise, with `common`, both are cut to the shared windows
+/// (B renumbered to A's ids), else the error names both lists and the fix.
+pub fn match_windows<'a>(
+    a: &'a Profile,
+    a_path: &Path,
+    b: &'a Profile,
+    b_path: &Path,
+    common: bool,
+) -> Result<Matched<'a>, DiffError> {
+    let list = |p: &Profile| {
+        p.windows
+            .iter()
+            .map(window_name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ranges = |p: &Profile| p.windows.iter().map(range).collect::<Vec<_>>();
+    if ranges(a) == ranges(b) && a.windows.iter().zip(&b.windows).all(|(x, y)| x.id == y.id) {
+        return Ok(Matched {
+            a: Cow::Borrowed(a),
+            b: Cow::Borrowed(b),
+            only_a: Vec::new(),
+            only_b: Vec::new(),
+        });
+    }
+    let b_by_range: HashMap<_, _> = b.windows.iter().map(|w| (range(w), w.id)).collect();
+    let shared: Vec<(&WindowInfo, u32)> = a
+        .windows
+        .iter()
+        .filter_map(|w| b_by_range.get(&range(w)).map(|&bid| (w, bid)))
+        .collect();
+    if shared.is_empty() {
+        return Err(DiffError::NoCommonWindows {
+            a: a_path.to_path_buf(),
+            b: b_path.to_path_buf(),
+            a_windows: list(a),
+            b_windows: list(b),
+        });
+    }
+    if !common {
+        return Err(DiffError::WindowsDiffer {
+            a: a_path.to_path_buf(),
+            b: b_path.to_path_buf(),
+            a_windows: list(a),
+            b_windows: list(b),
+            common: shared
+                .iter()
+                .map(|(w, _)| window_name(w))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let windows: Vec<WindowInfo> = shared.iter().map(|(w, _)| (*w).clone()).collect();
+    let keep_a: HashMap<u32, u32> = shared.iter().map(|(w, _)| (w.id, w.id)).collect();
+    let keep_b: HashMap<u32, u32> = shared.iter().map(|(w, bid)| (*bid, w.id)).collect();
+    let only = |p: &Profile, keep: &HashMap<u32, u32>| {
+        p.windows
+            .iter()
+            .filter(|w| !keep.contains_key(&w.id))
+            .cloned()
+            .collect()
+    };
+    Ok(Matched {
+        only_a: only(a, &keep_a),
+        only_b: only(b, &keep_b),
+        a: Cow::Owned(restrict(a, &keep_a, windows.clone())),
+        b: Cow::Owned(restrict(b, &keep_b, windows)),
+    })
+}
+
+/// A copy of `p` with only the windows in `keep`, renumbered.
+fn restrict(p: &Profile, keep: &HashMap<u32, u32>, windows: Vec<WindowInfo>) -> Profile {
+    fn rows<T: Clone>(
+        v: &[T],
+        keep: &HashMap<u32, u32>,
+        window: impl Fn(&mut T) -> &mut u32,
+    ) -> Vec<T> {
+        v.iter()
+            .filter_map(|r| {
+                let mut r = r.clone();
+                let w = window(&mut r);
+                *w = *keep.get(w)?;
+                Some(r)
+            })
+            .collect()
+    }
+    let map = |w: Option<u32>| w.and_then(|w| keep.get(&w).copied());
+    Profile {
+        meta: p.meta.clone(),
+        windows,
+        vms: p.vms.clone(),
+        frames: p.frames.clone(),
+        oncpu: rows(&p.oncpu, keep, |r| &mut r.window),
+        offcpu: rows(&p.offcpu, keep, |r| &mut r.window),
+        locks: rows(&p.locks, keep, |r| &mut r.window),
+        forks: rows(&p.forks, keep, |r| &mut r.window),
+        cgroups: rows(&p.cgroups, keep, |r| &mut r.window),
+        dbus: rows(&p.dbus, keep, |r| &mut r.window),
+        losses: p
+            .losses
+            .iter()
+            .filter_map(|l| match l.window {
+                None => Some(l.clone()),
+                Some(w) => keep.get(&w).map(|&id| crate::profile::LossCount {
+                    window: Some(id),
+                    ..l.clone()
+                }),
+            })
+            .collect(),
+        processes: p
+            .processes
+            .iter()
+            .map(|pr| crate::profile::Process {
+                fork_window: map(pr.fork_window),
+                exec_window: map(pr.exec_window),
+                ..pr.clone()
+            })
+            .collect(),
+    }
+}
+
+/// A value in A and in B.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Delta {
+    pub a: u64,
+    pub b: u64,
+    /// B − A.
+    pub delta: i64,
+    /// B / A: 1 when equal (also 0 and 0), `None` when A is 0 and B is not.
+    pub ratio: Option<f64>,
+}
+
+impl Delta {
+    #[must_use]
+    pub fn new(a: u64, b: u64) -> Self {
+        let delta = i64::try_from(i128::from(b) - i128::from(a)).unwrap_or(if b > a {
+            i64::MAX
+        } else {
+            i64::MIN
+        });
+        #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+        let ratio = if a == b {
+            Some(1.0)
+        } else if a == 0 {
+            None
+        } else {
+            Some(b as f64 / a as f64)
+        };
+        Self { a, b, delta, ratio }
+    }
+
+    #[must_use]
+    pub fn changed(&self) -> bool {
+        self.a != self.b
+    }
+
+    fn ratio_text(&self) -> String {
+        match self.ratio {
+            Some(r) => format!("{r:.2}"),
+            None => "new".to_owned(),
+        }
+    }
+
+    /// `132 → 140 (+6.1%)`, `12 (=)`.
+    fn arrow(&self, unit: Unit) -> String {
+        if !self.changed() {
+            return format!("{} (=)", unit.format(self.b));
+        }
+        let pct = match self.ratio {
+            Some(r) => format!("{:+.1}%", (r - 1.0) * 100.0),
+            None => "new".to_owned(),
+        };
+        format!(
+            "{} \u{2192} {} ({pct})",
+            unit.format(self.a),
+            unit.format(self.b)
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MetricDelta {
+    pub metric: Metric,
+    pub unit: Unit,
+    #[serde(flatten)]
+    pub delta: Delta,
+}
+
+/// One row of a delta table: a lock, a fork call site, a cgroup operation
+/// or a D-Bus method, in A and in B.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeltaRow {
+    /// The values of the table's key columns.
+    pub key: Vec<String>,
+    /// Contentions, forks, operations or calls.
+    pub count: Delta,
+    pub time_ns: Delta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Delta>,
+}
+
+impl DeltaRow {
+    #[must_use]
+    pub fn changed(&self) -> bool {
+        self.count.changed() || self.time_ns.changed() || self.timeouts.is_some_and(|t| t.changed())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeltaTable {
+    /// `locks`, `forks`, `cgroups`, `dbus`.
+    pub name: &'static str,
+    /// The key columns.
+    pub columns: Vec<&'static str>,
+    /// What `count` counts.
+    pub count_name: &'static str,
+    /// Changed rows first (by |Δ time|, then |Δ count|), then by B's time.
+    pub rows: Vec<DeltaRow>,
+}
+
+/// Key columns and `[count, time_ns, timeouts]`.
+type Keyed = (Vec<String>, [u64; 3]);
+
+impl DeltaTable {
+    fn new(
+        name: &'static str,
+        columns: Vec<&'static str>,
+        count_name: &'static str,
+        with_timeouts: bool,
+        a: Vec<Keyed>,
+        b: Vec<Keyed>,
+    ) -> Self {
+        let mut by: BTreeMap<Vec<String>, ([u64; 3], [u64; 3])> = BTreeMap::new();
+        for (k, v) in a {
+            by.entry(k).or_default().0 = v;
+        }
+        for (k, v) in b {
+            by.entry(k).or_default().1 = v;
+        }
+        let mut rows: Vec<DeltaRow> = by
+            .into_iter()
+            .map(|(key, (a, b))| DeltaRow {
+                key,
+                count: Delta::new(a[0], b[0]),
+                time_ns: Delta::new(a[1], b[1]),
+                timeouts: with_timeouts.then(|| Delta::new(a[2], b[2])),
+            })
+            .collect();
+        rows.sort_by(|x, y| {
+            y.time_ns
+                .delta
+                .unsigned_abs()
+                .cmp(&x.time_ns.delta.unsigned_abs())
+                .then(
+                    y.count
+                        .delta
+                        .unsigned_abs()
+                        .cmp(&x.count.delta.unsigned_abs()),
+                )
+                .then(y.time_ns.b.cmp(&x.time_ns.b))
+                .then(y.count.b.cmp(&x.count.b))
+                .then_with(|| x.key.cmp(&y.key))
+        });
+        Self {
+            name,
+            columns,
+            count_name,
+            rows,
+        }
+    }
+
+    /// Rows as strings for [`Table`] (people read durations).
+    fn table(&self, rows: &[&DeltaRow]) -> Table {
+        let mut headers = self.columns.clone();
+        headers.extend([
+            "count A", "count B", "Δ count", "ratio", "time A", "time B", "Δ time", "ratio",
+        ]);
+        let with_timeouts = rows.iter().any(|r| r.timeouts.is_some());
+        if with_timeouts {
+            headers.extend(["timeouts A", "timeouts B", "Δ timeouts"]);
+        }
+        let mut numeric = vec![false; self.columns.len()];
+        numeric.resize(headers.len(), true);
+        Table {
+            headers,
+            numeric,
+            rows: rows
+                .iter()
+                .map(|r| {
+                    let mut c = r.key.clone();
+                    let (n, t) = (r.count, r.time_ns);
+                    c.extend([
+                        n.a.to_string(),
+                        n.b.to_string(),
+                        Unit::Count.format_delta(n.a, n.b),
+                        n.ratio_text(),
+                        human_ns(t.a),
+                        human_ns(t.b),
+                        Unit::Ns.format_delta(t.a, t.b),
+                        t.ratio_text(),
+                    ]);
+                    if let Some(o) = r.timeouts {
+                        c.extend([
+                            o.a.to_string(),
+                            o.b.to_string(),
+                            Unit::Count.format_delta(o.a, o.b),
+                        ]);
+                    }
+                    c
+                })
+                .collect(),
+            empty: "nothing recorded in either profile",
+        }
+    }
+}
+
+/// One differential flame graph.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FlameDiff {
+    /// `oncpu`, `offcpu`, `lockwait`, `dbuswait`.
+    pub tracer: &'static str,
+    /// Relative to the output directory.
+    pub svg: String,
+    pub folded: String,
+    /// `samples` or `us`.
+    pub unit: &'static str,
+    /// Totals before normalisation.
+    pub a_total: u64,
+    pub b_total: u64,
+    /// A's counts were scaled to B's total (normalised, and neither empty).
+    pub scaled: bool,
+}
+
+/// The comparison of one window (or, with `window: None`, of the whole
+/// recording).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Section {
+    pub window: Option<u32>,
+    pub label: String,
+    /// The window's output directory.
+    pub dir: Option<String>,
+    pub metrics: Vec<MetricDelta>,
+    pub tables: Vec<DeltaTable>,
+    pub flame_graphs: Vec<FlameDiff>,
+}
+
+/// One profile of the pair.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Side {
+    pub path: String,
+    /// Target, kernel, VMs, duration, windows, losses, in one line.
+    pub description: String,
+    pub kernel: String,
+    pub vms: usize,
+    pub duration_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Diff {
+    pub a: Side,
+    pub b: Side,
+    /// A's flame-graph counts scaled to B's total.
+    pub normalized: bool,
+    /// Windows left out by `--common-windows`.
+    pub unmatched_a: Vec<String>,
+    pub unmatched_b: Vec<String>,
+    pub whole: Section,
+    pub windows: Vec<Section>,
+    pub gates: Vec<GateResult>,
+}
+
+fn side(f: &Facts<'_>, path: &Path) -> Side {
+    Side {
+        path: path.display().to_string(),
+        description: ci::profile_line(f),
+        kernel: f.profile.meta.kernel.clone(),
+        vms: f.profile.vms.len(),
+        duration_ns: f.profile.meta.duration_ns,
+    }
+}
+
+fn section(
+    a: &Facts<'_>,
+    b: &Facts<'_>,
+    window: Option<&WindowInfo>,
+    ma: &ci::MetricValues,
+    mb: &ci::MetricValues,
+) -> Section {
+    let id = window.map(|w| w.id);
+    let (pa, pb) = (a.profile, b.profile);
+    let locks = |p: &Profile| -> Vec<Keyed> {
+        tables::locks(p, id)
+            .into_iter()
+            .map(|r| (vec![r.lock, r.lock_type], [r.contentions, r.total_ns, 0]))
+            .collect()
+    };
+    let forks = |p: &Profile| -> Vec<Keyed> {
+        tables::forks(p, id)
+            .into_iter()
+            .map(|r| {
+                (
+                    vec![r.parent, r.caller, r.syscall, r.creates],
+                    [r.count, r.total_ns, 0],
+                )
+            })
+            .collect()
+    };
+    let cgroups = |p: &Profile| -> Vec<Keyed> {
+        tables::cgroups(p, id)
+            .into_iter()
+            .map(|r| (vec![r.op, r.hierarchy, r.path], [r.count, r.total_ns, 0]))
+            .collect()
+    };
+    let dbus = |p: &Profile| -> Vec<Keyed> {
+        tables::dbus(p, id)
+            .into_iter()
+            .map(|r| {
+                (
+                    vec![r.library, r.destination, r.method],
+                    [r.calls, r.total_ns, r.timeouts],
+                )
+            })
+            .collect()
+    };
+    Section {
+        window: id,
+        label: window.map_or_else(|| "whole recording".to_owned(), WindowInfo::label),
+        dir: window.map(WindowInfo::dir_name),
+        metrics: Metric::ALL
+            .into_iter()
+            .map(|m| MetricDelta {
+                metric: m,
+                unit: m.unit(),
+                delta: Delta::new(ma.get(m), mb.get(m)),
+            })
+            .collect(),
+        tables: vec![
+            DeltaTable::new(
+                "locks",
+                vec!["lock", "type"],
+                "contentions",
+                false,
+                locks(pa),
+                locks(pb),
+            ),
+            DeltaTable::new(
+                "forks",
+                vec!["parent", "caller", "syscall", "creates"],
+                "forks",
+                false,
+                forks(pa),
+                forks(pb),
+            ),
+            DeltaTable::new(
+                "cgroups",
+                vec!["op", "hierarchy", "cgroup"],
+                "operations",
+                false,
+                cgroups(pa),
+                cgroups(pb),
+            ),
+            DeltaTable::new(
+                "dbus",
+                vec!["library", "destination", "method"],
+                "calls",
+                true,
+                dbus(pa),
+                dbus(pb),
+            ),
+        ],
+        flame_graphs: Vec::new(),
+    }
+}
+
+/// Compares two profiles whose windows match (see [`match_windows`]):
+/// metrics and tables, no flame graphs yet (see [`write_all`]).
+#[must_use]
+pub fn compare(
+    a: &Facts<'_>,
+    a_path: &Path,
+    b: &Facts<'_>,
+    b_path: &Path,
+    normalize: bool,
+) -> Diff {
+    let windows = a
+        .windows
+        .iter()
+        .zip(&b.windows)
+        .map(|((w, ma), (_, mb))| section(a, b, Some(w), ma, mb))
+        .collect();
+    Diff {
+        a: side(a, a_path),
+        b: side(b, b_path),
+        normalized: normalize,
+        unmatched_a: Vec::new(),
+        unmatched_b: Vec::new(),
+        whole: section(a, b, None, &a.whole, &b.whole),
+        windows,
+        gates: Vec::new(),
+    }
+}
+
+/// The tracers with flame graphs: file stem, title, unit, folding.
+type Folder = fn(&Profile, u32) -> Vec<String>;
+const FLAME_GRAPHS: [(&str, &str, &str, Folder); 4] = [
+    ("oncpu", "On-CPU", "samples", render::oncpu_folded),
+    (
+        "offcpu",
+        "Off-CPU time",
+        render::OFFCPU_UNIT,
+        render::offcpu_folded,
+    ),
+    (
+        "lockwait",
+        "Kernel lock wait",
+        render::OFFCPU_UNIT,
+        render::lockwait_folded,
+    ),
+    (
+        "dbuswait",
+        "D-Bus wait",
+        render::OFFCPU_UNIT,
+        render::dbuswait_folded,
+    ),
+];
+
+fn folded_total(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+/// Two-column folded lines (`stack A B`, sorted) from A's and B's folded
+/// lines, by inferno's differential folding.
+pub fn differential_folded(a: &[String], b: &[String], normalize: bool) -> io::Result<Vec<String>> {
+    let join = |v: &[String]| {
+        let mut s = v.join("\n");
+        s.push('\n');
+        s
+    };
+    let opts = inferno::differential::Options {
+        normalize,
+        strip_hex: false,
+    };
+    let mut out = Vec::new();
+    inferno::differential::from_readers(opts, join(a).as_bytes(), join(b).as_bytes(), &mut out)?;
+    let text = String::from_utf8(out).map_err(io::Error::other)?;
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines.sort_unstable();
+    Ok(lines)
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), DiffError> {
+    fs::write(path, text).map_err(|source| DiffError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes the differential flame graphs (filling in each window's
+/// `flame_graphs`) and `diff.txt`, `diff.md`, `diff.json`, `diff.html`.
+pub fn write_all(diff: &mut Diff, a: &Profile, b: &Profile, dir: &Path) -> Result<(), DiffError> {
+    let mkdir = |p: &Path| {
+        fs::create_dir_all(p).map_err(|source| DiffError::Write {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    mkdir(dir)?;
+    let normalized = diff.normalized;
+    for (sec, w) in diff.windows.iter_mut().zip(&a.windows) {
+        let wdir_name = w.dir_name();
+        let wdir = dir.join(&wdir_name);
+        mkdir(&wdir)?;
+        sec.flame_graphs.clear();
+        for (stem, title, unit, fold) in FLAME_GRAPHS {
+            let (fa, fb) = (fold(a, w.id), fold(b, w.id));
+            let (a_total, b_total) = (folded_total(&fa), folded_total(&fb));
+            // Scaling to an empty side would erase the other one.
+            let scale = normalized && a_total > 0 && b_total > 0;
+            let lines =
+                differential_folded(&fa, &fb, scale).map_err(|source| DiffError::Write {
+                    path: wdir.join(format!("{stem}.diff.folded")),
+                    source,
+                })?;
+            let folded = format!("{stem}.diff.folded");
+            let svg = format!("{stem}.diff.svg");
+            let mut text = lines.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            write_file(&wdir.join(&folded), &text)?;
+            let place = format!("{title}, window {} ({})", w.id, w.label());
+            let unit_name = if unit == "samples" { unit } else { "\u{b5}s" };
+            let (title, lines) = if b_total == 0 {
+                // Nothing in B to draw: inferno draws B's widths.
+                (
+                    format!("{place}: nothing in B (A: {a_total} {unit_name})"),
+                    Vec::new(),
+                )
+            } else {
+                (
+                    format!(
+                        "{place}: B against A{}; red: more in B, blue: less",
+                        if scale { " scaled to B's total" } else { "" }
+                    ),
+                    lines,
+                )
+            };
+            render::flame_graph(&lines, &title, unit_name, &wdir.join(&svg))?;
+            sec.flame_graphs.push(FlameDiff {
+                tracer: stem,
+                svg: format!("{wdir_name}/{svg}"),
+                folded: format!("{wdir_name}/{folded}"),
+                unit,
+                a_total,
+                b_total,
+                scaled: scale,
+            });
+        }
+    }
+    write_file(&dir.join("diff.txt"), &diff.text(None))?;
+    write_file(&dir.join("diff.md"), &diff.markdown())?;
+    let json = serde_json::to_string_pretty(&diff).map_err(|e| DiffError::Write {
+        path: dir.join("diff.json"),
+        source: io::Error::other(e),
+    })?;
+    write_file(&dir.join("diff.json"), &json)?;
+    write_file(&dir.join("diff.html"), &diff.html(dir))
+}
+
+impl Diff {
+    fn metrics_table(&self, changed_only: bool) -> (Table, usize) {
+        let mut hidden = 0;
+        let mut rows = Vec::new();
+        for s in self.windows.iter().chain(std::iter::once(&self.whole)) {
+            let mut first = true;
+            for m in &s.metrics {
+                if changed_only && !m.delta.changed() {
+                    hidden += 1;
+                    continue;
+                }
+                let d = m.delta;
+                rows.push(vec![
+                    if first {
+                        s.window.map_or_else(|| "all".to_owned(), |w| w.to_string())
+                    } else {
+                        String::new()
+                    },
+                    if first {
+                        s.label.clone()
+                    } else {
+                        String::new()
+                    },
+                    m.metric.describe().to_owned(),
+                    m.unit.format(d.a),
+                    m.unit.format(d.b),
+                    m.unit.format_delta(d.a, d.b),
+                    d.ratio_text(),
+                ]);
+                first = false;
+            }
+        }
+        (
+            Table {
+                headers: vec!["window", "VMs", "metric", "A", "B", "Δ", "ratio"],
+                numeric: vec![false, false, false, true, true, true, true],
+                rows,
+                empty: "no metric differs",
+            },
+            hidden,
+        )
+    }
+
+    fn header_lines(&self) -> Vec<String> {
+        vec![
+            format!("A: {} \u{2014} {}", self.a.path, self.a.description),
+            format!("B: {} \u{2014} {}", self.b.path, self.b.description),
+            format!(
+                "{} windows compared{}; flame graphs: {}",
+                self.windows.len(),
+                if self.unmatched_a.is_empty() && self.unmatched_b.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (--common-windows left out A's {} and B's {})",
+                        list_or_none(&self.unmatched_a),
+                        list_or_none(&self.unmatched_b)
+                    )
+                },
+                if self.normalized {
+                    "A scaled to B's total (--no-normalize to compare raw counts)"
+                } else {
+                    "raw counts"
+                }
+            ),
+        ]
+    }
+
+    /// The diff as text. `limit`: only changed rows, at most that many per
+    /// table (what `hvprof diff` prints); `None`: everything (`diff.txt`).
+    #[must_use]
+    pub fn text(&self, limit: Option<usize>) -> String {
+        let mut out = String::from("hvprof diff\n");
+        for l in self.header_lines() {
+            let _ = writeln!(out, "{l}");
+        }
+        let (t, hidden) = self.metrics_table(limit.is_some());
+        if t.rows.is_empty() {
+            out.push_str("\nno per-window metric differs\n");
+        } else {
+            out.push_str("\nper-window metrics (A, B, \u{394} = B \u{2212} A, ratio = B/A):\n");
+            out.push_str(&t.text());
+        }
+        if hidden > 0 && !t.rows.is_empty() {
+            let _ = writeln!(
+                out,
+                "({hidden} unchanged values not shown; all in diff.txt)"
+            );
+        }
+        for s in self.windows.iter().chain(std::iter::once(&self.whole)) {
+            let title = match s.window {
+                Some(w) => format!("window {w} ({})", s.label),
+                None => "whole recording".to_owned(),
+            };
+            for t in &s.tables {
+                let rows: Vec<&DeltaRow> = match limit {
+                    Some(n) => t.rows.iter().filter(|r| r.changed()).take(n).collect(),
+                    None => t.rows.iter().collect(),
+                };
+                if limit.is_some() && rows.is_empty() {
+                    continue;
+                }
+                let changed = t.rows.iter().filter(|r| r.changed()).count();
+                let _ = writeln!(
+                    out,
+                    "\n{title}, {} ({changed} of {} rows changed; count: {}):",
+                    t.name,
+                    t.rows.len(),
+                    t.count_name
+                );
+                out.push_str(&t.table(&rows).text());
+                if limit.is_some() && changed > rows.len() {
+                    let _ = writeln!(
+                        out,
+                        "({} more changed rows in diff.txt)",
+                        changed - rows.len()
+                    );
+                }
+            }
+        }
+        if limit.is_some()
+            && self
+                .windows
+                .iter()
+                .chain(std::iter::once(&self.whole))
+                .all(|s| s.tables.iter().all(|t| t.rows.iter().all(|r| !r.changed())))
+        {
+            out.push_str("\nno lock, fork, cgroup or D-Bus row differs\n");
+        }
+        if !self.gates.is_empty() {
+            out.push('\n');
+            out.push_str(&ci::gates_text(&self.gates));
+        }
+        out
+    }
+
+    /// The whole diff as markdown (`diff.md`); every name escaped.
+    #[must_use]
+    pub fn markdown(&self) -> String {
+        let mut out = String::from("# hvprof diff\n\n");
+        for l in self.header_lines() {
+            let _ = writeln!(out, "- {}", ci::md_escape(&l));
+        }
+        let (t, _) = self.metrics_table(false);
+        out.push_str("\n## Per-window metrics\n\n");
+        out.push_str(&ci::md_table(&t.headers, &t.rows));
+        for s in self.windows.iter().chain(std::iter::once(&self.whole)) {
+            let _ = match s.window {
+                Some(w) => writeln!(out, "\n## Window {w} ({})\n", ci::md_escape(&s.label)),
+                None => writeln!(out, "\n## Whole recording\n"),
+            };
+            for f in &s.flame_graphs {
+                let _ = writeln!(
+                    out,
+                    "- {} differential flame graph: {} (A {} / B {} {})",
+                    f.tracer,
+                    ci::md_escape(&f.svg),
+                    f.a_total,
+                    f.b_total,
+                    f.unit
+                );
+            }
+            for t in &s.tables {
+                let rows: Vec<&DeltaRow> = t.rows.iter().collect();
+                let table = t.table(&rows);
+                let _ = writeln!(out, "\n### {} (count: {})\n", t.name, t.count_name);
+                if table.rows.is_empty() {
+                    let _ = writeln!(out, "({})", table.empty);
+                } else {
+                    out.push_str(&ci::md_table(&table.headers, &table.rows));
+                }
+            }
+        }
+        if !self.gates.is_empty() {
+            out.push('\n');
+            out.push_str(&ci::gates_markdown(&self.gates));
+        }
+        out
+    }
+
+    /// The compact summary for a CI job (`--markdown-summary`): the two
+    /// profiles, per-window key metrics, the five largest lock and D-Bus
+    /// changes, the gates.
+    #[must_use]
+    pub fn summary_markdown(&self) -> String {
+        let mut out = format!(
+            "### hvprof diff: {} \u{2192} {}\n\n",
+            ci::md_escape(&self.a.path),
+            ci::md_escape(&self.b.path)
+        );
+        for l in self.header_lines() {
+            let _ = writeln!(out, "- {}", ci::md_escape(&l));
+        }
+        out.push('\n');
+        let mut headers = vec!["window", "VMs"];
+        headers.extend(ci::SUMMARY_METRICS.map(Metric::describe));
+        let rows: Vec<Vec<String>> = self
+            .windows
+            .iter()
+            .chain(std::iter::once(&self.whole))
+            .map(|s| {
+                let mut r = vec![
+                    s.window.map_or_else(|| "all".to_owned(), |w| w.to_string()),
+                    s.label.clone(),
+                ];
+                for m in ci::SUMMARY_METRICS {
+                    if let Some(d) = s.metrics.iter().find(|d| d.metric == m) {
+                        r.push(d.delta.arrow(m.unit()));
+                    }
+                }
+                r
+            })
+            .collect();
+        out.push_str(&ci::md_table(&headers, &rows));
+        for t in &self.whole.tables {
+            if t.name != "locks" && t.name != "dbus" {
+                continue;
+            }
+            let changed: Vec<Vec<String>> = t
+                .rows
+                .iter()
+                .filter(|r| r.changed())
+                .take(5)
+                .map(|r| {
+                    let mut c = r.key.clone();
+                    c.push(r.count.arrow(Unit::Count));
+                    c.push(r.time_ns.arrow(Unit::Ns));
+                    c
+                })
+                .collect();
+            if changed.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "\n**Largest {} changes** (whole recording, by \u{394} time)\n",
+                if t.name == "locks" { "lock" } else { "D-Bus" }
+            );
+            let mut h = t.columns.clone();
+            h.extend([t.count_name, "time"]);
+            out.push_str(&ci::md_table(&h, &changed));
+        }
+        if !self.gates.is_empty() {
+            out.push('\n');
+            out.push_str(&ci::gates_markdown(&self.gates));
+        }
+        out
+    }
+
+    /// One self-contained HTML page: metrics, gates, per window the four
+    /// differential flame graphs (inline, each in a sandboxed frame so their
+    /// scripts keep working and stay apart) and the delta tables.
+    #[must_use]
+    pub fn html(&self, dir: &Path) -> String {
+        let mut out = String::from(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>hvprof diff</title>\n<style>\
+body{font-family:sans-serif;margin:1em 2em;color:#222}table{border-collapse:collapse;margin:.5em 0}\
+td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}td.n{text-align:right;font-variant-numeric:tabular-nums}\
+th{background:#eee}.up{color:#b00}.down{color:#05a}.fail{color:#b00;font-weight:bold}.pass{color:#070}\
+iframe{width:100%;border:0}summary{font-size:1.2em;font-weight:bold;cursor:pointer;margin:.5em 0}\
+</style></head><body>\n<h1>hvprof diff</h1>\n<ul>",
+        );
+        for l in self.header_lines() {
+            let _ = write!(out, "<li>{}</li>", html_escape(&l));
+        }
+        out.push_str("</ul>\n");
+        if !self.gates.is_empty() {
+            out.push_str("<h2>Gates</h2>\n<ul>");
+            for g in &self.gates {
+                let _ = write!(
+                    out,
+                    "<li class=\"{}\"><pre>{}</pre></li>",
+                    if g.passed { "pass" } else { "fail" },
+                    html_escape(&g.text())
+                );
+            }
+            out.push_str("</ul>\n");
+        }
+        out.push_str("<h2>Per-window metrics</h2>\n");
+        let (t, _) = self.metrics_table(false);
+        html_table(&mut out, &t);
+        for s in self.windows.iter().chain(std::iter::once(&self.whole)) {
+            let _ = writeln!(
+                out,
+                "<details{}><summary>{}</summary>",
+                if s.window.is_none() { " open" } else { "" },
+                html_escape(&match s.window {
+                    Some(w) => format!("Window {w} ({})", s.label),
+                    None => "Whole recording".to_owned(),
+                })
+            );
+            for f in &s.flame_graphs {
+                let svg = fs::read_to_string(dir.join(&f.svg)).unwrap_or_default();
+                // A frame's srcdoc is HTML: drop the XML prolog, and give the
+                // SVG its parent's width (inferno's script removes its own).
+                let doc = format!(
+                    "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><style>html,body{{margin:0}}svg{{width:100%;display:block}}</style></head><body>{}</body></html>",
+                    svg.find("<svg").map_or("", |i| &svg[i..])
+                );
+                let _ = write!(
+                    out,
+                    "<h3>{} (A {} / B {} {})</h3>\n<iframe sandbox=\"allow-scripts\" style=\"height:{}px\" title=\"{}\" srcdoc=\"{}\"></iframe>\n",
+                    html_escape(f.tracer),
+                    f.a_total,
+                    f.b_total,
+                    html_escape(f.unit),
+                    svg_height(&svg) + 4,
+                    html_escape(&f.svg),
+                    html_escape(&doc)
+                );
+            }
+            for t in &s.tables {
+                let _ = writeln!(
+                    out,
+                    "<h3>{} (count: {})</h3>",
+                    html_escape(t.name),
+                    html_escape(t.count_name)
+                );
+                let rows: Vec<&DeltaRow> = t.rows.iter().collect();
+                html_table(&mut out, &t.table(&rows));
+            }
+            out.push_str("</details>\n");
+        }
+        out.push_str("</body></html>\n");
+        out
+    }
+}
+
+/// Escapes text for HTML content and attribute values.
+#[must_use]
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn html_table(out: &mut String, t: &Table) {
+    if t.rows.is_empty() {
+        let _ = writeln!(out, "<p>({})</p>", html_escape(t.empty));
+        return;
+    }
+    out.push_str("<table><tr>");
+    for h in &t.headers {
+        let _ = write!(out, "<th>{}</th>", html_escape(h));
+    }
+    out.push_str("</tr>\n");
+    for r in &t.rows {
+        out.push_str("<tr>");
+        for (i, c) in r.iter().enumerate() {
+            let class = match (t.numeric.get(i), c.as_bytes().first()) {
+                (Some(true), Some(b'+')) => " class=\"n up\"",
+                (Some(true), Some(b'-')) => " class=\"n down\"",
+                (Some(true), _) => " class=\"n\"",
+                _ => "",
+            };
+            let _ = write!(out, "<td{class}>{}</td>", html_escape(c));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
+}
+
+/// The `height` of an SVG's root element (inferno writes it), else a guess.
+fn svg_height(svg: &str) -> usize {
+    svg.find("<svg")
+        .and_then(|i| {
+            let tag = &svg[i..svg[i..].find('>').map_or(svg.len(), |e| i + e)];
+            let h = tag.split(" height=\"").nth(1)?;
+            h[..h.find('"')?].parse().ok()
+        })
+        .unwrap_or(600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deltas_and_ratios() {
+        let d = Delta::new(10, 15);
+        assert_eq!((d.delta, d.ratio), (5, Some(1.5)));
+        assert_eq!(Delta::new(0, 0).ratio, Some(1.0));
+        assert_eq!(Delta::new(0, 3).ratio, None);
+        assert_eq!(Delta::new(4, 0).delta, -4);
+        assert_eq!(Delta::new(4, 0).ratio, Some(0.0));
+        assert_eq!(
+            Delta::new(132, 140).arrow(Unit::Count),
+            "132 \u{2192} 140 (+6.1%)"
+        );
+        assert_eq!(Delta::new(7, 7).arrow(Unit::Count), "7 (=)");
+    }
+
+    #[test]
+    fn differential_folding_keeps_both_counts() {
+        let a = vec!["x;a 10".to_owned(), "x;b 10".to_owned()];
+        let b = vec!["x;a 30".to_owned(), "x;c 10".to_owned()];
+        assert_eq!(
+            differential_folded(&a, &b, false).unwrap(),
+            ["x;a 10 30", "x;b 10 0", "x;c 0 10"]
+        );
+        // Normalised: A (20) is scaled to B's total (40).
+        assert_eq!(
+            differential_folded(&a, &b, true).unwrap(),
+            ["x;a 20 30", "x;b 20 0", "x;c 0 10"]
+        );
+    }
+
+    #[test]
+    fn a_window_empty_in_b_still_gets_its_graph() {
+        use crate::profile::{FrameTable, OnCpu};
+        let mut names = FrameTable::default();
+        let stack = vec![names.intern("main"), names.intern("busy")];
+        let a = Profile {
+            windows: crate::windows::WindowSpec::Every { size: 2 }.windows(2),
+            frames: names.into_names(),
+            oncpu: vec![OnCpu {
+                window: 1,
+                tgid: 1,
+                pid: 1,
+                comm: "vmload".into(),
+                stack,
+                samples: 7,
+            }],
+            ..Profile::default()
+        };
+        let b = Profile {
+            oncpu: Vec::new(),
+            ..a.clone()
+        };
+        let dir = std::env::temp_dir().join(format!("hvprof-diff-empty-{}", std::process::id()));
+        let (fa, fb) = (Facts::new(&a), Facts::new(&b));
+        let mut result = compare(&fa, Path::new("a"), &fb, Path::new("b"), true);
+        write_all(&mut result, &a, &b, &dir).unwrap();
+        let svg = fs::read_to_string(dir.join("w01-vms-1-2/oncpu.diff.svg")).unwrap();
+        assert!(svg.contains("nothing in B (A: 7 samples)"), "{svg}");
+        assert_eq!(
+            fs::read_to_string(dir.join("w01-vms-1-2/oncpu.diff.folded")).unwrap(),
+            "vmload;main;busy 7 0\n"
+        );
+        let m = &result.windows[1].metrics[0];
+        assert_eq!(
+            (m.metric, m.delta.delta, m.delta.ratio),
+            (Metric::Oncpu, -7, Some(0.0))
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn escapes_html() {
+        assert_eq!(
+            html_escape("<script>alert(\"x\")</script>&'"),
+            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;"
+        );
+        assert_eq!(
+            svg_height(r#"<?xml?><svg version="1.1" width="1200" height="342" x="1">"#),
+            342
+        );
+    }
+}
