@@ -13,7 +13,10 @@ use std::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::{profile::Profile, windows::WindowInfo};
+use crate::{
+    profile::{DbusCall, LockWait, Profile},
+    windows::WindowInfo,
+};
 
 #[derive(Debug, Error)]
 pub enum RenderError {
@@ -66,14 +69,10 @@ pub fn offcpu_folded(profile: &Profile, window: u32) -> Vec<String> {
 pub fn lockwait_folded(profile: &Profile, window: u32) -> Vec<String> {
     let mut folded: BTreeMap<String, u64> = BTreeMap::new();
     for w in profile.locks.iter().filter(|w| w.window == window) {
-        let lock = w
-            .lock_name
-            .clone()
-            .unwrap_or_else(|| format!("{:#x}", w.lock));
         let line = format!(
-            "{};[lock {lock} {}]",
+            "{};{}",
             stack_line(profile, &w.comm, &w.stack),
-            w.lock_type
+            lock_frame(w)
         );
         *folded.entry(line).or_default() += w.total_ns;
     }
@@ -93,11 +92,9 @@ pub fn dbuswait_folded(profile: &Profile, window: u32) -> Vec<String> {
     let mut folded: BTreeMap<String, u64> = BTreeMap::new();
     for c in profile.dbus.iter().filter(|c| c.window == window) {
         let line = format!(
-            "{};[dbus {} {} {}]",
+            "{};{}",
             stack_line(profile, &c.comm, &c.stack),
-            c.library,
-            c.destination.as_deref().unwrap_or("?"),
-            crate::tables::dbus_method(c).replace(';', ":"),
+            dbus_frame(c).replace(';', ":"),
         );
         *folded.entry(line).or_default() += c.total_ns;
     }
@@ -108,6 +105,28 @@ pub fn dbuswait_folded(profile: &Profile, window: u32) -> Vec<String> {
             (us > 0).then(|| format!("{stack} {us}"))
         })
         .collect()
+}
+
+/// The leaf frame a lock wait's stack ends in: `[lock NAME TYPE]`, the lock
+/// named by its symbol or, without one, its address.
+#[must_use]
+pub fn lock_frame(w: &LockWait) -> String {
+    match &w.lock_name {
+        Some(name) => format!("[lock {name} {}]", w.lock_type),
+        None => format!("[lock {:#x} {}]", w.lock, w.lock_type),
+    }
+}
+
+/// The leaf frame a blocking D-Bus call's stack ends in:
+/// `[dbus LIBRARY DESTINATION interface.member]`.
+#[must_use]
+pub fn dbus_frame(c: &DbusCall) -> String {
+    format!(
+        "[dbus {} {} {}]",
+        c.library,
+        c.destination.as_deref().unwrap_or("?"),
+        crate::tables::dbus_method(c)
+    )
 }
 
 fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
