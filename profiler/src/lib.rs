@@ -7,6 +7,7 @@
 pub mod check;
 pub mod cli;
 pub mod ebpf;
+pub mod export;
 pub mod procmaps;
 pub mod profile;
 pub mod record;

@@ -5,6 +5,7 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use profiler::{
     cli::{parse_duration, parse_pids},
+    export,
     profile::Profile,
     record::{self, RecordOptions, Target, Tracer, VmEvent},
     render,
@@ -41,6 +42,21 @@ enum Cmd {
         profile: PathBuf,
         /// Output directory.
         #[arg(short, long, default_value = "hvprof-report")]
+        output: PathBuf,
+    },
+    /// Export a recorded profile for other tools: pprof (`go tool pprof`,
+    /// Pyroscope, Parca) and speedscope. Per tracer: DIR/TRACER.pb.gz with
+    /// every window (samples labelled window, vms, tracer, comm, pid, tid),
+    /// DIR/wNN-…/TRACER.pb.gz per window, DIR/TRACER.speedscope.json with
+    /// one profile per window.
+    Export {
+        /// The profile file (`profile.hvprof` in a recording directory).
+        profile: PathBuf,
+        /// Formats to write (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "pprof,speedscope", value_parser = export::Format::parse)]
+        format: Vec<export::Format>,
+        /// Output directory.
+        #[arg(short, long, default_value = "hvprof-export")]
         output: PathBuf,
     },
 }
@@ -144,6 +160,17 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Report { profile, output } => match report(&profile, &output) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hvprof: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Export {
+            profile,
+            format,
+            output,
+        } => match export_cmd(&profile, &format, &output) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hvprof: {e}");
@@ -278,5 +305,25 @@ fn report(path: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()
     let summary = render::write_all(&profile, output)?;
     print!("{}", summary.to_text());
     println!("\nwrote {}", output.display());
+    Ok(())
+}
+
+fn export_cmd(
+    path: &std::path::Path,
+    formats: &[export::Format],
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    let profile = Profile::read(path)?;
+    let written = export::export(&profile, output, formats)?;
+    for w in written.iter().filter(|w| w.window.is_none()) {
+        println!("wrote {}", w.path.display());
+    }
+    let per_window = written.iter().filter(|w| w.window.is_some()).count();
+    if per_window > 0 {
+        println!(
+            "wrote {per_window} per-window pprof files in {}/w*/",
+            output.display()
+        );
+    }
     Ok(())
 }
