@@ -139,7 +139,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Debian packages the tests use: the independent decoders of hvprof's
+/// exports (`protoc`, `go tool pprof`) and the speedscope schema validator.
+const TEST_PACKAGES: &[(&str, Option<&str>)] = &[
+    ("protobuf-compiler", None),
+    ("golang-go", None),
+    ("python3-jsonschema", None),
+];
+
 fn test(args: &[String]) -> anyhow::Result<()> {
+    massboot::ensure_packages(TEST_PACKAGES, "test")?;
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

@@ -145,20 +145,21 @@ fn installed(pkg: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-/// Installs the missing packages, and only those. Backports are added for
-/// this one apt run through a temporary sources directory; the system's apt
-/// sources are not changed.
-fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<_> = PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
+/// Installs the missing Debian packages (`(name, suite)`), and only those,
+/// saying what they are for (`what`). Backports are added for this one apt
+/// run through a temporary sources directory; the system's apt sources are
+/// not changed.
+pub fn ensure_packages(packages: &[(&str, Option<&str>)], what: &str) -> anyhow::Result<()> {
+    let missing: Vec<_> = packages.iter().filter(|(p, _)| !installed(p)).collect();
     if missing.is_empty() {
-        println!("massboot: packages present");
+        println!("{what}: packages present");
         return Ok(());
     }
     let names: Vec<String> = missing
         .iter()
         .map(|(p, suite)| suite.map_or_else(|| (*p).to_owned(), |s| format!("{p}/{s}")))
         .collect();
-    println!("massboot: installing {} (a minute)…", names.join(" "));
+    println!("{what}: installing {} (a minute)…", names.join(" "));
     let parts = std::env::temp_dir().join(format!("hvprof-apt-{}", std::process::id()));
     fs::create_dir_all(&parts)?;
     let result = (|| {
@@ -188,7 +189,7 @@ fn ensure_packages() -> anyhow::Result<()> {
             .context("apt-get update (with bookworm-backports) failed")?;
         let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
         install.args(&names);
-        sh(&mut install).context("installing the libvirt and QEMU packages failed")?;
+        sh(&mut install).with_context(|| format!("installing {} failed", names.join(" ")))?;
         Ok(())
     })();
     let _ = fs::remove_dir_all(&parts);
@@ -492,7 +493,7 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
         "KVM guests need /dev/kvm"
     );
     let step = |s: &str| println!("massboot: {s}");
-    ensure_packages().context("step 1/7 (packages) failed")?;
+    ensure_packages(PACKAGES, "massboot").context("step 1/7 (packages) failed")?;
     for d in ["libvirtd", "virtlogd"] {
         let running = pids_named(d);
         ensure!(
