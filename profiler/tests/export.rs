@@ -805,18 +805,27 @@ fn pprof_of_the_sample_loads_in_go_tool_pprof() {
 }
 
 fn validate_speedscope(path: &Path) {
+    // Debian's python3 with its python3-jsonschema, not a pyenv shim.
+    let python = "/usr/bin/python3";
+    let has_jsonschema = Command::new(python)
+        .args(["-c", "import jsonschema"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_jsonschema,
+        "{python} cannot import jsonschema: `cargo xtask test` installs python3-jsonschema, or `apt-get install python3-jsonschema`"
+    );
     let script = "import json, sys, jsonschema\n\
                   schema = json.load(open(sys.argv[1]))\n\
                   doc = json.load(open(sys.argv[2]))\n\
                   jsonschema.Draft7Validator(schema).validate(doc)\n\
                   print('valid')";
     let out = run_ok(
-        tool("python3", "python3-jsonschema")
+        Command::new(python)
             .args(["-c", script])
             .arg(data("speedscope/file-format-schema.json"))
-            .arg(path)
-            // Debian's python3 and its python3-jsonschema, not a pyenv shim.
-            .env("PATH", "/usr/bin:/bin"),
+            .arg(path),
         None,
     );
     assert_eq!(out.trim(), "valid");
