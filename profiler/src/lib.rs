@@ -9,6 +9,7 @@ pub mod ci;
 pub mod cli;
 pub mod diff;
 pub mod ebpf;
+pub mod export;
 pub mod html;
 pub mod procmaps;
 pub mod profile;

@@ -5,6 +5,7 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use profiler::{
     cli::{parse_duration, parse_pids},
+    export,
     profile::Profile,
     record::{self, RecordOptions, Target, Tracer, VmEvent},
     render,
@@ -87,6 +88,21 @@ enum Cmd {
         /// `"$GITHUB_STEP_SUMMARY"`.
         #[arg(long, value_name = "FILE")]
         markdown_summary: Option<PathBuf>,
+    },
+    /// Export a recorded profile for other tools: pprof (`go tool pprof`,
+    /// Pyroscope, Parca) and speedscope. Per tracer: DIR/TRACER.pb.gz with
+    /// every window (samples labelled window, vms, tracer, comm, pid, tid),
+    /// DIR/wNN-…/TRACER.pb.gz per window, DIR/TRACER.speedscope.json with
+    /// one profile per window.
+    Export {
+        /// The profile file (`profile.hvprof` in a recording directory).
+        profile: PathBuf,
+        /// Formats to write (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "pprof,speedscope", value_parser = export::Format::parse)]
+        format: Vec<export::Format>,
+        /// Output directory.
+        #[arg(short, long, default_value = "hvprof-export")]
+        output: PathBuf,
     },
 }
 
@@ -245,6 +261,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Export {
+            profile,
+            format,
+            output,
+        } => match export_cmd(&profile, &format, &output) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hvprof: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -413,4 +440,24 @@ fn report(
         print!("\n{}", profiler::ci::gates_text(&results));
     }
     Ok(results.iter().all(|r| r.passed))
+}
+
+fn export_cmd(
+    path: &std::path::Path,
+    formats: &[export::Format],
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    let profile = Profile::read(path)?;
+    let written = export::export(&profile, output, formats)?;
+    for w in written.iter().filter(|w| w.window.is_none()) {
+        println!("wrote {}", w.path.display());
+    }
+    let per_window = written.iter().filter(|w| w.window.is_some()).count();
+    if per_window > 0 {
+        println!(
+            "wrote {per_window} per-window pprof files in {}/w*/",
+            output.display()
+        );
+    }
+    Ok(())
 }

@@ -13,7 +13,10 @@ use std::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::{profile::Profile, windows::WindowInfo};
+use crate::{
+    profile::{DbusCall, LockWait, Profile},
+    windows::WindowInfo,
+};
 
 #[derive(Debug, Error)]
 pub enum RenderError {
@@ -71,14 +74,10 @@ pub fn offcpu_folded(profile: &Profile, window: u32) -> Vec<String> {
 pub fn lockwait_folded(profile: &Profile, window: u32) -> Vec<String> {
     let mut folded: BTreeMap<String, u64> = BTreeMap::new();
     for w in profile.locks.iter().filter(|w| w.window == window) {
-        let lock = w
-            .lock_name
-            .clone()
-            .unwrap_or_else(|| format!("{:#x}", w.lock));
         let line = format!(
-            "{};[lock {lock} {}]",
+            "{};{}",
             stack_line(profile, &w.comm, &w.stack),
-            w.lock_type
+            lock_frame(w)
         );
         *folded.entry(line).or_default() += w.total_ns;
     }
@@ -98,11 +97,9 @@ pub fn dbuswait_folded(profile: &Profile, window: u32) -> Vec<String> {
     let mut folded: BTreeMap<String, u64> = BTreeMap::new();
     for c in profile.dbus.iter().filter(|c| c.window == window) {
         let line = format!(
-            "{};[dbus {} {} {}]",
+            "{};{}",
             stack_line(profile, &c.comm, &c.stack),
-            c.library,
-            c.destination.as_deref().unwrap_or("?"),
-            crate::tables::dbus_method(c).replace(';', ":"),
+            dbus_frame(c).replace(';', ":"),
         );
         *folded.entry(line).or_default() += c.total_ns;
     }
@@ -115,17 +112,47 @@ pub fn dbuswait_folded(profile: &Profile, window: u32) -> Vec<String> {
         .collect()
 }
 
+/// The leaf frame a lock wait's stack ends in: `[lock NAME TYPE]`, the lock
+/// named by its symbol or, without one, its address.
+#[must_use]
+pub fn lock_frame(w: &LockWait) -> String {
+    match &w.lock_name {
+        Some(name) => format!("[lock {name} {}]", w.lock_type),
+        None => format!("[lock {:#x} {}]", w.lock, w.lock_type),
+    }
+}
+
+/// The leaf frame a blocking D-Bus call's stack ends in:
+/// `[dbus LIBRARY DESTINATION interface.member]`.
+#[must_use]
+pub fn dbus_frame(c: &DbusCall) -> String {
+    format!(
+        "[dbus {} {} {}]",
+        c.library,
+        c.destination.as_deref().unwrap_or("?"),
+        crate::tables::dbus_method(c)
+    )
+}
+
 fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
     // `;` separates frames and a space separates the count: keep both out
-    // of the names so every line parses.
-    let clean = |s: &str| s.replace(';', ":").replace(['\n', '\r'], " ");
-    let mut line = clean(comm).replace(' ', "_");
+    // of the names so every line parses. Pushed char by char: this runs for
+    // every frame of every stack, and most names need no change.
+    fn push_clean(line: &mut String, s: &str, space: char) {
+        line.extend(s.chars().map(|c| match c {
+            ';' => ':',
+            '\n' | '\r' | ' ' => space,
+            c => c,
+        }));
+    }
+    let mut line = String::with_capacity(32 * (stack.len() + 1));
+    push_clean(&mut line, comm, '_');
     if line.is_empty() {
         line.push_str("[unknown]");
     }
     for f in profile.frame_names(stack) {
         line.push(';');
-        line.push_str(&clean(f));
+        push_clean(&mut line, f, ' ');
     }
     line
 }
@@ -464,9 +491,30 @@ pub fn write_all(profile: &Profile, dir: &Path) -> Result<Summary, RenderError> 
         })
     };
     mkdir(dir)?;
-    for w in &profile.windows {
-        write_window(profile, w, &dir.join(w.dir_name()), &mkdir)?;
-    }
+    // Windows render independently, and their flame graphs are most of a
+    // report's time: one thread per CPU, each taking the next window.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(profile.windows.len());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    while let Some(w) = profile
+                        .windows
+                        .get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        write_window(profile, w, &dir.join(w.dir_name()), &mkdir)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })?;
     write_lock_tables(profile, None, dir)?;
     let summary = summary(profile);
     write_file(&dir.join("summary.txt"), &summary.to_text())?;
@@ -643,6 +691,8 @@ mod tests {
         assert_eq!(oncpu_folded(&p, 0), ["vm_load;main 9"]);
         assert_eq!(oncpu_folded(&p, 5), Vec::<String>::new());
         assert_eq!(offcpu_folded(&p, 1), ["t;main 2500"]);
+        // Newlines: `_` in a comm (like spaces), a space in a frame.
+        assert_eq!(stack_line(&p, "a\nb c", &[2]), "a_b_c;do:weird name");
     }
 
     #[test]

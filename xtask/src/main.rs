@@ -4,6 +4,7 @@
 //! commands (`cargo xtask sample`, `cargo xtask test`) are all a newcomer runs.
 
 mod bench;
+mod bench_report;
 mod massboot;
 mod packages;
 mod toolchain;
@@ -52,6 +53,10 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         vms: usize,
     },
+    /// Measure `hvprof report` on a synthetic profile of 1 M on-CPU samples
+    /// and 50 k distinct stacks against `perf script | inferno-collapse-perf
+    /// | inferno-flamegraph` on the same samples; prints both and the ratio.
+    BenchReport(bench_report::Opts),
     /// Profile a real libvirtd mass boot end to end: install libvirt and
     /// QEMU if missing, start the daemons by hand, boot N transient guests
     /// over the libvirt API while `hvprof record` follows libvirtd, then
@@ -126,6 +131,24 @@ fn main() -> ExitCode {
             Ok(code) => return ExitCode::from(u8::try_from(code).unwrap_or(1)),
             Err(e) => Err(e),
         },
+        Cmd::BenchReport(opts) => toolchain::bootstrap().and_then(|()| {
+            run(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "profiler",
+                "--bin",
+                "hvprof",
+                "--example",
+                "synth_profile",
+            ]))?;
+            let dir = toolchain::root().join("target/release");
+            bench_report::run(
+                &opts,
+                &dir.join("hvprof"),
+                &dir.join("examples/synth_profile"),
+            )
+        }),
         Cmd::Bench { rounds, vms } => toolchain::bootstrap().and_then(|()| {
             let (hvprof, vmload) = build_release()?;
             bench::run(&hvprof, &vmload, rounds, vms)
@@ -142,15 +165,19 @@ fn main() -> ExitCode {
 
 /// What the tests drive besides hvprof: the D-Bus daemon and the three
 /// client libraries' command-line clients, python3-gi for the sample D-Bus
-/// service, and a browser for the HTML report.
+/// service, a browser for the HTML report, and the independent decoders of
+/// hvprof's exports (`protoc`, `go tool pprof`, the speedscope schema
+/// validator).
 const TEST_PACKAGES: &[(&str, Option<&str>)] = &[
     ("dbus-daemon", None),
     ("dbus-bin", None),
     ("libglib2.0-bin", None),
     ("python3-gi", None),
     ("systemd", None),
-    // The HTML report's test opens it in a real headless browser.
     ("chromium", None),
+    ("protobuf-compiler", None),
+    ("golang-go", None),
+    ("python3-jsonschema", None),
 ];
 
 fn test(args: &[String]) -> anyhow::Result<()> {
