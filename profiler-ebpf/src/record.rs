@@ -133,6 +133,23 @@ fn add_time(count: *mut u64, total: *mut u64, max: *mut u64, n: u64, ns: u64) {
     }
 }
 
+/// [`add_time`] for one event, plus its log2 histogram bucket.
+#[inline(always)]
+fn add_timed(
+    count: *mut u64,
+    total: *mut u64,
+    max: *mut u64,
+    hist: *mut [u64; LOCK_HIST_BUCKETS],
+    ns: u64,
+) {
+    add_time(count, total, max, 1, ns);
+    let bucket = hist_bucket(ns);
+    if bucket < LOCK_HIST_BUCKETS {
+        // SAFETY: hist points into the same map value as count.
+        add_atomic(unsafe { &raw mut (*hist)[bucket] }, 1);
+    }
+}
+
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -923,20 +940,16 @@ pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
     ) else {
         return 0;
     };
-    let bucket = hist_bucket(wait);
     // SAFETY: a valid map value (threads of one process contend on the same
     // lock from the same stack, hence the atomic adds).
     unsafe {
-        add_time(
+        add_timed(
             &raw mut (*value).count,
             &raw mut (*value).total_ns,
             &raw mut (*value).max_ns,
-            1,
+            &raw mut (*value).hist,
             wait,
         );
-        if bucket < LOCK_HIST_BUCKETS {
-            add_atomic(&raw mut (*value).hist[bucket], 1);
-        }
     }
     0
 }
@@ -1596,21 +1609,17 @@ pub fn dbus_return(ctx: RetProbeContext) -> u32 {
     ) else {
         return 0;
     };
-    let bucket = hist_bucket(latency);
     // SAFETY: a valid map value (threads of one process may share it).
     unsafe {
-        add_time(
+        add_timed(
             &raw mut (*value).count,
             &raw mut (*value).total_ns,
             &raw mut (*value).max_ns,
-            1,
+            &raw mut (*value).hist,
             latency,
         );
         if timed_out {
             add_atomic(&raw mut (*value).timeouts, 1);
-        }
-        if bucket < LOCK_HIST_BUCKETS {
-            add_atomic(&raw mut (*value).hist[bucket], 1);
         }
     }
     0

@@ -981,45 +981,7 @@ pub fn gates_text(results: &[GateResult]) -> String {
     out
 }
 
-/// Escapes text for a markdown table cell or paragraph: names from stacks
-/// and command lines must not become markup (or HTML, which GitHub renders).
-#[must_use]
-pub fn md_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '\n' | '\r' => out.push(' '),
-            '\\' | '`' | '*' | '_' | '[' | ']' | '|' | '#' | '~' | '!' => {
-                out.push('\\');
-                out.push(c);
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// A markdown table whose cells are escaped.
-#[must_use]
-pub fn md_table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut out = format!(
-        "| {} |\n|{}\n",
-        headers
-            .iter()
-            .map(|h| md_escape(h))
-            .collect::<Vec<_>>()
-            .join(" | "),
-        "---|".repeat(headers.len())
-    );
-    for r in rows {
-        let cells: Vec<String> = r.iter().map(|c| md_escape(c)).collect();
-        let _ = writeln!(out, "| {} |", cells.join(" | "));
-    }
-    out
-}
+pub use crate::tables::{md_escape, md_table};
 
 /// The gates as markdown lines.
 #[must_use]

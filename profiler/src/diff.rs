@@ -1044,7 +1044,7 @@ iframe{width:100%;border:0}summary{font-size:1.2em;font-weight:bold;cursor:point
 </style></head><body>\n<h1>hvprof diff</h1>\n<ul>",
         );
         for l in self.header_lines() {
-            let _ = write!(out, "<li>{}</li>", html_escape(&l));
+            let _ = write!(out, "<li>{}</li>", crate::html::escape(&l));
         }
         out.push_str("</ul>\n");
         if !self.gates.is_empty() {
@@ -1054,7 +1054,7 @@ iframe{width:100%;border:0}summary{font-size:1.2em;font-weight:bold;cursor:point
                     out,
                     "<li class=\"{}\"><pre>{}</pre></li>",
                     if g.passed { "pass" } else { "fail" },
-                    html_escape(&g.text())
+                    crate::html::escape(&g.text())
                 );
             }
             out.push_str("</ul>\n");
@@ -1067,7 +1067,7 @@ iframe{width:100%;border:0}summary{font-size:1.2em;font-weight:bold;cursor:point
                 out,
                 "<details{}><summary>{}</summary>",
                 if s.window.is_none() { " open" } else { "" },
-                html_escape(&match s.window {
+                crate::html::escape(&match s.window {
                     Some(w) => format!("Window {w} ({})", s.label),
                     None => "Whole recording".to_owned(),
                 })
@@ -1083,21 +1083,21 @@ iframe{width:100%;border:0}summary{font-size:1.2em;font-weight:bold;cursor:point
                 let _ = write!(
                     out,
                     "<h3>{} (A {} / B {} {})</h3>\n<iframe sandbox=\"allow-scripts\" style=\"height:{}px\" title=\"{}\" srcdoc=\"{}\"></iframe>\n",
-                    html_escape(f.tracer),
+                    crate::html::escape(f.tracer),
                     f.a_total,
                     f.b_total,
-                    html_escape(f.unit),
+                    crate::html::escape(f.unit),
                     svg_height(&svg) + 4,
-                    html_escape(&f.svg),
-                    html_escape(&doc)
+                    crate::html::escape(&f.svg),
+                    crate::html::escape(&doc)
                 );
             }
             for t in &s.tables {
                 let _ = writeln!(
                     out,
                     "<h3>{} (count: {})</h3>",
-                    html_escape(t.name),
-                    html_escape(t.count_name)
+                    crate::html::escape(t.name),
+                    crate::html::escape(t.count_name)
                 );
                 let rows: Vec<&DeltaRow> = t.rows.iter().collect();
                 html_table(&mut out, &t.table(&rows));
@@ -1109,31 +1109,14 @@ iframe{width:100%;border:0}summary{font-size:1.2em;font-weight:bold;cursor:point
     }
 }
 
-/// Escapes text for HTML content and attribute values.
-#[must_use]
-pub fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 fn html_table(out: &mut String, t: &Table) {
     if t.rows.is_empty() {
-        let _ = writeln!(out, "<p>({})</p>", html_escape(t.empty));
+        let _ = writeln!(out, "<p>({})</p>", crate::html::escape(t.empty));
         return;
     }
     out.push_str("<table><tr>");
     for h in &t.headers {
-        let _ = write!(out, "<th>{}</th>", html_escape(h));
+        let _ = write!(out, "<th>{}</th>", crate::html::escape(h));
     }
     out.push_str("</tr>\n");
     for r in &t.rows {
@@ -1145,7 +1128,7 @@ fn html_table(out: &mut String, t: &Table) {
                 (Some(true), _) => " class=\"n\"",
                 _ => "",
             };
-            let _ = write!(out, "<td{class}>{}</td>", html_escape(c));
+            let _ = write!(out, "<td{class}>{}</td>", crate::html::escape(c));
         }
         out.push_str("</tr>\n");
     }
@@ -1240,7 +1223,7 @@ mod tests {
     #[test]
     fn escapes_html() {
         assert_eq!(
-            html_escape("<script>alert(\"x\")</script>&'"),
+            crate::html::escape("<script>alert(\"x\")</script>&'"),
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;"
         );
         assert_eq!(

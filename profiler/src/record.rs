@@ -325,6 +325,12 @@ pub fn task_state_name(state: u32) -> &'static str {
     }
 }
 
+/// A kernel log2 histogram without its empty tail buckets.
+fn trim_hist(hist: &[u64]) -> Vec<u64> {
+    let n = hist.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
+    hist[..n].to_vec()
+}
+
 #[must_use]
 pub fn loss_name(l: Loss) -> &'static str {
     match l {
@@ -1543,6 +1549,24 @@ impl Recorder {
         }
     }
 
+    /// Every entry of an aggregation map of `tracer`; none when the
+    /// tracer did not run.
+    fn drain<K: aya::Pod, V: aya::Pod>(
+        &self,
+        bpf: &Ebpf,
+        name: &'static str,
+        tracer: Tracer,
+    ) -> Result<Vec<(K, V)>, RecordError> {
+        match bpf.map(name) {
+            Some(m) if self.tracers.contains(&tracer) => {
+                let m: BpfHashMap<&MapData, K, V> =
+                    BpfHashMap::try_from(m).map_err(|source| RecordError::Map { name, source })?;
+                Ok(m.iter().filter_map(Result::ok).collect())
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// The kernel's `COUNTERS`, summed over CPUs, by name.
     fn counters(&self, bpf: &Ebpf) -> std::collections::BTreeMap<String, u64> {
         let mut out = std::collections::BTreeMap::new();
@@ -1662,30 +1686,12 @@ impl Recorder {
         }
 
         // Stacks, by content hash.
-        let locks_raw: Vec<(LockKey, LockValue)> = match bpf.map(names::LOCK_WAITS) {
-            Some(m) if self.tracers.contains(&Tracer::Locks) => {
-                let m: BpfHashMap<&MapData, LockKey, LockValue> =
-                    BpfHashMap::try_from(m).map_err(map_err(names::LOCK_WAITS))?;
-                m.iter().filter_map(Result::ok).collect()
-            }
-            _ => Vec::new(),
-        };
-        let dbus_raw: Vec<(DbusKey, DbusValue)> = match bpf.map(names::DBUS_CALLS) {
-            Some(m) if self.tracers.contains(&Tracer::Dbus) => {
-                let m: BpfHashMap<&MapData, DbusKey, DbusValue> =
-                    BpfHashMap::try_from(m).map_err(map_err(names::DBUS_CALLS))?;
-                m.iter().filter_map(Result::ok).collect()
-            }
-            _ => Vec::new(),
-        };
-        let forks_raw: Vec<(ForkKey, ForkValue)> = match bpf.map(names::FORK_CALLS) {
-            Some(m) if self.tracers.contains(&Tracer::Fork) => {
-                let m: BpfHashMap<&MapData, ForkKey, ForkValue> =
-                    BpfHashMap::try_from(m).map_err(map_err(names::FORK_CALLS))?;
-                m.iter().filter_map(Result::ok).collect()
-            }
-            _ => Vec::new(),
-        };
+        let locks_raw: Vec<(LockKey, LockValue)> =
+            self.drain(bpf, names::LOCK_WAITS, Tracer::Locks)?;
+        let dbus_raw: Vec<(DbusKey, DbusValue)> =
+            self.drain(bpf, names::DBUS_CALLS, Tracer::Dbus)?;
+        let forks_raw: Vec<(ForkKey, ForkValue)> =
+            self.drain(bpf, names::FORK_CALLS, Tracer::Fork)?;
 
         // Every (tgid, kernel stack, user stack) that needs frames.
         let triples: Vec<(u32, u64, u64)> = oncpu_raw
@@ -1871,10 +1877,7 @@ impl Recorder {
                 count: v.count,
                 total_ns: v.total_ns,
                 max_ns: v.max_ns,
-                hist: {
-                    let n = v.hist.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
-                    v.hist[..n].to_vec()
-                },
+                hist: trim_hist(&v.hist),
             })
             .collect();
         locks.sort_by(|a, b| {
@@ -1937,10 +1940,7 @@ impl Recorder {
                     timeouts: v.timeouts,
                     total_ns: v.total_ns,
                     max_ns: v.max_ns,
-                    hist: {
-                        let n = v.hist.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
-                        v.hist[..n].to_vec()
-                    },
+                    hist: trim_hist(&v.hist),
                 }
             })
             .collect();

@@ -59,6 +59,12 @@ pub fn offcpu_folded(profile: &Profile, window: u32) -> Vec<String> {
         }
         *folded.entry(line).or_default() += row.total_ns;
     }
+    us_lines(folded)
+}
+
+/// Folded lines from nanoseconds per stack, counted in microseconds;
+/// stacks under a microsecond are left out.
+fn us_lines(folded: BTreeMap<String, u64>) -> Vec<String> {
     folded
         .into_iter()
         .filter_map(|(stack, ns)| {
@@ -81,13 +87,7 @@ pub fn lockwait_folded(profile: &Profile, window: u32) -> Vec<String> {
         );
         *folded.entry(line).or_default() += w.total_ns;
     }
-    folded
-        .into_iter()
-        .filter_map(|(stack, ns)| {
-            let us = ns / 1000;
-            (us > 0).then(|| format!("{stack} {us}"))
-        })
-        .collect()
+    us_lines(folded)
 }
 
 /// Folded lines of one window's blocking D-Bus calls, in microseconds: the
@@ -103,13 +103,7 @@ pub fn dbuswait_folded(profile: &Profile, window: u32) -> Vec<String> {
         );
         *folded.entry(line).or_default() += c.total_ns;
     }
-    folded
-        .into_iter()
-        .filter_map(|(stack, ns)| {
-            let us = ns / 1000;
-            (us > 0).then(|| format!("{stack} {us}"))
-        })
-        .collect()
+    us_lines(folded)
 }
 
 /// The leaf frame a lock wait's stack ends in: `[lock NAME TYPE]`, the lock

@@ -98,6 +98,16 @@ pub struct LockRow {
     pub p99_ns: u64,
 }
 
+/// Adds log2 histogram `from` into `into`, bucket by bucket.
+fn merge_hist(into: &mut Vec<u64>, from: &[u64]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), 0);
+    }
+    for (i, n) in from.iter().enumerate() {
+        into[i] += n;
+    }
+}
+
 /// The upper bound of the bucket holding quantile `q` of a log2 histogram.
 #[must_use]
 pub fn hist_quantile(hist: &[u64], q: f64) -> u64 {
@@ -156,12 +166,7 @@ pub fn locks(profile: &Profile, window: Option<u32>) -> Vec<LockRow> {
         a.count += w.count;
         a.total += w.total_ns;
         a.max = a.max.max(w.max_ns);
-        if a.hist.len() < w.hist.len() {
-            a.hist.resize(w.hist.len(), 0);
-        }
-        for (i, n) in w.hist.iter().enumerate() {
-            a.hist[i] += n;
-        }
+        merge_hist(&mut a.hist, &w.hist);
         let caller = lock_caller(profile, w).unwrap_or_else(|| "[unknown]".to_owned());
         *a.callers.entry(caller).or_default() += w.total_ns;
     }
@@ -210,6 +215,46 @@ pub fn human_ns(ns: u64) -> String {
     } else {
         format!("{:.2} s", f / 1e9)
     }
+}
+
+/// Escapes text for a markdown table cell or paragraph: names from stacks
+/// and command lines must not become markup (or HTML, which GitHub renders).
+#[must_use]
+pub fn md_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\n' | '\r' => out.push(' '),
+            '\\' | '`' | '*' | '_' | '[' | ']' | '|' | '#' | '~' | '!' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A markdown table whose cells are escaped.
+#[must_use]
+pub fn md_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut out = format!(
+        "| {} |\n|{}\n",
+        headers
+            .iter()
+            .map(|h| md_escape(h))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(headers.len())
+    );
+    for r in rows {
+        let cells: Vec<String> = r.iter().map(|c| md_escape(c)).collect();
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
+    }
+    out
 }
 
 /// A table of strings, rendered the same way for every tracer.
@@ -264,17 +309,7 @@ impl Table {
 
     #[must_use]
     pub fn markdown(&self) -> String {
-        let esc = |s: &str| s.replace('|', "\\|");
-        let mut out = format!(
-            "| {} |\n|{}\n",
-            self.headers.join(" | "),
-            "---|".repeat(self.headers.len())
-        );
-        for r in &self.rows {
-            let c: Vec<String> = r.iter().map(|c| esc(c)).collect();
-            let _ = writeln!(out, "| {} |", c.join(" | "));
-        }
-        out
+        md_table(&self.headers, &self.rows)
     }
 
     #[must_use]
@@ -765,12 +800,7 @@ pub fn dbus(profile: &Profile, window: Option<u32>) -> Vec<DbusRow> {
         a.timeouts += c.timeouts;
         a.total += c.total_ns;
         a.max = a.max.max(c.max_ns);
-        if a.hist.len() < c.hist.len() {
-            a.hist.resize(c.hist.len(), 0);
-        }
-        for (i, n) in c.hist.iter().enumerate() {
-            a.hist[i] += n;
-        }
+        merge_hist(&mut a.hist, &c.hist);
         let frames: Vec<&str> = profile.frame_names(&c.stack).rev().take(4).collect();
         let caller = if frames.is_empty() {
             "[unknown]".to_owned()
