@@ -38,6 +38,12 @@ pub const STACK_EXITING: u64 = 3;
 /// Not taken, on purpose: a preempted task's stacks (see
 /// `Config::preempted_stacks`).
 pub const STACK_NOT_TAKEN: u64 = 1;
+/// Off-CPU kernel stack to be taken when the task is switched back in (a
+/// start's placeholder, never in a recorded key).
+pub const STACK_DEFERRED: u64 = 4001;
+/// Off-CPU kernel stack not walked: the block was shorter than
+/// `Config::kstack_min_ns`.
+pub const STACK_SHORT_BLOCK: u64 = 4002;
 
 /// At most this many explicit `--windows` ranges.
 pub const MAX_WINDOW_RANGES: u32 = 64;
@@ -118,12 +124,6 @@ pub enum WindowMode {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TracepointOffsets {
-    pub switch_prev_pid: u32,
-    pub switch_prev_state: u32,
-    /// 4 or 8.
-    pub switch_prev_state_size: u32,
-    pub switch_next_pid: u32,
-    pub wakeup_pid: u32,
     pub fork_parent_pid: u32,
     pub fork_child_pid: u32,
     pub ioctl_enter_cmd: u32,
@@ -191,8 +191,8 @@ pub struct Config {
     pub user_stack_depth: u32,
     /// Nonzero: take stacks of preempted tasks too (state R) at switch-out.
     pub preempted_stacks: u32,
-    /// Nonzero: reuse a thread's off-CPU stacks when it blocks again at the
-    /// same site (same user registers and innermost kernel frames).
+    /// Nonzero: reuse a thread's off-CPU user stack when it blocks again at
+    /// the same site (same user ip, sp, bp and return address).
     pub block_site_cache: u32,
     /// This architecture's numbers of clone, clone3, fork and vfork.
     pub nr_clone: u32,
@@ -203,6 +203,9 @@ pub struct Config {
     pub min_block_ns: u64,
     /// `--max-block`, in ns.
     pub max_block_ns: u64,
+    /// `--kernel-stack-min-block`, in ns: an off-CPU kernel stack is walked
+    /// (when the task comes back) only for blocks at least this long.
+    pub kstack_min_ns: u64,
     pub offsets: TracepointOffsets,
 }
 
@@ -232,12 +235,8 @@ impl Config {
             nr_vfork: 0,
             min_block_ns: 0,
             max_block_ns: u64::MAX,
+            kstack_min_ns: 0,
             offsets: TracepointOffsets {
-                switch_prev_pid: 0,
-                switch_prev_state: 0,
-                switch_prev_state_size: 0,
-                switch_next_pid: 0,
-                wakeup_pid: 0,
                 fork_parent_pid: 0,
                 fork_child_pid: 0,
                 ioctl_enter_cmd: 0,

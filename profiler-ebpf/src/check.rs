@@ -4,9 +4,12 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::bpf_get_current_pid_tgid,
-    macros::{fentry, fexit, map, perf_event, tracepoint, uprobe},
+    macros::{btf_tracepoint, fentry, fexit, map, perf_event, tracepoint, uprobe},
     maps::PerCpuArray,
-    programs::{FEntryContext, FExitContext, PerfEventContext, ProbeContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, PerfEventContext, ProbeContext,
+        TracePointContext,
+    },
 };
 use profiler_common::check::CheckCounter;
 
@@ -82,5 +85,22 @@ pub fn check_fexit(_ctx: FExitContext) -> i32 {
     if current_tgid_is_target() {
         bump(CheckCounter::Fexit);
     }
+    0
+}
+
+/// Reads `prev_state`, the fourth argument (Linux 5.18+): on an older
+/// kernel the verifier refuses the load, as it would the off-CPU tracer.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn check_btf_switch(ctx: BtfTracePointContext) -> u32 {
+    let state: u64 = ctx.arg(3);
+    if state != u64::MAX {
+        bump(CheckCounter::BtfSwitch);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn check_btf_wakeup(_ctx: BtfTracePointContext) -> u32 {
+    bump(CheckCounter::BtfWakeup);
     0
 }

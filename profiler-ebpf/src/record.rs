@@ -6,16 +6,19 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, task_struct},
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes, bpf_task_pt_regs,
+        bpf_get_current_task, bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack,
+        bpf_get_task_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_task_pt_regs,
     },
-    macros::{map, perf_event, tracepoint, uprobe, uretprobe},
+    macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{PerfEventContext, ProbeContext, RetProbeContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, PerfEventContext, ProbeContext, RetProbeContext, TracePointContext,
+    },
 };
 use profiler_common::record::{
     CGROUP_PATH_LEN, CLONE_THREAD, COMM_LEN, CgroupKey, CgroupPending, CgroupValue, Config,
@@ -23,18 +26,14 @@ use profiler_common::record::{
     DbusInflight, DbusKey, DbusLast, DbusNames, DbusValue, Event, EventKind, ForkKey, ForkStart,
     ForkValue, KVM_CREATE_VM, LOCK_HIST_BUCKETS, LockBegin, LockKey, LockPending, LockValue, Loss,
     LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH, MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart,
-    OffCpuValue, SETUP_WINDOW, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, SampleKey, StackBuf,
-    TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode, WindowRange, cgroup_op,
-    dbus_fn, fork_kind, hist_bucket, window_every,
+    OffCpuValue, SETUP_WINDOW, STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN,
+    STACK_SHORT_BLOCK, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
+    WindowMode, WindowRange, cgroup_op, dbus_fn, fork_kind, hist_bucket, window_every,
 };
 
 const EFAULT: i32 = 14;
 const ENOMEM: i32 = 12;
 const E2BIG: i32 = 7;
-
-/// `prev_state` bits of `sched_switch` for an exiting task (`X`, `Z`).
-const TASK_REPORT_DEAD: u32 = 0x10;
-const TASK_REPORT_ZOMBIE: u32 = 0x20;
 
 /// Set by userspace before load.
 #[unsafe(no_mangle)]
@@ -58,7 +57,7 @@ static ONCPU_COUNTS: HashMap<SampleKey, u64> = HashMap::with_max_entries(65536, 
 #[map]
 static OFFCPU_TIMES: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(65536, 0);
 #[map]
-static OFFCPU_START: HashMap<u32, OffCpuStart> = HashMap::with_max_entries(65536, 0);
+static OFFCPU_START: HashMap<u64, OffCpuStart> = HashMap::with_max_entries(65536, 0);
 /// Stacks by content hash (see `StackBuf`). Preallocated: an insert from
 /// the sampling interrupt must not fail for want of memory. Userspace sets
 /// the size (`--max-stacks`).
@@ -260,6 +259,13 @@ fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> Result<u64, i32> {
     };
     // SAFETY: buf is this CPU's scratch value, at least `size` bytes.
     let n = unsafe { bpf_get_stack(ctx.as_ptr(), buf.cast(), size as u32, flags) };
+    store_stack(buf, n)
+}
+
+/// Stores the `n` bytes of frames a stack helper left in `buf` (the scratch
+/// value) in `STACKS` under their content hash, and returns the hash.
+#[inline(always)]
+fn store_stack(buf: *mut StackBuf, n: i64) -> Result<u64, i32> {
     if n < 0 {
         return Err(n as i32);
     }
@@ -303,10 +309,10 @@ fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> Result<u64, i32> {
     Ok(h)
 }
 
-/// Kernel and user stack ids of the current task, counting what is lost.
+/// A kernel stack id, or the reason there is none, counting what is lost.
 #[inline(always)]
-fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
-    let kern = match stack_id(ctx, 0) {
+fn kern_stack_or_reason(id: Result<u64, i32>, window: u32) -> u64 {
+    match id {
         Ok(id) => id,
         Err(e) => {
             // -EFAULT: no kernel stack (the task was in user mode).
@@ -317,101 +323,83 @@ fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
             }
             u64::from((-e) as u32)
         }
-    };
-    let user = match stack_id(ctx, u64::from(BPF_F_USER_STACK)) {
+    }
+}
+
+/// The current task's user stack id, or the reason there is none.
+#[inline(always)]
+fn user_stack<C: EbpfContext>(ctx: &C, window: u32) -> u64 {
+    match stack_id(ctx, u64::from(BPF_F_USER_STACK)) {
         Ok(id) => id,
         Err(e) => {
             match -e {
                 E2BIG | ENOMEM => lose(window, Loss::StackMapFull),
                 // With -a, kernel threads have no user stack: not a loss.
                 EFAULT if config!(target_mode) == TargetMode::All as u32 => {}
-                EFAULT if is_exiting() => return (kern, STACK_EXITING),
+                EFAULT if is_exiting() => return STACK_EXITING,
                 _ => lose(window, Loss::UserStackMissing),
             }
             u64::from((-e) as u32)
         }
-    };
-    (kern, user)
+    }
 }
 
-/// Per thread: where it last blocked and the stacks taken there.
+/// Kernel and user stack ids of the current task, counting what is lost.
+#[inline(always)]
+fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
+    let kern = kern_stack_or_reason(stack_id(ctx, 0), window);
+    (kern, user_stack(ctx, window))
+}
+
+/// Per thread: where it last blocked in user space, and the user stack
+/// taken there.
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct BlockSite {
     /// User ip, sp, bp and the return address at bp+8 when it blocked.
     user: [u64; 4],
-    /// Hash of the innermost kernel frames.
-    kern_head: u64,
-    state: u32,
-    pad: u32,
-    kern_stack: u64,
     user_stack: u64,
 }
 
 #[map]
 static BLOCK_SITES: LruHashMap<u32, BlockSite> = LruHashMap::with_max_entries(32768, 0);
 
-/// Kernel frames walked to tell two blocks of a thread apart: deep enough
-/// to pass `__schedule`, `schedule`, the wait primitive and its caller.
-const KERN_HEAD_FRAMES: usize = 8;
-
-/// The off-CPU stacks of the current task, reused from its previous block
-/// when it blocks again at the same site: same user registers (ip, sp, bp
-/// and the caller's return address, so the same user call chain), same
-/// innermost kernel frames, same state. A thread blocking in a loop (a
-/// QEMU worker on its futex, a main loop in ppoll) then costs a short
-/// kernel walk instead of two full walks.
+/// The user stack of the current task as it blocks, reused from its
+/// previous block when it blocks again at the same site: same user ip, sp,
+/// bp and the caller's return address, so the same call chain. A thread
+/// blocking in a loop (a QEMU worker on its futex, a main loop in ppoll)
+/// then costs four register reads instead of a stack walk.
 #[inline(always)]
-fn block_stacks(ctx: &TracePointContext, window: u32, pid: u32, state: u32) -> (u64, u64) {
+fn block_user_stack<C: EbpfContext>(ctx: &C, window: u32, pid: u32) -> u64 {
+    let cache = config!(block_site_cache) != 0;
     // SAFETY: the helpers take the current task's BTF pointer; the reads
     // are checked.
-    let user = unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
-        let ip = bpf_probe_read_kernel(regs.add(PT_REGS_IP) as *const u64).unwrap_or(0);
-        let sp = bpf_probe_read_kernel(regs.add(PT_REGS_SP) as *const u64).unwrap_or(0);
-        let bp = bpf_probe_read_kernel(regs.add(PT_REGS_BP) as *const u64).unwrap_or(0);
-        let ret = bpf_probe_read_user((bp + 8) as *const u64).unwrap_or(0);
-        [ip, sp, bp, ret]
-    };
-    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return stacks(ctx, window);
-    };
-    // SAFETY: buf is this CPU's scratch value, larger than the head.
-    let n = unsafe { bpf_get_stack(ctx.as_ptr(), buf.cast(), (KERN_HEAD_FRAMES * 8) as u32, 0) };
-    if n <= 0 || user[0] == 0 {
-        return stacks(ctx, window);
-    }
-    let frames = n as usize / 8;
-    let mut head: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut i = 0;
-    while i < KERN_HEAD_FRAMES {
-        if i >= frames {
-            break;
+    let user = if !cache {
+        [0; 4]
+    } else {
+        unsafe {
+            let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+            let ip = bpf_probe_read_kernel(regs.add(PT_REGS_IP) as *const u64).unwrap_or(0);
+            let sp = bpf_probe_read_kernel(regs.add(PT_REGS_SP) as *const u64).unwrap_or(0);
+            let bp = bpf_probe_read_kernel(regs.add(PT_REGS_BP) as *const u64).unwrap_or(0);
+            let ret = bpf_probe_read_user((bp + 8) as *const u64).unwrap_or(0);
+            [ip, sp, bp, ret]
         }
-        // SAFETY: i < KERN_HEAD_FRAMES, inside the scratch buffer.
-        head = (head ^ unsafe { (*buf).ips[i] }).wrapping_mul(0x0000_0100_0000_01b3);
-        i += 1;
-    }
-    if let Some(site) = BLOCK_SITES.get_ptr(&pid) {
+    };
+    if user[0] != 0
+        && let Some(site) = BLOCK_SITES.get_ptr(&pid)
+    {
         // SAFETY: a valid map value of this thread.
         let site = unsafe { &*site };
-        if site.user == user && site.kern_head == head && site.state == state {
-            return (site.kern_stack, site.user_stack);
+        if site.user == user {
+            return site.user_stack;
         }
     }
-    let (kern_stack, user_stack) = stacks(ctx, window);
-    if kern_stack >= STACK_ID_MIN && user_stack >= STACK_ID_MIN {
-        let site = BlockSite {
-            user,
-            kern_head: head,
-            state,
-            pad: 0,
-            kern_stack,
-            user_stack,
-        };
-        let _ = BLOCK_SITES.insert(&pid, &site, 0);
+    let user_stack = user_stack(ctx, window);
+    if user[0] != 0 && user_stack >= STACK_ID_MIN {
+        let _ = BLOCK_SITES.insert(&pid, &BlockSite { user, user_stack }, 0);
     }
-    (kern_stack, user_stack)
+    user_stack
 }
 
 /// Offsets in x86-64 `struct pt_regs`.
@@ -464,77 +452,139 @@ pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
 
 // --------------------------------------------------------------- off-CPU
 
-#[tracepoint]
-pub fn offcpu_sched_switch(ctx: TracePointContext) -> u32 {
+/// `sched_switch`'s raw `prev_state` (`task_struct.__state`) bits.
+const TASK_DEAD: u32 = 0x80;
+const TASK_IDLE: u32 = 0x402;
+const TASK_RTLOCK_WAIT: u32 = 0x1000;
+/// The states `sched_switch`'s trace event reports (`S D T t X Z P`).
+const TASK_REPORT: u32 = 0x7f;
+const TASK_REPORT_UNINTERRUPTIBLE: u32 = 0x2;
+const TASK_REPORT_IDLE: u32 = 0x80;
+/// Reported for a preempted task (`R+`).
+const TASK_REPORT_MAX: u32 = 0x100;
+
+/// The state as the `sched_switch` trace event reports it (one bit of
+/// `S D T t X Z P I`, `R+` preempted, 0 running), from the raw arguments:
+/// the kernel's `__trace_sched_switch_state`.
+#[inline(always)]
+fn report_state(preempt: bool, raw: u32) -> u32 {
+    if preempt {
+        return TASK_REPORT_MAX;
+    }
+    if raw & TASK_IDLE == TASK_IDLE {
+        return TASK_REPORT_IDLE;
+    }
+    if raw & TASK_RTLOCK_WAIT != 0 {
+        return TASK_REPORT_UNINTERRUPTIBLE;
+    }
+    // The highest reported bit, as the kernel's fls() picks it.
+    let s = raw & TASK_REPORT;
+    let mut bit = 0x40;
+    while bit != 0 {
+        if s & bit != 0 {
+            return bit;
+        }
+        bit >>= 1;
+    }
+    0
+}
+
+/// A BTF tracepoint (raw, typed arguments, no trace-event record to fill):
+/// `sched_switch(bool preempt, struct task_struct *prev, struct
+/// task_struct *next, unsigned int prev_state)`. Starts are keyed by task
+/// pointer, the same for a task at switch-out, wakeup and switch-in.
+///
+/// Switch-out takes the user stack, and the kernel stack only for an
+/// uninterruptible wait. Other kernel stacks are walked when the task comes
+/// back, from the task itself (`bpf_get_task_stack` on the stopped `next`),
+/// and only for a block of at least `kstack_min_ns`: a kernel walk is the
+/// dearest thing here (about 1 µs, most of it fixed cost), and a thread
+/// ping-ponging on a futex blocks for microseconds tens of thousands of
+/// times a second.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn offcpu_sched_switch(ctx: BtfTracePointContext) -> u32 {
     let now = now();
-    // At sched_switch, current is still `prev`.
+    let next: *mut task_struct = ctx.arg(2);
+    switch_out(&ctx, now);
+    switch_in(next, now)
+}
+
+/// The task switching out (current, `prev`): if it blocks, note when and
+/// where.
+#[inline(always)]
+fn switch_out(ctx: &BtfTracePointContext, now: u64) {
+    let preempt: u64 = ctx.arg(0);
+    let raw_state: u64 = ctx.arg(3);
     let id = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((id >> 32) as u32, id as u32);
-    if pid != 0
-        && is_tracked(tgid)
-        && let Some(window) = current_window()
-    {
-        let state = if config!(offsets.switch_prev_state_size) == 8 {
-            read::<i64>(&ctx, config!(offsets.switch_prev_state)).unwrap_or(0) as u32
-        } else {
-            read::<i32>(&ctx, config!(offsets.switch_prev_state)).unwrap_or(0) as u32
-        };
-        // A task switching out for the last time (exit: X or Z) never
-        // comes back; it is not blocked.
-        if state & (TASK_REPORT_DEAD | TASK_REPORT_ZOMBIE) != 0 {
-            let _ = EXITING.remove(&pid);
-            return switch_in(&ctx, now);
-        }
-        // Preempted (R): waiting for a CPU, not blocked. Its stack is where
-        // it ran, which on-CPU samples show; walking it at every preemption
-        // is most of the off-CPU cost under CPU contention.
-        let preempted = state == 0 || state & 0x100 != 0;
-        let (kern_stack, user_stack) = if preempted && config!(preempted_stacks) == 0 {
-            (STACK_NOT_TAKEN, STACK_NOT_TAKEN)
-        } else if config!(block_site_cache) != 0 {
-            block_stacks(&ctx, window, pid, state)
-        } else {
-            stacks(&ctx, window)
-        };
-        let start = OffCpuStart {
-            key: OffCpuKey {
-                window,
-                tgid,
-                pid,
-                state,
-                dbus: dbus_inflight(pid),
-                pad: 0,
-                kern_stack,
-                user_stack,
-                comm: comm(),
-            },
-            start_ns: now,
-            wakeup_ns: 0,
-        };
-        if OFFCPU_START.insert(&pid, &start, 0).is_err() {
-            lose(window, Loss::OffCpuStartFull);
-        }
+    if pid == 0 || !is_tracked(tgid) {
+        return;
     }
-
-    switch_in(&ctx, now)
+    let Some(window) = current_window() else {
+        return;
+    };
+    let raw_state = raw_state as u32;
+    // A task switching out for the last time (exit) never comes back; it
+    // is not blocked.
+    if preempt == 0 && raw_state & TASK_DEAD != 0 {
+        let _ = EXITING.remove(&pid);
+        return;
+    }
+    let state = report_state(preempt != 0, raw_state);
+    // Preempted (R): waiting for a CPU, not blocked. Its stack is where it
+    // ran, which on-CPU samples show; walking it at every preemption is
+    // most of the off-CPU cost under CPU contention.
+    let preempted = state == 0 || state == TASK_REPORT_MAX;
+    let (kern_stack, user_stack) = if preempted && config!(preempted_stacks) == 0 {
+        (STACK_NOT_TAKEN, STACK_NOT_TAKEN)
+    } else {
+        // Uninterruptible (D): a mutex, rwsem, I/O or completion wait. The
+        // wait primitive is the point, and a stopped task's walk leaves out
+        // scheduler-section functions (mutex_lock, io_schedule, ...): walk
+        // now. Other sleeps (futex, poll, pipe, nanosleep: the syscall names
+        // the wait) are walked when they come back, if long enough.
+        let kern = if state == TASK_REPORT_UNINTERRUPTIBLE {
+            kern_stack_or_reason(stack_id(ctx, 0), window)
+        } else {
+            STACK_DEFERRED
+        };
+        (kern, block_user_stack(ctx, window, pid))
+    };
+    let start = OffCpuStart {
+        key: OffCpuKey {
+            window,
+            tgid,
+            pid,
+            state,
+            dbus: dbus_inflight(pid),
+            pad: 0,
+            kern_stack,
+            user_stack,
+            comm: comm(),
+        },
+        start_ns: now,
+        wakeup_ns: 0,
+    };
+    // SAFETY: bpf_get_current_task has no preconditions; it is `prev`.
+    let task = unsafe { bpf_get_current_task() };
+    if OFFCPU_START.insert(&task, &start, 0).is_err() {
+        lose(window, Loss::OffCpuStartFull);
+    }
 }
 
 /// The task switching in: if it was blocked, charge its block.
 #[inline(always)]
-fn switch_in(ctx: &TracePointContext, now: u64) -> u32 {
+fn switch_in(next: *mut task_struct, now: u64) -> u32 {
     if stopped() {
         return 0;
     }
-    let Some(next) = read::<i32>(ctx, config!(offsets.switch_next_pid)) else {
-        return 0;
-    };
-    let next = next as u32;
-    let Some(start) = OFFCPU_START.get_ptr(&next) else {
+    let task = next as u64;
+    let Some(start) = OFFCPU_START.get_ptr(&task) else {
         return 0;
     };
     // SAFETY: a valid map value; copied out before the entry is removed.
     let start = unsafe { *start };
-    let _ = OFFCPU_START.remove(&next);
+    let _ = OFFCPU_START.remove(&task);
     let blocked = now.saturating_sub(start.start_ns);
     if blocked < config!(min_block_ns) || blocked > config!(max_block_ns) {
         return 0;
@@ -544,7 +594,15 @@ fn switch_in(ctx: &TracePointContext, now: u64) -> u32 {
     } else {
         now.saturating_sub(start.wakeup_ns)
     };
-    if let Some(v) = OFFCPU_TIMES.get_ptr_mut(&start.key) {
+    let mut key = start.key;
+    if key.kern_stack == STACK_DEFERRED {
+        key.kern_stack = if blocked < config!(kstack_min_ns) {
+            STACK_SHORT_BLOCK
+        } else {
+            task_kernel_stack(next, key.window)
+        };
+    }
+    if let Some(v) = OFFCPU_TIMES.get_ptr_mut(&key) {
         // SAFETY: a valid map value. Two CPUs switch the same task in at
         // the same time never, and distinct tasks have distinct keys (pid is
         // in the key), so plain updates do not race.
@@ -563,19 +621,34 @@ fn switch_in(ctx: &TracePointContext, now: u64) -> u32 {
             max_ns: blocked,
             runq_ns: runq,
         };
-        if OFFCPU_TIMES.insert(&start.key, &v, 0).is_err() {
-            lose(start.key.window, Loss::OffCpuMapFull);
+        if OFFCPU_TIMES.insert(&key, &v, 0).is_err() {
+            lose(key.window, Loss::OffCpuMapFull);
         }
     }
     0
 }
 
-#[tracepoint]
-pub fn offcpu_sched_wakeup(ctx: TracePointContext) -> u32 {
-    let Some(pid) = read::<i32>(&ctx, config!(offsets.wakeup_pid)) else {
-        return 0;
+/// The kernel stack of a task that is not running: where it blocked, as it
+/// still is until it is switched in.
+#[inline(always)]
+fn task_kernel_stack(task: *mut task_struct, window: u32) -> u64 {
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        lose(window, Loss::KernStackError);
+        return u64::from(ENOMEM as u32);
     };
-    if let Some(start) = OFFCPU_START.get_ptr_mut(&(pid as u32)) {
+    // SAFETY: task is the tracepoint's BTF task pointer; buf is this CPU's
+    // scratch value, one StackBuf long.
+    let n =
+        unsafe { bpf_get_task_stack(task, buf.cast(), core::mem::size_of::<StackBuf>() as u32, 0) };
+    kern_stack_or_reason(store_stack(buf, n), window)
+}
+
+/// `sched_wakeup(struct task_struct *p)`: when a blocked task became
+/// runnable, for its run-queue wait.
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn offcpu_sched_wakeup(ctx: BtfTracePointContext) -> u32 {
+    let task: u64 = ctx.arg(0);
+    if let Some(start) = OFFCPU_START.get_ptr_mut(&task) {
         // SAFETY: a valid map value.
         unsafe {
             if (*start).wakeup_ns == 0 {
@@ -700,7 +773,8 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     if !is_tracked(tgid) {
         return 0;
     }
-    let _ = OFFCPU_START.remove(&pid);
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let _ = OFFCPU_START.remove(&unsafe { bpf_get_current_task() });
     let _ = LOCK_PENDING.remove(&pid);
     let _ = FORK_START.remove(&pid);
     let _ = FORK_CALLER.remove(&pid);

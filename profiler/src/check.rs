@@ -19,7 +19,7 @@ use aya::{
     Btf, Ebpf,
     maps::PerCpuArray,
     programs::{
-        FEntry, FExit, PerfEvent, ProgramError, TracePoint, UProbe,
+        BtfTracePoint, FEntry, FExit, PerfEvent, ProgramError, TracePoint, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::UProbeScope,
     },
@@ -453,7 +453,11 @@ pub fn run() -> Report {
                 format!("{} bytes, maps created", ebpf::OBJECT.len()),
             ));
             rows.push(perf_event_row(&mut bpf));
-            rows.extend(tracepoint_rows(&mut bpf, tracefs.as_ref().ok()));
+            rows.extend(tracepoint_rows(
+                &mut bpf,
+                tracefs.as_ref().ok(),
+                btf.as_ref().ok(),
+            ));
             rows.push(uprobe_row(&mut bpf));
             rows.push(dbus_libraries_row());
             match &btf {
@@ -708,7 +712,7 @@ fn spin_on(cpu: u32, ms: u64) {
     }
 }
 
-fn tracepoint_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>) -> Vec<Row> {
+fn tracepoint_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>, btf: Option<&Btf>) -> Vec<Row> {
     let mut rows = Vec::new();
     let load = program_mut::<TracePoint>(bpf, program::TRACEPOINT)
         .and_then(|p| p.load().map_err(|e| program_failure(&e)));
@@ -746,6 +750,10 @@ fn tracepoint_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>) -> Vec<Row> {
             rows.push(fork_row(bpf, tp, needed_by));
             continue;
         }
+        if needed_by == NeededBy::OffCpu {
+            rows.push(btf_tracepoint_row(bpf, btf, tp, needed_by, required));
+            continue;
+        }
         let attached = program_mut::<TracePoint>(bpf, program::TRACEPOINT).and_then(|p| {
             p.attach(tp.category, tp.name)
                 .map_err(|e| program_failure(&e))
@@ -759,6 +767,71 @@ fn tracepoint_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>) -> Vec<Row> {
         let _ = p.unload();
     }
     rows
+}
+
+/// The off-CPU tracer's programs are BTF tracepoints: load one on `tp` the
+/// way the tracer does (for `sched_switch`, reading `prev_state`), attach it
+/// and see it fire.
+fn btf_tracepoint_row(
+    bpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    tp: Tracepoint,
+    needed_by: NeededBy,
+    required: bool,
+) -> Row {
+    let name = tp.to_string();
+    let Some(btf) = btf else {
+        return Row::missing(
+            name,
+            needed_by,
+            required,
+            "not tested: the off-CPU tracer's BTF tracepoints need kernel BTF",
+            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        );
+    };
+    let (prog, slot) = if tp.name == "sched_switch" {
+        (program::BTF_SWITCH, CheckCounter::BtfSwitch)
+    } else {
+        (program::BTF_WAKEUP, CheckCounter::BtfWakeup)
+    };
+    let attached = program_mut::<BtfTracePoint>(bpf, prog).and_then(|p| {
+        p.load(tp.name, btf).map_err(|e| {
+            let (why, _) = program_failure(&e);
+            (
+                why,
+                "use Linux 5.18 or later (sched_switch's prev_state argument) with kernel BTF"
+                    .to_owned(),
+            )
+        })?;
+        p.attach().map_err(|e| program_failure(&e))
+    });
+    if let Err((why, fix)) = attached {
+        return Row::missing(name, needed_by, required, why, fix);
+    }
+    // Context switches and wakeups: sleep a few times.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let n: u64 = counter(bpf, slot).iter().sum();
+    if let Ok(p) = program_mut::<BtfTracePoint>(bpf, prog) {
+        let _ = p.unload();
+    }
+    if n > 0 {
+        Row::ok(
+            name,
+            needed_by,
+            required,
+            format!("BTF tracepoint attached, counted {n} events"),
+        )
+    } else {
+        Row::missing(
+            name,
+            needed_by,
+            required,
+            "BTF tracepoint attached, but it never fired",
+            "check that the kernel has CONFIG_TRACEPOINTS",
+        )
+    }
 }
 
 /// Attaches the fork counter and forks three children from this thread.

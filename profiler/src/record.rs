@@ -14,18 +14,19 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Btf, BtfError, Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, RingBuf},
     programs::{
-        PerfEvent, ProgramError, TracePoint,
+        BtfTracePoint, PerfEvent, ProgramError, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
 use profiler_common::record::{
     COMM_LEN, CgroupKey, CgroupValue, Config, Counter, DbusKey, DbusValue, Event, EventKind,
     ForkKey, ForkValue, LockKey, LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue,
-    STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, SampleKey, StackBuf, TargetMode,
-    TracepointOffsets, VM_SOURCE_EXEC, VmState, cgroup_op, dbus_fn, fork_kind, names,
+    STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK, SampleKey,
+    StackBuf, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, cgroup_op, dbus_fn,
+    fork_kind, names,
 };
 use thiserror::Error;
 
@@ -236,6 +237,8 @@ pub struct RecordOptions {
     pub preempted_stacks: bool,
     /// Reuse a thread's off-CPU stacks when it blocks again at the same site.
     pub block_site_cache: bool,
+    /// Off-CPU kernel stacks are walked only for blocks this long or longer.
+    pub kernel_stack_min_block: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -370,17 +373,10 @@ fn kernel_data_symbols() -> HashMap<u64, String> {
 
 /// Reads the tracepoint field offsets the programs need.
 fn offsets(tracefs: &Tracefs) -> Result<TracepointOffsets, TracefsError> {
-    let switch = tracefs.format(Tracepoint::new("sched", "sched_switch"))?;
-    let wakeup = tracefs.format(Tracepoint::new("sched", "sched_wakeup"))?;
     let fork = tracefs.format(Tracepoint::new("sched", "sched_process_fork"))?;
     let enter = tracefs.format(Tracepoint::new("syscalls", "sys_enter_ioctl"))?;
     let exit = tracefs.format(Tracepoint::new("syscalls", "sys_exit_ioctl"))?;
     Ok(TracepointOffsets {
-        switch_prev_pid: switch.offset("prev_pid", &[4])?,
-        switch_prev_state: switch.offset("prev_state", &[4, 8])?,
-        switch_prev_state_size: switch.field("prev_state")?.size,
-        switch_next_pid: switch.offset("next_pid", &[4])?,
-        wakeup_pid: wakeup.offset("pid", &[4])?,
         fork_parent_pid: fork.offset("parent_pid", &[4])?,
         fork_child_pid: fork.offset("child_pid", &[4])?,
         ioctl_enter_cmd: enter.offset("cmd", &[8])?,
@@ -975,6 +971,43 @@ fn tracepoint(bpf: &mut Ebpf, prog: &'static str, tp: Tracepoint) -> Result<(), 
     Ok(())
 }
 
+/// A kernel frame of the tracing machinery itself (our program, the
+/// tracepoint's BPF runner).
+fn is_tracing_frame(name: &str) -> bool {
+    ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// The off-CPU programs are BTF tracepoints: typed raw arguments, no trace
+/// event record filled per context switch.
+fn attach_offcpu(
+    bpf: &mut Ebpf,
+    btf: std::thread::JoinHandle<Result<Btf, BtfError>>,
+) -> Result<(), RecordError> {
+    let btf = btf
+        .join()
+        .unwrap_or(Err(BtfError::InvalidHeader))
+        .map_err(|e| RecordError::Attach {
+            what: "the off-CPU tracer (kernel BTF at /sys/kernel/btf/vmlinux)".into(),
+            source: ProgramError::Btf(e),
+        })?;
+    for (prog, tp) in [
+        (names::PROG_SCHED_WAKEUP, "sched_wakeup"),
+        (names::PROG_SCHED_SWITCH, "sched_switch"),
+    ] {
+        let p: &mut BtfTracePoint = bpf
+            .program_mut(prog)
+            .ok_or(RecordError::Missing { name: prog })?
+            .try_into()
+            .map_err(attach_err(prog))?;
+        p.load(tp, &btf)
+            .map_err(attach_err(format!("{prog} (BTF tracepoint {tp}, which needs kernel BTF and, for sched_switch's prev_state argument, Linux 5.18 or later)")))?;
+        p.attach().map_err(attach_err(format!("{prog} to {tp}")))?;
+    }
+    Ok(())
+}
+
 /// Runs a whole recording.
 #[expect(
     clippy::too_many_lines,
@@ -995,6 +1028,12 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         path: opts.output.clone(),
         source,
     })?;
+    // Kernel BTF (for the off-CPU tracer's BTF tracepoints) takes a while to
+    // parse: do it while the rest is set up.
+    let btf = opts
+        .tracers
+        .contains(&Tracer::OffCpu)
+        .then(|| std::thread::spawn(Btf::from_sys_fs));
     let (tracefs, _) = Tracefs::locate_or_mount()?;
     let mut offsets = offsets(&tracefs)?;
     let mut active = opts.tracers.clone();
@@ -1036,6 +1075,8 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.user_stack_depth = opts.user_stack_depth;
     config.preempted_stacks = u32::from(opts.preempted_stacks);
     config.block_site_cache = u32::from(opts.block_site_cache);
+    config.kstack_min_ns =
+        u64::try_from(opts.kernel_stack_min_block.as_nanos()).unwrap_or(u64::MAX);
     for (field, nr) in [
         (&mut config.nr_clone, libc::SYS_clone),
         (&mut config.nr_clone3, libc::SYS_clone3),
@@ -1185,17 +1226,11 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         names::PROG_IOCTL_EXIT,
         Tracepoint::new("syscalls", "sys_exit_ioctl"),
     )?;
-    if active.contains(&Tracer::OffCpu) {
-        tracepoint(
-            &mut bpf,
-            names::PROG_SCHED_WAKEUP,
-            Tracepoint::new("sched", "sched_wakeup"),
-        )?;
-        tracepoint(
-            &mut bpf,
-            names::PROG_SCHED_SWITCH,
-            Tracepoint::new("sched", "sched_switch"),
-        )?;
+    if let Some(btf) = btf
+        && let Err(e) = attach_offcpu(&mut bpf, btf)
+    {
+        eprintln!("hvprof: warning: the offcpu tracer is skipped: {e}");
+        active.retain(|t| *t != Tracer::OffCpu);
     }
     if active.contains(&Tracer::Locks) {
         tracepoint(
@@ -1399,9 +1434,12 @@ fn unload_all(bpf: &mut Ebpf) {
         let _ = p.unload();
     }
     for name in &PROGRAMS[1..] {
-        if let Some(p) = bpf.program_mut(name)
-            && let Ok(p) = <&mut TracePoint>::try_from(p)
-        {
+        let Some(p) = bpf.program_mut(name) else {
+            continue;
+        };
+        if let Ok(p) = <&mut TracePoint>::try_from(&mut *p) {
+            let _ = p.unload();
+        } else if let Ok(p) = <&mut BtfTracePoint>::try_from(p) {
             let _ = p.unload();
         }
     }
@@ -1629,7 +1667,7 @@ impl Recorder {
         };
         // Tasks still blocked when the recording stopped: their block so far.
         {
-            let m: BpfHashMap<&MapData, u32, OffCpuStart> =
+            let m: BpfHashMap<&MapData, u64, OffCpuStart> =
                 BpfHashMap::try_from(bpf.map(names::OFFCPU_START).ok_or(RecordError::Missing {
                     name: names::OFFCPU_START,
                 })?)
@@ -1765,6 +1803,12 @@ impl Recorder {
         let mut kcache: HashMap<u64, Vec<u32>> = HashMap::new();
         let mut ucache: HashMap<(u32, u64), Vec<u32>> = HashMap::new();
         let target_all = matches!(self.opts.target, Target::All);
+        let short_block = format!(
+            "[kernel stack not walked: blocked < {}]",
+            crate::tables::human_ns(
+                u64::try_from(self.opts.kernel_stack_min_block.as_nanos()).unwrap_or(u64::MAX)
+            )
+        );
         let mut stack_of = |tgid: u32,
                             kern: u64,
                             user: u64,
@@ -1808,9 +1852,15 @@ impl Recorder {
                 .clone();
             let k = kcache.entry(kern).or_insert_with(|| {
                 if kern < STACK_ID_MIN {
-                    return Vec::new();
+                    return match kern {
+                        STACK_SHORT_BLOCK => vec![table.intern(&short_block)],
+                        STACK_DEFERRED => {
+                            vec![table.intern("[kernel stack not walked: blocked at the stop]")]
+                        }
+                        _ => Vec::new(),
+                    };
                 }
-                let mut frames = Vec::new();
+                let mut names = Vec::new();
                 for (i, &ip) in stacks
                     .get(&kern)
                     .map_or(&[][..], Vec::as_slice)
@@ -1819,11 +1869,14 @@ impl Recorder {
                     .rev()
                 {
                     let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
-                    for f in sym.kernel_frames(addr) {
-                        frames.push(table.intern(&f));
-                    }
+                    names.extend(sym.kernel_frames(addr));
                 }
-                frames
+                // A walk from a BTF tracepoint starts in the program and the
+                // tracepoint's runner: not where the task was.
+                while names.last().is_some_and(|f| is_tracing_frame(f)) {
+                    names.pop();
+                }
+                names.iter().map(|f| table.intern(f)).collect()
             });
             out.extend_from_slice(k);
             out

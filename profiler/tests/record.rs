@@ -117,6 +117,11 @@ fn assert_blocked(got_ns: u64, ms: u64, what: &str) {
     );
 }
 
+/// Our program or the tracepoint's runner, which must never show as a frame.
+fn is_tracing_frame(f: &str) -> bool {
+    f.starts_with("bpf_prog_") || f.starts_with("bpf_trace_run") || f.starts_with("__traceiter_")
+}
+
 fn folded_files(dir: &Path) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     for w in std::fs::read_dir(dir).unwrap() {
@@ -218,10 +223,10 @@ fn windows_follow_vm_creations_and_stacks_match_ground_truth() {
             .all(|r| r.state == "S")
     );
 
-    // Kernel frames are named too.
+    // Kernel frames are named, and the tracing machinery is not among them.
     assert!(
-        p.frames.iter().any(|f| f == "schedule_[k]"),
-        "no kernel frames"
+        !p.frames.iter().any(|f| is_tracing_frame(f)),
+        "tracing frames in stacks"
     );
     assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
 
@@ -485,6 +490,117 @@ fn min_and_max_block_filter_off_cpu_time() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Off-CPU rows under `read` (vmload's pipe ping-pong) that carry the
+/// short-block marker, and those with a walked kernel stack.
+fn pipe_reads(
+    p: &Profile,
+) -> (
+    Vec<&profiler::profile::OffCpu>,
+    Vec<&profiler::profile::OffCpu>,
+) {
+    p.offcpu
+        .iter()
+        .filter(|r| {
+            r.state == "S"
+                && p.frame_names(&r.stack)
+                    .any(|f| f.contains("default_read_exact"))
+        })
+        .partition(|r| {
+            p.frame_names(&r.stack)
+                .any(|f| f.starts_with("[kernel stack not walked: blocked < "))
+        })
+}
+
+#[test]
+fn off_cpu_kernel_stacks_are_walked_for_long_blocks_only() {
+    let vmload = vmload();
+    let plan = "block:200,switches:3000";
+    // Default: a block under 100 us keeps its time under the marker frame.
+    let (p, dir) = record(
+        "kstack-default",
+        &["--tracers", "offcpu", "--", vmload.to_str().unwrap(), plan],
+    );
+    let (marked, walked) = pipe_reads(&p);
+    let marked_blocks: u64 = marked.iter().map(|r| r.blocks).sum();
+    // 3000 round trips: each of the two threads blocks in read about 3000
+    // times; most blocks are microseconds long.
+    assert!(
+        marked_blocks > 3000,
+        "{marked_blocks} short pipe-read blocks"
+    );
+    for r in &marked {
+        assert!(
+            r.max_ns < 100_000,
+            "a marked row's longest block: {} ns",
+            r.max_ns
+        );
+        assert_eq!(
+            p.frame_names(&r.stack).last(),
+            Some("[kernel stack not walked: blocked < 100.0 us]")
+        );
+    }
+    for r in &walked {
+        let names: Vec<&str> = p.frame_names(&r.stack).collect();
+        assert!(
+            names.iter().any(|f| f.ends_with("pipe_read_[k]")),
+            "a long read's kernel stack: {names:?}"
+        );
+    }
+    assert_blocked(
+        blocked_in(&p, "vmload_block").values().sum(),
+        200,
+        "the sleep",
+    );
+    // A sleep's kernel stack is walked when it comes back (scheduler
+    // functions are not in a stopped task's walk).
+    for r in p
+        .offcpu
+        .iter()
+        .filter(|r| p.frame_names(&r.stack).any(|f| f == "vmload_block"))
+    {
+        let names: Vec<&str> = p.frame_names(&r.stack).collect();
+        assert_eq!(
+            names.last(),
+            Some(&"hrtimer_nanosleep_[k]"),
+            "the sleep's kernel leaf: {names:?}"
+        );
+    }
+
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // 0: every block's kernel stack is walked (when the task comes back).
+    let (p, dir) = record(
+        "kstack-all",
+        &[
+            "--tracers",
+            "offcpu",
+            "--kernel-stack-min-block",
+            "0",
+            "--",
+            vmload.to_str().unwrap(),
+            plan,
+        ],
+    );
+    let (marked, walked) = pipe_reads(&p);
+    assert!(marked.is_empty(), "{} marked rows", marked.len());
+    let walked_blocks: u64 = walked.iter().map(|r| r.blocks).sum();
+    assert!(
+        walked_blocks > 3000,
+        "{walked_blocks} walked pipe-read blocks"
+    );
+    for r in &walked {
+        let names: Vec<&str> = p.frame_names(&r.stack).collect();
+        // pipe_read, anon_pipe_read since 6.15.
+        assert!(
+            names.iter().any(|f| f.ends_with("pipe_read_[k]")),
+            "{names:?}"
+        );
+        assert!(!names.iter().any(|f| is_tracing_frame(f)), "{names:?}");
+    }
+    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn comm_target_picks_up_processes_that_exec_later() {
     let vmload = vmload();
@@ -605,6 +721,28 @@ fn a_contended_kernel_lock_shows_with_type_caller_and_window() {
         "no lock wait migrated CPUs: {:?}",
         p.meta.counters
     );
+    // The same waits off-CPU: uninterruptible (D), walked at switch-out so
+    // the wait primitive and the scheduler frames are there, and nothing of
+    // the tracing machinery below them.
+    let d_waits: Vec<Vec<&str>> = p
+        .offcpu
+        .iter()
+        .filter(|r| r.state == "D")
+        .map(|r| p.frame_names(&r.stack).collect::<Vec<_>>())
+        .filter(|names| names.iter().any(|f| f.starts_with("vmload::contend")))
+        .filter(|names| names.iter().any(|f| f.starts_with("rwsem_down_")))
+        .collect();
+    assert!(
+        !d_waits.is_empty(),
+        "no D-state rwsem wait of vmload::contend off-CPU"
+    );
+    for names in &d_waits {
+        assert!(
+            names.last().is_some_and(|f| f.starts_with("__schedule")),
+            "kernel leaf of a D wait: {names:?}"
+        );
+        assert!(!names.iter().any(|f| is_tracing_frame(f)), "{names:?}");
+    }
     assert!(p.losses.is_empty(), "{:?}", p.losses);
     // Tables and the lock-wait flame graph are written.
     for f in [
