@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, task_struct},
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs, task_struct},
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack,
@@ -378,10 +378,12 @@ fn block_user_stack<C: EbpfContext>(ctx: &C, window: u32, pid: u32) -> u64 {
         [0; 4]
     } else {
         unsafe {
-            let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
-            let ip = bpf_probe_read_kernel(regs.add(PT_REGS_IP) as *const u64).unwrap_or(0);
-            let sp = bpf_probe_read_kernel(regs.add(PT_REGS_SP) as *const u64).unwrap_or(0);
-            let bp = bpf_probe_read_kernel(regs.add(PT_REGS_BP) as *const u64).unwrap_or(0);
+            // A BTF pointer: plain loads (the verifier makes them faulting
+            // loads), no helper call each.
+            let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+            let ip = core::ptr::read_volatile(&raw const (*regs).rip);
+            let sp = core::ptr::read_volatile(&raw const (*regs).rsp);
+            let bp = core::ptr::read_volatile(&raw const (*regs).rbp);
             let ret = bpf_probe_read_user((bp + 8) as *const u64).unwrap_or(0);
             [ip, sp, bp, ret]
         }
@@ -401,11 +403,6 @@ fn block_user_stack<C: EbpfContext>(ctx: &C, window: u32, pid: u32) -> u64 {
     }
     user_stack
 }
-
-/// Offsets in x86-64 `struct pt_regs`.
-const PT_REGS_BP: usize = 4 * 8;
-const PT_REGS_IP: usize = 16 * 8;
-const PT_REGS_SP: usize = 19 * 8;
 
 #[inline(always)]
 fn is_exiting() -> bool {
