@@ -39,17 +39,28 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(hvprof: &Path, vmload: &Path, rounds: usize, vms: usize) -> anyhow::Result<()> {
+pub fn run(
+    hvprof: &Path,
+    vmload: &Path,
+    rounds: usize,
+    vms: usize,
+    hvprof_args: &[String],
+) -> anyhow::Result<()> {
     let plan = plan(vms);
     let out_dir = std::env::temp_dir().join(format!("hvprof-bench-{}", std::process::id()));
     let (mut base, mut with) = (Vec::new(), Vec::new());
     let mut last_stdout = String::new();
     println!("bench: {rounds} rounds of {vms} VMs, each: work:30,forks:20,spawns:5,switches:2000");
+    if !hvprof_args.is_empty() {
+        println!("hvprof record arguments: {}", hvprof_args.join(" "));
+    }
     for round in 1..=rounds {
         let (b, _) = workload_seconds(Command::new(vmload).arg(&plan))?;
         let (w, stdout) = workload_seconds(
             Command::new(hvprof)
-                .args(["record", "--bpf-stats", "--window-size", "10", "-o"])
+                .args(["record", "--bpf-stats", "--window-size", "10"])
+                .args(hvprof_args)
+                .arg("-o")
                 .arg(&out_dir)
                 .arg("--")
                 .arg(vmload)

@@ -52,6 +52,10 @@ enum Cmd {
         rounds: usize,
         #[arg(long, default_value_t = 30)]
         vms: usize,
+        /// Extra argument for `hvprof record` (repeatable), e.g.
+        /// `--hvprof-arg=--kernel-stack-min-block=0`.
+        #[arg(long = "hvprof-arg", allow_hyphen_values = true)]
+        hvprof_args: Vec<String>,
     },
     /// Measure `hvprof report` on a synthetic profile of 1 M on-CPU samples
     /// and 50 k distinct stacks against `perf script | inferno-collapse-perf
@@ -149,9 +153,13 @@ fn main() -> ExitCode {
                 &dir.join("examples/synth_profile"),
             )
         }),
-        Cmd::Bench { rounds, vms } => toolchain::bootstrap().and_then(|()| {
+        Cmd::Bench {
+            rounds,
+            vms,
+            hvprof_args,
+        } => toolchain::bootstrap().and_then(|()| {
             let (hvprof, vmload) = build_release()?;
-            bench::run(&hvprof, &vmload, rounds, vms)
+            bench::run(&hvprof, &vmload, rounds, vms, &hvprof_args)
         }),
     };
     match result {
