@@ -5,9 +5,16 @@
 //! `perf script` prints for the same data (what `inferno-collapse-perf`
 //! reads).
 //!
+//! A second profile to diff against the first: the same frames and
+//! distinct stacks (they come from a fixed seed), but `--seed` spreads the
+//! samples over them and over the windows differently, and `--extra N`
+//! adds N samples in window 2 on a stack ending in `__synth_regression`, a
+//! frame the first profile lacks: the known difference a diff must show.
+//!
 //! ```sh
 //! cargo run --release -p profiler --example synth_profile -- OUT_DIR \
-//!     [--samples 1000000] [--stacks 50000] [--frames 4000] [--windows 10]
+//!     [--samples 1000000] [--stacks 50000] [--frames 4000] [--windows 10] \
+//!     [--seed 0] [--extra 0]
 //! ```
 
 use std::{
@@ -52,6 +59,8 @@ struct Args {
     stacks: usize,
     frames: usize,
     windows: u32,
+    seed: u64,
+    extra: u64,
 }
 
 fn args() -> Result<Args, String> {
@@ -62,6 +71,8 @@ fn args() -> Result<Args, String> {
         stacks: 50_000,
         frames: 4000,
         windows: 10,
+        seed: 0,
+        extra: 0,
     };
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -80,13 +91,15 @@ fn args() -> Result<Args, String> {
             "--windows" => {
                 a.windows = u32::try_from(value("--windows")?).map_err(|e| e.to_string())?;
             }
+            "--seed" => a.seed = value("--seed")?,
+            "--extra" => a.extra = value("--extra")?,
             _ if a.out.as_os_str().is_empty() && !arg.starts_with('-') => a.out = arg.into(),
             _ => return Err(format!("unexpected argument {arg:?}")),
         }
     }
     if a.out.as_os_str().is_empty() {
         return Err(
-            "usage: synth_profile OUT_DIR [--samples N] [--stacks N] [--frames N] [--windows N]"
+            "usage: synth_profile OUT_DIR [--samples N] [--stacks N] [--frames N] [--windows N] [--seed N] [--extra N]"
                 .into(),
         );
     }
@@ -151,6 +164,11 @@ fn stacks(a: &Args, rng: &mut Rng) -> (Vec<String>, Vec<Vec<usize>>, usize) {
 
 fn profile(a: &Args, rng: &mut Rng) -> Result<(Profile, usize), String> {
     let (names, stacks, kernel_from) = stacks(a, rng);
+    // Seed 0 goes on with the same generator (the first profile as it
+    // always was); another seed places the same stacks' samples anew.
+    if a.seed != 0 {
+        *rng = Rng(rng.0 ^ a.seed.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    }
 
     // Samples: every stack at least one, the rest skewed; each stack's
     // samples in one to three windows; threads of a few processes.
@@ -188,6 +206,19 @@ fn profile(a: &Args, rng: &mut Rng) -> Result<(Profile, usize), String> {
         }
     }
 
+    if a.extra > 0 {
+        let mut stack: Vec<u32> = stacks[0].iter().map(|&f| ids[f]).collect();
+        stack.push(table.intern("__synth_regression"));
+        rows.push(OnCpu {
+            window: 2.min(a.windows),
+            tgid: 1001,
+            pid: 10010,
+            comm: comms[1].to_owned(),
+            stack,
+            samples: a.extra,
+        });
+    }
+
     let spec = WindowSpec::every(4).map_err(|e| e.to_string())?;
     let vms = u64::from(a.windows) * 4;
     let frequency_hz = 999;
@@ -197,7 +228,7 @@ fn profile(a: &Args, rng: &mut Rng) -> Result<(Profile, usize), String> {
             hostname: "synthetic".to_owned(),
             target: "synthetic".to_owned(),
             frequency_hz,
-            duration_ns: a.samples * 1_000_000_000 / frequency_hz / 2,
+            duration_ns: (a.samples + a.extra) * 1_000_000_000 / frequency_hz / 2,
             window_spec: Some(spec.clone()),
             tracers: vec!["oncpu".to_owned()],
             ..Meta::default()
@@ -284,8 +315,8 @@ fn main() -> Result<(), String> {
     write_perf_script(&profile, kernel_from, &script)?;
     println!(
         "synth_profile: {} samples, {} distinct stacks, {} rows, {} frames, {} windows: {} and {}",
-        a.samples,
-        a.stacks,
+        a.samples + a.extra,
+        a.stacks + usize::from(a.extra > 0),
         profile.oncpu.len(),
         profile.frames.len(),
         a.windows,

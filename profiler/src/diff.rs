@@ -3,23 +3,27 @@
 //! differential flame graphs (inferno's differential folding, A normalised
 //! to B's total by default), the per-window metrics and the lock, fork,
 //! cgroup and D-Bus tables as deltas (A, B, Δ, ratio B/A). Written as text,
-//! markdown, JSON and one self-contained HTML page.
+//! markdown, JSON and an HTML page that shows the graphs from the window
+//! directories next to it (the output directory is the artifact).
 
 use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    fs, io,
+    fs,
+    io::{self, Read as _},
     path::{Path, PathBuf},
 };
 
+use profiler_common::record::SETUP_WINDOW;
 use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
     ci::{self, Facts, Gate, GateResult, Metric, Unit},
+    html,
     profile::{Profile, ProfileError},
-    render::{self, RenderError},
+    render::{self, GRAPHS, Graph, RenderError},
     tables::{self, Table, human_ns},
     windows::WindowInfo,
 };
@@ -87,8 +91,9 @@ impl Outcome {
 /// Reads both profiles, diffs them, writes every output into
 /// `args.output`, and evaluates the gates.
 pub fn run(args: &DiffArgs<'_>) -> Result<Outcome, DiffError> {
-    let a = Profile::read(args.a)?;
-    let b = Profile::read(args.b)?;
+    let [a, b]: [Profile; 2] = render::parallel_map(&[args.a, args.b], |p| Profile::read(p))?
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("two paths, two profiles"));
     let matched = match_windows(&a, args.a, &b, args.b, args.common_windows)?;
     let (fa, fb) = (Facts::new(&matched.a), Facts::new(&matched.b));
     let mut diff = compare(&fa, args.a, &fb, args.b, args.normalize);
@@ -480,6 +485,9 @@ pub struct FlameDiff {
     pub b_total: u64,
     /// A's counts were scaled to B's total (normalised, and neither empty).
     pub scaled: bool,
+    /// The SVG's height in pixels (the page's frame for it).
+    #[serde(skip)]
+    pub height: u32,
 }
 
 /// The comparison of one window (or, with `window: None`, of the whole
@@ -651,30 +659,6 @@ pub fn compare(
     }
 }
 
-/// The tracers with flame graphs: file stem, title, unit, folding.
-type Folder = fn(&Profile, u32) -> Vec<String>;
-const FLAME_GRAPHS: [(&str, &str, &str, Folder); 4] = [
-    ("oncpu", "On-CPU", "samples", render::oncpu_folded),
-    (
-        "offcpu",
-        "Off-CPU time",
-        render::OFFCPU_UNIT,
-        render::offcpu_folded,
-    ),
-    (
-        "lockwait",
-        "Kernel lock wait",
-        render::OFFCPU_UNIT,
-        render::lockwait_folded,
-    ),
-    (
-        "dbuswait",
-        "D-Bus wait",
-        render::OFFCPU_UNIT,
-        render::dbuswait_folded,
-    ),
-];
-
 fn folded_total(lines: &[String]) -> u64 {
     lines
         .iter()
@@ -709,6 +693,79 @@ fn write_file(path: &Path, text: &str) -> Result<(), DiffError> {
     })
 }
 
+/// One window's differential flame graph of one tracer: its two-column
+/// folded file and its SVG, in `dir`'s window directory.
+fn flame_diff(
+    a: &Profile,
+    b: &Profile,
+    w: &WindowInfo,
+    g: &Graph,
+    normalized: bool,
+    dir: &Path,
+) -> Result<FlameDiff, DiffError> {
+    let wdir_name = w.dir_name();
+    let wdir = dir.join(&wdir_name);
+    let (stem, count_name) = (g.name, g.count_name);
+    let (fa, fb) = ((g.folded)(a, w.id), (g.folded)(b, w.id));
+    let (a_total, b_total) = (folded_total(&fa), folded_total(&fb));
+    // Scaling to an empty side would erase the other one.
+    let scale = normalized && a_total > 0 && b_total > 0;
+    let folded = format!("{stem}.diff.folded");
+    let svg = format!("{stem}.diff.svg");
+    let lines = differential_folded(&fa, &fb, scale).map_err(|source| DiffError::Write {
+        path: wdir.join(&folded),
+        source,
+    })?;
+    let mut text = lines.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    write_file(&wdir.join(&folded), &text)?;
+    let place = format!("{}, window {} ({})", g.title, w.id, w.label());
+    let (title, lines) = if b_total == 0 {
+        // Nothing in B to draw: inferno draws B's widths.
+        (
+            format!("{place}: nothing in B (A: {a_total} {count_name})"),
+            Vec::new(),
+        )
+    } else {
+        (
+            format!(
+                "{place}: B against A{}; red: more in B, blue: less",
+                if scale { " scaled to B's total" } else { "" }
+            ),
+            lines,
+        )
+    };
+    let svg_path = wdir.join(&svg);
+    render::flame_graph(&lines, &title, count_name, &svg_path)?;
+    // The page sizes each graph's frame by the SVG's own height, at its
+    // start.
+    let mut head = Vec::with_capacity(4096);
+    fs::File::open(&svg_path)
+        .and_then(|f| f.take(4096).read_to_end(&mut head))
+        .map_err(|source| DiffError::Write {
+            path: svg_path.clone(),
+            source,
+        })?;
+    let height = html::svg_height(&String::from_utf8_lossy(&head)).unwrap_or(600);
+    Ok(FlameDiff {
+        tracer: stem,
+        svg: format!("{wdir_name}/{svg}"),
+        folded: format!("{wdir_name}/{folded}"),
+        // What a folded count is: a sample, or a microsecond of waiting.
+        unit: if count_name == "samples" {
+            "samples"
+        } else {
+            render::OFFCPU_UNIT
+        },
+        a_total,
+        b_total,
+        scaled: scale,
+        height,
+    })
+}
+
 /// Writes the differential flame graphs (filling in each window's
 /// `flame_graphs`) and `diff.txt`, `diff.md`, `diff.json`, `diff.html`.
 pub fn write_all(diff: &mut Diff, a: &Profile, b: &Profile, dir: &Path) -> Result<(), DiffError> {
@@ -719,57 +776,23 @@ pub fn write_all(diff: &mut Diff, a: &Profile, b: &Profile, dir: &Path) -> Resul
         })
     };
     mkdir(dir)?;
+    for w in &a.windows {
+        mkdir(&dir.join(w.dir_name()))?;
+    }
+    // Every graph of every window is independent, and drawing them is most
+    // of a diff's time: one job each, on every CPU.
+    let jobs: Vec<(usize, &Graph)> = (0..a.windows.len())
+        .flat_map(|i| GRAPHS.iter().map(move |g| (i, g)))
+        .collect();
     let normalized = diff.normalized;
-    for (sec, w) in diff.windows.iter_mut().zip(&a.windows) {
-        let wdir_name = w.dir_name();
-        let wdir = dir.join(&wdir_name);
-        mkdir(&wdir)?;
-        sec.flame_graphs.clear();
-        for (stem, title, unit, fold) in FLAME_GRAPHS {
-            let (fa, fb) = (fold(a, w.id), fold(b, w.id));
-            let (a_total, b_total) = (folded_total(&fa), folded_total(&fb));
-            // Scaling to an empty side would erase the other one.
-            let scale = normalized && a_total > 0 && b_total > 0;
-            let lines =
-                differential_folded(&fa, &fb, scale).map_err(|source| DiffError::Write {
-                    path: wdir.join(format!("{stem}.diff.folded")),
-                    source,
-                })?;
-            let folded = format!("{stem}.diff.folded");
-            let svg = format!("{stem}.diff.svg");
-            let mut text = lines.join("\n");
-            if !text.is_empty() {
-                text.push('\n');
-            }
-            write_file(&wdir.join(&folded), &text)?;
-            let place = format!("{title}, window {} ({})", w.id, w.label());
-            let unit_name = if unit == "samples" { unit } else { "\u{b5}s" };
-            let (title, lines) = if b_total == 0 {
-                // Nothing in B to draw: inferno draws B's widths.
-                (
-                    format!("{place}: nothing in B (A: {a_total} {unit_name})"),
-                    Vec::new(),
-                )
-            } else {
-                (
-                    format!(
-                        "{place}: B against A{}; red: more in B, blue: less",
-                        if scale { " scaled to B's total" } else { "" }
-                    ),
-                    lines,
-                )
-            };
-            render::flame_graph(&lines, &title, unit_name, &wdir.join(&svg))?;
-            sec.flame_graphs.push(FlameDiff {
-                tracer: stem,
-                svg: format!("{wdir_name}/{svg}"),
-                folded: format!("{wdir_name}/{folded}"),
-                unit,
-                a_total,
-                b_total,
-                scaled: scale,
-            });
-        }
+    let graphs = render::parallel_map(&jobs, |&(i, g)| {
+        flame_diff(a, b, &a.windows[i], g, normalized, dir)
+    })?;
+    for s in &mut diff.windows {
+        s.flame_graphs.clear();
+    }
+    for (&(i, _), g) in jobs.iter().zip(graphs) {
+        diff.windows[i].flame_graphs.push(g);
     }
     write_file(&dir.join("diff.txt"), &diff.text(None))?;
     write_file(&dir.join("diff.md"), &diff.markdown())?;
@@ -778,7 +801,7 @@ pub fn write_all(diff: &mut Diff, a: &Profile, b: &Profile, dir: &Path) -> Resul
         source: io::Error::other(e),
     })?;
     write_file(&dir.join("diff.json"), &json)?;
-    write_file(&dir.join("diff.html"), &diff.html(dir))
+    write_file(&dir.join("diff.html"), &diff.html())
 }
 
 impl Diff {
@@ -1030,120 +1053,89 @@ impl Diff {
         out
     }
 
-    /// One self-contained HTML page: metrics, gates, per window the four
-    /// differential flame graphs (inline, each in a sandboxed frame so their
-    /// scripts keep working and stay apart) and the delta tables.
+    /// The HTML page (`diff.html`): the two profiles, the gates, the
+    /// per-window metrics, then per window (a selector, as in the report)
+    /// its four differential flame graphs and delta tables, then the whole
+    /// recording's tables. The graphs stay files in the window directories
+    /// next to the page, each loaded into a frame when its window is
+    /// selected: inlined, a diff of big profiles is hundreds of megabytes
+    /// of HTML that a browser must parse whole before showing anything.
     #[must_use]
-    pub fn html(&self, dir: &Path) -> String {
-        let mut out = String::from(
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>hvprof diff</title>\n<style>\
-body{font-family:sans-serif;margin:1em 2em;color:#222}table{border-collapse:collapse;margin:.5em 0}\
-td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}td.n{text-align:right;font-variant-numeric:tabular-nums}\
-th{background:#eee}.up{color:#b00}.down{color:#05a}.fail{color:#b00;font-weight:bold}.pass{color:#070}\
-iframe{width:100%;border:0}summary{font-size:1.2em;font-weight:bold;cursor:pointer;margin:.5em 0}\
-</style></head><body>\n<h1>hvprof diff</h1>\n<ul>",
-        );
+    pub fn html(&self) -> String {
+        let mut body = String::from("<h1>hvprof diff</h1>\n<ul>\n");
         for l in self.header_lines() {
-            let _ = write!(out, "<li>{}</li>", crate::html::escape(&l));
+            let _ = writeln!(body, "<li>{}</li>", html::escape(&l));
         }
-        out.push_str("</ul>\n");
+        body.push_str("</ul>\n");
         if !self.gates.is_empty() {
-            out.push_str("<h2>Gates</h2>\n<ul>");
+            body.push_str("<h2>Gates</h2>\n<ul>\n");
             for g in &self.gates {
-                let _ = write!(
-                    out,
-                    "<li class=\"{}\"><pre>{}</pre></li>",
-                    if g.passed { "pass" } else { "fail" },
-                    crate::html::escape(&g.text())
-                );
+                let _ = writeln!(body, "<li><pre>{}</pre></li>", html::escape(&g.text()));
             }
-            out.push_str("</ul>\n");
+            body.push_str("</ul>\n");
         }
-        out.push_str("<h2>Per-window metrics</h2>\n");
-        let (t, _) = self.metrics_table(false);
-        html_table(&mut out, &t);
-        for s in self.windows.iter().chain(std::iter::once(&self.whole)) {
-            let _ = writeln!(
-                out,
-                "<details{}><summary>{}</summary>",
-                if s.window.is_none() { " open" } else { "" },
-                crate::html::escape(&match s.window {
-                    Some(w) => format!("Window {w} ({})", s.label),
-                    None => "Whole recording".to_owned(),
-                })
-            );
+        body.push_str("<h2>Per-window metrics</h2>\n");
+        body.push_str(&html::table(&self.metrics_table(false).0));
+
+        body.push_str("<h2 id=\"window-view\">Per window</h2>\n");
+        let nav: Vec<(u32, String)> = self
+            .windows
+            .iter()
+            .filter_map(|s| Some((s.window?, s.label.clone())))
+            .collect();
+        // Open on the first window with VMs, as the report does.
+        let initial = nav
+            .iter()
+            .find(|(id, _)| *id != SETUP_WINDOW)
+            .or(nav.first())
+            .map(|w| w.0);
+        body.push_str(&html::window_nav(&nav, initial));
+        for s in &self.windows {
+            let Some(id) = s.window else { continue };
+            let mut panel = format!("<h3>Window {id}: {}</h3>\n", html::escape(&s.label));
             for f in &s.flame_graphs {
-                let svg = fs::read_to_string(dir.join(&f.svg)).unwrap_or_default();
-                // A frame's srcdoc is HTML: drop the XML prolog, and give the
-                // SVG its parent's width (inferno's script removes its own).
-                let doc = format!(
-                    "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><style>html,body{{margin:0}}svg{{width:100%;display:block}}</style></head><body>{}</body></html>",
-                    svg.find("<svg").map_or("", |i| &svg[i..])
-                );
-                let _ = write!(
-                    out,
-                    "<h3>{} (A {} / B {} {})</h3>\n<iframe sandbox=\"allow-scripts\" style=\"height:{}px\" title=\"{}\" srcdoc=\"{}\"></iframe>\n",
-                    crate::html::escape(f.tracer),
+                let caption = format!(
+                    "{}, A {} / B {} {}{}",
+                    f.tracer,
                     f.a_total,
                     f.b_total,
-                    crate::html::escape(f.unit),
-                    svg_height(&svg) + 4,
-                    crate::html::escape(&f.svg),
-                    crate::html::escape(&doc)
+                    f.unit,
+                    if f.scaled {
+                        ", A scaled to B's total"
+                    } else {
+                        ""
+                    }
                 );
+                panel.push_str(&html::flame_graph_file_frame(
+                    &f.svg, f.height, f.tracer, &caption,
+                ));
             }
-            for t in &s.tables {
-                let _ = writeln!(
-                    out,
-                    "<h3>{} (count: {})</h3>",
-                    crate::html::escape(t.name),
-                    crate::html::escape(t.count_name)
-                );
-                let rows: Vec<&DeltaRow> = t.rows.iter().collect();
-                html_table(&mut out, &t.table(&rows));
-            }
-            out.push_str("</details>\n");
+            panel.push_str(&section_tables(s));
+            body.push_str(&html::window_section(id, &panel));
         }
-        out.push_str("</body></html>\n");
-        out
+        body.push_str("<h2 id=\"whole\">Whole recording</h2>\n");
+        body.push_str(&section_tables(&self.whole));
+        html::page_with_graph_files(
+            &format!("hvprof diff: {} \u{2192} {}", self.a.path, self.b.path),
+            &body,
+        )
     }
 }
 
-fn html_table(out: &mut String, t: &Table) {
-    if t.rows.is_empty() {
-        let _ = writeln!(out, "<p>({})</p>", crate::html::escape(t.empty));
-        return;
+/// A section's delta tables, as HTML.
+fn section_tables(s: &Section) -> String {
+    let mut out = String::new();
+    for t in &s.tables {
+        let _ = writeln!(
+            out,
+            "<h4>{} (count: {})</h4>",
+            html::escape(t.name),
+            html::escape(t.count_name)
+        );
+        let rows: Vec<&DeltaRow> = t.rows.iter().collect();
+        out.push_str(&html::table(&t.table(&rows)));
     }
-    out.push_str("<table><tr>");
-    for h in &t.headers {
-        let _ = write!(out, "<th>{}</th>", crate::html::escape(h));
-    }
-    out.push_str("</tr>\n");
-    for r in &t.rows {
-        out.push_str("<tr>");
-        for (i, c) in r.iter().enumerate() {
-            let class = match (t.numeric.get(i), c.as_bytes().first()) {
-                (Some(true), Some(b'+')) => " class=\"n up\"",
-                (Some(true), Some(b'-')) => " class=\"n down\"",
-                (Some(true), _) => " class=\"n\"",
-                _ => "",
-            };
-            let _ = write!(out, "<td{class}>{}</td>", crate::html::escape(c));
-        }
-        out.push_str("</tr>\n");
-    }
-    out.push_str("</table>\n");
-}
-
-/// The `height` of an SVG's root element (inferno writes it), else a guess.
-fn svg_height(svg: &str) -> usize {
-    svg.find("<svg")
-        .and_then(|i| {
-            let tag = &svg[i..svg[i..].find('>').map_or(svg.len(), |e| i + e)];
-            let h = tag.split(" height=\"").nth(1)?;
-            h[..h.find('"')?].parse().ok()
-        })
-        .unwrap_or(600)
+    out
 }
 
 #[cfg(test)]
@@ -1227,8 +1219,8 @@ mod tests {
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;"
         );
         assert_eq!(
-            svg_height(r#"<?xml?><svg version="1.1" width="1200" height="342" x="1">"#),
-            342
+            html::svg_height(r#"<?xml?><svg version="1.1" width="1200" height="342" x="1">"#),
+            Some(342)
         );
     }
 }

@@ -13,7 +13,9 @@
 //!
 //! The page skeleton is reusable (the diff report uses it): [`page`],
 //! [`escape`], [`table`], [`flame_graph_frame`], [`window_nav`] and
-//! [`window_section`].
+//! [`window_section`]. A page whose graphs are too big to inline keeps them
+//! as files next to it instead ([`page_with_graph_files`],
+//! [`flame_graph_file_frame`]).
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 
@@ -60,6 +62,8 @@ table { border-collapse: collapse; margin: .3em 0 1em; }
 th, td { border: 1px solid var(--line); padding: .15em .5em; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; }
 td.num, th.num { text-align: right; white-space: nowrap; }
+td.num.up { color: #b00; }
+td.num.down { color: #05a; }
 p.note, .muted { color: var(--muted); }
 .scroll { overflow-x: auto; }
 nav.windows { display: flex; flex-wrap: wrap; gap: .3em; margin: .5em 0 1em; position: sticky; top: 0; background: #fff; padding: .4em 0; z-index: 2; border-bottom: 1px solid var(--line); }
@@ -84,16 +88,32 @@ svg.chart .grid { stroke: #eee; }
 const SCRIPT: &str = r#"
 (function () {
   "use strict";
+  var FRAMES = "iframe[data-srcdoc], iframe[data-src]:not([src])";
   function show(frame) {
-    frame.srcdoc = frame.getAttribute("data-srcdoc");
-    frame.removeAttribute("data-srcdoc");
+    if (frame.hasAttribute("data-src")) {
+      frame.src = frame.getAttribute("data-src");
+    } else {
+      frame.srcdoc = frame.getAttribute("data-srcdoc");
+      frame.removeAttribute("data-srcdoc");
+    }
   }
   function load(scope) {
-    scope.querySelectorAll("iframe[data-srcdoc]").forEach(show);
+    scope.querySelectorAll(FRAMES).forEach(show);
+  }
+  // A graph file's frame is dropped when its window hides (a fresh one
+  // loads it again when shown): big graphs do not pile up in memory, and
+  // inferno's script never lays a graph out to a hidden, 0 px wide frame.
+  function unload(scope) {
+    scope.querySelectorAll("iframe[data-src][src]").forEach(function (f) {
+      var fresh = f.cloneNode(false);
+      fresh.removeAttribute("src");
+      f.replaceWith(fresh);
+    });
   }
   function select(id) {
     document.querySelectorAll("section.window").forEach(function (s) {
       var on = s.getAttribute("data-window") === id;
+      if (!on) unload(s);
       s.hidden = !on;
       if (on) load(s);
     });
@@ -122,7 +142,7 @@ const SCRIPT: &str = r#"
       c.textContent = c.getAttribute("data-text");
     });
   });
-  document.querySelectorAll("iframe[data-srcdoc]").forEach(function (f) {
+  document.querySelectorAll(FRAMES).forEach(function (f) {
     if (!f.closest("section.window")) show(f);
   });
   var nav = document.querySelector("nav.windows");
@@ -135,10 +155,24 @@ const SCRIPT: &str = r#"
 /// `title` is plain text (escaped here); `body` is markup.
 #[must_use]
 pub fn page(title: &str, body: &str) -> String {
+    page_with_csp(title, body, "")
+}
+
+/// [`page`] whose policy lets frames load files from the page's own place
+/// (its directory, opened from disk or served): for
+/// [`flame_graph_file_frame`]s. Still nothing else is fetched.
+#[must_use]
+pub fn page_with_graph_files(title: &str, body: &str) -> String {
+    // `'self'` for a served directory; `file:` because browsers differ in
+    // whether `'self'` covers a file next to a page opened from disk.
+    page_with_csp(title, body, "; frame-src 'self' file:")
+}
+
+fn page_with_csp(title: &str, body: &str, more_csp: &str) -> String {
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; \
-         script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:\">\n\
+         script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:{more_csp}\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n\
          <script>{SCRIPT}</script>\n</body>\n</html>\n",
@@ -146,29 +180,32 @@ pub fn page(title: &str, body: &str) -> String {
     )
 }
 
-/// A [`Table`] as an HTML table (numeric columns right-aligned), or its
-/// "nothing recorded" sentence when it has no rows.
+/// A [`Table`] as an HTML table (numeric columns right-aligned; signed
+/// numbers, a diff's deltas, red when `+`, blue when `-`), or its "nothing
+/// recorded" sentence when it has no rows.
 #[must_use]
 pub fn table(t: &Table) -> String {
     if t.rows.is_empty() {
         return format!("<p class=\"note\">({})</p>\n", escape(t.empty));
     }
-    let class = |i: usize| {
-        if t.numeric.get(i).copied().unwrap_or(false) {
-            " class=\"num\""
-        } else {
-            ""
-        }
-    };
+    let numeric = |i: usize| t.numeric.get(i).copied().unwrap_or(false);
     let mut out = String::from("<div class=\"scroll\"><table>\n<thead><tr>");
     for (i, h) in t.headers.iter().enumerate() {
-        let _ = write!(out, "<th{}>{}</th>", class(i), escape(h));
+        let class = if numeric(i) { " class=\"num\"" } else { "" };
+        let _ = write!(out, "<th{class}>{}</th>", escape(h));
     }
     out.push_str("</tr></thead>\n<tbody>\n");
     for r in &t.rows {
         out.push_str("<tr>");
         for (i, c) in r.iter().enumerate() {
-            let _ = write!(out, "<td{}>{}</td>", class(i), escape(c));
+            let mut chars = c.chars();
+            let class = match (numeric(i), chars.next(), chars.next()) {
+                (false, ..) => "",
+                (true, Some('+'), Some(d)) if d.is_ascii_digit() => " class=\"num up\"",
+                (true, Some('-'), Some(d)) if d.is_ascii_digit() => " class=\"num down\"",
+                (true, ..) => " class=\"num\"",
+            };
+            let _ = write!(out, "<td{class}>{}</td>", escape(c));
         }
         out.push_str("</tr>\n");
     }
@@ -219,8 +256,31 @@ pub fn flame_graph_frame(svg: &[u8], name: &str, caption: &str) -> String {
     )
 }
 
-/// The `height` of the first `<svg` element.
-fn svg_height(svg: &str) -> Option<u32> {
+/// A flame graph kept as a file next to the page (`src`, relative to it,
+/// `height` its SVG's): [`flame_graph_frame`]'s figure, but the frame loads
+/// the file itself when the window it is in is selected (at once outside
+/// windows) and drops it when another window is, and a link opens it
+/// alone. For graphs too big to inline: the page stays small, and a
+/// browser holds only the graphs looked at. Only on a
+/// [`page_with_graph_files`]. `src`, `name` and `caption` are plain text.
+#[must_use]
+pub fn flame_graph_file_frame(src: &str, height: u32, name: &str, caption: &str) -> String {
+    format!(
+        "<figure class=\"flame\" data-graph=\"{name}\"><figcaption>{caption} \
+         <a href=\"{src}\" target=\"_blank\">(open)</a></figcaption>\
+         <iframe title=\"{caption}\" height=\"{}\" data-src=\"{src}\"></iframe></figure>\n",
+        height + 4,
+        name = escape(name),
+        caption = escape(caption),
+        src = escape(src),
+    )
+}
+
+/// The `height` of the first `<svg` element (inferno writes it), given the
+/// start of an SVG document.
+#[must_use]
+pub fn svg_height(svg: &str) -> Option<u32> {
+    let svg = &svg[svg.find("<svg")?..];
     let tag = &svg[..svg.find('>')?];
     let rest = &tag[tag.find(" height=\"")? + 9..];
     rest[..rest.find('"')?].parse().ok()

@@ -130,9 +130,16 @@ pub fn dbus_frame(c: &DbusCall) -> String {
 
 fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
     // `;` separates frames and a space separates the count: keep both out
-    // of the names so every line parses. Pushed char by char: this runs for
-    // every frame of every stack, and most names need no change.
+    // of the names so every line parses. This runs for every frame of every
+    // stack, and most names need no change: those are copied whole.
     fn push_clean(line: &mut String, s: &str, space: char) {
+        if !s
+            .bytes()
+            .any(|b| matches!(b, b';' | b'\n' | b'\r') || (b == b' ' && space != ' '))
+        {
+            line.push_str(s);
+            return;
+        }
         line.extend(s.chars().map(|c| match c {
             ';' => ':',
             '\n' | '\r' | ' ' => space,
@@ -486,28 +493,9 @@ pub fn write_all(profile: &Profile, dir: &Path) -> Result<Summary, RenderError> 
     };
     mkdir(dir)?;
     // Windows render independently, and their flame graphs are most of a
-    // report's time: one thread per CPU, each taking the next window.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(profile.windows.len());
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    while let Some(w) = profile
-                        .windows
-                        .get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                    {
-                        write_window(profile, w, &dir.join(w.dir_name()), &mkdir)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .try_for_each(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    // report's time.
+    parallel_map(&profile.windows, |w| {
+        write_window(profile, w, &dir.join(w.dir_name()), &mkdir)
     })?;
     write_lock_tables(profile, None, dir)?;
     let summary = summary(profile);
@@ -518,6 +506,58 @@ pub fn write_all(profile: &Profile, dir: &Path) -> Result<Summary, RenderError> 
     })?;
     write_file(&dir.join("summary.json"), &json)?;
     Ok(summary)
+}
+
+/// `f` of every item, in the items' order, computed on one thread per CPU
+/// (each taking the next item), or the first error met (the threads then
+/// stop taking items). For independent pieces of work that take long
+/// enough to be worth a thread: windows, flame graphs, profile files.
+pub fn parallel_map<T, R, E>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<R, E> + Sync,
+) -> Result<Vec<R>, E>
+where
+    T: Sync,
+    R: Send,
+    E: Send,
+{
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(items.len());
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
+    // Each thread's results, tagged with their item's index.
+    let work = || {
+        let mut done = Vec::new();
+        while !failed.load(Relaxed) {
+            let i = next.fetch_add(1, Relaxed);
+            let Some(item) = items.get(i) else { break };
+            match f(item) {
+                Ok(r) => done.push((i, r)),
+                Err(e) => {
+                    failed.store(true, Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(done)
+    };
+    let per_thread: Vec<Result<Vec<(usize, R)>, E>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads).map(|_| scope.spawn(work)).collect();
+        workers
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut all = Vec::with_capacity(items.len());
+    for done in per_thread {
+        all.extend(done?);
+    }
+    all.sort_unstable_by_key(|&(i, _)| i);
+    Ok(all.into_iter().map(|(_, r)| r).collect())
 }
 
 fn write_window(
@@ -687,6 +727,31 @@ mod tests {
         assert_eq!(offcpu_folded(&p, 1), ["t;main 2500"]);
         // Newlines: `_` in a comm (like spaces), a space in a frame.
         assert_eq!(stack_line(&p, "a\nb c", &[2]), "a_b_c;do:weird name");
+    }
+
+    #[test]
+    fn parallel_map_keeps_the_order_and_stops_on_an_error() {
+        let items: Vec<u32> = (0..200).collect();
+        let doubled: Result<Vec<u32>, String> = parallel_map(&items, |&i| Ok(i * 2));
+        assert_eq!(
+            doubled.unwrap(),
+            items.iter().map(|i| i * 2).collect::<Vec<_>>()
+        );
+        let taken = std::sync::atomic::AtomicUsize::new(0);
+        let failed = parallel_map(&items, |&i| {
+            taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i == 3 {
+                return Err(format!("item {i}"));
+            }
+            // Slow enough that no thread runs through every item before
+            // the error is seen.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            Ok(i)
+        });
+        assert_eq!(failed, Err("item 3".to_owned()));
+        // The threads stopped taking items soon after the error.
+        assert!(taken.into_inner() < items.len(), "every item was still run");
+        assert_eq!(parallel_map(&[] as &[u32], |&i| Ok::<_, ()>(i)), Ok(vec![]));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler::{html, profile::Profile, render};
+use profiler::{diff, html, profile::Profile, render};
 use serde_json::{Value, json};
 
 fn sample() -> Profile {
@@ -332,6 +332,11 @@ fn chromium() -> PathBuf {
 
 impl Browser {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// [`Browser::start`] with more chromium flags.
+    fn start_with(name: &str, flags: &[&str]) -> Self {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chromium-{name}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
@@ -349,6 +354,7 @@ impl Browser {
             "--disable-background-networking",
             "--window-size=1280,1000",
         ])
+        .args(flags)
         .arg(format!("--user-data-dir={}", dir.join("profile").display()))
         .arg("about:blank")
         .stdin(Stdio::null())
@@ -776,4 +782,113 @@ fn browser_shows_hostile_names_as_text() {
         "{details}"
     );
     b.assert_clean();
+}
+
+/// `hvprof diff`'s page, opened from disk as a CI artifact would be: each
+/// window's differential flame graphs are files next to it, loaded into
+/// frames when the window is selected. Every window shows its four graphs
+/// (the right window and tracer, B's total, laid out to the frame's width),
+/// the changed stack is coloured, and nothing logs an error (a frame the
+/// page's security policy blocked would).
+#[test]
+fn browser_renders_the_diff_page_and_its_graph_files() {
+    let dir = artifacts().join("diff");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    // B: window 3's biggest on-CPU row has three times its samples.
+    let a = sample();
+    let mut b = a.clone();
+    let row = b
+        .oncpu
+        .iter_mut()
+        .filter(|r| r.window == 3)
+        .max_by_key(|r| r.samples)
+        .unwrap();
+    row.samples *= 3;
+    let b_path = dir.join("b.hvprof");
+    b.write(&b_path).unwrap();
+    let a_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/massboot/profile.hvprof");
+    let out = dir.join("out");
+    diff::run(&diff::DiffArgs {
+        a: &a_path,
+        b: &b_path,
+        output: &out,
+        normalize: true,
+        common_windows: false,
+        gates: &[],
+        markdown_summary: None,
+    })
+    .unwrap();
+    let report: Value =
+        serde_json::from_str(&fs::read_to_string(out.join("diff.json")).unwrap()).unwrap();
+
+    // The frames' documents are files of their own; chromium gives each
+    // file its own origin unless told otherwise, and the checks below read
+    // the frames' documents from the page.
+    let mut br = Browser::start_with("diff", &["--allow-file-access-from-files"]);
+    br.open(&out.join("diff.html"));
+    assert_eq!(br.settle(), "1", "opens on the first window with VMs");
+    for (w, sec) in a.windows.iter().zip(report["windows"].as_array().unwrap()) {
+        br.eval(&format!(
+            "document.querySelector('nav.windows [data-select-window=\"{}\"]').click()",
+            w.id
+        ));
+        assert_eq!(br.settle(), w.id.to_string());
+        let graphs = br.eval(&format!(
+            r#"[...document.querySelectorAll('section.window[data-window="{}"] iframe')].map(f => {{
+                const d = f.contentDocument;
+                const fr = d.getElementById("frames");
+                return {{
+                    src: f.getAttribute("src"),
+                    title: d.querySelector("svg text").textContent,
+                    total: fr ? Number(fr.getAttribute("total_samples")) : 0,
+                    changed: fr ? [...fr.querySelectorAll("rect")].filter(r => r.getAttribute("fill") !== "rgb(250,250,250)").length : 0,
+                    width: d.querySelector("svg").getBoundingClientRect().width,
+                }};
+            }})"#,
+            w.id
+        ));
+        let graphs = graphs.as_array().unwrap();
+        let want = sec["flame_graphs"].as_array().unwrap();
+        assert_eq!(graphs.len(), 4, "window {}", w.id);
+        for (got, f) in graphs.iter().zip(want) {
+            let tracer = f["tracer"].as_str().unwrap();
+            assert_eq!(got["src"], f["svg"], "window {} {tracer}", w.id);
+            let title = got["title"].as_str().unwrap();
+            assert!(
+                title.contains(&format!("window {} ({})", w.id, w.label())),
+                "window {} {tracer}: {title}",
+                w.id
+            );
+            let b_total = f["b_total"].as_u64().unwrap();
+            if b_total == 0 {
+                assert!(title.contains("nothing in B"), "{title}");
+            } else {
+                // inferno draws B's widths.
+                assert_eq!(got["total"], json!(b_total), "window {} {tracer}", w.id);
+                assert!(
+                    got["width"].as_f64().unwrap() > 1000.0,
+                    "graph fills the frame: {got}"
+                );
+            }
+            // Only window 3's on-CPU graph has frames that changed.
+            let changed = got["changed"].as_u64().unwrap() > 0;
+            assert_eq!(
+                changed,
+                w.id == 3 && tracer == "oncpu",
+                "window {} {tracer}: {got}",
+                w.id
+            );
+        }
+    }
+    br.eval("document.querySelector('nav.windows [data-select-window=\"3\"]').click()");
+    br.settle();
+    br.assert_clean();
+    // Last: the capture beyond the viewport lays the frames out anew, at
+    // 0 px for a moment, and inferno's script in each says so (the
+    // report's inline graphs carry a guard against it; a file cannot).
+    let shot = artifacts().join("diff.png");
+    br.screenshot(&shot);
+    println!("screenshot: {}", shot.display());
+    assert!(fs::read(&shot).unwrap().starts_with(b"\x89PNG"));
 }
