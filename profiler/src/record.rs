@@ -1345,7 +1345,16 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         rec.opts.target, rec.opts.windows, rec.opts.frequency_hz
     );
 
-    let stop = rec.run_loop(&mut bpf, gated.as_mut())?;
+    // Mapped once: mapping the ring (4 MiB) at every poll cost more CPU than
+    // anything else hvprof does while recording.
+    let mut events = RingBuf::try_from(bpf.take_map(names::EVENTS).ok_or(RecordError::Missing {
+        name: names::EVENTS,
+    })?)
+    .map_err(|source| RecordError::Map {
+        name: names::EVENTS,
+        source,
+    })?;
+    let stop = rec.run_loop(&mut events, gated.as_mut())?;
     let stopped = Instant::now();
     let stop_ns = monotonic_ns();
 
@@ -1371,7 +1380,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     }
     // Let programs already running on other CPUs finish.
     std::thread::sleep(Duration::from_millis(2));
-    rec.drain_events(&mut bpf);
+    rec.drain_events(&mut events);
     let mut profile = rec.build_profile(&mut bpf, &stop, stop_ns)?;
     profile.meta.program_stats = program_stats;
     let profile_path = rec.opts.output.join(profile::FILE_NAME);
@@ -1460,7 +1469,7 @@ fn unload_all(bpf: &mut Ebpf) {
 impl Recorder {
     fn run_loop(
         &mut self,
-        bpf: &mut Ebpf,
+        events: &mut RingBuf<MapData>,
         mut gated: Option<&mut GatedChild>,
     ) -> Result<Stop, RecordError> {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1485,7 +1494,7 @@ impl Recorder {
                     _ = sigterm.recv() => return Ok(Stop::Signal("SIGTERM")),
                     () = sleep => return Ok(Stop::Duration),
                     _ = tick.tick() => {
-                        self.drain_events(bpf);
+                        self.drain_events(events);
                         if let Some(g) = gated.as_deref_mut()
                             && let Some(status) = g.try_wait()
                         {
@@ -1506,13 +1515,7 @@ impl Recorder {
     /// Handles every pending ring-buffer event. Exec and fork events are
     /// acted on at once: the snapshot of a short-lived process must be taken
     /// while it lives.
-    fn drain_events(&mut self, bpf: &mut Ebpf) {
-        let Some(map) = bpf.map_mut(names::EVENTS) else {
-            return;
-        };
-        let Ok(mut ring) = RingBuf::try_from(map) else {
-            return;
-        };
+    fn drain_events(&mut self, ring: &mut RingBuf<MapData>) {
         let mut events = Vec::new();
         while let Some(item) = ring.next() {
             if item.len() >= size_of::<Event>() {
@@ -1521,7 +1524,6 @@ impl Recorder {
                 events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
             }
         }
-        drop(ring);
         for ev in events {
             self.handle(ev);
         }
