@@ -74,12 +74,24 @@ pub fn run(
         with.push(w);
         last_stdout = stdout;
     }
+    // Noise here only adds time (other load, a noisy host), so besides the
+    // medians: the median of each round's paired ratio, and best against
+    // best.
+    let mut paired: Vec<f64> = with.iter().zip(&base).map(|(w, b)| w / b).collect();
+    let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let (bb, bw) = (best(&base), best(&with));
     let (b, w) = (median(&mut base), median(&mut with));
+    let p = median(&mut paired);
     println!("\nworkload wall time, median: without {b:.3} s, with hvprof {w:.3} s");
     println!(
         "overhead ratio: {:.3} ({:+.1} % added wall time)",
         w / b,
         (w / b - 1.0) * 100.0
+    );
+    println!(
+        "median of the rounds' ratios: {p:.3} ({:+.1} %); best against best: {bb:.3} s vs {bw:.3} s ({:+.1} %)",
+        (p - 1.0) * 100.0,
+        (bw / bb - 1.0) * 100.0
     );
 
     let summary: serde_json::Value = serde_json::from_str(
