@@ -350,14 +350,22 @@ pub struct OffCpuValue {
     pub runq_ns: u64,
 }
 
-/// A task that switched out and has not switched in yet.
+/// Per thread (keyed by task pointer): its block in progress, if any, and
+/// where it last blocked. The entry lives as long as the thread, so a
+/// context switch updates it in place.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OffCpuStart {
     pub key: OffCpuKey,
+    /// When the block in progress began; 0 when the thread is not blocked.
     pub start_ns: u64,
     /// 0 until `sched_wakeup` sees the task.
     pub wakeup_ns: u64,
+    /// User ip, sp, bp and the return address at bp+8 where the thread last
+    /// blocked (0s: none).
+    pub site: [u64; 4],
+    /// The user stack id taken there.
+    pub site_user_stack: u64,
 }
 
 /// The VM counter, in a one-entry array so userspace can read it.

@@ -10,12 +10,11 @@ use aya_ebpf::{
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack,
-        bpf_get_task_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
-        bpf_task_pt_regs,
+        bpf_get_task_stack, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
+        bpf_probe_read_user_str_bytes, bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePointContext, PerfEventContext, ProbeContext, RetProbeContext, TracePointContext,
     },
@@ -351,57 +350,23 @@ fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
     (kern, user_stack(ctx, window))
 }
 
-/// Per thread: where it last blocked in user space, and the user stack
-/// taken there.
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct BlockSite {
-    /// User ip, sp, bp and the return address at bp+8 when it blocked.
-    user: [u64; 4],
-    user_stack: u64,
-}
-
-#[map]
-static BLOCK_SITES: LruHashMap<u32, BlockSite> = LruHashMap::with_max_entries(32768, 0);
-
-/// The user stack of the current task as it blocks, reused from its
-/// previous block when it blocks again at the same site: same user ip, sp,
-/// bp and the caller's return address, so the same call chain. A thread
-/// blocking in a loop (a QEMU worker on its futex, a main loop in ppoll)
-/// then costs four register reads instead of a stack walk.
+/// The current task's user registers where it blocks: ip, sp, bp and the
+/// return address at bp+8 (0s if unreadable). Two blocks of a thread with
+/// the same four are at the same site, with the same user call chain.
 #[inline(always)]
-fn block_user_stack<C: EbpfContext>(ctx: &C, window: u32, pid: u32) -> u64 {
-    let cache = config!(block_site_cache) != 0;
-    // SAFETY: the helpers take the current task's BTF pointer; the reads
-    // are checked.
-    let user = if !cache {
-        [0; 4]
-    } else {
-        unsafe {
-            // A BTF pointer: plain loads (the verifier makes them faulting
-            // loads), no helper call each.
-            let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-            let ip = core::ptr::read_volatile(&raw const (*regs).rip);
-            let sp = core::ptr::read_volatile(&raw const (*regs).rsp);
-            let bp = core::ptr::read_volatile(&raw const (*regs).rbp);
-            let ret = bpf_probe_read_user((bp + 8) as *const u64).unwrap_or(0);
-            [ip, sp, bp, ret]
-        }
-    };
-    if user[0] != 0
-        && let Some(site) = BLOCK_SITES.get_ptr(&pid)
-    {
-        // SAFETY: a valid map value of this thread.
-        let site = unsafe { &*site };
-        if site.user == user {
-            return site.user_stack;
-        }
+fn user_site() -> [u64; 4] {
+    // SAFETY: the helpers take the current task's BTF pointer; the user
+    // read is checked.
+    unsafe {
+        // A BTF pointer: plain loads (the verifier makes them faulting
+        // loads), no helper call each.
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+        let ip = core::ptr::read_volatile(&raw const (*regs).rip);
+        let sp = core::ptr::read_volatile(&raw const (*regs).rsp);
+        let bp = core::ptr::read_volatile(&raw const (*regs).rbp);
+        let ret = bpf_probe_read_user((bp + 8) as *const u64).unwrap_or(0);
+        [ip, sp, bp, ret]
     }
-    let user_stack = user_stack(ctx, window);
-    if user[0] != 0 && user_stack >= STACK_ID_MIN {
-        let _ = BLOCK_SITES.insert(&pid, &BlockSite { user, user_stack }, 0);
-    }
-    user_stack
 }
 
 #[inline(always)]
@@ -528,10 +493,14 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         return;
     }
     let state = report_state(preempt != 0, raw_state);
+    // SAFETY: bpf_get_current_task has no preconditions; it is `prev`.
+    let task = unsafe { bpf_get_current_task() };
+    let entry = OFFCPU_START.get_ptr_mut(&task);
     // Preempted (R): waiting for a CPU, not blocked. Its stack is where it
     // ran, which on-CPU samples show; walking it at every preemption is
     // most of the off-CPU cost under CPU contention.
     let preempted = state == 0 || state == TASK_REPORT_MAX;
+    let mut site = [0u64; 4];
     let (kern_stack, user_stack) = if preempted && config!(preempted_stacks) == 0 {
         (STACK_NOT_TAKEN, STACK_NOT_TAKEN)
     } else {
@@ -545,27 +514,64 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         } else {
             STACK_DEFERRED
         };
-        (kern, block_user_stack(ctx, window, pid))
+        // The user stack is reused when the thread blocks again at the
+        // site of its previous block (a QEMU worker on its futex, a main
+        // loop in ppoll): four register reads instead of a walk.
+        if config!(block_site_cache) != 0 {
+            site = user_site();
+        }
+        let cached = match entry {
+            // SAFETY: a valid map value of this thread.
+            Some(e) if site[0] != 0 && unsafe { (*e).site } == site => unsafe {
+                (*e).site_user_stack
+            },
+            _ => 0,
+        };
+        let user = if cached >= STACK_ID_MIN {
+            cached
+        } else {
+            user_stack(ctx, window)
+        };
+        if user < STACK_ID_MIN {
+            site = [0; 4];
+        }
+        (kern, user)
     };
-    let start = OffCpuStart {
-        key: OffCpuKey {
-            window,
-            tgid,
-            pid,
-            state,
-            dbus: dbus_inflight(pid),
-            pad: 0,
-            kern_stack,
-            user_stack,
-            comm: comm(),
-        },
-        start_ns: now,
-        wakeup_ns: 0,
+    let key = OffCpuKey {
+        window,
+        tgid,
+        pid,
+        state,
+        dbus: dbus_inflight(pid),
+        pad: 0,
+        kern_stack,
+        user_stack,
+        comm: comm(),
     };
-    // SAFETY: bpf_get_current_task has no preconditions; it is `prev`.
-    let task = unsafe { bpf_get_current_task() };
-    if OFFCPU_START.insert(&task, &start, 0).is_err() {
-        lose(window, Loss::OffCpuStartFull);
+    if let Some(e) = entry {
+        let keep_site = preempted && config!(preempted_stacks) == 0;
+        // SAFETY: a valid map value of this thread, which is running here
+        // and so is neither switched in nor woken meanwhile.
+        unsafe {
+            (*e).key = key;
+            (*e).start_ns = now;
+            (*e).wakeup_ns = 0;
+            if !keep_site {
+                (*e).site = site;
+                (*e).site_user_stack = user_stack;
+            }
+        }
+    } else {
+        let start = OffCpuStart {
+            key,
+            start_ns: now,
+            wakeup_ns: 0,
+            site,
+            site_user_stack: user_stack,
+        };
+        if OFFCPU_START.insert(&task, &start, 0).is_err() {
+            lose(window, Loss::OffCpuStartFull);
+        }
     }
 }
 
@@ -576,22 +582,28 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
         return 0;
     }
     let task = next as u64;
-    let Some(start) = OFFCPU_START.get_ptr(&task) else {
+    let Some(e) = OFFCPU_START.get_ptr_mut(&task) else {
         return 0;
     };
-    // SAFETY: a valid map value; copied out before the entry is removed.
-    let start = unsafe { *start };
-    let _ = OFFCPU_START.remove(&task);
-    let blocked = now.saturating_sub(start.start_ns);
+    // SAFETY: a valid map value of this task, which is not running: only
+    // a wakeup on another CPU may write its wakeup time meanwhile.
+    let (start_ns, wakeup_ns, mut key) = unsafe {
+        let start_ns = (*e).start_ns;
+        if start_ns == 0 {
+            return 0;
+        }
+        (*e).start_ns = 0;
+        (start_ns, (*e).wakeup_ns, (*e).key)
+    };
+    let blocked = now.saturating_sub(start_ns);
     if blocked < config!(min_block_ns) || blocked > config!(max_block_ns) {
         return 0;
     }
-    let runq = if start.wakeup_ns == 0 {
+    let runq = if wakeup_ns == 0 {
         0
     } else {
-        now.saturating_sub(start.wakeup_ns)
+        now.saturating_sub(wakeup_ns)
     };
-    let mut key = start.key;
     if key.kern_stack == STACK_DEFERRED {
         key.kern_stack = if blocked < config!(kstack_min_ns) {
             STACK_SHORT_BLOCK
@@ -648,7 +660,7 @@ pub fn offcpu_sched_wakeup(ctx: BtfTracePointContext) -> u32 {
     if let Some(start) = OFFCPU_START.get_ptr_mut(&task) {
         // SAFETY: a valid map value.
         unsafe {
-            if (*start).wakeup_ns == 0 {
+            if (*start).start_ns != 0 && (*start).wakeup_ns == 0 {
                 (*start).wakeup_ns = now();
             }
         }

@@ -1347,13 +1347,14 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
 
     // Mapped once: mapping the ring (4 MiB) at every poll cost more CPU than
     // anything else hvprof does while recording.
-    let mut events = RingBuf::try_from(bpf.take_map(names::EVENTS).ok_or(RecordError::Missing {
-        name: names::EVENTS,
-    })?)
-    .map_err(|source| RecordError::Map {
-        name: names::EVENTS,
-        source,
-    })?;
+    let mut events =
+        RingBuf::try_from(bpf.take_map(names::EVENTS).ok_or(RecordError::Missing {
+            name: names::EVENTS,
+        })?)
+        .map_err(|source| RecordError::Map {
+            name: names::EVENTS,
+            source,
+        })?;
     let stop = rec.run_loop(&mut events, gated.as_mut())?;
     let stopped = Instant::now();
     let stop_ns = monotonic_ns();
@@ -1676,7 +1677,12 @@ impl Recorder {
                 .map_err(map_err(names::OFFCPU_START))?;
             let min = u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
             let max = u64::try_from(self.opts.max_block.as_nanos()).unwrap_or(u64::MAX);
-            for (_, s) in m.iter().filter_map(Result::ok) {
+            // Entries stay for live threads; those not blocked have no start.
+            for (_, s) in m
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, s)| s.start_ns != 0)
+            {
                 let blocked = stop_ns.saturating_sub(s.start_ns);
                 let alive =
                     PathBuf::from(format!("/proc/{}/task/{}", s.key.tgid, s.key.pid)).exists();
