@@ -207,6 +207,8 @@ pub struct Config {
     /// (when the task comes back) only for blocks at least this long.
     pub kstack_min_ns: u64,
     pub offsets: TracepointOffsets,
+    /// Explicit: the size stays a multiple of 8 with no hidden bytes.
+    pub pad: u32,
 }
 
 impl Config {
@@ -253,6 +255,7 @@ impl Config {
                 cgroup_attach_root: 0,
                 cgroup_attach_path: 0,
             },
+            pad: 0,
         }
     }
 }
@@ -851,9 +854,9 @@ mod tests {
         assert_eq!(size_of::<SampleKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<OffCpuKey>(), 6 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<StackBuf>(), MAX_STACK_DEPTH * 8);
-        assert_eq!(size_of::<OffCpuStart>(), size_of::<OffCpuKey>() + 16);
+        assert_eq!(size_of::<OffCpuStart>(), size_of::<OffCpuKey>() + 7 * 8);
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
-        assert_eq!(size_of::<TracepointOffsets>(), 20 * 4);
+        assert_eq!(size_of::<TracepointOffsets>(), 15 * 4);
         assert_eq!(size_of::<CgroupKey>(), 4 * 4 + CGROUP_PATH_LEN + COMM_LEN);
         assert_eq!(size_of::<ForkKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<LockKey>(), 4 * 4 + 3 * 8 + COMM_LEN);
@@ -871,7 +874,7 @@ mod tests {
         assert_eq!(size_of::<LockPending>(), 8 + MAX_LOCK_NESTING * 32);
         assert_eq!(
             size_of::<Config>(),
-            10 * 4 + 2 * COMM_LEN + 2 * 4 + 2 * 4 + 4 * 4 + 16 + size_of::<TracepointOffsets>()
+            10 * 4 + 2 * COMM_LEN + 2 * 4 + 2 * 4 + 4 * 4 + 24 + size_of::<TracepointOffsets>() + 4
         );
     }
 }
