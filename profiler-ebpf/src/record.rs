@@ -500,8 +500,9 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     // ran, which on-CPU samples show; walking it at every preemption is
     // most of the off-CPU cost under CPU contention.
     let preempted = state == 0 || state == TASK_REPORT_MAX;
+    let walk = !preempted || config!(preempted_stacks) != 0;
     let mut site = [0u64; 4];
-    let (kern_stack, user_stack) = if preempted && config!(preempted_stacks) == 0 {
+    let (kern_stack, user_stack) = if !walk {
         (STACK_NOT_TAKEN, STACK_NOT_TAKEN)
     } else {
         // Uninterruptible (D): a mutex, rwsem, I/O or completion wait. The
@@ -549,14 +550,14 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         comm: comm(),
     };
     if let Some(e) = entry {
-        let keep_site = preempted && config!(preempted_stacks) == 0;
         // SAFETY: a valid map value of this thread, which is running here
         // and so is neither switched in nor woken meanwhile.
         unsafe {
             (*e).key = key;
             (*e).start_ns = now;
             (*e).wakeup_ns = 0;
-            if !keep_site {
+            // A preempted switch took no stack: the last site stays.
+            if walk {
                 (*e).site = site;
                 (*e).site_user_stack = user_stack;
             }
