@@ -11,6 +11,7 @@ pub mod diff;
 pub mod ebpf;
 pub mod export;
 pub mod html;
+pub mod kbtf;
 pub mod procmaps;
 pub mod profile;
 pub mod record;
