@@ -207,8 +207,10 @@ pub struct Config {
     /// (when the task comes back) only for blocks at least this long.
     pub kstack_min_ns: u64,
     pub offsets: TracepointOffsets,
-    /// Explicit: the size stays a multiple of 8 with no hidden bytes.
-    pub pad: u32,
+    /// Offset of `task_struct.thread.sp` (the saved kernel stack pointer of
+    /// a task that is not running), from kernel BTF; 0 if unknown, and then
+    /// no kernel stack is reused.
+    pub task_thread_sp: u32,
 }
 
 impl Config {
@@ -255,7 +257,7 @@ impl Config {
                 cgroup_attach_root: 0,
                 cgroup_attach_path: 0,
             },
-            pad: 0,
+            task_thread_sp: 0,
         }
     }
 }
@@ -353,8 +355,55 @@ pub struct OffCpuValue {
     pub runq_ns: u64,
 }
 
+/// Sites a thread's off-CPU entry remembers (a QEMU vCPU thread alternates
+/// between the BQL, its halt condition and a few locks).
+pub const BLOCK_SITES: usize = 4;
+/// [`OffCpuStart::slot`] when the block in progress has no site.
+pub const NO_SITE: u32 = 4;
+const _: () = assert!(NO_SITE as usize == BLOCK_SITES);
+
+/// Words above a stopped task's saved kernel stack pointer searched for the
+/// return addresses of its kernel stack (2 KiB).
+pub const KSTACK_SCAN_WORDS: usize = 256;
+/// [`BlockSite::kern_ret_at`] of a return address not found there.
+pub const KSTACK_UNCHECKED: u32 = u32::MAX;
+
+/// A place a thread blocked, and the stacks taken there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSite {
+    /// User ip, sp, bp and the return address at bp+8 (0s: empty). Two
+    /// blocks of a thread with the same four are at the same site, with the
+    /// same user call chain.
+    pub user: [u64; 4],
+    /// The user stack id taken there.
+    pub user_stack: u64,
+    /// The kernel stack id walked when a block here last came back (0:
+    /// none yet), and the syscall number of that block.
+    pub kern_stack: u64,
+    pub syscall: u64,
+    /// That kernel stack's two innermost return addresses, and where they
+    /// sat: in words above the saved kernel stack pointer. The kernel
+    /// randomizes the stack offset at every syscall, so positions are
+    /// relative; the same addresses at the same places (and the same
+    /// syscall at the same user site) mean the same kernel call chain.
+    pub kern_ret: [u64; 2],
+    pub kern_ret_at: [u32; 2],
+}
+
+impl BlockSite {
+    pub const EMPTY: Self = Self {
+        user: [0; 4],
+        user_stack: 0,
+        kern_stack: 0,
+        syscall: 0,
+        kern_ret: [0; 2],
+        kern_ret_at: [KSTACK_UNCHECKED; 2],
+    };
+}
+
 /// Per thread (keyed by task pointer): its block in progress, if any, and
-/// where it last blocked. The entry lives as long as the thread, so a
+/// the last places it blocked. The entry lives as long as the thread, so a
 /// context switch updates it in place.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -364,11 +413,12 @@ pub struct OffCpuStart {
     pub start_ns: u64,
     /// 0 until `sched_wakeup` sees the task.
     pub wakeup_ns: u64,
-    /// User ip, sp, bp and the return address at bp+8 where the thread last
-    /// blocked (0s: none).
-    pub site: [u64; 4],
-    /// The user stack id taken there.
-    pub site_user_stack: u64,
+    /// The site of the block in progress, an index into `sites`, or
+    /// [`NO_SITE`].
+    pub slot: u32,
+    /// The slot a new site replaces next (first in, first out).
+    pub next_slot: u32,
+    pub sites: [BlockSite; BLOCK_SITES],
 }
 
 /// The VM counter, in a one-entry array so userspace can read it.
@@ -594,10 +644,27 @@ pub enum Counter {
     LockWaitsMigrated = 0,
     /// Lock waits paired from a nested or interrupting contention.
     LockWaitsNested = 1,
+    /// Off-CPU switch-outs that walked the user stack.
+    OffCpuUserWalk = 2,
+    /// Off-CPU switch-outs that reused the user stack of the thread's last
+    /// block at the same site.
+    OffCpuUserCached = 3,
+    /// Kernel stacks walked at switch-out (uninterruptible waits).
+    OffCpuKernWalkOut = 4,
+    /// Kernel stacks walked at switch-in, from the stopped task.
+    OffCpuKernWalkIn = 5,
+    /// Blocks too short for a kernel walk (`kstack_min_ns`).
+    OffCpuKernShort = 6,
+    /// Switch-outs of a preempted task (no stack taken).
+    OffCpuPreempted = 7,
+    /// Kernel stacks reused at switch-in: the thread blocked again at a site
+    /// in the same syscall, with the same return addresses at the same places
+    /// on its kernel stack.
+    OffCpuKernCached = 8,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 9;
 }
 
 /// The blocking D-Bus client functions, as uprobe cookies number them.
@@ -854,7 +921,11 @@ mod tests {
         assert_eq!(size_of::<SampleKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<OffCpuKey>(), 6 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<StackBuf>(), MAX_STACK_DEPTH * 8);
-        assert_eq!(size_of::<OffCpuStart>(), size_of::<OffCpuKey>() + 7 * 8);
+        assert_eq!(size_of::<BlockSite>(), 10 * 8);
+        assert_eq!(
+            size_of::<OffCpuStart>(),
+            size_of::<OffCpuKey>() + 3 * 8 + BLOCK_SITES * size_of::<BlockSite>()
+        );
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
         assert_eq!(size_of::<TracepointOffsets>(), 15 * 4);
         assert_eq!(size_of::<CgroupKey>(), 4 * 4 + CGROUP_PATH_LEN + COMM_LEN);

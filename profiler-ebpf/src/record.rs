@@ -7,11 +7,14 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs, task_struct},
+    cty::c_void,
+    helpers::generated,
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack,
-        bpf_get_task_stack, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes, bpf_task_pt_regs,
+        bpf_get_task_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -20,14 +23,15 @@ use aya_ebpf::{
     },
 };
 use profiler_common::record::{
-    CGROUP_PATH_LEN, CLONE_THREAD, COMM_LEN, CgroupKey, CgroupPending, CgroupValue, Config,
-    Counter, DBUS_DEFAULT_TIMEOUT_MS, DBUS_NAME_LEN, DBUS_TIMEOUT_DEFAULT, DBUS_TIMEOUT_INFINITE,
-    DbusInflight, DbusKey, DbusLast, DbusNames, DbusValue, Event, EventKind, ForkKey, ForkStart,
-    ForkValue, KVM_CREATE_VM, LOCK_HIST_BUCKETS, LockBegin, LockKey, LockPending, LockValue, Loss,
-    LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH, MAX_WINDOW_RANGES, OffCpuKey, OffCpuStart,
-    OffCpuValue, SETUP_WINDOW, STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN,
-    STACK_SHORT_BLOCK, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
-    WindowMode, WindowRange, cgroup_op, dbus_fn, fork_kind, hist_bucket, window_every,
+    BLOCK_SITES, BlockSite, CGROUP_PATH_LEN, CLONE_THREAD, COMM_LEN, CgroupKey, CgroupPending,
+    CgroupValue, Config, Counter, DBUS_DEFAULT_TIMEOUT_MS, DBUS_NAME_LEN, DBUS_TIMEOUT_DEFAULT,
+    DBUS_TIMEOUT_INFINITE, DbusInflight, DbusKey, DbusLast, DbusNames, DbusValue, Event, EventKind,
+    ForkKey, ForkStart, ForkValue, KSTACK_SCAN_WORDS, KSTACK_UNCHECKED, KVM_CREATE_VM,
+    LOCK_HIST_BUCKETS, LockBegin, LockKey, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING,
+    MAX_STACK_DEPTH, MAX_WINDOW_RANGES, NO_SITE, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW,
+    STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK, SampleKey,
+    StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode, WindowRange,
+    cgroup_op, dbus_fn, fork_kind, hist_bucket, window_every,
 };
 
 const EFAULT: i32 = 14;
@@ -471,6 +475,27 @@ pub fn offcpu_sched_switch(ctx: BtfTracePointContext) -> u32 {
     switch_in(next, now)
 }
 
+/// A new thread's off-CPU entry (larger than the BPF stack allows).
+#[unsafe(no_mangle)]
+static OFFCPU_START_ZERO: OffCpuStart = OffCpuStart {
+    key: OffCpuKey {
+        window: 0,
+        tgid: 0,
+        pid: 0,
+        state: 0,
+        dbus: 0,
+        pad: 0,
+        kern_stack: 0,
+        user_stack: 0,
+        comm: [0; COMM_LEN],
+    },
+    start_ns: 0,
+    wakeup_ns: 0,
+    slot: NO_SITE,
+    next_slot: 0,
+    sites: [BlockSite::EMPTY; BLOCK_SITES],
+};
+
 /// The task switching out (current, `prev`): if it blocks, note when and
 /// where.
 #[inline(always)]
@@ -495,14 +520,30 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     let state = report_state(preempt != 0, raw_state);
     // SAFETY: bpf_get_current_task has no preconditions; it is `prev`.
     let task = unsafe { bpf_get_current_task() };
-    let entry = OFFCPU_START.get_ptr_mut(&task);
+    let mut entry = OFFCPU_START.get_ptr_mut(&task);
+    if entry.is_none() {
+        // The thread's first block: its entry, from a zeroed template (too
+        // large for the BPF stack).
+        if OFFCPU_START
+            .insert(&task, &OFFCPU_START_ZERO, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            lose(window, Loss::OffCpuStartFull);
+            return;
+        }
+        entry = OFFCPU_START.get_ptr_mut(&task);
+    }
+    let Some(e) = entry else {
+        return;
+    };
     // Preempted (R): waiting for a CPU, not blocked. Its stack is where it
     // ran, which on-CPU samples show; walking it at every preemption is
     // most of the off-CPU cost under CPU contention.
     let preempted = state == 0 || state == TASK_REPORT_MAX;
     let walk = !preempted || config!(preempted_stacks) != 0;
-    let mut site = [0u64; 4];
+    let mut slot = NO_SITE;
     let (kern_stack, user_stack) = if !walk {
+        count(Counter::OffCpuPreempted);
         (STACK_NOT_TAKEN, STACK_NOT_TAKEN)
     } else {
         // Uninterruptible (D): a mutex, rwsem, I/O or completion wait. The
@@ -511,30 +552,55 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         // now. Other sleeps (futex, poll, pipe, nanosleep: the syscall names
         // the wait) are walked when they come back, if long enough.
         let kern = if state == TASK_REPORT_UNINTERRUPTIBLE {
+            count(Counter::OffCpuKernWalkOut);
             kern_stack_or_reason(stack_id(ctx, 0), window)
         } else {
             STACK_DEFERRED
         };
-        // The user stack is reused when the thread blocks again at the
-        // site of its previous block (a QEMU worker on its futex, a main
+        // The user stack is reused when the thread blocks again at one of
+        // the last sites it blocked at (a QEMU worker on its futex, a main
         // loop in ppoll): four register reads instead of a walk.
-        if config!(block_site_cache) != 0 {
-            site = user_site();
-        }
-        let cached = match entry {
-            // SAFETY: a valid map value of this thread.
-            Some(e) if site[0] != 0 && unsafe { (*e).site } == site => unsafe {
-                (*e).site_user_stack
-            },
-            _ => 0,
-        };
-        let user = if cached >= STACK_ID_MIN {
-            cached
+        let site = if config!(block_site_cache) != 0 {
+            user_site()
         } else {
-            user_stack(ctx, window)
+            [0; 4]
         };
-        if user < STACK_ID_MIN {
-            site = [0; 4];
+        let mut user = 0;
+        if site[0] != 0 {
+            let sites = sites_of(e);
+            let mut i = 0;
+            while i < BLOCK_SITES {
+                // SAFETY: i < BLOCK_SITES, inside the thread's entry.
+                let s = unsafe { &*sites.add(i) };
+                if s.user_stack >= STACK_ID_MIN && s.user == site {
+                    slot = i as u32;
+                    user = s.user_stack;
+                    break;
+                }
+                i += 1;
+            }
+        }
+        if user >= STACK_ID_MIN {
+            count(Counter::OffCpuUserCached);
+        } else {
+            count(Counter::OffCpuUserWalk);
+            user = user_stack(ctx, window);
+            if user >= STACK_ID_MIN && site[0] != 0 {
+                // A new site replaces the oldest.
+                // SAFETY: the thread's own entry (it is running here).
+                let next = unsafe { (*e).next_slot } as usize;
+                let next = if next < BLOCK_SITES { next } else { 0 };
+                // SAFETY: next < BLOCK_SITES.
+                unsafe {
+                    *sites_of(e).add(next) = BlockSite {
+                        user: site,
+                        user_stack: user,
+                        ..BlockSite::EMPTY
+                    };
+                    (*e).next_slot = ((next + 1) % BLOCK_SITES) as u32;
+                }
+                slot = next as u32;
+            }
         }
         (kern, user)
     };
@@ -549,31 +615,21 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         user_stack,
         comm: comm(),
     };
-    if let Some(e) = entry {
-        // SAFETY: a valid map value of this thread, which is running here
-        // and so is neither switched in nor woken meanwhile.
-        unsafe {
-            (*e).key = key;
-            (*e).start_ns = now;
-            (*e).wakeup_ns = 0;
-            // A preempted switch took no stack: the last site stays.
-            if walk {
-                (*e).site = site;
-                (*e).site_user_stack = user_stack;
-            }
-        }
-    } else {
-        let start = OffCpuStart {
-            key,
-            start_ns: now,
-            wakeup_ns: 0,
-            site,
-            site_user_stack: user_stack,
-        };
-        if OFFCPU_START.insert(&task, &start, 0).is_err() {
-            lose(window, Loss::OffCpuStartFull);
-        }
+    // SAFETY: a valid map value of this thread, which is running here and
+    // so is neither switched in nor woken meanwhile.
+    unsafe {
+        (*e).key = key;
+        (*e).start_ns = now;
+        (*e).wakeup_ns = 0;
+        (*e).slot = slot;
     }
+}
+
+/// The remembered sites of a thread's entry.
+#[inline(always)]
+fn sites_of(e: *mut OffCpuStart) -> *mut BlockSite {
+    // SAFETY: e is a valid map value.
+    unsafe { (&raw mut (*e).sites).cast::<BlockSite>() }
 }
 
 /// The task switching in: if it was blocked, charge its block.
@@ -607,9 +663,11 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
     };
     if key.kern_stack == STACK_DEFERRED {
         key.kern_stack = if blocked < config!(kstack_min_ns) {
+            count(Counter::OffCpuKernShort);
             STACK_SHORT_BLOCK
         } else {
-            task_kernel_stack(next, key.window)
+            // SAFETY: e is this task's valid map value.
+            kernel_stack_at_site(next, sites_of(e), unsafe { (*e).slot }, key.window)
         };
     }
     if let Some(v) = OFFCPU_TIMES.get_ptr_mut(&key) {
@@ -636,6 +694,123 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
         }
     }
     0
+}
+
+/// Scratch for the top of a stopped task's kernel stack.
+#[map]
+static KSTACK_WORDS: PerCpuArray<[u64; KSTACK_SCAN_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The word `at` words above `sp` on a kernel stack (0 if unreadable).
+#[inline(always)]
+fn kstack_word(sp: u64, at: u32) -> u64 {
+    // SAFETY: a kernel read through the checked helper.
+    unsafe { bpf_probe_read_kernel((sp + u64::from(at) * 8) as *const u64) }.unwrap_or(0)
+}
+
+/// The kernel stack of a stopped task that blocked at site `slot` (of
+/// `sites`): the one walked there last time if the task is in the same
+/// syscall and its stack holds the same two innermost return addresses at
+/// the same places above its saved stack pointer; else a walk, remembered
+/// for next time.
+#[inline(always)]
+fn kernel_stack_at_site(
+    task: *mut task_struct,
+    sites: *mut BlockSite,
+    slot: u32,
+    window: u32,
+) -> u64 {
+    let off = config!(task_thread_sp) as usize;
+    let slot = slot as usize;
+    if off == 0 || slot >= BLOCK_SITES {
+        count(Counter::OffCpuKernWalkIn);
+        return task_kernel_stack(task, window);
+    }
+    // SAFETY: task is the tracepoint's BTF task pointer (its saved stack
+    // pointer is read with the checked helper, its user registers with
+    // plain loads); slot < BLOCK_SITES, inside the task's entry.
+    unsafe {
+        let sp = bpf_probe_read_kernel(task.cast::<u8>().add(off).cast::<u64>()).unwrap_or(0);
+        let regs = bpf_task_pt_regs(task) as *const pt_regs;
+        let nr = core::ptr::read_volatile(&raw const (*regs).orig_rax);
+        let site = sites.add(slot);
+        if sp != 0 && (*site).kern_stack >= STACK_ID_MIN && (*site).syscall == nr {
+            let [at0, at1] = (*site).kern_ret_at;
+            if kstack_word(sp, at0) == (*site).kern_ret[0]
+                && (at1 == KSTACK_UNCHECKED || kstack_word(sp, at1) == (*site).kern_ret[1])
+            {
+                count(Counter::OffCpuKernCached);
+                return (*site).kern_stack;
+            }
+        }
+        count(Counter::OffCpuKernWalkIn);
+        let id = task_kernel_stack(task, window);
+        (*site).kern_stack = 0;
+        if sp != 0 && id >= STACK_ID_MIN {
+            remember_kernel_stack(site, sp, nr, id);
+        }
+        id
+    }
+}
+
+/// Finds where the return addresses just walked (still in the scratch)
+/// sit above `sp`, and keeps them with the stack id in `site`.
+///
+/// The positions found are written straight into the map value, never held
+/// in a register: the verifier then sees one state per loop step instead of
+/// one per position, which is what keeps this loop within its limits.
+#[inline(always)]
+fn remember_kernel_stack(site: *mut BlockSite, sp: u64, nr: u64, id: u64) {
+    let (Some(words), Some(ips)) = (KSTACK_WORDS.get_ptr_mut(0), STACK_SCRATCH.get_ptr(0)) else {
+        return;
+    };
+    // SAFETY: both are this CPU's scratch values, site a valid map value;
+    // the kernel reads are checked (the top of the stack may be nearer than
+    // 2 KiB: then a quarter is read).
+    unsafe {
+        let mut len = KSTACK_SCAN_WORDS;
+        if generated::bpf_probe_read_kernel(words.cast(), (len * 8) as u32, sp as *const c_void)
+            != 0
+        {
+            len = KSTACK_SCAN_WORDS / 4;
+            if generated::bpf_probe_read_kernel(words.cast(), (len * 8) as u32, sp as *const c_void)
+                != 0
+            {
+                return;
+            }
+        }
+        let (ret0, ret1) = ((*ips).ips[0], (*ips).ips[1]);
+        let at = &raw mut (*site).kern_ret_at;
+        core::ptr::write_volatile(at, [KSTACK_UNCHECKED; 2]);
+        let mut i = 0;
+        while i < KSTACK_SCAN_WORDS {
+            if i >= len {
+                break;
+            }
+            let w = (*words)[i];
+            if w == ret0 && core::ptr::read_volatile(&raw const (*at)[0]) == KSTACK_UNCHECKED {
+                core::ptr::write_volatile(&raw mut (*at)[0], i as u32);
+            } else if w == ret1
+                && core::ptr::read_volatile(&raw const (*at)[0]) != KSTACK_UNCHECKED
+                && core::ptr::read_volatile(&raw const (*at)[1]) == KSTACK_UNCHECKED
+            {
+                core::ptr::write_volatile(&raw mut (*at)[1], i as u32);
+            }
+            i += 1;
+        }
+        if core::ptr::read_volatile(&raw const (*at)[0]) == KSTACK_UNCHECKED {
+            return;
+        }
+        (*site).kern_ret = [
+            ret0,
+            if core::ptr::read_volatile(&raw const (*at)[1]) == KSTACK_UNCHECKED {
+                0
+            } else {
+                ret1
+            },
+        ];
+        (*site).syscall = nr;
+        (*site).kern_stack = id;
+    }
 }
 
 /// The kernel stack of a task that is not running: where it blocked, as it

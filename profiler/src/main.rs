@@ -188,9 +188,11 @@ struct RecordArgs {
     /// tracer's cost when CPUs are contended.
     #[arg(long)]
     preempted_stacks: bool,
-    /// Walk the user stack at every block. By default a thread that blocks
-    /// again at the same site (same user ip, sp, bp and caller) reuses the
-    /// user stack taken there the last time, which is most blocks of a busy
+    /// Walk the stacks at every block. By default a thread that blocks
+    /// again at one of its last four sites (same user ip, sp, bp and caller)
+    /// reuses the user stack taken there, and the kernel stack too if it is
+    /// in the same syscall with the same two innermost kernel return
+    /// addresses at the same places on its stack: most blocks of a busy
     /// daemon.
     #[arg(long)]
     no_stack_cache: bool,

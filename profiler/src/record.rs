@@ -1034,6 +1034,17 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         .tracers
         .contains(&Tracer::OffCpu)
         .then(|| std::thread::spawn(Btf::from_sys_fs));
+    // And where a stopped task's saved kernel stack pointer is, with which
+    // the off-CPU tracer reuses a thread's kernel stack when it blocks again
+    // the same way (a few ms of parsing, also done meanwhile).
+    let thread_sp = opts.tracers.contains(&Tracer::OffCpu).then(|| {
+        std::thread::spawn(|| {
+            crate::kbtf::Kbtf::from_sys_fs()
+                .map_err(|e| e.to_string())?
+                .offset_of("task_struct", &["thread", "sp"])
+                .map_err(|e| e.to_string())
+        })
+    });
     let (tracefs, _) = Tracefs::locate_or_mount()?;
     let mut offsets = offsets(&tracefs)?;
     let mut active = opts.tracers.clone();
@@ -1075,6 +1086,16 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.user_stack_depth = opts.user_stack_depth;
     config.preempted_stacks = u32::from(opts.preempted_stacks);
     config.block_site_cache = u32::from(opts.block_site_cache);
+    if let Some(h) = thread_sp {
+        match h.join() {
+            Ok(Ok(off)) => config.task_thread_sp = off,
+            Ok(Err(e)) => eprintln!(
+                "hvprof: note: off-CPU kernel stacks are walked at every long block, none reused \
+                 (kernel BTF: {e})"
+            ),
+            Err(_) => {}
+        }
+    }
     config.kstack_min_ns =
         u64::try_from(opts.kernel_stack_min_block.as_nanos()).unwrap_or(u64::MAX);
     for (field, nr) in [
@@ -1617,6 +1638,37 @@ impl Recorder {
         let Ok(a) = aya::maps::PerCpuArray::<_, u64>::try_from(m) else {
             return out;
         };
+        let mut counted = Vec::new();
+        if self.tracers.contains(&Tracer::OffCpu) {
+            counted.extend([
+                (Counter::OffCpuUserWalk, "off-CPU user stacks walked"),
+                (
+                    Counter::OffCpuUserCached,
+                    "off-CPU user stacks reused (same site)",
+                ),
+                (
+                    Counter::OffCpuKernWalkOut,
+                    "off-CPU kernel stacks walked at switch-out (D)",
+                ),
+                (
+                    Counter::OffCpuKernWalkIn,
+                    "off-CPU kernel stacks walked at switch-in",
+                ),
+                (
+                    Counter::OffCpuKernCached,
+                    "off-CPU kernel stacks reused (same site)",
+                ),
+                (
+                    Counter::OffCpuKernShort,
+                    "off-CPU blocks too short for a kernel walk",
+                ),
+                (Counter::OffCpuPreempted, "off-CPU preemptions (no stack)"),
+            ]);
+        }
+        for (c, name) in counted {
+            let n: u64 = a.get(&(c as u32), 0).map_or(0, |v| v.iter().sum());
+            out.insert(name.to_owned(), n);
+        }
         if self.tracers.contains(&Tracer::Locks) {
             for (c, name) in [
                 (

@@ -297,6 +297,10 @@ pub struct Summary {
     pub total_losses: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub program_stats: Vec<crate::profile::ProgramStat>,
+    /// Facts counted in the kernel (stack walks taken and saved, lock waits
+    /// that migrated, ...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub counters: BTreeMap<String, u64>,
 }
 
 #[must_use]
@@ -380,6 +384,7 @@ pub fn summary(profile: &Profile) -> Summary {
         other_losses,
         total_losses: profile.losses.iter().map(|l| l.count).sum(),
         program_stats: profile.meta.program_stats.clone(),
+        counters: profile.meta.counters.clone(),
     }
 }
 
@@ -464,6 +469,13 @@ impl Summary {
                     ms(p.run_time_ns),
                     p.run_time_ns.checked_div(p.runs).unwrap_or(0)
                 );
+            }
+            // What the programs' cost goes to: stack walks taken and saved.
+            if !self.counters.is_empty() {
+                out.push('\n');
+                for (name, n) in &self.counters {
+                    let _ = writeln!(out, "{name:<48} {n:>12}");
+                }
             }
         }
         if self.total_losses == 0 {

@@ -603,6 +603,76 @@ fn off_cpu_kernel_stacks_are_walked_for_long_blocks_only() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One read call site over two kernel paths (a pipe twice, a unix socket
+/// twice, ...): a kernel stack is reused only for a block that stopped the
+/// same way as the one it was walked for, so every block keeps its own path.
+#[test]
+fn off_cpu_kernel_stacks_are_reused_only_where_they_match() {
+    let vmload = vmload();
+    let n = 400;
+    let (p, dir) = record(
+        "kstack-reuse",
+        &[
+            "--tracers",
+            "offcpu",
+            "--",
+            vmload.to_str().unwrap(),
+            &format!("twofds:{n}"),
+        ],
+    );
+    let (mut pipe, mut sock) = (0, 0);
+    for r in p
+        .offcpu
+        .iter()
+        .filter(|r| r.state == "S" && p.frame_names(&r.stack).any(|f| f == "vmload_twofds_read"))
+    {
+        let names: Vec<&str> = p.frame_names(&r.stack).collect();
+        assert!(!names.iter().any(|f| is_tracing_frame(f)), "{names:?}");
+        let on_pipe = names.iter().any(|f| f.ends_with("pipe_read_[k]"));
+        let on_sock = names.iter().any(|f| f.starts_with("unix_stream_read"));
+        assert!(on_pipe != on_sock, "one kernel path per row: {names:?}");
+        if on_pipe {
+            pipe += r.blocks;
+        } else {
+            sock += r.blocks;
+        }
+    }
+    // Each read blocks once (the writer waits 1 ms before each byte); a
+    // read whose byte came before it got there blocks not at all.
+    for (what, blocks) in [("pipe", pipe), ("socket", sock)] {
+        assert!(
+            (n / 2 - 10..=n / 2).contains(&blocks),
+            "{blocks} blocks on the {what}, {} reads",
+            n / 2
+        );
+    }
+    // Half the reads follow a read of the same fd: their stacks are reused.
+    let reused = p.meta.counters["off-CPU kernel stacks reused (same site)"];
+    assert!(reused >= n / 4, "{reused} kernel stacks reused");
+    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // --no-stack-cache: every block walked, none reused.
+    let (p, dir) = record(
+        "kstack-noreuse",
+        &[
+            "--tracers",
+            "offcpu",
+            "--no-stack-cache",
+            "--",
+            vmload.to_str().unwrap(),
+            &format!("twofds:{n}"),
+        ],
+    );
+    assert_eq!(
+        p.meta.counters["off-CPU kernel stacks reused (same site)"],
+        0
+    );
+    assert_eq!(p.meta.counters["off-CPU user stacks reused (same site)"], 0);
+    assert!(p.meta.counters["off-CPU kernel stacks walked at switch-in"] >= n - 10);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn comm_target_picks_up_processes_that_exec_later() {
     let vmload = vmload();

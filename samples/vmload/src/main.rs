@@ -30,6 +30,11 @@
 //! - `switches:N` — N round trips between two threads over pipes (2N
 //!   context switches).
 //!
+//! - `twofds:N` — N one-byte reads at one call site (`vmload_twofds_read`),
+//!   two from a pipe, two from a unix socket, and so on; a helper thread
+//!   writes each byte 1 ms after the last, so every read blocks (state S)
+//!   for about 1 ms: one user site over two kernel paths, N/2 blocks each.
+//!
 //! Every step is a named, never-inlined function, so a test knows which
 //! window each stack belongs in and how much time it must show.
 
@@ -55,6 +60,7 @@ enum Step {
     Forks(u64),
     Spawns(u64),
     Switches(u64),
+    TwoFds(u64),
 }
 
 fn parse(plan: &str) -> Result<Vec<Step>, String> {
@@ -83,6 +89,7 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
                 "forks" => Ok(Step::Forks(ms)),
                 "spawns" => Ok(Step::Spawns(ms)),
                 "switches" => Ok(Step::Switches(ms)),
+                "twofds" => Ok(Step::TwoFds(ms)),
                 _ => Err(format!("step {s:?}: unknown step {name:?}")),
             }
         })
@@ -316,6 +323,64 @@ fn switches(n: u64) -> Result<(), String> {
     echo.join().map_err(|_| "echo thread panicked".to_owned())
 }
 
+/// libc's read is a leaf without a frame, so a frame-pointer walk skips
+/// its direct caller: that is this helper, and `vmload_twofds_read` above
+/// it stays visible.
+#[inline(never)]
+fn read_byte(fd: libc::c_int) -> isize {
+    let mut b = 0u8;
+    // SAFETY: a one-byte buffer.
+    black_box(unsafe { libc::read(black_box(fd), (&raw mut b).cast(), 1) })
+}
+
+/// One blocking read of one byte: the same user call site for every fd.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_twofds_read(fd: libc::c_int) -> isize {
+    black_box(read_byte(fd))
+}
+
+fn two_fds(n: u64) -> Result<(), String> {
+    let mut pipe = [0; 2];
+    let mut sock = [0; 2];
+    // SAFETY: arrays of two fds.
+    unsafe {
+        if libc::pipe(pipe.as_mut_ptr()) != 0
+            || libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sock.as_mut_ptr()) != 0
+        {
+            return Err(format!("twofds: {}", std::io::Error::last_os_error()));
+        }
+    }
+    // Reads 0 and 1 from the pipe, 2 and 3 from the socket, ...
+    let which = |i: u64| (i / 2) % 2;
+    let (pipe_w, sock_w) = (pipe[1], sock[1]);
+    let writer = std::thread::spawn(move || {
+        for i in 0..n {
+            sleep_in_kernel(1);
+            let fd = if which(i) == 0 { pipe_w } else { sock_w };
+            // SAFETY: one byte from a valid buffer.
+            if unsafe { libc::write(fd, c"x".as_ptr().cast(), 1) } != 1 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+        }
+        Ok(())
+    });
+    for i in 0..n {
+        let fd = if which(i) == 0 { pipe[0] } else { sock[0] };
+        if vmload_twofds_read(fd) != 1 {
+            return Err(format!("twofds: read: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let r = writer
+        .join()
+        .map_err(|_| "twofds: the writer panicked".to_owned())?;
+    for fd in pipe.into_iter().chain(sock) {
+        // SAFETY: fds this function opened.
+        unsafe { libc::close(fd) };
+    }
+    r
+}
+
 /// The libc sleep is a leaf without a frame, so a frame-pointer walk skips
 /// its direct caller: that caller is this helper, and `vmload_block` above
 /// it stays visible.
@@ -443,6 +508,7 @@ fn run(steps: &[Step]) -> Result<(), String> {
                 }
             }
             Step::Switches(n) => switches(n)?,
+            Step::TwoFds(n) => two_fds(n)?,
             Step::Thread(ms) => {
                 std::thread::Builder::new()
                     .name("vmload-worker".to_owned())
