@@ -504,7 +504,19 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     let raw_state: u64 = ctx.arg(3);
     let id = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((id >> 32) as u32, id as u32);
-    if pid == 0 || !is_tracked(tgid) {
+    if pid == 0 {
+        return;
+    }
+    // SAFETY: bpf_get_current_task has no preconditions; it is `prev`.
+    let task = unsafe { bpf_get_current_task() };
+    // A thread with an entry is tracked: only tracked threads get one, and
+    // it goes when they exit (the pid check guards a reused task_struct).
+    // So the tracked-set lookup is only for threads without one yet.
+    let mut entry = OFFCPU_START
+        .get_ptr_mut(&task)
+        // SAFETY: a valid map value.
+        .filter(|e| unsafe { (**e).key.pid } == pid);
+    if entry.is_none() && !is_tracked(tgid) {
         return;
     }
     let Some(window) = current_window() else {
@@ -518,16 +530,10 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         return;
     }
     let state = report_state(preempt != 0, raw_state);
-    // SAFETY: bpf_get_current_task has no preconditions; it is `prev`.
-    let task = unsafe { bpf_get_current_task() };
-    let mut entry = OFFCPU_START.get_ptr_mut(&task);
     if entry.is_none() {
-        // The thread's first block: its entry, from a zeroed template (too
-        // large for the BPF stack).
-        if OFFCPU_START
-            .insert(&task, &OFFCPU_START_ZERO, u64::from(BPF_NOEXIST))
-            .is_err()
-        {
+        // The thread's first block (or a reused task_struct's): its entry,
+        // from a zeroed template (too large for the BPF stack).
+        if OFFCPU_START.insert(&task, &OFFCPU_START_ZERO, 0).is_err() {
             lose(window, Loss::OffCpuStartFull);
             return;
         }
@@ -955,11 +961,13 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     if pid == tgid && config!(vm_event_exec) != 0 && config!(vm_event_kvm) != 0 {
         let _ = VM_BY_EXEC.remove(&tgid);
     }
+    // Whether tracked or not (its process may have stopped being tracked
+    // first): an entry makes a thread count as tracked.
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let _ = OFFCPU_START.remove(&unsafe { bpf_get_current_task() });
     if !is_tracked(tgid) {
         return 0;
     }
-    // SAFETY: bpf_get_current_task has no preconditions.
-    let _ = OFFCPU_START.remove(&unsafe { bpf_get_current_task() });
     let _ = LOCK_PENDING.remove(&pid);
     let _ = FORK_START.remove(&pid);
     let _ = FORK_CALLER.remove(&pid);
