@@ -418,6 +418,12 @@ pub struct OffCpuStart {
     pub slot: u32,
     /// The slot a new site replaces next (first in, first out).
     pub next_slot: u32,
+    /// Blocks of this thread not yet added to the off-CPU map, all of this
+    /// key: a thread blocking the same way again and again (a ping-pong, a
+    /// worker on its queue) costs no map update per block. Added when the
+    /// key changes and when the thread exits; userspace adds what is left.
+    pub acc_key: OffCpuKey,
+    pub acc: OffCpuValue,
     pub sites: [BlockSite; BLOCK_SITES],
 }
 
@@ -924,7 +930,10 @@ mod tests {
         assert_eq!(size_of::<BlockSite>(), 10 * 8);
         assert_eq!(
             size_of::<OffCpuStart>(),
-            size_of::<OffCpuKey>() + 3 * 8 + BLOCK_SITES * size_of::<BlockSite>()
+            2 * size_of::<OffCpuKey>()
+                + 3 * 8
+                + size_of::<OffCpuValue>()
+                + BLOCK_SITES * size_of::<BlockSite>()
         );
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
         assert_eq!(size_of::<TracepointOffsets>(), 15 * 4);

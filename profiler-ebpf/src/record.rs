@@ -493,6 +493,23 @@ static OFFCPU_START_ZERO: OffCpuStart = OffCpuStart {
     wakeup_ns: 0,
     slot: NO_SITE,
     next_slot: 0,
+    acc_key: OffCpuKey {
+        window: 0,
+        tgid: 0,
+        pid: 0,
+        state: 0,
+        dbus: 0,
+        pad: 0,
+        kern_stack: 0,
+        user_stack: 0,
+        comm: [0; COMM_LEN],
+    },
+    acc: OffCpuValue {
+        count: 0,
+        total_ns: 0,
+        max_ns: 0,
+        runq_ns: 0,
+    },
     sites: [BlockSite::EMPTY; BLOCK_SITES],
 };
 
@@ -676,32 +693,68 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
             kernel_stack_at_site(next, sites_of(e), unsafe { (*e).slot }, key.window)
         };
     }
-    if let Some(v) = OFFCPU_TIMES.get_ptr_mut(&key) {
-        // SAFETY: a valid map value. Two CPUs switch the same task in at
-        // the same time never, and distinct tasks have distinct keys (pid is
-        // in the key), so plain updates do not race.
-        unsafe {
-            (*v).count += 1;
-            (*v).total_ns += blocked;
-            (*v).runq_ns += runq;
-            if blocked > (*v).max_ns {
-                (*v).max_ns = blocked;
+    // SAFETY: e is this task's valid map value, written only by the task
+    // itself (switch-out, exit) and here, when it is switched in.
+    unsafe {
+        let acc = &raw mut (*e).acc;
+        if (*acc).count != 0 {
+            if same_key(&raw const (*e).acc_key, &raw const key) {
+                (*acc).count += 1;
+                (*acc).total_ns += blocked;
+                (*acc).runq_ns += runq;
+                if blocked > (*acc).max_ns {
+                    (*acc).max_ns = blocked;
+                }
+                return 0;
             }
+            add_offcpu(&(*e).acc_key, &*acc);
         }
-    } else {
-        let v = OffCpuValue {
+        (*e).acc_key = key;
+        *acc = OffCpuValue {
             count: 1,
             total_ns: blocked,
             max_ns: blocked,
             runq_ns: runq,
         };
-        if OFFCPU_TIMES.insert(&key, &v, 0).is_err() {
-            lose(key.window, Loss::OffCpuMapFull);
-        }
     }
     0
 }
 
+/// Whether two off-CPU keys are equal, word by word (no memcmp in BPF).
+#[inline(always)]
+fn same_key(a: *const OffCpuKey, b: *const OffCpuKey) -> bool {
+    const WORDS: usize = core::mem::size_of::<OffCpuKey>() / 8;
+    let (a, b) = (a.cast::<u64>(), b.cast::<u64>());
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: i < WORDS, inside both keys.
+        if unsafe { *a.add(i) != *b.add(i) } {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Adds a thread's accumulated blocks to the off-CPU map.
+#[inline(always)]
+fn add_offcpu(key: &OffCpuKey, value: &OffCpuValue) {
+    if let Some(v) = OFFCPU_TIMES.get_ptr_mut(key) {
+        // SAFETY: a valid map value. Keys hold the pid, and only the thread
+        // itself adds its blocks (at switch-in and at exit), so plain updates
+        // do not race.
+        unsafe {
+            (*v).count += value.count;
+            (*v).total_ns += value.total_ns;
+            (*v).runq_ns += value.runq_ns;
+            if value.max_ns > (*v).max_ns {
+                (*v).max_ns = value.max_ns;
+            }
+        }
+    } else if OFFCPU_TIMES.insert(key, value, 0).is_err() {
+        lose(key.window, Loss::OffCpuMapFull);
+    }
+}
 /// Scratch for the top of a stopped task's kernel stack.
 #[map]
 static KSTACK_WORDS: PerCpuArray<[u64; KSTACK_SCAN_WORDS]> = PerCpuArray::with_max_entries(1, 0);
@@ -962,9 +1015,22 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
         let _ = VM_BY_EXEC.remove(&tgid);
     }
     // Whether tracked or not (its process may have stopped being tracked
-    // first): an entry makes a thread count as tracked.
+    // first): an entry makes a thread count as tracked. Its blocks not yet
+    // in the off-CPU map go there first. After the stop the entry stays for
+    // userspace to read.
     // SAFETY: bpf_get_current_task has no preconditions.
-    let _ = OFFCPU_START.remove(&unsafe { bpf_get_current_task() });
+    let task = unsafe { bpf_get_current_task() };
+    if !stopped() {
+        if let Some(e) = OFFCPU_START.get_ptr(&task) {
+            // SAFETY: the exiting thread's own entry.
+            unsafe {
+                if (*e).acc.count != 0 {
+                    add_offcpu(&(*e).acc_key, &(*e).acc);
+                }
+            }
+        }
+        let _ = OFFCPU_START.remove(&task);
+    }
     if !is_tracked(tgid) {
         return 0;
     }

@@ -931,6 +931,9 @@ struct Recorder {
     /// The tracers actually attached.
     tracers: Vec<Tracer>,
     ring_losses: u64,
+    /// Snapshots to take again: at exec only the binary and the dynamic
+    /// loader are mapped, the libraries come a moment later.
+    resnap: Vec<(Instant, u32)>,
 }
 
 /// Why the recording stopped.
@@ -1209,6 +1212,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         targets_gone: false,
         tracers: Vec::new(),
         ring_losses: 0,
+        resnap: Vec::new(),
         opts,
     };
     // Snapshot what runs already; with -a, everything.
@@ -1517,6 +1521,7 @@ impl Recorder {
                     () = sleep => return Ok(Stop::Duration),
                     _ = tick.tick() => {
                         self.drain_events(events);
+                        self.resnapshot_due();
                         if let Some(g) = gated.as_deref_mut()
                             && let Some(status) = g.try_wait()
                         {
@@ -1532,6 +1537,24 @@ impl Recorder {
                 }
             }
         })
+    }
+
+    /// Takes the snapshots that are due again (a snapshot equal to the
+    /// last one is not kept twice).
+    fn resnapshot_due(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        self.resnap.retain(|&(at, tgid)| {
+            if at <= now {
+                due.push(tgid);
+                false
+            } else {
+                true
+            }
+        });
+        for tgid in due {
+            self.processes.snapshot(tgid);
+        }
     }
 
     /// Handles every pending ring-buffer event. Exec and fork events are
@@ -1556,6 +1579,12 @@ impl Recorder {
         match ev.kind {
             k if k == EventKind::Exec as u32 => {
                 self.processes.snapshot(ev.tgid);
+                // Again once the dynamic loader has mapped the libraries
+                // (a short-lived process may be gone by the later one).
+                let now = Instant::now();
+                for ms in [20, 200, 1000] {
+                    self.resnap.push((now + Duration::from_millis(ms), ev.tgid));
+                }
                 let cmdline = procmaps::cmdline(ev.tgid);
                 let p = self.processes.entry(ev.tgid);
                 p.exec_ns = Some(rel);
@@ -1729,12 +1758,16 @@ impl Recorder {
                 .map_err(map_err(names::OFFCPU_START))?;
             let min = u64::try_from(self.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
             let max = u64::try_from(self.opts.max_block.as_nanos()).unwrap_or(u64::MAX);
-            // Entries stay for live threads; those not blocked have no start.
-            for (_, s) in m
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, s)| s.start_ns != 0)
-            {
+            // Entries stay for live threads (and, after the stop, for the
+            // threads that exited since). Each holds its last blocks not yet
+            // in the off-CPU map; one not blocked has no start.
+            for (_, s) in m.iter().filter_map(Result::ok) {
+                if s.acc.count != 0 {
+                    offcpu_raw.push((s.acc_key, s.acc));
+                }
+                if s.start_ns == 0 {
+                    continue;
+                }
                 let blocked = stop_ns.saturating_sub(s.start_ns);
                 let alive =
                     PathBuf::from(format!("/proc/{}/task/{}", s.key.tgid, s.key.pid)).exists();
@@ -1756,6 +1789,20 @@ impl Recorder {
                 ));
             }
         }
+        // One row per key: the map's, a thread's pending blocks and its block
+        // in progress may share one.
+        let offcpu_raw: Vec<(OffCpuKey, OffCpuValue)> = {
+            let mut merged: std::collections::HashMap<OffCpuKey, OffCpuValue> =
+                std::collections::HashMap::with_capacity(offcpu_raw.len());
+            for (k, v) in offcpu_raw {
+                let e = merged.entry(k).or_default();
+                e.count += v.count;
+                e.total_ns += v.total_ns;
+                e.runq_ns += v.runq_ns;
+                e.max_ns = e.max_ns.max(v.max_ns);
+            }
+            merged.into_iter().collect()
+        };
         let mut losses: Vec<LossCount> = {
             let m: PerCpuHashMap<&MapData, LossKey, u64> =
                 PerCpuHashMap::try_from(bpf.map(names::LOSSES).ok_or(RecordError::Missing {

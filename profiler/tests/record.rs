@@ -483,7 +483,23 @@ fn min_and_max_block_filter_off_cpu_time() {
         ],
     );
     let blocked = blocked_in(&p, "vmload_block");
-    assert_blocked(blocked[&0], 400, "only the 400 ms sleep is kept");
+    assert_blocked(
+        blocked.get(&0).copied().unwrap_or(0),
+        400,
+        &format!(
+            "only the 400 ms sleep is kept ({} rows: {:?})",
+            p.offcpu.len(),
+            p.offcpu
+                .iter()
+                .map(|r| (
+                    r.window,
+                    r.blocks,
+                    r.total_ns,
+                    p.frame_names(&r.stack).collect::<Vec<_>>()
+                ))
+                .collect::<Vec<_>>()
+        ),
+    );
     assert!(
         p.offcpu
             .iter()
