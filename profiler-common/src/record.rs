@@ -342,6 +342,20 @@ pub struct OffCpuKey {
     pub comm: [u8; COMM_LEN],
 }
 
+impl OffCpuKey {
+    pub const ZERO: Self = Self {
+        window: 0,
+        tgid: 0,
+        pid: 0,
+        state: 0,
+        dbus: 0,
+        pad: 0,
+        kern_stack: 0,
+        user_stack: 0,
+        comm: [0; COMM_LEN],
+    };
+}
+
 /// Off-CPU times of one key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -353,6 +367,39 @@ pub struct OffCpuValue {
     pub max_ns: u64,
     /// Of `total_ns`, the part after the wakeup, waiting for a CPU.
     pub runq_ns: u64,
+}
+
+impl OffCpuValue {
+    pub const ZERO: Self = Self {
+        count: 0,
+        total_ns: 0,
+        max_ns: 0,
+        runq_ns: 0,
+    };
+
+    /// One block of `blocked_ns`, `runq_ns` of it waiting for a CPU.
+    #[must_use]
+    pub const fn block(blocked_ns: u64, runq_ns: u64) -> Self {
+        Self {
+            count: 1,
+            total_ns: blocked_ns,
+            max_ns: blocked_ns,
+            runq_ns,
+        }
+    }
+
+    /// Adds `other`'s blocks (the kernel's per-thread sums, its map, and
+    /// userspace's merge all add this way).
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "on the eBPF per-event path")]
+    pub fn add(&mut self, other: &Self) {
+        self.count += other.count;
+        self.total_ns += other.total_ns;
+        self.runq_ns += other.runq_ns;
+        if other.max_ns > self.max_ns {
+            self.max_ns = other.max_ns;
+        }
+    }
 }
 
 /// Sites a thread's off-CPU entry remembers (a QEMU vCPU thread alternates

@@ -478,38 +478,13 @@ pub fn offcpu_sched_switch(ctx: BtfTracePointContext) -> u32 {
 /// A new thread's off-CPU entry (larger than the BPF stack allows).
 #[unsafe(no_mangle)]
 static OFFCPU_START_ZERO: OffCpuStart = OffCpuStart {
-    key: OffCpuKey {
-        window: 0,
-        tgid: 0,
-        pid: 0,
-        state: 0,
-        dbus: 0,
-        pad: 0,
-        kern_stack: 0,
-        user_stack: 0,
-        comm: [0; COMM_LEN],
-    },
+    key: OffCpuKey::ZERO,
     start_ns: 0,
     wakeup_ns: 0,
     slot: NO_SITE,
     next_slot: 0,
-    acc_key: OffCpuKey {
-        window: 0,
-        tgid: 0,
-        pid: 0,
-        state: 0,
-        dbus: 0,
-        pad: 0,
-        kern_stack: 0,
-        user_stack: 0,
-        comm: [0; COMM_LEN],
-    },
-    acc: OffCpuValue {
-        count: 0,
-        total_ns: 0,
-        max_ns: 0,
-        runq_ns: 0,
-    },
+    acc_key: OffCpuKey::ZERO,
+    acc: OffCpuValue::ZERO,
     sites: [BlockSite::EMPTY; BLOCK_SITES],
 };
 
@@ -697,25 +672,16 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
     // itself (switch-out, exit) and here, when it is switched in.
     unsafe {
         let acc = &raw mut (*e).acc;
+        let block = OffCpuValue::block(blocked, runq);
         if (*acc).count != 0 {
             if same_key(&raw const (*e).acc_key, &raw const key) {
-                (*acc).count += 1;
-                (*acc).total_ns += blocked;
-                (*acc).runq_ns += runq;
-                if blocked > (*acc).max_ns {
-                    (*acc).max_ns = blocked;
-                }
+                (*acc).add(&block);
                 return 0;
             }
             add_offcpu(&(*e).acc_key, &*acc);
         }
         (*e).acc_key = key;
-        *acc = OffCpuValue {
-            count: 1,
-            total_ns: blocked,
-            max_ns: blocked,
-            runq_ns: runq,
-        };
+        *acc = block;
     }
     0
 }
@@ -743,14 +709,7 @@ fn add_offcpu(key: &OffCpuKey, value: &OffCpuValue) {
         // SAFETY: a valid map value. Keys hold the pid, and only the thread
         // itself adds its blocks (at switch-in and at exit), so plain updates
         // do not race.
-        unsafe {
-            (*v).count += value.count;
-            (*v).total_ns += value.total_ns;
-            (*v).runq_ns += value.runq_ns;
-            if value.max_ns > (*v).max_ns {
-                (*v).max_ns = value.max_ns;
-            }
-        }
+        unsafe { (*v).add(value) };
     } else if OFFCPU_TIMES.insert(key, value, 0).is_err() {
         lose(key.window, Loss::OffCpuMapFull);
     }
@@ -781,7 +740,6 @@ fn kernel_stack_at_site(
     let off = config!(task_thread_sp) as usize;
     let slot = slot as usize;
     if off == 0 || slot >= BLOCK_SITES {
-        count(Counter::OffCpuKernWalkIn);
         return task_kernel_stack(task, window);
     }
     // SAFETY: task is the tracepoint's BTF task pointer (its saved stack
@@ -801,7 +759,6 @@ fn kernel_stack_at_site(
                 return (*site).kern_stack;
             }
         }
-        count(Counter::OffCpuKernWalkIn);
         let id = task_kernel_stack(task, window);
         (*site).kern_stack = 0;
         if sp != 0 && id >= STACK_ID_MIN {
@@ -876,6 +833,7 @@ fn remember_kernel_stack(site: *mut BlockSite, sp: u64, nr: u64, id: u64) {
 /// still is until it is switched in.
 #[inline(always)]
 fn task_kernel_stack(task: *mut task_struct, window: u32) -> u64 {
+    count(Counter::OffCpuKernWalkIn);
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         lose(window, Loss::KernStackError);
         return u64::from(ENOMEM as u32);

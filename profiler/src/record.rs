@@ -1774,19 +1774,12 @@ impl Recorder {
                 if blocked < min || blocked > max || s.start_ns < self.start_ns || !alive {
                     continue;
                 }
-                offcpu_raw.push((
-                    s.key,
-                    OffCpuValue {
-                        count: 1,
-                        total_ns: blocked,
-                        max_ns: blocked,
-                        runq_ns: if s.wakeup_ns == 0 {
-                            0
-                        } else {
-                            stop_ns.saturating_sub(s.wakeup_ns)
-                        },
-                    },
-                ));
+                let runq = if s.wakeup_ns == 0 {
+                    0
+                } else {
+                    stop_ns.saturating_sub(s.wakeup_ns)
+                };
+                offcpu_raw.push((s.key, OffCpuValue::block(blocked, runq)));
             }
         }
         // One row per key: the map's, a thread's pending blocks and its block
@@ -1795,11 +1788,7 @@ impl Recorder {
             let mut merged: std::collections::HashMap<OffCpuKey, OffCpuValue> =
                 std::collections::HashMap::with_capacity(offcpu_raw.len());
             for (k, v) in offcpu_raw {
-                let e = merged.entry(k).or_default();
-                e.count += v.count;
-                e.total_ns += v.total_ns;
-                e.runq_ns += v.runq_ns;
-                e.max_ns = e.max_ns.max(v.max_ns);
+                merged.entry(k).or_default().add(&v);
             }
             merged.into_iter().collect()
         };
