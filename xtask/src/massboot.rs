@@ -20,6 +20,8 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 
+use crate::packages::sh;
+
 /// Packages the boot needs; qemu-system-x86 comes from bookworm-backports,
 /// because this image's qemu-utils 10 (backports) conflicts with bookworm's
 /// QEMU 7.2.
@@ -124,18 +126,6 @@ fn domain_xml(name: &str, accel: Accel, disk: &Path, serial: &Path) -> String {
         disk.display(),
         serial.display()
     )
-}
-
-fn sh(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Live (not zombie) processes whose comm is `comm`.

@@ -11,7 +11,9 @@ fn installed(pkg: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+/// Runs a command; its stdout, or an error with the command, its status
+/// and its output.
+pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     ensure!(
         out.status.success(),
@@ -20,7 +22,7 @@ fn sh(cmd: &mut Command) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stdout).trim(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Installs the missing packages, and only those (`(name, Some(suite))`
