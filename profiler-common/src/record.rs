@@ -714,10 +714,15 @@ pub enum Counter {
     /// in the same syscall, with the same return addresses at the same places
     /// on its kernel stack.
     OffCpuKernCached = 8,
+    /// Lock waits whose waiter's user stack was walked.
+    LockUserWalk = 9,
+    /// Lock waits whose waiter's user stack was reused: the thread was at a
+    /// site where it had blocked or contended before.
+    LockUserCached = 10,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
 }
 
 /// The blocking D-Bus client functions, as uprobe cookies number them.

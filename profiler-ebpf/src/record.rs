@@ -558,48 +558,14 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         // The user stack is reused when the thread blocks again at one of
         // the last sites it blocked at (a QEMU worker on its futex, a main
         // loop in ppoll): four register reads instead of a walk.
-        let site = if config!(block_site_cache) != 0 {
-            user_site()
-        } else {
-            [0; 4]
-        };
-        let mut user = 0;
-        if site[0] != 0 {
-            let sites = sites_of(e);
-            let mut i = 0;
-            while i < BLOCK_SITES {
-                // SAFETY: i < BLOCK_SITES, inside the thread's entry.
-                let s = unsafe { &*sites.add(i) };
-                if s.user_stack >= STACK_ID_MIN && s.user == site {
-                    slot = i as u32;
-                    user = s.user_stack;
-                    break;
-                }
-                i += 1;
-            }
-        }
-        if user >= STACK_ID_MIN {
-            count(Counter::OffCpuUserCached);
-        } else {
-            count(Counter::OffCpuUserWalk);
-            user = user_stack(ctx, window);
-            if user >= STACK_ID_MIN && site[0] != 0 {
-                // A new site replaces the oldest.
-                // SAFETY: the thread's own entry (it is running here).
-                let next = unsafe { (*e).next_slot } as usize;
-                let next = if next < BLOCK_SITES { next } else { 0 };
-                // SAFETY: next < BLOCK_SITES.
-                unsafe {
-                    *sites_of(e).add(next) = BlockSite {
-                        user: site,
-                        user_stack: user,
-                        ..BlockSite::EMPTY
-                    };
-                    (*e).next_slot = ((next + 1) % BLOCK_SITES) as u32;
-                }
-                slot = next as u32;
-            }
-        }
+        let (user, at) = site_user_stack(
+            ctx,
+            e,
+            window,
+            Counter::OffCpuUserCached,
+            Counter::OffCpuUserWalk,
+        );
+        slot = at;
         (kern, user)
     };
     let key = OffCpuKey {
@@ -628,6 +594,58 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
 fn sites_of(e: *mut OffCpuStart) -> *mut BlockSite {
     // SAFETY: e is a valid map value.
     unsafe { (&raw mut (*e).sites).cast::<BlockSite>() }
+}
+
+/// The current thread's user stack: the one remembered with its entry `e`
+/// if the thread is at one of the sites there (same user ip, sp, bp and
+/// return address: the same call chain), else a walk, remembered in the
+/// oldest site. Returns the stack id and the site's slot (`NO_SITE` if
+/// none), and counts a reuse as `cached`, a walk as `walked`.
+#[inline(always)]
+fn site_user_stack<C: EbpfContext>(
+    ctx: &C,
+    e: *mut OffCpuStart,
+    window: u32,
+    cached: Counter,
+    walked: Counter,
+) -> (u64, u32) {
+    let site = if config!(block_site_cache) != 0 {
+        user_site()
+    } else {
+        [0; 4]
+    };
+    if site[0] != 0 {
+        let sites = sites_of(e);
+        let mut i = 0;
+        while i < BLOCK_SITES {
+            // SAFETY: i < BLOCK_SITES, inside the thread's entry.
+            let s = unsafe { &*sites.add(i) };
+            if s.user_stack >= STACK_ID_MIN && s.user == site {
+                count(cached);
+                return (s.user_stack, i as u32);
+            }
+            i += 1;
+        }
+    }
+    count(walked);
+    let user = user_stack(ctx, window);
+    if user < STACK_ID_MIN || site[0] == 0 {
+        return (user, NO_SITE);
+    }
+    // A new site replaces the oldest.
+    // SAFETY: the thread's own entry (it is running here, so no switch-in
+    // reads its sites meanwhile).
+    unsafe {
+        let next = (*e).next_slot as usize;
+        let next = if next < BLOCK_SITES { next } else { 0 };
+        *sites_of(e).add(next) = BlockSite {
+            user: site,
+            user_stack: user,
+            ..BlockSite::EMPTY
+        };
+        (*e).next_slot = ((next + 1) % BLOCK_SITES) as u32;
+        (user, next as u32)
+    }
 }
 
 /// The task switching in: if it was blocked, charge its block.
@@ -1211,7 +1229,33 @@ pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
         count(Counter::LockWaitsMigrated);
     }
     let wait = end.saturating_sub(begin.start_ns);
-    let (kern_stack, user_stack) = stacks(&ctx, begin.window);
+    let kern_stack = kern_stack_or_reason(stack_id(&ctx, 0), begin.window);
+    // The user stack: reused if the thread is at a site where it blocked
+    // or contended before (a QEMU thread's futex wake or eventfd write
+    // contending on a run-queue lock). Walking it costs microseconds where
+    // there are no frame pointers.
+    // SAFETY: bpf_get_current_task has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let user_stack = match OFFCPU_START
+        .get_ptr_mut(&task)
+        // SAFETY: a valid map value.
+        .filter(|e| unsafe { (**e).key.pid } == pid)
+    {
+        Some(e) => {
+            site_user_stack(
+                &ctx,
+                e,
+                begin.window,
+                Counter::LockUserCached,
+                Counter::LockUserWalk,
+            )
+            .0
+        }
+        None => {
+            count(Counter::LockUserWalk);
+            user_stack(&ctx, begin.window)
+        }
+    };
     let key = LockKey {
         window: begin.window,
         tgid,
@@ -1336,7 +1380,7 @@ pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let took = now().saturating_sub(start.start_ns);
-    let (_, user_stack) = stacks(&ctx, start.window);
+    let user_stack = user_stack(&ctx, start.window);
     // SAFETY: only copied.
     let caller = unsafe { FORK_CALLER.get(&pid) }.copied().unwrap_or(0);
     let _ = FORK_CALLER.remove(&pid);

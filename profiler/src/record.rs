@@ -1739,6 +1739,11 @@ impl Recorder {
                     "lock waits ended on another CPU",
                 ),
                 (Counter::LockWaitsNested, "lock waits nested in another"),
+                (Counter::LockUserWalk, "lock-wait user stacks walked"),
+                (
+                    Counter::LockUserCached,
+                    "lock-wait user stacks reused (same site)",
+                ),
             ] {
                 let n: u64 = a.get(&(c as u32), 0).map_or(0, |v| v.iter().sum());
                 out.insert(name.to_owned(), n);
