@@ -397,6 +397,39 @@ fn cpu_busy_seconds() -> f64 {
     secs
 }
 
+/// User and system CPU time of process `pid` so far (0 if it is gone).
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesized comm: state is field 3, utime 14, stime 15.
+    let ticks: u64 = stat.rsplit_once(')').map_or(0, |(_, rest)| {
+        rest.split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum()
+    });
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
+    let secs = ticks as f64 / hz.max(1) as f64;
+    secs
+}
+
+/// Run time of hvprof's eBPF programs, from the summary it wrote (recorded
+/// with `--bpf-stats`).
+fn ebpf_seconds(report: &Path) -> Option<f64> {
+    let summary: serde_json::Value =
+        serde_json::from_slice(&fs::read(report.join("summary.json")).ok()?).ok()?;
+    let ns: u64 = summary["program_stats"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| p["run_time_ns"].as_u64())
+        .sum();
+    #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
+    let secs = ns as f64 / 1e9;
+    Some(secs)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -599,6 +632,8 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
         opts.threads
     ));
     let busy_before = cpu_busy_seconds();
+    let hv_pid = s.hvprof.as_ref().map(Child::id);
+    let hv_before = hv_pid.map_or(0.0, process_cpu_seconds);
     let boot = Command::new("/usr/bin/python3")
         .arg(boot_script())
         .arg("boot")
@@ -610,6 +645,9 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
     // CPU time of the whole machine during the boot: steadier than wall
     // time on a small, noisy box, and what an overhead costs in the end.
     let boot_cpu_s = cpu_busy_seconds() - busy_before;
+    // hvprof's own share: its process (draining maps and rings, reading
+    // /proc) and, from its summary, its eBPF programs.
+    let hv_cpu_s = hv_pid.map(|p| process_cpu_seconds(p) - hv_before);
     let boot_json: serde_json::Value = serde_json::from_slice(&boot.stdout).map_err(|e| {
         anyhow!(
             "step 6/7: the boot client printed no result ({e}); see {}/libvirtd.log",
@@ -675,11 +713,20 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
         .collect();
     create.sort_by(f64::total_cmp);
     let wall = boot_json["wall_s"].as_f64().unwrap_or(0.0);
+    let ebpf_cpu_s = hv_cpu_s.and_then(|_| ebpf_seconds(&out));
     let mut text = String::new();
     let _ = writeln!(
         text,
         "\nmassboot: machine CPU time during the boot: {boot_cpu_s:.2} s"
     );
+    if let Some(hv) = hv_cpu_s {
+        let _ = writeln!(
+            text,
+            "  of which hvprof's process: {hv:.2} s; its eBPF programs: {} \
+             (the whole recording)",
+            ebpf_cpu_s.map_or_else(|| "unknown".to_owned(), |e| format!("{e:.2} s"))
+        );
+    }
     let _ = writeln!(
         text,
         "\nmassboot: {} guests booted in {wall:.2} s",
@@ -707,6 +754,8 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
         "guests": create.len(),
         "wall_s": wall,
         "boot_cpu_s": boot_cpu_s,
+        "hvprof_cpu_s": hv_cpu_s,
+        "ebpf_cpu_s": ebpf_cpu_s,
         "create_s": { "p50": percentile(&create, 0.5), "p90": percentile(&create, 0.9),
                       "max": create.last().copied().unwrap_or(0.0) },
         "boot": boot_json,
