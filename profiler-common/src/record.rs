@@ -402,12 +402,31 @@ impl OffCpuValue {
     }
 }
 
+/// A thread's blocks of one key not yet added to the off-CPU map: a thread
+/// blocking the same way again and again (a ping-pong, a worker on its
+/// queue) costs no map update per block. Added when the key changes, when
+/// the site is replaced and when the thread exits; userspace adds what is
+/// left at the stop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffCpuAcc {
+    pub key: OffCpuKey,
+    pub value: OffCpuValue,
+}
+
+impl OffCpuAcc {
+    pub const ZERO: Self = Self {
+        key: OffCpuKey::ZERO,
+        value: OffCpuValue::ZERO,
+    };
+}
+
 /// Sites a thread's off-CPU entry remembers (a QEMU vCPU thread alternates
 /// between the BQL, its halt condition and a few locks).
 pub const BLOCK_SITES: usize = 4;
 /// [`OffCpuStart::slot`] when the block in progress has no site.
 pub const NO_SITE: u32 = 4;
-const _: () = assert!(NO_SITE as usize == BLOCK_SITES);
+const _: () = assert!(NO_SITE as usize == BLOCK_SITES && BLOCK_SITES.is_power_of_two());
 
 /// Words above a stopped task's saved kernel stack pointer searched for the
 /// return addresses of its kernel stack (2 KiB).
@@ -436,6 +455,10 @@ pub struct BlockSite {
     /// syscall at the same user site) mean the same kernel call chain.
     pub kern_ret: [u64; 2],
     pub kern_ret_at: [u32; 2],
+    /// The blocks here not yet in the off-CPU map: one per site, so a
+    /// thread alternating between its sites (a QEMU vCPU between the BQL
+    /// and its halt) still adds up in place.
+    pub acc: OffCpuAcc,
 }
 
 impl BlockSite {
@@ -446,6 +469,7 @@ impl BlockSite {
         syscall: 0,
         kern_ret: [0; 2],
         kern_ret_at: [KSTACK_UNCHECKED; 2],
+        acc: OffCpuAcc::ZERO,
     };
 }
 
@@ -465,13 +489,19 @@ pub struct OffCpuStart {
     pub slot: u32,
     /// The slot a new site replaces next (first in, first out).
     pub next_slot: u32,
-    /// Blocks of this thread not yet added to the off-CPU map, all of this
-    /// key: a thread blocking the same way again and again (a ping-pong, a
-    /// worker on its queue) costs no map update per block. Added when the
-    /// key changes and when the thread exits; userspace adds what is left.
-    pub acc_key: OffCpuKey,
-    pub acc: OffCpuValue,
+    /// The blocks without a site (preemptions, unreadable user registers)
+    /// not yet in the off-CPU map; those with one are in their site.
+    pub acc: OffCpuAcc,
     pub sites: [BlockSite; BLOCK_SITES],
+}
+
+impl OffCpuStart {
+    /// The blocks not yet in the off-CPU map, by key.
+    pub fn pending(&self) -> impl Iterator<Item = &OffCpuAcc> {
+        core::iter::once(&self.acc)
+            .chain(self.sites.iter().map(|s| &s.acc))
+            .filter(|a| a.value.count != 0)
+    }
 }
 
 /// The VM counter, in a one-entry array so userspace can read it.
@@ -719,10 +749,13 @@ pub enum Counter {
     /// Lock waits whose waiter's user stack was reused: the thread was at a
     /// site where it had blocked or contended before.
     LockUserCached = 10,
+    /// Off-CPU map updates: a thread's accumulated blocks of one key added
+    /// (at a key change, a replaced site or its exit).
+    OffCpuMapUpdates = 11,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// The blocking D-Bus client functions, as uprobe cookies number them.
@@ -979,12 +1012,16 @@ mod tests {
         assert_eq!(size_of::<SampleKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<OffCpuKey>(), 6 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<StackBuf>(), MAX_STACK_DEPTH * 8);
-        assert_eq!(size_of::<BlockSite>(), 10 * 8);
+        assert_eq!(
+            size_of::<OffCpuAcc>(),
+            size_of::<OffCpuKey>() + size_of::<OffCpuValue>()
+        );
+        assert_eq!(size_of::<BlockSite>(), 10 * 8 + size_of::<OffCpuAcc>());
         assert_eq!(
             size_of::<OffCpuStart>(),
-            2 * size_of::<OffCpuKey>()
+            size_of::<OffCpuKey>()
                 + 3 * 8
-                + size_of::<OffCpuValue>()
+                + size_of::<OffCpuAcc>()
                 + BLOCK_SITES * size_of::<BlockSite>()
         );
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);

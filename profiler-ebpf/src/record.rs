@@ -28,10 +28,10 @@ use profiler_common::record::{
     DBUS_TIMEOUT_INFINITE, DbusInflight, DbusKey, DbusLast, DbusNames, DbusValue, Event, EventKind,
     ForkKey, ForkStart, ForkValue, KSTACK_SCAN_WORDS, KSTACK_UNCHECKED, KVM_CREATE_VM,
     LOCK_HIST_BUCKETS, LockBegin, LockKey, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING,
-    MAX_STACK_DEPTH, MAX_WINDOW_RANGES, NO_SITE, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW,
-    STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK, SampleKey,
-    StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode, WindowRange,
-    cgroup_op, dbus_fn, fork_kind, hist_bucket, window_every,
+    MAX_STACK_DEPTH, MAX_WINDOW_RANGES, NO_SITE, OffCpuAcc, OffCpuKey, OffCpuStart, OffCpuValue,
+    SETUP_WINDOW, STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK,
+    SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode,
+    WindowRange, cgroup_op, dbus_fn, fork_kind, hist_bucket, window_every,
 };
 
 const EFAULT: i32 = 14;
@@ -60,7 +60,7 @@ static ONCPU_COUNTS: HashMap<SampleKey, u64> = HashMap::with_max_entries(65536, 
 #[map]
 static OFFCPU_TIMES: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(65536, 0);
 #[map]
-static OFFCPU_START: HashMap<u64, OffCpuStart> = HashMap::with_max_entries(65536, 0);
+static OFFCPU_START: HashMap<u64, OffCpuStart> = HashMap::with_max_entries(32768, 0);
 /// Stacks by content hash (see `StackBuf`). Preallocated: an insert from
 /// the sampling interrupt must not fail for want of memory. Userspace sets
 /// the size (`--max-stacks`).
@@ -483,8 +483,7 @@ static OFFCPU_START_ZERO: OffCpuStart = OffCpuStart {
     wakeup_ns: 0,
     slot: NO_SITE,
     next_slot: 0,
-    acc_key: OffCpuKey::ZERO,
-    acc: OffCpuValue::ZERO,
+    acc: OffCpuAcc::ZERO,
     sites: [BlockSite::EMPTY; BLOCK_SITES],
 };
 
@@ -632,12 +631,13 @@ fn site_user_stack<C: EbpfContext>(
     if user < STACK_ID_MIN || site[0] == 0 {
         return (user, NO_SITE);
     }
-    // A new site replaces the oldest.
+    // A new site replaces the oldest, whose blocks go to the map first.
     // SAFETY: the thread's own entry (it is running here, so no switch-in
     // reads its sites meanwhile).
     unsafe {
         let next = (*e).next_slot as usize;
         let next = if next < BLOCK_SITES { next } else { 0 };
+        flush(&raw mut (*sites_of(e).add(next)).acc);
         *sites_of(e).add(next) = BlockSite {
             user: site,
             user_stack: user,
@@ -687,21 +687,42 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
         };
     }
     // SAFETY: e is this task's valid map value, written only by the task
-    // itself (switch-out, exit) and here, when it is switched in.
+    // itself (switch-out, exit) and here, when it is switched in; the slot
+    // is checked.
     unsafe {
-        let acc = &raw mut (*e).acc;
+        let acc = if ((*e).slot as usize) < BLOCK_SITES {
+            // Read again (volatile, so the compiler cannot know it is in
+            // range and drop the mask): the mask bounds it for the verifier.
+            let slot = core::ptr::read_volatile(&raw const (*e).slot) as usize;
+            &raw mut (*sites_of(e).add(slot & (BLOCK_SITES - 1))).acc
+        } else {
+            &raw mut (*e).acc
+        };
         let block = OffCpuValue::block(blocked, runq);
-        if (*acc).count != 0 {
-            if same_key(&raw const (*e).acc_key, &raw const key) {
-                (*acc).add(&block);
+        if (*acc).value.count != 0 {
+            if same_key(&raw const (*acc).key, &raw const key) {
+                (*acc).value.add(&block);
                 return 0;
             }
-            add_offcpu(&(*e).acc_key, &*acc);
+            add_offcpu(&(*acc).key, &(*acc).value);
         }
-        (*e).acc_key = key;
-        *acc = block;
+        (*acc).key = key;
+        (*acc).value = block;
     }
     0
+}
+
+/// Adds an accumulator's blocks to the off-CPU map and empties it.
+#[inline(always)]
+fn flush(acc: *mut OffCpuAcc) {
+    // SAFETY: a valid map value of the thread running here (or of one
+    // being switched in), the caller's to write.
+    unsafe {
+        if (*acc).value.count != 0 {
+            add_offcpu(&(*acc).key, &(*acc).value);
+            (*acc).value.count = 0;
+        }
+    }
 }
 
 /// Whether two off-CPU keys are equal, word by word (no memcmp in BPF).
@@ -723,6 +744,7 @@ fn same_key(a: *const OffCpuKey, b: *const OffCpuKey) -> bool {
 /// Adds a thread's accumulated blocks to the off-CPU map.
 #[inline(always)]
 fn add_offcpu(key: &OffCpuKey, value: &OffCpuValue) {
+    count(Counter::OffCpuMapUpdates);
     if let Some(v) = OFFCPU_TIMES.get_ptr_mut(key) {
         // SAFETY: a valid map value. Keys hold the pid, and only the thread
         // itself adds its blocks (at switch-in and at exit), so plain updates
@@ -911,6 +933,12 @@ pub fn task_fork(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let child = child as u32;
+    // A new thread is neither a process to follow nor an event: the parent
+    // is in clone or clone3 with CLONE_THREAD (an io_uring worker, made
+    // elsewhere, still goes to userspace, which tells it apart there).
+    if creates_thread() {
+        return 0;
+    }
     if config!(target_mode) == TargetMode::Tracked as u32 && config!(follow_children) != 0 {
         // The child may be a thread (then its tid is harmless here and is
         // removed when it exits) or a new process, whose pid is its tgid.
@@ -920,6 +948,31 @@ pub fn task_fork(ctx: TracePointContext) -> u32 {
     }
     emit(EventKind::Fork, tgid, pid, child, 0, current_window());
     0
+}
+
+/// Whether the current task is in a clone or clone3 system call that
+/// creates a thread (`CLONE_THREAD`), from its syscall registers.
+#[inline(always)]
+fn creates_thread() -> bool {
+    // SAFETY: the current task's BTF pointer: plain loads of its user
+    // registers.
+    let (nr, arg0) = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+        (
+            core::ptr::read_volatile(&raw const (*regs).orig_rax) as u32,
+            core::ptr::read_volatile(&raw const (*regs).rdi),
+        )
+    };
+    let flags = if nr == config!(nr_clone) {
+        arg0
+    } else if nr == config!(nr_clone3) {
+        // struct clone_args starts with `flags`.
+        // SAFETY: a user pointer, read with the checked helper.
+        unsafe { bpf_probe_read_user(arg0 as *const u64) }.unwrap_or(0)
+    } else {
+        0
+    };
+    flags & CLONE_THREAD != 0
 }
 
 #[inline(always)]
@@ -997,11 +1050,14 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     // SAFETY: bpf_get_current_task has no preconditions.
     let task = unsafe { bpf_get_current_task() };
     if !stopped() {
-        if let Some(e) = OFFCPU_START.get_ptr(&task) {
-            // SAFETY: the exiting thread's own entry.
+        if let Some(e) = OFFCPU_START.get_ptr_mut(&task) {
+            // SAFETY: the exiting thread's own entry; i < BLOCK_SITES.
             unsafe {
-                if (*e).acc.count != 0 {
-                    add_offcpu(&(*e).acc_key, &(*e).acc);
+                flush(&raw mut (*e).acc);
+                let mut i = 0;
+                while i < BLOCK_SITES {
+                    flush(&raw mut (*sites_of(e).add(i)).acc);
+                    i += 1;
                 }
             }
         }

@@ -1726,6 +1726,10 @@ impl Recorder {
                     "off-CPU blocks too short for a kernel walk",
                 ),
                 (Counter::OffCpuPreempted, "off-CPU preemptions (no stack)"),
+                (
+                    Counter::OffCpuMapUpdates,
+                    "off-CPU map updates (accumulated blocks added)",
+                ),
             ]);
         }
         for (c, name) in counted {
@@ -1801,9 +1805,7 @@ impl Recorder {
             // threads that exited since). Each holds its last blocks not yet
             // in the off-CPU map; one not blocked has no start.
             for (_, s) in m.iter().filter_map(Result::ok) {
-                if s.acc.count != 0 {
-                    offcpu_raw.push((s.acc_key, s.acc));
-                }
+                offcpu_raw.extend(s.pending().map(|a| (a.key, a.value)));
                 if s.start_ns == 0 {
                     continue;
                 }
