@@ -16,6 +16,12 @@
 //!   space for MS ms in `vmload_contend`: the kernel's mmap_lock (an rwsem)
 //!   is contended on purpose.
 //!
+//! - `readlocks:MS` — the same `read(2)` waits for the mmap_lock by two
+//!   kernel paths for MS ms: one thread reads `/proc/self/cmdline` (which
+//!   read-locks the address space), one reads `/dev/zero` into a fresh
+//!   mapping (the copy faults, and the fault read-locks it), while two
+//!   threads of `contend` write-lock it.
+//!
 //! - `cgroups:N` — under the cgroup v2 mount (and the v1 `memory`
 //!   hierarchy, where mounted), make `hvprof-vmload-PID/`, then N times:
 //!   mkdir `cg-I`, move itself in (write to `cgroup.procs`), move back,
@@ -56,6 +62,7 @@ enum Step {
     Thread(u64),
     Work(u64),
     Contend(u64),
+    ReadLocks(u64),
     Cgroups(u64),
     Forks(u64),
     Spawns(u64),
@@ -85,6 +92,7 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
                 "thread" => Ok(Step::Thread(ms)),
                 "work" => Ok(Step::Work(ms)),
                 "contend" => Ok(Step::Contend(ms)),
+                "readlocks" => Ok(Step::ReadLocks(ms)),
                 "cgroups" => Ok(Step::Cgroups(ms)),
                 "forks" => Ok(Step::Forks(ms)),
                 "spawns" => Ok(Step::Spawns(ms)),
@@ -178,6 +186,82 @@ pub extern "C" fn vmload_contend(ms: u64) -> u64 {
         rounds += 1;
     }
     rounds
+}
+
+/// Reads `/proc/self/cmdline` for `ms` ms (each read locks the mmap_lock
+/// for reading in `__access_remote_vm`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_read_cmdline(ms: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    let mut rounds = 0;
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        if let Ok(mut f) = std::fs::File::open("/proc/self/cmdline") {
+            let _ = std::io::Read::read(&mut f, &mut buf);
+        }
+        rounds += 1;
+    }
+    rounds
+}
+
+/// Reads `/dev/zero` into a fresh anonymous mapping for `ms` ms: the copy
+/// to it faults, and the first fault of a new mapping takes the mmap_lock
+/// for reading, inside `read(2)`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_read_fault(ms: u64) -> u64 {
+    const LEN: usize = 64 * 1024;
+    let Ok(mut zero) = std::fs::File::open("/dev/zero") else {
+        return 0;
+    };
+    let deadline = Instant::now() + Duration::from_millis(ms);
+    let mut rounds = 0;
+    while Instant::now() < deadline {
+        // SAFETY: an anonymous private mapping, read into within its
+        // length, then unmapped.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                continue;
+            }
+            let buf = std::slice::from_raw_parts_mut(p.cast::<u8>(), LEN);
+            let _ = std::io::Read::read(&mut zero, buf);
+            libc::munmap(p, LEN);
+        }
+        rounds += 1;
+    }
+    rounds
+}
+
+fn readlocks(ms: u64) -> Result<(), String> {
+    let jobs: [(&str, extern "C" fn(u64) -> u64); 4] = [
+        ("vmload-mm0", vmload_contend),
+        ("vmload-mm1", vmload_contend),
+        ("vmload-cmdline", vmload_read_cmdline),
+        ("vmload-rdfault", vmload_read_fault),
+    ];
+    let threads: Vec<_> = jobs
+        .into_iter()
+        .map(|(name, job)| {
+            std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(move || job(ms))
+                .map_err(|e| format!("thread: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    for t in threads {
+        t.join()
+            .map_err(|_| "readlocks thread panicked".to_owned())?;
+    }
+    Ok(())
 }
 
 fn contend(ms: u64) -> Result<(), String> {
@@ -492,6 +576,7 @@ fn run(steps: &[Step]) -> Result<(), String> {
             }
             Step::Forks(n) => forks(n)?,
             Step::Contend(ms) => contend(ms)?,
+            Step::ReadLocks(ms) => readlocks(ms)?,
             Step::Cgroups(n) => {
                 if vmload_cgroups(n) != 0 {
                     return Err("the cgroups step failed".to_owned());
