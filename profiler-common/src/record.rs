@@ -206,11 +206,21 @@ pub struct Config {
     /// `--kernel-stack-min-block`, in ns: an off-CPU kernel stack is walked
     /// (when the task comes back) only for blocks at least this long.
     pub kstack_min_ns: u64,
+    /// Where the syscall entry calls into C (`entry_SYSCALL_64_after_hwframe`
+    /// up to the next symbol), from kallsyms; 0s if unknown. A kernel stack
+    /// whose outermost return address is there has the per-syscall random
+    /// offset above its other frames.
+    pub syscall_entry: u64,
+    pub syscall_entry_end: u64,
     pub offsets: TracepointOffsets,
     /// Offset of `task_struct.thread.sp` (the saved kernel stack pointer of
     /// a task that is not running), from kernel BTF; 0 if unknown, and then
     /// no kernel stack is reused.
     pub task_thread_sp: u32,
+    /// Nonzero: walk the stacks even where one is reused, and count the
+    /// reuses that differ from the walk (`Counter::*ReuseDiffers`).
+    pub verify_stack_cache: u32,
+    pub pad: u32,
 }
 
 impl Config {
@@ -240,6 +250,8 @@ impl Config {
             min_block_ns: 0,
             max_block_ns: u64::MAX,
             kstack_min_ns: 0,
+            syscall_entry: 0,
+            syscall_entry_end: 0,
             offsets: TracepointOffsets {
                 fork_parent_pid: 0,
                 fork_child_pid: 0,
@@ -258,6 +270,8 @@ impl Config {
                 cgroup_attach_path: 0,
             },
             task_thread_sp: 0,
+            verify_stack_cache: 0,
+            pad: 0,
         }
     }
 }
@@ -558,6 +572,13 @@ pub mod lock_flags {
     pub const RT: u32 = 1 << 3;
     pub const PERCPU: u32 = 1 << 4;
     pub const MUTEX: u32 = 1 << 5;
+
+    /// A lock whose waiters sleep (mutex, rwsem, rt-mutex, percpu-rwsem,
+    /// and a mutex's optimistic spin): only taken in process context.
+    #[must_use]
+    pub const fn sleeps(flags: u32) -> bool {
+        flags & SPIN == 0 || flags & MUTEX != 0
+    }
 }
 
 /// log2 buckets of lock wait time: bucket `i` holds waits in
@@ -614,8 +635,41 @@ pub struct LockBegin {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LockPending {
     pub depth: u32,
-    pub pad: u32,
+    /// The slot of `kstacks` a new kernel stack replaces next.
+    pub kstack_next: u32,
     pub entries: [LockBegin; MAX_LOCK_NESTING],
+    /// The thread's last kernel stacks walked at a contention end.
+    pub kstacks: [LockKstack; LOCK_KSTACKS],
+}
+
+/// Kernel stacks a thread's lock entry remembers.
+pub const LOCK_KSTACKS: usize = 2;
+/// Return addresses of a remembered lock-wait kernel stack that are checked.
+pub const LOCK_KSTACK_FRAMES: usize = 16;
+/// Words below the task's entry registers (the top of its kernel stack)
+/// searched for them (4 KiB).
+pub const LOCK_KSTACK_WORDS: usize = 512;
+
+/// A kernel stack walked at a contention end, and where its return
+/// addresses sat in the 4 KiB at the top of the waiter's kernel stack. The
+/// kernel moves the frames below the syscall entry by a random offset at
+/// every syscall, all by the same amount: the same syscall and return
+/// addresses at the same places (after finding the innermost one) mean the
+/// same kernel call chain, without walking it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockKstack {
+    /// The stack id (0: empty).
+    pub id: u64,
+    pub syscall: u64,
+    /// Its frames, innermost first, all in `ret` and `at`.
+    pub found: u32,
+    /// Scratch for the search (in the map value, not a register, for the
+    /// verifier's sake).
+    pub search: u32,
+    pub ret: [u64; LOCK_KSTACK_FRAMES],
+    /// Word index in the 4 KiB window.
+    pub at: [u32; LOCK_KSTACK_FRAMES],
 }
 
 /// Fork syscalls, as [`ForkKey::kind`] numbers them (low byte).
@@ -752,10 +806,22 @@ pub enum Counter {
     /// Off-CPU map updates: a thread's accumulated blocks of one key added
     /// (at a key change, a replaced site or its exit).
     OffCpuMapUpdates = 11,
+    /// Lock waits whose waiter's kernel stack was walked.
+    LockKernWalk = 12,
+    /// Lock waits whose waiter's kernel stack was reused (see
+    /// [`LockKstack`]).
+    LockKernCached = 13,
+    /// Stacks reused that differ from the walk done anyway
+    /// (`verify_stack_cache`), one counter per cache: off-CPU user stacks,
+    /// off-CPU kernel stacks, lock-wait kernel stacks (lock-wait user
+    /// stacks come from the off-CPU user cache).
+    UserReuseDiffers = 14,
+    KernReuseDiffers = 15,
+    LockKernReuseDiffers = 16,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 17;
 }
 
 /// The blocking D-Bus client functions, as uprobe cookies number them.
@@ -1040,10 +1106,22 @@ mod tests {
         );
         assert_eq!(size_of::<DbusLast>(), 2 * 4 + 8 + size_of::<DbusNames>());
         assert_eq!(size_of::<LockValue>(), (3 + LOCK_HIST_BUCKETS) * 8);
-        assert_eq!(size_of::<LockPending>(), 8 + MAX_LOCK_NESTING * 32);
+        assert_eq!(size_of::<LockKstack>(), 3 * 8 + LOCK_KSTACK_FRAMES * 12);
+        assert_eq!(
+            size_of::<LockPending>(),
+            8 + MAX_LOCK_NESTING * 32 + LOCK_KSTACKS * size_of::<LockKstack>()
+        );
         assert_eq!(
             size_of::<Config>(),
-            10 * 4 + 2 * COMM_LEN + 2 * 4 + 2 * 4 + 4 * 4 + 24 + size_of::<TracepointOffsets>() + 4
+            10 * 4
+                + 2 * COMM_LEN
+                + 2 * 4
+                + 2 * 4
+                + 4 * 4
+                + 24
+                + 2 * 8
+                + size_of::<TracepointOffsets>()
+                + 3 * 4
         );
     }
 }

@@ -27,11 +27,12 @@ use profiler_common::record::{
     CgroupValue, Config, Counter, DBUS_DEFAULT_TIMEOUT_MS, DBUS_NAME_LEN, DBUS_TIMEOUT_DEFAULT,
     DBUS_TIMEOUT_INFINITE, DbusInflight, DbusKey, DbusLast, DbusNames, DbusValue, Event, EventKind,
     ForkKey, ForkStart, ForkValue, KSTACK_SCAN_WORDS, KSTACK_UNCHECKED, KVM_CREATE_VM,
-    LOCK_HIST_BUCKETS, LockBegin, LockKey, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING,
-    MAX_STACK_DEPTH, MAX_WINDOW_RANGES, NO_SITE, OffCpuAcc, OffCpuKey, OffCpuStart, OffCpuValue,
-    SETUP_WINDOW, STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK,
-    SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode,
-    WindowRange, cgroup_op, dbus_fn, fork_kind, hist_bucket, window_every,
+    LOCK_HIST_BUCKETS, LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS, LOCK_KSTACKS, LockBegin, LockKey,
+    LockKstack, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH,
+    MAX_WINDOW_RANGES, NO_SITE, OffCpuAcc, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW,
+    STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK, SampleKey,
+    StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode, WindowRange,
+    cgroup_op, dbus_fn, fork_kind, hist_bucket, lock_flags, window_every,
 };
 
 const EFAULT: i32 = 14;
@@ -595,6 +596,16 @@ fn sites_of(e: *mut OffCpuStart) -> *mut BlockSite {
     unsafe { (&raw mut (*e).sites).cast::<BlockSite>() }
 }
 
+/// With `verify_stack_cache`: the stack `walked` anyway where `reused`
+/// would have been taken, counting a difference.
+#[inline(always)]
+fn verified(reused: u64, walked: u64, differs: Counter) -> u64 {
+    if walked >= STACK_ID_MIN && walked != reused {
+        count(differs);
+    }
+    walked
+}
+
 /// The current thread's user stack: the one remembered with its entry `e`
 /// if the thread is at one of the sites there (same user ip, sp, bp and
 /// return address: the same call chain), else a walk, remembered in the
@@ -621,6 +632,16 @@ fn site_user_stack<C: EbpfContext>(
             let s = unsafe { &*sites.add(i) };
             if s.user_stack >= STACK_ID_MIN && s.user == site {
                 count(cached);
+                if config!(verify_stack_cache) != 0 {
+                    return (
+                        verified(
+                            s.user_stack,
+                            user_stack(ctx, window),
+                            Counter::UserReuseDiffers,
+                        ),
+                        i as u32,
+                    );
+                }
                 return (s.user_stack, i as u32);
             }
             i += 1;
@@ -782,6 +803,7 @@ fn kernel_stack_at_site(
     if off == 0 || slot >= BLOCK_SITES {
         return task_kernel_stack(task, window);
     }
+    let verify = config!(verify_stack_cache) != 0;
     // SAFETY: task is the tracepoint's BTF task pointer (its saved stack
     // pointer is read with the checked helper, its user registers with
     // plain loads); slot < BLOCK_SITES, inside the task's entry.
@@ -796,6 +818,13 @@ fn kernel_stack_at_site(
                 && (at1 == KSTACK_UNCHECKED || kstack_word(sp, at1) == (*site).kern_ret[1])
             {
                 count(Counter::OffCpuKernCached);
+                if verify {
+                    return verified(
+                        (*site).kern_stack,
+                        task_kernel_stack(task, window),
+                        Counter::KernReuseDiffers,
+                    );
+                }
                 return (*site).kern_stack;
             }
         }
@@ -1160,7 +1189,7 @@ static LOCK_VALUE_ZERO: LockValue = LockValue {
 #[unsafe(no_mangle)]
 static LOCK_PENDING_ZERO: LockPending = LockPending {
     depth: 0,
-    pad: 0,
+    kstack_next: 0,
     entries: [LockBegin {
         lock: 0,
         start_ns: 0,
@@ -1169,7 +1198,226 @@ static LOCK_PENDING_ZERO: LockPending = LockPending {
         flags: 0,
         window: 0,
     }; MAX_LOCK_NESTING],
+    kstacks: [LockKstack {
+        id: 0,
+        syscall: 0,
+        found: 0,
+        search: 0,
+        ret: [0; LOCK_KSTACK_FRAMES],
+        at: [0; LOCK_KSTACK_FRAMES],
+    }; LOCK_KSTACKS],
 };
+
+/// Scratch for the words above a lock-wait program's frame.
+#[map]
+static LOCK_KSTACK_SCRATCH: PerCpuArray<[u64; LOCK_KSTACK_WORDS]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// The current task's kernel stack at the end of a wait for a sleeping
+/// lock: one of the two its lock entry remembers if it is in the same
+/// syscall and every
+/// return address of it is where it was on its kernel stack (allowing for
+/// the per-syscall random offset); else a walk (4 to 12 µs here),
+/// remembered in the older slot.
+///
+/// Where the return addresses are is read from the 4 KiB below the task's
+/// entry registers, the top of its kernel stack. (Not relative to this
+/// program's frame: since Linux 6.13 a tracing program may run on a
+/// private stack.)
+#[inline(always)]
+fn lock_kernel_stack(
+    ctx: &TracePointContext,
+    pending: *mut LockPending,
+    flags: u32,
+    window: u32,
+) -> u64 {
+    let (Some(words), Some(buf)) = (
+        LOCK_KSTACK_SCRATCH.get_ptr_mut(0),
+        STACK_SCRATCH.get_ptr_mut(0),
+    ) else {
+        return kern_stack_or_reason(stack_id(ctx, 0), window);
+    };
+    // SAFETY: the current task's BTF pointer: a plain load of its syscall
+    // number; the stack is read with the checked helper into this CPU's
+    // scratch.
+    let (nr, len) = unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+        let nr = core::ptr::read_volatile(&raw const (*regs).orig_rax);
+        let bytes = (LOCK_KSTACK_WORDS * 8) as u64;
+        let ok = generated::bpf_probe_read_kernel(
+            words.cast(),
+            bytes as u32,
+            (regs as u64 - bytes) as *const c_void,
+        ) == 0;
+        (nr, if ok { LOCK_KSTACK_WORDS } else { 0 })
+    };
+    // Only for sleeping locks, taken in process context: a spinlock's
+    // waiter may be an interrupt on its own stack, and the task stack under
+    // it may still hold a whole earlier stack that would match.
+    let cache = config!(block_site_cache) != 0 && len != 0 && lock_flags::sleeps(flags);
+    let mut reused = 0;
+    if cache {
+        let mut k = 0;
+        while k < LOCK_KSTACKS {
+            // SAFETY: k < LOCK_KSTACKS, inside the thread's entry.
+            let c = unsafe { &raw mut (*pending).kstacks[k] };
+            if lock_kstack_matches(c, words, nr) {
+                count(Counter::LockKernCached);
+                // SAFETY: as above.
+                reused = unsafe { (*c).id };
+                if config!(verify_stack_cache) == 0 {
+                    return reused;
+                }
+                break;
+            }
+            k += 1;
+        }
+    }
+    if reused == 0 {
+        count(Counter::LockKernWalk);
+    }
+    // SAFETY: buf is this CPU's scratch value, one StackBuf long.
+    let n = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.cast(),
+            core::mem::size_of::<StackBuf>() as u32,
+            0,
+        )
+    };
+    let id = kern_stack_or_reason(store_stack(buf, n), window);
+    if reused != 0 {
+        return verified(reused, id, Counter::LockKernReuseDiffers);
+    }
+    if id >= STACK_ID_MIN && cache {
+        // SAFETY: the thread's own entry; the slot is bounded.
+        unsafe {
+            let next = (*pending).kstack_next as usize & (LOCK_KSTACKS - 1);
+            let c = &raw mut (*pending).kstacks[next];
+            if remember_lock_kstack(c, words, buf, n as usize / 8) {
+                (*c).id = id;
+                (*c).syscall = nr;
+                (*pending).kstack_next = ((next + 1) % LOCK_KSTACKS) as u32;
+            }
+        }
+    }
+    id
+}
+
+/// Whether remembered stack `c` is the current one: the same syscall, its
+/// innermost return address is found (the highest copy in the window:
+/// older copies left by deeper calls are below the live frames), the
+/// others are where they were, moved by as much, and the outermost, where
+/// the walk ends under the entry registers, has not moved (above a
+/// syscall's random offset; an exception's stack has none). The same
+/// return addresses at the same places make the unwinder find the same
+/// frames.
+#[inline(always)]
+fn lock_kstack_matches(
+    c: *mut LockKstack,
+    words: *const [u64; LOCK_KSTACK_WORDS],
+    nr: u64,
+) -> bool {
+    // SAFETY: c is a valid map value, words this CPU's scratch; indices
+    // are masked into range. The search's state is kept in the map value
+    // (see `remember_kernel_stack`).
+    let (entry, entry_end) = (config!(syscall_entry), config!(syscall_entry_end));
+    unsafe {
+        if (*c).id < STACK_ID_MIN || (*c).syscall != nr {
+            return false;
+        }
+        let at0 = (*c).at[0] as usize & (LOCK_KSTACK_WORDS - 1);
+        let ret0 = (*c).ret[0];
+        core::ptr::write_volatile(&raw mut (*c).search, KSTACK_UNCHECKED);
+        let mut w = LOCK_KSTACK_WORDS;
+        while w > 0 {
+            w -= 1;
+            if (*words)[w] == ret0 {
+                core::ptr::write_volatile(&raw mut (*c).search, w as u32);
+                break;
+            }
+        }
+        let now0 = core::ptr::read_volatile(&raw const (*c).search);
+        if now0 == KSTACK_UNCHECKED {
+            return false;
+        }
+        let now0 = now0 as usize;
+        let frames = (*c).found as usize;
+        if frames <= 1 {
+            return now0 == at0;
+        }
+        let mut i = 1;
+        while i < LOCK_KSTACK_FRAMES {
+            if i >= frames {
+                break;
+            }
+            let at = (*c).at[i] as usize & (LOCK_KSTACK_WORDS - 1);
+            let ret = (*c).ret[i];
+            let ok = if i + 1 < frames {
+                // Moved as much as the innermost, inside the window.
+                let moved = at + now0;
+                moved >= at0
+                    && moved - at0 < LOCK_KSTACK_WORDS
+                    && (*words)[(moved - at0) & (LOCK_KSTACK_WORDS - 1)] == ret
+            } else {
+                // The outermost, just under the entry registers, where the
+                // walk ends: not moved (else this is the same chain nested
+                // deeper, under another entry), and the others moved only
+                // if the random offset is between (a syscall).
+                (*words)[at] == ret && (now0 == at0 || (ret >= entry && ret < entry_end))
+            };
+            if !ok {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
+/// Finds, in one pass down from the top of the window, where the walked
+/// stack's return addresses (`frames` of them in `ips`, outermost first
+/// from the top) sit, and keeps them in `c`. False if the stack cannot be
+/// checked that way: deeper than [`LOCK_KSTACK_FRAMES`], or a frame not in
+/// the window (on the IRQ stack, or more than 4 KiB down).
+#[inline(always)]
+fn remember_lock_kstack(
+    c: *mut LockKstack,
+    words: *const [u64; LOCK_KSTACK_WORDS],
+    ips: *const StackBuf,
+    frames: usize,
+) -> bool {
+    // SAFETY: c is a valid map value, words and ips this CPU's scratch
+    // values; indices are masked into range. The count of frames still to
+    // find lives in the map value (see `remember_kernel_stack`).
+    unsafe {
+        (*c).id = 0;
+        if frames == 0 || frames > LOCK_KSTACK_FRAMES {
+            return false;
+        }
+        core::ptr::write_volatile(&raw mut (*c).found, frames as u32);
+        let mut w = LOCK_KSTACK_WORDS;
+        while w > 0 {
+            w -= 1;
+            let j = core::ptr::read_volatile(&raw const (*c).found) as usize;
+            if j == 0 {
+                break;
+            }
+            let j = (j - 1) & (LOCK_KSTACK_FRAMES - 1);
+            let ip = (*ips).ips[j];
+            if (*words)[w] == ip {
+                (*c).at[j] = w as u32;
+                (*c).ret[j] = ip;
+                core::ptr::write_volatile(&raw mut (*c).found, j as u32);
+            }
+        }
+        if core::ptr::read_volatile(&raw const (*c).found) != 0 {
+            return false;
+        }
+        (*c).found = frames as u32;
+        true
+    }
+}
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -1285,7 +1533,6 @@ pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
         count(Counter::LockWaitsMigrated);
     }
     let wait = end.saturating_sub(begin.start_ns);
-    let kern_stack = kern_stack_or_reason(stack_id(&ctx, 0), begin.window);
     // The user stack: reused if the thread is at a site where it blocked
     // or contended before (a QEMU thread's futex wake or eventfd write
     // contending on a run-queue lock). Walking it costs microseconds where
@@ -1312,6 +1559,7 @@ pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
             user_stack(&ctx, begin.window)
         }
     };
+    let kern_stack = lock_kernel_stack(&ctx, pending, begin.flags, begin.window);
     let key = LockKey {
         window: begin.window,
         tgid,

@@ -196,6 +196,12 @@ struct RecordArgs {
     /// daemon.
     #[arg(long)]
     no_stack_cache: bool,
+    /// Check the stack reuses: walk every stack anyway, keep the walk, and
+    /// count the reuses that would have differed from it ("stack reuses
+    /// that differed from a walk" in the summary). Costs what
+    /// --no-stack-cache costs; for testing the caches on a workload.
+    #[arg(long, conflicts_with = "no_stack_cache")]
+    verify_stack_cache: bool,
     /// Walk an off-CPU kernel stack only for blocks at least this long
     /// (0 for every block). The walk is done when the task comes back and
     /// costs about 1 µs; shorter blocks keep their time, count and user
@@ -404,6 +410,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         time_cgroup_writes: args.time_cgroup_writes,
         preempted_stacks: args.preempted_stacks,
         block_site_cache: !args.no_stack_cache,
+        verify_stack_cache: args.verify_stack_cache,
         kernel_stack_min_block: args.kernel_stack_min_block,
         tracers: match args.tracers.as_deref() {
             Some(t) => Tracer::parse_list(t).map_err(|e| anyhow::anyhow!("--tracers: {e}"))?,

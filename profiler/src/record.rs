@@ -237,6 +237,8 @@ pub struct RecordOptions {
     pub preempted_stacks: bool,
     /// Reuse a thread's off-CPU stacks when it blocks again at the same site.
     pub block_site_cache: bool,
+    /// Walk anyway where a stack is reused, and count the differences.
+    pub verify_stack_cache: bool,
     /// Off-CPU kernel stacks are walked only for blocks this long or longer.
     pub kernel_stack_min_block: Duration,
 }
@@ -369,6 +371,28 @@ fn kernel_data_symbols() -> HashMap<u64, String> {
             (addr != 0 && matches!(ty, "d" | "D" | "b" | "B")).then(|| (addr, name.to_owned()))
         })
         .collect()
+}
+
+/// The addresses of the syscall entry code that calls into C: from
+/// `entry_SYSCALL_64_after_hwframe` to the next symbol in kallsyms.
+fn syscall_entry_range() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+    let addrs = text.lines().filter_map(|l| {
+        let mut f = l.split_whitespace();
+        let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+        Some((addr, f.nth(1)?))
+    });
+    let mut start = None;
+    let mut all = Vec::new();
+    for (addr, name) in addrs {
+        if name == "entry_SYSCALL_64_after_hwframe" {
+            start = Some(addr);
+        }
+        all.push(addr);
+    }
+    let start = start.filter(|&a| a != 0)?;
+    let end = all.into_iter().filter(|&a| a > start).min()?;
+    Some((start, end))
 }
 
 /// Reads the tracepoint field offsets the programs need.
@@ -1089,6 +1113,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.user_stack_depth = opts.user_stack_depth;
     config.preempted_stacks = u32::from(opts.preempted_stacks);
     config.block_site_cache = u32::from(opts.block_site_cache);
+    config.verify_stack_cache = u32::from(opts.verify_stack_cache);
     if let Some(h) = thread_sp {
         match h.join() {
             Ok(Ok(off)) => config.task_thread_sp = off,
@@ -1101,6 +1126,10 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     }
     config.kstack_min_ns =
         u64::try_from(opts.kernel_stack_min_block.as_nanos()).unwrap_or(u64::MAX);
+    if let Some((start, end)) = syscall_entry_range() {
+        config.syscall_entry = start;
+        config.syscall_entry_end = end;
+    }
     for (field, nr) in [
         (&mut config.nr_clone, libc::SYS_clone),
         (&mut config.nr_clone3, libc::SYS_clone3),
@@ -1614,9 +1643,12 @@ impl Recorder {
             k if k == EventKind::Exec as u32 => {
                 self.processes.snapshot(ev.tgid);
                 // Again once the dynamic loader has mapped the libraries
-                // (a short-lived process may be gone by the later one).
+                // (a short-lived process may be gone by the later one), and
+                // after early dlopens (QEMU's accelerator modules). A process
+                // alive at the stop gets its last snapshot then; each read of
+                // a QEMU's maps costs about 0.5 ms.
                 let now = Instant::now();
-                for ms in [20, 200, 1000] {
+                for ms in [20, 300] {
                     self.resnap.push((now + Duration::from_millis(ms), ev.tgid));
                 }
                 let cmdline = procmaps::cmdline(ev.tgid);
@@ -1629,7 +1661,15 @@ impl Recorder {
                 }
             }
             k if k == EventKind::Fork as u32 => {
-                if !self.processes.snapshots.contains_key(&ev.tgid) {
+                // A parent born during the recording (forked or exec'd) is
+                // symbolized from its lineage's snapshots: reading its maps
+                // again (a libvirtd child forking once more) adds nothing.
+                let born_here = self
+                    .processes
+                    .info
+                    .get(&ev.tgid)
+                    .is_some_and(|p| p.parent.is_some() || p.exec_ns.is_some());
+                if !born_here && !self.processes.snapshots.contains_key(&ev.tgid) {
                     self.processes.learn(ev.tgid);
                 }
                 // A thread's "child" is in the same thread group: skip it.
@@ -1732,6 +1772,22 @@ impl Recorder {
                 ),
             ]);
         }
+        if self.opts.verify_stack_cache {
+            counted.extend([
+                (
+                    Counter::UserReuseDiffers,
+                    "user stack reuses that differed from a walk",
+                ),
+                (
+                    Counter::KernReuseDiffers,
+                    "off-CPU kernel stack reuses that differed from a walk",
+                ),
+                (
+                    Counter::LockKernReuseDiffers,
+                    "lock-wait kernel stack reuses that differed from a walk",
+                ),
+            ]);
+        }
         for (c, name) in counted {
             let n: u64 = a.get(&(c as u32), 0).map_or(0, |v| v.iter().sum());
             out.insert(name.to_owned(), n);
@@ -1743,6 +1799,11 @@ impl Recorder {
                     "lock waits ended on another CPU",
                 ),
                 (Counter::LockWaitsNested, "lock waits nested in another"),
+                (Counter::LockKernWalk, "lock-wait kernel stacks walked"),
+                (
+                    Counter::LockKernCached,
+                    "lock-wait kernel stacks reused (same place)",
+                ),
                 (Counter::LockUserWalk, "lock-wait user stacks walked"),
                 (
                     Counter::LockUserCached,

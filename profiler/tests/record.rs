@@ -619,6 +619,64 @@ fn off_cpu_kernel_stacks_are_walked_for_long_blocks_only() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Every stack cache agrees with the walk it saves.
+#[test]
+fn stack_reuses_agree_with_walks() {
+    // Every reused stack is checked against a walk of the same stack
+    // (--verify-stack-cache): futex ping-pong and one read site blocking on
+    // a pipe and a socket (off-CPU user and kernel reuse), then mmap_lock
+    // contention (lock-wait user and kernel reuse), with read(2) waiting
+    // for it by two kernel paths (a fault in the copy, /proc/self/cmdline).
+    let vmload = vmload();
+    let (p, dir) = record(
+        "verify-reuse",
+        &[
+            "--verify-stack-cache",
+            "--kernel-stack-min-block",
+            "0",
+            "--",
+            vmload.to_str().unwrap(),
+            "switches:2000,twofds:200,contend:400,readlocks:800",
+        ],
+    );
+    let c = |name: &str| {
+        *p.meta
+            .counters
+            .get(name)
+            .unwrap_or_else(|| panic!("no counter {name:?} in {:#?}", p.meta.counters))
+    };
+    for differed in [
+        "user stack reuses that differed from a walk",
+        "off-CPU kernel stack reuses that differed from a walk",
+        "lock-wait kernel stack reuses that differed from a walk",
+    ] {
+        assert_eq!(c(differed), 0, "{differed}: {:#?}", p.meta.counters);
+    }
+    // And there were reuses to check.
+    assert!(
+        c("off-CPU user stacks reused (same site)") >= 2000,
+        "{:#?}",
+        p.meta.counters
+    );
+    assert!(
+        c("off-CPU kernel stacks reused (same site)") >= 100,
+        "{:#?}",
+        p.meta.counters
+    );
+    assert!(
+        c("lock-wait user stacks reused (same site)") >= 100,
+        "{:#?}",
+        p.meta.counters
+    );
+    assert!(
+        c("lock-wait kernel stacks reused (same place)") >= 20,
+        "{:#?}",
+        p.meta.counters
+    );
+    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// One read call site over two kernel paths (a pipe twice, a unix socket
 /// twice, ...): a kernel stack is reused only for a block that stopped the
 /// same way as the one it was walked for, so every block keeps its own path.
