@@ -642,6 +642,29 @@ pub struct LockPending {
     pub kstacks: [LockKstack; LOCK_KSTACKS],
 }
 
+impl LockPending {
+    pub const ZERO: Self = Self {
+        depth: 0,
+        kstack_next: 0,
+        entries: [LockBegin {
+            lock: 0,
+            start_ns: 0,
+            cpu: 0,
+            pad: 0,
+            flags: 0,
+            window: 0,
+        }; MAX_LOCK_NESTING],
+        kstacks: [LockKstack {
+            id: 0,
+            syscall: 0,
+            found: 0,
+            search: 0,
+            ret: [0; LOCK_KSTACK_FRAMES],
+            at: [0; LOCK_KSTACK_FRAMES],
+        }; LOCK_KSTACKS],
+    };
+}
+
 /// Kernel stacks a thread's lock entry remembers.
 pub const LOCK_KSTACKS: usize = 2;
 /// Return addresses of a remembered lock-wait kernel stack that are checked.

@@ -1187,28 +1187,9 @@ static LOCK_VALUE_ZERO: LockValue = LockValue {
     hist: [0; LOCK_HIST_BUCKETS],
 };
 #[unsafe(no_mangle)]
-static LOCK_PENDING_ZERO: LockPending = LockPending {
-    depth: 0,
-    kstack_next: 0,
-    entries: [LockBegin {
-        lock: 0,
-        start_ns: 0,
-        cpu: 0,
-        pad: 0,
-        flags: 0,
-        window: 0,
-    }; MAX_LOCK_NESTING],
-    kstacks: [LockKstack {
-        id: 0,
-        syscall: 0,
-        found: 0,
-        search: 0,
-        ret: [0; LOCK_KSTACK_FRAMES],
-        at: [0; LOCK_KSTACK_FRAMES],
-    }; LOCK_KSTACKS],
-};
+static LOCK_PENDING_ZERO: LockPending = LockPending::ZERO;
 
-/// Scratch for the words above a lock-wait program's frame.
+/// Scratch for the top 4 KiB of a lock waiter's kernel stack.
 #[map]
 static LOCK_KSTACK_SCRATCH: PerCpuArray<[u64; LOCK_KSTACK_WORDS]> =
     PerCpuArray::with_max_entries(1, 0);
@@ -1231,16 +1212,21 @@ fn lock_kernel_stack(
     flags: u32,
     window: u32,
 ) -> u64 {
-    let (Some(words), Some(buf)) = (
+    // Only for sleeping locks, taken in process context: a spinlock's
+    // waiter may be an interrupt on its own stack, and the task stack under
+    // it may still hold a whole earlier stack that would match.
+    let (Some(words), Some(buf), true) = (
         LOCK_KSTACK_SCRATCH.get_ptr_mut(0),
         STACK_SCRATCH.get_ptr_mut(0),
+        config!(block_site_cache) != 0 && lock_flags::sleeps(flags),
     ) else {
+        count(Counter::LockKernWalk);
         return kern_stack_or_reason(stack_id(ctx, 0), window);
     };
     // SAFETY: the current task's BTF pointer: a plain load of its syscall
     // number; the stack is read with the checked helper into this CPU's
     // scratch.
-    let (nr, len) = unsafe {
+    let (nr, cache) = unsafe {
         let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
         let nr = core::ptr::read_volatile(&raw const (*regs).orig_rax);
         let bytes = (LOCK_KSTACK_WORDS * 8) as u64;
@@ -1249,12 +1235,8 @@ fn lock_kernel_stack(
             bytes as u32,
             (regs as u64 - bytes) as *const c_void,
         ) == 0;
-        (nr, if ok { LOCK_KSTACK_WORDS } else { 0 })
+        (nr, ok)
     };
-    // Only for sleeping locks, taken in process context: a spinlock's
-    // waiter may be an interrupt on its own stack, and the task stack under
-    // it may still hold a whole earlier stack that would match.
-    let cache = config!(block_site_cache) != 0 && len != 0 && lock_flags::sleeps(flags);
     let mut reused = 0;
     if cache {
         let mut k = 0;

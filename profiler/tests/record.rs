@@ -653,26 +653,18 @@ fn stack_reuses_agree_with_walks() {
         assert_eq!(c(differed), 0, "{differed}: {:#?}", p.meta.counters);
     }
     // And there were reuses to check.
-    assert!(
-        c("off-CPU user stacks reused (same site)") >= 2000,
-        "{:#?}",
-        p.meta.counters
-    );
-    assert!(
-        c("off-CPU kernel stacks reused (same site)") >= 100,
-        "{:#?}",
-        p.meta.counters
-    );
-    assert!(
-        c("lock-wait user stacks reused (same site)") >= 100,
-        "{:#?}",
-        p.meta.counters
-    );
-    assert!(
-        c("lock-wait kernel stacks reused (same place)") >= 20,
-        "{:#?}",
-        p.meta.counters
-    );
+    for (reused, at_least) in [
+        ("off-CPU user stacks reused (same site)", 2000),
+        ("off-CPU kernel stacks reused (same site)", 100),
+        ("lock-wait user stacks reused (same site)", 100),
+        ("lock-wait kernel stacks reused (same place)", 20),
+    ] {
+        assert!(
+            c(reused) >= at_least,
+            "{reused} < {at_least}: {:#?}",
+            p.meta.counters
+        );
+    }
     assert!(p.losses.is_empty(), "{:?}", p.losses);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -159,33 +159,40 @@ pub extern "C" fn vmload_work(millions: u64) -> u64 {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn vmload_contend(ms: u64) -> u64 {
-    const LEN: usize = 256 * 1024;
     let deadline = Instant::now() + Duration::from_millis(ms);
     let mut rounds = 0;
     while Instant::now() < deadline {
-        // SAFETY: an anonymous private mapping, touched within its length,
-        // then unmapped.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                continue;
+        with_fresh_mapping(256 * 1024, |bytes| {
+            for off in (0..bytes.len()).step_by(4096) {
+                // SAFETY: inside the mapping.
+                unsafe { bytes.as_mut_ptr().add(off).write_volatile(1) };
             }
-            let bytes = p.cast::<u8>();
-            for off in (0..LEN).step_by(4096) {
-                bytes.add(off).write_volatile(1);
-            }
-            libc::munmap(p, LEN);
-        }
+        });
         rounds += 1;
     }
     rounds
+}
+
+/// Maps `len` bytes of fresh anonymous memory (taking the mmap_lock for
+/// writing), hands them to `f`, and unmaps them (again).
+fn with_fresh_mapping(len: usize, f: impl FnOnce(&mut [u8])) {
+    // SAFETY: an anonymous private mapping, only used within its length
+    // while it exists.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return;
+        }
+        f(std::slice::from_raw_parts_mut(p.cast::<u8>(), len));
+        libc::munmap(p, len);
+    }
 }
 
 /// Reads `/proc/self/cmdline` for `ms` ms (each read locks the mmap_lock
@@ -211,31 +218,15 @@ pub extern "C" fn vmload_read_cmdline(ms: u64) -> u64 {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn vmload_read_fault(ms: u64) -> u64 {
-    const LEN: usize = 64 * 1024;
     let Ok(mut zero) = std::fs::File::open("/dev/zero") else {
         return 0;
     };
     let deadline = Instant::now() + Duration::from_millis(ms);
     let mut rounds = 0;
     while Instant::now() < deadline {
-        // SAFETY: an anonymous private mapping, read into within its
-        // length, then unmapped.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                continue;
-            }
-            let buf = std::slice::from_raw_parts_mut(p.cast::<u8>(), LEN);
+        with_fresh_mapping(64 * 1024, |buf| {
             let _ = std::io::Read::read(&mut zero, buf);
-            libc::munmap(p, LEN);
-        }
+        });
         rounds += 1;
     }
     rounds
