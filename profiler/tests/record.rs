@@ -681,6 +681,10 @@ fn off_cpu_kernel_stacks_are_reused_only_where_they_match() {
         &[
             "--tracers",
             "offcpu",
+            // Every block's kernel path, even one that came back quickly
+            // (the byte arrived just after the read blocked).
+            "--kernel-stack-min-block",
+            "0",
             "--",
             vmload.to_str().unwrap(),
             &format!("twofds:{n}"),
@@ -725,6 +729,8 @@ fn off_cpu_kernel_stacks_are_reused_only_where_they_match() {
             "--tracers",
             "offcpu",
             "--no-stack-cache",
+            "--kernel-stack-min-block",
+            "0",
             "--",
             vmload.to_str().unwrap(),
             &format!("twofds:{n}"),
