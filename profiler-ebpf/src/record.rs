@@ -6,7 +6,9 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs, task_struct},
+    bindings::{
+        BPF_F_USER_STACK, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs, task_struct,
+    },
     cty::c_void,
     helpers::generated,
     helpers::{
@@ -945,7 +947,15 @@ fn emit(kind: EventKind, tgid: u32, pid: u32, child: u32, ordinal: u64, window: 
         pad: 0,
         comm: comm(),
     };
-    if EVENTS.output(&event, 0).is_err() {
+    // Only an exec wakes userspace (its maps must be read while it lives);
+    // the rest waits for that or for userspace's slow tick, instead of a
+    // wakeup per fork and exit.
+    let flags = if matches!(kind, EventKind::Exec) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output(&event, u64::from(flags)).is_err() {
         lose(window.unwrap_or(u32::MAX), Loss::EventDropped);
     }
 }
