@@ -490,6 +490,10 @@ static OFFCPU_START_ZERO: OffCpuStart = OffCpuStart {
     sites: [BlockSite::EMPTY; BLOCK_SITES],
 };
 
+/// Per CPU: its idle task (pid 0), never tracked.
+#[map]
+static IDLE_TASK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// The task switching out (current, `prev`): if it blocks, note when and
 /// where.
 #[inline(always)]
@@ -499,6 +503,13 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     let id = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((id >> 32) as u32, id as u32);
     if pid == 0 {
+        // This CPU's idle task: remembered, so switching back to it costs
+        // no map lookup.
+        if let Some(idle) = IDLE_TASK.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot; bpf_get_current_task has no
+            // preconditions.
+            unsafe { *idle = bpf_get_current_task() };
+        }
         return;
     }
     // SAFETY: bpf_get_current_task has no preconditions; it is `prev`.
@@ -678,6 +689,9 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
         return 0;
     }
     let task = next as u64;
+    if IDLE_TASK.get(0).is_some_and(|idle| *idle == task) {
+        return 0;
+    }
     let Some(e) = OFFCPU_START.get_ptr_mut(&task) else {
         return 0;
     };
