@@ -246,8 +246,14 @@ fn comm() -> [u8; COMM_LEN] {
 /// stores it in `STACKS` under its content hash and returns the hash.
 #[inline(always)]
 fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> Result<u64, i32> {
+    walk_stack(ctx, flags).0
+}
+
+/// [`stack_id`], and the number of frames, which stay in `STACK_SCRATCH`.
+#[inline(always)]
+fn walk_stack<C: EbpfContext>(ctx: &C, flags: u64) -> (Result<u64, i32>, usize) {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
-        return Err(-ENOMEM);
+        return (Err(-ENOMEM), 0);
     };
     // The buffer size bounds the walk. User stacks get `user_stack_depth`
     // frames: without frame pointers (Debian's libvirt, glib, QEMU) a walk
@@ -265,7 +271,7 @@ fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> Result<u64, i32> {
     };
     // SAFETY: buf is this CPU's scratch value, at least `size` bytes.
     let n = unsafe { bpf_get_stack(ctx.as_ptr(), buf.cast(), size as u32, flags) };
-    store_stack(buf, n)
+    (store_stack(buf, n), n.max(0) as usize / 8)
 }
 
 /// Stores the `n` bytes of frames a stack helper left in `buf` (the scratch
@@ -515,12 +521,9 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     // SAFETY: bpf_get_current_task has no preconditions; it is `prev`.
     let task = unsafe { bpf_get_current_task() };
     // A thread with an entry is tracked: only tracked threads get one, and
-    // it goes when they exit (the pid check guards a reused task_struct).
-    // So the tracked-set lookup is only for threads without one yet.
-    let mut entry = OFFCPU_START
-        .get_ptr_mut(&task)
-        // SAFETY: a valid map value.
-        .filter(|e| unsafe { (**e).key.pid } == pid);
+    // it goes when they exit. So the tracked-set lookup is only for threads
+    // without one yet.
+    let mut entry = own_entry(task, pid);
     if entry.is_none() && !is_tracked(tgid) {
         return;
     }
@@ -600,6 +603,16 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         (*e).wakeup_ns = 0;
         (*e).slot = slot;
     }
+}
+
+/// The off-CPU entry of the current thread (`task`, `pid`), if it has one
+/// (the pid check guards a reused task_struct).
+#[inline(always)]
+fn own_entry(task: u64, pid: u32) -> Option<*mut OffCpuStart> {
+    OFFCPU_START
+        .get_ptr_mut(&task)
+        // SAFETY: a valid map value.
+        .filter(|e| unsafe { (**e).key.pid } == pid)
 }
 
 /// The remembered sites of a thread's entry.
@@ -993,8 +1006,9 @@ pub fn task_fork(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if config!(target_mode) == TargetMode::Tracked as u32 && config!(follow_children) != 0 {
-        // The child may be a thread (then its tid is harmless here and is
-        // removed when it exits) or a new process, whose pid is its tgid.
+        // A new process (its pid is its tgid), or rarely a thread made
+        // outside clone (an io_uring worker: its tid is harmless here and
+        // is removed when it exits).
         if TRACKED.insert(&child, &tgid, 0).is_err() {
             lose(current_window().unwrap_or(u32::MAX), Loss::TrackedFull);
         }
@@ -1220,10 +1234,9 @@ static LOCK_KSTACK_SCRATCH: PerCpuArray<[u64; LOCK_KSTACK_WORDS]> =
 
 /// The current task's kernel stack at the end of a wait for a sleeping
 /// lock: one of the two its lock entry remembers if it is in the same
-/// syscall and every
-/// return address of it is where it was on its kernel stack (allowing for
-/// the per-syscall random offset); else a walk (4 to 12 µs here),
-/// remembered in the older slot.
+/// syscall and every return address of it is where it was on its kernel
+/// stack (allowing for the per-syscall random offset); else a walk (4 to
+/// 12 µs here), remembered in the older slot.
 ///
 /// Where the return addresses are is read from the 4 KiB below the task's
 /// entry registers, the top of its kernel stack. (Not relative to this
@@ -1239,9 +1252,8 @@ fn lock_kernel_stack(
     // Only for sleeping locks, taken in process context: a spinlock's
     // waiter may be an interrupt on its own stack, and the task stack under
     // it may still hold a whole earlier stack that would match.
-    let (Some(words), Some(buf), true) = (
+    let (Some(words), true) = (
         LOCK_KSTACK_SCRATCH.get_ptr_mut(0),
-        STACK_SCRATCH.get_ptr_mut(0),
         config!(block_site_cache) != 0 && lock_flags::sleeps(flags),
     ) else {
         count(Counter::LockKernWalk);
@@ -1282,25 +1294,17 @@ fn lock_kernel_stack(
     if reused == 0 {
         count(Counter::LockKernWalk);
     }
-    // SAFETY: buf is this CPU's scratch value, one StackBuf long.
-    let n = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            buf.cast(),
-            core::mem::size_of::<StackBuf>() as u32,
-            0,
-        )
-    };
-    let id = kern_stack_or_reason(store_stack(buf, n), window);
+    let (id, frames) = walk_stack(ctx, 0);
+    let id = kern_stack_or_reason(id, window);
     if reused != 0 {
         return verified(reused, id, Counter::LockKernReuseDiffers);
     }
-    if id >= STACK_ID_MIN && cache {
+    if let (true, Some(ips)) = (id >= STACK_ID_MIN && cache, STACK_SCRATCH.get_ptr(0)) {
         // SAFETY: the thread's own entry; the slot is bounded.
         unsafe {
             let next = (*pending).kstack_next as usize & (LOCK_KSTACKS - 1);
             let c = &raw mut (*pending).kstacks[next];
-            if remember_lock_kstack(c, words, buf, n as usize / 8) {
+            if remember_lock_kstack(c, words, ips, frames) {
                 (*c).id = id;
                 (*c).syscall = nr;
                 (*pending).kstack_next = ((next + 1) % LOCK_KSTACKS) as u32;
@@ -1544,12 +1548,7 @@ pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
     // contending on a run-queue lock). Walking it costs microseconds where
     // there are no frame pointers.
     // SAFETY: bpf_get_current_task has no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    let user_stack = match OFFCPU_START
-        .get_ptr_mut(&task)
-        // SAFETY: a valid map value.
-        .filter(|e| unsafe { (**e).key.pid } == pid)
-    {
+    let user_stack = match own_entry(unsafe { bpf_get_current_task() }, pid) {
         Some(e) => {
             site_user_stack(
                 &ctx,

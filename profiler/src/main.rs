@@ -193,12 +193,14 @@ struct RecordArgs {
     /// reuses the user stack taken there, and the kernel stack too if it is
     /// in the same syscall with the same two innermost kernel return
     /// addresses at the same places on its stack: most blocks of a busy
-    /// daemon.
+    /// daemon. Lock waits reuse user stacks from the same sites, and a
+    /// sleeping lock's waiter its kernel stack when every return address is
+    /// where it was.
     #[arg(long)]
     no_stack_cache: bool,
     /// Check the stack reuses: walk every stack anyway, keep the walk, and
-    /// count the reuses that would have differed from it ("stack reuses
-    /// that differed from a walk" in the summary). Costs what
+    /// count, per cache, the reuses that would have differed from it ("…
+    /// reuses that differed from a walk" in the summary). Costs what
     /// --no-stack-cache costs; for testing the caches on a workload.
     #[arg(long, conflicts_with = "no_stack_cache")]
     verify_stack_cache: bool,

@@ -360,31 +360,28 @@ pub fn loss_name(l: Loss) -> &'static str {
 /// Exact addresses of kernel data symbols (static locks such as
 /// `cgroup_mutex`), when kallsyms lists data (CONFIG_KALLSYMS_ALL).
 fn kernel_data_symbols() -> HashMap<u64, String> {
-    std::fs::read_to_string("/proc/kallsyms")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
-            let ty = f.next()?;
-            let name = f.next()?;
-            (addr != 0 && matches!(ty, "d" | "D" | "b" | "B")).then(|| (addr, name.to_owned()))
-        })
+    kallsyms(&std::fs::read_to_string("/proc/kallsyms").unwrap_or_default())
+        .filter(|&(addr, ty, _)| addr != 0 && matches!(ty, "d" | "D" | "b" | "B"))
+        .map(|(addr, _, name)| (addr, name.to_owned()))
         .collect()
+}
+
+/// The `(address, type, name)` lines of `/proc/kallsyms` text.
+fn kallsyms(text: &str) -> impl Iterator<Item = (u64, &str, &str)> {
+    text.lines().filter_map(|l| {
+        let mut f = l.split_whitespace();
+        let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+        Some((addr, f.next()?, f.next()?))
+    })
 }
 
 /// The addresses of the syscall entry code that calls into C: from
 /// `entry_SYSCALL_64_after_hwframe` to the next symbol in kallsyms.
 fn syscall_entry_range() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
-    let addrs = text.lines().filter_map(|l| {
-        let mut f = l.split_whitespace();
-        let addr = u64::from_str_radix(f.next()?, 16).ok()?;
-        Some((addr, f.nth(1)?))
-    });
     let mut start = None;
     let mut all = Vec::new();
-    for (addr, name) in addrs {
+    for (addr, _, name) in kallsyms(&text) {
         if name == "entry_SYSCALL_64_after_hwframe" {
             start = Some(addr);
         }
