@@ -707,14 +707,10 @@ fn off_cpu_kernel_stacks_are_reused_only_where_they_match() {
             sock += r.blocks;
         }
     }
-    // Each read blocks once (the writer waits 1 ms before each byte); a
-    // read whose byte came before it got there blocks not at all.
+    // Each read blocks exactly once: the writer sends its byte 1 ms after
+    // it sees the read asleep.
     for (what, blocks) in [("pipe", pipe), ("socket", sock)] {
-        assert!(
-            (n / 2 - 10..=n / 2).contains(&blocks),
-            "{blocks} blocks on the {what}, {} reads",
-            n / 2
-        );
+        assert_eq!(blocks, n / 2, "blocks on the {what}, {} reads", n / 2);
     }
     // Half the reads follow a read of the same fd: their stacks are reused.
     let reused = p.meta.counters["off-CPU kernel stacks reused (same site)"];

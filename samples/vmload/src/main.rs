@@ -38,8 +38,9 @@
 //!
 //! - `twofds:N` — N one-byte reads at one call site (`vmload_twofds_read`),
 //!   two from a pipe, two from a unix socket, and so on; a helper thread
-//!   writes each byte 1 ms after the last, so every read blocks (state S)
-//!   for about 1 ms: one user site over two kernel paths, N/2 blocks each.
+//!   writes each byte 1 ms after it sees the read asleep, so every read
+//!   blocks (state S) exactly once, for about 1 ms: one user site over two
+//!   kernel paths, N/2 blocks each.
 //!
 //! Every step is a named, never-inlined function, so a test knows which
 //! window each stack belongs in and how much time it must show.
@@ -429,8 +430,16 @@ fn two_fds(n: u64) -> Result<(), String> {
     // Reads 0 and 1 from the pipe, 2 and 3 from the socket, ...
     let which = |i: u64| (i / 2) % 2;
     let (pipe_w, sock_w) = (pipe[1], sock[1]);
+    // The reader announces read i as i + 1; the writer waits until that
+    // read is asleep in the kernel, so every read blocks exactly once
+    // however late the reader is scheduled.
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // SAFETY: no arguments.
+    let reader = unsafe { libc::gettid() };
+    let announced = std::sync::Arc::clone(&started);
     let writer = std::thread::spawn(move || {
         for i in 0..n {
+            wait_until_asleep_in_read(reader, &announced, i + 1)?;
             sleep_in_kernel(1);
             let fd = if which(i) == 0 { pipe_w } else { sock_w };
             // SAFETY: one byte from a valid buffer.
@@ -442,6 +451,7 @@ fn two_fds(n: u64) -> Result<(), String> {
     });
     for i in 0..n {
         let fd = if which(i) == 0 { pipe[0] } else { sock[0] };
+        started.store(i + 1, std::sync::atomic::Ordering::SeqCst);
         if vmload_twofds_read(fd) != 1 {
             return Err(format!("twofds: read: {}", std::io::Error::last_os_error()));
         }
@@ -454,6 +464,27 @@ fn two_fds(n: u64) -> Result<(), String> {
         unsafe { libc::close(fd) };
     }
     r
+}
+
+/// Waits until thread `tid` has announced read `seq` and sleeps in it:
+/// `/proc/.../syscall` names the syscall only of a task that is off-CPU in
+/// a sleeping state (a running or waking one reads as `running`), and
+/// `read` is syscall 0. The announcement tells this read from the last.
+fn wait_until_asleep_in_read(
+    tid: libc::pid_t,
+    announced: &std::sync::atomic::AtomicU64,
+    seq: u64,
+) -> Result<(), String> {
+    let path = format!("/proc/self/task/{tid}/syscall");
+    loop {
+        if announced.load(std::sync::atomic::Ordering::SeqCst) == seq {
+            let s = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+            if s.split_whitespace().next() == Some("0") {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
 }
 
 /// The libc sleep is a leaf without a frame, so a frame-pointer walk skips
