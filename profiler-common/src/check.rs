@@ -29,8 +29,6 @@ pub mod program {
     pub const FEXIT: &str = "check_fexit";
     /// BTF tracepoint on `sched_switch`, reading all four arguments.
     pub const BTF_SWITCH: &str = "check_btf_switch";
-    /// BTF tracepoint on `sched_wakeup`.
-    pub const BTF_WAKEUP: &str = "check_btf_wakeup";
 }
 
 /// The kernel function the fentry/fexit probes attach to: present on every
@@ -47,13 +45,12 @@ pub enum CheckCounter {
     Uprobe = 3,
     Fentry = 4,
     Fexit = 5,
-    /// The off-CPU tracer's BTF tracepoints (`sched_switch` with its
-    /// `prev_state` argument, `sched_wakeup`).
+    /// The off-CPU tracer's BTF tracepoint (`sched_switch` with its
+    /// `prev_state` argument).
     BtfSwitch = 6,
-    BtfWakeup = 7,
 }
 
 impl CheckCounter {
     /// Number of slots in [`CHECK_COUNTS_MAP`].
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 7;
 }

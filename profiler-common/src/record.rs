@@ -68,7 +68,6 @@ pub mod names {
 
     pub const PROG_ONCPU: &str = "oncpu_sample";
     pub const PROG_SCHED_SWITCH: &str = "offcpu_sched_switch";
-    pub const PROG_SCHED_WAKEUP: &str = "offcpu_sched_wakeup";
     pub const PROG_FORK: &str = "task_fork";
     pub const PROG_EXEC: &str = "task_exec";
     pub const PROG_EXIT: &str = "task_exit";
@@ -220,7 +219,10 @@ pub struct Config {
     /// Nonzero: walk the stacks even where one is reused, and count the
     /// reuses that differ from the walk (`Counter::*ReuseDiffers`).
     pub verify_stack_cache: u32,
-    pub pad: u32,
+    /// Offset of `task_struct.sched_info.run_delay` (the task's total
+    /// run-queue wait, `CONFIG_SCHED_INFO`), from kernel BTF; 0 if unknown,
+    /// and then no run-queue wait is measured.
+    pub task_run_delay: u32,
 }
 
 impl Config {
@@ -271,7 +273,7 @@ impl Config {
             },
             task_thread_sp: 0,
             verify_stack_cache: 0,
-            pad: 0,
+            task_run_delay: 0,
         }
     }
 }
@@ -379,7 +381,8 @@ pub struct OffCpuValue {
     /// Switch-out to switch-in.
     pub total_ns: u64,
     pub max_ns: u64,
-    /// Of `total_ns`, the part after the wakeup, waiting for a CPU.
+    /// Of `total_ns`, the part waiting for a CPU: after the wakeup, or all
+    /// of a preemption (the kernel's `sched_info.run_delay` growth).
     pub runq_ns: u64,
 }
 
@@ -399,6 +402,18 @@ impl OffCpuValue {
             total_ns: blocked_ns,
             max_ns: blocked_ns,
             runq_ns,
+        }
+    }
+
+    /// Adds run-queue wait of these blocks, measured on the run queue's
+    /// clock: capped at their total, which a few µs of difference between
+    /// that clock and the tracepoint's could exceed.
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "on the eBPF per-event path")]
+    pub fn add_runq(&mut self, ns: u64) {
+        self.runq_ns += ns;
+        if self.runq_ns > self.total_ns {
+            self.runq_ns = self.total_ns;
         }
     }
 
@@ -438,8 +453,12 @@ impl OffCpuAcc {
 /// Sites a thread's off-CPU entry remembers (a QEMU vCPU thread alternates
 /// between the BQL, its halt condition and a few locks).
 pub const BLOCK_SITES: usize = 4;
-/// [`OffCpuStart::slot`] when the block in progress has no site.
+/// [`OffCpuStart::slot`] when the block in progress has no site (its
+/// blocks go to [`OffCpuStart::acc`]).
 pub const NO_SITE: u32 = 4;
+/// [`OffCpuStart::charged`] when the last block went nowhere (filtered out,
+/// outside the windows, or its wait already settled).
+pub const NOT_CHARGED: u32 = u32::MAX;
 const _: () = assert!(NO_SITE as usize == BLOCK_SITES && BLOCK_SITES.is_power_of_two());
 
 /// Words above a stopped task's saved kernel stack pointer searched for the
@@ -496,13 +515,20 @@ pub struct OffCpuStart {
     pub key: OffCpuKey,
     /// When the block in progress began; 0 when the thread is not blocked.
     pub start_ns: u64,
-    /// 0 until `sched_wakeup` sees the task.
-    pub wakeup_ns: u64,
+    /// The thread's `sched_info.run_delay` when it last switched out. The
+    /// kernel adds a run-queue wait when the task is switched in, after the
+    /// tracepoint, so a block's wait is settled at the next switch-out (or
+    /// exit, or stop) as the growth since.
+    pub run_delay: u64,
     /// The site of the block in progress, an index into `sites`, or
     /// [`NO_SITE`].
     pub slot: u32,
     /// The slot a new site replaces next (first in, first out).
     pub next_slot: u32,
+    /// Where the last block went, its run-queue wait still to add: a slot
+    /// of `sites`, [`NO_SITE`] for `acc`, or [`NOT_CHARGED`].
+    pub charged: u32,
+    pub pad: u32,
     /// The blocks without a site (preemptions, unreadable user registers)
     /// not yet in the off-CPU map; those with one are in their site.
     pub acc: OffCpuAcc,
@@ -510,6 +536,15 @@ pub struct OffCpuStart {
 }
 
 impl OffCpuStart {
+    /// The accumulator `charged` names, if any.
+    #[must_use]
+    pub fn charged_acc_mut(&mut self) -> Option<&mut OffCpuAcc> {
+        match self.charged {
+            NO_SITE => Some(&mut self.acc),
+            i => self.sites.get_mut(i as usize).map(|s| &mut s.acc),
+        }
+    }
+
     /// The blocks not yet in the off-CPU map, by key.
     pub fn pending(&self) -> impl Iterator<Item = &OffCpuAcc> {
         core::iter::once(&self.acc)
@@ -1109,7 +1144,7 @@ mod tests {
         assert_eq!(
             size_of::<OffCpuStart>(),
             size_of::<OffCpuKey>()
-                + 3 * 8
+                + 4 * 8
                 + size_of::<OffCpuAcc>()
                 + BLOCK_SITES * size_of::<BlockSite>()
         );

@@ -98,9 +98,3 @@ pub fn check_btf_switch(ctx: BtfTracePointContext) -> u32 {
     }
     0
 }
-
-#[btf_tracepoint(function = "sched_wakeup")]
-pub fn check_btf_wakeup(_ctx: BtfTracePointContext) -> u32 {
-    bump(CheckCounter::BtfWakeup);
-    0
-}

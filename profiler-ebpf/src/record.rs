@@ -31,10 +31,10 @@ use profiler_common::record::{
     ForkKey, ForkStart, ForkValue, KSTACK_SCAN_WORDS, KSTACK_UNCHECKED, KVM_CREATE_VM,
     LOCK_HIST_BUCKETS, LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS, LOCK_KSTACKS, LockBegin, LockKey,
     LockKstack, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH,
-    MAX_WINDOW_RANGES, NO_SITE, OffCpuAcc, OffCpuKey, OffCpuStart, OffCpuValue, SETUP_WINDOW,
-    STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK, SampleKey,
-    StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode, WindowRange,
-    cgroup_op, dbus_fn, fork_kind, hist_bucket, lock_flags, window_every,
+    MAX_WINDOW_RANGES, NO_SITE, NOT_CHARGED, OffCpuAcc, OffCpuKey, OffCpuStart, OffCpuValue,
+    SETUP_WINDOW, STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK,
+    SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode,
+    WindowRange, cgroup_op, dbus_fn, fork_kind, hist_bucket, lock_flags, window_every,
 };
 
 const EFAULT: i32 = 14;
@@ -467,7 +467,9 @@ fn report_state(preempt: bool, raw: u32) -> u32 {
 /// A BTF tracepoint (raw, typed arguments, no trace-event record to fill):
 /// `sched_switch(bool preempt, struct task_struct *prev, struct
 /// task_struct *next, unsigned int prev_state)`. Starts are keyed by task
-/// pointer, the same for a task at switch-out, wakeup and switch-in.
+/// pointer, the same for a task at switch-out and switch-in. A block's wait
+/// for a CPU comes from the kernel's own run-queue accounting (see
+/// `settle_runq`), so no program runs at each wakeup.
 ///
 /// Switch-out takes the user stack, and the kernel stack only for an
 /// uninterruptible wait. Other kernel stacks are walked when the task comes
@@ -489,9 +491,11 @@ pub fn offcpu_sched_switch(ctx: BtfTracePointContext) -> u32 {
 static OFFCPU_START_ZERO: OffCpuStart = OffCpuStart {
     key: OffCpuKey::ZERO,
     start_ns: 0,
-    wakeup_ns: 0,
+    run_delay: 0,
     slot: NO_SITE,
     next_slot: 0,
+    charged: NOT_CHARGED,
+    pad: 0,
     acc: OffCpuAcc::ZERO,
     sites: [BlockSite::EMPTY; BLOCK_SITES],
 };
@@ -524,8 +528,12 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     // it goes when they exit. So the tracked-set lookup is only for threads
     // without one yet.
     let mut entry = own_entry(task, pid);
-    if entry.is_none() && !is_tracked(tgid) {
-        return;
+    match entry {
+        // First, whatever comes of this switch: the last block's run-queue
+        // wait.
+        Some(e) => settle_runq(e),
+        None if !is_tracked(tgid) => return,
+        None => {}
     }
     let Some(window) = current_window() else {
         return;
@@ -546,6 +554,9 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
             return;
         }
         entry = OFFCPU_START.get_ptr_mut(&task);
+        if let Some(e) = entry {
+            settle_runq(e);
+        }
     }
     let Some(e) = entry else {
         return;
@@ -600,7 +611,6 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     unsafe {
         (*e).key = key;
         (*e).start_ns = now;
-        (*e).wakeup_ns = 0;
         (*e).slot = slot;
     }
 }
@@ -678,10 +688,12 @@ fn site_user_stack<C: EbpfContext>(
     if user < STACK_ID_MIN || site[0] == 0 {
         return (user, NO_SITE);
     }
-    // A new site replaces the oldest, whose blocks go to the map first.
+    // A new site replaces the oldest, whose blocks go to the map first
+    // (with the last block's run-queue wait, if it is one of them).
     // SAFETY: the thread's own entry (it is running here, so no switch-in
     // reads its sites meanwhile).
     unsafe {
+        settle_runq(e);
         let next = (*e).next_slot as usize;
         let next = if next < BLOCK_SITES { next } else { 0 };
         flush(&raw mut (*sites_of(e).add(next)).acc);
@@ -708,25 +720,19 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
     let Some(e) = OFFCPU_START.get_ptr_mut(&task) else {
         return 0;
     };
-    // SAFETY: a valid map value of this task, which is not running: only
-    // a wakeup on another CPU may write its wakeup time meanwhile.
-    let (start_ns, wakeup_ns, mut key) = unsafe {
+    // SAFETY: a valid map value of this task, which is not running.
+    let (start_ns, mut key) = unsafe {
         let start_ns = (*e).start_ns;
         if start_ns == 0 {
             return 0;
         }
         (*e).start_ns = 0;
-        (start_ns, (*e).wakeup_ns, (*e).key)
+        (start_ns, (*e).key)
     };
     let blocked = now.saturating_sub(start_ns);
     if blocked < config!(min_block_ns) || blocked > config!(max_block_ns) {
         return 0;
     }
-    let runq = if wakeup_ns == 0 {
-        0
-    } else {
-        now.saturating_sub(wakeup_ns)
-    };
     if key.kern_stack == STACK_DEFERRED {
         key.kern_stack = if blocked < config!(kstack_min_ns) {
             count(Counter::OffCpuKernShort);
@@ -737,18 +743,13 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
         };
     }
     // SAFETY: e is this task's valid map value, written only by the task
-    // itself (switch-out, exit) and here, when it is switched in; the slot
-    // is checked.
+    // itself (switch-out, exit) and here, when it is switched in.
     unsafe {
-        let acc = if ((*e).slot as usize) < BLOCK_SITES {
-            // Read again (volatile, so the compiler cannot know it is in
-            // range and drop the mask): the mask bounds it for the verifier.
-            let slot = core::ptr::read_volatile(&raw const (*e).slot) as usize;
-            &raw mut (*sites_of(e).add(slot & (BLOCK_SITES - 1))).acc
-        } else {
-            &raw mut (*e).acc
-        };
-        let block = OffCpuValue::block(blocked, runq);
+        let slot = (*e).slot;
+        let acc = acc_at(e, &raw const (*e).slot);
+        // Its run-queue wait is added when the task next switches out.
+        (*e).charged = if slot < NO_SITE { slot } else { NO_SITE };
+        let block = OffCpuValue::block(blocked, 0);
         if (*acc).value.count != 0 {
             if same_key(&raw const (*acc).key, &raw const key) {
                 (*acc).value.add(&block);
@@ -760,6 +761,64 @@ fn switch_in(next: *mut task_struct, now: u64) -> u32 {
         (*acc).value = block;
     }
     0
+}
+
+/// The accumulator of a thread's entry `e` that `*slot` names: a site's,
+/// or the entry's own for `NO_SITE` (or anything out of range).
+#[inline(always)]
+fn acc_at(e: *mut OffCpuStart, slot: *const u32) -> *mut OffCpuAcc {
+    // SAFETY: e is a valid map value and slot points into it; the index is
+    // checked.
+    unsafe {
+        if (*slot as usize) < BLOCK_SITES {
+            // Read again (volatile, so the compiler cannot know it is in
+            // range and drop the mask): the mask bounds it for the verifier.
+            let i = core::ptr::read_volatile(slot) as usize;
+            &raw mut (*sites_of(e).add(i & (BLOCK_SITES - 1))).acc
+        } else {
+            &raw mut (*e).acc
+        }
+    }
+}
+
+/// The current thread's total run-queue wait so far (the kernel's
+/// `sched_info.run_delay`, in ns), 0 if unknown.
+#[inline(always)]
+fn run_delay() -> u64 {
+    let off = config!(task_run_delay) as usize;
+    if off == 0 {
+        return 0;
+    }
+    // SAFETY: a BTF pointer to the current task; the offset is a constant
+    // (read-only config) which the verifier checks against kernel BTF.
+    unsafe {
+        core::ptr::read_volatile(
+            (bpf_get_current_task_btf() as *const u8)
+                .add(off)
+                .cast::<u64>(),
+        )
+    }
+}
+
+/// Adds the current thread's run-queue wait since it last switched out
+/// (the kernel adds a wait as the task is switched in, after the
+/// tracepoint) to the accumulator its last block went to, and starts
+/// anew. Called by the thread itself, before anything else changes its
+/// accumulators: at switch-out, when a site is replaced, at exit.
+#[inline(always)]
+fn settle_runq(e: *mut OffCpuStart) {
+    let now = run_delay();
+    // SAFETY: the current thread's own entry.
+    unsafe {
+        if (*e).charged != NOT_CHARGED {
+            let acc = acc_at(e, &raw const (*e).charged);
+            if (*acc).value.count != 0 {
+                (*acc).value.add_runq(now.saturating_sub((*e).run_delay));
+            }
+            (*e).charged = NOT_CHARGED;
+        }
+        (*e).run_delay = now;
+    }
 }
 
 /// Adds an accumulator's blocks to the off-CPU map and empties it.
@@ -943,22 +1002,6 @@ fn task_kernel_stack(task: *mut task_struct, window: u32) -> u64 {
     kern_stack_or_reason(store_stack(buf, n), window)
 }
 
-/// `sched_wakeup(struct task_struct *p)`: when a blocked task became
-/// runnable, for its run-queue wait.
-#[btf_tracepoint(function = "sched_wakeup")]
-pub fn offcpu_sched_wakeup(ctx: BtfTracePointContext) -> u32 {
-    let task: u64 = ctx.arg(0);
-    if let Some(start) = OFFCPU_START.get_ptr_mut(&task) {
-        // SAFETY: a valid map value.
-        unsafe {
-            if (*start).start_ns != 0 && (*start).wakeup_ns == 0 {
-                (*start).wakeup_ns = now();
-            }
-        }
-    }
-    0
-}
-
 // ------------------------------------------------------ tasks and targets
 
 #[inline(always)]
@@ -1118,6 +1161,7 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     let task = unsafe { bpf_get_current_task() };
     if !stopped() {
         if let Some(e) = OFFCPU_START.get_ptr_mut(&task) {
+            settle_runq(e);
             // SAFETY: the exiting thread's own entry; i < BLOCK_SITES.
             unsafe {
                 flush(&raw mut (*e).acc);

@@ -252,11 +252,6 @@ pub const TRACEPOINTS: &[(Tracepoint, NeededBy, bool)] = &[
         true,
     ),
     (
-        Tracepoint::new("sched", "sched_wakeup"),
-        NeededBy::OffCpu,
-        true,
-    ),
-    (
         Tracepoint::new("sched", "sched_process_fork"),
         NeededBy::Targets,
         true,
@@ -433,6 +428,8 @@ pub fn run() -> Report {
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
         ),
     });
+
+    rows.push(run_queue_row());
 
     let globals = [
         Global {
@@ -789,11 +786,7 @@ fn btf_tracepoint_row(
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
         );
     };
-    let (prog, slot) = if tp.name == "sched_switch" {
-        (program::BTF_SWITCH, CheckCounter::BtfSwitch)
-    } else {
-        (program::BTF_WAKEUP, CheckCounter::BtfWakeup)
-    };
+    let (prog, slot) = (program::BTF_SWITCH, CheckCounter::BtfSwitch);
     let attached = program_mut::<BtfTracePoint>(bpf, prog).and_then(|p| {
         p.load(tp.name, btf).map_err(|e| {
             let (why, _) = program_failure(&e);
@@ -831,6 +824,37 @@ fn btf_tracepoint_row(
             "BTF tracepoint attached, but it never fired",
             "check that the kernel has CONFIG_TRACEPOINTS",
         )
+    }
+}
+
+/// The off-CPU tracer takes each block's wait for a CPU from the kernel's
+/// own run-queue accounting, `task_struct.sched_info.run_delay`.
+fn run_queue_row() -> Row {
+    const CAP: &str = "run-queue accounting";
+    let off = crate::kbtf::Kbtf::from_sys_fs()
+        .map_err(|e| e.to_string())
+        .and_then(|b| {
+            b.offset_of("task_struct", &["sched_info", "run_delay"])
+                .map_err(|e| e.to_string())
+        });
+    match off {
+        Ok(off) => Row::ok(
+            CAP,
+            NeededBy::OffCpu,
+            false,
+            format!("task_struct.sched_info.run_delay at offset {off}"),
+        ),
+        Err(e) => Row::missing(
+            CAP,
+            NeededBy::OffCpu,
+            false,
+            format!(
+                "no task_struct.sched_info.run_delay in kernel BTF ({e}): off-CPU blocks get \
+                 no run-queue wait"
+            ),
+            "use a kernel with CONFIG_SCHED_INFO (selected by CONFIG_SCHEDSTATS or \
+             CONFIG_TASK_DELAY_ACCT)",
+        ),
     }
 }
 
@@ -1108,7 +1132,6 @@ mod tests {
         let names: Vec<String> = TRACEPOINTS.iter().map(|(t, _, _)| t.to_string()).collect();
         for want in [
             "sched:sched_switch",
-            "sched:sched_wakeup",
             "sched:sched_process_fork",
             "sched:sched_process_exec",
             "sched:sched_process_exit",

@@ -125,7 +125,8 @@ pub struct OffCpu {
     pub blocks: u64,
     pub total_ns: u64,
     pub max_ns: u64,
-    /// Of `total_ns`, the time spent runnable after the wakeup.
+    /// Of `total_ns`, the time spent waiting for a CPU: runnable after the
+    /// wakeup, or all of a preemption.
     pub runq_ns: u64,
     /// The blocking D-Bus function the task was inside when it blocked.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1003,7 +1003,18 @@ fn is_tracing_frame(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
-/// The off-CPU programs are BTF tracepoints: typed raw arguments, no trace
+/// A thread's total run-queue wait so far, in ns (the second field of
+/// `/proc/PID/task/TID/schedstat`, the kernel's `sched_info.run_delay`).
+fn run_delay_of(task: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("{task}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The off-CPU program is a BTF tracepoint: typed raw arguments, no trace
 /// event record filled per context switch.
 fn attach_offcpu(
     bpf: &mut Ebpf,
@@ -1016,19 +1027,18 @@ fn attach_offcpu(
             what: "the off-CPU tracer (kernel BTF at /sys/kernel/btf/vmlinux)".into(),
             source: ProgramError::Btf(e),
         })?;
-    for (prog, tp) in [
-        (names::PROG_SCHED_WAKEUP, "sched_wakeup"),
-        (names::PROG_SCHED_SWITCH, "sched_switch"),
-    ] {
-        let p: &mut BtfTracePoint = bpf
-            .program_mut(prog)
-            .ok_or(RecordError::Missing { name: prog })?
-            .try_into()
-            .map_err(attach_err(prog))?;
-        p.load(tp, &btf)
-            .map_err(attach_err(format!("{prog} (BTF tracepoint {tp}, which needs kernel BTF and, for sched_switch's prev_state argument, Linux 5.18 or later)")))?;
-        p.attach().map_err(attach_err(format!("{prog} to {tp}")))?;
-    }
+    let prog = names::PROG_SCHED_SWITCH;
+    let p: &mut BtfTracePoint = bpf
+        .program_mut(prog)
+        .ok_or(RecordError::Missing { name: prog })?
+        .try_into()
+        .map_err(attach_err(prog))?;
+    p.load("sched_switch", &btf).map_err(attach_err(format!(
+        "{prog} (BTF tracepoint sched_switch, which needs kernel BTF and, for its prev_state \
+         argument, Linux 5.18 or later)"
+    )))?;
+    p.attach()
+        .map_err(attach_err(format!("{prog} to sched_switch")))?;
     Ok(())
 }
 
@@ -1058,15 +1068,19 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         .tracers
         .contains(&Tracer::OffCpu)
         .then(|| std::thread::spawn(Btf::from_sys_fs));
-    // And where a stopped task's saved kernel stack pointer is, with which
-    // the off-CPU tracer reuses a thread's kernel stack when it blocks again
-    // the same way (a few ms of parsing, also done meanwhile).
-    let thread_sp = opts.tracers.contains(&Tracer::OffCpu).then(|| {
+    // And two task_struct offsets (a few ms of parsing, also done
+    // meanwhile): where a stopped task's saved kernel stack pointer is, with
+    // which the off-CPU tracer reuses a thread's kernel stack when it blocks
+    // again the same way, and the task's total run-queue wait, which gives
+    // each block's wait for a CPU.
+    let task_offsets = opts.tracers.contains(&Tracer::OffCpu).then(|| {
         std::thread::spawn(|| {
-            crate::kbtf::Kbtf::from_sys_fs()
-                .map_err(|e| e.to_string())?
-                .offset_of("task_struct", &["thread", "sp"])
-                .map_err(|e| e.to_string())
+            let btf = crate::kbtf::Kbtf::from_sys_fs().map_err(|e| e.to_string())?;
+            let off = |path: &[&str]| {
+                btf.offset_of("task_struct", path)
+                    .map_err(|e| e.to_string())
+            };
+            Ok::<_, String>((off(&["thread", "sp"]), off(&["sched_info", "run_delay"])))
         })
     });
     let (tracefs, _) = Tracefs::locate_or_mount()?;
@@ -1111,14 +1125,26 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.preempted_stacks = u32::from(opts.preempted_stacks);
     config.block_site_cache = u32::from(opts.block_site_cache);
     config.verify_stack_cache = u32::from(opts.verify_stack_cache);
-    if let Some(h) = thread_sp {
-        match h.join() {
-            Ok(Ok(off)) => config.task_thread_sp = off,
-            Ok(Err(e)) => eprintln!(
+    if let Some(h) = task_offsets {
+        let (sp, run_delay) = match h.join() {
+            Ok(Ok(offsets)) => offsets,
+            Ok(Err(e)) => (Err(e.clone()), Err(e)),
+            Err(_) => (Err("panicked".into()), Err("panicked".into())),
+        };
+        match sp {
+            Ok(off) => config.task_thread_sp = off,
+            Err(e) => eprintln!(
                 "hvprof: note: off-CPU kernel stacks are walked at every long block, none reused \
                  (kernel BTF: {e})"
             ),
-            Err(_) => {}
+        }
+        match run_delay {
+            Ok(off) => config.task_run_delay = off,
+            Err(e) => eprintln!(
+                "hvprof: note: off-CPU run-queue wait is not measured: it needs \
+                 task_struct.sched_info.run_delay (CONFIG_SCHED_INFO, selected by \
+                 CONFIG_SCHEDSTATS or CONFIG_TASK_DELAY_ACCT) in kernel BTF ({e})"
+            ),
         }
     }
     config.kstack_min_ns =
@@ -1451,10 +1477,9 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     })
 }
 
-const PROGRAMS: [&str; 18] = [
+const PROGRAMS: [&str; 17] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
-    names::PROG_SCHED_WAKEUP,
     names::PROG_FORK,
     names::PROG_EXEC,
     names::PROG_EXIT,
@@ -1864,23 +1889,29 @@ impl Recorder {
             // Entries stay for live threads (and, after the stop, for the
             // threads that exited since). Each holds its last blocks not yet
             // in the off-CPU map; one not blocked has no start.
-            for (_, s) in m.iter().filter_map(Result::ok) {
+            for (_, mut s) in m.iter().filter_map(Result::ok) {
+                let task = format!("/proc/{}/task/{}", s.key.tgid, s.key.pid);
+                // A thread that ran since its last block: that block's
+                // run-queue wait, which it would have added at its next
+                // switch-out (a thread that exited added its own).
+                let since = s.run_delay;
+                if let Some(acc) = s.charged_acc_mut()
+                    && let Some(now) = run_delay_of(&task)
+                {
+                    acc.value.add_runq(now.saturating_sub(since));
+                }
                 offcpu_raw.extend(s.pending().map(|a| (a.key, a.value)));
                 if s.start_ns == 0 {
                     continue;
                 }
                 let blocked = stop_ns.saturating_sub(s.start_ns);
-                let alive =
-                    PathBuf::from(format!("/proc/{}/task/{}", s.key.tgid, s.key.pid)).exists();
+                let alive = Path::new(&task).exists();
                 if blocked < min || blocked > max || s.start_ns < self.start_ns || !alive {
                     continue;
                 }
-                let runq = if s.wakeup_ns == 0 {
-                    0
-                } else {
-                    stop_ns.saturating_sub(s.wakeup_ns)
-                };
-                offcpu_raw.push((s.key, OffCpuValue::block(blocked, runq)));
+                // Still blocked: whether it already waits for a CPU is not
+                // known.
+                offcpu_raw.push((s.key, OffCpuValue::block(blocked, 0)));
             }
         }
         // One row per key: the map's, a thread's pending blocks and its block

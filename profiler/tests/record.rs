@@ -42,6 +42,12 @@ fn out_dir(name: &str) -> PathBuf {
 
 /// Runs `hvprof record ARGS -o DIR` to completion and reads the profile.
 fn record(name: &str, args: &[&str]) -> (Profile, PathBuf) {
+    let (p, dir, _) = record_with_stderr(name, args);
+    (p, dir)
+}
+
+/// [`record`], also returning what hvprof and the command wrote to stderr.
+fn record_with_stderr(name: &str, args: &[&str]) -> (Profile, PathBuf, String) {
     let dir = out_dir(name);
     let out = Command::new(env!("CARGO_BIN_EXE_hvprof"))
         .arg("record")
@@ -57,7 +63,7 @@ fn record(name: &str, args: &[&str]) -> (Profile, PathBuf) {
         "hvprof record failed:\n{stdout}\n{stderr}"
     );
     let profile = Profile::read(&dir.join("profile.hvprof")).expect("read profile");
-    (profile, dir)
+    (profile, dir, stderr.into_owned())
 }
 
 /// On-CPU samples per window of stacks whose leaf-most named frame is `func`.
@@ -738,6 +744,78 @@ fn off_cpu_kernel_stacks_are_reused_only_where_they_match() {
     );
     assert_eq!(p.meta.counters["off-CPU user stacks reused (same site)"], 0);
     assert!(p.meta.counters["off-CPU kernel stacks walked at switch-in"] >= n - 10);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Three threads crowding one CPU for MS ms wait about 2·MS ms for it in
+/// all; vmload prints the kernel's own count of that wait. The off-CPU
+/// rows of those threads carry it as run-queue wait, nearly all of it in
+/// preemptions (state R), which are nothing but waiting for a CPU.
+#[test]
+fn run_queue_wait_matches_the_kernels_count() {
+    let vmload = vmload();
+    let ms = 300;
+    let (p, dir, stderr) = record_with_stderr(
+        "runq",
+        &[
+            "--tracers",
+            "offcpu",
+            "--",
+            vmload.to_str().unwrap(),
+            &format!("crowd:{ms}"),
+        ],
+    );
+    let kernel: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmload: crowd run-queue wait "))
+        .and_then(|l| l.strip_suffix(" ns"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no run-queue wait from vmload in:\n{stderr}"));
+    let ms_ns = ms * 1_000_000;
+    // Three threads on one CPU for MS ms of wall time: 3·MS of which the
+    // CPU gives them MS.
+    assert!(
+        (2 * ms_ns * 9 / 10..=2 * ms_ns * 11 / 10).contains(&kernel),
+        "the kernel counts {kernel} ns of run-queue wait for 2 x {ms} ms"
+    );
+    let crowd: Vec<_> = p
+        .offcpu
+        .iter()
+        .filter(|r| r.comm == "vmload-crowd")
+        .collect();
+    let (mut runq, mut preempted_runq, mut preempted_total) = (0, 0, 0);
+    for r in &crowd {
+        assert!(r.runq_ns <= r.total_ns, "{r:?}");
+        runq += r.runq_ns;
+        if r.state == "R" {
+            preempted_runq += r.runq_ns;
+            preempted_total += r.total_ns;
+        }
+    }
+    eprintln!(
+        "run-queue wait: hvprof {runq} ns, kernel {kernel} ns; preemptions {preempted_runq} of \
+         {preempted_total} ns"
+    );
+    // The burn phase waits only in preemptions, as the kernel counts (a
+    // thread may also be preempted once before it starts counting).
+    assert!(
+        preempted_runq.abs_diff(kernel) <= kernel / 100 + 10_000_000,
+        "preemptions carry {preempted_runq} ns of run-queue wait, the kernel counts {kernel} ns"
+    );
+    // hvprof counts each thread's whole life: also its wait to run after
+    // it was created or released from the barrier (a time slice or so per
+    // thread), before vmload reads the count.
+    assert!(
+        runq >= kernel && runq <= kernel * 101 / 100 + 30_000_000,
+        "hvprof {runq} ns of run-queue wait, the kernel {kernel} ns: {crowd:#?}"
+    );
+    // A preemption is all run-queue wait (hvprof's clock and the run
+    // queue's agree within a little).
+    assert!(
+        preempted_runq >= preempted_total * 98 / 100,
+        "preemptions: {preempted_runq} ns waiting of {preempted_total} ns"
+    );
+    assert!(p.losses.is_empty(), "{:?}", p.losses);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -22,6 +22,13 @@
 //!   mapping (the copy faults, and the fault read-locks it), while two
 //!   threads of `contend` write-lock it.
 //!
+//! - `crowd:MS` — 3 threads (`vmload-crowd`) on one CPU, each burning in
+//!   `vmload_crowd_busy` until MS ms have passed: each runs about a third
+//!   of the time and waits for the CPU the rest, about 2·MS ms of
+//!   run-queue wait in all. Prints the kernel's count of it (the growth of
+//!   each thread's `/proc/thread-self/schedstat` run delay), as
+//!   `vmload: crowd run-queue wait NS ns`.
+//!
 //! - `cgroups:N` — under the cgroup v2 mount (and the v1 `memory`
 //!   hierarchy, where mounted), make `hvprof-vmload-PID/`, then N times:
 //!   mkdir `cg-I`, move itself in (write to `cgroup.procs`), move back,
@@ -64,6 +71,7 @@ enum Step {
     Work(u64),
     Contend(u64),
     ReadLocks(u64),
+    Crowd(u64),
     Cgroups(u64),
     Forks(u64),
     Spawns(u64),
@@ -94,6 +102,7 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
                 "work" => Ok(Step::Work(ms)),
                 "contend" => Ok(Step::Contend(ms)),
                 "readlocks" => Ok(Step::ReadLocks(ms)),
+                "crowd" => Ok(Step::Crowd(ms)),
                 "cgroups" => Ok(Step::Cgroups(ms)),
                 "forks" => Ok(Step::Forks(ms)),
                 "spawns" => Ok(Step::Spawns(ms)),
@@ -268,6 +277,64 @@ fn contend(ms: u64) -> Result<(), String> {
     for t in threads {
         t.join().map_err(|_| "contend thread panicked".to_owned())?;
     }
+    Ok(())
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_crowd_busy(ms: u64) -> u64 {
+    black_box(burn(ms))
+}
+
+/// This thread's total run-queue wait so far, in ns (the kernel's
+/// `sched_info.run_delay`).
+fn own_run_delay() -> Result<u64, String> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .map_err(|e| format!("/proc/thread-self/schedstat: {e}"))?;
+    s.split_whitespace()
+        .nth(1)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| format!("/proc/thread-self/schedstat: unexpected {s:?}"))
+}
+
+fn crowd(ms: u64) -> Result<(), String> {
+    const THREADS: usize = 3;
+    // SAFETY: no arguments.
+    let cpu = unsafe { libc::sched_getcpu() };
+    let cpu = usize::try_from(cpu).map_err(|_| "sched_getcpu failed".to_owned())?;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(THREADS));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let start = std::sync::Arc::clone(&start);
+            std::thread::Builder::new()
+                .name("vmload-crowd".to_owned())
+                .spawn(move || {
+                    // SAFETY: a zeroed cpu_set_t with one CPU set, for
+                    // this thread (0).
+                    let pinned = unsafe {
+                        let mut set: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(cpu, &mut set);
+                        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set)
+                    };
+                    if pinned != 0 {
+                        return Err(format!(
+                            "sched_setaffinity: {}",
+                            std::io::Error::last_os_error()
+                        ));
+                    }
+                    start.wait();
+                    let before = own_run_delay()?;
+                    vmload_crowd_busy(ms);
+                    Ok(own_run_delay()? - before)
+                })
+                .map_err(|e| format!("thread: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut waited = 0;
+    for t in threads {
+        waited += t.join().map_err(|_| "crowd thread panicked".to_owned())??;
+    }
+    eprintln!("vmload: crowd run-queue wait {waited} ns");
     Ok(())
 }
 
@@ -599,6 +666,7 @@ fn run(steps: &[Step]) -> Result<(), String> {
             Step::Forks(n) => forks(n)?,
             Step::Contend(ms) => contend(ms)?,
             Step::ReadLocks(ms) => readlocks(ms)?,
+            Step::Crowd(ms) => crowd(ms)?,
             Step::Cgroups(n) => {
                 if vmload_cgroups(n) != 0 {
                     return Err("the cgroups step failed".to_owned());
