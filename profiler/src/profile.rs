@@ -85,6 +85,12 @@ pub struct Meta {
     /// Facts counted in the kernel that are not losses (e.g. lock waits
     /// that ended on another CPU than they began on).
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// hvprof's own CPU time (all its threads, not its eBPF programs, which
+    /// run in the traced tasks) from the start of the recording to the
+    /// stop: what it took from the workload's CPUs meanwhile. `None` in
+    /// profiles written before hvprof measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_cpu_ns: Option<u64>,
 }
 
 /// One VM creation.

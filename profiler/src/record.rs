@@ -943,6 +943,10 @@ impl Processes {
 struct Recorder {
     opts: RecordOptions,
     start_ns: u64,
+    /// hvprof's own CPU time when the recording starts (the programs are
+    /// attached), and after the stop what it used meanwhile.
+    start_cpu_ns: u64,
+    self_cpu_ns: u64,
     started_unix_ms: u64,
     processes: Processes,
     vms: Vec<(Event, Option<String>)>,
@@ -1252,6 +1256,8 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
 
     let mut rec = Recorder {
         start_ns: monotonic_ns(),
+        start_cpu_ns: 0,
+        self_cpu_ns: 0,
         started_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
@@ -1414,6 +1420,9 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     }
     rec.tracers = active;
 
+    // From here hvprof's own CPU competes with the workload's (loading and
+    // verifying the programs, before, does not).
+    rec.start_cpu_ns = sys::self_cpu_ns();
     if let Some(g) = gated.as_mut() {
         g.release();
     }
@@ -1435,6 +1444,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     let stop = rec.run_loop(&mut events, gated.as_mut())?;
     let stopped = Instant::now();
     let stop_ns = monotonic_ns();
+    rec.self_cpu_ns = sys::self_cpu_ns().saturating_sub(rec.start_cpu_ns);
 
     // Take final snapshots while processes are still alive, then stop the
     // probes so the maps hold still while they are read.
@@ -2344,6 +2354,7 @@ impl Recorder {
                 stop_reason: stop.to_string(),
                 tracers: self.tracers.iter().map(|t| t.name().to_owned()).collect(),
                 program_stats: Vec::new(),
+                self_cpu_ns: Some(self.self_cpu_ns),
                 counters: self.counters(bpf),
             },
             windows: self.opts.windows.windows(vm_count),

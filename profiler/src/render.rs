@@ -301,6 +301,9 @@ pub struct Summary {
     /// that migrated, ...).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub counters: BTreeMap<String, u64>,
+    /// hvprof's own CPU time while recording (see `Meta::self_cpu_ns`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub self_cpu_ns: Option<u64>,
 }
 
 #[must_use]
@@ -385,6 +388,7 @@ pub fn summary(profile: &Profile) -> Summary {
         total_losses: profile.losses.iter().map(|l| l.count).sum(),
         program_stats: profile.meta.program_stats.clone(),
         counters: profile.meta.counters.clone(),
+        self_cpu_ns: profile.meta.self_cpu_ns,
     }
 }
 
@@ -468,6 +472,14 @@ impl Summary {
                     p.runs,
                     ms(p.run_time_ns),
                     p.run_time_ns.checked_div(p.runs).unwrap_or(0)
+                );
+            }
+            if let Some(ns) = self.self_cpu_ns {
+                let _ = writeln!(
+                    out,
+                    "{:<22} {:>25}  (its process, while recording)",
+                    "hvprof itself",
+                    ms(ns)
                 );
             }
             // What the programs' cost goes to: stack walks taken and saved.

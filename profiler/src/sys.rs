@@ -154,6 +154,24 @@ pub fn gettid() -> u32 {
     u32::try_from(tid).unwrap_or(0)
 }
 
+/// CPU time (user and system, ns) of all of this process's threads so far.
+#[must_use]
+pub fn self_cpu_ns() -> u64 {
+    // SAFETY: a zeroed rusage for getrusage to fill.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid rusage pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut ru) } != 0 {
+        return 0;
+    }
+    [ru.ru_utime, ru.ru_stime]
+        .iter()
+        .map(|tv| {
+            u64::try_from(tv.tv_sec).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(tv.tv_usec).unwrap_or(0) * 1_000
+        })
+        .sum()
+}
+
 /// The kernel-internal ENOTSUPP, which BPF syscalls leak to userspace.
 const ENOTSUPP: i32 = 524;
 

@@ -172,6 +172,17 @@ fn windows_follow_vm_creations_and_stacks_match_ground_truth() {
         "{}",
         p.meta.stop_reason
     );
+    // hvprof's own CPU while recording: some, and no more than all CPUs
+    // for the whole recording.
+    let cpus = p.meta.cpus as u64;
+    assert!(
+        p.meta
+            .self_cpu_ns
+            .is_some_and(|ns| ns > 0 && ns < p.meta.duration_ns * cpus),
+        "{:?} ns of {} ns on {cpus} CPUs",
+        p.meta.self_cpu_ns,
+        p.meta.duration_ns
+    );
 
     // The busy function is on CPU only where it ran, for as long as it ran.
     let busy = samples_of(&p, "vmload_busy");

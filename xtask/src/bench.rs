@@ -16,8 +16,11 @@ fn plan(vms: usize) -> String {
     vec!["vm,work:30,forks:20,spawns:5,switches:2000"; vms].join(",")
 }
 
-/// Runs a command whose stderr carries `vmload: done in Xs`; returns X.
-fn workload_seconds(cmd: &mut Command) -> anyhow::Result<(f64, String)> {
+/// One run of the workload: its wall time (`vmload: done in Xs`), its CPU
+/// time with its children's (`vmload: cpu Xs`; in-kernel eBPF programs run
+/// in the context of the tasks they trace, so theirs is in there too), and
+/// the command's stdout.
+fn run_workload(cmd: &mut Command) -> anyhow::Result<(f64, f64, String)> {
     let out = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -26,12 +29,22 @@ fn workload_seconds(cmd: &mut Command) -> anyhow::Result<(f64, String)> {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(out.status.success(), "{cmd:?} failed:\n{stdout}\n{stderr}");
-    let secs = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("vmload: done in "))
-        .and_then(|v| v.trim_end_matches('s').parse().ok())
-        .ok_or_else(|| anyhow!("no `vmload: done` line in:\n{stderr}"))?;
-    Ok((secs, stdout))
+    let line = |prefix: &str| {
+        stderr
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim_end_matches('s').parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("no `{prefix}` line in:\n{stderr}"))
+    };
+    Ok((line("vmload: done in ")?, line("vmload: cpu ")?, stdout))
+}
+
+/// The last recording's summary.
+fn summary(out_dir: &Path) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("summary.json"))
+            .context("reading the last summary.json")?,
+    )?)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -68,17 +81,26 @@ pub fn run(
             .arg("--")
             .arg(vmload)
             .arg(&plan);
-        workload_seconds(&mut cmd)
+        run_workload(&mut cmd)
     };
+    let (mut base_cpu, mut with_cpu, mut hvprof_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let (b, _) = workload_seconds(Command::new(vmload).arg(&plan))?;
-        let (w, _) = with_hvprof(false)?;
+        let (b, b_cpu, _) = run_workload(Command::new(vmload).arg(&plan))?;
+        let (w, w_cpu, _) = with_hvprof(false)?;
+        // hvprof's process while it recorded.
+        #[expect(clippy::cast_precision_loss, reason = "seconds")]
+        let own = summary(&out_dir)?["self_cpu_ns"].as_u64().unwrap_or(0) as f64 / 1e9;
         println!(
-            "  round {round}: without {b:.3} s, with hvprof {w:.3} s ({:+.1} %)",
-            (w / b - 1.0) * 100.0
+            "  round {round}: without {b:.3} s, with hvprof {w:.3} s ({:+.1} %); CPU {b_cpu:.3} s, \
+             with {w_cpu:.3} s + hvprof {own:.3} s ({:+.1} %)",
+            (w / b - 1.0) * 100.0,
+            ((w_cpu + own) / b_cpu - 1.0) * 100.0
         );
         base.push(b);
         with.push(w);
+        base_cpu.push(b_cpu);
+        with_cpu.push(w_cpu + own);
+        hvprof_cpu.push(own);
     }
     // Noise here only adds time (other load, a noisy host), so besides the
     // medians: the median of each round's paired ratio, and best against
@@ -100,11 +122,24 @@ pub fn run(
         (bw / bb - 1.0) * 100.0
     );
 
-    let (_, last_stdout) = with_hvprof(true)?;
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out_dir.join("summary.json"))
-            .context("reading the last summary.json")?,
-    )?;
+    // CPU time is less at the mercy of the host than wall time: the
+    // workload's own (in-kernel eBPF included) plus hvprof's process.
+    let mut paired_cpu: Vec<f64> = with_cpu.iter().zip(&base_cpu).map(|(w, b)| w / b).collect();
+    let (bc, wc, hc) = (
+        median(&mut base_cpu),
+        median(&mut with_cpu),
+        median(&mut hvprof_cpu),
+    );
+    let pc = median(&mut paired_cpu);
+    println!(
+        "CPU time, median: without {bc:.3} s, with hvprof {wc:.3} s (of which hvprof's process \
+         {hc:.3} s): {:+.1} %; median of the rounds' ratios {:+.1} %",
+        (wc / bc - 1.0) * 100.0,
+        (pc - 1.0) * 100.0
+    );
+
+    let (_, _, last_stdout) = with_hvprof(true)?;
+    let summary = summary(&out_dir)?;
     println!("\neBPF cost per event (one more run, with kernel BPF statistics):");
     println!(
         "  {:<22} {:>10} {:>12} {:>8}",

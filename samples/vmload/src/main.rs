@@ -699,7 +699,27 @@ fn run(steps: &[Step]) -> Result<(), String> {
         unsafe { libc::close(fd) };
     }
     eprintln!("vmload: done in {:.6}s", start.elapsed().as_secs_f64());
+    eprintln!("vmload: cpu {:.6}s", cpu_seconds());
     Ok(())
+}
+
+/// User and system CPU time of this process and its waited-for children.
+fn cpu_seconds() -> f64 {
+    let mut total = 0.0;
+    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+        // SAFETY: a zeroed rusage for getrusage to fill.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid rusage pointer.
+        if unsafe { libc::getrusage(who, &raw mut ru) } == 0 {
+            for tv in [ru.ru_utime, ru.ru_stime] {
+                #[expect(clippy::cast_precision_loss, reason = "seconds")]
+                {
+                    total += tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+                }
+            }
+        }
+    }
+    total
 }
 
 fn main() -> std::process::ExitCode {
