@@ -458,6 +458,26 @@ impl Summary {
                 w.dir
             );
         }
+        self.cost_text(&mut out);
+        if self.total_losses == 0 {
+            out.push_str("\nlosses: none\n");
+        } else {
+            let _ = writeln!(out, "\nlosses: {} in all", self.total_losses);
+            for w in &self.windows {
+                for (k, n) in &w.losses {
+                    let _ = writeln!(out, "  window {:<3} {k}: {n}", w.id);
+                }
+            }
+            for (k, n) in &self.other_losses {
+                let _ = writeln!(out, "  outside windows  {k}: {n}");
+            }
+        }
+        out
+    }
+
+    /// With `--bpf-stats`: what each eBPF program cost, hvprof's own
+    /// process, and what the cost went to.
+    fn cost_text(&self, out: &mut String) {
         if !self.program_stats.is_empty() {
             let _ = writeln!(
                 out,
@@ -490,20 +510,6 @@ impl Summary {
                 }
             }
         }
-        if self.total_losses == 0 {
-            out.push_str("\nlosses: none\n");
-        } else {
-            let _ = writeln!(out, "\nlosses: {} in all", self.total_losses);
-            for w in &self.windows {
-                for (k, n) in &w.losses {
-                    let _ = writeln!(out, "  window {:<3} {k}: {n}", w.id);
-                }
-            }
-            for (k, n) in &self.other_losses {
-                let _ = writeln!(out, "  outside windows  {k}: {n}");
-            }
-        }
-        out
     }
 }
 

@@ -172,17 +172,6 @@ fn windows_follow_vm_creations_and_stacks_match_ground_truth() {
         "{}",
         p.meta.stop_reason
     );
-    // hvprof's own CPU while recording: some, and no more than all CPUs
-    // for the whole recording.
-    let cpus = p.meta.cpus as u64;
-    assert!(
-        p.meta
-            .self_cpu_ns
-            .is_some_and(|ns| ns > 0 && ns < p.meta.duration_ns * cpus),
-        "{:?} ns of {} ns on {cpus} CPUs",
-        p.meta.self_cpu_ns,
-        p.meta.duration_ns
-    );
 
     // The busy function is on CPU only where it ran, for as long as it ran.
     let busy = samples_of(&p, "vmload_busy");
@@ -282,6 +271,17 @@ fn nothing_is_recorded_outside_the_requested_windows() {
     assert_eq!(p.vms.len(), 4, "every creation is in the timeline");
     let ids: Vec<u32> = p.windows.iter().map(|w| w.id).collect();
     assert_eq!(ids, [0, 1, 2]);
+    // hvprof's own CPU while recording: some, and no more than all CPUs
+    // for the whole recording.
+    let cpus = p.meta.cpus as u64;
+    assert!(
+        p.meta
+            .self_cpu_ns
+            .is_some_and(|ns| ns > 0 && ns < p.meta.duration_ns * cpus),
+        "{:?} ns of {} ns on {cpus} CPUs",
+        p.meta.self_cpu_ns,
+        p.meta.duration_ns
+    );
     assert!(p.oncpu.iter().all(|r| r.window <= 2));
     assert!(p.offcpu.iter().all(|r| r.window <= 2));
     let busy = samples_of(&p, "vmload_busy");
