@@ -223,6 +223,12 @@ pub struct Config {
     /// run-queue wait, `CONFIG_SCHED_INFO`), from kernel BTF; 0 if unknown,
     /// and then no run-queue wait is measured.
     pub task_run_delay: u32,
+    /// Offset of `task_struct.comm`, from kernel BTF; 0 if unknown, and
+    /// then the comm comes from `bpf_get_current_comm` (a helper call, the
+    /// dearest part of a context switch's bookkeeping after the user
+    /// stack).
+    pub task_comm: u32,
+    pub pad: u32,
 }
 
 impl Config {
@@ -274,6 +280,8 @@ impl Config {
             task_thread_sp: 0,
             verify_stack_cache: 0,
             task_run_delay: 0,
+            task_comm: 0,
+            pad: 0,
         }
     }
 }
@@ -1179,7 +1187,7 @@ mod tests {
                 + 24
                 + 2 * 8
                 + size_of::<TracepointOffsets>()
-                + 3 * 4
+                + 5 * 4
         );
     }
 }

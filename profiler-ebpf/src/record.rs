@@ -237,9 +237,22 @@ fn is_tracked(tgid: u32) -> bool {
     unsafe { TRACKED.get(&tgid) }.is_some()
 }
 
+/// The current task's comm: two plain loads from its task_struct where
+/// kernel BTF gave the offset (a helper call costs several times more).
 #[inline(always)]
 fn comm() -> [u8; COMM_LEN] {
-    bpf_get_current_comm().unwrap_or([0; COMM_LEN])
+    let off = config!(task_comm) as usize;
+    if off == 0 {
+        return bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    }
+    // SAFETY: a BTF pointer to the current task; the offset is a constant
+    // (read-only config) which the verifier checks against kernel BTF.
+    unsafe {
+        let words = (bpf_get_current_task_btf() as *const u8)
+            .add(off)
+            .cast::<[u64; COMM_LEN / 8]>();
+        core::mem::transmute::<[u64; COMM_LEN / 8], [u8; COMM_LEN]>(core::ptr::read_volatile(words))
+    }
 }
 
 /// Takes the current stack (kernel, or user with `BPF_F_USER_STACK`),

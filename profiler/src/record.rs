@@ -1072,21 +1072,26 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         .tracers
         .contains(&Tracer::OffCpu)
         .then(|| std::thread::spawn(Btf::from_sys_fs));
-    // And two task_struct offsets (a few ms of parsing, also done
-    // meanwhile): where a stopped task's saved kernel stack pointer is, with
-    // which the off-CPU tracer reuses a thread's kernel stack when it blocks
-    // again the same way, and the task's total run-queue wait, which gives
-    // each block's wait for a CPU.
-    let task_offsets = opts.tracers.contains(&Tracer::OffCpu).then(|| {
+    // And task_struct offsets (a few ms of parsing, also done meanwhile):
+    // its comm, read with plain loads; for the off-CPU tracer, where a
+    // stopped task's saved kernel stack pointer is, with which it reuses a
+    // thread's kernel stack when it blocks again the same way, and the
+    // task's total run-queue wait, which gives each block's wait for a CPU.
+    let offcpu = opts.tracers.contains(&Tracer::OffCpu);
+    let task_offsets = {
         std::thread::spawn(|| {
             let btf = crate::kbtf::Kbtf::from_sys_fs().map_err(|e| e.to_string())?;
             let off = |path: &[&str]| {
                 btf.offset_of("task_struct", path)
                     .map_err(|e| e.to_string())
             };
-            Ok::<_, String>((off(&["thread", "sp"]), off(&["sched_info", "run_delay"])))
+            Ok::<_, String>((
+                off(&["thread", "sp"]),
+                off(&["sched_info", "run_delay"]),
+                off(&["comm"]),
+            ))
         })
-    });
+    };
     let (tracefs, _) = Tracefs::locate_or_mount()?;
     let mut offsets = offsets(&tracefs)?;
     let mut active = opts.tracers.clone();
@@ -1129,12 +1134,17 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.preempted_stacks = u32::from(opts.preempted_stacks);
     config.block_site_cache = u32::from(opts.block_site_cache);
     config.verify_stack_cache = u32::from(opts.verify_stack_cache);
-    if let Some(h) = task_offsets {
-        let (sp, run_delay) = match h.join() {
-            Ok(Ok(offsets)) => offsets,
-            Ok(Err(e)) => (Err(e.clone()), Err(e)),
-            Err(_) => (Err("panicked".into()), Err("panicked".into())),
-        };
+    let (sp, run_delay, comm) = match task_offsets.join() {
+        Ok(Ok(offsets)) => offsets,
+        Ok(Err(e)) => (Err(e.clone()), Err(e.clone()), Err(e)),
+        Err(_) => {
+            let e = || Err("panicked".to_owned());
+            (e(), e(), e())
+        }
+    };
+    // Without it the comm comes from a helper call: slower, as right.
+    config.task_comm = comm.unwrap_or(0);
+    if offcpu {
         match sp {
             Ok(off) => config.task_thread_sp = off,
             Err(e) => eprintln!(
