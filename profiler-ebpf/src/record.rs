@@ -13,10 +13,9 @@ use aya_ebpf::{
     helpers::generated,
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack,
-        bpf_get_task_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
-        bpf_task_pt_regs,
+        bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack, bpf_get_task_stack,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes, bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -237,20 +236,26 @@ fn is_tracked(tgid: u32) -> bool {
     unsafe { TRACKED.get(&tgid) }.is_some()
 }
 
-/// The current task's comm: two plain loads from its task_struct where
-/// kernel BTF gave the offset (a helper call costs several times more).
+/// The current task's comm.
 #[inline(always)]
 fn comm() -> [u8; COMM_LEN] {
+    // SAFETY: bpf_get_current_task_btf has no preconditions.
+    comm_of(unsafe { bpf_get_current_task_btf() })
+}
+
+/// The comm of `task`, the current task as a BTF pointer: two plain loads
+/// from its task_struct where kernel BTF gave the offset (a helper call
+/// costs several times more).
+#[inline(always)]
+fn comm_of(task: *mut task_struct) -> [u8; COMM_LEN] {
     let off = config!(task_comm) as usize;
     if off == 0 {
         return bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     }
-    // SAFETY: a BTF pointer to the current task; the offset is a constant
-    // (read-only config) which the verifier checks against kernel BTF.
+    // SAFETY: a BTF pointer to a task; the offset is a constant (read-only
+    // config) which the verifier checks against kernel BTF.
     unsafe {
-        let words = (bpf_get_current_task_btf() as *const u8)
-            .add(off)
-            .cast::<[u64; COMM_LEN / 8]>();
+        let words = task.cast::<u8>().add(off).cast::<[u64; COMM_LEN / 8]>();
         core::mem::transmute::<[u64; COMM_LEN / 8], [u8; COMM_LEN]>(core::ptr::read_volatile(words))
     }
 }
@@ -376,17 +381,18 @@ fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
     (kern, user_stack(ctx, window))
 }
 
-/// The current task's user registers where it blocks: ip, sp, bp and the
-/// return address at bp+8 (0s if unreadable). Two blocks of a thread with
-/// the same four are at the same site, with the same user call chain.
+/// The user registers of `task` (the current task, as a BTF pointer) where
+/// it blocks: ip, sp, bp and the return address at bp+8 (0s if
+/// unreadable). Two blocks of a thread with the same four are at the same
+/// site, with the same user call chain.
 #[inline(always)]
-fn user_site() -> [u64; 4] {
-    // SAFETY: the helpers take the current task's BTF pointer; the user
-    // read is checked.
+fn user_site(task: *mut task_struct) -> [u64; 4] {
+    // SAFETY: the helper takes the task's BTF pointer; the user read is
+    // checked.
     unsafe {
         // A BTF pointer: plain loads (the verifier makes them faulting
         // loads), no helper call each.
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+        let regs = bpf_task_pt_regs(task) as *const pt_regs;
         let ip = core::ptr::read_volatile(&raw const (*regs).rip);
         let sp = core::ptr::read_volatile(&raw const (*regs).rsp);
         let bp = core::ptr::read_volatile(&raw const (*regs).rbp);
@@ -522,21 +528,21 @@ static IDLE_TASK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[inline(always)]
 fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     let preempt: u64 = ctx.arg(0);
+    // The current task, as a BTF pointer: its fields are plain loads.
+    let prev: *mut task_struct = ctx.arg(1);
     let raw_state: u64 = ctx.arg(3);
+    let task = prev as u64;
     let id = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((id >> 32) as u32, id as u32);
     if pid == 0 {
         // This CPU's idle task: remembered, so switching back to it costs
         // no map lookup.
         if let Some(idle) = IDLE_TASK.get_ptr_mut(0) {
-            // SAFETY: this CPU's slot; bpf_get_current_task has no
-            // preconditions.
-            unsafe { *idle = bpf_get_current_task() };
+            // SAFETY: this CPU's slot.
+            unsafe { *idle = task };
         }
         return;
     }
-    // SAFETY: bpf_get_current_task has no preconditions; it is `prev`.
-    let task = unsafe { bpf_get_current_task() };
     // A thread with an entry is tracked: only tracked threads get one, and
     // it goes when they exit. So the tracked-set lookup is only for threads
     // without one yet.
@@ -544,7 +550,7 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     match entry {
         // First, whatever comes of this switch: the last block's run-queue
         // wait.
-        Some(e) => settle_runq(e),
+        Some(e) => settle_runq(e, prev),
         None if !is_tracked(tgid) => return,
         None => {}
     }
@@ -568,7 +574,7 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         }
         entry = OFFCPU_START.get_ptr_mut(&task);
         if let Some(e) = entry {
-            settle_runq(e);
+            settle_runq(e, prev);
         }
     }
     let Some(e) = entry else {
@@ -600,6 +606,7 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         // loop in ppoll): four register reads instead of a walk.
         let (user, at) = site_user_stack(
             ctx,
+            prev,
             e,
             window,
             Counter::OffCpuUserCached,
@@ -617,7 +624,7 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         pad: 0,
         kern_stack,
         user_stack,
-        comm: comm(),
+        comm: comm_of(prev),
     };
     // SAFETY: a valid map value of this thread, which is running here and
     // so is neither switched in nor woken meanwhile.
@@ -663,13 +670,14 @@ fn verified(reused: u64, walked: u64, differs: Counter) -> u64 {
 #[inline(always)]
 fn site_user_stack<C: EbpfContext>(
     ctx: &C,
+    task: *mut task_struct,
     e: *mut OffCpuStart,
     window: u32,
     cached: Counter,
     walked: Counter,
 ) -> (u64, u32) {
     let site = if config!(block_site_cache) != 0 {
-        user_site()
+        user_site(task)
     } else {
         [0; 4]
     };
@@ -706,7 +714,7 @@ fn site_user_stack<C: EbpfContext>(
     // SAFETY: the thread's own entry (it is running here, so no switch-in
     // reads its sites meanwhile).
     unsafe {
-        settle_runq(e);
+        settle_runq(e, task);
         let next = (*e).next_slot as usize;
         let next = if next < BLOCK_SITES { next } else { 0 };
         flush(&raw mut (*sites_of(e).add(next)).acc);
@@ -794,23 +802,16 @@ fn acc_at(e: *mut OffCpuStart, slot: *const u32) -> *mut OffCpuAcc {
     }
 }
 
-/// The current thread's total run-queue wait so far (the kernel's
-/// `sched_info.run_delay`, in ns), 0 if unknown.
+/// The total run-queue wait so far of `task` (the current task, as a BTF
+/// pointer): the kernel's `sched_info.run_delay`, in ns; 0 if unknown.
 #[inline(always)]
-fn run_delay() -> u64 {
+fn run_delay(task: *mut task_struct) -> u64 {
     let off = config!(task_run_delay) as usize;
     if off == 0 {
         return 0;
     }
-    // SAFETY: a BTF pointer to the current task; the offset is a constant
-    // (read-only config) which the verifier checks against kernel BTF.
-    unsafe {
-        core::ptr::read_volatile(
-            (bpf_get_current_task_btf() as *const u8)
-                .add(off)
-                .cast::<u64>(),
-        )
-    }
+    // SAFETY: as in comm_of.
+    unsafe { core::ptr::read_volatile(task.cast::<u8>().add(off).cast::<u64>()) }
 }
 
 /// Adds the current thread's run-queue wait since it last switched out
@@ -819,8 +820,8 @@ fn run_delay() -> u64 {
 /// anew. Called by the thread itself, before anything else changes its
 /// accumulators: at switch-out, when a site is replaced, at exit.
 #[inline(always)]
-fn settle_runq(e: *mut OffCpuStart) {
-    let now = run_delay();
+fn settle_runq(e: *mut OffCpuStart, task: *mut task_struct) {
+    let now = run_delay(task);
     // SAFETY: the current thread's own entry.
     unsafe {
         if (*e).charged != NOT_CHARGED {
@@ -1170,11 +1171,12 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     // first): an entry makes a thread count as tracked. Its blocks not yet
     // in the off-CPU map go there first. After the stop the entry stays for
     // userspace to read.
-    // SAFETY: bpf_get_current_task has no preconditions.
-    let task = unsafe { bpf_get_current_task() };
+    // SAFETY: bpf_get_current_task_btf has no preconditions.
+    let current = unsafe { bpf_get_current_task_btf() };
+    let task = current as u64;
     if !stopped() {
         if let Some(e) = OFFCPU_START.get_ptr_mut(&task) {
-            settle_runq(e);
+            settle_runq(e, current);
             // SAFETY: the exiting thread's own entry; i < BLOCK_SITES.
             unsafe {
                 flush(&raw mut (*e).acc);
@@ -1604,11 +1606,13 @@ pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
     // or contended before (a QEMU thread's futex wake or eventfd write
     // contending on a run-queue lock). Walking it costs microseconds where
     // there are no frame pointers.
-    // SAFETY: bpf_get_current_task has no preconditions.
-    let user_stack = match own_entry(unsafe { bpf_get_current_task() }, pid) {
+    // SAFETY: bpf_get_current_task_btf has no preconditions.
+    let current = unsafe { bpf_get_current_task_btf() };
+    let user_stack = match own_entry(current as u64, pid) {
         Some(e) => {
             site_user_stack(
                 &ctx,
+                current,
                 e,
                 begin.window,
                 Counter::LockUserCached,

@@ -1138,8 +1138,8 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         Ok(Ok(offsets)) => offsets,
         Ok(Err(e)) => (Err(e.clone()), Err(e.clone()), Err(e)),
         Err(_) => {
-            let e = || Err("panicked".to_owned());
-            (e(), e(), e())
+            let e = || "panicked".to_owned();
+            (Err(e()), Err(e()), Err(e()))
         }
     };
     // Without it the comm comes from a helper call: slower, as right.
