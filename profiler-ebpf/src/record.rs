@@ -543,6 +543,10 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
         }
         return;
     }
+    // After the stop userspace reads the entries: nothing changes them.
+    if stopped() {
+        return;
+    }
     // A thread with an entry is tracked: only tracked threads get one, and
     // it goes when they exit. So the tracked-set lookup is only for threads
     // without one yet.

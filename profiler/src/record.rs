@@ -1078,20 +1078,18 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     // thread's kernel stack when it blocks again the same way, and the
     // task's total run-queue wait, which gives each block's wait for a CPU.
     let offcpu = opts.tracers.contains(&Tracer::OffCpu);
-    let task_offsets = {
-        std::thread::spawn(|| {
-            let btf = crate::kbtf::Kbtf::from_sys_fs().map_err(|e| e.to_string())?;
-            let off = |path: &[&str]| {
-                btf.offset_of("task_struct", path)
-                    .map_err(|e| e.to_string())
-            };
-            Ok::<_, String>((
-                off(&["thread", "sp"]),
-                off(&["sched_info", "run_delay"]),
-                off(&["comm"]),
-            ))
-        })
-    };
+    let task_offsets = std::thread::spawn(|| {
+        let btf = crate::kbtf::Kbtf::from_sys_fs().map_err(|e| e.to_string())?;
+        let off = |path: &[&str]| {
+            btf.offset_of("task_struct", path)
+                .map_err(|e| e.to_string())
+        };
+        Ok::<_, String>((
+            off(&["thread", "sp"]),
+            off(&["sched_info", "run_delay"]),
+            off(&["comm"]),
+        ))
+    });
     let (tracefs, _) = Tracefs::locate_or_mount()?;
     let mut offsets = offsets(&tracefs)?;
     let mut active = opts.tracers.clone();
