@@ -1676,8 +1676,9 @@ static FORK_CALLER: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
 
 /// uprobe on libc's `fork`, `vfork`, `posix_spawn[p]`, `pthread_create`: at
 /// a function's entry the return address is at the top of the stack, so
-/// the caller is exact, frame pointers or not.
-#[uprobe]
+/// the caller is exact, frame pointers or not. A `uprobe.multi` program, so
+/// one link can be limited to one process.
+#[uprobe(multi)]
 pub fn fork_caller(ctx: ProbeContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let (tgid, pid) = ((id >> 32) as u32, id as u32);

@@ -1018,6 +1018,55 @@ fn run_delay_of(task: &str) -> Option<u64> {
         .ok()
 }
 
+/// Probes libc's fork functions for their exact callers. A uprobe in a
+/// library costs every process that maps it (fork copies the page tables
+/// of a mapping with a patched page: about 25 µs a fork here), so for `-p`
+/// and `-- CMD` the probes are installed in the targets' processes only
+/// (a `uprobe.multi` link per process); children born later get their
+/// callers from their stacks. `--comm` and `-a` probe every process. A
+/// probe that cannot be attached costs the callers, not the recording.
+fn attach_fork_callers(bpf: &mut Ebpf, target: &Target, initial: &[u32]) {
+    use aya::programs::uprobe::UProbeScope;
+    let scopes: Vec<UProbeScope> = match target {
+        Target::Pids(_) | Target::Command(_) => initial
+            .iter()
+            .filter_map(|&p| std::num::NonZeroU32::new(p))
+            .map(UProbeScope::OneProcess)
+            .collect(),
+        Target::Comm(_) | Target::All => vec![UProbeScope::AllProcesses],
+    };
+    let loaded = bpf
+        .program_mut(names::PROG_FORK_CALLER)
+        .ok_or_else(|| "not in the eBPF object".to_owned())
+        .and_then(|p| <&mut aya::programs::UProbe>::try_from(p).map_err(|e| e.to_string()))
+        .and_then(|p| p.load().map(|()| p).map_err(|e| e.to_string()));
+    let p = match loaded {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "hvprof: warning: the fork-caller uprobe does not load ({e}; it needs uprobe.multi, \
+                 Linux 6.6 or later): fork callers come from stacks only"
+            );
+            return;
+        }
+    };
+    let mut attached = 0;
+    for libc in libc_paths(initial) {
+        for f in FORK_FUNCTIONS {
+            for scope in &scopes {
+                if p.attach([f], &libc, *scope).is_ok() {
+                    attached += 1;
+                }
+            }
+        }
+    }
+    if attached == 0 {
+        eprintln!(
+            "hvprof: warning: no libc fork function could be probed: fork callers come from stacks only"
+        );
+    }
+}
+
 /// The off-CPU program is a BTF tracepoint: typed raw arguments, no trace
 /// event record filled per context switch.
 fn attach_offcpu(
@@ -1348,29 +1397,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         }
     }
     if active.contains(&Tracer::Fork) {
-        let p: &mut aya::programs::UProbe = bpf
-            .program_mut(names::PROG_FORK_CALLER)
-            .ok_or(RecordError::Missing {
-                name: names::PROG_FORK_CALLER,
-            })?
-            .try_into()
-            .map_err(attach_err(names::PROG_FORK_CALLER))?;
-        p.load().map_err(attach_err(names::PROG_FORK_CALLER))?;
-        let mut attached = 0;
-        for libc in libc_paths(&initial) {
-            for f in FORK_FUNCTIONS {
-                if p.attach([f], &libc, aya::programs::uprobe::UProbeScope::AllProcesses)
-                    .is_ok()
-                {
-                    attached += 1;
-                }
-            }
-        }
-        if attached == 0 {
-            eprintln!(
-                "hvprof: warning: no libc fork function could be probed: fork callers come from stacks only"
-            );
-        }
+        attach_fork_callers(&mut bpf, &rec.opts.target, &initial);
     }
     if active.contains(&Tracer::Cgroup) {
         tracepoint(
