@@ -39,6 +39,10 @@
 //!
 //! - `work:N` — N million rounds of arithmetic in `vmload_work`;
 //! - `forks:N` — N forks of a child that exits at once, each waited for;
+//! - `vforks:N` — the same with `vfork`;
+//! - `noclone3` — from here on `clone3` fails with ENOSYS, as under QEMU's
+//!   seccomp sandbox: glibc's `pthread_create` and `posix_spawn` fall back
+//!   to `clone`, by another path through libc;
 //! - `spawns:N` — N runs of `/bin/true`;
 //! - `switches:N` — N round trips between two threads over pipes (2N
 //!   context switches).
@@ -74,6 +78,8 @@ enum Step {
     Crowd(u64),
     Cgroups(u64),
     Forks(u64),
+    Vforks(u64),
+    NoClone3,
     Spawns(u64),
     Switches(u64),
     TwoFds(u64),
@@ -86,6 +92,9 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
         .map(|s| {
             if s == "vm" {
                 return Ok(Step::Vm);
+            }
+            if s == "noclone3" {
+                return Ok(Step::NoClone3);
             }
             let (name, ms) = s
                 .split_once(':')
@@ -105,6 +114,7 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
                 "crowd" => Ok(Step::Crowd(ms)),
                 "cgroups" => Ok(Step::Cgroups(ms)),
                 "forks" => Ok(Step::Forks(ms)),
+                "vforks" => Ok(Step::Vforks(ms)),
                 "spawns" => Ok(Step::Spawns(ms)),
                 "switches" => Ok(Step::Switches(ms)),
                 "twofds" => Ok(Step::TwoFds(ms)),
@@ -445,6 +455,83 @@ fn forks(n: u64) -> Result<(), String> {
     Ok(())
 }
 
+unsafe extern "C" {
+    // libc's declaration is deprecated (Rust cannot describe a function
+    // that returns twice); the child here only calls `_exit`.
+    fn vfork() -> libc::pid_t;
+}
+
+fn vforks(n: u64) -> Result<(), String> {
+    for _ in 0..n {
+        // SAFETY: the child only _exits, touching nothing of the parent's.
+        let pid = unsafe { vfork() };
+        if pid < 0 {
+            return Err(format!("vfork failed: {}", std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            // SAFETY: leave the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    }
+    Ok(())
+}
+
+/// Installs a seccomp filter answering `clone3` with ENOSYS (threads
+/// created from here on inherit it).
+fn deny_clone3() -> Result<(), String> {
+    // The classic BPF opcodes, all below 0x100.
+    #[expect(clippy::cast_possible_truncation, reason = "opcodes fit in u16")]
+    const fn op(code: u32) -> u16 {
+        code as u16
+    }
+    const fn stmt(code: u32, k: u32) -> libc::sock_filter {
+        libc::sock_filter {
+            code: op(code),
+            jt: 0,
+            jf: 0,
+            k,
+        }
+    }
+    const CLONE3: u32 = 435;
+    let mut filter = [
+        // The syscall number: offset 0 of struct seccomp_data.
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        libc::sock_filter {
+            code: op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K),
+            jt: 0,
+            jf: 1,
+            k: CLONE3,
+        },
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS.unsigned_abs(),
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: 4,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: a valid filter program, for this thread and its future
+    // threads.
+    let ok = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &raw const prog,
+            ) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("seccomp: {}", std::io::Error::last_os_error()))
+    }
+}
+
 fn switches(n: u64) -> Result<(), String> {
     use std::io::{Read as _, Write as _};
     let (mut a_rx, mut b_tx) = std::io::pipe().map_err(|e| e.to_string())?;
@@ -664,6 +751,8 @@ fn run(steps: &[Step]) -> Result<(), String> {
                 vmload_work(n);
             }
             Step::Forks(n) => forks(n)?,
+            Step::Vforks(n) => vforks(n)?,
+            Step::NoClone3 => deny_clone3()?,
             Step::Contend(ms) => contend(ms)?,
             Step::ReadLocks(ms) => readlocks(ms)?,
             Step::Crowd(ms) => crowd(ms)?,
@@ -767,6 +856,10 @@ mod tests {
                 Step::Spawns(4),
                 Step::Switches(5)
             ]
+        );
+        assert_eq!(
+            parse("vforks:2,noclone3,thread:1").unwrap(),
+            [Step::Vforks(2), Step::NoClone3, Step::Thread(1)]
         );
         assert!(parse("busy").is_err());
         assert!(parse("busy:x").is_err());
