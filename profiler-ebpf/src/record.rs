@@ -1695,6 +1695,27 @@ pub fn fork_caller(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// The caller of the libc function making fork syscall `nr`, through the
+/// calibrated [`ForkPath`]s (0 if none holds).
+#[inline(always)]
+fn calibrated_caller(nr: u32) -> u64 {
+    // SAFETY: a BTF pointer to the current task's user registers (plain
+    // loads); user memory is read with the checked helper.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
+        let ip = core::ptr::read_volatile(&raw const (*regs).rip);
+        let sp = core::ptr::read_volatile(&raw const (*regs).rsp);
+        let di = core::ptr::read_volatile(&raw const (*regs).rdi);
+        profiler_common::record::fork_caller(
+            |i| core::ptr::read_volatile(&raw const CONFIG.fork_paths[i]),
+            nr,
+            [ip, sp, di],
+            |a| bpf_probe_read_user(a as *const u64).ok(),
+            |a| bpf_probe_read_user(a as *const [u8; 8]).ok(),
+        )
+    }
+}
+
 /// `sys_enter_{clone,clone3,fork,vfork}`: one program, told apart by the
 /// syscall number.
 #[tracepoint]
@@ -1731,6 +1752,7 @@ pub fn fork_syscall_enter(ctx: TracePointContext) -> u32 {
         start_ns: now(),
         window,
         kind,
+        caller: calibrated_caller(nr),
     };
     let _ = FORK_START.insert(&pid, &start, 0);
     0
@@ -1757,7 +1779,10 @@ pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
     let took = now().saturating_sub(start.start_ns);
     let user_stack = user_stack(&ctx, start.window);
     // SAFETY: only copied.
-    let caller = unsafe { FORK_CALLER.get(&pid) }.copied().unwrap_or(0);
+    // The uprobe's, where it is attached (a libc without a calibrated path).
+    let caller = unsafe { FORK_CALLER.get(&pid) }
+        .copied()
+        .unwrap_or(start.caller);
     let _ = FORK_CALLER.remove(&pid);
     let key = ForkKey {
         window: start.window,

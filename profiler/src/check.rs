@@ -457,6 +457,7 @@ pub fn run() -> Report {
             ));
             rows.push(uprobe_row(&mut bpf));
             rows.push(dbus_libraries_row());
+            rows.push(fork_paths_row());
             match &btf {
                 Ok(btf) => rows.extend(fentry_rows(&mut bpf, btf)),
                 Err(_) => {
@@ -933,6 +934,32 @@ fn dbus_libraries_row() -> Row {
         false,
         list.join(", "),
     )
+}
+
+/// Whether hvprof can learn where its libc's fork functions keep their
+/// callers (a child it traces with ptrace makes each call once).
+fn fork_paths_row() -> Row {
+    const NAME: &str = "fork-caller paths";
+    match crate::forkpath::calibrate() {
+        Ok(c) => Row::ok(
+            NAME,
+            NeededBy::Fork,
+            false,
+            format!(
+                "{} paths learned for {} (fork, vfork, posix_spawn[p], pthread_create)",
+                c.paths.len(),
+                c.libc.display()
+            ),
+        ),
+        Err(e) => Row::missing(
+            NAME,
+            NeededBy::Fork,
+            false,
+            format!("{e}; fork callers would come from uprobes on libc, which make forks dearer"),
+            "allow a process to ptrace its own child (kernel.yama.ptrace_scope below 3, no \
+             seccomp filter on ptrace)",
+        ),
+    }
 }
 
 fn uprobe_row(bpf: &mut Ebpf) -> Row {

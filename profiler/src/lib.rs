@@ -10,6 +10,7 @@ pub mod cli;
 pub mod diff;
 pub mod ebpf;
 pub mod export;
+pub mod forkpath;
 pub mod html;
 pub mod kbtf;
 pub mod procmaps;

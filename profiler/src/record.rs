@@ -31,7 +31,7 @@ use profiler_common::record::{
 use thiserror::Error;
 
 use crate::{
-    ebpf,
+    ebpf, forkpath,
     procmaps::{self, Snapshot},
     profile::{
         self, CgroupOp, DbusCall, ForkCall, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu,
@@ -241,6 +241,8 @@ pub struct RecordOptions {
     pub verify_stack_cache: bool,
     /// Off-CPU kernel stacks are walked only for blocks this long or longer.
     pub kernel_stack_min_block: Duration,
+    /// Fork callers from uprobes on libc, not from the learned fork paths.
+    pub fork_uprobes: bool,
 }
 
 #[derive(Debug, Error)]
@@ -424,6 +426,11 @@ fn fork_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<()
     Ok(())
 }
 
+/// The libc file a process maps (canonical), if it maps one.
+fn mapped_libc(pid: u32) -> Option<PathBuf> {
+    libc_paths_of(pid).into_iter().next()
+}
+
 /// libc functions that fork, spawn or create threads: a uprobe at their
 /// entry reads the caller's return address.
 const FORK_FUNCTIONS: [&str; 5] = [
@@ -440,15 +447,7 @@ const FORK_FUNCTIONS: [&str; 5] = [
 fn libc_paths(pids: &[u32]) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = pids
         .iter()
-        .filter_map(|&p| Snapshot::take(p))
-        .flat_map(|s| s.mappings)
-        .filter(|m| {
-            Path::new(&m.path)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))
-        })
-        .map(|m| PathBuf::from(m.path))
+        .flat_map(|&p| libc_paths_of(p))
         .chain(
             [
                 "/lib/x86_64-linux-gnu/libc.so.6",
@@ -462,6 +461,22 @@ fn libc_paths(pids: &[u32]) -> Vec<PathBuf> {
     paths.sort();
     paths.dedup();
     paths
+}
+
+/// The libc files process `pid` maps, through its root (a process in a
+/// container sees its own /).
+fn libc_paths_of(pid: u32) -> Vec<PathBuf> {
+    Snapshot::take(pid)
+        .map(|s| s.mappings)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| forkpath::is_libc(&m.path))
+        .filter_map(|m| {
+            PathBuf::from(format!("/proc/{pid}/root{}", m.path))
+                .canonicalize()
+                .ok()
+        })
+        .collect()
 }
 
 /// The D-Bus client libraries and what is probed in each: blocking calls
@@ -1018,23 +1033,58 @@ fn run_delay_of(task: &str) -> Option<u64> {
         .ok()
 }
 
-/// Probes libc's fork functions for their exact callers. A uprobe in a
-/// library costs every process that maps it (fork copies the page tables
-/// of a mapping with a patched page: about 25 µs a fork here), so for `-p`
-/// and `-- CMD` the probes are installed in the targets' processes only
-/// (a `uprobe.multi` link per process); children born later get their
-/// callers from their stacks. `--comm` and `-a` probe every process. A
-/// probe that cannot be attached costs the callers, not the recording.
-fn attach_fork_callers(bpf: &mut Ebpf, target: &Target, initial: &[u32]) {
+/// Probes libc's fork functions for their exact callers where the
+/// calibrated fork paths do not hold. A uprobe in a library costs every
+/// process that maps it (fork copies the page tables of a mapping with a
+/// patched page: about 25 µs a fork here, and a hit traps), so:
+/// - with a calibration, only `-p` targets whose libc is another file are
+///   probed (a process in a container); `-- CMD` is assumed to run with
+///   hvprof's own libc, and `--comm` and `-a` are not probed;
+/// - without one, the probes are installed in the targets' processes for
+///   `-p` and `-- CMD` (a `uprobe.multi` link per process; children born
+///   later get their callers from their stacks), and in every process for
+///   `--comm` and `-a`.
+///
+/// A probe that cannot be attached costs the callers, not the recording.
+fn attach_fork_callers(
+    bpf: &mut Ebpf,
+    target: &Target,
+    initial: &[u32],
+    calibration: Option<&forkpath::Calibration>,
+) {
     use aya::programs::uprobe::UProbeScope;
-    let scopes: Vec<UProbeScope> = match target {
-        Target::Pids(_) | Target::Command(_) => initial
-            .iter()
-            .filter_map(|&p| std::num::NonZeroU32::new(p))
-            .map(UProbeScope::OneProcess)
-            .collect(),
-        Target::Comm(_) | Target::All => vec![UProbeScope::AllProcesses],
+    let (scopes, libcs): (Vec<UProbeScope>, Vec<PathBuf>) = match (target, calibration) {
+        (Target::Pids(_), Some(c)) => {
+            let other: Vec<u32> = initial
+                .iter()
+                .copied()
+                .filter(|&p| mapped_libc(p).is_some_and(|l| l != c.libc))
+                .collect();
+            (
+                other
+                    .iter()
+                    .filter_map(|&p| std::num::NonZeroU32::new(p))
+                    .map(UProbeScope::OneProcess)
+                    .collect(),
+                other.iter().filter_map(|&p| mapped_libc(p)).collect(),
+            )
+        }
+        (_, Some(_)) => return,
+        (Target::Pids(_) | Target::Command(_), None) => (
+            initial
+                .iter()
+                .filter_map(|&p| std::num::NonZeroU32::new(p))
+                .map(UProbeScope::OneProcess)
+                .collect(),
+            libc_paths(initial),
+        ),
+        (Target::Comm(_) | Target::All, None) => {
+            (vec![UProbeScope::AllProcesses], libc_paths(initial))
+        }
     };
+    if scopes.is_empty() {
+        return;
+    }
     let loaded = bpf
         .program_mut(names::PROG_FORK_CALLER)
         .ok_or_else(|| "not in the eBPF object".to_owned())
@@ -1051,7 +1101,7 @@ fn attach_fork_callers(bpf: &mut Ebpf, target: &Target, initial: &[u32]) {
         }
     };
     let mut attached = 0;
-    for libc in libc_paths(initial) {
+    for libc in libcs {
         for f in FORK_FUNCTIONS {
             for scope in &scopes {
                 if p.attach([f], &libc, *scope).is_ok() {
@@ -1222,6 +1272,25 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     ] {
         *field = u32::try_from(nr).unwrap_or(u32::MAX);
     }
+    let calibration = if active.contains(&Tracer::Fork) && !opts.fork_uprobes {
+        match forkpath::calibrate() {
+            Ok(c) => {
+                for (slot, p) in config.fork_paths.iter_mut().zip(&c.paths) {
+                    *slot = *p;
+                }
+                Some(c)
+            }
+            Err(e) => {
+                eprintln!(
+                    "hvprof: warning: libc's fork paths could not be learned ({e}): fork callers \
+                     come from uprobes on libc's fork functions, which make each fork dearer"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     for ev in &opts.vm_events {
         match ev {
             VmEvent::Kvm => config.vm_event_kvm = 1,
@@ -1397,7 +1466,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         }
     }
     if active.contains(&Tracer::Fork) {
-        attach_fork_callers(&mut bpf, &rec.opts.target, &initial);
+        attach_fork_callers(&mut bpf, &rec.opts.target, &initial, calibration.as_ref());
     }
     if active.contains(&Tracer::Cgroup) {
         tracepoint(

@@ -143,6 +143,25 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
         libvirtd_forks >= 14,
         "libvirtd forked {libvirtd_forks} times for 14 VMs"
     );
+    // With libvirt's caller frames (from the learned fork paths, no
+    // uprobe): its forks are virFork's, QEMU's threads qemu_thread_create's.
+    let rows = profiler::tables::forks(&p, None);
+    let by = |caller: &str, creates: &str| -> u64 {
+        rows.iter()
+            .filter(|r| r.caller == caller && r.creates == creates)
+            .map(|r| r.count)
+            .sum()
+    };
+    assert!(by("virFork", "process") >= 14, "{rows:#?}");
+    // QEMU's sandbox refuses clone3, so most of its threads come through
+    // glibc's clone fallback: those too have their caller.
+    assert!(by("qemu_thread_create", "thread") >= 3 * 14, "{rows:#?}");
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r.parent == "qemu-system-x86" && r.caller == "[unknown]"),
+        "{rows:#?}"
+    );
     // One per-VM machine cgroup made in the v2 hierarchy for every VM.
     let machine_mkdirs: u64 = profiler::tables::cgroups(&p, None)
         .iter()

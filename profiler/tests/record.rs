@@ -1016,23 +1016,69 @@ fn patched_libc_kb(pid: u32) -> u64 {
     kb
 }
 
-/// With `-- CMD` (or `-p`) the fork-caller uprobes are installed in the
-/// target only: another process started meanwhile keeps its libc pages
-/// unpatched (a patched mapping makes each of its forks copy page tables).
-#[test]
-fn fork_caller_probes_stay_in_the_targets() {
-    let vmload = vmload();
-    let dir = out_dir("forkprobe-scope");
-    let mut hv = start_recording(
-        &dir,
-        &["--", vmload.to_str().unwrap(), "forks:5,block:3000"],
-    );
-    let target: u32 = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", hv.id()))
+/// The pid of the command hvprof runs.
+fn command_pid(hv: &Child) -> u32 {
+    std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", hv.id()))
         .unwrap()
         .split_whitespace()
         .next()
         .and_then(|p| p.parse().ok())
-        .expect("hvprof's command");
+        .expect("hvprof's command")
+}
+
+/// Every libc way to fork: `fork` (5), `vfork` (3), then `pthread_create`
+/// (1 thread) and `posix_spawn` (2 spawns of /bin/true) with clone3 and
+/// again after a seccomp filter refuses clone3 (as QEMU's sandbox does),
+/// which makes glibc fall back to clone by another path.
+const FORK_PLAN: &str =
+    "forks:5,vforks:3,thread:10,spawns:2,noclone3,thread:10,spawns:2,block:3000";
+
+/// Each of [`FORK_PLAN`]'s forks, under its exact caller.
+fn assert_fork_plan_callers(p: &Profile) {
+    let rows = profiler::tables::forks(p, None);
+    let has = |caller: &str, syscall: &str, n: u64| {
+        rows.iter()
+            .any(|r| r.caller.contains(caller) && r.syscall == syscall && r.count == n)
+    };
+    assert!(has("vmload::forks", "clone", 5), "{rows:#?}");
+    assert!(has("vmload::vforks", "vfork", 3), "{rows:#?}");
+    for syscall in ["clone3", "clone"] {
+        assert!(has("Thread>::new", syscall, 1), "{rows:#?}");
+        assert!(has("Command>::spawn", syscall, 2), "{rows:#?}");
+    }
+}
+
+/// Fork callers come from the fork paths hvprof learns from its own libc
+/// calls: no uprobe patches the target's libc (a patched mapping makes each
+/// of its forks copy page tables), and the callers of `fork` (the caller's
+/// return address on the stack) and `vfork` (in rdi) are exact.
+#[test]
+fn fork_callers_come_without_probing_libc() {
+    let vmload = vmload();
+    let dir = out_dir("forkpaths");
+    let mut hv = start_recording(&dir, &["--", vmload.to_str().unwrap(), FORK_PLAN]);
+    let target = command_pid(&hv);
+    std::thread::sleep(Duration::from_millis(300));
+    let target_kb = patched_libc_kb(target);
+    assert!(hv.wait().unwrap().success());
+    assert_eq!(target_kb, 0, "the target's libc is probed");
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    assert_fork_plan_callers(&p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With --fork-uprobes and `-- CMD` (or `-p`) the fork-caller uprobes are
+/// installed in the target only: another process started meanwhile keeps
+/// its libc pages unpatched.
+#[test]
+fn fork_caller_uprobes_stay_in_the_targets() {
+    let vmload = vmload();
+    let dir = out_dir("forkprobe-scope");
+    let mut hv = start_recording(
+        &dir,
+        &["--fork-uprobes", "--", vmload.to_str().unwrap(), FORK_PLAN],
+    );
+    let target = command_pid(&hv);
     let mut other = Command::new("sleep").arg("2").spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let (target_kb, other_kb) = (patched_libc_kb(target), patched_libc_kb(other.id()));
@@ -1043,12 +1089,7 @@ fn fork_caller_probes_stay_in_the_targets() {
     assert_eq!(other_kb, 0, "another process's libc is probed");
     // And the probes give the callers.
     let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
-    let rows = profiler::tables::forks(&p, None);
-    assert!(
-        rows.iter()
-            .any(|r| r.caller == "vmload::forks" && r.count == 5),
-        "{rows:#?}"
-    );
+    assert_fork_plan_callers(&p);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1092,7 +1133,7 @@ fn forks_threads_and_execs_are_counted_exactly_per_window() {
             .any(|r| r.creates == "thread" && r.syscall == "clone3" && r.count == 1),
         "{rows:#?}"
     );
-    // The callers, from a uprobe on libc's fork functions.
+    // The callers, through the fork paths learned from hvprof's own calls.
     let w1 = profiler::tables::forks(&p, Some(1));
     assert!(
         w1.iter()
