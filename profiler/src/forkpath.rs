@@ -266,8 +266,9 @@ fn outermost_libc_frame(s: &Sample, below: usize, libc: &std::ops::Range<u64>) -
     found
 }
 
-/// Overwrites 16 KiB of stack below the caller with zeros, so that the call that
-/// follows finds no stale return addresses in its frames' unused slots.
+/// Overwrites 16 KiB of stack below the caller with zeros, so that the
+/// call that follows finds no stale return addresses in its frames' unused
+/// slots.
 #[inline(never)]
 fn scrub_stack() {
     let mut area = [0u64; 2048];
@@ -275,7 +276,7 @@ fn scrub_stack() {
 }
 
 /// The path of one sample: where the return address into `caller` is,
-/// and the return address into libc nearest below it.
+/// and the outermost libc frame below it.
 fn path_of(
     s: &Sample,
     caller: std::ops::Range<u64>,

@@ -1067,6 +1067,54 @@ fn fork_callers_come_without_probing_libc() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A `-p` target whose libc is another file than hvprof's (as in a
+/// container) gets the fork-caller uprobe: its libc pages are patched, and
+/// its callers are exact.
+#[test]
+fn a_target_with_another_libc_gets_the_fork_caller_uprobe() {
+    let vmload = vmload();
+    let libdir = std::env::temp_dir().join(format!("hvprof-otherlibc-{}", std::process::id()));
+    std::fs::create_dir_all(&libdir).unwrap();
+    let ours = Path::new("/lib/x86_64-linux-gnu/libc.so.6")
+        .canonicalize()
+        .unwrap();
+    std::fs::copy(&ours, libdir.join("libc.so.6")).unwrap();
+    let spawned = Instant::now();
+    let mut target = Command::new(vmload)
+        .env("LD_LIBRARY_PATH", &libdir)
+        .arg("block:4000,forks:5,vforks:3")
+        .spawn()
+        .unwrap();
+    let dir = out_dir("otherlibc");
+    let pid = target.id();
+    let hv = start_recording(&dir, &["-p", &pid.to_string()]);
+    assert!(
+        spawned.elapsed() < Duration::from_millis(3900),
+        "hvprof took {:?} to start; the test's timing needs < 3.9 s",
+        spawned.elapsed()
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let kb = patched_libc_kb(pid);
+    target.wait().unwrap();
+    let out = hv.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&libdir);
+    assert!(out.status.success());
+    assert!(
+        maps.contains(&format!("{}/libc.so.6", libdir.display())),
+        "{maps}"
+    );
+    assert!(kb > 0, "the target's libc is not probed");
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    let rows = profiler::tables::forks(&p, None);
+    let has = |caller: &str, syscall: &str, n: u64| {
+        rows.iter()
+            .any(|r| r.caller == caller && r.syscall == syscall && r.count == n)
+    };
+    assert!(has("vmload::forks", "clone", 5), "{rows:#?}");
+    assert!(has("vmload::vforks", "vfork", 3), "{rows:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// With --fork-uprobes and `-- CMD` (or `-p`) the fork-caller uprobes are
 /// installed in the target only: another process started meanwhile keeps
 /// its libc pages unpatched.
