@@ -88,14 +88,27 @@ fn spawn_args() -> ([*mut libc::c_char; 2], [*mut libc::c_char; 1]) {
     )
 }
 
-#[inline(never)]
-fn call_posix_spawn() {
+/// libc's `posix_spawn` and `posix_spawnp`.
+type Spawn = unsafe extern "C" fn(
+    *mut libc::pid_t,
+    *const libc::c_char,
+    *const libc::posix_spawn_file_actions_t,
+    *const libc::posix_spawnattr_t,
+    *const *mut libc::c_char,
+    *const *mut libc::c_char,
+) -> libc::c_int;
+
+/// Spawns [`NO_FILE`] with `spawn`: inlined, so that the call is in the
+/// calibration function.
+#[expect(clippy::inline_always, reason = "the call must be in the caller")]
+#[inline(always)]
+fn spawn_nothing(spawn: Spawn) {
     let (argv, envp) = spawn_args();
     let mut pid = 0;
     // SAFETY: valid NULL-terminated vectors; the exec fails and glibc
     // reaps the child.
     unsafe {
-        libc::posix_spawn(
+        spawn(
             &raw mut pid,
             NO_FILE.as_ptr(),
             std::ptr::null(),
@@ -107,20 +120,13 @@ fn call_posix_spawn() {
 }
 
 #[inline(never)]
+fn call_posix_spawn() {
+    spawn_nothing(libc::posix_spawn);
+}
+
+#[inline(never)]
 fn call_posix_spawnp() {
-    let (argv, envp) = spawn_args();
-    let mut pid = 0;
-    // SAFETY: as above.
-    unsafe {
-        libc::posix_spawnp(
-            &raw mut pid,
-            NO_FILE.as_ptr(),
-            std::ptr::null(),
-            std::ptr::null(),
-            argv.as_ptr(),
-            envp.as_ptr(),
-        );
-    }
+    spawn_nothing(libc::posix_spawnp);
 }
 
 extern "C" fn idle_thread(_: *mut libc::c_void) -> *mut libc::c_void {

@@ -1033,19 +1033,32 @@ fn command_pid(hv: &Child) -> u32 {
 const FORK_PLAN: &str =
     "forks:5,vforks:3,thread:10,spawns:2,noclone3,thread:10,spawns:2,block:3000";
 
+/// Each `(caller, syscall, count)` is a row of the fork table (the caller
+/// contains the given name).
+fn assert_fork_callers(p: &Profile, want: &[(&str, &str, u64)]) {
+    let rows = profiler::tables::forks(p, None);
+    for &(caller, syscall, n) in want {
+        assert!(
+            rows.iter()
+                .any(|r| r.caller.contains(caller) && r.syscall == syscall && r.count == n),
+            "no {n} {syscall} under {caller}: {rows:#?}"
+        );
+    }
+}
+
 /// Each of [`FORK_PLAN`]'s forks, under its exact caller.
 fn assert_fork_plan_callers(p: &Profile) {
-    let rows = profiler::tables::forks(p, None);
-    let has = |caller: &str, syscall: &str, n: u64| {
-        rows.iter()
-            .any(|r| r.caller.contains(caller) && r.syscall == syscall && r.count == n)
-    };
-    assert!(has("vmload::forks", "clone", 5), "{rows:#?}");
-    assert!(has("vmload::vforks", "vfork", 3), "{rows:#?}");
-    for syscall in ["clone3", "clone"] {
-        assert!(has("Thread>::new", syscall, 1), "{rows:#?}");
-        assert!(has("Command>::spawn", syscall, 2), "{rows:#?}");
-    }
+    assert_fork_callers(
+        p,
+        &[
+            ("vmload::forks", "clone", 5),
+            ("vmload::vforks", "vfork", 3),
+            ("Thread>::new", "clone3", 1),
+            ("Thread>::new", "clone", 1),
+            ("Command>::spawn", "clone3", 2),
+            ("Command>::spawn", "clone", 2),
+        ],
+    );
 }
 
 /// Fork callers come from the fork paths hvprof learns from its own libc
@@ -1105,13 +1118,13 @@ fn a_target_with_another_libc_gets_the_fork_caller_uprobe() {
     );
     assert!(kb > 0, "the target's libc is not probed");
     let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
-    let rows = profiler::tables::forks(&p, None);
-    let has = |caller: &str, syscall: &str, n: u64| {
-        rows.iter()
-            .any(|r| r.caller == caller && r.syscall == syscall && r.count == n)
-    };
-    assert!(has("vmload::forks", "clone", 5), "{rows:#?}");
-    assert!(has("vmload::vforks", "vfork", 3), "{rows:#?}");
+    assert_fork_callers(
+        &p,
+        &[
+            ("vmload::forks", "clone", 5),
+            ("vmload::vforks", "vfork", 3),
+        ],
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
