@@ -228,7 +228,9 @@ pub struct Config {
     /// dearest part of a context switch's bookkeeping after the user
     /// stack).
     pub task_comm: u32,
-    pub pad: u32,
+    /// Nonzero: the fork-caller uprobe is attached somewhere, and a fork's
+    /// caller is taken from it where it fired.
+    pub fork_uprobes: u32,
     /// Where libc's fork functions keep their caller's return address at
     /// the syscall (see [`ForkPath`]); unused entries are
     /// [`ForkPath::UNUSED`].
@@ -285,7 +287,7 @@ impl Config {
             verify_stack_cache: 0,
             task_run_delay: 0,
             task_comm: 0,
-            pad: 0,
+            fork_uprobes: 0,
             fork_paths: [ForkPath::UNUSED; FORK_PATHS],
         }
     }

@@ -1198,7 +1198,9 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     }
     let _ = LOCK_PENDING.remove(&pid);
     let _ = FORK_START.remove(&pid);
-    let _ = FORK_CALLER.remove(&pid);
+    if config!(fork_uprobes) != 0 {
+        let _ = FORK_CALLER.remove(&pid);
+    }
     let _ = CGROUP_PENDING.remove(&pid);
     let _ = EXITING.insert(&pid, &1, 0);
     if pid == tgid {
@@ -1695,10 +1697,18 @@ pub fn fork_caller(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// The caller of the libc function making fork syscall `nr`, through the
-/// calibrated [`ForkPath`]s (0 if none holds).
+/// The caller of the libc function making fork syscall `nr` in thread
+/// `pid`: the fork-caller uprobe's, where it fired (a libc the learned
+/// paths are not for), else through the [`ForkPath`]s (0 if none holds).
 #[inline(always)]
-fn calibrated_caller(nr: u32) -> u64 {
+fn fork_caller_of(pid: u32, nr: u32) -> u64 {
+    if config!(fork_uprobes) != 0 {
+        // SAFETY: only copied.
+        if let Some(c) = unsafe { FORK_CALLER.get(&pid) }.copied() {
+            let _ = FORK_CALLER.remove(&pid);
+            return c;
+        }
+    }
     // SAFETY: a BTF pointer to the current task's user registers (plain
     // loads); user memory is read with the checked helper.
     unsafe {
@@ -1752,7 +1762,7 @@ pub fn fork_syscall_enter(ctx: TracePointContext) -> u32 {
         start_ns: now(),
         window,
         kind,
-        caller: calibrated_caller(nr),
+        caller: fork_caller_of(pid, nr),
     };
     let _ = FORK_START.insert(&pid, &start, 0);
     0
@@ -1778,19 +1788,13 @@ pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
     }
     let took = now().saturating_sub(start.start_ns);
     let user_stack = user_stack(&ctx, start.window);
-    // SAFETY: only copied.
-    // The uprobe's, where it is attached (a libc without a calibrated path).
-    let caller = unsafe { FORK_CALLER.get(&pid) }
-        .copied()
-        .unwrap_or(start.caller);
-    let _ = FORK_CALLER.remove(&pid);
     let key = ForkKey {
         window: start.window,
         tgid,
         kind: start.kind,
         pad: 0,
         user_stack,
-        caller,
+        caller: start.caller,
         comm: comm(),
     };
     let zero = ForkValue {

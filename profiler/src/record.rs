@@ -1033,58 +1033,64 @@ fn run_delay_of(task: &str) -> Option<u64> {
         .ok()
 }
 
-/// Probes libc's fork functions for their exact callers where the
-/// calibrated fork paths do not hold. A uprobe in a library costs every
-/// process that maps it (fork copies the page tables of a mapping with a
-/// patched page: about 25 µs a fork here, and a hit traps), so:
-/// - with a calibration, only `-p` targets whose libc is another file are
-///   probed (a process in a container); `-- CMD` is assumed to run with
-///   hvprof's own libc, and `--comm` and `-a` are not probed;
-/// - without one, the probes are installed in the targets' processes for
+/// Where the fork-caller uprobe goes: which processes, in which libc files.
+struct ForkUprobes {
+    scopes: Vec<aya::programs::uprobe::UProbeScope>,
+    libcs: Vec<PathBuf>,
+}
+
+/// Where libc's fork functions are probed for their exact callers, if
+/// anywhere: where the learned fork paths do not hold. A uprobe in a
+/// library costs every process that maps it (fork copies the page tables
+/// of a mapping with a patched page: about 25 µs a fork here, and a hit
+/// traps), so:
+/// - with the paths learned, only `-p` targets whose libc is another file
+///   are probed (a process in a container); `-- CMD` is assumed to run
+///   with hvprof's own libc, and `--comm` and `-a` are not probed;
+/// - without them, the probes are installed in the targets' processes for
 ///   `-p` and `-- CMD` (a `uprobe.multi` link per process; children born
 ///   later get their callers from their stacks), and in every process for
 ///   `--comm` and `-a`.
-///
-/// A probe that cannot be attached costs the callers, not the recording.
-fn attach_fork_callers(
-    bpf: &mut Ebpf,
+fn plan_fork_uprobes(
     target: &Target,
     initial: &[u32],
     calibration: Option<&forkpath::Calibration>,
-) {
+) -> Option<ForkUprobes> {
     use aya::programs::uprobe::UProbeScope;
-    let (scopes, libcs): (Vec<UProbeScope>, Vec<PathBuf>) = match (target, calibration) {
-        (Target::Pids(_), Some(c)) => {
-            let other: Vec<u32> = initial
-                .iter()
-                .copied()
-                .filter(|&p| mapped_libc(p).is_some_and(|l| l != c.libc))
-                .collect();
-            (
-                other
-                    .iter()
-                    .filter_map(|&p| std::num::NonZeroU32::new(p))
-                    .map(UProbeScope::OneProcess)
-                    .collect(),
-                other.iter().filter_map(|&p| mapped_libc(p)).collect(),
-            )
-        }
-        (_, Some(_)) => return,
-        (Target::Pids(_) | Target::Command(_), None) => (
-            initial
-                .iter()
-                .filter_map(|&p| std::num::NonZeroU32::new(p))
-                .map(UProbeScope::OneProcess)
-                .collect(),
-            libc_paths(initial),
-        ),
-        (Target::Comm(_) | Target::All, None) => {
-            (vec![UProbeScope::AllProcesses], libc_paths(initial))
-        }
+    let one_each = |pids: &[u32]| -> Vec<UProbeScope> {
+        pids.iter()
+            .filter_map(|&p| std::num::NonZeroU32::new(p))
+            .map(UProbeScope::OneProcess)
+            .collect()
     };
-    if scopes.is_empty() {
-        return;
-    }
+    let plan = match (target, calibration) {
+        (Target::Pids(_), Some(c)) => {
+            let (pids, libcs): (Vec<u32>, Vec<PathBuf>) = initial
+                .iter()
+                .filter_map(|&p| Some((p, mapped_libc(p)?)))
+                .filter(|(_, l)| *l != c.libc)
+                .unzip();
+            ForkUprobes {
+                scopes: one_each(&pids),
+                libcs,
+            }
+        }
+        (_, Some(_)) => return None,
+        (Target::Pids(_) | Target::Command(_), None) => ForkUprobes {
+            scopes: one_each(initial),
+            libcs: libc_paths(initial),
+        },
+        (Target::Comm(_) | Target::All, None) => ForkUprobes {
+            scopes: vec![UProbeScope::AllProcesses],
+            libcs: libc_paths(initial),
+        },
+    };
+    (!plan.scopes.is_empty() && !plan.libcs.is_empty()).then_some(plan)
+}
+
+/// Attaches the fork-caller uprobe as planned. A probe that cannot be
+/// attached costs the callers, not the recording.
+fn attach_fork_callers(bpf: &mut Ebpf, plan: &ForkUprobes) {
     let loaded = bpf
         .program_mut(names::PROG_FORK_CALLER)
         .ok_or_else(|| "not in the eBPF object".to_owned())
@@ -1101,10 +1107,10 @@ fn attach_fork_callers(
         }
     };
     let mut attached = 0;
-    for libc in libcs {
+    for libc in &plan.libcs {
         for f in FORK_FUNCTIONS {
-            for scope in &scopes {
-                if p.attach([f], &libc, *scope).is_ok() {
+            for scope in &plan.scopes {
+                if p.attach([f], libc, *scope).is_ok() {
                     attached += 1;
                 }
             }
@@ -1334,6 +1340,13 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         initial.extend(more);
     }
 
+    let fork_uprobes = if active.contains(&Tracer::Fork) {
+        plan_fork_uprobes(&opts.target, &initial, calibration.as_ref())
+    } else {
+        None
+    };
+    config.fork_uprobes = u32::from(fork_uprobes.is_some());
+
     // Kept open for the whole recording: statistics are on while it is.
     let _stats = if opts.bpf_stats {
         Some(
@@ -1465,8 +1478,8 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             tracepoint(&mut bpf, names::PROG_FORK_EXIT, exit)?;
         }
     }
-    if active.contains(&Tracer::Fork) {
-        attach_fork_callers(&mut bpf, &rec.opts.target, &initial, calibration.as_ref());
+    if let Some(plan) = &fork_uprobes {
+        attach_fork_callers(&mut bpf, plan);
     }
     if active.contains(&Tracer::Cgroup) {
         tracepoint(

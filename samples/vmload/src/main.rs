@@ -437,36 +437,31 @@ fn cgroup_rounds(root: &std::path::Path, own: &str, n: u64) -> Result<(), String
     result
 }
 
-fn forks(n: u64) -> Result<(), String> {
-    for _ in 0..n {
-        // SAFETY: the child only _exits.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
-        }
-        if pid == 0 {
-            // SAFETY: leave the child at once.
-            unsafe { libc::_exit(0) };
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &raw mut status, 0) };
-    }
-    Ok(())
-}
-
 unsafe extern "C" {
     // libc's declaration is deprecated (Rust cannot describe a function
     // that returns twice); the child here only calls `_exit`.
     fn vfork() -> libc::pid_t;
 }
 
-fn vforks(n: u64) -> Result<(), String> {
+/// `n` children made by `fork`, each exiting at once and waited for.
+/// Inlined, so that the call is in the named step function (its caller in
+/// the fork table).
+#[expect(clippy::inline_always, reason = "the call must be in the step")]
+#[inline(always)]
+fn fork_each(
+    n: u64,
+    name: &str,
+    fork: unsafe extern "C" fn() -> libc::pid_t,
+) -> Result<(), String> {
     for _ in 0..n {
-        // SAFETY: the child only _exits, touching nothing of the parent's.
-        let pid = unsafe { vfork() };
+        // SAFETY: the child only _exits, touching nothing of the parent's
+        // (which vfork's child shares).
+        let pid = unsafe { fork() };
         if pid < 0 {
-            return Err(format!("vfork failed: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "{name} failed: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         if pid == 0 {
             // SAFETY: leave the child at once.
@@ -477,6 +472,16 @@ fn vforks(n: u64) -> Result<(), String> {
         unsafe { libc::waitpid(pid, &raw mut status, 0) };
     }
     Ok(())
+}
+
+#[inline(never)]
+fn forks(n: u64) -> Result<(), String> {
+    fork_each(n, "fork", libc::fork)
+}
+
+#[inline(never)]
+fn vforks(n: u64) -> Result<(), String> {
+    fork_each(n, "vfork", vfork)
 }
 
 /// Installs a seccomp filter answering `clone3` with ENOSYS (threads
