@@ -1,4 +1,4 @@
-//! A synthetic profile for `cargo xtask bench-report`: N on-CPU samples over
+//! A synthetic profile for `./x bench-report`: N on-CPU samples over
 //! S distinct stacks (depth 20–40, frames from a pool of a few thousand
 //! names, prefixes shared as real call trees share them) in W windows,
 //! written as an hvprof profile and, sample for sample, as the text

@@ -623,7 +623,7 @@ where
     let prog = bpf.program_mut(name).ok_or_else(|| {
         (
             format!("program {name} is missing from the embedded eBPF object"),
-            "rebuild hvprof (`cargo xtask build`)".to_owned(),
+            "rebuild hvprof (`./x build`)".to_owned(),
         )
     })?;
     prog.try_into()

@@ -261,7 +261,7 @@ pub enum RecordError {
         #[source]
         source: ProgramError,
     },
-    #[error("the eBPF object is missing {name}: rebuild hvprof (`cargo xtask build`)")]
+    #[error("the eBPF object is missing {name}: rebuild hvprof (`./x build`)")]
     Missing { name: &'static str },
     #[error("eBPF map {name}: {source}")]
     Map {

@@ -22,7 +22,7 @@ fn require_privileges() {
     let p = Privileges::current().expect("read /proc/self/status");
     assert!(
         p.sufficient(),
-        "these tests load eBPF programs: run them as root (cargo xtask test does, in CI)"
+        "these tests load eBPF programs: run them as root (./x test does, in CI)"
     );
     Tracefs::locate_or_mount().expect("tracefs");
 }

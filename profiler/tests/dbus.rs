@@ -3,7 +3,7 @@
 //! real client libraries: `dbus-send` (libdbus), `gdbus` (GIO) and `busctl`
 //! (sd-bus). The service never answers every third `Work` call, so the
 //! test knows exactly which calls time out, and for how long they wait.
-//! `cargo xtask test` installs the tools if they are missing; without them
+//! `./x test` installs the tools if they are missing; without them
 //! (or root, or /dev/kvm) the test fails, it does not skip.
 
 use std::{
@@ -37,7 +37,7 @@ impl Bus {
         ] {
             assert!(
                 Path::new(tool).exists(),
-                "{tool} is missing: run `cargo xtask test`, which installs the D-Bus tools"
+                "{tool} is missing: run `./x test`, which installs the D-Bus tools"
             );
         }
         let dir = std::env::temp_dir().join(format!("hvprof-dbus-{}", std::process::id()));

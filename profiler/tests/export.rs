@@ -3,7 +3,7 @@
 //! a copy of pprof's own `profile.proto`, and `go tool pprof` — and their
 //! totals, stacks and labels equal the profile's; the speedscope files pass
 //! the speedscope JSON schema (Debian's python3-jsonschema) and carry the
-//! same totals. `cargo xtask test` installs protobuf-compiler, golang-go and
+//! same totals. `./x test` installs protobuf-compiler, golang-go and
 //! python3-jsonschema when they are missing.
 
 use std::{
@@ -41,7 +41,7 @@ fn tool(program: &str, package: &str) -> Command {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()));
     assert!(
         found,
-        "{program} is not installed: `cargo xtask test` installs it, or `apt-get install {package}`"
+        "{program} is not installed: `./x test` installs it, or `apt-get install {package}`"
     );
     Command::new(program)
 }
@@ -815,7 +815,7 @@ fn validate_speedscope(path: &Path) {
         .is_ok_and(|s| s.success());
     assert!(
         has_jsonschema,
-        "{python} cannot import jsonschema: `cargo xtask test` installs python3-jsonschema, or `apt-get install python3-jsonschema`"
+        "{python} cannot import jsonschema: `./x test` installs python3-jsonschema, or `apt-get install python3-jsonschema`"
     );
     let script = "import json, sys, jsonschema\n\
                   schema = json.load(open(sys.argv[1]))\n\

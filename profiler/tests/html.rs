@@ -1,7 +1,7 @@
 //! The HTML report (`hvprof report --html`) of the checked-in sample profile
 //! (`samples/massboot/profile.hvprof`): what the file holds, that names from
 //! the recorded system are escaped, and — in a real headless chromium
-//! (Debian's, installed by `cargo xtask test`) — that it renders without
+//! (Debian's, installed by `./x test`) — that it renders without
 //! console errors, every window's flame graphs load, switching windows
 //! works and a hostile function name shows as text. No root needed.
 
@@ -325,7 +325,7 @@ fn chromium() -> PathBuf {
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "chromium is not installed; `cargo xtask test` installs it (Debian's chromium package), or run `apt-get install chromium`"
+                "chromium is not installed; `./x test` installs it (Debian's chromium package), or run `apt-get install chromium`"
             )
         })
 }

@@ -1,5 +1,5 @@
 //! End to end: a real libvirtd mass boot with Debian's libvirt and QEMU,
-//! profiled by hvprof (`cargo xtask massboot`): 12 TCG guests and 2 paused
+//! profiled by hvprof (`./x massboot`): 12 TCG guests and 2 paused
 //! KVM guests, windows of 4 VMs. Needs root, /dev/kvm and Debian's package
 //! mirrors (massboot installs libvirt and QEMU if they are missing).
 

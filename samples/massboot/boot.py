@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Boot (or destroy) transient libvirt guests concurrently, over the libvirt
-API, from several client threads: the client side of `cargo xtask massboot`.
+API, from several client threads: the client side of `./x massboot`.
 
     boot.py boot GUESTS.json --threads T      boots, waits for each '!' on COM1
     boot.py destroy GUESTS.json               destroys whatever is still running

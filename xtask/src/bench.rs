@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the sample workload with and without `hvprof record`
+//! `./x bench`: the sample workload with and without `hvprof record`
 //! in the same run, alternating, and the figures that matter: added wall
 //! time, each eBPF program's cost per event, losses, and the time from the
 //! stop to every file written. A measurement, not a test: nothing here fails

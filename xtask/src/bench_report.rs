@@ -1,4 +1,4 @@
-//! `cargo xtask bench-report`: how long `hvprof report` and `hvprof diff`
+//! `./x bench-report`: how long `hvprof report` and `hvprof diff`
 //! take on large profiles, against the usual perf pipelines on the same
 //! samples, in the same run. A measurement, not a test: nothing here fails
 //! on a threshold.

@@ -1,7 +1,7 @@
-//! `cargo xtask`: toolchain bootstrap, build, tests and the sample run.
+//! `./x`: toolchain bootstrap, build, tests and the sample run.
 //!
 //! Every set-up step a fresh machine needs is here, so that README.md's two
-//! commands (`cargo xtask sample`, `cargo xtask test`) are all a newcomer runs.
+//! commands (`./x sample`, `./x test`) are all a newcomer runs.
 
 mod bench;
 mod bench_report;
@@ -18,7 +18,7 @@ use anyhow::{Context as _, ensure};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask")]
+#[command(name = "./x", bin_name = "./x")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -176,20 +176,20 @@ fn main() -> ExitCode {
 /// service, a browser for the HTML report, and the independent decoders of
 /// hvprof's exports (`protoc`, `go tool pprof`, the speedscope schema
 /// validator).
-const TEST_PACKAGES: &[(&str, Option<&str>)] = &[
-    ("dbus-daemon", None),
-    ("dbus-bin", None),
-    ("libglib2.0-bin", None),
-    ("python3-gi", None),
-    ("systemd", None),
-    ("chromium", None),
-    ("protobuf-compiler", None),
-    ("golang-go", None),
-    ("python3-jsonschema", None),
+const TEST_PACKAGES: &[&str] = &[
+    "dbus-daemon",
+    "dbus-bin",
+    "libglib2.0-bin",
+    "python3-gi",
+    "systemd",
+    "chromium",
+    "protobuf-compiler",
+    "golang-go",
+    "python3-jsonschema",
 ];
 
 fn test(args: &[String]) -> anyhow::Result<()> {
-    packages::ensure("test", TEST_PACKAGES)?;
+    packages::ensure("test", TEST_PACKAGES, packages::Suite::Release)?;
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

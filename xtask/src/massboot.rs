@@ -1,4 +1,4 @@
-//! `cargo xtask massboot`: profile a real libvirtd mass boot, end to end,
+//! `./x massboot`: profile a real libvirtd mass boot, end to end,
 //! with Debian's own libvirt and QEMU, on a machine without systemd.
 //!
 //! Installs what is missing, starts virtlogd and libvirtd by hand (libvirtd
@@ -22,15 +22,17 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 
 use crate::packages::sh;
 
-/// Packages the boot needs; qemu-system-x86 comes from bookworm-backports,
-/// because this image's qemu-utils 10 (backports) conflicts with bookworm's
-/// QEMU 7.2.
-const PACKAGES: &[(&str, Option<&str>)] = &[
-    ("libvirt-daemon", None),
-    ("libvirt-daemon-driver-qemu", None),
-    ("libvirt-clients", None),
-    ("python3-libvirt", None),
-    ("qemu-system-x86", Some("bookworm-backports")),
+/// Packages the boot needs, all from the release's backports suite with
+/// their dependencies: on Debian 12 that is libvirt 11.3 and QEMU 10 (the
+/// image's qemu-utils 10, from backports, conflicts with bookworm's QEMU
+/// 7.2). libvirt is pinned to backports too, so every machine boots the
+/// same pair; the versions are printed and kept in the report.
+const PACKAGES: &[&str] = &[
+    "libvirt-daemon",
+    "libvirt-daemon-driver-qemu",
+    "libvirt-clients",
+    "python3-libvirt",
+    "qemu-system-x86",
 ];
 
 const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
@@ -296,7 +298,7 @@ fn boot_script() -> PathBuf {
     crate::toolchain::root().join("samples/massboot/boot.py")
 }
 
-/// `cargo xtask subreaper --pidfile F -- CMD…`: become a child subreaper, run
+/// `./x subreaper --pidfile F -- CMD…`: become a child subreaper, run
 /// CMD, reap every orphan that lands here, forward SIGTERM/SIGINT to CMD,
 /// and exit with CMD's status once it and all orphans are gone.
 pub fn subreaper(pidfile: &Path, cmd: &[String]) -> anyhow::Result<i32> {
@@ -458,7 +460,13 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
         "KVM guests need /dev/kvm"
     );
     let step = |s: &str| println!("massboot: {s}");
-    crate::packages::ensure("massboot", PACKAGES).context("step 1/7 (packages) failed")?;
+    crate::packages::ensure("massboot", PACKAGES, crate::packages::Suite::Backports)
+        .context("step 1/7 (packages) failed")?;
+    step(&format!(
+        "libvirt-daemon {}, qemu-system-x86 {}",
+        crate::packages::version("libvirt-daemon").unwrap_or_default(),
+        crate::packages::version("qemu-system-x86").unwrap_or_default()
+    ));
     for d in ["libvirtd", "virtlogd"] {
         let running = pids_named(d);
         ensure!(
@@ -497,7 +505,7 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
     fs::create_dir_all("/etc/libvirt")?;
     fs::write(
         QEMU_CONF,
-        "# Written by hvprof's cargo xtask massboot; restored when it ends.\n\
+        "# Written by hvprof's ./x massboot; restored when it ends.\n\
          user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\n",
     )
     .context("step 2/7: writing /etc/libvirt/qemu.conf failed")?;
@@ -762,6 +770,10 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
         "teardown_cleaned": leftovers,
         "teardown_left": still,
         "libvirtd_pid": libvirtd_pid,
+        "packages": {
+            "libvirt-daemon": crate::packages::version("libvirt-daemon"),
+            "qemu-system-x86": crate::packages::version("qemu-system-x86"),
+        },
     });
     fs::write(
         out.join("massboot.json"),

@@ -220,7 +220,7 @@ pub fn ensure_bpf_linker(nightly: &str, llvm: &Llvm) -> anyhow::Result<PathBuf> 
     );
     ensure!(
         works(),
-        "{} was built but does not run; remove {} and run `cargo xtask bootstrap` again",
+        "{} was built but does not run; remove {} and run `./x bootstrap` again",
         exe.display(),
         root.display()
     );
