@@ -15,3 +15,6 @@ mod table;
 
 pub use cache::{FileKey, file_key, table_for};
 pub use table::{TableError, TableStats, UnwindTable, build_table, find_row};
+
+#[cfg(test)]
+mod tests;
