@@ -21,4 +21,5 @@ pub mod symbolize;
 pub mod sys;
 pub mod tables;
 pub mod tracefs;
+pub mod unwind;
 pub mod windows;
