@@ -95,6 +95,9 @@ pub mod names {
     pub const PROG_DBUS_ENTER: &str = "dbus_enter";
     pub const PROG_DBUS_RETURN: &str = "dbus_return";
     pub const PROG_DBUS_NAMES: &str = "dbus_names";
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
+    pub const UNWIND_STOPS: &str = "UNWIND_STOPS";
 }
 
 /// Which tasks are recorded.
@@ -231,6 +234,10 @@ pub struct Config {
     /// Nonzero: the fork-caller uprobe is attached somewhere, and a fork's
     /// caller is taken from it where it fired.
     pub fork_uprobes: u32,
+    /// Nonzero: user stacks are unwound from the unwind tables
+    /// (`--unwind dwarf`), else by the kernel's frame-pointer walk.
+    pub unwind_dwarf: u32,
+    pub unwind_pad: u32,
     /// Where libc's fork functions keep their caller's return address at
     /// the syscall (see [`ForkPath`]); unused entries are
     /// [`ForkPath::UNUSED`].
@@ -288,6 +295,8 @@ impl Config {
             task_run_delay: 0,
             task_comm: 0,
             fork_uprobes: 0,
+            unwind_dwarf: 0,
+            unwind_pad: 0,
             fork_paths: [ForkPath::UNUSED; FORK_PATHS],
         }
     }
@@ -586,6 +595,10 @@ pub enum EventKind {
     Exit = 3,
     /// A tracked task forked a new process (not a thread).
     Fork = 4,
+    /// The user-stack unwinder met a tracked process whose mappings it
+    /// does not know (not loaded yet, or a PC outside them: a `dlopen`):
+    /// userspace reads its mappings and loads their unwind tables.
+    UnwindTables = 5,
 }
 
 /// A VM creation seen as a successful `KVM_CREATE_VM`.

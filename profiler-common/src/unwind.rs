@@ -68,6 +68,137 @@ pub const SIGFRAME_RIP: u64 = 40 + 16 * 8;
 // SAFETY: repr(C), integers only, no padding (4 + 4 + 2 + 1 + 1 = 12).
 unsafe impl aya::Pod for UnwindRow {}
 
+/// Most executable mappings of one process the unwinder knows (QEMU maps
+/// about 60, libvirtd about 80); the rest are left out and counted.
+pub const MAX_PROC_MAPPINGS: usize = 256;
+const _: () = assert!(
+    MAX_PROC_MAPPINGS.is_power_of_two(),
+    "the unwinder masks indices"
+);
+
+/// One executable mapping of a process, as the unwinder reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Address minus bias = the file's own virtual address.
+    pub bias: u64,
+    /// The file's rows in `UNWIND_ROWS`: `rows_start..rows_start + rows_len`
+    /// (`rows_len` 0: no table for this file; frame pointers there).
+    pub rows_start: u32,
+    pub rows_len: u32,
+}
+
+impl UnwindMapping {
+    pub const EMPTY: Self = Self {
+        start: 0,
+        end: 0,
+        bias: 0,
+        rows_start: 0,
+        rows_len: 0,
+    };
+}
+
+/// The executable mappings of one process, sorted by `start`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcMappings {
+    pub count: u32,
+    pub pad: u32,
+    pub mappings: [UnwindMapping; MAX_PROC_MAPPINGS],
+}
+
+impl ProcMappings {
+    pub const EMPTY: Self = Self {
+        count: 0,
+        pad: 0,
+        mappings: [UnwindMapping::EMPTY; MAX_PROC_MAPPINGS],
+    };
+}
+
+/// Why a user-stack walk ended (one count per stack), or how a frame was
+/// found (one count per frame), per window.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnwindStop {
+    /// Reached a frame whose return address is undefined (`_start`,
+    /// `clone3`): the whole stack.
+    Complete = 0,
+    /// A PC in no mapping the unwinder knows for its process.
+    NoMapping = 1,
+    /// A PC in a file without unwind tables, and no frame pointer chain to
+    /// follow from there.
+    NoTable = 2,
+    /// A PC in a file's gap between functions' CFI, and no frame pointer
+    /// chain to follow from there.
+    NoRow = 3,
+    /// A rule the unwinder does not evaluate ([`CFA_UNSUPPORTED`], or a
+    /// CFA based on an rbp that could not be recovered).
+    Unsupported = 4,
+    /// Reading the user stack failed (paged out, or a wrong CFA).
+    ReadFault = 5,
+    /// `--max-user-frames` reached.
+    FrameLimit = 6,
+    /// The process's tables were not loaded yet: the whole stack came from
+    /// frame pointers (the kernel's walk), and userspace is asked to load
+    /// them.
+    NotLoaded = 7,
+    /// A frame-pointer step ended the stack (rbp 0 or not above rsp).
+    FpEnd = 8,
+    /// A return address of 0 or a stack pointer that did not grow: the end
+    /// of a stack that marks no outermost frame.
+    ZeroReturn = 9,
+    /// Per frame: found from the tables.
+    FramesDwarf = 10,
+    /// Per frame: found by frame pointer, where a PC had no table or row.
+    FramesFp = 11,
+}
+
+impl UnwindStop {
+    pub const COUNT: u32 = 12;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::Complete,
+        Self::NoMapping,
+        Self::NoTable,
+        Self::NoRow,
+        Self::Unsupported,
+        Self::ReadFault,
+        Self::FrameLimit,
+        Self::NotLoaded,
+        Self::FpEnd,
+        Self::ZeroReturn,
+        Self::FramesDwarf,
+        Self::FramesFp,
+    ];
+
+    /// The name the profile and summary use.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::NoMapping => "no mapping",
+            Self::NoTable => "no table for the file",
+            Self::NoRow => "no row for the PC",
+            Self::Unsupported => "unsupported rule",
+            Self::ReadFault => "read fault",
+            Self::FrameLimit => "frame limit",
+            Self::NotLoaded => "tables not loaded yet",
+            Self::FpEnd => "frame-pointer chain ended",
+            Self::ZeroReturn => "return address 0",
+            Self::FramesDwarf => "frames from tables",
+            Self::FramesFp => "frames by frame pointer",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no padding.
+unsafe impl aya::Pod for UnwindMapping {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers and an array of Pod, no padding.
+unsafe impl aya::Pod for ProcMappings {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +207,10 @@ mod tests {
     fn row_has_no_padding() {
         assert_eq!(core::mem::size_of::<UnwindRow>(), 12);
         assert_eq!(core::mem::align_of::<UnwindRow>(), 4);
+        assert_eq!(core::mem::size_of::<UnwindMapping>(), 32);
+        assert_eq!(
+            core::mem::size_of::<ProcMappings>(),
+            8 + 32 * MAX_PROC_MAPPINGS
+        );
     }
 }

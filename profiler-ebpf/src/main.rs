@@ -7,6 +7,7 @@
 
 mod check;
 mod record;
+mod unwind;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -18,7 +18,7 @@ use aya_ebpf::{
         bpf_probe_read_user, bpf_probe_read_user_str_bytes, bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map, perf_event, tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePointContext, PerfEventContext, ProbeContext, RetProbeContext, TracePointContext,
     },
@@ -35,6 +35,8 @@ use profiler_common::record::{
     SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode,
     WindowRange, cgroup_op, dbus_fn, fork_kind, hist_bucket, lock_flags, window_every,
 };
+
+use crate::unwind::{self, NoWalk, UNWIND_PROCS};
 
 const EFAULT: i32 = 14;
 const ENOMEM: i32 = 12;
@@ -70,7 +72,7 @@ static OFFCPU_START: HashMap<u64, OffCpuStart> = HashMap::with_max_entries(32768
 static STACKS: HashMap<u64, StackBuf> = HashMap::with_max_entries(65536, 0);
 /// Per-CPU scratch for `bpf_get_stack`: a stack is larger than the BPF stack.
 #[map]
-static STACK_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static STACK_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 /// Tracked thread groups (and the tids of followed children, which for a
@@ -356,10 +358,50 @@ fn kern_stack_or_reason(id: Result<u64, i32>, window: u32) -> u64 {
     }
 }
 
-/// The current task's user stack id, or the reason there is none.
+/// The current task's user stack id, or the reason there is none: from
+/// the unwind tables (`--unwind dwarf`) where the process's are loaded,
+/// else the kernel's frame-pointer walk.
 #[inline(always)]
 fn user_stack<C: EbpfContext>(ctx: &C, window: u32) -> u64 {
-    match stack_id(ctx, u64::from(BPF_F_USER_STACK)) {
+    user_stack_walk(ctx, window).0
+}
+
+/// [`user_stack`], and whether the stack may be remembered for the site:
+/// not when the walk stopped for want of tables that are on their way (a
+/// process not loaded yet, a PC in a mapping not read yet), or a thread
+/// blocking again there would keep the short stack.
+#[inline(always)]
+fn user_stack_walk<C: EbpfContext>(ctx: &C, window: u32) -> (u64, bool) {
+    if config!(unwind_dwarf) != 0 {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        match unwind::walk_current(tgid, window, config!(user_stack_depth)) {
+            Ok(walked) => {
+                if walked.unknown_mapping {
+                    ask_tables(tgid, window);
+                }
+                if let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) {
+                    let id = store_stack(buf, (walked.frames * 8) as i64);
+                    return (user_stack_or_reason(id, window), !walked.unknown_mapping);
+                }
+            }
+            // Not dropped: frame pointers meanwhile, and the tables asked
+            // for.
+            Err(NoWalk::NotLoaded) => {
+                ask_tables(tgid, window);
+                let id = stack_id(ctx, u64::from(BPF_F_USER_STACK));
+                return (user_stack_or_reason(id, window), false);
+            }
+            Err(NoWalk::NoUserStack) => {}
+        }
+    }
+    let id = stack_id(ctx, u64::from(BPF_F_USER_STACK));
+    (user_stack_or_reason(id, window), true)
+}
+
+/// A user stack id, or the reason there is none, counting what is lost.
+#[inline(always)]
+fn user_stack_or_reason(id: Result<u64, i32>, window: u32) -> u64 {
+    match id {
         Ok(id) => id,
         Err(e) => {
             match -e {
@@ -374,6 +416,26 @@ fn user_stack<C: EbpfContext>(ctx: &C, window: u32) -> u64 {
     }
 }
 
+/// When each process last asked userspace for its unwind tables.
+#[map]
+static UNWIND_ASKED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// Asks userspace to read the process's mappings and load their tables
+/// (at most every 50 ms per process).
+#[inline(always)]
+fn ask_tables(tgid: u32, window: u32) {
+    let now = now();
+    // SAFETY: a valid map value, read only.
+    if let Some(last) = unsafe { UNWIND_ASKED.get(&tgid) }
+        && now.saturating_sub(*last) < 50_000_000
+    {
+        return;
+    }
+    let _ = UNWIND_ASKED.insert(&tgid, &now, 0);
+    let pid = bpf_get_current_pid_tgid() as u32;
+    emit(EventKind::UnwindTables, tgid, pid, 0, 0, Some(window));
+}
+
 /// Kernel and user stack ids of the current task, counting what is lost.
 #[inline(always)]
 fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
@@ -382,23 +444,33 @@ fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
 }
 
 /// The user registers of `task` (the current task, as a BTF pointer) where
-/// it blocks: ip, sp, bp and the return address at bp+8 (0s if
-/// unreadable). Two blocks of a thread with the same four are at the same
-/// site, with the same user call chain.
+/// it blocks: ip, sp, bp and the return address (0s if unreadable). Two
+/// blocks of a thread with the same four are at the same site, with the
+/// same user call chain. The return address is the one the unwind tables
+/// give for ip (`--unwind dwarf`), else the word at bp+8 (right only where
+/// ip's function keeps a frame pointer).
 #[inline(always)]
 fn user_site(task: *mut task_struct) -> [u64; 4] {
-    // SAFETY: the helper takes the task's BTF pointer; the user read is
-    // checked.
-    unsafe {
-        // A BTF pointer: plain loads (the verifier makes them faulting
-        // loads), no helper call each.
+    // SAFETY: the helper takes the task's BTF pointer; a BTF pointer: plain
+    // loads (the verifier makes them faulting loads), no helper call each.
+    let (ip, sp, bp) = unsafe {
         let regs = bpf_task_pt_regs(task) as *const pt_regs;
-        let ip = core::ptr::read_volatile(&raw const (*regs).rip);
-        let sp = core::ptr::read_volatile(&raw const (*regs).rsp);
-        let bp = core::ptr::read_volatile(&raw const (*regs).rbp);
-        let ret = bpf_probe_read_user((bp + 8) as *const u64).unwrap_or(0);
-        [ip, sp, bp, ret]
-    }
+        (
+            core::ptr::read_volatile(&raw const (*regs).rip),
+            core::ptr::read_volatile(&raw const (*regs).rsp),
+            core::ptr::read_volatile(&raw const (*regs).rbp),
+        )
+    };
+    let from_tables = if config!(unwind_dwarf) != 0 {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        unwind::return_address(tgid, ip, sp, bp)
+    } else {
+        None
+    };
+    // SAFETY: a user read, checked by the helper.
+    let ret = from_tables
+        .unwrap_or_else(|| unsafe { bpf_probe_read_user((bp + 8) as *const u64) }.unwrap_or(0));
+    [ip, sp, bp, ret]
 }
 
 #[inline(always)]
@@ -709,8 +781,8 @@ fn site_user_stack<C: EbpfContext>(
         }
     }
     count(walked);
-    let user = user_stack(ctx, window);
-    if user < STACK_ID_MIN || site[0] == 0 {
+    let (user, cacheable) = user_stack_walk(ctx, window);
+    if user < STACK_ID_MIN || site[0] == 0 || !cacheable {
         return (user, NO_SITE);
     }
     // A new site replaces the oldest, whose blocks go to the map first
@@ -1038,7 +1110,7 @@ fn emit(kind: EventKind, tgid: u32, pid: u32, child: u32, ordinal: u64, window: 
     // Only an exec wakes userspace (its maps must be read while it lives);
     // the rest waits for that or for userspace's slow tick, instead of a
     // wakeup per fork and exit.
-    let flags = if matches!(kind, EventKind::Exec) {
+    let flags = if matches!(kind, EventKind::Exec | EventKind::UnwindTables) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -1073,6 +1145,13 @@ pub fn task_fork(ctx: TracePointContext) -> u32 {
         if TRACKED.insert(&child, &tgid, 0).is_err() {
             lose(current_window().unwrap_or(u32::MAX), Loss::TrackedFull);
         }
+    }
+    // A child runs its parent's image until it execs: the same mappings.
+    if config!(unwind_dwarf) != 0
+        // SAFETY: a valid map value, passed back to the map as the value.
+        && let Some(parent) = unsafe { UNWIND_PROCS.get(&tgid) }
+    {
+        let _ = UNWIND_PROCS.insert(&child, parent, 0);
     }
     emit(EventKind::Fork, tgid, pid, child, 0, current_window());
     0
@@ -1159,6 +1238,11 @@ pub fn task_exec(_ctx: TracePointContext) -> u32 {
         }
     }
     if is_tracked(tgid) {
+        // The old image's mappings are gone: frame pointers until
+        // userspace loads the new ones.
+        if config!(unwind_dwarf) != 0 {
+            let _ = UNWIND_PROCS.remove(&tgid);
+        }
         emit(EventKind::Exec, tgid, pid, 0, 0, current_window());
     }
     0

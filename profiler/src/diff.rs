@@ -241,6 +241,17 @@ fn restrict(p: &Profile, keep: &HashMap<u32, u32>, windows: Vec<WindowInfo>) -> 
             .collect()
     }
     let map = |w: Option<u32>| w.and_then(|w| keep.get(&w).copied());
+    let counts = |list: &[crate::profile::LossCount]| {
+        list.iter()
+            .filter_map(|l| match l.window {
+                None => Some(l.clone()),
+                Some(w) => keep.get(&w).map(|&id| crate::profile::LossCount {
+                    window: Some(id),
+                    ..l.clone()
+                }),
+            })
+            .collect()
+    };
     Profile {
         meta: p.meta.clone(),
         windows,
@@ -252,17 +263,8 @@ fn restrict(p: &Profile, keep: &HashMap<u32, u32>, windows: Vec<WindowInfo>) -> 
         forks: rows(&p.forks, keep, |r| &mut r.window),
         cgroups: rows(&p.cgroups, keep, |r| &mut r.window),
         dbus: rows(&p.dbus, keep, |r| &mut r.window),
-        losses: p
-            .losses
-            .iter()
-            .filter_map(|l| match l.window {
-                None => Some(l.clone()),
-                Some(w) => keep.get(&w).map(|&id| crate::profile::LossCount {
-                    window: Some(id),
-                    ..l.clone()
-                }),
-            })
-            .collect(),
+        losses: counts(&p.losses),
+        unwind: counts(&p.unwind),
         processes: p
             .processes
             .iter()

@@ -46,11 +46,13 @@ fn hint(err: &EbpfError) -> &'static str {
 pub fn load_with_config(
     config: &profiler_common::record::Config,
     max_stacks: u32,
+    unwind_rows: u32,
 ) -> Result<Ebpf, LoadError> {
     let _ = crate::sys::raise_memlock();
     EbpfLoader::new()
         .override_global(profiler_common::record::names::CONFIG, config, true)
         .map_max_entries(profiler_common::record::names::STACKS, max_stacks)
+        .map_max_entries(profiler_common::record::names::UNWIND_ROWS, unwind_rows)
         .load(OBJECT)
         .map_err(|source| LoadError::Load { source })
 }

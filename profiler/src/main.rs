@@ -7,7 +7,7 @@ use profiler::{
     cli::{parse_duration, parse_pids},
     export,
     profile::Profile,
-    record::{self, RecordOptions, Target, Tracer, VmEvent},
+    record::{self, RecordOptions, Target, Tracer, UnwindMode, VmEvent},
     render,
     windows::WindowSpec,
 };
@@ -219,9 +219,38 @@ struct RecordArgs {
     /// dearer (here about 25 µs, and 45 µs more per probe hit).
     #[arg(long)]
     fork_uprobes: bool,
+    /// How user stacks are walked: `dwarf` unwinds them in the kernel from
+    /// each file's `.eh_frame` (whole stacks without frame pointers, as
+    /// Debian builds libc, glib, libvirt and QEMU), frame pointers only
+    /// where a PC has no table; `fp` is the kernel's frame-pointer walk.
+    #[arg(long, value_enum, default_value = "dwarf", value_name = "MODE")]
+    unwind: UnwindArg,
+    /// Unwind-table rows the kernel keeps (16 bytes each, allocated when
+    /// recording starts); files that do not fit fall back to frame pointers.
+    #[arg(long, default_value_t = 2_000_000, value_name = "N")]
+    unwind_max_rows: u32,
+    /// Where unwind tables are cached by file, so that the next recording
+    /// starts without building them (default: ~/.cache/hvprof/unwind).
+    #[arg(long, value_name = "DIR")]
+    unwind_cache: Option<PathBuf>,
     /// Run this command and record it (and its children).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum UnwindArg {
+    Fp,
+    Dwarf,
+}
+
+/// `$XDG_CACHE_HOME/hvprof/unwind`, else `~/.cache/hvprof/unwind`.
+fn default_unwind_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("hvprof/unwind")
 }
 
 fn main() -> ExitCode {
@@ -424,6 +453,12 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         verify_stack_cache: args.verify_stack_cache,
         kernel_stack_min_block: args.kernel_stack_min_block,
         fork_uprobes: args.fork_uprobes,
+        unwind: match args.unwind {
+            UnwindArg::Fp => UnwindMode::Fp,
+            UnwindArg::Dwarf => UnwindMode::Dwarf,
+        },
+        unwind_max_rows: args.unwind_max_rows,
+        unwind_cache: args.unwind_cache.unwrap_or_else(default_unwind_cache),
         tracers: match args.tracers.as_deref() {
             Some(t) => Tracer::parse_list(t).map_err(|e| anyhow::anyhow!("--tracers: {e}"))?,
             None => Tracer::ALL.to_vec(),

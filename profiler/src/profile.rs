@@ -279,6 +279,10 @@ pub struct Profile {
     pub cgroups: Vec<CgroupOp>,
     #[serde(default)]
     pub dbus: Vec<DbusCall>,
+    /// The user-stack unwinder, per window: why walks ended and how frames
+    /// were found (`--unwind dwarf`; empty with frame pointers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unwind: Vec<LossCount>,
 }
 
 /// Interns frame names while a profile is built.

@@ -243,6 +243,23 @@ pub struct RecordOptions {
     pub kernel_stack_min_block: Duration,
     /// Fork callers from uprobes on libc, not from the learned fork paths.
     pub fork_uprobes: bool,
+    /// How user stacks are walked.
+    pub unwind: UnwindMode,
+    /// Unwind rows the kernel side keeps (12 bytes each, 16 in the map).
+    pub unwind_max_rows: u32,
+    /// Where unwind tables are cached, by file.
+    pub unwind_cache: PathBuf,
+}
+
+/// How user stacks are walked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnwindMode {
+    /// The kernel's frame-pointer walk.
+    Fp,
+    /// From each file's `.eh_frame` unwind tables, frame pointers where a
+    /// PC has none.
+    #[default]
+    Dwarf,
 }
 
 #[derive(Debug, Error)]
@@ -281,6 +298,8 @@ pub enum RecordError {
     Render(#[from] render::RenderError),
     #[error("the event loop failed: {0}")]
     Runtime(io::Error),
+    #[error(transparent)]
+    Unwind(#[from] crate::unwind::procs::LoaderError),
 }
 
 /// What a recording produced.
@@ -886,6 +905,9 @@ impl Drop for GatedChild {
 struct Processes {
     info: HashMap<u32, Process>,
     snapshots: HashMap<u32, Vec<Snapshot>>,
+    /// Loads each new snapshot's mappings into the user-stack unwinder
+    /// (`--unwind dwarf`); gone after the stop.
+    unwind: Option<crate::unwind::procs::Loader>,
 }
 
 impl Processes {
@@ -908,6 +930,9 @@ impl Processes {
             Some(s) => {
                 let list = self.snapshots.entry(tgid).or_default();
                 if list.last() != Some(&s) {
+                    if let Some(u) = &mut self.unwind {
+                        u.load(tgid, &s);
+                    }
                     list.push(s);
                 }
                 true
@@ -974,6 +999,8 @@ struct Recorder {
     /// Snapshots to take again: at exec only the binary and the dynamic
     /// loader are mapped, the libraries come a moment later.
     resnap: Vec<(Instant, u32)>,
+    /// What the unwind-table loader did, kept at the stop.
+    unwind_stats: Option<crate::unwind::procs::LoaderStats>,
 }
 
 /// Why the recording stopped.
@@ -1237,6 +1264,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.preempted_stacks = u32::from(opts.preempted_stacks);
     config.block_site_cache = u32::from(opts.block_site_cache);
     config.verify_stack_cache = u32::from(opts.verify_stack_cache);
+    config.unwind_dwarf = u32::from(opts.unwind == UnwindMode::Dwarf);
     let (sp, run_delay, comm) = match task_offsets.join() {
         Ok(Ok(offsets)) => offsets,
         Ok(Err(e)) => (Err(e.clone()), Err(e.clone()), Err(e)),
@@ -1356,7 +1384,27 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     } else {
         None
     };
-    let mut bpf = ebpf::load_with_config(&config, opts.max_stacks)?;
+    let unwind_rows = if opts.unwind == UnwindMode::Dwarf {
+        opts.unwind_max_rows.max(1)
+    } else {
+        1
+    };
+    let mut bpf = ebpf::load_with_config(&config, opts.max_stacks, unwind_rows)?;
+    let unwinder = if opts.unwind == UnwindMode::Dwarf {
+        let take = |bpf: &mut Ebpf, name: &'static str| {
+            bpf.take_map(name).ok_or(RecordError::Missing { name })
+        };
+        let rows = take(&mut bpf, names::UNWIND_ROWS)?;
+        let procs = take(&mut bpf, names::UNWIND_PROCS)?;
+        Some(crate::unwind::procs::Loader::new(
+            rows,
+            procs,
+            unwind_rows,
+            opts.unwind_cache.clone(),
+        )?)
+    } else {
+        None
+    };
     {
         let mut map: Array<&mut MapData, profiler_common::record::WindowRange> = Array::try_from(
             bpf.map_mut(names::WINDOW_RANGES)
@@ -1400,7 +1448,10 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         started_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
-        processes: Processes::default(),
+        processes: Processes {
+            unwind: unwinder,
+            ..Processes::default()
+        },
         vms: Vec::new(),
         target_pids: match &opts.target {
             Target::Pids(p) => p.iter().copied().collect(),
@@ -1410,6 +1461,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         tracers: Vec::new(),
         ring_losses: 0,
         resnap: Vec::new(),
+        unwind_stats: None,
         opts,
     };
     // Snapshot what runs already; with -a, everything.
@@ -1564,7 +1616,11 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     rec.self_cpu_ns = sys::self_cpu_ns().saturating_sub(rec.start_cpu_ns);
 
     // Take final snapshots while processes are still alive, then stop the
-    // probes so the maps hold still while they are read.
+    // probes so the maps hold still while they are read. No more tables
+    // are loaded: nothing is walked after the stop.
+    if let Some(u) = rec.processes.unwind.take() {
+        rec.unwind_stats = Some(u.stats.clone());
+    }
     let alive: Vec<u32> = rec.processes.info.keys().copied().collect();
     for t in alive {
         rec.processes.snapshot(t);
@@ -1845,7 +1901,17 @@ impl Recorder {
                     p.comm = comm;
                 }
             }
+            k if k == EventKind::UnwindTables as u32 => {
+                // A process the unwinder met without its mappings (a child
+                // that exec'd, or a dlopen): read them again.
+                if !self.processes.snapshot(ev.tgid) {
+                    self.processes.learn(ev.tgid);
+                }
+            }
             k if k == EventKind::Exit as u32 => {
+                if let Some(u) = &mut self.processes.unwind {
+                    u.forget(ev.tgid);
+                }
                 self.target_pids.remove(&ev.tgid);
                 if self.target_pids.is_empty() && matches!(self.opts.target, Target::Pids(_)) {
                     self.targets_gone = true;
@@ -1863,6 +1929,34 @@ impl Recorder {
             }
             _ => self.ring_losses += 1,
         }
+    }
+
+    /// The unwinder's counts per window, by `UnwindStop` name.
+    fn unwind_counts(bpf: &Ebpf) -> Vec<LossCount> {
+        use profiler_common::unwind::UnwindStop;
+        let Some(map) = bpf.map(names::UNWIND_STOPS) else {
+            return Vec::new();
+        };
+        let Ok(m) =
+            PerCpuHashMap::<&MapData, u32, [u64; UnwindStop::COUNT as usize]>::try_from(map)
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (window, per_cpu) in m.iter().filter_map(Result::ok) {
+            for stop in UnwindStop::ALL {
+                let count: u64 = per_cpu.iter().map(|c| c[stop as usize]).sum();
+                if count > 0 {
+                    out.push(LossCount {
+                        window: (window != u32::MAX).then_some(window),
+                        kind: stop.name().to_owned(),
+                        count,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.window, &a.kind).cmp(&(b.window, &b.kind)));
+        out
     }
 
     /// Every entry of an aggregation map of `tracer`; none when the
@@ -2070,6 +2164,7 @@ impl Recorder {
                 .filter(|l| l.count > 0)
                 .collect()
         };
+        let unwind = Self::unwind_counts(bpf);
         if self.ring_losses > 0 {
             losses.push(LossCount {
                 window: None,
@@ -2480,6 +2575,7 @@ impl Recorder {
             oncpu,
             offcpu,
             losses,
+            unwind,
             processes,
             locks,
             forks,

@@ -7,10 +7,12 @@
 //! This module owns the userspace half: [`build_table`] evaluates one ELF
 //! file's CFI (x86-64 only), [`table_for`] caches the result on disk by the
 //! file's build-id, so that a mass boot of identical VMs builds each
-//! library's table once. Loading the rows into maps and walking stacks
-//! happen elsewhere.
+//! library's table once. [`procs`] turns each process's mappings into
+//! (table, load bias) and loads both into the maps; the walk itself is
+//! `profiler-ebpf/src/unwind.rs`.
 
 mod cache;
+pub mod procs;
 mod table;
 
 pub use cache::{FileKey, file_key, table_for};
