@@ -2398,18 +2398,9 @@ pub fn dbus_return(ctx: RetProbeContext) -> u32 {
     let Some(key) = DBUS_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    // At the return the registers are the caller's: its stack, whole.
-    let user_stack = match stack_id(&ctx, u64::from(BPF_F_USER_STACK)) {
-        Ok(id) => id,
-        Err(e) => {
-            if -e == E2BIG || -e == ENOMEM {
-                lose(window, Loss::StackMapFull);
-            } else {
-                lose(window, Loss::UserStackMissing);
-            }
-            u64::from((-e) as u32)
-        }
-    };
+    // At the return the registers are the caller's, at the instruction
+    // after the call: its stack, whole.
+    let user_stack = user_stack(&ctx, window);
     // SAFETY: this CPU's scratch key.
     unsafe {
         (*key).window = window;

@@ -51,6 +51,8 @@ pub enum NeededBy {
     Fork,
     Cgroup,
     Dbus,
+    /// Whole user stacks without frame pointers (`--unwind dwarf`).
+    Unwind,
     /// Nothing yet; reported because later tracers may use it.
     Fentry,
 }
@@ -67,6 +69,7 @@ impl NeededBy {
             Self::Fork => "fork",
             Self::Cgroup => "cgroup",
             Self::Dbus => "dbus",
+            Self::Unwind => "unwind",
             Self::Fentry => "fentry",
         }
     }
@@ -458,6 +461,7 @@ pub fn run() -> Report {
             rows.push(uprobe_row(&mut bpf));
             rows.push(dbus_libraries_row());
             rows.push(fork_paths_row());
+            rows.push(unwind_row());
             match &btf {
                 Ok(btf) => rows.extend(fentry_rows(&mut bpf, btf)),
                 Err(_) => {
@@ -938,6 +942,41 @@ fn dbus_libraries_row() -> Row {
 
 /// Whether hvprof can learn where its libc's fork functions keep their
 /// callers (a child it traces with ptrace makes each call once).
+/// Builds the unwind tables of this process's own files, cold (no cache):
+/// what `record --unwind dwarf` does for each file its targets map.
+fn unwind_row() -> Row {
+    const NAME: &str = "unwind tables (.eh_frame)";
+    match crate::unwind::procs::own_tables() {
+        Ok(t) if t.rows > 0 => Row::ok(
+            NAME,
+            NeededBy::Unwind,
+            false,
+            format!(
+                "built for {} files of hvprof's own process ({}) in {} ms, {} rows, {} KiB of map",
+                t.files,
+                t.names.join(", "),
+                t.time.as_millis(),
+                t.rows,
+                t.rows * 16 / 1024
+            ),
+        ),
+        Ok(_) => Row::missing(
+            NAME,
+            NeededBy::Unwind,
+            false,
+            "no file of this process has unwind tables (.eh_frame)",
+            "record with --unwind fp (frame pointers)",
+        ),
+        Err(e) => Row::missing(
+            NAME,
+            NeededBy::Unwind,
+            false,
+            format!("{e}; user stacks would come from frame pointers only"),
+            "mount /proc; or record with --unwind fp",
+        ),
+    }
+}
+
 fn fork_paths_row() -> Row {
     const NAME: &str = "fork-caller paths";
     match crate::forkpath::calibrate() {

@@ -2059,6 +2059,24 @@ impl Recorder {
                 out.insert(name.to_owned(), n);
             }
         }
+        if let Some(u) = &self.unwind_stats {
+            for (name, n) in [
+                ("unwind tables: files loaded", u.files as u64),
+                ("unwind tables: files from the cache", u.files_cached as u64),
+                ("unwind tables: files without tables", u.files_without_table as u64),
+                ("unwind tables: files that did not fit", u.files_not_fitting as u64),
+                ("unwind tables: rows", u.rows),
+                ("unwind tables: row map KiB", u.rows * 16 / 1024),
+                (
+                    "unwind tables: build/read ms",
+                    u64::try_from(u.build_time.as_millis()).unwrap_or(u64::MAX),
+                ),
+                ("unwind tables: process loads", u.process_loads),
+                ("unwind tables: mappings left out", u.mappings_left_out),
+            ] {
+                out.insert(name.to_owned(), n);
+            }
+        }
         out
     }
 

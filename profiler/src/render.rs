@@ -279,6 +279,10 @@ pub struct WindowSummary {
     pub cgroup_ops: u64,
     pub losses: BTreeMap<String, u64>,
     pub processes: usize,
+    /// Why user-stack walks ended and how frames were found
+    /// (`--unwind dwarf`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unwind: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -333,6 +337,10 @@ pub fn summary(profile: &Profile) -> Summary {
             for l in profile.losses.iter().filter(|l| l.window == Some(w.id)) {
                 *losses.entry(l.kind.clone()).or_default() += l.count;
             }
+            let mut unwind = BTreeMap::new();
+            for l in profile.unwind.iter().filter(|l| l.window == Some(w.id)) {
+                *unwind.entry(l.kind.clone()).or_default() += l.count;
+            }
             WindowSummary {
                 id: w.id,
                 label: w.label(),
@@ -358,6 +366,7 @@ pub fn summary(profile: &Profile) -> Summary {
                     .sum(),
                 losses,
                 processes: pids.len(),
+                unwind,
             }
         })
         .collect();
@@ -459,6 +468,7 @@ impl Summary {
             );
         }
         self.cost_text(&mut out);
+        self.unwind_text(&mut out);
         if self.total_losses == 0 {
             out.push_str("\nlosses: none\n");
         } else {
@@ -473,6 +483,51 @@ impl Summary {
             }
         }
         out
+    }
+
+    /// With `--unwind dwarf`: how the user-stack walks ended, per window.
+    fn unwind_text(&self, out: &mut String) {
+        use profiler_common::unwind::UnwindStop;
+        let frame_kinds = [UnwindStop::FramesDwarf.name(), UnwindStop::FramesFp.name()];
+        let mut total: BTreeMap<&str, u64> = BTreeMap::new();
+        for w in &self.windows {
+            for (k, n) in &w.unwind {
+                *total.entry(k.as_str()).or_default() += n;
+            }
+        }
+        if total.is_empty() {
+            return;
+        }
+        let walks: u64 = total
+            .iter()
+            .filter(|(k, _)| !frame_kinds.contains(k))
+            .map(|(_, n)| n)
+            .sum();
+        let complete = total
+            .get(UnwindStop::Complete.name())
+            .copied()
+            .unwrap_or(0);
+        #[expect(clippy::cast_precision_loss, reason = "a percentage")]
+        let pct = complete as f64 * 100.0 / walks.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "
+user stacks unwound from .eh_frame: {walks} walks, {pct:.1} % to the thread's or \
+             process's entry; frames: {} from tables, {} by frame pointer",
+            total.get(frame_kinds[0]).copied().unwrap_or(0),
+            total.get(frame_kinds[1]).copied().unwrap_or(0),
+        );
+        for w in &self.windows {
+            let stops: Vec<String> = w
+                .unwind
+                .iter()
+                .filter(|(k, _)| !frame_kinds.contains(&k.as_str()))
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            if !stops.is_empty() {
+                let _ = writeln!(out, "  window {:<3} ended: {}", w.id, stops.join(", "));
+            }
+        }
     }
 
     /// With `--bpf-stats`: what each eBPF program cost, hvprof's own

@@ -364,3 +364,51 @@ mod tests {
         assert!(table.rows.len() > 10, "{} rows", table.rows.len());
     }
 }
+
+/// What [`own_tables`] built.
+#[derive(Clone, Debug, Default)]
+pub struct OwnTables {
+    pub files: usize,
+    /// Their file names (`[vdso]` for the vDSO).
+    pub names: Vec<String>,
+    pub rows: u64,
+    pub time: Duration,
+}
+
+/// Builds, cold (no cache), the unwind tables of every file this process
+/// maps executable, and of its vDSO: `hvprof check`'s proof that tables
+/// can be built here, and what they cost.
+pub fn own_tables() -> Result<OwnTables, String> {
+    let snapshot = Snapshot::take(std::process::id())
+        .ok_or_else(|| "cannot read /proc/self/maps".to_owned())?;
+    let t = Instant::now();
+    let mut out = OwnTables::default();
+    let mut seen = std::collections::HashSet::new();
+    for m in &snapshot.mappings {
+        if !seen.insert(m.path.clone()) {
+            continue;
+        }
+        let bytes = if m.path == "[vdso]" {
+            vdso_image()
+        } else if m.path.starts_with('[') {
+            None
+        } else {
+            fs::read(&m.path).ok()
+        };
+        let Some(bytes) = bytes else {
+            continue;
+        };
+        let Ok(table) = build_table(&bytes) else {
+            continue;
+        };
+        out.files += 1;
+        out.rows += table.rows.len() as u64;
+        out.names.push(
+            Path::new(&m.path)
+                .file_name()
+                .map_or_else(|| m.path.clone(), |n| n.to_string_lossy().into_owned()),
+        );
+    }
+    out.time = t.elapsed();
+    Ok(out)
+}
