@@ -98,6 +98,7 @@ pub mod names {
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
     pub const UNWIND_STOPS: &str = "UNWIND_STOPS";
+    pub const UNWIND_VERIFY: &str = "UNWIND_VERIFY";
 }
 
 /// Which tasks are recorded.
@@ -237,7 +238,10 @@ pub struct Config {
     /// Nonzero: user stacks are unwound from the unwind tables
     /// (`--unwind dwarf`), else by the kernel's frame-pointer walk.
     pub unwind_dwarf: u32,
-    pub unwind_pad: u32,
+    /// Nonzero: every Nth user-stack walk (N = this) also copies the user
+    /// stack and registers to `UNWIND_VERIFY`, to be unwound again in
+    /// userspace (`--verify-unwind`).
+    pub verify_unwind: u32,
     /// Where libc's fork functions keep their caller's return address at
     /// the syscall (see [`ForkPath`]); unused entries are
     /// [`ForkPath::UNUSED`].
@@ -296,7 +300,7 @@ impl Config {
             task_comm: 0,
             fork_uprobes: 0,
             unwind_dwarf: 0,
-            unwind_pad: 0,
+            verify_unwind: 0,
             fork_paths: [ForkPath::UNUSED; FORK_PATHS],
         }
     }
@@ -501,6 +505,9 @@ pub struct BlockSite {
     pub user: [u64; 4],
     /// The user stack id taken there.
     pub user_stack: u64,
+    /// Where its first return addresses sit above sp (see
+    /// `unwind::SITE_CHECK_FRAMES`); 0s: not checked (frame pointers).
+    pub user_check: [u64; 2],
     /// The kernel stack id walked when a block here last came back (0:
     /// none yet), and the syscall number of that block.
     pub kern_stack: u64,
@@ -522,6 +529,7 @@ impl BlockSite {
     pub const EMPTY: Self = Self {
         user: [0; 4],
         user_stack: 0,
+        user_check: [0; 2],
         kern_stack: 0,
         syscall: 0,
         kern_ret: [0; 2],

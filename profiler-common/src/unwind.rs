@@ -117,6 +117,23 @@ impl ProcMappings {
     };
 }
 
+/// A user stack that did not reach its thread's or process's entry ends
+/// with this frame plus the [`UnwindStop`] (`--unwind dwarf`): flame graphs
+/// show where and why a stack was cut, as `[user stack cut: …]`. No user
+/// address is this high.
+pub const STACK_CUT: u64 = 0xffff_ffff_ffff_ff00;
+
+/// A thread that blocks again at a remembered site (same ip, sp, bp and
+/// return address) reuses the user stack walked there only if the return
+/// addresses of its first `SITE_CHECK_FRAMES` frames are still in the same
+/// stack slots: the same function reached from sibling callers at the same
+/// depth (two callers of `sleeper()`) has the same four registers but other
+/// callers. The slots' word offsets from sp (+ 1) are kept packed, 16 bits
+/// each, in a site's `user_check`; 0 ends the list.
+pub const SITE_CHECK_FRAMES: usize = 8;
+/// The slots checked lie within this many bytes above sp (read in one go).
+pub const SITE_CHECK_BYTES: usize = 2048;
+
 /// Why a user-stack walk ended (one count per stack), or how a frame was
 /// found (one count per frame), per window.
 #[repr(u32)]
@@ -172,6 +189,13 @@ impl UnwindStop {
         Self::FramesFp,
     ];
 
+    /// The stop a [`STACK_CUT`] frame names.
+    #[must_use]
+    pub fn of_cut(frame: u64) -> Option<Self> {
+        let i = frame.checked_sub(STACK_CUT)?;
+        Self::ALL.get(usize::try_from(i).ok()?).copied()
+    }
+
     /// The name the profile and summary use.
     #[must_use]
     pub const fn name(self) -> &'static str {
@@ -199,6 +223,40 @@ unsafe impl aya::Pod for UnwindMapping {}
 // SAFETY: repr(C), integers and an array of Pod, no padding.
 unsafe impl aya::Pod for ProcMappings {}
 
+/// Bytes of user stack an [`UnwindSample`] holds, from the stack pointer
+/// up.
+pub const VERIFY_STACK_BYTES: usize = 16384;
+
+/// One walk as `--verify-unwind` checks it: the frames the eBPF unwinder
+/// found, with the registers it started from and a copy of the user stack
+/// above `sp`, so that userspace can unwind the same stack again with
+/// another unwinder and compare (`UNWIND_VERIFY` ring buffer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UnwindSample {
+    pub tgid: u32,
+    pub pid: u32,
+    /// Frames in `ips` (frame 0 is the exact PC, the others return
+    /// addresses).
+    pub n: u32,
+    /// Bytes of `stack` copied from `sp`: the largest of the sizes tried
+    /// that could be read (a stack near its top has less above `sp`).
+    pub copied: u32,
+    /// Why the walk ended (`UnwindStop`).
+    pub stop: u32,
+    pub pad: u32,
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub ips: [u64; crate::record::MAX_STACK_DEPTH],
+    pub stack: [u8; VERIFY_STACK_BYTES],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers and arrays of them, padding spelled out (6 × 4
+// + 3 × 8 + 127 × 8 + 16384, every field at its natural alignment).
+unsafe impl aya::Pod for UnwindSample {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +269,10 @@ mod tests {
         assert_eq!(
             core::mem::size_of::<ProcMappings>(),
             8 + 32 * MAX_PROC_MAPPINGS
+        );
+        assert_eq!(
+            core::mem::size_of::<UnwindSample>(),
+            6 * 4 + 3 * 8 + 8 * crate::record::MAX_STACK_DEPTH + VERIFY_STACK_BYTES
         );
     }
 }

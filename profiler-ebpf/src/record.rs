@@ -44,7 +44,7 @@ const E2BIG: i32 = 7;
 
 /// Set by userspace before load.
 #[unsafe(no_mangle)]
-static CONFIG: Config = Config::zeroed();
+pub(crate) static CONFIG: Config = Config::zeroed();
 
 /// Reads one field of [`CONFIG`]; volatile so the load of the patched
 /// read-only value is kept.
@@ -69,7 +69,7 @@ static OFFCPU_START: HashMap<u64, OffCpuStart> = HashMap::with_max_entries(32768
 /// the sampling interrupt must not fail for want of memory. Userspace sets
 /// the size (`--max-stacks`).
 #[map]
-static STACKS: HashMap<u64, StackBuf> = HashMap::with_max_entries(65536, 0);
+pub(crate) static STACKS: HashMap<u64, StackBuf> = HashMap::with_max_entries(65536, 0);
 /// Per-CPU scratch for `bpf_get_stack`: a stack is larger than the BPF stack.
 #[map]
 pub(crate) static STACK_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
@@ -297,14 +297,31 @@ fn walk_stack<C: EbpfContext>(ctx: &C, flags: u64) -> (Result<u64, i32>, usize) 
 /// Stores the `n` bytes of frames a stack helper left in `buf` (the scratch
 /// value) in `STACKS` under their content hash, and returns the hash.
 #[inline(always)]
-fn store_stack(buf: *mut StackBuf, n: i64) -> Result<u64, i32> {
+fn store_stack(_buf: *mut StackBuf, n: i64) -> Result<u64, i32> {
     if n < 0 {
         return Err(n as i32);
     }
-    if n == 0 {
-        return Err(-EFAULT);
+    match hvprof_store_stack(n as u64 / 8) {
+        id if id < STACK_ID_MIN => Err(-(id as i32)),
+        id => Ok(id),
     }
-    let frames = n as usize / 8;
+}
+
+/// [`store_stack`] of the `frames` frames in this CPU's `STACK_SCRATCH`,
+/// as a global BPF function (exported by `build.rs`): verified once per
+/// program rather than at each of its many call sites, where its two loops
+/// over the frames multiplied the paths. Returns the hash, or an errno
+/// below `STACK_ID_MIN`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn hvprof_store_stack(frames: u64) -> u64 {
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return ENOMEM as u64;
+    };
+    if frames == 0 {
+        return EFAULT as u64;
+    }
+    let frames = frames as usize;
     // FNV-1a over the frames.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
@@ -320,7 +337,8 @@ fn store_stack(buf: *mut StackBuf, n: i64) -> Result<u64, i32> {
     if h < STACK_ID_MIN {
         h |= 1 << 63;
     }
-    if STACKS.get_ptr(&h).is_none() {
+    // SAFETY: only presence is tested.
+    if unsafe { STACKS.get(&h) }.is_none() {
         // A new stack (rare once warm): clear what an earlier, deeper stack
         // left in the scratch, so the stored copy ends with zeros.
         let mut i = 0;
@@ -335,10 +353,10 @@ fn store_stack(buf: *mut StackBuf, n: i64) -> Result<u64, i32> {
         }
         // SAFETY: buf is valid for reads of one StackBuf.
         if let Err(e) = STACKS.insert(&h, unsafe { &*buf }, 0) {
-            return Err(e as i32);
+            return u64::from((-e) as u32);
         }
     }
-    Ok(h)
+    h
 }
 
 /// A kernel stack id, or the reason there is none, counting what is lost.
@@ -763,7 +781,15 @@ fn site_user_stack<C: EbpfContext>(
         while i < BLOCK_SITES {
             // SAFETY: i < BLOCK_SITES, inside the thread's entry.
             let s = unsafe { &*sites.add(i) };
-            if s.user_stack >= STACK_ID_MIN && s.user == site {
+            if s.user_stack >= STACK_ID_MIN
+                && s.user == site
+                && unwind::hvprof_site_matches(
+                    s.user_stack,
+                    site[1],
+                    s.user_check[0],
+                    s.user_check[1],
+                ) != 0
+            {
                 count(cached);
                 if config!(verify_stack_cache) != 0 {
                     return (
@@ -785,6 +811,11 @@ fn site_user_stack<C: EbpfContext>(
     if user < STACK_ID_MIN || site[0] == 0 || !cacheable {
         return (user, NO_SITE);
     }
+    let check = if config!(unwind_dwarf) != 0 {
+        unwind::last_site_check()
+    } else {
+        [0; 2]
+    };
     // A new site replaces the oldest, whose blocks go to the map first
     // (with the last block's run-queue wait, if it is one of them).
     // SAFETY: the thread's own entry (it is running here, so no switch-in
@@ -797,6 +828,7 @@ fn site_user_stack<C: EbpfContext>(
         *sites_of(e).add(next) = BlockSite {
             user: site,
             user_stack: user,
+            user_check: check,
             ..BlockSite::EMPTY
         };
         (*e).next_slot = ((next + 1) % BLOCK_SITES) as u32;

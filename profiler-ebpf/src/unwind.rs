@@ -21,8 +21,8 @@ use profiler_common::{
     record::MAX_STACK_DEPTH,
     unwind::{
         CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_SIGNAL, MAX_PROC_MAPPINGS, ProcMappings,
-        RBP_AT_CFA, RBP_SAME, SIGFRAME_RBP, SIGFRAME_RIP, SIGFRAME_RSP, UnwindMapping, UnwindRow,
-        UnwindStop,
+        RBP_AT_CFA, RBP_SAME, SIGFRAME_RBP, SIGFRAME_RIP, SIGFRAME_RSP, SITE_CHECK_BYTES,
+        SITE_CHECK_FRAMES, STACK_CUT, UnwindMapping, UnwindRow, UnwindStop,
     },
 };
 
@@ -86,6 +86,15 @@ struct Walk {
     pc: u64,
     lo: u32,
     hi: u32,
+    /// Frame 0's sp, and where the first frames' return addresses sit
+    /// above it (16-bit offsets, packed; see `SITE_CHECK_FRAMES`).
+    base_sp: u64,
+    check: [u64; 2],
+    /// Nonzero while every frame so far had its slot recorded.
+    check_open: u32,
+    /// Nonzero once a PC was in no known mapping (a `dlopen` since the
+    /// mappings were read), wherever the walk then ended.
+    unknown_mapping: u32,
 }
 
 /// How a walk went.
@@ -110,6 +119,46 @@ pub enum NoWalk {
 /// `max` frames, counting why it stopped in `window`.
 #[inline(always)]
 pub fn walk_current(tgid: u32, window: u32, max: u32) -> Result<Walked, NoWalk> {
+    let r = hvprof_unwind_walk(tgid, window, max);
+    match r {
+        WALK_NOT_LOADED => Err(NoWalk::NotLoaded),
+        r if r < 0 => Err(NoWalk::NoUserStack),
+        r => Ok(Walked {
+            frames: (r & 0xffff) as usize,
+            unknown_mapping: r & WALK_UNKNOWN_MAPPING != 0,
+        }),
+    }
+}
+
+const WALK_NOT_LOADED: i64 = -1;
+const WALK_NO_USER_STACK: i64 = -2;
+const WALK_UNKNOWN_MAPPING: i64 = 1 << 16;
+
+/// [`walk_current`] as a global BPF function (exported to the linker by
+/// `build.rs`): the verifier checks a global function once per program,
+/// on its own, instead of again at every place a program walks (the lock
+/// end walks at up to four). Returns the frame count, with
+/// `WALK_UNKNOWN_MAPPING` set if a PC was in no known mapping, or
+/// `WALK_NOT_LOADED` / `WALK_NO_USER_STACK`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn hvprof_unwind_walk(tgid: u32, window: u32, max: u32) -> i64 {
+    match walk(tgid, window, max) {
+        Ok(w) => {
+            w.frames as i64
+                | if w.unknown_mapping {
+                    WALK_UNKNOWN_MAPPING
+                } else {
+                    0
+                }
+        }
+        Err(NoWalk::NotLoaded) => WALK_NOT_LOADED,
+        Err(NoWalk::NoUserStack) => WALK_NO_USER_STACK,
+    }
+}
+
+#[inline(always)]
+fn walk(tgid: u32, window: u32, max: u32) -> Result<Walked, NoWalk> {
     // SAFETY: the current task's BTF pointer; plain loads of its saved user
     // registers (the verifier makes them faulting loads).
     let (ip, sp, bp) = unsafe {
@@ -139,9 +188,30 @@ pub fn walk_current(tgid: u32, window: u32, max: u32) -> Result<Walked, NoWalk> 
         }
         let stop = (*w).stop;
         count_stop_raw(window, stop, (*w).dwarf, (*w).fp);
+        if verify::due() {
+            verify::send(ip, sp, bp);
+        }
+        // A stack that does not reach its entry says so, and why, in its
+        // outermost frame (the last frame gives way at the frame limit).
+        if stop != UnwindStop::Complete as u32 {
+            // One conversion to usize: the verifier must see the bound
+            // checked on the register that indexes.
+            let n = (*w).n as usize;
+            let at = if n >= MAX_STACK_DEPTH {
+                MAX_STACK_DEPTH - 1
+            } else {
+                n
+            };
+            if let Some(buf) = STACK_SCRATCH.get_ptr_mut(0)
+                && at < MAX_STACK_DEPTH
+            {
+                (*buf).ips[at] = STACK_CUT + u64::from(stop);
+                (*w).n = at as u32 + 1;
+            }
+        }
         Ok(Walked {
             frames: (*w).n as usize,
-            unknown_mapping: stop == UnwindStop::NoMapping as u32,
+            unknown_mapping: (*w).unknown_mapping != 0,
         })
     }
 }
@@ -151,11 +221,26 @@ pub fn walk_current(tgid: u32, window: u32, max: u32) -> Result<Walked, NoWalk> 
 /// key of a blocking site. `None` if the tables have nothing for it.
 #[inline(always)]
 pub fn return_address(tgid: u32, ip: u64, sp: u64, bp: u64) -> Option<u64> {
-    let w = start(tgid, ip, sp, bp, 1)?;
+    let ret = hvprof_unwind_return(tgid, ip, sp, bp);
+    (ret != 0).then_some(ret)
+}
+
+/// [`return_address`] as a global BPF function (see
+/// [`hvprof_unwind_walk`]); 0 for none.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn hvprof_unwind_return(tgid: u32, ip: u64, sp: u64, bp: u64) -> u64 {
+    let Some(w) = start(tgid, ip, sp, bp, 1) else {
+        return 0;
+    };
     // SAFETY: this CPU's walk state, just set up.
     unsafe {
         run(1);
-        ((*w).stop == RUNNING && (*w).dwarf == 1).then_some((*w).ip)
+        if (*w).stop == RUNNING && (*w).dwarf == 1 {
+            (*w).ip
+        } else {
+            0
+        }
     }
 }
 
@@ -188,6 +273,10 @@ fn start(tgid: u32, ip: u64, sp: u64, bp: u64, max: u32) -> Option<*mut Walk> {
             pc: 0,
             lo: 0,
             hi: 0,
+            base_sp: sp,
+            check: [0; 2],
+            check_open: 1,
+            unknown_mapping: 0,
         };
     }
     Some(w)
@@ -270,24 +359,22 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
         (*buf).ips[n as usize] = (*w).ip;
         (*w).n = n + 1;
         // A return address is after its call: look up the call itself.
-        let pc = if (*w).exact != 0 {
-            (*w).ip
-        } else {
-            (*w).ip - 1
-        };
+        let leaf = (*w).exact != 0;
+        let pc = if leaf { (*w).ip } else { (*w).ip - 1 };
         (*w).exact = 0;
         if (pc < (*w).map.start || pc >= (*w).map.end) && !find_mapping(w, pc) {
+            (*w).unknown_mapping = 1;
             return fp_step(w, UnwindStop::NoMapping);
         }
         if (*w).map.rows_len == 0 {
-            return fp_step(w, UnwindStop::NoTable);
+            return no_info_step(w, UnwindStop::NoTable, leaf);
         }
         let rel = pc.wrapping_sub((*w).map.bias);
         if rel > u64::from(u32::MAX) {
-            return fp_step(w, UnwindStop::NoRow);
+            return no_info_step(w, UnwindStop::NoRow, leaf);
         }
         let Some(row) = find_row(w, rel as u32) else {
-            return fp_step(w, UnwindStop::NoRow);
+            return no_info_step(w, UnwindStop::NoRow, leaf);
         };
         let cfa = match row.cfa_type {
             CFA_RSP => (*w).sp.wrapping_add(row.cfa_offset as i64 as u64),
@@ -307,7 +394,7 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
             }
             CFA_SIGNAL => return signal_frame(w),
             CFA_END => return stop(w, UnwindStop::Complete),
-            CFA_NONE => return fp_step(w, UnwindStop::NoRow),
+            CFA_NONE => return no_info_step(w, UnwindStop::NoRow, leaf),
             _ => return stop(w, UnwindStop::Unsupported),
         };
         let Some(ra) = read_user(cfa.wrapping_sub(8)) else {
@@ -326,6 +413,7 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
         if ra == 0 || cfa <= (*w).sp {
             return stop(w, UnwindStop::ZeroReturn);
         }
+        note_slot(w, cfa - 8);
         (*w).sp = cfa;
         (*w).ip = ra;
         (*w).dwarf += 1;
@@ -349,6 +437,9 @@ unsafe fn signal_frame(w: *mut Walk) -> i64 {
         if ip == 0 {
             return stop(w, UnwindStop::ZeroReturn);
         }
+        // The interrupted frame's registers come from the signal frame, not
+        // from a slot: the check stops here.
+        (*w).check_open = 0;
         (*w).ip = ip;
         (*w).sp = nsp;
         (*w).bp = bp;
@@ -359,13 +450,42 @@ unsafe fn signal_frame(w: *mut Walk) -> i64 {
     }
 }
 
+/// A PC the tables say nothing of. Where it is the exact PC of the
+/// innermost frame (or of a signal's interrupted frame), it is most often
+/// at a function's first instruction or in an assembly stub without CFI
+/// (`_fini`, the gap around `clone3`'s `syscall`): the return address is at
+/// [rsp]. It is taken if it lies in a mapping with tables; otherwise, and
+/// for return addresses, one frame-pointer step.
+#[inline(always)]
+unsafe fn no_info_step(w: *mut Walk, why: UnwindStop, leaf: bool) -> i64 {
+    unsafe {
+        if leaf {
+            let sp = (*w).sp;
+            if let Some(ra) = read_user(sp)
+                && ra > 1
+                && ra < USER_END
+                && find_mapping(w, ra - 1)
+                && (*w).map.rows_len != 0
+            {
+                note_slot(w, sp);
+                (*w).sp = sp + 8;
+                (*w).ip = ra;
+                (*w).fp += 1;
+                return 0;
+            }
+        }
+        fp_step(w, why)
+    }
+}
+
 /// One frame-pointer step, where the tables have nothing for the PC;
 /// `why` ends the walk if there is no frame to follow.
 #[inline(always)]
 unsafe fn fp_step(w: *mut Walk, why: UnwindStop) -> i64 {
     unsafe {
         let bp = (*w).bp;
-        if (*w).bp_ok == 0 || bp <= (*w).sp || bp >= USER_END {
+        // rbp == rsp is a frame too: just after `mov %rsp,%rbp; call`.
+        if (*w).bp_ok == 0 || bp < (*w).sp || bp >= USER_END {
             return stop(w, why);
         }
         let (Some(ra), Some(next_bp)) = (read_user(bp + 8), read_user(bp)) else {
@@ -374,12 +494,109 @@ unsafe fn fp_step(w: *mut Walk, why: UnwindStop) -> i64 {
         if ra == 0 {
             return stop(w, UnwindStop::FpEnd);
         }
+        note_slot(w, bp + 8);
         (*w).sp = bp + 16;
         (*w).bp = next_bp;
         (*w).ip = ra;
         (*w).fp += 1;
         0
     }
+}
+
+/// Records where frame `n - 1`'s return address was read, for the site
+/// check, while the first frames all have theirs within reach.
+#[inline(always)]
+unsafe fn note_slot(w: *mut Walk, slot: u64) {
+    unsafe {
+        let i = (*w).n as u64 - 1;
+        let off = slot.wrapping_sub((*w).base_sp);
+        if (*w).check_open == 0 || i >= SITE_CHECK_FRAMES as u64 {
+            return;
+        }
+        if off >= SITE_CHECK_BYTES as u64 || off & 7 != 0 {
+            (*w).check_open = 0;
+            return;
+        }
+        // Kept as the word index + 1: 0 ends the list.
+        let word = (i / 4) as usize & 1;
+        (*w).check[word] |= (off / 8 + 1) << ((i % 4) * 16);
+    }
+}
+
+/// Where the last walk found its first return addresses (a site's
+/// `user_check`); 0s if none were recorded.
+#[inline(always)]
+pub fn last_site_check() -> [u64; 2] {
+    match UNWIND_WALK.get_ptr_mut(0) {
+        // SAFETY: this CPU's walk state, read after the walk.
+        Some(w) => unsafe { (*w).check },
+        None => [0; 2],
+    }
+}
+
+/// Per CPU: the stack words above sp that a site check compares.
+#[map]
+static SITE_CHECK_SCRATCH: PerCpuArray<[u64; SITE_CHECK_BYTES / 8]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Whether the current task, blocking again at a site where `stack` was
+/// walked, still has that stack's return addresses where the walk found
+/// them (`check`, from `last_site_check`). A global BPF function (exported
+/// by `build.rs`): verified once per program.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn hvprof_site_matches(stack: u64, sp: u64, check0: u64, check1: u64) -> u64 {
+    if check0 == 0 {
+        // Nothing recorded (frame pointers, or a walk of one frame).
+        return 1;
+    }
+    let Some(words) = SITE_CHECK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a valid map value, read only.
+    let Some(ips) = (unsafe { crate::record::STACKS.get(&stack) }) else {
+        return 0;
+    };
+    // The farthest slot decides how much to read: near the top of a
+    // thread's stack a fixed 2 KiB read could run past its end.
+    let mut far = 0u64;
+    let mut i = 0;
+    while i < SITE_CHECK_FRAMES {
+        let packed = if i < 4 { check0 } else { check1 };
+        let slot = (packed >> ((i % 4) * 16)) & 0xffff;
+        if slot > far {
+            far = slot;
+        }
+        i += 1;
+    }
+    // Words 0..far (the farthest slot's index + 1).
+    let len = (far * 8) & (SITE_CHECK_BYTES as u64 * 2 - 1);
+    if len == 0 || len > SITE_CHECK_BYTES as u64 {
+        return 0;
+    }
+    // SAFETY: a user read of at most the scratch's size, checked by the
+    // helper.
+    let read =
+        unsafe { generated::bpf_probe_read_user(words.cast(), len as u32, sp as *const c_void) };
+    if read != 0 {
+        return 0;
+    }
+    let mut i = 0;
+    while i < SITE_CHECK_FRAMES {
+        let packed = if i < 4 { check0 } else { check1 };
+        let slot = (packed >> ((i % 4) * 16)) & 0xffff;
+        if slot == 0 {
+            break;
+        }
+        let word = (slot - 1) as usize & (SITE_CHECK_BYTES / 8 - 1);
+        // SAFETY: word < the scratch's length; i + 1 < MAX_STACK_DEPTH.
+        let (now, then) = unsafe { ((*words)[word], ips.ips[i + 1]) };
+        if now != then {
+            return 0;
+        }
+        i += 1;
+    }
+    1
 }
 
 /// Runs `search_step` (one halving of `lo..hi` per call) to the end. Each
@@ -494,5 +711,140 @@ extern "C" fn row_step(_index: u64, _ctx: *mut c_void) -> i64 {
             (*w).hi = mid;
         }
         0
+    }
+}
+
+/// `--verify-unwind`: every Nth walk is sent to userspace with the
+/// registers it started from and a copy of the user stack, to be unwound
+/// again there by another unwinder and compared.
+mod verify {
+    use aya_ebpf::{
+        bindings::BPF_RB_NO_WAKEUP,
+        cty::c_void,
+        helpers::{bpf_get_current_pid_tgid, generated},
+        macros::map,
+        maps::{PerCpuArray, RingBuf},
+    };
+    use profiler_common::unwind::{UnwindSample, VERIFY_STACK_BYTES};
+
+    use super::UNWIND_WALK;
+    use crate::record::STACK_SCRATCH;
+
+    /// The samples (about 17 KiB each), drained by userspace at its tick.
+    #[map]
+    static UNWIND_VERIFY: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+    /// Walks on this CPU since the last one sent.
+    #[map]
+    static UNWIND_VERIFY_TICK: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+    /// Whether this walk is to be sent. Without `--verify-unwind` the
+    /// verifier knows the read-only config is 0 and skips the rest.
+    #[inline(always)]
+    pub(super) fn due() -> bool {
+        // SAFETY: CONFIG is a plain static set before load.
+        let every =
+            unsafe { core::ptr::read_volatile(&raw const crate::record::CONFIG.verify_unwind) };
+        if every == 0 {
+            return false;
+        }
+        let Some(tick) = UNWIND_VERIFY_TICK.get_ptr_mut(0) else {
+            return false;
+        };
+        // SAFETY: this CPU's counter.
+        unsafe {
+            *tick += 1;
+            if *tick < every {
+                return false;
+            }
+            *tick = 0;
+        }
+        true
+    }
+
+    /// Sends the walk just made (its frames in `STACK_SCRATCH`, its
+    /// count and stop in `UNWIND_WALK`), which started from `ip`, `sp` and
+    /// `bp`, with the user stack above `sp`. A call of its own: its code is
+    /// in each program once, not at every place that walks.
+    #[inline(never)]
+    pub(super) fn send(ip: u64, sp: u64, bp: u64) {
+        let (Some(w), Some(buf)) = (UNWIND_WALK.get_ptr(0), STACK_SCRATCH.get_ptr(0)) else {
+            return;
+        };
+        // Full: this sample is skipped; the next due one is tried again.
+        let Some(mut entry) = UNWIND_VERIFY.reserve::<UnwindSample>(0) else {
+            return;
+        };
+        let s = entry.as_mut_ptr();
+        // SAFETY: s is the reserved record, w and buf this CPU's walk state
+        // and stack scratch; the copies are checked by the helpers. No
+        // return before the record is submitted or discarded.
+        let copied = unsafe {
+            (*s).tgid = (*w).tgid;
+            (*s).pid = bpf_get_current_pid_tgid() as u32;
+            (*s).n = (*w).n;
+            (*s).stop = (*w).stop;
+            (*s).pad = 0;
+            (*s).ip = ip;
+            (*s).sp = sp;
+            (*s).bp = bp;
+            generated::bpf_probe_read_kernel(
+                (&raw mut (*s).ips).cast(),
+                size_of_val(&(*buf).ips) as u32,
+                (&raw const (*buf).ips).cast(),
+            );
+            let copied = copy_stack((&raw mut (*s).stack).cast(), sp);
+            (*s).copied = copied;
+            copied
+        };
+        if copied == 0 {
+            entry.discard(0);
+        } else {
+            entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+        }
+    }
+
+    /// Copies as much of the user stack above `sp` as can be read, up to
+    /// `VERIFY_STACK_BYTES`, into `dst`; returns the bytes copied (0:
+    /// none). A read fails whole where it crosses the end of the stack's
+    /// mapping (a shallow stack, near its top), so smaller copies are
+    /// tried after a larger one failed, in steps of an eighth at each
+    /// power of two: what is lost at the top is at most an eighth of
+    /// the stack, mostly the environment strings above the outermost
+    /// frame. One read per size, each a constant as the helper needs, and
+    /// no path joins another: paths that joined after reads at several
+    /// offsets made the program too large for the verifier.
+    #[inline(always)]
+    unsafe fn copy_stack(dst: *mut u8, sp: u64) -> u32 {
+        macro_rules! first_that_reads {
+            ($($size:literal)*) => {
+                $(
+                    // SAFETY: dst holds VERIFY_STACK_BYTES bytes, at least
+                    // $size.
+                    if unsafe { read(dst, $size, sp) } {
+                        return $size;
+                    }
+                )*
+            };
+        }
+        const _: () = assert!(VERIFY_STACK_BYTES == 16384, "the sizes below");
+        first_that_reads!(
+            16384 14336 12288 10240
+            8192 7168 6144 5120
+            4096 3584 3072 2560
+            2048 1792 1536 1280
+            1024 512 256
+        );
+        0
+    }
+
+    /// One read of `size` bytes at `sp` into `dst`.
+    #[inline(always)]
+    unsafe fn read(dst: *mut u8, size: u32, sp: u64) -> bool {
+        // SAFETY: the caller's dst holds `size` bytes; the source is a user
+        // address, read by the checked helper.
+        unsafe {
+            generated::bpf_probe_read_user(dst.cast::<c_void>(), size, sp as *const c_void) == 0
+        }
     }
 }

@@ -49,7 +49,15 @@ pub fn load_with_config(
     unwind_rows: u32,
 ) -> Result<Ebpf, LoadError> {
     let _ = crate::sys::raise_memlock();
+    // The copies of user stacks for `--verify-unwind` need room; otherwise
+    // the ring is one page.
+    let verify_ring = if config.verify_unwind != 0 {
+        8 << 20
+    } else {
+        4096
+    };
     EbpfLoader::new()
+        .map_max_entries(profiler_common::record::names::UNWIND_VERIFY, verify_ring)
         .override_global(profiler_common::record::names::CONFIG, config, true)
         .map_max_entries(profiler_common::record::names::STACKS, max_stacks)
         .map_max_entries(profiler_common::record::names::UNWIND_ROWS, unwind_rows)

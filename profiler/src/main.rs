@@ -233,6 +233,18 @@ struct RecordArgs {
     /// starts without building them (default: ~/.cache/hvprof/unwind).
     #[arg(long, value_name = "DIR")]
     unwind_cache: Option<PathBuf>,
+    /// Check the in-kernel unwinder: every Nth walk (default 16) also copies
+    /// the user stack, which hvprof unwinds again with framehop and compares
+    /// ("unwind verified" in the summary). For testing; `--unwind dwarf` only.
+    #[arg(
+        long,
+        value_name = "N",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "16",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    verify_unwind: Option<u32>,
     /// Run this command and record it (and its children).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -429,6 +441,10 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         args.min_block <= max_block,
         "--min-block is larger than --max-block"
     );
+    anyhow::ensure!(
+        args.verify_unwind.is_none() || matches!(args.unwind, UnwindArg::Dwarf),
+        "--verify-unwind checks the tables' unwinder: it needs --unwind dwarf (the default)"
+    );
     let mut vm_events = args.vm_events;
     if vm_events.is_empty() {
         vm_events.push(VmEvent::Kvm);
@@ -459,6 +475,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         },
         unwind_max_rows: args.unwind_max_rows,
         unwind_cache: args.unwind_cache.unwrap_or_else(default_unwind_cache),
+        verify_unwind: args.verify_unwind,
         tracers: match args.tracers.as_deref() {
             Some(t) => Tracer::parse_list(t).map_err(|e| anyhow::anyhow!("--tracers: {e}"))?,
             None => Tracer::ALL.to_vec(),

@@ -91,6 +91,43 @@ pub struct Meta {
     /// profiles written before hvprof measured it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub self_cpu_ns: Option<u64>,
+    /// `record --verify-unwind`: the user stacks walked in the kernel,
+    /// unwound again in userspace and compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_unwind: Option<VerifyUnwind>,
+}
+
+/// What `record --verify-unwind` found: sampled user-stack walks, each
+/// unwound again in userspace (framehop) from a copy of the stack and the
+/// registers the walk started from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VerifyUnwind {
+    /// Samples received (the sum of the counts below).
+    pub samples: u64,
+    /// Both unwinders found the same frames.
+    pub same: u64,
+    /// Of these and `short`, those that matched only with mappings older
+    /// than the process's latest: the kernel's tables had not caught up
+    /// with them yet (a library mapped since).
+    pub same_with_older_mappings: u64,
+    /// A frame differs within the frames both found: one of the
+    /// unwinders is wrong there.
+    pub differs: u64,
+    /// The same frames as far as the copy of the stack went; the kernel's
+    /// walk went on past it (not a difference).
+    pub short: u64,
+    /// The same frames, but the kernel's walk ended (not at its frame
+    /// limit) where framehop found more.
+    pub kernel_shorter: u64,
+    /// The same frames, but framehop ended inside the copy where the
+    /// kernel's walk found more.
+    pub framehop_shorter: u64,
+    /// Not checked: no mappings known for the process.
+    pub unchecked: u64,
+    /// The first few samples that were not the same or short: both stacks,
+    /// for debugging.
+    pub examples: Vec<String>,
 }
 
 /// One VM creation.

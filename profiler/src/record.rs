@@ -28,6 +28,7 @@ use profiler_common::record::{
     StackBuf, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, cgroup_op, dbus_fn,
     fork_kind, names,
 };
+use profiler_common::unwind::{STACK_CUT, UnwindStop};
 use thiserror::Error;
 
 use crate::{
@@ -249,6 +250,9 @@ pub struct RecordOptions {
     pub unwind_max_rows: u32,
     /// Where unwind tables are cached, by file.
     pub unwind_cache: PathBuf,
+    /// Every Nth user-stack walk is unwound again in userspace and
+    /// compared (`--verify-unwind`; with `UnwindMode::Dwarf` only).
+    pub verify_unwind: Option<u32>,
 }
 
 /// How user stacks are walked.
@@ -1001,6 +1005,8 @@ struct Recorder {
     resnap: Vec<(Instant, u32)>,
     /// What the unwind-table loader did, kept at the stop.
     unwind_stats: Option<crate::unwind::procs::LoaderStats>,
+    /// `--verify-unwind`: checks the sampled walks.
+    verifier: Option<crate::unwind::verify::Verifier>,
 }
 
 /// Why the recording stopped.
@@ -1265,6 +1271,9 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.block_site_cache = u32::from(opts.block_site_cache);
     config.verify_stack_cache = u32::from(opts.verify_stack_cache);
     config.unwind_dwarf = u32::from(opts.unwind == UnwindMode::Dwarf);
+    if opts.unwind == UnwindMode::Dwarf {
+        config.verify_unwind = opts.verify_unwind.unwrap_or(0);
+    }
     let (sp, run_delay, comm) = match task_offsets.join() {
         Ok(Ok(offsets)) => offsets,
         Ok(Err(e)) => (Err(e.clone()), Err(e.clone()), Err(e)),
@@ -1405,6 +1414,14 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     } else {
         None
     };
+    let verifier = if config.verify_unwind == 0 {
+        None
+    } else {
+        let name = names::UNWIND_VERIFY;
+        let map = bpf.take_map(name).ok_or(RecordError::Missing { name })?;
+        let ring = RingBuf::try_from(map).map_err(|source| RecordError::Map { name, source })?;
+        Some(crate::unwind::verify::Verifier::new(ring))
+    };
     {
         let mut map: Array<&mut MapData, profiler_common::record::WindowRange> = Array::try_from(
             bpf.map_mut(names::WINDOW_RANGES)
@@ -1462,6 +1479,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         ring_losses: 0,
         resnap: Vec::new(),
         unwind_stats: None,
+        verifier,
         opts,
     };
     // Snapshot what runs already; with -a, everything.
@@ -1642,6 +1660,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     // Let programs already running on other CPUs finish.
     std::thread::sleep(Duration::from_millis(2));
     rec.drain_events(&mut events);
+    rec.drain_verifier(true);
     let mut profile = rec.build_profile(&mut bpf, &stop, stop_ns)?;
     profile.meta.program_stats = program_stats;
     let profile_path = rec.opts.output.join(profile::FILE_NAME);
@@ -1790,6 +1809,7 @@ impl Recorder {
                     _ = sigchld.recv() => {}
                     _ = tick.tick() => {
                         self.drain_events(events);
+                        self.drain_verifier(false);
                         slow = true;
                     }
                 }
@@ -1841,6 +1861,17 @@ impl Recorder {
         }
         for ev in events {
             self.handle(ev);
+        }
+    }
+
+    /// `--verify-unwind`: checks the walks sent since the last drain, each
+    /// with its process's mappings (a forked child's are its parent's
+    /// until it execs). After `drain_events`, so that a new process is
+    /// known; `last` after the stop.
+    fn drain_verifier(&mut self, last: bool) {
+        let processes = &self.processes;
+        if let Some(v) = &mut self.verifier {
+            v.drain(|tgid| processes.chain(tgid), last);
         }
     }
 
@@ -1933,7 +1964,6 @@ impl Recorder {
 
     /// The unwinder's counts per window, by `UnwindStop` name.
     fn unwind_counts(bpf: &Ebpf) -> Vec<LossCount> {
-        use profiler_common::unwind::UnwindStop;
         let Some(map) = bpf.map(names::UNWIND_STOPS) else {
             return Vec::new();
         };
@@ -2059,13 +2089,26 @@ impl Recorder {
                 out.insert(name.to_owned(), n);
             }
         }
+        self.unwind_table_counters(&mut out);
+        out
+    }
+
+    /// What the unwind-table loader did (`--unwind dwarf`).
+    fn unwind_table_counters(&self, out: &mut std::collections::BTreeMap<String, u64>) {
         if let Some(u) = &self.unwind_stats {
             for (name, n) in [
                 ("unwind tables: files loaded", u.files as u64),
                 ("unwind tables: files from the cache", u.files_cached as u64),
-                ("unwind tables: files without tables", u.files_without_table as u64),
-                ("unwind tables: files that did not fit", u.files_not_fitting as u64),
+                (
+                    "unwind tables: files without tables",
+                    u.files_without_table as u64,
+                ),
+                (
+                    "unwind tables: files that did not fit",
+                    u.files_not_fitting as u64,
+                ),
                 ("unwind tables: rows", u.rows),
+                ("unwind tables: JIT code ranges", u.jit_code),
                 ("unwind tables: row map KiB", u.rows * 16 / 1024),
                 (
                     "unwind tables: build/read ms",
@@ -2077,7 +2120,6 @@ impl Recorder {
                 out.insert(name.to_owned(), n);
             }
         }
-        out
     }
 
     #[expect(
@@ -2256,7 +2298,8 @@ impl Recorder {
         let mut files = Vec::new();
         for &(tgid, _, id) in &triples {
             let chain = self.processes.chain(tgid);
-            for (i, &ip) in stacks.get(&id).into_iter().flatten().enumerate() {
+            let ips = stacks.get(&id).into_iter().flatten();
+            for (i, &ip) in ips.take_while(|&&ip| ip < STACK_CUT).enumerate() {
                 let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
                 if let Some(fo) = Symbolizer::file_offset(&chain, addr) {
                     files.push(fo);
@@ -2303,6 +2346,10 @@ impl Recorder {
                     // garbage, so the stack ends in one `[unknown]`.
                     let mut leaf_first: Vec<String> = Vec::new();
                     for (i, &ip) in ips.iter().enumerate() {
+                        if let Some(stop) = UnwindStop::of_cut(ip) {
+                            leaf_first.push(format!("[user stack cut: {}]", stop.name()));
+                            break;
+                        }
                         let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
                         let mapped = chain.iter().any(|s| s.locate(addr).is_some());
                         let names = sym.user_frames(&chain, addr);
@@ -2586,6 +2633,10 @@ impl Recorder {
                 program_stats: Vec::new(),
                 self_cpu_ns: Some(self.self_cpu_ns),
                 counters: self.counters(bpf),
+                verify_unwind: self
+                    .verifier
+                    .as_ref()
+                    .map(crate::unwind::verify::Verifier::result),
             },
             windows: self.opts.windows.windows(vm_count),
             vms,

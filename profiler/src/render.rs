@@ -308,6 +308,9 @@ pub struct Summary {
     /// hvprof's own CPU time while recording (see `Meta::self_cpu_ns`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub self_cpu_ns: Option<u64>,
+    /// `record --verify-unwind` (see `Meta::verify_unwind`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_unwind: Option<crate::profile::VerifyUnwind>,
 }
 
 #[must_use]
@@ -398,6 +401,7 @@ pub fn summary(profile: &Profile) -> Summary {
         program_stats: profile.meta.program_stats.clone(),
         counters: profile.meta.counters.clone(),
         self_cpu_ns: profile.meta.self_cpu_ns,
+        verify_unwind: profile.meta.verify_unwind.clone(),
     }
 }
 
@@ -469,6 +473,7 @@ impl Summary {
         }
         self.cost_text(&mut out);
         self.unwind_text(&mut out);
+        self.verify_unwind_text(&mut out);
         if self.total_losses == 0 {
             out.push_str("\nlosses: none\n");
         } else {
@@ -503,10 +508,7 @@ impl Summary {
             .filter(|(k, _)| !frame_kinds.contains(k))
             .map(|(_, n)| n)
             .sum();
-        let complete = total
-            .get(UnwindStop::Complete.name())
-            .copied()
-            .unwrap_or(0);
+        let complete = total.get(UnwindStop::Complete.name()).copied().unwrap_or(0);
         #[expect(clippy::cast_precision_loss, reason = "a percentage")]
         let pct = complete as f64 * 100.0 / walks.max(1) as f64;
         let _ = writeln!(
@@ -527,6 +529,37 @@ user stacks unwound from .eh_frame: {walks} walks, {pct:.1} % to the thread's or
             if !stops.is_empty() {
                 let _ = writeln!(out, "  window {:<3} ended: {}", w.id, stops.join(", "));
             }
+        }
+    }
+
+    /// With `--verify-unwind`: how the kernel's walks compared with
+    /// framehop's, and the first few that did not agree.
+    fn verify_unwind_text(&self, out: &mut String) {
+        let Some(v) = &self.verify_unwind else {
+            return;
+        };
+        let _ = write!(
+            out,
+            "\nunwind verified: {} stacks copied and unwound again in userspace (framehop): \
+             {} the same, {} differ, {} cut by the copy",
+            v.samples, v.same, v.differs, v.short
+        );
+        for (n, what) in [
+            (
+                v.same_with_older_mappings,
+                "of them matched with older mappings (the kernel's tables lagged)",
+            ),
+            (v.kernel_shorter, "ended sooner in the kernel"),
+            (v.framehop_shorter, "ended sooner in framehop"),
+            (v.unchecked, "not checked (no mappings known)"),
+        ] {
+            if n > 0 {
+                let _ = write!(out, ", {n} {what}");
+            }
+        }
+        out.push('\n');
+        for e in &v.examples {
+            let _ = writeln!(out, "  {}", e.replace('\n', "\n  "));
         }
     }
 
@@ -812,6 +845,28 @@ mod tests {
         assert_eq!(offcpu_folded(&p, 1), ["t;main 2500"]);
         // Newlines: `_` in a comm (like spaces), a space in a frame.
         assert_eq!(stack_line(&p, "a\nb c", &[2]), "a_b_c;do:weird name");
+    }
+
+    #[test]
+    fn verified_unwinds_are_summarized_only_when_recorded() {
+        let mut p = profile();
+        assert!(!summary(&p).to_text().contains("unwind verified"));
+        p.meta.verify_unwind = Some(crate::profile::VerifyUnwind {
+            samples: 12,
+            same: 10,
+            short: 2,
+            examples: vec!["tgid 1 pid 1: frame 1 differs\n  kernel: 0x1".into()],
+            ..crate::profile::VerifyUnwind::default()
+        });
+        let text = summary(&p).to_text();
+        assert!(
+            text.contains(
+                "unwind verified: 12 stacks copied and unwound again in userspace (framehop): \
+                 10 the same, 0 differ, 2 cut by the copy\n  tgid 1 pid 1: frame 1 differs\n    \
+                 kernel: 0x1\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //! `profiler-ebpf/src/unwind.rs`.
 
 mod cache;
+mod jit;
 pub mod procs;
 mod table;
+pub mod verify;
 
 pub use cache::{FileKey, file_key, table_for};
 pub use table::{TableError, TableStats, UnwindTable, build_table, find_row};

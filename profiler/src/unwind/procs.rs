@@ -7,7 +7,9 @@
 //! replaced since it was mapped (a package upgrade), or one in another
 //! mount namespace, is still the one the process runs. The vDSO has no
 //! file: its image is read from hvprof's own address space (the kernel maps
-//! the same one into every process).
+//! the same one into every process). JIT code that describes itself
+//! through the GDB JIT interface (QEMU's TCG buffer, an anonymous mapping)
+//! gets the rows [`jit`](super::jit) reads from the live process.
 
 use std::{
     collections::HashMap,
@@ -21,12 +23,12 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use object::{Object as _, ObjectSegment as _};
+use object::{Object as _, ObjectSegment as _, ReadRef};
 use profiler_common::unwind::{MAX_PROC_MAPPINGS, ProcMappings, UnwindMapping, UnwindRow};
 use thiserror::Error;
 
-use super::{build_table, table_for};
-use crate::procmaps::Snapshot;
+use super::{build_table, jit, table_for};
+use crate::procmaps::{Mapping, Snapshot};
 
 #[derive(Debug, Error)]
 pub enum LoaderError {
@@ -57,6 +59,9 @@ pub struct LoaderStats {
     pub process_loads: u64,
     /// Mappings left out past `MAX_PROC_MAPPINGS`.
     pub mappings_left_out: u64,
+    /// JIT code (QEMU's TCG buffer, one per process) whose rows are loaded,
+    /// read from the processes through the GDB JIT interface.
+    pub jit_code: u64,
 }
 
 /// A file as mapped: identified by device and inode (and size and mtime, so
@@ -80,6 +85,16 @@ struct FileEntry {
     rows_len: u32,
     /// `PT_LOAD` segments: (file offset, virtual address, file size).
     loads: Vec<(u64, u64, u64)>,
+}
+
+/// One process's JIT code and its rows in the map (`pc`s relative to
+/// `start`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct JitRows {
+    start: u64,
+    end: u64,
+    rows_start: u32,
+    rows_len: u32,
 }
 
 /// `UNWIND_ROWS` mapped into hvprof's memory.
@@ -145,6 +160,10 @@ pub struct Loader {
     used: u32,
     procs: BpfHashMap<MapData, u32, ProcMappings>,
     files: HashMap<FileId, Option<FileEntry>>,
+    /// Per executable: its GDB JIT descriptor, if it exports one.
+    jit_descriptors: HashMap<FileId, Option<jit::Descriptor>>,
+    /// Per process and JIT code start: the code's rows, written once.
+    jit_code: HashMap<(u32, u64), JitRows>,
     cache_dir: PathBuf,
     pub stats: LoaderStats,
 }
@@ -173,6 +192,8 @@ impl Loader {
             used: 0,
             procs,
             files: HashMap::new(),
+            jit_descriptors: HashMap::new(),
+            jit_code: HashMap::new(),
             cache_dir,
             stats: LoaderStats::default(),
         })
@@ -181,6 +202,7 @@ impl Loader {
     /// Loads `tgid`'s mappings as `snapshot` has them. Returns false if the
     /// process is gone.
     pub fn load(&mut self, tgid: u32, snapshot: &Snapshot) -> bool {
+        let jit_code = self.jit_code_of(tgid, snapshot);
         let mut value = Box::new(ProcMappings::EMPTY);
         let mut n = 0;
         for m in &snapshot.mappings {
@@ -188,13 +210,19 @@ impl Loader {
                 self.stats.mappings_left_out += 1;
                 continue;
             }
-            let entry = self.file_of(tgid, m.start, m.end, &m.path);
-            let (rows_start, rows_len, bias) = match entry {
-                Some(f) => match bias_of(&f.loads, m.start, m.offset, &m.path) {
-                    Some(bias) => (f.rows_start, f.rows_len, bias),
-                    None => (0, 0, 0),
-                },
-                None => (0, 0, 0),
+            let jit = jit_rows_for(&jit_code, m.start, m.end);
+            // JIT code the process registered wins over the mapping's file:
+            // with `-accel tcg,split-wx=on` QEMU runs it from a memfd.
+            let (rows_start, rows_len, bias) = if jit.1 != 0 || m.path == "[anon]" {
+                jit
+            } else {
+                let entry = self.file_of(tgid, m.start, m.end, &m.path);
+                entry
+                    .and_then(|f| {
+                        let bias = bias_of(&f.loads, m.start, m.offset, &m.path)?;
+                        Some((f.rows_start, f.rows_len, bias))
+                    })
+                    .unwrap_or((0, 0, 0))
             };
             value.mappings[n] = UnwindMapping {
                 start: m.start,
@@ -214,24 +242,92 @@ impl Loader {
     /// Forgets a process that exited.
     pub fn forget(&mut self, tgid: u32) {
         let _ = self.procs.remove(&tgid);
+        // Its rows stay in the map (it only grows); a new process with the
+        // same pid reads its own JIT code again.
+        self.jit_code.retain(|&(t, _), _| t != tgid);
+    }
+
+    /// The JIT code `tgid` registers through the GDB JIT interface, its
+    /// rows written once per code start. Only a process with an anonymous
+    /// (or memfd) executable mapping whose executable exports the
+    /// descriptor (QEMU) is read; anything that fails (it exited) means no
+    /// JIT rows.
+    fn jit_code_of(&mut self, tgid: u32, snapshot: &Snapshot) -> Vec<JitRows> {
+        if !snapshot.mappings.iter().any(|m| may_hold_jit_code(&m.path)) {
+            return Vec::new();
+        }
+        let Some(address) = self.jit_descriptor_address(tgid, snapshot) else {
+            return Vec::new();
+        };
+        let t = Instant::now();
+        let mut loaded = Vec::new();
+        for code in jit::read_jit_code(tgid, address) {
+            if let Some(known) = self.jit_code.get(&(tgid, code.start)) {
+                loaded.push(*known);
+                continue;
+            }
+            let Some(rows_start) = self.write_rows(&code.rows) else {
+                continue;
+            };
+            let rows = JitRows {
+                start: code.start,
+                end: code.end,
+                rows_start,
+                rows_len: u32::try_from(code.rows.len()).unwrap_or(0),
+            };
+            self.jit_code.insert((tgid, code.start), rows);
+            self.stats.jit_code += 1;
+            loaded.push(rows);
+        }
+        self.stats.build_time += t.elapsed();
+        loaded
+    }
+
+    /// Where `__jit_debug_descriptor` is in `tgid`'s address space, if its
+    /// executable exports it.
+    fn jit_descriptor_address(&mut self, tgid: u32, snapshot: &Snapshot) -> Option<u64> {
+        // The executable as mapped: /proc/PID/exe and the maps name it the
+        // same way (with " (deleted)" if it was replaced).
+        let exe = crate::procmaps::exe(tgid)?;
+        let m: &Mapping = snapshot
+            .mappings
+            .iter()
+            .find(|m| Path::new(&m.path) == exe)?;
+        let mapped = map_files(tgid, m.start, m.end);
+        let id = inode_id(&mapped)?;
+        let descriptor = self
+            .jit_descriptors
+            .entry(id)
+            .or_insert_with(|| jit::find_descriptor(&mapped))
+            .as_ref()?;
+        let bias = bias_of(&descriptor.loads, m.start, m.offset, &m.path)?;
+        Some(descriptor.vaddr.wrapping_add(bias))
+    }
+
+    /// Appends rows to the map; where they start, `None` if they do not
+    /// fit.
+    fn write_rows(&mut self, rows: &[UnwindRow]) -> Option<u32> {
+        let len = u32::try_from(rows.len()).ok()?;
+        if len == 0 || self.capacity - self.used < len {
+            return None;
+        }
+        let start = self.used;
+        self.rows.write(start, rows);
+        self.used += len;
+        self.stats.rows += u64::from(len);
+        Some(start)
     }
 
     /// The table of the file mapped at `start..end` in `tgid`, loaded if it
     /// is new. `None`: no table (frame pointers there).
     fn file_of(&mut self, tgid: u32, start: u64, end: u64, path: &str) -> Option<FileEntry> {
-        let mapped = PathBuf::from(format!("/proc/{tgid}/map_files/{start:x}-{end:x}"));
+        let mapped = map_files(tgid, start, end);
         let id = if path == "[vdso]" {
             FileId::Vdso
         } else if path.starts_with('[') {
             return None;
         } else {
-            let meta = fs::metadata(&mapped).ok()?;
-            FileId::Inode {
-                dev: meta.dev(),
-                ino: meta.ino(),
-                size: meta.size(),
-                mtime: meta.mtime(),
-            }
+            inode_id(&mapped)?
         };
         if let Some(known) = self.files.get(&id) {
             return known.clone();
@@ -257,7 +353,7 @@ impl Loader {
             (bytes, table)
         };
         self.stats.build_time += t.elapsed();
-        let loads = load_segments(&bytes);
+        let loads = load_segments(bytes.as_slice());
         drop(bytes);
         let Some((table, cached)) = table else {
             self.stats.files_without_table += 1;
@@ -267,29 +363,60 @@ impl Loader {
             self.stats.files_without_table += 1;
             return None;
         }
-        let len = u32::try_from(table.rows.len()).ok()?;
-        if self.capacity - self.used < len {
+        let Some(start) = self.write_rows(&table.rows) else {
             self.stats.files_not_fitting += 1;
             return None;
-        }
-        let start = self.used;
-        self.rows.write(start, &table.rows);
-        self.used += len;
+        };
         self.stats.files += 1;
         self.stats.files_cached += usize::from(cached);
-        self.stats.rows += u64::from(len);
         Some(FileEntry {
             rows_start: start,
-            rows_len: len,
+            // `write_rows` has checked it fits in u32.
+            rows_len: u32::try_from(table.rows.len()).unwrap_or(0),
             loads,
         })
     }
 }
 
+/// `/proc/PID/map_files/` of a mapping: its file, even deleted or in
+/// another mount namespace.
+fn map_files(tgid: u32, start: u64, end: u64) -> PathBuf {
+    PathBuf::from(format!("/proc/{tgid}/map_files/{start:x}-{end:x}"))
+}
+
+/// A mapped file's identity.
+fn inode_id(mapped: &Path) -> Option<FileId> {
+    let meta = fs::metadata(mapped).ok()?;
+    Some(FileId::Inode {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.size(),
+        mtime: meta.mtime(),
+    })
+}
+
+/// Whether a mapping can be JIT code: anonymous, or a memfd (QEMU's
+/// `split-wx` view of its code buffer, `/memfd:tcg-jit (deleted)`).
+fn may_hold_jit_code(path: &str) -> bool {
+    path == "[anon]" || path.starts_with("/memfd:")
+}
+
+/// The rows and bias of a mapping: those of the JIT code that lies in it,
+/// if any. The code may start inside the mapping (QEMU's starts after its
+/// prologue) or span several (one per TCG region, with guard pages between
+/// them): each gets the code's rows and its start as bias. Addresses below
+/// the code are beyond u32 from it and those above it meet the final
+/// `CFA_NONE` row, so neither takes the code's rule.
+fn jit_rows_for(code: &[JitRows], start: u64, end: u64) -> (u32, u32, u64) {
+    code.iter()
+        .find(|c| c.start < end && start < c.end)
+        .map_or((0, 0, 0), |c| (c.rows_start, c.rows_len, c.start))
+}
+
 /// The `PT_LOAD` segments of an ELF file: (file offset, virtual address,
 /// file size).
-fn load_segments(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
-    let Ok(file) = object::File::parse(bytes) else {
+pub(super) fn load_segments<'data, R: ReadRef<'data>>(data: R) -> Vec<(u64, u64, u64)> {
+    let Ok(file) = object::File::parse(data) else {
         return Vec::new();
     };
     file.segments()
@@ -355,6 +482,30 @@ mod tests {
             Some(0x5555_0000_1000 - 0x0020_1000)
         );
         assert_eq!(bias_of(&[], 0x1000, 0, "/bin/x"), None);
+    }
+
+    #[test]
+    fn jit_code_rows_go_to_every_mapping_it_lies_in() {
+        let code = [JitRows {
+            start: 0x7f00_0000_002d,
+            end: 0x7f00_4000_0000,
+            rows_start: 100,
+            rows_len: 2,
+        }];
+        let jit = (100, 2, 0x7f00_0000_002d);
+        // The code's start inside the first region, its end in the last.
+        assert_eq!(jit_rows_for(&code, 0x7f00_0000_0000, 0x7f00_1fff_f000), jit);
+        assert_eq!(jit_rows_for(&code, 0x7f00_2000_0000, 0x7f00_3fff_f000), jit);
+        // Before, after, touching.
+        assert_eq!(
+            jit_rows_for(&code, 0x7eff_0000_0000, 0x7f00_0000_002d),
+            (0, 0, 0)
+        );
+        assert_eq!(
+            jit_rows_for(&code, 0x7f00_4000_0000, 0x7f00_4001_0000),
+            (0, 0, 0)
+        );
+        assert_eq!(jit_rows_for(&[], 0x1000, 0x2000), (0, 0, 0));
     }
 
     #[test]

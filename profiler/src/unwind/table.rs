@@ -290,7 +290,7 @@ fn rule(cfa_type: u8, cfa_offset: i32) -> UnwindRow {
 
 /// One gimli row (not a signal frame's) in the eBPF unwinder's terms; `pc`
 /// is left 0.
-fn convert<'data, S: UnwindSection<Slice<'data>>>(
+pub(super) fn convert<'data, S: UnwindSection<Slice<'data>>>(
     section: &S,
     row: &UnwindTableRow<usize>,
 ) -> UnwindRow {
