@@ -20,6 +20,21 @@ fn xtask() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_hvprof")).with_file_name("xtask")
 }
 
+/// A stack that reaches its thread's entry or main: not cut by the
+/// unwinder, and with user frames.
+fn is_whole(p: &Profile, stack: &[u32]) -> bool {
+    p.frame_names(stack).all(|f| {
+        !f.starts_with("[user stack cut") && f != "[missing user stack]" && f != "[unknown]"
+    }) && p
+        .frame_names(stack)
+        .any(|f| !f.ends_with("_[k]") && !f.starts_with('['))
+}
+
+#[expect(clippy::cast_precision_loss, reason = "a share")]
+fn share(part: u64, all: u64) -> f64 {
+    part as f64 / all.max(1) as f64
+}
+
 fn live_comm(comm: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
@@ -61,6 +76,9 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
             "tcg",
             "--kvm-paused",
             "2",
+            // Every 32nd user-stack walk is copied and unwound again in
+            // userspace by another unwinder.
+            "--hvprof-arg=--verify-unwind=32",
         ])
         .arg("--hvprof")
         .arg(env!("CARGO_BIN_EXE_hvprof"))
@@ -181,6 +199,48 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
 
     // No losses at defaults.
     assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
+
+    // Whole user stacks without frame pointers (Debian's libvirt, glib,
+    // QEMU and libc have none): libvirtd's stacks reach their thread's
+    // entry or main, QEMU's vCPU threads' their thread function.
+    let whole = |tgids: &dyn Fn(&str, u32) -> bool| {
+        let (mut on, mut on_whole, mut off, mut off_whole) = (0u64, 0u64, 0u64, 0u64);
+        for r in p.oncpu.iter().filter(|r| tgids(&r.comm, r.tgid)) {
+            on += r.samples;
+            if is_whole(&p, &r.stack) {
+                on_whole += r.samples;
+            }
+        }
+        for r in p.offcpu.iter().filter(|r| tgids(&r.comm, r.tgid)) {
+            if p.frame_names(&r.stack).any(|f| f == "[preempted]") {
+                continue;
+            }
+            off += r.total_ns;
+            if is_whole(&p, &r.stack) {
+                off_whole += r.total_ns;
+            }
+        }
+        (share(on_whole, on), share(off_whole, off), on, off)
+    };
+    let (on, off, n_on, n_off) = whole(&|_, t| t == libvirtd);
+    assert!(
+        on >= 0.9 && off >= 0.9,
+        "libvirtd: {:.1} % of {n_on} on-CPU samples and {:.1} % of {n_off} ns off-CPU in whole stacks",
+        on * 100.0,
+        off * 100.0
+    );
+    let (on, off, n_on, n_off) =
+        whole(&|comm, t| qemus.contains(&t) && comm.starts_with("CPU ") && comm.contains('/'));
+    assert!(
+        n_on > 0 && on >= 0.9 && off >= 0.9,
+        "QEMU vCPU threads: {:.1} % of {n_on} on-CPU samples and {:.1} % of {n_off} ns off-CPU in whole stacks",
+        on * 100.0,
+        off * 100.0
+    );
+    // And the same stacks again, unwound in userspace from copies of the
+    // stacks by another unwinder: none differs.
+    let v = p.meta.verify_unwind.as_ref().expect("--verify-unwind ran");
+    assert!(v.samples >= 50 && v.differs == 0, "{v:#?}");
 
     // The teardown left nothing behind, and undid its configuration.
     let report: serde_json::Value =
