@@ -1332,7 +1332,7 @@ mod tests {
             size_of::<OffCpuAcc>(),
             size_of::<OffCpuKey>() + size_of::<OffCpuValue>()
         );
-        assert_eq!(size_of::<BlockSite>(), 10 * 8 + size_of::<OffCpuAcc>());
+        assert_eq!(size_of::<BlockSite>(), 12 * 8 + size_of::<OffCpuAcc>());
         assert_eq!(
             size_of::<OffCpuStart>(),
             size_of::<OffCpuKey>()
@@ -1372,6 +1372,7 @@ mod tests {
                 + 2 * 8
                 + size_of::<TracepointOffsets>()
                 + 5 * 4
+                + 2 * 4
                 + FORK_PATHS * size_of::<ForkPath>()
         );
         assert_eq!(size_of::<ForkPath>(), 4 * 4 + 8);

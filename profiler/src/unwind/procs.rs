@@ -432,16 +432,34 @@ pub(super) fn load_segments<'data, R: ReadRef<'data>>(data: R) -> Vec<(u64, u64,
 /// loader maps each segment from its page-aligned file offset to its
 /// page-aligned address, so the segment whose page-aligned offset is the
 /// mapping's (or that contains it) gives it.
-fn bias_of(loads: &[(u64, u64, u64)], start: u64, offset: u64, path: &str) -> Option<u64> {
+pub(super) fn bias_of(
+    loads: &[(u64, u64, u64)],
+    start: u64,
+    offset: u64,
+    path: &str,
+) -> Option<u64> {
     if path == "[vdso]" {
         // Linked at 0 (or at its own base): the first segment's address.
         let vaddr = loads.first().map_or(0, |l| l.1);
         return Some(start.wrapping_sub(vaddr));
     }
     let page = 4096u64;
+    // The segment the loader mapped at this offset: its page-aligned file
+    // offset is the mapping's. Only that one: the segment before it may
+    // reach into the same page (lld lays out `R` up to 0x29ba8 and `R E`
+    // from 0x29bb0 at another address), and taking it shifts every PC of
+    // the mapping by a page.
     let seg = loads
         .iter()
-        .find(|(off, _, size)| *off & !(page - 1) <= offset && offset < off + size.max(&1))?;
+        .find(|(off, _, _)| *off & !(page - 1) == offset)
+        .or_else(|| {
+            loads
+                .iter()
+                .filter(|(off, _, size)| {
+                    *off & !(page - 1) <= offset && offset < off + size.max(&1)
+                })
+                .max_by_key(|(off, _, _)| *off)
+        })?;
     // vaddr of the mapping's start = seg.vaddr - (seg.offset - offset).
     let vaddr = seg.1.wrapping_sub(seg.0.wrapping_sub(offset));
     Some(start.wrapping_sub(vaddr))
@@ -482,6 +500,14 @@ mod tests {
             Some(0x5555_0000_1000 - 0x0020_1000)
         );
         assert_eq!(bias_of(&[], 0x1000, 0, "/bin/x"), None);
+        // lld's layout (vmload): `R` from 0 to 0x29ba8, `R E` from file
+        // offset 0x29bb0 at 0x2abb0; the text is mapped from offset 0x29000,
+        // which both segments' pages reach.
+        let loads = [(0, 0, 0x0002_9ba8), (0x0002_9bb0, 0x0002_abb0, 0x0007_8050)];
+        assert_eq!(
+            bias_of(&loads, 0x5555_0002_9000, 0x0002_9000, "/bin/vmload"),
+            Some(0x5555_0002_9000 - 0x0002_a000)
+        );
     }
 
     #[test]

@@ -206,15 +206,12 @@ impl Sections {
     /// The load bias of a mapping of file offset `offset` at `start`: the
     /// segment whose (page-aligned) file range holds the offset says which
     /// virtual address the mapping starts at.
-    fn bias(&self, start: u64, offset: u64) -> Option<u64> {
-        let &(seg_off, vaddr, _) = self.loads.iter().find(|&&(off, _, size)| {
-            off & !0xfff <= offset && offset < off.saturating_add(size.max(1))
-        })?;
-        Some(start.wrapping_sub(vaddr.wrapping_add(offset).wrapping_sub(seg_off)))
+    fn bias(&self, start: u64, offset: u64, path: &str) -> Option<u64> {
+        super::procs::bias_of(&self.loads, start, offset, path)
     }
 
     fn module(&self, m: &Mapping) -> Option<Module<Arc<[u8]>>> {
-        let bias = self.bias(m.start, m.offset)?;
+        let bias = self.bias(m.start, m.offset, &m.path)?;
         let (eh_frame_svma, eh_frame) = self.eh_frame.clone().unzip();
         let (eh_frame_hdr_svma, eh_frame_hdr) = self.eh_frame_hdr.clone().unzip();
         Some(Module::new(
