@@ -36,7 +36,7 @@ use profiler_common::record::{
     WindowRange, cgroup_op, dbus_fn, fork_kind, hist_bucket, lock_flags, window_every,
 };
 
-use crate::unwind::{self, NoWalk, UNWIND_PROCS};
+use crate::unwind::{self, NoWalk, UNWIND_ALIAS, UNWIND_PROCS};
 
 const EFAULT: i32 = 14;
 const ENOMEM: i32 = 12;
@@ -1180,10 +1180,9 @@ pub fn task_fork(ctx: TracePointContext) -> u32 {
     }
     // A child runs its parent's image until it execs: the same mappings.
     if config!(unwind_dwarf) != 0
-        // SAFETY: a valid map value, passed back to the map as the value.
-        && let Some(parent) = unsafe { UNWIND_PROCS.get(&tgid) }
+        && let Some(owner) = unwind::owner_of(tgid)
     {
-        let _ = UNWIND_PROCS.insert(&child, parent, 0);
+        let _ = UNWIND_ALIAS.insert(&child, &owner, 0);
     }
     emit(EventKind::Fork, tgid, pid, child, 0, current_window());
     0
@@ -1274,6 +1273,7 @@ pub fn task_exec(_ctx: TracePointContext) -> u32 {
         // userspace loads the new ones.
         if config!(unwind_dwarf) != 0 {
             let _ = UNWIND_PROCS.remove(&tgid);
+            let _ = UNWIND_ALIAS.remove(&tgid);
         }
         emit(EventKind::Exec, tgid, pid, 0, 0, current_window());
     }
@@ -1320,6 +1320,9 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     let _ = CGROUP_PENDING.remove(&pid);
     let _ = EXITING.insert(&pid, &1, 0);
     if pid == tgid {
+        if config!(unwind_dwarf) != 0 {
+            let _ = UNWIND_ALIAS.remove(&tgid);
+        }
         emit(EventKind::Exit, tgid, pid, 0, 0, current_window());
     }
     if config!(target_mode) == TargetMode::Tracked as u32 {

@@ -37,6 +37,26 @@ pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAP
 #[map]
 pub static UNWIND_PROCS: HashMap<u32, ProcMappings> =
     HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+/// A forked child that has not exec'd runs its parent's image: its tgid
+/// names the process whose mappings it uses (an 8 KiB copy per fork cost
+/// ~14 µs in `task_fork`; this costs a 4-byte insert).
+#[map]
+pub static UNWIND_ALIAS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+
+/// The process whose mappings `tgid` uses: its own, else its parent's (or
+/// an earlier ancestor's) while it has not exec'd.
+#[inline(always)]
+pub fn owner_of(tgid: u32) -> Option<u32> {
+    // SAFETY: valid map values, read only.
+    unsafe {
+        if UNWIND_PROCS.get(&tgid).is_some() {
+            return Some(tgid);
+        }
+        let owner = *UNWIND_ALIAS.get(&tgid)?;
+        UNWIND_PROCS.get(&owner).map(|_| owner)
+    }
+}
+
 /// Per window: how many walks ended for each reason, and the frames found
 /// each way (indexed by `UnwindStop`).
 #[map]
@@ -172,12 +192,11 @@ fn walk(tgid: u32, window: u32, max: u32) -> Result<Walked, NoWalk> {
     if ip == 0 || ip >= USER_END || sp == 0 {
         return Err(NoWalk::NoUserStack);
     }
-    // SAFETY: only presence is tested.
-    if unsafe { UNWIND_PROCS.get(&tgid) }.is_none() {
+    let Some(owner) = owner_of(tgid) else {
         count_stop(window, UnwindStop::NotLoaded, 0, 0);
         return Err(NoWalk::NotLoaded);
-    }
-    let Some(w) = start(tgid, ip, sp, bp, max) else {
+    };
+    let Some(w) = start(owner, ip, sp, bp, max) else {
         return Err(NoWalk::NoUserStack);
     };
     // SAFETY: this CPU's walk state, just set up.
@@ -230,7 +249,10 @@ pub fn return_address(tgid: u32, ip: u64, sp: u64, bp: u64) -> Option<u64> {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn hvprof_unwind_return(tgid: u32, ip: u64, sp: u64, bp: u64) -> u64 {
-    let Some(w) = start(tgid, ip, sp, bp, 1) else {
+    let Some(owner) = owner_of(tgid) else {
+        return 0;
+    };
+    let Some(w) = start(owner, ip, sp, bp, 1) else {
         return 0;
     };
     // SAFETY: this CPU's walk state, just set up.
