@@ -86,8 +86,10 @@ struct Walk {
     ip: u64,
     sp: u64,
     bp: u64,
-    /// The mapping the last PC was in.
+    /// The mapping the last PC was in, and the one before it (stacks go
+    /// back and forth between a few files: libvirt, glib, libc).
     map: UnwindMapping,
+    map2: UnwindMapping,
     tgid: u32,
     /// Frames written.
     n: u32,
@@ -280,6 +282,7 @@ fn start(tgid: u32, ip: u64, sp: u64, bp: u64, max: u32) -> Option<*mut Walk> {
             sp,
             bp,
             map: UnwindMapping::EMPTY,
+            map2: UnwindMapping::EMPTY,
             tgid,
             n: 0,
             max: if max == 0 || max as usize > MAX_STACK_DEPTH {
@@ -350,6 +353,12 @@ fn read_user(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
+#[inline(always)]
+fn read_user_pair(addr: u64) -> Option<[u64; 2]> {
+    // SAFETY: a user address, read with the checked helper.
+    unsafe { bpf_probe_read_user(addr as *const [u64; 2]) }.ok()
+}
+
 /// Ends the walk.
 ///
 /// Every function below takes the walk state as a raw pointer (`*mut
@@ -384,9 +393,15 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
         let leaf = (*w).exact != 0;
         let pc = if leaf { (*w).ip } else { (*w).ip - 1 };
         (*w).exact = 0;
-        if (pc < (*w).map.start || pc >= (*w).map.end) && !find_mapping(w, pc) {
-            (*w).unknown_mapping = 1;
-            return fp_step(w, UnwindStop::NoMapping);
+        if pc < (*w).map.start || pc >= (*w).map.end {
+            let last = (*w).map;
+            if pc >= (*w).map2.start && pc < (*w).map2.end {
+                (*w).map = (*w).map2;
+            } else if !find_mapping(w, pc) {
+                (*w).unknown_mapping = 1;
+                return fp_step(w, UnwindStop::NoMapping);
+            }
+            (*w).map2 = last;
         }
         if (*w).map.rows_len == 0 {
             return no_info_step(w, UnwindStop::NoTable, leaf);
@@ -419,19 +434,32 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
             CFA_NONE => return no_info_step(w, UnwindStop::NoRow, leaf),
             _ => return stop(w, UnwindStop::Unsupported),
         };
-        let Some(ra) = read_user(cfa.wrapping_sub(8)) else {
-            return stop(w, UnwindStop::ReadFault);
-        };
-        match row.rbp_type {
-            RBP_AT_CFA => {
-                let Some(bp) = read_user(cfa.wrapping_add(row.rbp_offset as i64 as u64)) else {
-                    return stop(w, UnwindStop::ReadFault);
-                };
-                (*w).bp = bp;
+        // The caller's rbp saved right below the return address (every
+        // function that pushes rbp first) comes in the same read: helper
+        // calls are most of a frame's cost.
+        let ra = if row.rbp_type == RBP_AT_CFA && row.rbp_offset == -16 {
+            let Some([bp, ra]) = read_user_pair(cfa.wrapping_sub(16)) else {
+                return stop(w, UnwindStop::ReadFault);
+            };
+            (*w).bp = bp;
+            ra
+        } else {
+            let Some(ra) = read_user(cfa.wrapping_sub(8)) else {
+                return stop(w, UnwindStop::ReadFault);
+            };
+            match row.rbp_type {
+                RBP_AT_CFA => {
+                    let at = cfa.wrapping_add(row.rbp_offset as i64 as u64);
+                    let Some(bp) = read_user(at) else {
+                        return stop(w, UnwindStop::ReadFault);
+                    };
+                    (*w).bp = bp;
+                }
+                RBP_SAME => {}
+                _ => (*w).bp_ok = 0,
             }
-            RBP_SAME => {}
-            _ => (*w).bp_ok = 0,
-        }
+            ra
+        };
         if ra == 0 || cfa <= (*w).sp {
             return stop(w, UnwindStop::ZeroReturn);
         }
@@ -697,42 +725,34 @@ extern "C" fn mapping_step(_index: u64, _ctx: *mut c_void) -> i64 {
 #[inline(always)]
 unsafe fn find_row(w: *mut Walk, pc: u32) -> Option<UnwindRow> {
     unsafe {
-        (*w).pc = u64::from(pc);
-        (*w).lo = 0;
-        (*w).hi = (*w).map.rows_len;
-        search(ROW_STEPS, row_step);
-        let lo = (*w).lo;
+        // A plain bounded loop: the step is verified once (it runs inside
+        // a global function), and a loop costs no callback per halving.
+        // (The mapping search keeps its callback: indexing a map value by
+        // the search's probe makes the verifier walk every path of it.)
+        let start = (*w).map.rows_start;
+        let (mut lo, mut hi) = (0u32, (*w).map.rows_len);
+        let mut i = 0;
+        while i < ROW_STEPS {
+            if lo >= hi {
+                break;
+            }
+            let mid = lo + (hi - lo) / 2;
+            let Some(row) = UNWIND_ROWS.get(start.wrapping_add(mid)) else {
+                return None;
+            };
+            if row.pc <= pc {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+            i += 1;
+        }
         if lo == 0 {
             return None;
         }
         UNWIND_ROWS
             .get((*w).map.rows_start.wrapping_add(lo - 1))
             .copied()
-    }
-}
-
-#[inline(never)]
-extern "C" fn row_step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's walk state.
-    unsafe {
-        let (lo, hi) = ((*w).lo, (*w).hi);
-        if lo >= hi {
-            return 1;
-        }
-        let mid = lo + (hi - lo) / 2;
-        let Some(row) = UNWIND_ROWS.get((*w).map.rows_start.wrapping_add(mid)) else {
-            (*w).hi = lo;
-            return 1;
-        };
-        if u64::from(row.pc) <= (*w).pc {
-            (*w).lo = mid + 1;
-        } else {
-            (*w).hi = mid;
-        }
-        0
     }
 }
 
