@@ -167,11 +167,11 @@ struct RecordArgs {
     /// memory, allocated when recording starts.
     #[arg(long, default_value_t = 65536, value_name = "N")]
     max_stacks: u32,
-    /// Most frames walked in a user stack (at most 127). Each frame is a read
-    /// of user memory; without frame pointers a walk runs on through garbage,
-    /// so a lower bound is cheaper where binaries lack them.
-    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=127))]
-    user_stack_depth: u32,
+    /// Most frames walked in a user stack (at most 127; a longer one ends
+    /// in `[user stack cut: frame limit]`). Each frame costs a table search
+    /// and a read of user memory.
+    #[arg(long, alias = "user-stack-depth", default_value_t = 127, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=127))]
+    max_user_frames: u32,
     /// Tracers to load: oncpu, offcpu, locks, fork, cgroup, dbus (default: all). A tracer this
     /// kernel cannot run is skipped with a warning; the others still run.
     #[arg(long, value_name = "LIST")]
@@ -462,7 +462,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         command_line: std::env::args().collect(),
         bpf_stats: args.bpf_stats,
         max_stacks: args.max_stacks.max(1024),
-        user_stack_depth: args.user_stack_depth,
+        user_stack_depth: args.max_user_frames,
         time_cgroup_writes: args.time_cgroup_writes,
         preempted_stacks: args.preempted_stacks,
         block_site_cache: !args.no_stack_cache,

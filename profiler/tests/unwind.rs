@@ -310,7 +310,11 @@ fn stacks_end_at_the_thread_entry() {
     let s = build("thread");
     // A thread sleeps 10 ms and burns 10 ms in thread_burn, 50 times, while
     // the main thread burns 1 s in main_burn and then joins it.
-    let p = record(&s, &[], "settle:200,thread:500");
+    // Every walk is also copied and unwound again in userspace by another
+    // unwinder (framehop): none may differ.
+    let p = record(&s, &["--verify-unwind=1"], "settle:200,thread:500");
+    let v = p.meta.verify_unwind.as_ref().expect("--verify-unwind ran");
+    assert!(v.samples >= 100 && v.differs == 0, "{v:#?}");
     let (on, off) = (oncpu(&p), offcpu(&p));
     let thread: Vec<&[&str]> = on
         .iter()
