@@ -404,6 +404,9 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
             (*w).map2 = last;
         }
         if (*w).map.rows_len == 0 {
+            // Userspace is asked again too: JIT code (QEMU's TCG buffer) is
+            // registered after its mapping was read.
+            (*w).unknown_mapping = 1;
             return no_info_step(w, UnwindStop::NoTable, leaf);
         }
         let rel = pc.wrapping_sub((*w).map.bias);

@@ -945,6 +945,20 @@ impl Processes {
         }
     }
 
+    /// Loads `tgid`'s latest mappings into the unwinder again even if they
+    /// did not change (its JIT code may have), at most every 100 ms.
+    fn reload_unwind(&mut self, tgid: u32) {
+        let Some(u) = &mut self.unwind else {
+            return;
+        };
+        if u.loaded_within(tgid, Duration::from_millis(100)) {
+            return;
+        }
+        if let Some(s) = self.snapshots.get(&tgid).and_then(|l| l.last()) {
+            u.load(tgid, s);
+        }
+    }
+
     fn learn(&mut self, tgid: u32) {
         if !self.snapshots.contains_key(&tgid) {
             self.snapshot(tgid);
@@ -1843,7 +1857,12 @@ impl Recorder {
             }
         });
         for tgid in due {
-            self.processes.snapshot(tgid);
+            if !self.processes.snapshot(tgid) {
+                continue;
+            }
+            // Unchanged mappings may have new JIT code (QEMU registers
+            // its TCG buffer once the accelerator starts).
+            self.processes.reload_unwind(tgid);
         }
     }
 
@@ -1934,10 +1953,12 @@ impl Recorder {
             }
             k if k == EventKind::UnwindTables as u32 => {
                 // A process the unwinder met without its mappings (a child
-                // that exec'd, or a dlopen): read them again.
+                // that exec'd, or a dlopen), or in code without a table
+                // (JIT code registered since): read them again.
                 if !self.processes.snapshot(ev.tgid) {
                     self.processes.learn(ev.tgid);
                 }
+                self.processes.reload_unwind(ev.tgid);
             }
             k if k == EventKind::Exit as u32 => {
                 if let Some(u) = &mut self.processes.unwind {

@@ -165,6 +165,8 @@ pub struct Loader {
     /// Per process and JIT code start: the code's rows, written once.
     jit_code: HashMap<(u32, u64), JitRows>,
     cache_dir: PathBuf,
+    /// When each process was last loaded.
+    loaded_at: HashMap<u32, Instant>,
     pub stats: LoaderStats,
 }
 
@@ -195,6 +197,7 @@ impl Loader {
             jit_descriptors: HashMap::new(),
             jit_code: HashMap::new(),
             cache_dir,
+            loaded_at: HashMap::new(),
             stats: LoaderStats::default(),
         })
     }
@@ -202,6 +205,7 @@ impl Loader {
     /// Loads `tgid`'s mappings as `snapshot` has them. Returns false if the
     /// process is gone.
     pub fn load(&mut self, tgid: u32, snapshot: &Snapshot) -> bool {
+        self.loaded_at.insert(tgid, Instant::now());
         let jit_code = self.jit_code_of(tgid, snapshot);
         let mut value = Box::new(ProcMappings::EMPTY);
         let mut n = 0;
@@ -211,6 +215,7 @@ impl Loader {
                 continue;
             }
             let jit = jit_rows_for(&jit_code, m.start, m.end);
+            let t = Instant::now();
             // JIT code the process registered wins over the mapping's file:
             // with `-accel tcg,split-wx=on` QEMU runs it from a memfd.
             let (rows_start, rows_len, bias) = if jit.1 != 0 || m.path == "[anon]" {
@@ -232,6 +237,13 @@ impl Loader {
                 rows_len,
             };
             n += 1;
+            // A file whose table had to be built took a while: the process
+            // walks meanwhile, so what is known so far goes in now (the
+            // snapshot is sorted by address, so the prefix is too).
+            if t.elapsed() > Duration::from_millis(2) {
+                value.count = u32::try_from(n).unwrap_or(0);
+                let _ = self.procs.insert(&tgid, &*value, 0);
+            }
         }
         value.mappings[..n].sort_by_key(|m| m.start);
         value.count = u32::try_from(n).unwrap_or(0);
@@ -239,8 +251,18 @@ impl Loader {
         self.procs.insert(&tgid, &*value, 0).is_ok()
     }
 
+    /// Whether `tgid` was loaded within `within` (a walk asking again for
+    /// tables it has is answered at most that often).
+    #[must_use]
+    pub fn loaded_within(&self, tgid: u32, within: Duration) -> bool {
+        self.loaded_at
+            .get(&tgid)
+            .is_some_and(|t| t.elapsed() < within)
+    }
+
     /// Forgets a process that exited.
     pub fn forget(&mut self, tgid: u32) {
+        self.loaded_at.remove(&tgid);
         let _ = self.procs.remove(&tgid);
         // Its rows stay in the map (it only grows); a new process with the
         // same pid reads its own JIT code again.
