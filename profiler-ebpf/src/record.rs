@@ -291,13 +291,14 @@ fn walk_stack<C: EbpfContext>(ctx: &C, flags: u64) -> (Result<u64, i32>, usize) 
     };
     // SAFETY: buf is this CPU's scratch value, at least `size` bytes.
     let n = unsafe { bpf_get_stack(ctx.as_ptr(), buf.cast(), size as u32, flags) };
-    (store_stack(buf, n), n.max(0) as usize / 8)
+    (store_stack(n), n.max(0) as usize / 8)
 }
 
-/// Stores the `n` bytes of frames a stack helper left in `buf` (the scratch
-/// value) in `STACKS` under their content hash, and returns the hash.
+/// Stores the `n` bytes of frames a stack helper (or the unwinder) left in
+/// `STACK_SCRATCH` in `STACKS` under their content hash, and returns the
+/// hash.
 #[inline(always)]
-fn store_stack(_buf: *mut StackBuf, n: i64) -> Result<u64, i32> {
+fn store_stack(n: i64) -> Result<u64, i32> {
     if n < 0 {
         return Err(n as i32);
     }
@@ -390,6 +391,7 @@ fn user_stack<C: EbpfContext>(ctx: &C, window: u32) -> u64 {
 /// blocking again there would keep the short stack.
 #[inline(always)]
 fn user_stack_walk<C: EbpfContext>(ctx: &C, window: u32) -> (u64, bool) {
+    let mut cacheable = true;
     if config!(unwind_dwarf) != 0 {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         match unwind::walk_current(tgid, window, config!(user_stack_depth)) {
@@ -397,23 +399,20 @@ fn user_stack_walk<C: EbpfContext>(ctx: &C, window: u32) -> (u64, bool) {
                 if walked.unknown_mapping {
                     ask_tables(tgid, window);
                 }
-                if let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) {
-                    let id = store_stack(buf, (walked.frames * 8) as i64);
-                    return (user_stack_or_reason(id, window), !walked.unknown_mapping);
-                }
+                let id = store_stack((walked.frames * 8) as i64);
+                return (user_stack_or_reason(id, window), !walked.unknown_mapping);
             }
             // Not dropped: frame pointers meanwhile, and the tables asked
             // for.
             Err(NoWalk::NotLoaded) => {
                 ask_tables(tgid, window);
-                let id = stack_id(ctx, u64::from(BPF_F_USER_STACK));
-                return (user_stack_or_reason(id, window), false);
+                cacheable = false;
             }
             Err(NoWalk::NoUserStack) => {}
         }
     }
     let id = stack_id(ctx, u64::from(BPF_F_USER_STACK));
-    (user_stack_or_reason(id, window), true)
+    (user_stack_or_reason(id, window), cacheable)
 }
 
 /// A user stack id, or the reason there is none, counting what is lost.
@@ -1121,7 +1120,7 @@ fn task_kernel_stack(task: *mut task_struct, window: u32) -> u64 {
     // scratch value, one StackBuf long.
     let n =
         unsafe { bpf_get_task_stack(task, buf.cast(), core::mem::size_of::<StackBuf>() as u32, 0) };
-    kern_stack_or_reason(store_stack(buf, n), window)
+    kern_stack_or_reason(store_stack(n), window)
 }
 
 // ------------------------------------------------------ tasks and targets

@@ -16,7 +16,7 @@ use std::{
     fs,
     os::{
         fd::{AsFd as _, AsRawFd as _},
-        unix::fs::MetadataExt as _,
+        unix::fs::{FileExt as _, MetadataExt as _},
     },
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -487,17 +487,17 @@ pub(super) fn bias_of(
     Some(start.wrapping_sub(vaddr))
 }
 
-/// hvprof's own vDSO image (the same in every process).
-fn vdso_image() -> Option<Vec<u8>> {
-    let maps = fs::read_to_string("/proc/self/maps").ok()?;
-    let line = maps.lines().find(|l| l.ends_with("[vdso]"))?;
-    let (start, end) = line.split_whitespace().next()?.split_once('-')?;
-    let start = usize::from_str_radix(start, 16).ok()?;
-    let end = usize::from_str_radix(end, 16).ok()?;
-    // SAFETY: the vDSO is mapped readable in this process for its whole
-    // life, at the range /proc/self/maps gives.
-    let image = unsafe { std::slice::from_raw_parts(start as *const u8, end - start) };
-    Some(image.to_vec())
+/// hvprof's own vDSO image: the kernel maps the same one into every
+/// process.
+pub(super) fn vdso_image() -> Option<Vec<u8>> {
+    let snapshot = Snapshot::take(std::process::id())?;
+    let m = snapshot.mappings.iter().find(|m| m.path == "[vdso]")?;
+    let mut image = vec![0; usize::try_from(m.end - m.start).ok()?];
+    fs::File::open("/proc/self/mem")
+        .ok()?
+        .read_exact_at(&mut image, m.start)
+        .ok()?;
+    Some(image)
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use framehop::{
     ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _,
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
-use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+use object::{Object as _, ObjectSection as _};
 use profiler_common::{
     record::MAX_STACK_DEPTH,
     unwind::{UnwindSample, UnwindStop, VERIFY_STACK_BYTES},
@@ -193,13 +193,7 @@ impl Sections {
             debug_frame: data(".debug_frame").map(|(_, d)| d),
             text: range(".text"),
             got: range(".got"),
-            loads: file
-                .segments()
-                .map(|s| {
-                    let (offset, size) = s.file_range();
-                    (offset, s.address(), size)
-                })
-                .collect(),
+            loads: super::procs::load_segments(bytes),
         })
     }
 
@@ -406,7 +400,11 @@ impl Checker {
             return self
                 .files
                 .entry(None)
-                .or_insert_with(|| own_vdso().and_then(|b| Sections::parse(&b)).map(Arc::new))
+                .or_insert_with(|| {
+                    super::procs::vdso_image()
+                        .and_then(|b| Sections::parse(&b))
+                        .map(Arc::new)
+                })
                 .clone();
         }
         if !m.path.starts_with('/') {
@@ -550,19 +548,6 @@ fn is_trampoline(tgid: u32, snapshot: &Snapshot, addr: u64) -> bool {
             .and_then(|f| f.read_exact_at(&mut code, addr - m.start + m.offset))
             .is_ok()
     }) && code == RESTORE_RT
-}
-
-/// hvprof's own vDSO image: the kernel maps the same one into every
-/// process.
-fn own_vdso() -> Option<Vec<u8>> {
-    let snapshot = Snapshot::take(std::process::id())?;
-    let m = snapshot.mappings.iter().find(|m| m.path == "[vdso]")?;
-    let mut image = vec![0; usize::try_from(m.end - m.start).ok()?];
-    fs::File::open("/proc/self/mem")
-        .ok()?
-        .read_exact_at(&mut image, m.start)
-        .ok()?;
-    Some(image)
 }
 
 /// A sample that is not the same, for the report: both stacks, each frame
