@@ -96,6 +96,7 @@ pub mod names {
     pub const PROG_DBUS_RETURN: &str = "dbus_return";
     pub const PROG_DBUS_NAMES: &str = "dbus_names";
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    pub const UNWIND_CHUNKS: &str = "UNWIND_CHUNKS";
     pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
     pub const UNWIND_STOPS: &str = "UNWIND_STOPS";
     pub const UNWIND_VERIFY: &str = "UNWIND_VERIFY";
@@ -499,15 +500,18 @@ pub const KSTACK_UNCHECKED: u32 = u32::MAX;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockSite {
-    /// User ip, sp, bp and the return address at bp+8 (0s: empty). Two
-    /// blocks of a thread with the same four are at the same site, with the
-    /// same user call chain.
+    /// User ip, sp, bp and the return address (0s: empty). Two blocks of a
+    /// thread with the same four are at the same site, with the same user
+    /// call chain. The return address is 0 where `user_check` is set: the
+    /// check covers frame 0's return address, and more.
     pub user: [u64; 4],
     /// The user stack id taken there.
     pub user_stack: u64,
     /// Where its first return addresses sit above sp (see
     /// `unwind::SITE_CHECK_FRAMES`); 0s: not checked (frame pointers).
     pub user_check: [u64; 2],
+    /// The hash of the return addresses expected in those slots.
+    pub user_check_hash: u64,
     /// The kernel stack id walked when a block here last came back (0:
     /// none yet), and the syscall number of that block.
     pub kern_stack: u64,
@@ -530,6 +534,7 @@ impl BlockSite {
         user: [0; 4],
         user_stack: 0,
         user_check: [0; 2],
+        user_check_hash: 0,
         kern_stack: 0,
         syscall: 0,
         kern_ret: [0; 2],
@@ -1332,7 +1337,7 @@ mod tests {
             size_of::<OffCpuAcc>(),
             size_of::<OffCpuKey>() + size_of::<OffCpuValue>()
         );
-        assert_eq!(size_of::<BlockSite>(), 12 * 8 + size_of::<OffCpuAcc>());
+        assert_eq!(size_of::<BlockSite>(), 13 * 8 + size_of::<OffCpuAcc>());
         assert_eq!(
             size_of::<OffCpuStart>(),
             size_of::<OffCpuKey>()

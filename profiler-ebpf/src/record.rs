@@ -460,24 +460,31 @@ fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
     (kern, user_stack(ctx, window))
 }
 
-/// The user registers of `task` (the current task, as a BTF pointer) where
-/// it blocks: ip, sp, bp and the return address (0s if unreadable). Two
-/// blocks of a thread with the same four are at the same site, with the
-/// same user call chain. The return address is the one the unwind tables
-/// give for ip (`--unwind dwarf`), else the word at bp+8 (right only where
-/// ip's function keeps a frame pointer).
+/// The user ip, sp and bp of `task` (the current task, as a BTF pointer)
+/// where it blocks (0s if unreadable): with the return address (see
+/// `site_return`), the key of a blocking site.
 #[inline(always)]
-fn user_site(task: *mut task_struct) -> [u64; 4] {
+fn user_regs(task: *mut task_struct) -> [u64; 3] {
     // SAFETY: the helper takes the task's BTF pointer; a BTF pointer: plain
     // loads (the verifier makes them faulting loads), no helper call each.
-    let (ip, sp, bp) = unsafe {
+    unsafe {
         let regs = bpf_task_pt_regs(task) as *const pt_regs;
-        (
+        [
             core::ptr::read_volatile(&raw const (*regs).rip),
             core::ptr::read_volatile(&raw const (*regs).rsp),
             core::ptr::read_volatile(&raw const (*regs).rbp),
-        )
-    };
+        ]
+    }
+}
+
+/// The return address of the function blocking at `regs` (the current
+/// task's ip, sp, bp): the one its unwind row gives (`--unwind dwarf`),
+/// else the word at bp+8 (right only where the function keeps a frame
+/// pointer); 0 if unreadable. Two blocks of a thread with the same four
+/// are at the same site, with the same user call chain.
+#[inline(always)]
+fn site_return(regs: [u64; 3]) -> u64 {
+    let [ip, sp, bp] = regs;
     let from_tables = if config!(unwind_dwarf) != 0 {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         unwind::return_address(tgid, ip, sp, bp)
@@ -485,9 +492,8 @@ fn user_site(task: *mut task_struct) -> [u64; 4] {
         None
     };
     // SAFETY: a user read, checked by the helper.
-    let ret = from_tables
-        .unwrap_or_else(|| unsafe { bpf_probe_read_user((bp + 8) as *const u64) }.unwrap_or(0));
-    [ip, sp, bp, ret]
+    from_tables
+        .unwrap_or_else(|| unsafe { bpf_probe_read_user((bp + 8) as *const u64) }.unwrap_or(0))
 }
 
 #[inline(always)]
@@ -769,25 +775,36 @@ fn site_user_stack<C: EbpfContext>(
     cached: Counter,
     walked: Counter,
 ) -> (u64, u32) {
-    let site = if config!(block_site_cache) != 0 {
-        user_site(task)
+    let regs = if config!(block_site_cache) != 0 {
+        user_regs(task)
     } else {
-        [0; 4]
+        [0; 3]
     };
-    if site[0] != 0 {
+    // The site's return address, found only where a site needs it: one
+    // whose walk recorded where its first return addresses sit is checked
+    // by them, frame 0's included, which costs one read instead of a row
+    // search (most switches of a thread are at a site it knows).
+    let mut ret = None;
+    if regs[0] != 0 {
         let sites = sites_of(e);
         let mut i = 0;
         while i < BLOCK_SITES {
             // SAFETY: i < BLOCK_SITES, inside the thread's entry.
             let s = unsafe { &*sites.add(i) };
             if s.user_stack >= STACK_ID_MIN
-                && s.user == site
-                && unwind::hvprof_site_matches(
-                    s.user_stack,
-                    site[1],
-                    s.user_check[0],
-                    s.user_check[1],
-                ) != 0
+                && s.user[0] == regs[0]
+                && s.user[1] == regs[1]
+                && s.user[2] == regs[2]
+                && if s.user_check[0] != 0 {
+                    unwind::hvprof_site_matches(
+                        s.user_check_hash,
+                        regs[1],
+                        s.user_check[0],
+                        s.user_check[1],
+                    ) != 0
+                } else {
+                    *ret.get_or_insert_with(|| site_return(regs)) == s.user[3]
+                }
             {
                 count(cached);
                 if config!(verify_stack_cache) != 0 {
@@ -807,13 +824,18 @@ fn site_user_stack<C: EbpfContext>(
     }
     count(walked);
     let (user, cacheable) = user_stack_walk(ctx, window);
-    if user < STACK_ID_MIN || site[0] == 0 || !cacheable {
+    if user < STACK_ID_MIN || regs[0] == 0 || !cacheable {
         return (user, NO_SITE);
     }
-    let check = if config!(unwind_dwarf) != 0 {
+    let (check, check_hash) = if config!(unwind_dwarf) != 0 {
         unwind::last_site_check()
     } else {
-        [0; 2]
+        ([0; 2], 0)
+    };
+    let ret = if check[0] != 0 {
+        0
+    } else {
+        ret.unwrap_or_else(|| site_return(regs))
     };
     // A new site replaces the oldest, whose blocks go to the map first
     // (with the last block's run-queue wait, if it is one of them).
@@ -825,9 +847,10 @@ fn site_user_stack<C: EbpfContext>(
         let next = if next < BLOCK_SITES { next } else { 0 };
         flush(&raw mut (*sites_of(e).add(next)).acc);
         *sites_of(e).add(next) = BlockSite {
-            user: site,
+            user: [regs[0], regs[1], regs[2], ret],
             user_stack: user,
             user_check: check,
+            user_check_hash: check_hash,
             ..BlockSite::EMPTY
         };
         (*e).next_slot = ((next + 1) % BLOCK_SITES) as u32;

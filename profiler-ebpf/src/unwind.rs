@@ -21,8 +21,8 @@ use profiler_common::{
     record::MAX_STACK_DEPTH,
     unwind::{
         CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_SIGNAL, MAX_PROC_MAPPINGS, ProcMappings,
-        RBP_AT_CFA, RBP_SAME, SIGFRAME_RBP, SIGFRAME_RIP, SIGFRAME_RSP, SITE_CHECK_BYTES,
-        SITE_CHECK_FRAMES, STACK_CUT, UnwindMapping, UnwindRow, UnwindStop,
+        RBP_AT_CFA, RBP_SAME, ROW_CHUNK_SHIFT, RowChunk, SIGFRAME_RBP, SIGFRAME_RIP, SIGFRAME_RSP,
+        SITE_CHECK_BYTES, SITE_CHECK_FRAMES, STACK_CUT, UnwindMapping, UnwindRow, UnwindStop,
     },
 };
 
@@ -32,6 +32,10 @@ use crate::record::STACK_SCRATCH;
 /// mmap; it sets the size).
 #[map]
 pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+/// Every file's chunk index into its rows (see `ROW_CHUNK_SHIFT`; written
+/// through mmap; userspace sets the size).
+#[map]
+pub static UNWIND_CHUNKS: Array<RowChunk> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 /// Each known process's executable mappings, by tgid. Not preallocated:
 /// a value is 8 KiB and most of the map stays empty.
 #[map]
@@ -103,9 +107,8 @@ struct Walk {
     bp_ok: u32,
     dwarf: u32,
     fp: u32,
-    /// A binary search under way: the PC (file-relative for rows) and the
-    /// bounds, kept here so that each search step reads them from the map.
-    pc: u64,
+    /// A mapping search's bounds, kept here so that each step reads them
+    /// from the map (see `find_mapping`).
     lo: u32,
     hi: u32,
     /// Frame 0's sp, and where the first frames' return addresses sit
@@ -295,7 +298,6 @@ fn start(tgid: u32, ip: u64, sp: u64, bp: u64, max: u32) -> Option<*mut Walk> {
             bp_ok: 1,
             dwarf: 0,
             fp: 0,
-            pc: 0,
             lo: 0,
             hi: 0,
             base_sp: sp,
@@ -576,14 +578,44 @@ unsafe fn note_slot(w: *mut Walk, slot: u64) {
     }
 }
 
-/// Where the last walk found its first return addresses (a site's
-/// `user_check`); 0s if none were recorded.
+/// The slot of the site check's frame `i` (`i < SITE_CHECK_FRAMES`): the
+/// word index above sp + 1, 0 for none.
 #[inline(always)]
-pub fn last_site_check() -> [u64; 2] {
-    match UNWIND_WALK.get_ptr_mut(0) {
-        // SAFETY: this CPU's walk state, read after the walk.
-        Some(w) => unsafe { (*w).check },
-        None => [0; 2],
+fn check_slot(check: [u64; 2], i: usize) -> u64 {
+    let packed = if i < 4 { check[0] } else { check[1] };
+    (packed >> ((i % 4) * 16)) & 0xffff
+}
+
+/// One step of the hash of the return addresses a site check expects.
+#[inline(always)]
+fn check_hash_step(h: u64, ret: u64) -> u64 {
+    (h ^ ret).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+const CHECK_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Where the last walk found its first return addresses (a site's
+/// `user_check`; 0s if none were recorded), and the hash of those return
+/// addresses (`user_check_hash`), from the walk still in `STACK_SCRATCH`.
+#[inline(always)]
+pub fn last_site_check() -> ([u64; 2], u64) {
+    let (Some(w), Some(buf)) = (UNWIND_WALK.get_ptr_mut(0), STACK_SCRATCH.get_ptr_mut(0)) else {
+        return ([0; 2], 0);
+    };
+    // SAFETY: this CPU's walk state and scratch, read after the walk.
+    unsafe {
+        let check = (*w).check;
+        let mut h = CHECK_HASH_SEED;
+        let mut i = 0;
+        while i < SITE_CHECK_FRAMES {
+            if check_slot(check, i) == 0 {
+                break;
+            }
+            // Frame i's return address is frame i + 1's ip.
+            h = check_hash_step(h, (*buf).ips[i + 1]);
+            i += 1;
+        }
+        (check, h)
     }
 }
 
@@ -592,13 +624,15 @@ pub fn last_site_check() -> [u64; 2] {
 static SITE_CHECK_SCRATCH: PerCpuArray<[u64; SITE_CHECK_BYTES / 8]> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Whether the current task, blocking again at a site where `stack` was
-/// walked, still has that stack's return addresses where the walk found
-/// them (`check`, from `last_site_check`). A global BPF function (exported
-/// by `build.rs`): verified once per program.
+/// Whether the current task, blocking again at a site, still has the
+/// return addresses its walk found (`hash`, from `last_site_check`) in the
+/// same slots (`check`). One user read and no map lookup: the stack is not
+/// looked up. A global BPF function (exported by `build.rs`): verified
+/// once per program.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn hvprof_site_matches(stack: u64, sp: u64, check0: u64, check1: u64) -> u64 {
+pub extern "C" fn hvprof_site_matches(hash: u64, sp: u64, check0: u64, check1: u64) -> u64 {
+    let check = [check0, check1];
     if check0 == 0 {
         // Nothing recorded (frame pointers, or a walk of one frame).
         return 1;
@@ -606,17 +640,12 @@ pub extern "C" fn hvprof_site_matches(stack: u64, sp: u64, check0: u64, check1: 
     let Some(words) = SITE_CHECK_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: a valid map value, read only.
-    let Some(ips) = (unsafe { crate::record::STACKS.get(&stack) }) else {
-        return 0;
-    };
     // The farthest slot decides how much to read: near the top of a
     // thread's stack a fixed 2 KiB read could run past its end.
     let mut far = 0u64;
     let mut i = 0;
     while i < SITE_CHECK_FRAMES {
-        let packed = if i < 4 { check0 } else { check1 };
-        let slot = (packed >> ((i % 4) * 16)) & 0xffff;
+        let slot = check_slot(check, i);
         if slot > far {
             far = slot;
         }
@@ -634,54 +663,59 @@ pub extern "C" fn hvprof_site_matches(stack: u64, sp: u64, check0: u64, check1: 
     if read != 0 {
         return 0;
     }
+    let mut h = CHECK_HASH_SEED;
     let mut i = 0;
     while i < SITE_CHECK_FRAMES {
-        let packed = if i < 4 { check0 } else { check1 };
-        let slot = (packed >> ((i % 4) * 16)) & 0xffff;
+        let slot = check_slot(check, i);
         if slot == 0 {
             break;
         }
         let word = (slot - 1) as usize & (SITE_CHECK_BYTES / 8 - 1);
-        // SAFETY: word < the scratch's length; i + 1 < MAX_STACK_DEPTH.
-        let (now, then) = unsafe { ((*words)[word], ips.ips[i + 1]) };
-        if now != then {
-            return 0;
-        }
+        // SAFETY: word < the scratch's length.
+        h = check_hash_step(h, unsafe { (*words)[word] });
         i += 1;
     }
-    1
-}
-
-/// Runs `search_step` (one halving of `lo..hi` per call) to the end. Each
-/// step reads the bounds from the map, so the verifier checks one step,
-/// not every path of the search.
-#[inline(always)]
-fn search(steps: u32, search_step: extern "C" fn(u64, *mut c_void) -> i64) {
-    // SAFETY: the callback has the signature bpf_loop expects and finds
-    // its state itself.
-    unsafe {
-        generated::bpf_loop(steps, search_step as *mut c_void, core::ptr::null_mut(), 0);
-    }
+    u64::from(h == hash)
 }
 
 /// Finds the mapping of `pc` in the process's sorted mappings into
-/// `map`.
+/// `map`: a plain bounded loop (no callback per halving, no map lookup per
+/// step). The bounds go through the walk state's map value at each step,
+/// where the verifier knows nothing of them: it checks one step and prunes
+/// the rest, instead of following every path of the search with the
+/// bounds in registers.
 #[inline(always)]
 unsafe fn find_mapping(w: *mut Walk, pc: u64) -> bool {
     unsafe {
         let Some(procs) = UNWIND_PROCS.get(&(*w).tgid) else {
             return false;
         };
-        (*w).pc = pc;
-        (*w).lo = 0;
-        (*w).hi = procs.count;
-        search(MAPPING_STEPS, mapping_step);
+        core::ptr::write_volatile(&raw mut (*w).lo, 0);
+        core::ptr::write_volatile(&raw mut (*w).hi, procs.count);
+        let mut i = 0;
+        while i < MAPPING_STEPS {
+            let lo = core::ptr::read_volatile(&raw const (*w).lo);
+            let hi = core::ptr::read_volatile(&raw const (*w).hi);
+            if lo >= hi {
+                break;
+            }
+            let mid = lo + (hi - lo) / 2;
+            // Masked: the verifier must see the index in range.
+            let Some(m) = procs.mappings.get((mid as usize) & (MAX_PROC_MAPPINGS - 1)) else {
+                return false;
+            };
+            if m.start <= pc {
+                core::ptr::write_volatile(&raw mut (*w).lo, mid + 1);
+            } else {
+                core::ptr::write_volatile(&raw mut (*w).hi, mid);
+            }
+            i += 1;
+        }
         // The last mapping starting at or below pc.
-        let lo = (*w).lo;
+        let lo = core::ptr::read_volatile(&raw const (*w).lo);
         if lo == 0 {
             return false;
         }
-        // Masked: the verifier must see the index in range.
         let Some(m) = procs
             .mappings
             .get(((lo - 1) as usize) & (MAX_PROC_MAPPINGS - 1))
@@ -696,53 +730,40 @@ unsafe fn find_mapping(w: *mut Walk, pc: u64) -> bool {
     }
 }
 
-#[inline(never)]
-extern "C" fn mapping_step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(w) = UNWIND_WALK.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's walk state; a valid map value, read only.
-    unsafe {
-        let (lo, hi) = ((*w).lo, (*w).hi);
-        if lo >= hi {
-            return 1;
-        }
-        let Some(procs) = UNWIND_PROCS.get(&(*w).tgid) else {
-            return 1;
-        };
-        let mid = lo + (hi - lo) / 2;
-        let Some(m) = procs.mappings.get((mid as usize) & (MAX_PROC_MAPPINGS - 1)) else {
-            (*w).hi = lo;
-            return 1;
-        };
-        if m.start <= (*w).pc {
-            (*w).lo = mid + 1;
-        } else {
-            (*w).hi = mid;
-        }
-        0
-    }
-}
-
-/// The last row at or below `pc` of the file of `map`.
+/// The last row at or below `pc` (a file address) of the file of `map`:
+/// a binary search of the rows its chunk index names (all the file's rows
+/// without one).
 #[inline(always)]
 unsafe fn find_row(w: *mut Walk, pc: u32) -> Option<UnwindRow> {
     unsafe {
+        let map = &raw const (*w).map;
+        let rows_len = (*map).rows_len;
+        let (mut lo, mut hi) = (0u32, rows_len);
+        if (*map).chunks_len != 0 {
+            let chunk = (pc >> ROW_CHUNK_SHIFT).wrapping_sub((*map).chunk_base);
+            if chunk >= (*map).chunks_len {
+                // Below the first row, or past the last row's chunk (the
+                // last row covers it).
+                if pc >> ROW_CHUNK_SHIFT < (*map).chunk_base {
+                    return None;
+                }
+                lo = rows_len - 1;
+            } else {
+                let c = UNWIND_CHUNKS.get((*map).chunks_start.wrapping_add(chunk))?;
+                lo = c.lo;
+                hi = if c.hi < rows_len { c.hi } else { rows_len };
+            }
+        }
         // A plain bounded loop: the step is verified once (it runs inside
         // a global function), and a loop costs no callback per halving.
-        // (The mapping search keeps its callback: indexing a map value by
-        // the search's probe makes the verifier walk every path of it.)
-        let start = (*w).map.rows_start;
-        let (mut lo, mut hi) = (0u32, (*w).map.rows_len);
+        let start = (*map).rows_start;
         let mut i = 0;
         while i < ROW_STEPS {
             if lo >= hi {
                 break;
             }
             let mid = lo + (hi - lo) / 2;
-            let Some(row) = UNWIND_ROWS.get(start.wrapping_add(mid)) else {
-                return None;
-            };
+            let row = UNWIND_ROWS.get(start.wrapping_add(mid))?;
             if row.pc <= pc {
                 lo = mid + 1;
             } else {
@@ -753,9 +774,7 @@ unsafe fn find_row(w: *mut Walk, pc: u32) -> Option<UnwindRow> {
         if lo == 0 {
             return None;
         }
-        UNWIND_ROWS
-            .get((*w).map.rows_start.wrapping_add(lo - 1))
-            .copied()
+        UNWIND_ROWS.get(start.wrapping_add(lo - 1)).copied()
     }
 }
 

@@ -957,7 +957,7 @@ fn unwind_row() -> Row {
                 t.names.join(", "),
                 t.time.as_millis(),
                 t.rows,
-                t.rows * 16 / 1024
+                crate::unwind::procs::map_kib(t.rows, t.chunks)
             ),
         ),
         Ok(_) => Row::missing(

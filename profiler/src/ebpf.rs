@@ -61,8 +61,20 @@ pub fn load_with_config(
         .override_global(profiler_common::record::names::CONFIG, config, true)
         .map_max_entries(profiler_common::record::names::STACKS, max_stacks)
         .map_max_entries(profiler_common::record::names::UNWIND_ROWS, unwind_rows)
+        .map_max_entries(
+            profiler_common::record::names::UNWIND_CHUNKS,
+            unwind_chunks(unwind_rows),
+        )
         .load(OBJECT)
         .map_err(|source| LoadError::Load { source })
+}
+
+/// The chunk index entries that go with `unwind_rows` rows: a file has
+/// about one per 20 rows (libc, glib, libvirt, QEMU); a file whose index
+/// does not fit is searched whole.
+#[must_use]
+pub fn unwind_chunks(unwind_rows: u32) -> u32 {
+    (unwind_rows / 4).max(1)
 }
 
 /// A read-only global of the eBPF object, set before load.

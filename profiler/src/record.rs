@@ -1418,11 +1418,13 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             bpf.take_map(name).ok_or(RecordError::Missing { name })
         };
         let rows = take(&mut bpf, names::UNWIND_ROWS)?;
+        let chunks = take(&mut bpf, names::UNWIND_CHUNKS)?;
         let procs = take(&mut bpf, names::UNWIND_PROCS)?;
         Some(crate::unwind::procs::Loader::new(
             rows,
+            chunks,
             procs,
-            unwind_rows,
+            (unwind_rows, ebpf::unwind_chunks(unwind_rows)),
             opts.unwind_cache.clone(),
         )?)
     } else {
@@ -2130,7 +2132,11 @@ impl Recorder {
                 ),
                 ("unwind tables: rows", u.rows),
                 ("unwind tables: JIT code ranges", u.jit_code),
-                ("unwind tables: row map KiB", u.rows * 16 / 1024),
+                ("unwind tables: chunk index entries", u.chunks),
+                (
+                    "unwind tables: map KiB",
+                    crate::unwind::procs::map_kib(u.rows, u.chunks),
+                ),
                 (
                     "unwind tables: build/read ms",
                     u64::try_from(u.build_time.as_millis()).unwrap_or(u64::MAX),

@@ -78,7 +78,9 @@ pub fn file_key(path: &Path) -> Result<FileKey, TableError> {
 }
 
 /// The unwind table of the ELF file at `path`, from `cache_dir/<key>.rows`
-/// if a valid one is there (then `true`), else built and stored there.
+/// if a valid one is there (then `true`), else built and stored there. A
+/// cache that cannot be written (a read-only home) costs the rebuild next
+/// time, not the table.
 pub fn table_for(path: &Path, cache_dir: &Path) -> Result<(UnwindTable, bool), TableError> {
     let file = open(path)?;
     let key = key_of(&file, path)?;
@@ -94,7 +96,14 @@ pub fn table_for(path: &Path, cache_dir: &Path) -> Result<(UnwindTable, bool), T
         path: path.to_owned(),
         source: Box::new(source),
     })?;
-    store(cache_dir, &cache_path, &encode(&table))?;
+    if let Err(e) = store(cache_dir, &cache_path, &encode(&table)) {
+        static TOLD: std::sync::Once = std::sync::Once::new();
+        TOLD.call_once(|| {
+            eprintln!(
+                "hvprof: warning: {e}; unwind tables are built again at each recording (--unwind-cache DIR names a writable directory)"
+            );
+        });
+    }
     Ok((table, false))
 }
 

@@ -1,7 +1,8 @@
 //! Each process's executable mappings, turned into (unwind table, load
 //! bias) and loaded into the unwinder's maps: the rows of every file once
-//! (`UNWIND_ROWS`, written through mmap), and per process its sorted
-//! mappings (`UNWIND_PROCS`).
+//! (`UNWIND_ROWS`, written through mmap) with their chunk index
+//! (`UNWIND_CHUNKS`, likewise), and per process its sorted mappings
+//! (`UNWIND_PROCS`).
 //!
 //! Files are opened through `/proc/PID/map_files/`, so a file deleted or
 //! replaced since it was mapped (a package upgrade), or one in another
@@ -23,8 +24,10 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use object::{Object as _, ObjectSegment as _, ReadRef};
-use profiler_common::unwind::{MAX_PROC_MAPPINGS, ProcMappings, UnwindMapping, UnwindRow};
+use object::{Object as _, ObjectSegment as _, ReadCache, ReadRef};
+use profiler_common::unwind::{
+    MAX_PROC_MAPPINGS, ProcMappings, ROW_CHUNK_SHIFT, RowChunk, UnwindMapping, UnwindRow,
+};
 use thiserror::Error;
 
 use super::{build_table, jit, table_for};
@@ -53,6 +56,8 @@ pub struct LoaderStats {
     /// Files that did not fit in the rows map (frame pointers there).
     pub files_not_fitting: usize,
     pub rows: u64,
+    /// Entries of the rows' chunk index.
+    pub chunks: u64,
     /// Time spent building or reading tables.
     pub build_time: Duration,
     /// Processes whose mappings were loaded (each load counts).
@@ -77,12 +82,38 @@ enum FileId {
     Vdso,
 }
 
+/// A table's rows and chunk index as written to the maps (all 0: none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RowsRun {
+    rows_start: u32,
+    rows_len: u32,
+    chunks_start: u32,
+    chunks_len: u32,
+    chunk_base: u32,
+}
+
+impl RowsRun {
+    /// A mapping of these rows at `start..end`, with `bias`.
+    fn mapping(self, start: u64, end: u64, bias: u64) -> UnwindMapping {
+        UnwindMapping {
+            start,
+            end,
+            bias,
+            rows_start: self.rows_start,
+            rows_len: self.rows_len,
+            chunks_start: self.chunks_start,
+            chunks_len: self.chunks_len,
+            chunk_base: self.chunk_base,
+            pad: 0,
+        }
+    }
+}
+
 /// A file's rows in the map, and how its segments are laid out (for the
 /// load bias of each mapping).
 #[derive(Clone, Debug, Default)]
 struct FileEntry {
-    rows_start: u32,
-    rows_len: u32,
+    run: RowsRun,
     /// `PT_LOAD` segments: (file offset, virtual address, file size).
     loads: Vec<(u64, u64, u64)>,
 }
@@ -93,22 +124,30 @@ struct FileEntry {
 struct JitRows {
     start: u64,
     end: u64,
-    rows_start: u32,
-    rows_len: u32,
+    run: RowsRun,
 }
 
-/// `UNWIND_ROWS` mapped into hvprof's memory.
-struct RowsMmap {
+/// The kernel memory of `rows` rows and `chunks` chunk index entries, in
+/// KiB (array elements are 8-byte aligned: 16 bytes a row, 8 an entry).
+#[must_use]
+pub fn map_kib(rows: u64, chunks: u64) -> u64 {
+    (rows * MmapArray::<UnwindRow>::STRIDE as u64 + chunks * MmapArray::<RowChunk>::STRIDE as u64)
+        / 1024
+}
+
+/// An mmapable array map of `T`s mapped into hvprof's memory.
+struct MmapArray<T> {
     ptr: *mut u8,
     len: usize,
+    _of: std::marker::PhantomData<T>,
 }
 
-/// The kernel's array element stride: the value size rounded up to 8.
-const ROW_STRIDE: usize = size_of::<UnwindRow>().next_multiple_of(8);
+impl<T: Copy> MmapArray<T> {
+    /// The kernel's array element stride: the value size rounded up to 8.
+    const STRIDE: usize = size_of::<T>().next_multiple_of(8);
 
-impl RowsMmap {
     fn new(map: &MapData, capacity: u32) -> Result<Self, LoaderError> {
-        let len = capacity as usize * ROW_STRIDE;
+        let len = capacity as usize * Self::STRIDE;
         // SAFETY: a shared mapping of an mmapable array map's fd, of the
         // map's size; checked for failure below.
         let ptr = unsafe {
@@ -129,22 +168,23 @@ impl RowsMmap {
         Ok(Self {
             ptr: ptr.cast(),
             len,
+            _of: std::marker::PhantomData,
         })
     }
 
-    fn write(&mut self, at: u32, rows: &[UnwindRow]) {
-        for (i, row) in rows.iter().enumerate() {
-            let off = (at as usize + i) * ROW_STRIDE;
-            if off + size_of::<UnwindRow>() > self.len {
+    fn write(&mut self, at: u32, values: &[T]) {
+        for (i, value) in values.iter().enumerate() {
+            let off = (at as usize + i) * Self::STRIDE;
+            if off + size_of::<T>() > self.len {
                 return;
             }
             // SAFETY: inside the mapping (checked above); unaligned-safe.
-            unsafe { std::ptr::write_unaligned(self.ptr.add(off).cast::<UnwindRow>(), *row) };
+            unsafe { std::ptr::write_unaligned(self.ptr.add(off).cast::<T>(), *value) };
         }
     }
 }
 
-impl Drop for RowsMmap {
+impl<T> Drop for MmapArray<T> {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, unmapped once.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
@@ -153,11 +193,15 @@ impl Drop for RowsMmap {
 
 /// Loads processes' mappings and their files' tables into the maps.
 pub struct Loader {
-    rows: RowsMmap,
-    /// Kept open: programs loaded later name the map by this fd.
+    rows: MmapArray<UnwindRow>,
+    chunks: MmapArray<RowChunk>,
+    /// Kept open: programs loaded later name the maps by these fds.
     _rows_map: MapData,
+    _chunks_map: MapData,
     capacity: u32,
     used: u32,
+    chunk_capacity: u32,
+    chunks_used: u32,
     procs: BpfHashMap<MapData, u32, ProcMappings>,
     files: HashMap<FileId, Option<FileEntry>>,
     /// Per executable: its GDB JIT descriptor, if it exports one.
@@ -171,11 +215,13 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Takes the unwinder's maps out of the loaded object.
+    /// Takes the unwinder's maps out of the loaded object (`capacity`
+    /// rows, `chunk_capacity` chunk index entries).
     pub fn new(
         rows_map: Map,
+        chunks_map: Map,
         procs_map: Map,
-        capacity: u32,
+        (capacity, chunk_capacity): (u32, u32),
         cache_dir: PathBuf,
     ) -> Result<Self, LoaderError> {
         let Map::Array(rows_data) = rows_map else {
@@ -183,15 +229,25 @@ impl Loader {
                 name: profiler_common::record::names::UNWIND_ROWS,
             });
         };
-        let rows = RowsMmap::new(&rows_data, capacity)?;
+        let Map::Array(chunks_data) = chunks_map else {
+            return Err(LoaderError::MissingMap {
+                name: profiler_common::record::names::UNWIND_CHUNKS,
+            });
+        };
+        let rows = MmapArray::new(&rows_data, capacity)?;
+        let chunks = MmapArray::new(&chunks_data, chunk_capacity)?;
         let procs = BpfHashMap::try_from(procs_map).map_err(|_| LoaderError::MissingMap {
             name: profiler_common::record::names::UNWIND_PROCS,
         })?;
         Ok(Self {
             rows,
+            chunks,
             _rows_map: rows_data,
+            _chunks_map: chunks_data,
             capacity,
             used: 0,
+            chunk_capacity,
+            chunks_used: 0,
             procs,
             files: HashMap::new(),
             jit_descriptors: HashMap::new(),
@@ -218,24 +274,18 @@ impl Loader {
             let t = Instant::now();
             // JIT code the process registered wins over the mapping's file:
             // with `-accel tcg,split-wx=on` QEMU runs it from a memfd.
-            let (rows_start, rows_len, bias) = if jit.1 != 0 || m.path == "[anon]" {
+            let (run, bias) = if jit.0.rows_len != 0 || m.path == "[anon]" {
                 jit
             } else {
                 let entry = self.file_of(tgid, m.start, m.end, &m.path);
                 entry
                     .and_then(|f| {
                         let bias = bias_of(&f.loads, m.start, m.offset, &m.path)?;
-                        Some((f.rows_start, f.rows_len, bias))
+                        Some((f.run, bias))
                     })
-                    .unwrap_or((0, 0, 0))
+                    .unwrap_or_default()
             };
-            value.mappings[n] = UnwindMapping {
-                start: m.start,
-                end: m.end,
-                bias,
-                rows_start,
-                rows_len,
-            };
+            value.mappings[n] = run.mapping(m.start, m.end, bias);
             n += 1;
             // A file whose table had to be built took a while: the process
             // walks meanwhile, so what is known so far goes in now (the
@@ -288,14 +338,13 @@ impl Loader {
                 loaded.push(*known);
                 continue;
             }
-            let Some(rows_start) = self.write_rows(&code.rows) else {
+            let Some(run) = self.write_rows(&code.rows) else {
                 continue;
             };
             let rows = JitRows {
                 start: code.start,
                 end: code.end,
-                rows_start,
-                rows_len: u32::try_from(code.rows.len()).unwrap_or(0),
+                run,
             };
             self.jit_code.insert((tgid, code.start), rows);
             self.stats.jit_code += 1;
@@ -326,9 +375,9 @@ impl Loader {
         Some(descriptor.vaddr.wrapping_add(bias))
     }
 
-    /// Appends rows to the map; where they start, `None` if they do not
-    /// fit.
-    fn write_rows(&mut self, rows: &[UnwindRow]) -> Option<u32> {
+    /// Appends rows to the map, and their chunk index where it fits (else
+    /// the unwinder searches all of them); `None` if the rows do not fit.
+    fn write_rows(&mut self, rows: &[UnwindRow]) -> Option<RowsRun> {
         let len = u32::try_from(rows.len()).ok()?;
         if len == 0 || self.capacity - self.used < len {
             return None;
@@ -337,7 +386,23 @@ impl Loader {
         self.rows.write(start, rows);
         self.used += len;
         self.stats.rows += u64::from(len);
-        Some(start)
+        let mut run = RowsRun {
+            rows_start: start,
+            rows_len: len,
+            ..RowsRun::default()
+        };
+        if let Some((base, index)) = chunk_index(rows)
+            && let Ok(n) = u32::try_from(index.len())
+            && self.chunk_capacity - self.chunks_used >= n
+        {
+            self.chunks.write(self.chunks_used, &index);
+            run.chunks_start = self.chunks_used;
+            run.chunks_len = n;
+            run.chunk_base = base;
+            self.chunks_used += n;
+            self.stats.chunks += u64::from(n);
+        }
+        Some(run)
     }
 
     /// The table of the file mapped at `start..end` in `tgid`, loaded if it
@@ -361,22 +426,18 @@ impl Loader {
 
     fn build(&mut self, id: FileId, mapped: &Path) -> Option<FileEntry> {
         let t = Instant::now();
-        let (bytes, table) = if id == FileId::Vdso {
+        let (loads, table) = if id == FileId::Vdso {
             let image = vdso_image()?;
             let table = build_table(&image).ok();
-            (image, table.map(|t| (t, false)))
+            (load_segments(image.as_slice()), table.map(|t| (t, false)))
         } else {
-            let bytes = fs::read(mapped).ok()?;
-            // A cache that cannot be written (read-only home) costs the
-            // rebuild next time, not the table.
-            let table = table_for(mapped, &self.cache_dir)
-                .ok()
-                .or_else(|| build_table(&bytes).ok().map(|t| (t, false)));
-            (bytes, table)
+            // The segments from the headers alone: reading all of QEMU to
+            // find them cost more than its cached table.
+            let file = fs::File::open(mapped).ok()?;
+            let loads = load_segments(&ReadCache::new(&file));
+            (loads, table_for(mapped, &self.cache_dir).ok())
         };
         self.stats.build_time += t.elapsed();
-        let loads = load_segments(bytes.as_slice());
-        drop(bytes);
         let Some((table, cached)) = table else {
             self.stats.files_without_table += 1;
             return None;
@@ -385,18 +446,13 @@ impl Loader {
             self.stats.files_without_table += 1;
             return None;
         }
-        let Some(start) = self.write_rows(&table.rows) else {
+        let Some(run) = self.write_rows(&table.rows) else {
             self.stats.files_not_fitting += 1;
             return None;
         };
         self.stats.files += 1;
         self.stats.files_cached += usize::from(cached);
-        Some(FileEntry {
-            rows_start: start,
-            // `write_rows` has checked it fits in u32.
-            rows_len: u32::try_from(table.rows.len()).unwrap_or(0),
-            loads,
-        })
+        Some(FileEntry { run, loads })
     }
 }
 
@@ -429,10 +485,42 @@ fn may_hold_jit_code(path: &str) -> bool {
 /// them): each gets the code's rows and its start as bias. Addresses below
 /// the code are beyond u32 from it and those above it meet the final
 /// `CFA_NONE` row, so neither takes the code's rule.
-fn jit_rows_for(code: &[JitRows], start: u64, end: u64) -> (u32, u32, u64) {
+fn jit_rows_for(code: &[JitRows], start: u64, end: u64) -> (RowsRun, u64) {
     code.iter()
         .find(|c| c.start < end && start < c.end)
-        .map_or((0, 0, 0), |c| (c.rows_start, c.rows_len, c.start))
+        .map_or_else(Default::default, |c| (c.run, c.start))
+}
+
+/// The chunk index of a table's sorted rows (see `ROW_CHUNK_SHIFT`): the
+/// first chunk's number and, for each chunk from it to the last row's, the
+/// rows that can cover it. `None` for rows spread so thinly that the index
+/// would outgrow them (JIT code: a few rows over a 1 GiB buffer); the
+/// unwinder then searches all the rows.
+pub(super) fn chunk_index(rows: &[UnwindRow]) -> Option<(u32, Vec<RowChunk>)> {
+    let (first, last) = (rows.first()?, rows.last()?);
+    let base = first.pc >> ROW_CHUNK_SHIFT;
+    let count = (last.pc >> ROW_CHUNK_SHIFT) - base + 1;
+    if count as usize > 4 * rows.len() + 64 {
+        return None;
+    }
+    let mut index = Vec::with_capacity(count as usize);
+    // The last row starting at or below the chunk, the first past it.
+    let (mut lo, mut hi) = (0, 0);
+    for k in 0..count {
+        let start = u64::from(base + k) << ROW_CHUNK_SHIFT;
+        let end = start + (1 << ROW_CHUNK_SHIFT);
+        while lo + 1 < rows.len() && u64::from(rows[lo + 1].pc) <= start {
+            lo += 1;
+        }
+        while hi < rows.len() && u64::from(rows[hi].pc) < end {
+            hi += 1;
+        }
+        index.push(RowChunk {
+            lo: u32::try_from(lo).ok()?,
+            hi: u32::try_from(hi).ok()?,
+        });
+    }
+    Some((base, index))
 }
 
 /// The `PT_LOAD` segments of an ELF file: (file offset, virtual address,
@@ -534,26 +622,94 @@ mod tests {
 
     #[test]
     fn jit_code_rows_go_to_every_mapping_it_lies_in() {
+        let run = RowsRun {
+            rows_start: 100,
+            rows_len: 2,
+            ..RowsRun::default()
+        };
         let code = [JitRows {
             start: 0x7f00_0000_002d,
             end: 0x7f00_4000_0000,
-            rows_start: 100,
-            rows_len: 2,
+            run,
         }];
-        let jit = (100, 2, 0x7f00_0000_002d);
+        let jit = (run, 0x7f00_0000_002d);
+        let none = (RowsRun::default(), 0);
         // The code's start inside the first region, its end in the last.
         assert_eq!(jit_rows_for(&code, 0x7f00_0000_0000, 0x7f00_1fff_f000), jit);
         assert_eq!(jit_rows_for(&code, 0x7f00_2000_0000, 0x7f00_3fff_f000), jit);
         // Before, after, touching.
         assert_eq!(
             jit_rows_for(&code, 0x7eff_0000_0000, 0x7f00_0000_002d),
-            (0, 0, 0)
+            none
         );
         assert_eq!(
             jit_rows_for(&code, 0x7f00_4000_0000, 0x7f00_4001_0000),
-            (0, 0, 0)
+            none
         );
-        assert_eq!(jit_rows_for(&[], 0x1000, 0x2000), (0, 0, 0));
+        assert_eq!(jit_rows_for(&[], 0x1000, 0x2000), none);
+    }
+
+    /// The eBPF search (`find_row` in profiler-ebpf's unwind.rs): the
+    /// chunk's bounds, or the last row past the last chunk.
+    fn row_by_chunk(rows: &[UnwindRow], base: u32, index: &[RowChunk], pc: u32) -> Option<usize> {
+        let chunk = (pc >> ROW_CHUNK_SHIFT).wrapping_sub(base);
+        let (mut lo, mut hi) = match index.get(chunk as usize) {
+            Some(c) => (c.lo as usize, (c.hi as usize).min(rows.len())),
+            None if pc >> ROW_CHUNK_SHIFT < base => return None,
+            None => (rows.len() - 1, rows.len()),
+        };
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if rows[mid].pc <= pc {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo.checked_sub(1)
+    }
+
+    #[test]
+    fn the_chunk_index_finds_the_row_a_full_search_finds() {
+        let table = build_table(&vdso_image().expect("a vDSO")).expect("its table");
+        let libc = fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6")
+            .ok()
+            .and_then(|b| build_table(&b).ok());
+        // Hand-made: rows sharing a chunk, a chunk without a row start,
+        // rows far apart, a first row in the middle of its chunk.
+        let pc = |pc| UnwindRow {
+            pc,
+            ..UnwindRow::default()
+        };
+        let made = vec![
+            pc(0x1010),
+            pc(0x1020),
+            pc(0x1021),
+            pc(0x1c00),
+            pc(0x2400),
+            pc(0x9000),
+        ];
+        for rows in [Some(table.rows), libc.map(|t| t.rows), Some(made)]
+            .into_iter()
+            .flatten()
+        {
+            let (base, index) = chunk_index(&rows).expect("rows dense enough for an index");
+            let (lo, hi) = (
+                rows[0].pc.saturating_sub(3000),
+                rows[rows.len() - 1].pc + 3000,
+            );
+            // Every row start, the address before it, and a stride between.
+            let probes = rows
+                .iter()
+                .flat_map(|r| [r.pc, r.pc.saturating_sub(1)])
+                .chain((lo..hi).step_by(97));
+            for p in probes {
+                let full = rows.partition_point(|r| r.pc <= p).checked_sub(1);
+                assert_eq!(row_by_chunk(&rows, base, &index, p), full, "pc {p:#x}");
+            }
+        }
+        // A few rows over a wide range get no index.
+        assert_eq!(chunk_index(&[pc(0), pc(1 << 30)]), None);
     }
 
     #[test]
@@ -571,6 +727,8 @@ pub struct OwnTables {
     /// Their file names (`[vdso]` for the vDSO).
     pub names: Vec<String>,
     pub rows: u64,
+    /// Entries of their chunk indices.
+    pub chunks: u64,
     pub time: Duration,
 }
 
@@ -602,6 +760,7 @@ pub fn own_tables() -> Result<OwnTables, String> {
         };
         out.files += 1;
         out.rows += table.rows.len() as u64;
+        out.chunks += chunk_index(&table.rows).map_or(0, |(_, c)| c.len() as u64);
         out.names.push(
             Path::new(&m.path)
                 .file_name()
