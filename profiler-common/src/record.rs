@@ -91,6 +91,8 @@ pub mod names {
     pub const PROG_FORK_ENTER: &str = "fork_syscall_enter";
     pub const PROG_FORK_EXIT: &str = "fork_syscall_exit";
     pub const PROG_FORK_CALLER: &str = "fork_caller";
+    pub const PROG_UNWIND_MMAP_ENTER: &str = "unwind_mmap_enter";
+    pub const PROG_UNWIND_MMAP_EXIT: &str = "unwind_mmap_exit";
     pub const DBUS_CALLS: &str = "DBUS_CALLS";
     pub const PROG_DBUS_ENTER: &str = "dbus_enter";
     pub const PROG_DBUS_RETURN: &str = "dbus_return";
@@ -148,6 +150,10 @@ pub struct TracepointOffsets {
     /// `dst_root` and `dst_path` of `cgroup_attach_task`.
     pub cgroup_attach_root: u32,
     pub cgroup_attach_path: u32,
+    /// `prot` and `flags` of `sys_enter_mmap`, `ret` of `sys_exit_mmap`.
+    pub mmap_prot: u32,
+    pub mmap_flags: u32,
+    pub mmap_exit_ret: u32,
 }
 
 /// The log2 bucket of a wait (see [`LOCK_HIST_BUCKETS`]).
@@ -294,6 +300,9 @@ impl Config {
                 cgroup_path: 0,
                 cgroup_attach_root: 0,
                 cgroup_attach_path: 0,
+                mmap_prot: 0,
+                mmap_flags: 0,
+                mmap_exit_ret: 0,
             },
             task_thread_sp: 0,
             verify_stack_cache: 0,
@@ -612,6 +621,10 @@ pub enum EventKind {
     /// does not know (not loaded yet, or a PC outside them: a `dlopen`):
     /// userspace reads its mappings and loads their unwind tables.
     UnwindTables = 5,
+    /// A process the unwinder knows mapped a file executable (the dynamic
+    /// loader at a `dlopen`): userspace reads its mappings again once the
+    /// loader's burst of mappings is over.
+    UnwindMapping = 6,
 }
 
 /// A VM creation seen as a successful `KVM_CREATE_VM`.

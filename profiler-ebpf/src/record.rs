@@ -1164,7 +1164,10 @@ fn emit(kind: EventKind, tgid: u32, pid: u32, child: u32, ordinal: u64, window: 
     // Only an exec wakes userspace (its maps must be read while it lives);
     // the rest waits for that or for userspace's slow tick, instead of a
     // wakeup per fork and exit.
-    let flags = if matches!(kind, EventKind::Exec | EventKind::UnwindTables) {
+    let flags = if matches!(
+        kind,
+        EventKind::Exec | EventKind::UnwindTables | EventKind::UnwindMapping
+    ) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -1340,6 +1343,9 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
         let _ = FORK_CALLER.remove(&pid);
     }
     let _ = CGROUP_PENDING.remove(&pid);
+    if config!(unwind_dwarf) != 0 {
+        let _ = MMAP_EXEC.remove(&pid);
+    }
     let _ = EXITING.insert(&pid, &1, 0);
     if pid == tgid {
         if config!(unwind_dwarf) != 0 {
@@ -2154,6 +2160,62 @@ pub fn cgroup_syscall_exit(_ctx: TracePointContext) -> u32 {
         }
     }
     let _ = CGROUP_PENDING.remove(&pid);
+    0
+}
+
+// ---------------------------------------------------- executable mappings
+
+/// `mmap`'s `PROT_EXEC` and `MAP_ANONYMOUS`.
+const PROT_EXEC: u64 = 0x4;
+const MAP_ANONYMOUS: u64 = 0x20;
+
+/// Per thread: an executable file mapping under way in a process the
+/// unwinder knows (the thread's tgid).
+#[map]
+static MMAP_EXEC: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// `sys_enter_mmap` (`--unwind dwarf`): a process the unwinder knows maps a
+/// file executable, as the dynamic loader does at a `dlopen` (the text
+/// segment, `PROT_READ | PROT_EXEC`). Marked here; announced at the exit,
+/// once the mapping is in the process's maps.
+#[tracepoint]
+pub fn unwind_mmap_enter(ctx: TracePointContext) -> u32 {
+    let (Some(prot), Some(flags)) = (
+        read::<u64>(&ctx, config!(offsets.mmap_prot)),
+        read::<u64>(&ctx, config!(offsets.mmap_flags)),
+    ) else {
+        return 0;
+    };
+    if prot & PROT_EXEC == 0 || flags & MAP_ANONYMOUS != 0 {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    // A process whose mappings are not loaded yet gets them all when they
+    // are (its exec, or its first walk).
+    if unwind::owner_of(tgid).is_none() {
+        return 0;
+    }
+    let _ = MMAP_EXEC.insert(&pid, &tgid, 0);
+    0
+}
+
+/// `sys_exit_mmap`: a marked mapping that succeeded is announced
+/// (`EventKind::UnwindMapping`).
+#[tracepoint]
+pub fn unwind_mmap_exit(ctx: TracePointContext) -> u32 {
+    let pid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: a valid map value, copied.
+    let Some(tgid) = (unsafe { MMAP_EXEC.get(&pid) }).copied() else {
+        return 0;
+    };
+    let _ = MMAP_EXEC.remove(&pid);
+    let ret = read::<i64>(&ctx, config!(offsets.mmap_exit_ret)).unwrap_or(-1);
+    // -4095..-1: an errno.
+    if (-4095..0).contains(&ret) {
+        return 0;
+    }
+    emit(EventKind::UnwindMapping, tgid, pid, 0, 0, current_window());
     0
 }
 

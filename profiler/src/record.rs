@@ -697,6 +697,21 @@ fn leak(s: String) -> &'static str {
 /// the system, so it is hooked only with `--time-cgroup-writes`.
 const CGROUP_SYSCALLS: [&str; 5] = ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"];
 
+/// How long after a library is mapped executable its process's mappings
+/// are read again (the rest of a loader's burst of mappings comes along).
+const MAPPING_SETTLE_MS: u64 = 5;
+
+/// Offsets of `sys_enter_mmap`/`sys_exit_mmap`, which tell the unwinder
+/// of a library mapped executable (`dlopen`), or why they cannot be used.
+fn mmap_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
+    let [enter, exit] = syscall_pair("mmap");
+    let (enter, exit) = (tracefs.format(enter)?, tracefs.format(exit)?);
+    offsets.mmap_prot = enter.offset("prot", &[8])?;
+    offsets.mmap_flags = enter.offset("flags", &[8])?;
+    offsets.mmap_exit_ret = exit.offset("ret", &[8])?;
+    Ok(())
+}
+
 /// Offsets of the cgroup tracepoints, or why they cannot be used.
 fn cgroup_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
     let mkdir = tracefs.format(Tracepoint::new("cgroup", "cgroup_mkdir"))?;
@@ -1263,6 +1278,16 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         eprintln!("hvprof: warning: the cgroup tracer is skipped: {e}");
         active.retain(|t| *t != Tracer::Cgroup);
     }
+    let mmap_hook = opts.unwind == UnwindMode::Dwarf
+        && match mmap_offsets(&tracefs, &mut offsets) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!(
+                    "hvprof: warning: a library mapped during the recording gets its unwind tables at the first stack that meets it: {e}"
+                );
+                false
+            }
+        };
 
     let mut config = Config::zeroed();
     config.target_mode = match opts.target {
@@ -1534,6 +1559,11 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         names::PROG_IOCTL_EXIT,
         Tracepoint::new("syscalls", "sys_exit_ioctl"),
     )?;
+    if mmap_hook {
+        let [enter, exit] = syscall_pair("mmap");
+        tracepoint(&mut bpf, names::PROG_UNWIND_MMAP_ENTER, enter)?;
+        tracepoint(&mut bpf, names::PROG_UNWIND_MMAP_EXIT, exit)?;
+    }
     if let Some(btf) = btf
         && let Err(e) = attach_offcpu(&mut bpf, btf)
     {
@@ -1695,7 +1725,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     })
 }
 
-const PROGRAMS: [&str; 17] = [
+const PROGRAMS: [&str; 19] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_FORK,
@@ -1713,6 +1743,8 @@ const PROGRAMS: [&str; 17] = [
     names::PROG_CGROUP_SYSCALL_ENTER,
     names::PROG_CGROUP_SYSCALL_EXIT,
     names::PROG_FORK_CALLER,
+    names::PROG_UNWIND_MMAP_ENTER,
+    names::PROG_UNWIND_MMAP_EXIT,
 ];
 
 /// Run counts and run time of every recording program.
@@ -1961,6 +1993,21 @@ impl Recorder {
                     self.processes.learn(ev.tgid);
                 }
                 self.processes.reload_unwind(ev.tgid);
+            }
+            k if k == EventKind::UnwindMapping as u32 => {
+                // A library mapped executable: its mappings are read again
+                // once the loader is done (a dlopen maps a few segments, an
+                // exec'd process's loader dozens of libraries within a few
+                // ms), by a snapshot already due soon if there is one.
+                let now = Instant::now();
+                let soon = now + Duration::from_millis(MAPPING_SETTLE_MS);
+                let due_soon = self
+                    .resnap
+                    .iter()
+                    .any(|&(at, t)| t == ev.tgid && at <= soon + Duration::from_millis(20));
+                if !due_soon {
+                    self.resnap.push((soon, ev.tgid));
+                }
             }
             k if k == EventKind::Exit as u32 => {
                 if let Some(u) = &mut self.processes.unwind {

@@ -21,9 +21,9 @@
  *   lazy:MS      the program's first call of nanosleep, through its lazily
  *                bound PLT (link with -Wl,-z,lazy), is one MS ms sleep in
  *                first_sleep(): run it before any step that sleeps;
- *   plugin:PATH  dlopen PATH (samples/unwind/plugin.c) and, from
- *                call_plugin(), call plugin_work() (burns 500 ms) and
- *                plugin_sleep() (20 sleeps of 10 ms) through dlsym'd
+ *   plugin:PATH  dlopen PATH (samples/unwind/plugin.c), sleep 200 ms, and,
+ *                from call_plugin(), call plugin_work() (burns 500 ms)
+ *                and plugin_sleep() (20 sleeps of 10 ms) through dlsym'd
  *                pointers.
  *
  * Built with
@@ -242,6 +242,11 @@ __attribute__((noinline)) unsigned long call_plugin(const char *path)
 		fprintf(stderr, "workload: %s: plugin_work or plugin_sleep missing\n", path);
 		exit(1);
 	}
+	/* Long enough for a profiler that learns of the library at its mmap
+	 * to have its tables when it runs; one that learns of it at the first
+	 * stack in it cuts that stack. */
+	struct timespec settle = { 0, 200 * 1000000L };
+	nanosleep(&settle, 0);
 	unsigned long r = work(500);
 	r += (unsigned long)sleep(20, 10);
 	sink += r;
