@@ -627,6 +627,12 @@ pub enum EventKind {
     UnwindMapping = 6,
 }
 
+/// A process's mappings are read again this long after an
+/// [`EventKind::UnwindMapping`], and the kernel announces no other mapping
+/// of the process meanwhile (that read will see it): an exec'd process's
+/// loader maps dozens of libraries within a few ms, in a few reads.
+pub const MAPPING_SETTLE_NS: u64 = 10_000_000;
+
 /// A VM creation seen as a successful `KVM_CREATE_VM`.
 pub const VM_SOURCE_KVM: u32 = 1;
 /// A VM creation seen as an exec matching `--vm-event exec:PATTERN`.

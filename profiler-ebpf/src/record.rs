@@ -29,11 +29,11 @@ use profiler_common::record::{
     DBUS_TIMEOUT_INFINITE, DbusInflight, DbusKey, DbusLast, DbusNames, DbusValue, Event, EventKind,
     ForkKey, ForkStart, ForkValue, KSTACK_SCAN_WORDS, KSTACK_UNCHECKED, KVM_CREATE_VM,
     LOCK_HIST_BUCKETS, LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS, LOCK_KSTACKS, LockBegin, LockKey,
-    LockKstack, LockPending, LockValue, Loss, LossKey, MAX_LOCK_NESTING, MAX_STACK_DEPTH,
-    MAX_WINDOW_RANGES, NO_SITE, NOT_CHARGED, OffCpuAcc, OffCpuKey, OffCpuStart, OffCpuValue,
-    SETUP_WINDOW, STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK,
-    SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState, WindowMode,
-    WindowRange, cgroup_op, dbus_fn, fork_kind, hist_bucket, lock_flags, window_every,
+    LockKstack, LockPending, LockValue, Loss, LossKey, MAPPING_SETTLE_NS, MAX_LOCK_NESTING,
+    MAX_STACK_DEPTH, MAX_WINDOW_RANGES, NO_SITE, NOT_CHARGED, OffCpuAcc, OffCpuKey, OffCpuStart,
+    OffCpuValue, SETUP_WINDOW, STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN,
+    STACK_SHORT_BLOCK, SampleKey, StackBuf, TargetMode, VM_SOURCE_EXEC, VM_SOURCE_KVM, VmState,
+    WindowMode, WindowRange, cgroup_op, dbus_fn, fork_kind, hist_bucket, lock_flags, window_every,
 };
 
 use crate::unwind::{self, NoWalk, UNWIND_ALIAS, UNWIND_PROCS};
@@ -2173,6 +2173,9 @@ const MAP_ANONYMOUS: u64 = 0x20;
 /// unwinder knows (the thread's tgid).
 #[map]
 static MMAP_EXEC: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+/// Per process: when its last executable mapping was announced.
+#[map]
+static MMAP_ANNOUNCED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// `sys_enter_mmap` (`--unwind dwarf`): a process the unwinder knows maps a
 /// file executable, as the dynamic loader does at a `dlopen` (the text
@@ -2201,7 +2204,9 @@ pub fn unwind_mmap_enter(ctx: TracePointContext) -> u32 {
 }
 
 /// `sys_exit_mmap`: a marked mapping that succeeded is announced
-/// (`EventKind::UnwindMapping`).
+/// (`EventKind::UnwindMapping`), unless one of the process was announced
+/// less than `MAPPING_SETTLE_NS` ago: userspace reads the mappings that
+/// long after that one, so the read sees this one too.
 #[tracepoint]
 pub fn unwind_mmap_exit(ctx: TracePointContext) -> u32 {
     let pid = bpf_get_current_pid_tgid() as u32;
@@ -2215,6 +2220,14 @@ pub fn unwind_mmap_exit(ctx: TracePointContext) -> u32 {
     if (-4095..0).contains(&ret) {
         return 0;
     }
+    let now = now();
+    // SAFETY: a valid map value, read only.
+    if let Some(last) = unsafe { MMAP_ANNOUNCED.get(&tgid) }
+        && now.saturating_sub(*last) < MAPPING_SETTLE_NS
+    {
+        return 0;
+    }
+    let _ = MMAP_ANNOUNCED.insert(&tgid, &now, 0);
     emit(EventKind::UnwindMapping, tgid, pid, 0, 0, current_window());
     0
 }

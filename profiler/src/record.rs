@@ -23,10 +23,10 @@ use aya::{
 };
 use profiler_common::record::{
     COMM_LEN, CgroupKey, CgroupValue, Config, Counter, DbusKey, DbusValue, Event, EventKind,
-    ForkKey, ForkValue, LockKey, LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue,
-    STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK, SampleKey,
-    StackBuf, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState, cgroup_op, dbus_fn,
-    fork_kind, names,
+    ForkKey, ForkValue, LockKey, LockValue, Loss, LossKey, MAPPING_SETTLE_NS, OffCpuKey,
+    OffCpuStart, OffCpuValue, STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN,
+    STACK_SHORT_BLOCK, SampleKey, StackBuf, TargetMode, TracepointOffsets, VM_SOURCE_EXEC, VmState,
+    cgroup_op, dbus_fn, fork_kind, names,
 };
 use profiler_common::unwind::{STACK_CUT, UnwindStop};
 use thiserror::Error;
@@ -696,10 +696,6 @@ fn leak(s: String) -> &'static str {
 /// (moving a task by writing to `cgroup.procs`) fires for every write on
 /// the system, so it is hooked only with `--time-cgroup-writes`.
 const CGROUP_SYSCALLS: [&str; 5] = ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"];
-
-/// How long after a library is mapped executable its process's mappings
-/// are read again (the rest of a loader's burst of mappings comes along).
-const MAPPING_SETTLE_MS: u64 = 5;
 
 /// Offsets of `sys_enter_mmap`/`sys_exit_mmap`, which tell the unwinder
 /// of a library mapped executable (`dlopen`), or why they cannot be used.
@@ -2000,7 +1996,7 @@ impl Recorder {
                 // exec'd process's loader dozens of libraries within a few
                 // ms), by a snapshot already due soon if there is one.
                 let now = Instant::now();
-                let soon = now + Duration::from_millis(MAPPING_SETTLE_MS);
+                let soon = now + Duration::from_nanos(MAPPING_SETTLE_NS);
                 let due_soon = self
                     .resnap
                     .iter()
