@@ -1928,6 +1928,10 @@ impl Recorder {
         let rel = ev.ts_ns.saturating_sub(self.start_ns);
         match ev.kind {
             k if k == EventKind::Exec as u32 => {
+                // A new image: nothing of the old one's mappings holds.
+                if let Some(u) = &mut self.processes.unwind {
+                    u.forget(ev.tgid);
+                }
                 self.processes.snapshot(ev.tgid);
                 // Again once the dynamic loader has mapped the libraries
                 // (a short-lived process may be gone by the later one), and

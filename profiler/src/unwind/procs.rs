@@ -135,6 +135,10 @@ pub fn map_kib(rows: u64, chunks: u64) -> u64 {
         / 1024
 }
 
+/// A file mapping as a process's maps show it: start, end, file offset,
+/// path.
+type MappingKey = (u64, u64, u64, String);
+
 /// An mmapable array map of `T`s mapped into hvprof's memory.
 struct MmapArray<T> {
     ptr: *mut u8,
@@ -211,6 +215,11 @@ pub struct Loader {
     cache_dir: PathBuf,
     /// When each process was last loaded.
     loaded_at: HashMap<u32, Instant>,
+    /// Per process: its file mappings (start, end, offset, path) resolved
+    /// at earlier loads. A process is loaded again at every dlopen and
+    /// resnapshot, and resolving a mapping costs a stat through
+    /// `/proc/PID/map_files` (about 100 per QEMU).
+    resolved: HashMap<u32, HashMap<MappingKey, (RowsRun, u64)>>,
     pub stats: LoaderStats,
 }
 
@@ -254,6 +263,7 @@ impl Loader {
             jit_code: HashMap::new(),
             cache_dir,
             loaded_at: HashMap::new(),
+            resolved: HashMap::new(),
             stats: LoaderStats::default(),
         })
     }
@@ -274,16 +284,23 @@ impl Loader {
             let t = Instant::now();
             // JIT code the process registered wins over the mapping's file:
             // with `-accel tcg,split-wx=on` QEMU runs it from a memfd.
+            let key = (m.start, m.end, m.offset, m.path.clone());
+            let known = self.resolved.get(&tgid).and_then(|r| r.get(&key)).copied();
             let (run, bias) = if jit.0.rows_len != 0 || m.path == "[anon]" {
                 jit
+            } else if let Some(known) = known {
+                known
             } else {
                 let entry = self.file_of(tgid, m.start, m.end, &m.path);
-                entry
-                    .and_then(|f| {
-                        let bias = bias_of(&f.loads, m.start, m.offset, &m.path)?;
-                        Some((f.run, bias))
-                    })
-                    .unwrap_or_default()
+                match entry
+                    .and_then(|f| Some((f.run, bias_of(&f.loads, m.start, m.offset, &m.path)?)))
+                {
+                    Some(found) => {
+                        self.resolved.entry(tgid).or_default().insert(key, found);
+                        found
+                    }
+                    None => Default::default(),
+                }
             };
             value.mappings[n] = run.mapping(m.start, m.end, bias);
             n += 1;
@@ -310,9 +327,10 @@ impl Loader {
             .is_some_and(|t| t.elapsed() < within)
     }
 
-    /// Forgets a process that exited.
+    /// Forgets a process that exited or exec'd.
     pub fn forget(&mut self, tgid: u32) {
         self.loaded_at.remove(&tgid);
+        self.resolved.remove(&tgid);
         let _ = self.procs.remove(&tgid);
         // Its rows stay in the map (it only grows); a new process with the
         // same pid reads its own JIT code again.
