@@ -301,10 +301,11 @@ mod tests {
     fn row_has_no_padding() {
         assert_eq!(core::mem::size_of::<UnwindRow>(), 12);
         assert_eq!(core::mem::align_of::<UnwindRow>(), 4);
-        assert_eq!(core::mem::size_of::<UnwindMapping>(), 32);
+        assert_eq!(core::mem::size_of::<UnwindMapping>(), 48);
+        assert_eq!(core::mem::size_of::<RowChunk>(), 8);
         assert_eq!(
             core::mem::size_of::<ProcMappings>(),
-            8 + 32 * MAX_PROC_MAPPINGS
+            8 + 48 * MAX_PROC_MAPPINGS
         );
         assert_eq!(
             core::mem::size_of::<UnwindSample>(),
