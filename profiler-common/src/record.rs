@@ -249,6 +249,8 @@ pub struct Config {
     /// stack and registers to `UNWIND_VERIFY`, to be unwound again in
     /// userspace (`--verify-unwind`).
     pub verify_unwind: u32,
+    /// Nonzero: the dbus tracer is on (a thread's exit ends its calls).
+    pub dbus: u32,
     /// Where libc's fork functions keep their caller's return address at
     /// the syscall (see [`ForkPath`]); unused entries are
     /// [`ForkPath::UNUSED`].
@@ -311,6 +313,7 @@ impl Config {
             fork_uprobes: 0,
             unwind_dwarf: 0,
             verify_unwind: 0,
+            dbus: 0,
             fork_paths: [ForkPath::UNUSED; FORK_PATHS],
         }
     }
@@ -1365,7 +1368,7 @@ mod tests {
                 + BLOCK_SITES * size_of::<BlockSite>()
         );
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
-        assert_eq!(size_of::<TracepointOffsets>(), 15 * 4);
+        assert_eq!(size_of::<TracepointOffsets>(), 18 * 4);
         assert_eq!(size_of::<CgroupKey>(), 4 * 4 + CGROUP_PATH_LEN + COMM_LEN);
         assert_eq!(size_of::<ForkKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<LockKey>(), 4 * 4 + 3 * 8 + COMM_LEN);
@@ -1396,7 +1399,7 @@ mod tests {
                 + 2 * 8
                 + size_of::<TracepointOffsets>()
                 + 5 * 4
-                + 2 * 4
+                + 3 * 4
                 + FORK_PATHS * size_of::<ForkPath>()
         );
         assert_eq!(size_of::<ForkPath>(), 4 * 4 + 8);

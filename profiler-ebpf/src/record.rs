@@ -1346,6 +1346,9 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     if config!(unwind_dwarf) != 0 {
         let _ = MMAP_EXEC.remove(&pid);
     }
+    if config!(dbus) != 0 {
+        dbus_exit(pid);
+    }
     let _ = EXITING.insert(&pid, &1, 0);
     if pid == tgid {
         if config!(unwind_dwarf) != 0 {
@@ -2569,6 +2572,25 @@ pub fn dbus_return(ctx: RetProbeContext) -> u32 {
         }
     }
     0
+}
+
+/// A thread that exits inside a blocking call (killed, or ending the
+/// process from a callback) never returns from it: the call is dropped
+/// and no longer holds `DBUS_ACTIVE` up, and the thread's constructor
+/// names go with it, so that a thread that reuses its id starts outside
+/// any call.
+#[inline(always)]
+fn dbus_exit(pid: u32) {
+    if let Some(st) = DBUS_INFLIGHT.get_ptr(&pid) {
+        // SAFETY: a valid map value of this (exiting) thread.
+        if unsafe { (*st).depth } > 0
+            && let Some(active) = DBUS_ACTIVE.get_ptr_mut(0)
+        {
+            add_atomic(active, u64::MAX);
+        }
+        let _ = DBUS_INFLIGHT.remove(&pid);
+    }
+    let _ = DBUS_LAST.remove(&pid);
 }
 
 /// The blocking D-Bus call the current thread is inside, 0 if none.

@@ -420,8 +420,8 @@ fn syscall_entry_range() -> Option<(u64, u64)> {
 /// Reads the tracepoint field offsets the programs need.
 fn offsets(tracefs: &Tracefs) -> Result<TracepointOffsets, TracefsError> {
     let fork = tracefs.format(Tracepoint::new("sched", "sched_process_fork"))?;
-    let enter = tracefs.format(Tracepoint::new("syscalls", "sys_enter_ioctl"))?;
-    let exit = tracefs.format(Tracepoint::new("syscalls", "sys_exit_ioctl"))?;
+    let [enter, exit] = syscall_pair(VM_SYSCALLS[0]);
+    let (enter, exit) = (tracefs.format(enter)?, tracefs.format(exit)?);
     Ok(TracepointOffsets {
         fork_parent_pid: fork.offset("parent_pid", &[4])?,
         fork_child_pid: fork.offset("child_pid", &[4])?,
@@ -432,7 +432,15 @@ fn offsets(tracefs: &Tracefs) -> Result<TracepointOffsets, TracefsError> {
 }
 
 /// The fork syscalls' tracepoints.
-const FORK_SYSCALLS: [&str; 4] = ["clone", "clone3", "fork", "vfork"];
+pub(crate) const FORK_SYSCALLS: [&str; 4] = ["clone", "clone3", "fork", "vfork"];
+
+/// The system call whose tracepoints key windows to VM creations
+/// (`KVM_CREATE_VM`).
+pub(crate) const VM_SYSCALLS: [&str; 1] = ["ioctl"];
+
+/// The system call whose tracepoints tell the unwinder of a library mapped
+/// executable (`--unwind dwarf`; optional: walks ask for it too).
+pub(crate) const UNWIND_SYSCALLS: [&str; 1] = ["mmap"];
 
 /// Offsets of the fork-syscall tracepoints, or why they cannot be used.
 fn fork_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
@@ -679,7 +687,7 @@ fn attach_dbus(bpf: &mut Ebpf, pids: &[u32]) -> Result<Vec<(String, PathBuf)>, R
 }
 
 /// `syscalls:sys_enter_NAME` and `syscalls:sys_exit_NAME`.
-fn syscall_pair(name: &str) -> [Tracepoint; 2] {
+pub(crate) fn syscall_pair(name: &str) -> [Tracepoint; 2] {
     [
         Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))),
         Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))),
@@ -695,12 +703,12 @@ fn leak(s: String) -> &'static str {
 /// The system calls cgroup operations are made in (and timed by). `write`
 /// (moving a task by writing to `cgroup.procs`) fires for every write on
 /// the system, so it is hooked only with `--time-cgroup-writes`.
-const CGROUP_SYSCALLS: [&str; 5] = ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"];
+pub(crate) const CGROUP_SYSCALLS: [&str; 5] = ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"];
 
 /// Offsets of `sys_enter_mmap`/`sys_exit_mmap`, which tell the unwinder
 /// of a library mapped executable (`dlopen`), or why they cannot be used.
 fn mmap_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
-    let [enter, exit] = syscall_pair("mmap");
+    let [enter, exit] = syscall_pair(UNWIND_SYSCALLS[0]);
     let (enter, exit) = (tracefs.format(enter)?, tracefs.format(exit)?);
     offsets.mmap_prot = enter.offset("prot", &[8])?;
     offsets.mmap_flags = enter.offset("flags", &[8])?;
@@ -1306,6 +1314,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.block_site_cache = u32::from(opts.block_site_cache);
     config.verify_stack_cache = u32::from(opts.verify_stack_cache);
     config.unwind_dwarf = u32::from(opts.unwind == UnwindMode::Dwarf);
+    config.dbus = u32::from(active.contains(&Tracer::Dbus));
     if opts.unwind == UnwindMode::Dwarf {
         config.verify_unwind = opts.verify_unwind.unwrap_or(0);
     }
@@ -1545,18 +1554,11 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         names::PROG_EXIT,
         Tracepoint::new("sched", "sched_process_exit"),
     )?;
-    tracepoint(
-        &mut bpf,
-        names::PROG_IOCTL_ENTER,
-        Tracepoint::new("syscalls", "sys_enter_ioctl"),
-    )?;
-    tracepoint(
-        &mut bpf,
-        names::PROG_IOCTL_EXIT,
-        Tracepoint::new("syscalls", "sys_exit_ioctl"),
-    )?;
+    let [enter, exit] = syscall_pair(VM_SYSCALLS[0]);
+    tracepoint(&mut bpf, names::PROG_IOCTL_ENTER, enter)?;
+    tracepoint(&mut bpf, names::PROG_IOCTL_EXIT, exit)?;
     if mmap_hook {
-        let [enter, exit] = syscall_pair("mmap");
+        let [enter, exit] = syscall_pair(UNWIND_SYSCALLS[0]);
         tracepoint(&mut bpf, names::PROG_UNWIND_MMAP_ENTER, enter)?;
         tracepoint(&mut bpf, names::PROG_UNWIND_MMAP_EXIT, exit)?;
     }
@@ -1721,7 +1723,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     })
 }
 
-const PROGRAMS: [&str; 19] = [
+const PROGRAMS: [&str; 22] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_FORK,
@@ -1741,6 +1743,9 @@ const PROGRAMS: [&str; 19] = [
     names::PROG_FORK_CALLER,
     names::PROG_UNWIND_MMAP_ENTER,
     names::PROG_UNWIND_MMAP_EXIT,
+    names::PROG_DBUS_ENTER,
+    names::PROG_DBUS_RETURN,
+    names::PROG_DBUS_NAMES,
 ];
 
 /// Run counts and run time of every recording program.

@@ -27,7 +27,8 @@ struct Bus {
 }
 
 impl Bus {
-    fn start(stall_every: u32) -> Self {
+    /// A bus of its own for the test `name` (tests run in parallel).
+    fn start(name: &str, stall_every: u32) -> Self {
         for tool in [
             "/usr/bin/dbus-daemon",
             "/usr/bin/dbus-send",
@@ -40,7 +41,7 @@ impl Bus {
                 "{tool} is missing: run `./x test`, which installs the D-Bus tools"
             );
         }
-        let dir = std::env::temp_dir().join(format!("hvprof-dbus-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("hvprof-dbus-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the bus directory");
         let daemon = Command::new("/usr/bin/dbus-daemon")
@@ -131,7 +132,7 @@ fn calls(p: &Profile, library: &str, method: &str) -> BTreeMap<u32, (u64, u64, u
     reason = "one recording, then its ground truth, library by library"
 )]
 fn dbus_calls_are_counted_per_library_window_and_method_with_timeouts() {
-    let bus = Bus::start(3);
+    let bus = Bus::start("counted", 3);
     let addr = bus.address();
     let vmload = vmload();
     let dir = bus.dir.join("out");
@@ -333,4 +334,84 @@ exit 0
         "losses: {:?}",
         p.losses
     );
+}
+
+/// A client killed inside a blocking call never returns from it: the
+/// thread's exit ends the call. A new client that gets the dead thread's
+/// id has its calls counted (they used to count as nested in the dead
+/// call, and vanished), and `--bpf-stats` lists the D-Bus programs.
+#[test]
+fn a_thread_killed_inside_a_call_leaves_nothing_behind() {
+    // Every Work call stalls; Ping answers.
+    let bus = Bus::start("killed", 1);
+    let addr = bus.address();
+    let dir = bus.dir.join("out");
+    let reused = bus.dir.join("reused");
+    let attempts = bus.dir.join("attempts");
+    let gdbus = format!(
+        "gdbus call --address {addr} --dest org.hvprof.Sample --object-path /org/hvprof/Sample --method"
+    );
+    // The victim blocks in Work and is killed there. Then Ping clients are
+    // started with the kernel's next pid set to the victim's (its main
+    // thread, the one that called), until one gets it.
+    let script = format!(
+        r"set -u
+{gdbus} {WORK} --timeout 60 1 >/dev/null 2>&1 &
+victim=$!
+sleep 1
+kill -9 $victim
+wait $victim
+n=0
+while [ $n -lt 50 ]; do
+  n=$((n + 1))
+  echo $((victim - 1)) > /proc/sys/kernel/ns_last_pid
+  {gdbus} org.hvprof.Sample.Ping >/dev/null 2>&1 &
+  pid=$!
+  wait $pid
+  if [ $pid -eq $victim ]; then touch {reused}; break; fi
+done
+echo $n > {attempts}
+",
+        reused = reused.display(),
+        attempts = attempts.display(),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_hvprof"))
+        .args(["record", "--tracers", "dbus,offcpu", "--bpf-stats"])
+        .arg("-o")
+        .arg(&dir)
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .expect("run hvprof");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "hvprof failed:\n{stderr}");
+    assert!(
+        reused.exists(),
+        "no Ping client got the killed client's pid in 50 tries: the test proves nothing"
+    );
+    let tries: u64 = std::fs::read_to_string(&attempts)
+        .expect("the script's count of Ping clients")
+        .trim()
+        .parse()
+        .expect("a number");
+    let p = Profile::read(&dir.join("profile.hvprof")).expect("read the profile");
+    let pings: u64 = calls(&p, "gio", "org.hvprof.Sample.Ping")
+        .values()
+        .map(|c| c.0)
+        .sum();
+    assert_eq!(
+        pings, tries,
+        "{tries} Ping clients, the last with the killed client's pid: {pings} Ping calls counted"
+    );
+    // The killed call itself is never counted: it did not return.
+    assert!(
+        calls(&p, "gio", WORK).is_empty(),
+        "a call that never returned was counted"
+    );
+    for program in ["dbus_enter", "dbus_return"] {
+        assert!(
+            p.meta.program_stats.iter().any(|s| s.program == program),
+            "--bpf-stats does not list {program}: {:?}",
+            p.meta.program_stats
+        );
+    }
 }
