@@ -247,94 +247,88 @@ impl Report {
 }
 
 /// Tracepoints the tracers attach to, with who needs them and whether
-/// `record` can run without them.
-pub const TRACEPOINTS: &[(Tracepoint, NeededBy, bool)] = &[
-    (
-        Tracepoint::new("sched", "sched_switch"),
-        NeededBy::OffCpu,
-        true,
-    ),
-    (
-        Tracepoint::new("sched", "sched_process_fork"),
-        NeededBy::Targets,
-        true,
-    ),
-    (
-        Tracepoint::new("sched", "sched_process_exec"),
-        NeededBy::Targets,
-        true,
-    ),
-    (
-        Tracepoint::new("sched", "sched_process_exit"),
-        NeededBy::Targets,
-        true,
-    ),
-    (
-        Tracepoint::new("syscalls", "sys_enter_ioctl"),
-        NeededBy::VmWindows,
-        true,
-    ),
-    (
-        Tracepoint::new("syscalls", "sys_exit_ioctl"),
-        NeededBy::VmWindows,
-        true,
-    ),
-    (
-        Tracepoint::new("lock", "contention_begin"),
-        NeededBy::Locks,
-        false,
-    ),
-    (
-        Tracepoint::new("lock", "contention_end"),
-        NeededBy::Locks,
-        false,
-    ),
-    (
-        Tracepoint::new("cgroup", "cgroup_mkdir"),
-        NeededBy::Cgroup,
-        false,
-    ),
-    (
-        Tracepoint::new("cgroup", "cgroup_attach_task"),
-        NeededBy::Cgroup,
-        false,
-    ),
-    (
-        Tracepoint::new("cgroup", "cgroup_rmdir"),
-        NeededBy::Cgroup,
-        false,
-    ),
-    (
-        Tracepoint::new("syscalls", "sys_enter_clone"),
-        NeededBy::Fork,
-        false,
-    ),
-    (
-        Tracepoint::new("syscalls", "sys_exit_clone"),
-        NeededBy::Fork,
-        false,
-    ),
-    (
-        Tracepoint::new("syscalls", "sys_enter_clone3"),
-        NeededBy::Fork,
-        false,
-    ),
-    (
-        Tracepoint::new("syscalls", "sys_exit_clone3"),
-        NeededBy::Fork,
-        false,
-    ),
-    (
-        Tracepoint::new("syscalls", "sys_enter_mkdir"),
-        NeededBy::Cgroup,
-        false,
-    ),
-    (
-        Tracepoint::new("syscalls", "sys_exit_mkdir"),
-        NeededBy::Cgroup,
-        false,
-    ),
-];
+/// `record` can run without them. The syscall tracepoints come from the
+/// lists `record` attaches (and drops a tracer for when one is missing).
+#[must_use]
+pub fn tracepoints() -> Vec<(Tracepoint, NeededBy, bool)> {
+    let mut out = vec![
+        (
+            Tracepoint::new("sched", "sched_switch"),
+            NeededBy::OffCpu,
+            true,
+        ),
+        (
+            Tracepoint::new("sched", "sched_process_fork"),
+            NeededBy::Targets,
+            true,
+        ),
+        (
+            Tracepoint::new("sched", "sched_process_exec"),
+            NeededBy::Targets,
+            true,
+        ),
+        (
+            Tracepoint::new("sched", "sched_process_exit"),
+            NeededBy::Targets,
+            true,
+        ),
+        (
+            Tracepoint::new("lock", "contention_begin"),
+            NeededBy::Locks,
+            false,
+        ),
+        (
+            Tracepoint::new("lock", "contention_end"),
+            NeededBy::Locks,
+            false,
+        ),
+        (
+            Tracepoint::new("cgroup", "cgroup_mkdir"),
+            NeededBy::Cgroup,
+            false,
+        ),
+        (
+            Tracepoint::new("cgroup", "cgroup_attach_task"),
+            NeededBy::Cgroup,
+            false,
+        ),
+        (
+            Tracepoint::new("cgroup", "cgroup_rmdir"),
+            NeededBy::Cgroup,
+            false,
+        ),
+    ];
+    let syscalls = [
+        (
+            crate::record::VM_SYSCALLS.as_slice(),
+            NeededBy::VmWindows,
+            true,
+        ),
+        (
+            crate::record::FORK_SYSCALLS.as_slice(),
+            NeededBy::Fork,
+            false,
+        ),
+        (
+            crate::record::CGROUP_SYSCALLS.as_slice(),
+            NeededBy::Cgroup,
+            false,
+        ),
+        (
+            crate::record::UNWIND_SYSCALLS.as_slice(),
+            NeededBy::Unwind,
+            false,
+        ),
+    ];
+    for (names, needed_by, required) in syscalls {
+        for name in names {
+            for tp in crate::record::syscall_pair(name) {
+                out.push((tp, needed_by, required));
+            }
+        }
+    }
+    out
+}
 
 const FIX_PRIVILEGES: &str =
     "run as root (sudo hvprof …), or `setcap cap_bpf,cap_perfmon+ep $(command -v hvprof)`";
@@ -499,11 +493,11 @@ pub fn run() -> Report {
                 skipped,
                 fix.clone(),
             ));
-            for (tp, needed_by, required) in TRACEPOINTS {
+            for (tp, needed_by, required) in tracepoints() {
                 rows.push(Row::missing(
                     tp.to_string(),
-                    *needed_by,
-                    *required,
+                    needed_by,
+                    required,
                     skipped,
                     fix.clone(),
                 ));
@@ -718,7 +712,7 @@ fn tracepoint_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>, btf: Option<&Btf>)
     let mut rows = Vec::new();
     let load = program_mut::<TracePoint>(bpf, program::TRACEPOINT)
         .and_then(|p| p.load().map_err(|e| program_failure(&e)));
-    for &(tp, needed_by, required) in TRACEPOINTS {
+    for (tp, needed_by, required) in tracepoints() {
         let name = tp.to_string();
         if let Some(tracefs) = tracefs
             && let Err(e) = tracefs.id(tp)
@@ -1195,7 +1189,10 @@ mod tests {
 
     #[test]
     fn every_tracepoint_the_design_names_is_checked() {
-        let names: Vec<String> = TRACEPOINTS.iter().map(|(t, _, _)| t.to_string()).collect();
+        let names: Vec<String> = tracepoints()
+            .iter()
+            .map(|(t, _, _)| t.to_string())
+            .collect();
         for want in [
             "sched:sched_switch",
             "sched:sched_process_fork",
@@ -1210,6 +1207,36 @@ mod tests {
             "syscalls:sys_exit_ioctl",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} not checked");
+        }
+    }
+
+    /// `record` drops the fork tracer when any fork syscall's tracepoint
+    /// is missing, and the cgroup tracer for any of its syscalls': `check`
+    /// tests each of them, for that tracer.
+    #[test]
+    fn check_tests_every_syscall_tracepoint_record_needs() {
+        let rows = tracepoints();
+        let has = |name: &str, by: NeededBy| {
+            rows.iter()
+                .any(|(t, n, _)| t.to_string() == name && *n == by)
+        };
+        for call in ["clone", "clone3", "fork", "vfork"] {
+            for dir in ["enter", "exit"] {
+                let name = format!("syscalls:sys_{dir}_{call}");
+                assert!(has(&name, NeededBy::Fork), "{name} not checked for fork");
+            }
+        }
+        for call in ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"] {
+            for dir in ["enter", "exit"] {
+                let name = format!("syscalls:sys_{dir}_{call}");
+                assert!(
+                    has(&name, NeededBy::Cgroup),
+                    "{name} not checked for cgroup"
+                );
+            }
+        }
+        for name in ["syscalls:sys_enter_mmap", "syscalls:sys_exit_mmap"] {
+            assert!(has(name, NeededBy::Unwind), "{name} not checked for unwind");
         }
     }
 }
