@@ -222,20 +222,12 @@ impl<'a> Facts<'a> {
     #[must_use]
     pub fn new(profile: &'a Profile) -> Self {
         let summary = render::summary(profile);
-        let mut dbus: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
-        for c in &profile.dbus {
-            let e = dbus.entry(c.window).or_default();
-            e.0 += c.total_ns;
-            e.1 += c.calls;
-            e.2 += c.timeouts;
-        }
         let mut whole = MetricValues::default();
         let windows = profile
             .windows
             .iter()
             .zip(&summary.windows)
             .map(|(info, w)| {
-                let (dbus_ns, calls, timeouts) = dbus.get(&info.id).copied().unwrap_or_default();
                 let mut v = MetricValues::default();
                 for (m, x) in [
                     (Metric::Oncpu, w.oncpu_samples),
@@ -244,9 +236,9 @@ impl<'a> Facts<'a> {
                     (Metric::Contentions, w.lock_contentions),
                     (Metric::Forks, w.forks),
                     (Metric::Cgroups, w.cgroup_ops),
-                    (Metric::Dbuswait, dbus_ns),
-                    (Metric::Dbuscalls, calls),
-                    (Metric::Dbustimeouts, timeouts),
+                    (Metric::Dbuswait, w.dbus_ns),
+                    (Metric::Dbuscalls, w.dbus_calls),
+                    (Metric::Dbustimeouts, w.dbus_timeouts),
                     (Metric::Losses, w.losses.values().sum()),
                 ] {
                     v.add(m, x);

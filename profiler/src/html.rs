@@ -839,14 +839,6 @@ struct Metric {
 fn metrics(profile: &Profile, summary: &render::Summary) -> Vec<Metric> {
     let ws = &summary.windows;
     let per_window = |f: &dyn Fn(u32) -> u64| profile.windows.iter().map(|w| f(w.id)).collect();
-    let dbus = |w: u32, timeouts: bool| {
-        profile
-            .dbus
-            .iter()
-            .filter(|c| c.window == w)
-            .map(|c| if timeouts { c.timeouts } else { c.total_ns })
-            .sum()
-    };
     let vms_in = |w: u32| {
         profile
             .vms
@@ -888,12 +880,12 @@ fn metrics(profile: &Profile, summary: &render::Summary) -> Vec<Metric> {
         },
         Metric {
             name: "D-Bus time",
-            values: per_window(&|w| dbus(w, false)),
+            values: ws.iter().map(|w| w.dbus_ns).collect(),
             show: human_ns,
         },
         Metric {
             name: "D-Bus timeouts",
-            values: per_window(&|w| dbus(w, true)),
+            values: ws.iter().map(|w| w.dbus_timeouts).collect(),
             show: count,
         },
         Metric {
@@ -1051,13 +1043,15 @@ fn window_panel(
         w.id,
         escape(&w.label()),
         escape(&ws.map_or_else(String::new, |s| format!(
-            "{} on-CPU samples, {} off CPU in {} blocks, {} lock wait, {} forks, {} cgroup operations, {} processes",
+            "{} on-CPU samples, {} off CPU in {} blocks, {} lock wait, {} forks, {} cgroup operations, {} in {} blocking D-Bus calls, {} processes",
             s.oncpu_samples,
             human_ns(s.offcpu_ns),
             s.offcpu_blocks,
             human_ns(s.lock_wait_ns),
             s.forks,
             s.cgroup_ops,
+            human_ns(s.dbus_ns),
+            s.dbus_calls,
             s.processes
         )))
     );

@@ -277,6 +277,10 @@ pub struct WindowSummary {
     pub lock_contentions: u64,
     pub forks: u64,
     pub cgroup_ops: u64,
+    /// Blocking D-Bus calls: their total time, count and timeouts.
+    pub dbus_ns: u64,
+    pub dbus_calls: u64,
+    pub dbus_timeouts: u64,
     pub losses: BTreeMap<String, u64>,
     pub processes: usize,
     /// Why user-stack walks ended and how frames were found
@@ -336,6 +340,12 @@ pub fn summary(profile: &Profile) -> Summary {
                 lock_ns += l.total_ns;
                 lock_n += l.count;
             }
+            let (mut dbus_ns, mut dbus_calls, mut dbus_timeouts) = (0, 0, 0);
+            for c in profile.dbus.iter().filter(|c| c.window == w.id) {
+                dbus_ns += c.total_ns;
+                dbus_calls += c.calls;
+                dbus_timeouts += c.timeouts;
+            }
             let mut losses = BTreeMap::new();
             for l in profile.losses.iter().filter(|l| l.window == Some(w.id)) {
                 *losses.entry(l.kind.clone()).or_default() += l.count;
@@ -367,6 +377,9 @@ pub fn summary(profile: &Profile) -> Summary {
                     .filter(|c| c.window == w.id)
                     .map(|c| c.count)
                     .sum(),
+                dbus_ns,
+                dbus_calls,
+                dbus_timeouts,
                 losses,
                 processes: pids.len(),
                 unwind,
@@ -442,7 +455,7 @@ impl Summary {
         }
         let _ = writeln!(
             out,
-            "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7} {:>6} {:>7}  DIR",
+            "\n{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7} {:>12} {:>6} {:>7}  DIR",
             "WIN",
             "VMS",
             "ON-CPU",
@@ -451,13 +464,14 @@ impl Summary {
             "LOCK WAIT",
             "FORKS",
             "CGROUP",
+            "D-BUS WAIT",
             "PROCS",
             "LOSSES"
         );
         for w in &self.windows {
             let _ = writeln!(
                 out,
-                "{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7} {:>6} {:>7}  {}",
+                "{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7} {:>12} {:>6} {:>7}  {}",
                 w.id,
                 w.label,
                 w.oncpu_samples,
@@ -466,6 +480,7 @@ impl Summary {
                 ms(w.lock_wait_ns),
                 w.forks,
                 w.cgroup_ops,
+                ms(w.dbus_ns),
                 w.processes,
                 w.losses.values().sum::<u64>(),
                 w.dir

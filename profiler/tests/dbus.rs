@@ -321,6 +321,26 @@ exit 0
         .expect("window 2's off-CPU folded stacks");
     assert!(folded.contains(";[D-Bus sd_bus_call];"), "{folded}");
 
+    // The summary's windows carry the D-Bus totals (summary.txt's column,
+    // the gates' dbus metrics and the HTML notes read them): one timeout
+    // per window, as long as the client's timeout at least.
+    let summary = profiler::render::summary(&p);
+    for (window, at_least_ms) in [(0, 300), (1, 1000), (2, 300)] {
+        let w = summary
+            .windows
+            .iter()
+            .find(|w| w.id == window)
+            .expect("the window in the summary");
+        assert_eq!(w.dbus_timeouts, 1, "window {window}'s D-Bus timeouts");
+        assert!(
+            w.dbus_ns / 1_000_000 >= at_least_ms,
+            "window {window}: {} ms of D-Bus wait, expected ≥ {at_least_ms} ms",
+            w.dbus_ns / 1_000_000
+        );
+    }
+    let text = std::fs::read_to_string(dir.join("summary.txt")).expect("summary.txt");
+    assert!(text.contains("D-BUS WAIT"), "no D-Bus column:\n{text}");
+
     // The per-window table and flame graph are written.
     let text = std::fs::read_to_string(dir.join("w01-vms-1-1/dbus.txt")).expect("window 1's table");
     assert!(text.contains(WORK) && text.contains("gio"), "{text}");
