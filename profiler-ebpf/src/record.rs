@@ -156,6 +156,13 @@ fn add_timed(
     }
 }
 
+/// The current task's tgid (its process) and pid (the thread).
+#[inline(always)]
+fn current_ids() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -514,8 +521,7 @@ fn read<T: Copy>(ctx: &TracePointContext, offset: u32) -> Option<T> {
 
 #[perf_event]
 pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     // pid 0 is the idle task.
     if pid == 0 || !is_tracked(tgid) {
         return 0;
@@ -627,8 +633,7 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) {
     let prev: *mut task_struct = ctx.arg(1);
     let raw_state: u64 = ctx.arg(3);
     let task = prev as u64;
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if pid == 0 {
         // This CPU's idle task: remembered, so switching back to it costs
         // no map lookup.
@@ -1180,8 +1185,7 @@ fn emit(kind: EventKind, tgid: u32, pid: u32, child: u32, ordinal: u64, window: 
 /// `sched_process_fork` runs in the parent.
 #[tracepoint]
 pub fn task_fork(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
@@ -1262,8 +1266,7 @@ fn comm_matches(comm: &[u8; COMM_LEN], pattern: &[u8; COMM_LEN], len: u32, prefi
 /// `sched_process_exec` runs in the new image: the comm is the new one.
 #[tracepoint]
 pub fn task_exec(_ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if tgid == config!(self_tgid) {
         return 0;
     }
@@ -1307,8 +1310,7 @@ pub fn task_exec(_ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn task_exit(_ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if pid == tgid && config!(vm_event_exec) != 0 && config!(vm_event_kvm) != 0 {
         let _ = VM_BY_EXEC.remove(&tgid);
     }
@@ -1408,8 +1410,7 @@ pub fn vm_ioctl_enter(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn vm_ioctl_exit(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     // SAFETY: only presence is tested.
     if unsafe { PENDING_CREATE.get(&pid) }.is_none() {
         return 0;
@@ -1657,8 +1658,7 @@ fn count(c: Counter) {
 
 #[tracepoint]
 pub fn lock_contention_begin(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
@@ -1714,8 +1714,7 @@ pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
     if stopped() {
         return 0;
     }
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     let Some(pending) = LOCK_PENDING.get_ptr_mut(&pid) else {
         return 0;
     };
@@ -1832,8 +1831,7 @@ static FORK_CALLER: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
 /// one link can be limited to one process.
 #[uprobe(multi)]
 pub fn fork_caller(ctx: ProbeContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
@@ -1880,8 +1878,7 @@ fn fork_caller_of(pid: u32, nr: u32) -> u64 {
 /// syscall number.
 #[tracepoint]
 pub fn fork_syscall_enter(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
@@ -1923,8 +1920,7 @@ pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
     if stopped() {
         return 0;
     }
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     // The child returns from the same syscall: it has no start entry.
     let Some(start) = FORK_START.get_ptr(&pid) else {
         return 0;
@@ -2058,8 +2054,7 @@ fn cgroup_key(
 
 #[inline(always)]
 fn cgroup_op(ctx: &TracePointContext, kind: u32, root_off: u32, path_off: u32) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
@@ -2127,8 +2122,7 @@ pub fn cgroup_attach(ctx: TracePointContext) -> u32 {
 /// system calls cgroup operations are made in.
 #[tracepoint]
 pub fn cgroup_syscall_enter(_ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
@@ -2195,8 +2189,7 @@ pub fn unwind_mmap_enter(ctx: TracePointContext) -> u32 {
     if prot & PROT_EXEC == 0 || flags & MAP_ANONYMOUS != 0 {
         return 0;
     }
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     // A process whose mappings are not loaded yet gets them all when they
     // are (its exec, or its first walk).
     if unwind::owner_of(tgid).is_none() {
@@ -2367,8 +2360,7 @@ fn fill_names(dst: &mut DbusNames, src: &DbusNames) {
 #[uprobe]
 pub fn dbus_names(ctx: ProbeContext) -> u32 {
     let a = Args::of(&ctx);
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
@@ -2424,8 +2416,7 @@ pub fn dbus_names(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn dbus_enter(ctx: ProbeContext) -> u32 {
     let a = Args::of(&ctx);
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     if !is_tracked(tgid) {
         return 0;
     }
@@ -2500,8 +2491,7 @@ pub fn dbus_enter(ctx: ProbeContext) -> u32 {
 /// Return of a blocking call: the outermost one is counted.
 #[uretprobe]
 pub fn dbus_return(ctx: RetProbeContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((id >> 32) as u32, id as u32);
+    let (tgid, pid) = current_ids();
     let Some(st) = DBUS_INFLIGHT.get_ptr_mut(&pid) else {
         return 0;
     };
