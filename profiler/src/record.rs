@@ -1080,6 +1080,14 @@ fn tracepoint(bpf: &mut Ebpf, prog: &'static str, tp: Tracepoint) -> Result<(), 
     Ok(())
 }
 
+/// The address to symbolize for frame `i` of a stack: every frame but the
+/// innermost holds a return address, which is after its call, so the call
+/// itself is looked up (a function that ends in a call would otherwise be
+/// named as the one after it).
+fn call_site(i: usize, ip: u64) -> u64 {
+    if i == 0 { ip } else { ip.saturating_sub(1) }
+}
+
 /// A kernel frame of the tracing machinery itself (our program, the
 /// tracepoint's BPF runner).
 fn is_tracing_frame(name: &str) -> bool {
@@ -2379,7 +2387,7 @@ impl Recorder {
             let chain = self.processes.chain(tgid);
             let ips = stacks.get(&id).into_iter().flatten();
             for (i, &ip) in ips.take_while(|&&ip| ip < STACK_CUT).enumerate() {
-                let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
+                let addr = call_site(i, ip);
                 if let Some(fo) = Symbolizer::file_offset(&chain, addr) {
                     files.push(fo);
                 }
@@ -2429,7 +2437,7 @@ impl Recorder {
                             leaf_first.push(format!("[user stack cut: {}]", stop.name()));
                             break;
                         }
-                        let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
+                        let addr = call_site(i, ip);
                         let mapped = chain.iter().any(|s| s.locate(addr).is_some());
                         let names = sym.user_frames(&chain, addr);
                         // Inlined frames come outermost first: reverse them
@@ -2462,7 +2470,7 @@ impl Recorder {
                     .enumerate()
                     .rev()
                 {
-                    let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
+                    let addr = call_site(i, ip);
                     names.extend(sym.kernel_frames(addr));
                 }
                 // A walk from a BTF tracepoint starts in the program and the
