@@ -202,6 +202,24 @@ fn complete_share(p: &Profile) -> f64 {
     share(complete, walks.map(|c| c.count).sum())
 }
 
+/// That `leaf` ran about `ms` ms (at least half the samples that gives),
+/// and that at least `min_share` of its samples are in the `whole` ones
+/// (`how`: what makes one whole, for the message).
+fn assert_ran_whole(on: &[UserStack], leaf: &str, ms: u64, whole: u64, min_share: f64, how: &str) {
+    let ran = weight(on, |f| f.contains(&leaf));
+    assert!(
+        ran >= ms * HZ / 1000 / 2,
+        "{ran} {leaf} samples, want about {}:\n{}",
+        ms * HZ / 1000,
+        dump(on)
+    );
+    assert!(
+        share(whole, ran) >= min_share,
+        "{whole} of {ran} {leaf} samples {how}:\n{}",
+        dump(on)
+    );
+}
+
 fn in_nanosleep(frames: &[&str]) -> bool {
     frames
         .iter()
@@ -397,7 +415,6 @@ fn signal_handler_frames() {
     // interrupting interrupted (which makes no calls).
     let p = record(&s, &[], "settle:200,signals:100");
     let on = oncpu(&p);
-    let work = weight(&on, |f| f.contains(&"handler_work"));
     // handler_work, under the handler, over glibc's signal trampoline
     // (__restore_rt), over the interrupted function and its callers.
     let whole = weight(&on, |f| {
@@ -411,16 +428,13 @@ fn signal_handler_frames() {
             && has_chain(f, &["main", "run", "signals", "interrupted"])
             && f[0] == "_start"
     });
-    assert!(
-        work >= 500 * HZ / 1000 / 2,
-        "{work} handler_work samples, want about {}:\n{}",
-        500 * HZ / 1000,
-        dump(&on)
-    );
-    assert!(
-        share(whole, work) >= 0.95,
-        "{whole} of {work} handler_work samples through the signal frame to main:\n{}",
-        dump(&on)
+    assert_ran_whole(
+        &on,
+        "handler_work",
+        500,
+        whole,
+        0.8,
+        "through the signal frame to main",
     );
 }
 
@@ -496,17 +510,6 @@ fn dlopened_library_is_unwound() {
         share(slept, 1_000_000),
         dump(&off)
     );
-    let work = weight(&on, |f| f.contains(&"plugin_work"));
     let whole = weight(&on, through("plugin_work"));
-    assert!(
-        work >= 500 * HZ / 1000 / 2,
-        "{work} plugin_work samples, want about {}:\n{}",
-        500 * HZ / 1000,
-        dump(&on)
-    );
-    assert!(
-        share(whole, work) >= 0.8,
-        "{whole} of {work} plugin_work samples through call_plugin:\n{}",
-        dump(&on)
-    );
+    assert_ran_whole(&on, "plugin_work", 500, whole, 0.95, "through call_plugin");
 }
