@@ -2011,15 +2011,17 @@ impl Recorder {
                 // A library mapped executable: its mappings are read again
                 // once the loader is done (a dlopen maps a few segments, an
                 // exec'd process's loader dozens of libraries within a few
-                // ms), by a snapshot already due soon if there is one.
-                let now = Instant::now();
-                let soon = now + Duration::from_nanos(MAPPING_SETTLE_NS);
-                let due_soon = self
+                // ms). The kernel announces no other mapping of the process
+                // for MAPPING_SETTLE_NS, so the read must come after that:
+                // one already due then (an exec's 20 ms snapshot) serves.
+                let settled = Instant::now() + Duration::from_nanos(MAPPING_SETTLE_NS);
+                let serves = settled..=settled + Duration::from_millis(20);
+                if !self
                     .resnap
                     .iter()
-                    .any(|&(at, t)| t == ev.tgid && at <= soon + Duration::from_millis(20));
-                if !due_soon {
-                    self.resnap.push((soon, ev.tgid));
+                    .any(|&(at, t)| t == ev.tgid && serves.contains(&at))
+                {
+                    self.resnap.push((settled, ev.tgid));
                 }
             }
             k if k == EventKind::Exit as u32 => {
