@@ -467,23 +467,6 @@ fn stacks<C: EbpfContext>(ctx: &C, window: u32) -> (u64, u64) {
     (kern, user_stack(ctx, window))
 }
 
-/// The user ip, sp and bp of `task` (the current task, as a BTF pointer)
-/// where it blocks (0s if unreadable): with the return address (see
-/// `site_return`), the key of a blocking site.
-#[inline(always)]
-fn user_regs(task: *mut task_struct) -> [u64; 3] {
-    // SAFETY: the helper takes the task's BTF pointer; a BTF pointer: plain
-    // loads (the verifier makes them faulting loads), no helper call each.
-    unsafe {
-        let regs = bpf_task_pt_regs(task) as *const pt_regs;
-        [
-            core::ptr::read_volatile(&raw const (*regs).rip),
-            core::ptr::read_volatile(&raw const (*regs).rsp),
-            core::ptr::read_volatile(&raw const (*regs).rbp),
-        ]
-    }
-}
-
 /// The return address of the function blocking at `regs` (the current
 /// task's ip, sp, bp): the one its unwind row gives (`--unwind dwarf`),
 /// else the word at bp+8 (right only where the function keeps a frame
@@ -780,8 +763,10 @@ fn site_user_stack<C: EbpfContext>(
     cached: Counter,
     walked: Counter,
 ) -> (u64, u32) {
+    // With the return address (see `site_return`), the user ip, sp and bp
+    // where the thread blocks are the key of a blocking site.
     let regs = if config!(block_site_cache) != 0 {
-        user_regs(task)
+        unwind::user_regs(task)
     } else {
         [0; 3]
     };

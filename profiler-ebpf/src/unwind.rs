@@ -11,7 +11,7 @@
 //! checks once rather than once per frame.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, pt_regs},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, pt_regs, task_struct},
     cty::c_void,
     helpers::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs, generated},
     macros::map,
@@ -201,18 +201,26 @@ pub extern "C" fn hvprof_unwind_walk(tgid: u32, window: u32, max: u32) -> i64 {
     }
 }
 
+/// The saved user ip, sp and bp of `task` (a BTF task pointer; 0s if
+/// unreadable).
 #[inline(always)]
-fn walk(tgid: u32, window: u32, max: u32) -> Result<Walked, NoWalk> {
-    // SAFETY: the current task's BTF pointer; plain loads of its saved user
-    // registers (the verifier makes them faulting loads).
-    let (ip, sp, bp) = unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-        (
+pub fn user_regs(task: *mut task_struct) -> [u64; 3] {
+    // SAFETY: the helper takes the task's BTF pointer; a BTF pointer: plain
+    // loads (the verifier makes them faulting loads), no helper call each.
+    unsafe {
+        let regs = bpf_task_pt_regs(task) as *const pt_regs;
+        [
             core::ptr::read_volatile(&raw const (*regs).rip),
             core::ptr::read_volatile(&raw const (*regs).rsp),
             core::ptr::read_volatile(&raw const (*regs).rbp),
-        )
-    };
+        ]
+    }
+}
+
+#[inline(always)]
+fn walk(tgid: u32, window: u32, max: u32) -> Result<Walked, NoWalk> {
+    // SAFETY: the helper has no preconditions.
+    let [ip, sp, bp] = user_regs(unsafe { bpf_get_current_task_btf() }.cast());
     if ip == 0 || ip >= USER_END || sp == 0 {
         return Err(NoWalk::NoUserStack);
     }

@@ -251,74 +251,30 @@ impl Report {
 /// lists `record` attaches (and drops a tracer for when one is missing).
 #[must_use]
 pub fn tracepoints() -> Vec<(Tracepoint, NeededBy, bool)> {
-    let mut out = vec![
-        (
-            Tracepoint::new("sched", "sched_switch"),
-            NeededBy::OffCpu,
-            true,
-        ),
-        (
-            Tracepoint::new("sched", "sched_process_fork"),
-            NeededBy::Targets,
-            true,
-        ),
-        (
-            Tracepoint::new("sched", "sched_process_exec"),
-            NeededBy::Targets,
-            true,
-        ),
-        (
-            Tracepoint::new("sched", "sched_process_exit"),
-            NeededBy::Targets,
-            true,
-        ),
-        (
-            Tracepoint::new("lock", "contention_begin"),
-            NeededBy::Locks,
-            false,
-        ),
-        (
-            Tracepoint::new("lock", "contention_end"),
-            NeededBy::Locks,
-            false,
-        ),
-        (
-            Tracepoint::new("cgroup", "cgroup_mkdir"),
-            NeededBy::Cgroup,
-            false,
-        ),
-        (
-            Tracepoint::new("cgroup", "cgroup_attach_task"),
-            NeededBy::Cgroup,
-            false,
-        ),
-        (
-            Tracepoint::new("cgroup", "cgroup_rmdir"),
-            NeededBy::Cgroup,
-            false,
-        ),
+    use crate::record::{CGROUP_SYSCALLS, FORK_SYSCALLS, UNWIND_SYSCALLS, VM_SYSCALLS};
+    // Category, name, who needs it, whether record needs it to start.
+    let events = [
+        ("sched", "sched_switch", NeededBy::OffCpu, true),
+        ("sched", "sched_process_fork", NeededBy::Targets, true),
+        ("sched", "sched_process_exec", NeededBy::Targets, true),
+        ("sched", "sched_process_exit", NeededBy::Targets, true),
+        ("lock", "contention_begin", NeededBy::Locks, false),
+        ("lock", "contention_end", NeededBy::Locks, false),
+        ("cgroup", "cgroup_mkdir", NeededBy::Cgroup, false),
+        ("cgroup", "cgroup_attach_task", NeededBy::Cgroup, false),
+        ("cgroup", "cgroup_rmdir", NeededBy::Cgroup, false),
     ];
-    let syscalls = [
-        (
-            crate::record::VM_SYSCALLS.as_slice(),
-            NeededBy::VmWindows,
-            true,
-        ),
-        (
-            crate::record::FORK_SYSCALLS.as_slice(),
-            NeededBy::Fork,
-            false,
-        ),
-        (
-            crate::record::CGROUP_SYSCALLS.as_slice(),
-            NeededBy::Cgroup,
-            false,
-        ),
-        (
-            crate::record::UNWIND_SYSCALLS.as_slice(),
-            NeededBy::Unwind,
-            false,
-        ),
+    let mut out: Vec<_> = events
+        .into_iter()
+        .map(|(category, name, needed_by, required)| {
+            (Tracepoint::new(category, name), needed_by, required)
+        })
+        .collect();
+    let syscalls: [(&[&str], _, _); 4] = [
+        (&VM_SYSCALLS, NeededBy::VmWindows, true),
+        (&FORK_SYSCALLS, NeededBy::Fork, false),
+        (&CGROUP_SYSCALLS, NeededBy::Cgroup, false),
+        (&UNWIND_SYSCALLS, NeededBy::Unwind, false),
     ];
     for (names, needed_by, required) in syscalls {
         for name in names {

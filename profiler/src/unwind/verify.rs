@@ -732,6 +732,20 @@ mod tests {
         assert_eq!(candidates(&[], &[0x42]), Vec::<&Snapshot>::new());
     }
 
+    /// `unwind` with no modules (framehop follows frame pointers and the
+    /// trampolines `is_trampoline` names): the frames and how it ended.
+    fn framehop_alone(s: &Sample<'_>, is_trampoline: &dyn Fn(u64) -> bool) -> (Vec<u64>, End) {
+        let mut out = Vec::new();
+        let end = unwind(
+            &UnwinderX86_64::new(),
+            &mut CacheX86_64::new(),
+            s,
+            is_trampoline,
+            &mut out,
+        );
+        (out, end)
+    }
+
     fn record(stack_words: &[u64], ips: &[u64]) -> Vec<u8> {
         let mut b = vec![0u8; size_of::<UnwindSample>()];
         let put32 = |b: &mut Vec<u8>, off: usize, v: u32| {
@@ -799,14 +813,7 @@ mod tests {
             bp: 0x7000,
             ..Sample::parse(&b).expect("a whole record")
         };
-        let mut out = Vec::new();
-        let end = unwind(
-            &UnwinderX86_64::new(),
-            &mut CacheX86_64::new(),
-            &s,
-            &|addr| addr == 0x9000,
-            &mut out,
-        );
+        let (out, end) = framehop_alone(&s, &|addr| addr == 0x9000);
         assert_eq!(out, [0x1000, 0x9000, 0x4444, 0x5555]);
         assert!(matches!(end, End::Root), "{end:?}");
     }
@@ -821,14 +828,7 @@ mod tests {
             bp: 0x7000,
             ..Sample::parse(&b).expect("a whole record")
         };
-        let mut out = Vec::new();
-        let end = unwind(
-            &UnwinderX86_64::new(),
-            &mut CacheX86_64::new(),
-            &s,
-            &|_| false,
-            &mut out,
-        );
+        let (out, end) = framehop_alone(&s, &|_| false);
         assert_eq!(out, [0x1000, 0x2005, 0x3009]);
         assert!(matches!(end, End::PastCopy), "{end:?}");
     }
