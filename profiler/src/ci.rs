@@ -12,7 +12,7 @@ use thiserror::Error;
 use crate::{
     profile::Profile,
     render,
-    tables::{self, human_ns},
+    tables::{self, AnyTable, Role, TABLES, human_ns},
     windows::WindowInfo,
 };
 
@@ -274,53 +274,21 @@ impl<'a> Facts<'a> {
                 };
                 vec![(m.name().to_owned(), v)]
             }
-            Quantity::Lock { name, stat } => {
-                let rows = tables::locks(self.profile, window);
-                let value = |r: &tables::LockRow| match stat {
-                    Stat::Total => r.total_ns,
-                    Stat::Max => r.max_ns,
-                    Stat::Count | Stat::Timeouts => r.contentions,
-                };
-                named_or_each(
-                    rows.iter().map(|r| {
-                        (
-                            format!("lock {} {}", r.lock, r.lock_type),
-                            value(r),
-                            name.as_deref()
-                                .is_some_and(|n| r.lock == n || r.address.eq_ignore_ascii_case(n)),
-                        )
-                    }),
-                    name.as_deref().map(|n| format!("lock {n}")),
-                    *stat,
-                )
-            }
-            Quantity::Dbus { method, stat } => {
-                let rows = tables::dbus(self.profile, window);
-                let value = |r: &tables::DbusRow| match stat {
-                    Stat::Total => r.total_ns,
-                    Stat::Max => r.max_ns,
-                    Stat::Count => r.calls,
-                    Stat::Timeouts => r.timeouts,
-                };
-                named_or_each(
-                    rows.iter().map(|r| {
-                        (
-                            format!("D-Bus {} {} {}", r.library, r.destination, r.method),
-                            value(r),
-                            method.as_deref().is_some_and(|m| {
-                                r.method == m
-                                    || r.method
-                                        .strip_suffix(m)
-                                        .is_some_and(|head| head.ends_with('.'))
-                            }),
-                        )
-                    }),
-                    method.as_deref().map(|m| format!("D-Bus {m}")),
-                    *stat,
-                )
-            }
+            Quantity::Row { table, name, stat } => named_or_each(
+                table_of(table)
+                    .observe(self.profile, window, *stat, name.as_deref())
+                    .into_iter(),
+                name.as_deref()
+                    .map(|n| format!("{} {n}", table_of(table).gate_words().0)),
+                *stat,
+            ),
         }
     }
+}
+
+/// The table a parsed quantity names (the parser found it).
+fn table_of(name: &str) -> &'static dyn AnyTable {
+    tables::by_name(name).unwrap_or_else(|| panic!("no table {name}"))
 }
 
 /// Without a name: every row on its own. With one: the matching rows as
@@ -328,7 +296,7 @@ impl<'a> Facts<'a> {
 fn named_or_each(
     rows: impl Iterator<Item = (String, u64, bool)>,
     name: Option<String>,
-    stat: Stat,
+    stat: Role,
 ) -> Vec<(String, u64)> {
     let Some(name) = name else {
         return rows.map(|(k, v, _)| (k, v)).collect();
@@ -337,7 +305,7 @@ fn named_or_each(
     for (_, v, hit) in rows {
         if hit {
             let acc = found.get_or_insert(0);
-            *acc = if stat == Stat::Max {
+            *acc = if stat == Role::Max {
                 (*acc).max(v)
             } else {
                 *acc + v
@@ -347,28 +315,17 @@ fn named_or_each(
     found.map(|v| vec![(name, v)]).unwrap_or_default()
 }
 
-/// A statistic of a lock or a D-Bus method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    Total,
-    Max,
-    /// Lock contentions, D-Bus calls.
-    Count,
-    Timeouts,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Quantity {
     Metric(Metric),
-    /// `name: None`: any single lock.
-    Lock {
+    /// A statistic of a table's rows (`lock:NAME.max`); `name: None`: any
+    /// single row.
+    Row {
+        /// The table's name.
+        table: &'static str,
         name: Option<String>,
-        stat: Stat,
-    },
-    /// `method: None`: any single method.
-    Dbus {
-        method: Option<String>,
-        stat: Stat,
+        /// Its column's role: count, total, max or timeouts.
+        stat: Role,
     },
 }
 
@@ -377,25 +334,18 @@ impl Quantity {
     pub fn unit(&self) -> Unit {
         match self {
             Self::Metric(m) => m.unit(),
-            Self::Lock { stat, .. } | Self::Dbus { stat, .. } => match stat {
-                Stat::Total | Stat::Max => Unit::Ns,
-                Stat::Count => Unit::Count,
-                Stat::Timeouts => Unit::Timeouts,
+            Self::Row { stat, .. } => match stat {
+                Role::Count => Unit::Count,
+                Role::Timeouts => Unit::Timeouts,
+                _ => Unit::Ns,
             },
         }
     }
 
     fn stat_name(&self) -> &'static str {
-        let stat = match self {
-            Self::Metric(_) => return "",
-            Self::Lock { stat, .. } | Self::Dbus { stat, .. } => stat,
-        };
-        match (self, stat) {
-            (_, Stat::Total) => "total",
-            (_, Stat::Max) => "max",
-            (Self::Lock { .. }, Stat::Count) => "count",
-            (_, Stat::Count) => "calls",
-            (_, Stat::Timeouts) => "timeouts",
+        match self {
+            Self::Metric(_) => "",
+            Self::Row { table, stat, .. } => table_of(table).gate_stat_name(*stat),
         }
     }
 }
@@ -641,44 +591,43 @@ fn parse_quantity(text: &str) -> Result<Quantity, String> {
             _ => Some((Some(named.to_owned()), None)),
         }
     };
-    if let Some((name, stat)) = family("lock") {
-        let stat = match stat {
-            None if name.is_none() => Stat::Total,
-            None => return Err(format!("say which statistic: {text}.total, .max or .count")),
-            Some("total") => Stat::Total,
-            Some("max") => Stat::Max,
-            Some("count" | "contentions") => Stat::Count,
-            Some(s) => {
-                return Err(format!(
-                    "{s:?} is not a lock statistic: use total, max or count (e.g. lock:NAME.total)"
-                ));
-            }
+    for t in TABLES {
+        let Some(prefix) = t.gate_prefix() else {
+            continue;
         };
-        return Ok(Quantity::Lock { name, stat });
-    }
-    if let Some((method, stat)) = family("dbus") {
+        let Some((name, stat)) = family(prefix) else {
+            continue;
+        };
+        let (noun, placeholder, stats) = t.gate_words();
         let stat = match stat {
-            None if method.is_none() => Stat::Total,
+            None if name.is_none() => Role::Total,
             None => {
-                return Err(format!(
-                    "say which statistic: {text}.total, .max, .calls or .timeouts"
-                ));
+                let dotted = stats.replace(", ", ", .").replacen(" or ", " or .", 1);
+                return Err(format!("say which statistic: {text}.{dotted}"));
             }
-            Some("total") => Stat::Total,
-            Some("max") => Stat::Max,
-            Some("calls" | "count") => Stat::Count,
-            Some("timeouts") => Stat::Timeouts,
-            Some(s) => {
-                return Err(format!(
-                    "{s:?} is not a D-Bus statistic: use total, max, calls or timeouts (e.g. dbus:METHOD.total)"
-                ));
-            }
+            Some(s) => t.gate_stat(s).ok_or_else(|| {
+                format!(
+                    "{s:?} is not a {noun} statistic: use {stats} (e.g. {prefix}:{placeholder}.total)"
+                )
+            })?,
         };
-        return Ok(Quantity::Dbus { method, stat });
+        return Ok(Quantity::Row {
+            table: t.name(),
+            name,
+            stat,
+        });
     }
+    let families: Vec<String> = TABLES
+        .into_iter()
+        .filter_map(|t| {
+            let prefix = t.gate_prefix()?;
+            Some(format!("{prefix}[:{}].STAT", t.gate_words().1))
+        })
+        .collect();
     Err(format!(
-        "{text:?} is not a quantity: use one of {}, lock[:NAME].STAT, dbus[:METHOD].STAT",
-        Metric::ALL.map(Metric::name).join(", ")
+        "{text:?} is not a quantity: use one of {}, {}",
+        Metric::ALL.map(Metric::name).join(", "),
+        families.join(", ")
     ))
 }
 
@@ -872,10 +821,11 @@ fn evaluate_one(
                 // A named lock or method that is in neither profile: say so,
                 // and compare 0 (a typo must not pass silently).
                 let key = match &q {
-                    Quantity::Lock { name: Some(n), .. } => format!("lock {n}"),
-                    Quantity::Dbus {
-                        method: Some(m), ..
-                    } => format!("D-Bus {m}"),
+                    Quantity::Row {
+                        table,
+                        name: Some(n),
+                        ..
+                    } => format!("{} {n}", table_of(table).gate_words().0),
                     _ => String::new(),
                 };
                 if !key.is_empty() {
@@ -1079,49 +1029,8 @@ pub fn report_markdown(facts: &Facts<'_>, source: &Path, gates: &[GateResult]) -
         })
         .collect();
     out.push_str(&md_table(&headers, &rows));
-    let locks = tables::locks(p, None);
-    if !locks.is_empty() {
-        out.push_str("\n**Top locks** (by total wait)\n\n");
-        let rows: Vec<Vec<String>> = locks
-            .iter()
-            .take(5)
-            .map(|r| {
-                vec![
-                    r.lock.clone(),
-                    r.lock_type.clone(),
-                    r.caller.clone(),
-                    r.contentions.to_string(),
-                    human_ns(r.total_ns),
-                    human_ns(r.max_ns),
-                ]
-            })
-            .collect();
-        out.push_str(&md_table(
-            &["lock", "type", "caller", "contentions", "total", "max"],
-            &rows,
-        ));
-    }
-    let dbus = tables::dbus(p, None);
-    if !dbus.is_empty() {
-        out.push_str("\n**Top D-Bus calls** (by total time)\n\n");
-        let rows: Vec<Vec<String>> = dbus
-            .iter()
-            .take(5)
-            .map(|r| {
-                vec![
-                    r.destination.clone(),
-                    r.method.clone(),
-                    r.calls.to_string(),
-                    r.timeouts.to_string(),
-                    human_ns(r.total_ns),
-                    human_ns(r.max_ns),
-                ]
-            })
-            .collect();
-        out.push_str(&md_table(
-            &["destination", "method", "calls", "timeouts", "total", "max"],
-            &rows,
-        ));
+    for (heading, top) in TABLES.into_iter().filter_map(|t| t.top(p, 5)) {
+        let _ = write!(out, "\n{heading}\n\n{}", top.markdown());
     }
     if !gates.is_empty() {
         out.push('\n');

@@ -21,10 +21,11 @@ use thiserror::Error;
 
 use crate::{
     ci::{self, Facts, Gate, GateResult, Metric, Unit},
+    graphs::{GRAPHS, Graph},
     html,
     profile::{Profile, ProfileError},
-    render::{self, GRAPHS, Graph, RenderError},
-    tables::{self, Table, human_ns},
+    render::{self, RenderError},
+    tables::{AnyTable, Measured, TABLES, Table, human_ns},
     windows::WindowInfo,
 };
 
@@ -376,24 +377,16 @@ pub struct DeltaTable {
     pub rows: Vec<DeltaRow>,
 }
 
-/// Key columns and `[count, time_ns, timeouts]`.
-type Keyed = (Vec<String>, [u64; 3]);
-
 impl DeltaTable {
-    fn new(
-        name: &'static str,
-        columns: Vec<&'static str>,
-        count_name: &'static str,
-        with_timeouts: bool,
-        a: Vec<Keyed>,
-        b: Vec<Keyed>,
-    ) -> Self {
+    /// Table `t`'s rows in A and in B, matched on their keys.
+    fn new(t: &dyn AnyTable, a: Vec<Measured>, b: Vec<Measured>) -> Self {
+        let with_timeouts = t.has_timeouts();
         let mut by: BTreeMap<Vec<String>, ([u64; 3], [u64; 3])> = BTreeMap::new();
-        for (k, v) in a {
-            by.entry(k).or_default().0 = v;
+        for m in a {
+            by.entry(m.key).or_default().0 = m.values;
         }
-        for (k, v) in b {
-            by.entry(k).or_default().1 = v;
+        for m in b {
+            by.entry(m.key).or_default().1 = m.values;
         }
         let mut rows: Vec<DeltaRow> = by
             .into_iter()
@@ -420,9 +413,9 @@ impl DeltaTable {
                 .then_with(|| x.key.cmp(&y.key))
         });
         Self {
-            name,
-            columns,
-            count_name,
+            name: t.name(),
+            columns: t.keys(),
+            count_name: t.count_name(),
             rows,
         }
     }
@@ -549,40 +542,6 @@ fn section(
 ) -> Section {
     let id = window.map(|w| w.id);
     let (pa, pb) = (a.profile, b.profile);
-    let locks = |p: &Profile| -> Vec<Keyed> {
-        tables::locks(p, id)
-            .into_iter()
-            .map(|r| (vec![r.lock, r.lock_type], [r.contentions, r.total_ns, 0]))
-            .collect()
-    };
-    let forks = |p: &Profile| -> Vec<Keyed> {
-        tables::forks(p, id)
-            .into_iter()
-            .map(|r| {
-                (
-                    vec![r.parent, r.caller, r.syscall, r.creates],
-                    [r.count, r.total_ns, 0],
-                )
-            })
-            .collect()
-    };
-    let cgroups = |p: &Profile| -> Vec<Keyed> {
-        tables::cgroups(p, id)
-            .into_iter()
-            .map(|r| (vec![r.op, r.hierarchy, r.path], [r.count, r.total_ns, 0]))
-            .collect()
-    };
-    let dbus = |p: &Profile| -> Vec<Keyed> {
-        tables::dbus(p, id)
-            .into_iter()
-            .map(|r| {
-                (
-                    vec![r.library, r.destination, r.method],
-                    [r.calls, r.total_ns, r.timeouts],
-                )
-            })
-            .collect()
-    };
     Section {
         window: id,
         label: window.map_or_else(|| "whole recording".to_owned(), WindowInfo::label),
@@ -595,40 +554,10 @@ fn section(
                 delta: Delta::new(ma.get(m), mb.get(m)),
             })
             .collect(),
-        tables: vec![
-            DeltaTable::new(
-                "locks",
-                vec!["lock", "type"],
-                "contentions",
-                false,
-                locks(pa),
-                locks(pb),
-            ),
-            DeltaTable::new(
-                "forks",
-                vec!["parent", "caller", "syscall", "creates"],
-                "forks",
-                false,
-                forks(pa),
-                forks(pb),
-            ),
-            DeltaTable::new(
-                "cgroups",
-                vec!["op", "hierarchy", "cgroup"],
-                "operations",
-                false,
-                cgroups(pa),
-                cgroups(pb),
-            ),
-            DeltaTable::new(
-                "dbus",
-                vec!["library", "destination", "method"],
-                "calls",
-                true,
-                dbus(pa),
-                dbus(pb),
-            ),
-        ],
+        tables: TABLES
+            .into_iter()
+            .map(|t| DeltaTable::new(t, t.measured(pa, id), t.measured(pb, id)))
+            .collect(),
         flame_graphs: Vec::new(),
     }
 }
@@ -707,8 +636,8 @@ fn flame_diff(
 ) -> Result<FlameDiff, DiffError> {
     let wdir_name = w.dir_name();
     let wdir = dir.join(&wdir_name);
-    let (stem, count_name) = (g.name, g.count_name);
-    let (fa, fb) = ((g.folded)(a, w.id), (g.folded)(b, w.id));
+    let (stem, count_name) = (g.name, g.count_name());
+    let (fa, fb) = (g.folded(a, w.id), g.folded(b, w.id));
     let (a_total, b_total) = (folded_total(&fa), folded_total(&fb));
     // Scaling to an empty side would erase the other one.
     let scale = normalized && a_total > 0 && b_total > 0;
@@ -755,12 +684,7 @@ fn flame_diff(
         tracer: stem,
         svg: format!("{wdir_name}/{svg}"),
         folded: format!("{wdir_name}/{folded}"),
-        // What a folded count is: a sample, or a microsecond of waiting.
-        unit: if count_name == "samples" {
-            "samples"
-        } else {
-            render::OFFCPU_UNIT
-        },
+        unit: g.unit(),
         a_total,
         b_total,
         scaled: scale,
@@ -784,7 +708,7 @@ pub fn write_all(diff: &mut Diff, a: &Profile, b: &Profile, dir: &Path) -> Resul
     // Every graph of every window is independent, and drawing them is most
     // of a diff's time: one job each, on every CPU.
     let jobs: Vec<(usize, &Graph)> = (0..a.windows.len())
-        .flat_map(|i| GRAPHS.iter().map(move |g| (i, g)))
+        .flat_map(|i| GRAPHS.into_iter().map(move |g| (i, g)))
         .collect();
     let normalized = diff.normalized;
     let graphs = render::parallel_map(&jobs, |&(i, g)| {

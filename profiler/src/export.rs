@@ -36,8 +36,8 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
+    graphs::{GRAPHS, Graph, Label, StackRow, period_ns},
     profile::Profile,
-    render::{dbus_frame, lock_frame},
     windows::WindowInfo,
 };
 
@@ -78,209 +78,18 @@ impl Format {
     }
 }
 
-/// A stack-keyed tracer, as exported. The names are those of the folded
-/// files and flame graphs `hvprof report` writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    OnCpu,
-    OffCpu,
-    LockWait,
-    DbusWait,
-}
-
-impl Kind {
-    pub const ALL: [Self; 4] = [Self::OnCpu, Self::OffCpu, Self::LockWait, Self::DbusWait];
-
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::OnCpu => "oncpu",
-            Self::OffCpu => "offcpu",
-            Self::LockWait => "lockwait",
-            Self::DbusWait => "dbuswait",
-        }
+/// A graph's stacks for one window (`None`: every window), refusing
+/// samples that cannot be turned into time.
+fn rows<'p>(
+    profile: &'p Profile,
+    graph: &Graph,
+    window: Option<u32>,
+) -> Result<Vec<StackRow<'p>>, ExportError> {
+    let rows = (graph.rows)(profile, window);
+    if graph.sampled && !rows.is_empty() && period_ns(profile) == 0 {
+        return Err(ExportError::NoFrequency);
     }
-
-    /// `record --tracers` name of the tracer that fills this kind.
-    fn tracer(self) -> &'static str {
-        match self {
-            Self::OnCpu => "oncpu",
-            Self::OffCpu => "offcpu",
-            Self::LockWait => "locks",
-            Self::DbusWait => "dbus",
-        }
-    }
-
-    fn title(self) -> &'static str {
-        match self {
-            Self::OnCpu => "On-CPU",
-            Self::OffCpu => "Off-CPU time",
-            Self::LockWait => "Kernel lock wait",
-            Self::DbusWait => "D-Bus wait",
-        }
-    }
-
-    /// pprof sample types: the event count first (pprof's convention), then
-    /// the time, which is the default. On-CPU is Go's CPU profile and lock
-    /// wait Go's mutex profile, so Pyroscope and Parca recognise both.
-    #[must_use]
-    pub fn sample_types(self) -> [(&'static str, &'static str); 2] {
-        match self {
-            Self::OnCpu => [("samples", "count"), ("cpu", "nanoseconds")],
-            Self::OffCpu => [("blocks", "count"), ("off_cpu", "nanoseconds")],
-            Self::LockWait => [("contentions", "count"), ("delay", "nanoseconds")],
-            Self::DbusWait => [("calls", "count"), ("dbus_wait", "nanoseconds")],
-        }
-    }
-
-    /// Whether the profile has this kind: its tracer was recorded, or it
-    /// has rows.
-    #[must_use]
-    pub fn in_profile(self, profile: &Profile) -> bool {
-        let rows = match self {
-            Self::OnCpu => profile.oncpu.len(),
-            Self::OffCpu => profile.offcpu.len(),
-            Self::LockWait => profile.locks.len(),
-            Self::DbusWait => profile.dbus.len(),
-        };
-        rows > 0 || profile.meta.tracers.iter().any(|t| t == self.tracer())
-    }
-}
-
-/// One exported stack with its values: the rows of every tracer, in one
-/// shape.
-struct Row<'a> {
-    window: u32,
-    tgid: u32,
-    tid: Option<u32>,
-    comm: &'a str,
-    /// Root first.
-    stack: &'a [u32],
-    /// A frame below the stack's leaf: the lock, or the D-Bus call.
-    leaf: Option<String>,
-    count: u64,
-    ns: u64,
-    /// Labels of this tracer only (task state, lock, D-Bus method).
-    labels: Vec<(&'static str, Label)>,
-}
-
-/// A pprof label's value. Ids are numbers, as in `perf_to_profile`'s
-/// profiles, so `go tool pprof -tagfocus pid=1234` matches (a digits-only
-/// value is read as a number range there); names are strings, which is
-/// what Pyroscope and Parca keep as series labels.
-#[derive(Clone, Debug)]
-enum Label {
-    Str(String),
-    Num(u64),
-}
-
-/// The on-CPU sampling period in ns, from the recorded frequency.
-fn period_ns(profile: &Profile) -> Result<u64, ExportError> {
-    match profile.meta.frequency_hz {
-        0 => Err(ExportError::NoFrequency),
-        hz => Ok(1_000_000_000 / hz),
-    }
-}
-
-fn rows(profile: &Profile, kind: Kind, window: Option<u32>) -> Result<Vec<Row<'_>>, ExportError> {
-    let keep = |w: u32| window.is_none_or(|x| x == w);
-    Ok(match kind {
-        Kind::OnCpu => {
-            if !profile.oncpu.iter().any(|r| keep(r.window)) {
-                return Ok(Vec::new());
-            }
-            let period = period_ns(profile)?;
-            profile
-                .oncpu
-                .iter()
-                .filter(|r| keep(r.window))
-                .map(|r| Row {
-                    window: r.window,
-                    tgid: r.tgid,
-                    tid: Some(r.pid),
-                    comm: &r.comm,
-                    stack: &r.stack,
-                    leaf: None,
-                    count: r.samples,
-                    ns: r.samples.saturating_mul(period),
-                    labels: Vec::new(),
-                })
-                .collect()
-        }
-        Kind::OffCpu => profile
-            .offcpu
-            .iter()
-            .filter(|r| keep(r.window))
-            .map(|r| Row {
-                window: r.window,
-                tgid: r.tgid,
-                tid: Some(r.pid),
-                comm: &r.comm,
-                stack: &r.stack,
-                leaf: None,
-                count: r.blocks,
-                ns: r.total_ns,
-                labels: {
-                    let mut l = vec![("state", Label::Str(r.state.clone()))];
-                    // Blocked inside a D-Bus call (a `[D-Bus …]` frame in
-                    // the folded stacks).
-                    if let Some(f) = &r.dbus {
-                        l.push(("dbus_function", Label::Str(f.clone())));
-                    }
-                    l
-                },
-            })
-            .collect(),
-        Kind::LockWait => profile
-            .locks
-            .iter()
-            .filter(|r| keep(r.window))
-            .map(|r| Row {
-                window: r.window,
-                tgid: r.tgid,
-                tid: None,
-                comm: &r.comm,
-                stack: &r.stack,
-                leaf: Some(lock_frame(r)),
-                count: r.count,
-                ns: r.total_ns,
-                labels: vec![
-                    (
-                        "lock",
-                        Label::Str(
-                            r.lock_name
-                                .clone()
-                                .unwrap_or_else(|| format!("{:#x}", r.lock)),
-                        ),
-                    ),
-                    ("lock_type", Label::Str(r.lock_type.clone())),
-                ],
-            })
-            .collect(),
-        Kind::DbusWait => profile
-            .dbus
-            .iter()
-            .filter(|r| keep(r.window))
-            .map(|r| Row {
-                window: r.window,
-                tgid: r.tgid,
-                tid: None,
-                comm: &r.comm,
-                stack: &r.stack,
-                leaf: Some(dbus_frame(r)),
-                count: r.calls,
-                ns: r.total_ns,
-                labels: vec![
-                    ("dbus_library", Label::Str(r.library.clone())),
-                    (
-                        "dbus_destination",
-                        Label::Str(r.destination.clone().unwrap_or_else(|| "?".to_owned())),
-                    ),
-                    ("dbus_method", Label::Str(crate::tables::dbus_method(r))),
-                ],
-            })
-            .collect(),
-    })
+    Ok(rows)
 }
 
 /// `9-12`, or `setup` for the window before the first VM.
@@ -413,7 +222,7 @@ impl<'p> PprofBuilder<'p> {
         id
     }
 
-    fn sample(&mut self, row: &Row<'_>, labels: &[(&str, Label)]) {
+    fn sample(&mut self, row: &StackRow<'_>, labels: &[(&str, Label)]) {
         self.locations.clear();
         if let Some(leaf) = &row.leaf {
             let id = self.leaf(leaf);
@@ -454,9 +263,9 @@ impl<'p> PprofBuilder<'p> {
         v.0
     }
 
-    fn finish(mut self, kind: Kind, comments: &[String]) -> Vec<u8> {
+    fn finish(mut self, graph: &Graph, comments: &[String]) -> Vec<u8> {
         let mut out = Pb::default();
-        let types = kind.sample_types();
+        let types = graph.sample_types;
         for t in types {
             let vt = self.value_type(t);
             out.bytes(1, &vt);
@@ -490,9 +299,10 @@ impl<'p> PprofBuilder<'p> {
         out.uint(10, int(meta.duration_ns));
         // On-CPU is sampled every `period` ns of CPU time; the other tracers
         // see every event, one at a time.
-        let (period_type, period) = match kind {
-            Kind::OnCpu => (types[1], period_ns(self.profile).unwrap_or(0)),
-            _ => (types[0], 1),
+        let (period_type, period) = if graph.sampled {
+            (types[1], period_ns(self.profile))
+        } else {
+            (types[0], 1)
         };
         let pt = self.value_type(period_type);
         out.bytes(11, &pt);
@@ -515,8 +325,12 @@ impl<'p> PprofBuilder<'p> {
 /// `dbus_library`, `dbus_destination`, `dbus_method`), and with numbers
 /// `pid` (the process), `tid` (the thread, where recorded), `first_vm` and
 /// `last_vm` (not in the setup window).
-pub fn pprof(profile: &Profile, kind: Kind, window: Option<u32>) -> Result<Vec<u8>, ExportError> {
-    let rows = rows(profile, kind, window)?;
+pub fn pprof(
+    profile: &Profile,
+    graph: &Graph,
+    window: Option<u32>,
+) -> Result<Vec<u8>, ExportError> {
+    let rows = rows(profile, graph, window)?;
     let mut b = PprofBuilder::new(profile);
     let windows: HashMap<u32, &WindowInfo> = profile.windows.iter().map(|w| (w.id, w)).collect();
     for row in &rows {
@@ -524,7 +338,7 @@ pub fn pprof(profile: &Profile, kind: Kind, window: Option<u32>) -> Result<Vec<u
         let mut labels = vec![
             ("window", Label::Str(format!("w{:02}", row.window))),
             ("vms", Label::Str(vm_range(info))),
-            ("tracer", Label::Str(kind.name().to_owned())),
+            ("tracer", Label::Str(graph.name.to_owned())),
             ("comm", Label::Str(row.comm.to_owned())),
             ("pid", Label::Num(row.tgid.into())),
         ];
@@ -546,13 +360,13 @@ pub fn pprof(profile: &Profile, kind: Kind, window: Option<u32>) -> Result<Vec<u
         None => "every window (label `window`)".to_owned(),
     };
     let comments = [
-        format!("hvprof {}: {}", kind.title(), scope),
+        format!("hvprof {}: {}", graph.title, scope),
         format!(
             "recorded by hvprof {} on {} (kernel {}): {}",
             meta.hvprof_version, meta.hostname, meta.kernel, meta.target
         ),
     ];
-    Ok(b.finish(kind, &comments))
+    Ok(b.finish(graph, &comments))
 }
 
 /// A speedscope file (<https://www.speedscope.app/file-format-schema.json>)
@@ -597,7 +411,7 @@ pub struct SpeedscopeProfile {
 
 /// The speedscope export of one tracer. Weights are nanoseconds (on-CPU:
 /// samples × the sampling period), so every tracer reads as time.
-pub fn speedscope(profile: &Profile, kind: Kind) -> Result<Speedscope, ExportError> {
+pub fn speedscope(profile: &Profile, graph: &Graph) -> Result<Speedscope, ExportError> {
     let mut frames: Vec<SpeedscopeFrame> = Vec::new();
     let mut ids: HashMap<String, u32> = HashMap::new();
     let mut intern = |name: &str| -> u32 {
@@ -616,7 +430,7 @@ pub fn speedscope(profile: &Profile, kind: Kind) -> Result<Speedscope, ExportErr
         // Equal stacks of different threads merge; sorted, so the output
         // is the same every time.
         let mut stacks: BTreeMap<Vec<u32>, u64> = BTreeMap::new();
-        for row in rows(profile, kind, Some(w.id))? {
+        for row in rows(profile, graph, Some(w.id))? {
             let comm = if row.comm.is_empty() {
                 "[unknown]"
             } else {
@@ -633,7 +447,7 @@ pub fn speedscope(profile: &Profile, kind: Kind) -> Result<Speedscope, ExportErr
         let (samples, weights): (Vec<_>, Vec<_>) = stacks.into_iter().unzip();
         profiles.push(SpeedscopeProfile {
             kind: "sampled",
-            name: format!("{}: window {} ({})", kind.title(), w.id, w.label()),
+            name: graph.title_for(w),
             unit: "nanoseconds",
             start_value: 0,
             end_value: weights.iter().sum(),
@@ -645,7 +459,7 @@ pub fn speedscope(profile: &Profile, kind: Kind) -> Result<Speedscope, ExportErr
         schema: "https://www.speedscope.app/file-format-schema.json",
         shared: SpeedscopeShared { frames },
         profiles,
-        name: format!("hvprof {}: {}", kind.title(), profile.meta.target),
+        name: format!("hvprof {}: {}", graph.title, profile.meta.target),
         active_profile_index: 0,
         exporter: format!("hvprof {}", env!("CARGO_PKG_VERSION")),
     })
@@ -656,7 +470,8 @@ pub fn speedscope(profile: &Profile, kind: Kind) -> Result<Speedscope, ExportErr
 pub struct Written {
     pub path: PathBuf,
     pub format: Format,
-    pub kind: Kind,
+    /// The graph's name.
+    pub graph: &'static str,
     /// `None`: every window.
     pub window: Option<u32>,
 }
@@ -693,32 +508,32 @@ pub fn export(
     };
     mkdir(dir)?;
     let mut written = Vec::new();
-    for kind in Kind::ALL.into_iter().filter(|k| k.in_profile(profile)) {
+    for graph in GRAPHS.into_iter().filter(|g| g.in_profile(profile)) {
         if formats.contains(&Format::Pprof) {
-            let path = dir.join(format!("{}.pb.gz", kind.name()));
-            write(&path, &gzip(&pprof(profile, kind, None)?, &path)?)?;
+            let path = dir.join(format!("{}.pb.gz", graph.name));
+            write(&path, &gzip(&pprof(profile, graph, None)?, &path)?)?;
             written.push(Written {
                 path,
                 format: Format::Pprof,
-                kind,
+                graph: graph.name,
                 window: None,
             });
             for w in &profile.windows {
                 let wdir = dir.join(w.dir_name());
                 mkdir(&wdir)?;
-                let path = wdir.join(format!("{}.pb.gz", kind.name()));
-                write(&path, &gzip(&pprof(profile, kind, Some(w.id))?, &path)?)?;
+                let path = wdir.join(format!("{}.pb.gz", graph.name));
+                write(&path, &gzip(&pprof(profile, graph, Some(w.id))?, &path)?)?;
                 written.push(Written {
                     path,
                     format: Format::Pprof,
-                    kind,
+                    graph: graph.name,
                     window: Some(w.id),
                 });
             }
         }
         if formats.contains(&Format::Speedscope) {
-            let path = dir.join(format!("{}.speedscope.json", kind.name()));
-            let json = serde_json::to_vec(&speedscope(profile, kind)?).map_err(|e| {
+            let path = dir.join(format!("{}.speedscope.json", graph.name));
+            let json = serde_json::to_vec(&speedscope(profile, graph)?).map_err(|e| {
                 ExportError::Write {
                     path: path.clone(),
                     source: io::Error::other(e),
@@ -728,7 +543,7 @@ pub fn export(
             written.push(Written {
                 path,
                 format: Format::Speedscope,
-                kind,
+                graph: graph.name,
                 window: None,
             });
         }

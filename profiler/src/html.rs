@@ -20,9 +20,10 @@
 use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 
 use crate::{
+    graphs::GRAPHS,
     profile::{Profile, VmCreation},
-    render::{self, GRAPHS, RenderError},
-    tables::{self, Table, human_ns},
+    render::{self, RenderError},
+    tables::{TABLES, Table, human_ns},
     windows::WindowInfo,
 };
 
@@ -435,11 +436,6 @@ pub fn write_report(profile: &Profile, path: &Path) -> Result<(), RenderError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-fn has_tracer(profile: &Profile, tracer: &str) -> bool {
-    // Profiles without the list predate it: assume everything ran.
-    profile.meta.tracers.is_empty() || profile.meta.tracers.iter().any(|t| t == tracer)
 }
 
 fn header(profile: &Profile, summary: &render::Summary, out: &mut String) {
@@ -1021,15 +1017,6 @@ fn heat(t: f64) -> (u8, u8, u8) {
     (ch(0), ch(1), ch(2))
 }
 
-/// The tracer whose data a flame graph shows.
-fn tracer_of(graph: &str) -> &str {
-    match graph {
-        "lockwait" => "locks",
-        "dbuswait" => "dbus",
-        other => other,
-    }
-}
-
 fn window_panel(
     profile: &Profile,
     summary: &render::Summary,
@@ -1055,16 +1042,16 @@ fn window_panel(
             s.processes
         )))
     );
-    for g in &GRAPHS {
-        let lines = (g.folded)(profile, w.id);
+    for g in GRAPHS {
+        let lines = g.folded(profile, w.id);
         let title = g.title_for(w);
-        let svg = flame_svg(&lines, &title, g.count_name)?;
+        let svg = flame_svg(&lines, &title, g.count_name())?;
         let mut caption = title.clone();
-        if !has_tracer(profile, tracer_of(g.name)) {
+        if !profile.recorded(g.tracer) {
             let _ = write!(
                 caption,
                 " \u{2014} the {} tracer was not part of this recording",
-                tracer_of(g.name)
+                g.tracer.name()
             );
         }
         out.push_str(&flame_graph_frame(&svg, g.name, &caption));
@@ -1077,51 +1064,34 @@ fn window_panel(
     Ok(out)
 }
 
-/// The lock, fork, cgroup and D-Bus tables of one window or of the whole
-/// recording.
+/// Every table of one window or of the whole recording, each under its
+/// title, or a note that its tracer did not run.
 fn tables_html(profile: &Profile, window: Option<u32>) -> String {
     let mut out = String::new();
-    let mut section = |title: &str, tracer: &str, t: &Table, tail: &str| {
-        let _ = writeln!(out, "<h4>{}</h4>", escape(title));
-        if has_tracer(profile, tracer) {
-            out.push_str(&table(t));
-            out.push_str(tail);
+    for t in TABLES {
+        let _ = writeln!(out, "<h4>{}</h4>", escape(&capitalized(t.title())));
+        if profile.recorded(t.tracer()) {
+            out.push_str(&table(&t.table(profile, window, true)));
+            if let Some(note) = t.note(profile, window) {
+                let _ = writeln!(out, "<p class=\"note\">{}</p>", escape(note.trim_end()));
+            }
         } else {
             let _ = writeln!(
                 out,
                 "<p class=\"note\">(the {} tracer was not part of this recording)</p>",
-                escape(tracer)
+                escape(t.tracer().name())
             );
         }
-    };
-    section(
-        "Kernel lock contention",
-        "locks",
-        &tables::lock_table(&tables::locks(profile, window), true),
-        "",
-    );
-    section(
-        "Forks",
-        "fork",
-        &tables::fork_table(&tables::forks(profile, window), true),
-        &format!(
-            "<p class=\"note\">{}</p>\n",
-            escape(tables::fork_summary(profile, window).text().trim_end())
-        ),
-    );
-    section(
-        "Cgroup operations",
-        "cgroup",
-        &tables::cgroup_table(&tables::cgroups(profile, window), true),
-        "",
-    );
-    section(
-        "Blocking D-Bus calls",
-        "dbus",
-        &tables::dbus_table(&tables::dbus(profile, window), true),
-        "",
-    );
+    }
     out
+}
+
+/// `Forks` from `forks`.
+fn capitalized(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|first| first.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod diff;
 pub mod ebpf;
 pub mod export;
 pub mod forkpath;
+pub mod graphs;
 pub mod html;
 pub mod kbtf;
 pub mod procmaps;

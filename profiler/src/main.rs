@@ -371,42 +371,10 @@ fn check(json: bool) -> ExitCode {
 
 /// The whole recording's tables of the tracers that ran, 15 rows each.
 fn print_tables(profile: &Profile) {
-    if profile.meta.tracers.iter().any(|t| t == "locks") {
-        let rows = profiler::tables::locks(profile, None);
-        println!(
-            "\nkernel lock contention, whole recording (by total wait; per window in w*/locks.txt):"
-        );
-        print!(
-            "{}",
-            profiler::tables::locks_text(&rows[..rows.len().min(15)])
-        );
-    }
-    if profile.meta.tracers.iter().any(|t| t == "fork") {
-        let rows = profiler::tables::forks(profile, None);
-        println!("\nforks, whole recording (by time in fork; per window in w*/forks.txt):");
-        print!(
-            "{}",
-            profiler::tables::fork_table(&rows[..rows.len().min(15)], true).text()
-        );
-        print!("{}", profiler::tables::fork_summary(profile, None).text());
-    }
-    if profile.meta.tracers.iter().any(|t| t == "cgroup") {
-        let rows = profiler::tables::cgroups(profile, None);
-        println!("\ncgroup operations, whole recording (per window in w*/cgroups.txt):");
-        print!(
-            "{}",
-            profiler::tables::cgroup_table(&rows[..rows.len().min(15)], true).text()
-        );
-    }
-    if profile.meta.tracers.iter().any(|t| t == "dbus") {
-        let rows = profiler::tables::dbus(profile, None);
-        println!(
-            "\nblocking D-Bus calls, whole recording (by total latency; per window in w*/dbus.txt):"
-        );
-        print!(
-            "{}",
-            profiler::tables::dbus_table(&rows[..rows.len().min(15)], true).text()
-        );
+    for t in profiler::tables::TABLES {
+        if profile.recorded(t.tracer()) {
+            print!("{}", profiler::tables::whole_recording_text(t, profile, 15));
+        }
     }
 }
 

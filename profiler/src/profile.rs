@@ -271,6 +271,19 @@ pub struct DbusCall {
     pub hist: Vec<u64>,
 }
 
+impl DbusCall {
+    /// The method called: `interface.member`, or what is known of it.
+    #[must_use]
+    pub fn method(&self) -> String {
+        match (&self.interface, &self.member) {
+            (Some(i), Some(m)) => format!("{i}.{m}"),
+            (None, Some(m)) => m.clone(),
+            (Some(i), None) => format!("{i}.?"),
+            (None, None) => "?".to_owned(),
+        }
+    }
+}
+
 /// A loss counter: something that was not recorded, and how often.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LossCount {
@@ -347,6 +360,13 @@ impl FrameTable {
 }
 
 impl Profile {
+    /// Whether `tracer` ran in this recording. A profile from before
+    /// profiles listed their tracers had every one.
+    #[must_use]
+    pub fn recorded(&self, tracer: crate::record::Tracer) -> bool {
+        self.meta.tracers.is_empty() || self.meta.tracers.iter().any(|t| t == tracer.name())
+    }
+
     /// Writes the profile (atomically: to a temporary name, then renamed).
     pub fn write(&self, path: &Path) -> Result<(), ProfileError> {
         let err = |source| ProfileError::Write {

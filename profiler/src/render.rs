@@ -13,10 +13,7 @@ use std::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::{
-    profile::{DbusCall, LockWait, Profile},
-    windows::WindowInfo,
-};
+use crate::{graphs::GRAPHS, profile::Profile, tables::TABLES, windows::WindowInfo};
 
 #[derive(Debug, Error)]
 pub enum RenderError {
@@ -24,138 +21,6 @@ pub enum RenderError {
     Write { path: PathBuf, source: io::Error },
     #[error("rendering the flame graph {path} failed: {source}")]
     FlameGraph { path: PathBuf, source: io::Error },
-}
-
-/// Off-CPU folded counts are in microseconds.
-pub const OFFCPU_UNIT: &str = "us";
-
-/// Folded lines (`comm;frame;…;frame count`) of one window's on-CPU
-/// samples, sorted, with equal stacks merged.
-#[must_use]
-pub fn oncpu_folded(profile: &Profile, window: u32) -> Vec<String> {
-    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
-    for row in profile.oncpu.iter().filter(|r| r.window == window) {
-        *folded
-            .entry(stack_line(profile, &row.comm, &row.stack))
-            .or_default() += row.samples;
-    }
-    folded
-        .into_iter()
-        .map(|(stack, n)| format!("{stack} {n}"))
-        .collect()
-}
-
-/// Folded lines of one window's off-CPU time, in microseconds.
-#[must_use]
-pub fn offcpu_folded(profile: &Profile, window: u32) -> Vec<String> {
-    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
-    for row in profile.offcpu.iter().filter(|r| r.window == window) {
-        // Blocked inside a D-Bus call: under a frame that says so, whatever
-        // the (often frame-pointer-less) library stack shows.
-        let mut line = stack_line(profile, &row.comm, &row.stack);
-        if let Some(f) = &row.dbus {
-            let at = line.find(';').unwrap_or(line.len());
-            line.insert_str(at, &format!(";[D-Bus {}]", f.replace(';', ":")));
-        }
-        *folded.entry(line).or_default() += row.total_ns;
-    }
-    us_lines(folded)
-}
-
-/// Folded lines from nanoseconds per stack, counted in microseconds;
-/// stacks under a microsecond are left out.
-fn us_lines(folded: BTreeMap<String, u64>) -> Vec<String> {
-    folded
-        .into_iter()
-        .filter_map(|(stack, ns)| {
-            let us = ns / 1000;
-            (us > 0).then(|| format!("{stack} {us}"))
-        })
-        .collect()
-}
-
-/// Folded lines of one window's kernel lock waits, in microseconds: the
-/// waiter's stack, then the lock (`[lock 0x… rwsem:W]` or its symbol).
-#[must_use]
-pub fn lockwait_folded(profile: &Profile, window: u32) -> Vec<String> {
-    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
-    for w in profile.locks.iter().filter(|w| w.window == window) {
-        let line = format!(
-            "{};{}",
-            stack_line(profile, &w.comm, &w.stack),
-            lock_frame(w)
-        );
-        *folded.entry(line).or_default() += w.total_ns;
-    }
-    us_lines(folded)
-}
-
-/// Folded lines of one window's blocking D-Bus calls, in microseconds: the
-/// caller's stack, then the call (`[dbus gio org.foo.Bar.Method]`).
-#[must_use]
-pub fn dbuswait_folded(profile: &Profile, window: u32) -> Vec<String> {
-    let mut folded: BTreeMap<String, u64> = BTreeMap::new();
-    for c in profile.dbus.iter().filter(|c| c.window == window) {
-        let line = format!(
-            "{};{}",
-            stack_line(profile, &c.comm, &c.stack),
-            dbus_frame(c).replace(';', ":"),
-        );
-        *folded.entry(line).or_default() += c.total_ns;
-    }
-    us_lines(folded)
-}
-
-/// The leaf frame a lock wait's stack ends in: `[lock NAME TYPE]`, the lock
-/// named by its symbol or, without one, its address.
-#[must_use]
-pub fn lock_frame(w: &LockWait) -> String {
-    match &w.lock_name {
-        Some(name) => format!("[lock {name} {}]", w.lock_type),
-        None => format!("[lock {:#x} {}]", w.lock, w.lock_type),
-    }
-}
-
-/// The leaf frame a blocking D-Bus call's stack ends in:
-/// `[dbus LIBRARY DESTINATION interface.member]`.
-#[must_use]
-pub fn dbus_frame(c: &DbusCall) -> String {
-    format!(
-        "[dbus {} {} {}]",
-        c.library,
-        c.destination.as_deref().unwrap_or("?"),
-        crate::tables::dbus_method(c)
-    )
-}
-
-fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
-    // `;` separates frames and a space separates the count: keep both out
-    // of the names so every line parses. This runs for every frame of every
-    // stack, and most names need no change: those are copied whole.
-    fn push_clean(line: &mut String, s: &str, space: char) {
-        if !s
-            .bytes()
-            .any(|b| matches!(b, b';' | b'\n' | b'\r') || (b == b' ' && space != ' '))
-        {
-            line.push_str(s);
-            return;
-        }
-        line.extend(s.chars().map(|c| match c {
-            ';' => ':',
-            '\n' | '\r' | ' ' => space,
-            c => c,
-        }));
-    }
-    let mut line = String::with_capacity(32 * (stack.len() + 1));
-    push_clean(&mut line, comm, '_');
-    if line.is_empty() {
-        line.push_str("[unknown]");
-    }
-    for f in profile.frame_names(stack) {
-        line.push(';');
-        push_clean(&mut line, f, ' ');
-    }
-    line
 }
 
 fn write_file(path: &Path, text: &str) -> Result<(), RenderError> {
@@ -207,53 +72,6 @@ pub fn write_flame_graph(
         inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), out)
     }
 }
-
-/// One of the per-window flame graphs.
-pub struct Graph {
-    /// File stem: `oncpu` → `oncpu.folded`, `oncpu.svg`.
-    pub name: &'static str,
-    /// The title before `: window N (VMs a–b)`.
-    pub title: &'static str,
-    /// What a folded count is.
-    pub count_name: &'static str,
-    pub folded: fn(&Profile, u32) -> Vec<String>,
-}
-
-impl Graph {
-    /// `On-CPU: window 1 (VMs 1–4)`.
-    #[must_use]
-    pub fn title_for(&self, w: &WindowInfo) -> String {
-        format!("{}: window {} ({})", self.title, w.id, w.label())
-    }
-}
-
-/// The flame graphs every window gets, in the order reports show them.
-pub const GRAPHS: [Graph; 4] = [
-    Graph {
-        name: "oncpu",
-        title: "On-CPU",
-        count_name: "samples",
-        folded: oncpu_folded,
-    },
-    Graph {
-        name: "offcpu",
-        title: "Off-CPU time",
-        count_name: "\u{b5}s",
-        folded: offcpu_folded,
-    },
-    Graph {
-        name: "lockwait",
-        title: "Kernel lock wait",
-        count_name: "\u{b5}s",
-        folded: lockwait_folded,
-    },
-    Graph {
-        name: "dbuswait",
-        title: "D-Bus wait",
-        count_name: "\u{b5}s",
-        folded: dbuswait_folded,
-    },
-];
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -630,7 +448,7 @@ pub fn write_all(profile: &Profile, dir: &Path) -> Result<Summary, RenderError> 
     parallel_map(&profile.windows, |w| {
         write_window(profile, w, &dir.join(w.dir_name()), &mkdir)
     })?;
-    write_lock_tables(profile, None, dir)?;
+    write_tables(profile, None, dir)?;
     let summary = summary(profile);
     write_file(&dir.join("summary.txt"), &summary.to_text())?;
     let json = serde_json::to_string_pretty(&summary).map_err(|e| RenderError::Write {
@@ -700,8 +518,8 @@ fn write_window(
     mkdir: &dyn Fn(&Path) -> Result<(), RenderError>,
 ) -> Result<(), RenderError> {
     mkdir(wdir)?;
-    for g in &GRAPHS {
-        let lines = (g.folded)(profile, w.id);
+    for g in GRAPHS {
+        let lines = g.folded(profile, w.id);
         write_file(
             &wdir.join(format!("{}.folded", g.name)),
             &join_lines(&lines),
@@ -709,89 +527,40 @@ fn write_window(
         flame_graph(
             &lines,
             &g.title_for(w),
-            g.count_name,
+            g.count_name(),
             &wdir.join(format!("{}.svg", g.name)),
         )?;
     }
-    write_lock_tables(profile, Some(w.id), wdir)?;
+    write_tables(profile, Some(w.id), wdir)?;
     Ok(())
 }
 
-/// `NAME.txt`, `.md`, `.csv`, `.json` of one table.
-fn write_table<T: Serialize>(
-    dir: &Path,
-    name: &str,
-    human: &crate::tables::Table,
-    machine: &crate::tables::Table,
-    json: &T,
-    text_tail: &str,
-) -> Result<(), RenderError> {
-    write_file(
-        &dir.join(format!("{name}.txt")),
-        &format!("{}{text_tail}", human.text()),
-    )?;
-    write_file(&dir.join(format!("{name}.md")), &human.markdown())?;
-    write_file(&dir.join(format!("{name}.csv")), &machine.csv())?;
-    let path = dir.join(format!("{name}.json"));
-    let json = serde_json::to_string_pretty(json).map_err(|e| RenderError::Write {
-        path: path.clone(),
-        source: io::Error::other(e),
-    })?;
-    write_file(&path, &json)
-}
-
-/// The lock and fork tables for one window or the whole recording.
-fn write_lock_tables(
-    profile: &Profile,
-    window: Option<u32>,
-    dir: &Path,
-) -> Result<(), RenderError> {
-    use crate::tables::{fork_summary, fork_table, forks, lock_table, locks};
-    #[derive(Serialize)]
-    struct Forks<'a> {
-        forks: &'a [crate::tables::ForkRow],
-        summary: &'a crate::tables::ForkSummary,
+/// `NAME.txt`, `.md`, `.csv` and `.json` of every table, for one window or
+/// the whole recording.
+fn write_tables(profile: &Profile, window: Option<u32>, dir: &Path) -> Result<(), RenderError> {
+    for t in TABLES {
+        let (name, human) = (t.name(), t.table(profile, window, true));
+        let note = t
+            .note(profile, window)
+            .map(|n| format!("\n{n}"))
+            .unwrap_or_default();
+        write_file(
+            &dir.join(format!("{name}.txt")),
+            &format!("{}{note}", human.text()),
+        )?;
+        write_file(&dir.join(format!("{name}.md")), &human.markdown())?;
+        write_file(
+            &dir.join(format!("{name}.csv")),
+            &t.table(profile, window, false).csv(),
+        )?;
+        let path = dir.join(format!("{name}.json"));
+        let json = t.json(profile, window).map_err(|e| RenderError::Write {
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        write_file(&path, &json)?;
     }
-    let rows = locks(profile, window);
-    write_table(
-        dir,
-        "locks",
-        &lock_table(&rows, true),
-        &lock_table(&rows, false),
-        &rows,
-        "",
-    )?;
-    let rows = crate::tables::cgroups(profile, window);
-    write_table(
-        dir,
-        "cgroups",
-        &crate::tables::cgroup_table(&rows, true),
-        &crate::tables::cgroup_table(&rows, false),
-        &rows,
-        "",
-    )?;
-    let rows = crate::tables::dbus(profile, window);
-    write_table(
-        dir,
-        "dbus",
-        &crate::tables::dbus_table(&rows, true),
-        &crate::tables::dbus_table(&rows, false),
-        &rows,
-        "",
-    )?;
-    let rows = forks(profile, window);
-    let summary = fork_summary(profile, window);
-    write_table(
-        dir,
-        "forks",
-        &fork_table(&rows, true),
-        &fork_table(&rows, false),
-        &Forks {
-            forks: &rows,
-            summary: &summary,
-        },
-        &format!("\n{}", summary.text()),
-    )
+    Ok(())
 }
 
 fn join_lines(lines: &[String]) -> String {
@@ -846,20 +615,6 @@ mod tests {
             }],
             ..Profile::default()
         }
-    }
-
-    #[test]
-    fn folds_and_merges() {
-        let p = profile();
-        assert_eq!(
-            oncpu_folded(&p, 1),
-            ["vm_load;main;busy 7", "vm_load;main;do:weird name 1"]
-        );
-        assert_eq!(oncpu_folded(&p, 0), ["vm_load;main 9"]);
-        assert_eq!(oncpu_folded(&p, 5), Vec::<String>::new());
-        assert_eq!(offcpu_folded(&p, 1), ["t;main 2500"]);
-        // Newlines: `_` in a comm (like spaces), a space in a frame.
-        assert_eq!(stack_line(&p, "a\nb c", &[2]), "a_b_c;do:weird name");
     }
 
     #[test]

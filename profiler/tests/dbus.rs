@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler::{profile::Profile, tables};
+use profiler::{
+    profile::Profile,
+    tables::{self, AnyTable as _},
+};
 
 const WORK: &str = "org.hvprof.Sample.Work";
 
@@ -116,7 +119,7 @@ fn calls(p: &Profile, library: &str, method: &str) -> BTreeMap<u32, (u64, u64, u
     for c in p
         .dbus
         .iter()
-        .filter(|c| c.library == library && tables::dbus_method(c) == method)
+        .filter(|c| c.library == library && c.method() == method)
     {
         let e = m.entry(c.window).or_default();
         e.0 += c.calls;
@@ -216,7 +219,7 @@ exit 0
         "the dbus tracer did not run: {stderr}"
     );
     assert_eq!(p.vms.len(), 2, "two VMs move the windows");
-    let table = tables::dbus_table(&tables::dbus(&p, None), true).text();
+    let table = tables::DBUS.table(&p, None, true).text();
 
     // Per library: exactly three Work calls, in its own window, one of them
     // timed out after the timeout the client passed.
@@ -242,7 +245,7 @@ exit 0
         let rows: Vec<_> = p
             .dbus
             .iter()
-            .filter(|c| c.library == library && tables::dbus_method(c) == WORK)
+            .filter(|c| c.library == library && c.method() == WORK)
             .collect();
         for c in &rows {
             assert_eq!(

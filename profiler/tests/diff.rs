@@ -159,7 +159,7 @@ fn a_profile_against_itself_is_all_zero() {
             if tracer == "oncpu" {
                 assert_eq!(
                     lines.len(),
-                    profiler::render::oncpu_folded(&profile, w.id).len()
+                    profiler::graphs::ONCPU.folded(&profile, w.id).len()
                 );
             }
         }
@@ -213,7 +213,7 @@ fn changed() -> (Profile, usize, u64) {
 /// stack in window 2 differ, by the known amounts; every other line of
 /// every window is equal.
 fn assert_only_the_known_stacks_differ(out: &Path, a: &Profile, row: usize, added: u64) {
-    let stack = profiler::render::oncpu_folded(
+    let stack = profiler::graphs::ONCPU.folded(
         &Profile {
             oncpu: vec![a.oncpu[row].clone()],
             ..a.clone()

@@ -400,10 +400,10 @@ fn truth(p: &Profile, tracer: &str) -> BTreeMap<u32, (u64, u64)> {
 
 fn folded(p: &Profile, tracer: &str, window: u32) -> Vec<String> {
     match tracer {
-        "oncpu" => render::oncpu_folded(p, window),
-        "offcpu" => render::offcpu_folded(p, window),
-        "lockwait" => render::lockwait_folded(p, window),
-        "dbuswait" => render::dbuswait_folded(p, window),
+        "oncpu" => profiler::graphs::ONCPU.folded(p, window),
+        "offcpu" => profiler::graphs::OFFCPU.folded(p, window),
+        "lockwait" => profiler::graphs::LOCKWAIT.folded(p, window),
+        "dbuswait" => profiler::graphs::DBUSWAIT.folded(p, window),
         _ => unreachable!(),
     }
 }

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use profiler::{diff, html, profile::Profile, render};
+use profiler::{diff, html, profile::Profile};
 use serde_json::{Value, json};
 
 fn sample() -> Profile {
@@ -70,8 +70,8 @@ fn srcdocs(page: &str) -> Vec<String> {
 }
 
 /// The sum of a graph's folded counts in a window: inferno's total.
-fn folded_total(p: &Profile, g: &render::Graph, window: u32) -> u64 {
-    (g.folded)(p, window)
+fn folded_total(p: &Profile, g: &profiler::graphs::Graph, window: u32) -> u64 {
+    g.folded(p, window)
         .iter()
         .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
         .sum()
@@ -108,7 +108,7 @@ fn report_has_every_window_heatmap_and_tables() {
         let panel = window_panel(&page, w.id);
         let docs = srcdocs(panel);
         assert_eq!(docs.len(), 4, "window {}: four flame graphs", w.id);
-        for (g, doc) in render::GRAPHS.iter().zip(&docs) {
+        for (g, doc) in profiler::graphs::GRAPHS.iter().zip(&docs) {
             // The right graph of the right window: its title, and inferno's
             // total equals the sum of the window's folded counts.
             let title = g.title_for(w);
@@ -630,7 +630,7 @@ fn select_and_check_window(b: &mut Browser, p: &Profile, w: &profiler::windows::
     ));
     let graphs = graphs.as_array().unwrap();
     assert_eq!(graphs.len(), 4, "window {}", w.id);
-    for (g, got) in render::GRAPHS.iter().zip(graphs) {
+    for (g, got) in profiler::graphs::GRAPHS.iter().zip(graphs) {
         let total = folded_total(p, g, w.id);
         assert_eq!(got["title"], json!(g.title_for(w)), "window {}", w.id);
         assert_eq!(got["total"], json!(total), "window {} {}", w.id, g.name);

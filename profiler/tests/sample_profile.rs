@@ -40,9 +40,12 @@ fn sample_profile_has_the_boot_it_recorded() {
     assert!(!p.locks.is_empty(), "no lock waits in the sample");
     // Every window has on-CPU samples, and the folded stacks are well formed.
     for w in &p.windows {
-        let lines = render::oncpu_folded(&p, w.id);
+        let lines = profiler::graphs::ONCPU.folded(&p, w.id);
         assert!(!lines.is_empty(), "window {}", w.id);
-        for l in lines.iter().chain(render::offcpu_folded(&p, w.id).iter()) {
+        for l in lines
+            .iter()
+            .chain(profiler::graphs::OFFCPU.folded(&p, w.id).iter())
+        {
             let (stack, count) = l.rsplit_once(' ').unwrap();
             assert!(count.parse::<u64>().unwrap() > 0, "{l}");
             assert!(!stack.is_empty() && !stack.contains('\n'), "{l}");

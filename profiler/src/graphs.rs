@@ -1,0 +1,411 @@
+//! The stack graphs, each defined once: its name, title, unit, pprof sample
+//! types and the stacks it draws. The folded files and flame graphs of
+//! `report` and `diff`, the HTML report's graphs and the pprof and
+//! speedscope exports are all drawn from a graph's [`StackRow`]s.
+
+use std::collections::BTreeMap;
+
+use crate::{
+    profile::{DbusCall, LockWait, Profile},
+    record::Tracer,
+};
+
+/// One stack of a graph with its values, in the shape every output reads.
+pub struct StackRow<'a> {
+    pub window: u32,
+    pub tgid: u32,
+    /// The thread, where the tracer records it.
+    pub tid: Option<u32>,
+    pub comm: &'a str,
+    /// In the folded files only, a frame between the process and its
+    /// stack: the blocking D-Bus call an off-CPU block happened inside
+    /// (often frame-pointer-less library code that would not say so).
+    pub context: Option<String>,
+    /// Root first.
+    pub stack: &'a [u32],
+    /// A frame below the stack's leaf: the lock, or the D-Bus call.
+    pub leaf: Option<String>,
+    /// Events: samples, blocks, contentions, calls.
+    pub count: u64,
+    /// Their time (on-CPU: samples × the sampling period).
+    pub ns: u64,
+    /// Labels of this graph only (task state, lock, D-Bus method).
+    pub labels: Vec<(&'static str, Label)>,
+}
+
+/// A label's value. Ids are numbers, as in `perf_to_profile`'s profiles,
+/// so `go tool pprof -tagfocus pid=1234` matches (a digits-only value is
+/// read as a number range there); names are strings, which is what
+/// Pyroscope and Parca keep as series labels.
+#[derive(Clone, Debug)]
+pub enum Label {
+    Str(String),
+    Num(u64),
+}
+
+/// One of the per-window stack graphs.
+pub struct Graph {
+    /// File stem: `oncpu` → `oncpu.folded`, `oncpu.svg`, `oncpu.pb.gz`.
+    pub name: &'static str,
+    /// The title before `: window N (VMs a–b)`.
+    pub title: &'static str,
+    /// The tracer whose data it draws.
+    pub tracer: Tracer,
+    /// Its events are samples, each one sampling period of CPU time (the
+    /// folded counts are samples); otherwise each event is timed, and the
+    /// folded counts are microseconds.
+    pub sampled: bool,
+    /// pprof sample types: the event count first (pprof's convention), then
+    /// the time, which is the default.
+    pub sample_types: [(&'static str, &'static str); 2],
+    /// The graph's stacks in one window, or (`None`) in all of them.
+    pub rows: for<'a> fn(&'a Profile, Option<u32>) -> Vec<StackRow<'a>>,
+}
+
+/// Folded counts of timed graphs are in microseconds.
+pub const US: &str = "us";
+
+/// On-CPU samples. pprof's types are Go's CPU profile, so Pyroscope and
+/// Parca recognise it.
+pub static ONCPU: Graph = Graph {
+    name: "oncpu",
+    title: "On-CPU",
+    tracer: Tracer::OnCpu,
+    sampled: true,
+    sample_types: [("samples", "count"), ("cpu", "nanoseconds")],
+    rows: oncpu_rows,
+};
+
+pub static OFFCPU: Graph = Graph {
+    name: "offcpu",
+    title: "Off-CPU time",
+    tracer: Tracer::OffCpu,
+    sampled: false,
+    sample_types: [("blocks", "count"), ("off_cpu", "nanoseconds")],
+    rows: offcpu_rows,
+};
+
+/// The waiter's stack, then the lock (`[lock 0x… rwsem:W]` or its
+/// symbol). pprof's types are Go's mutex profile.
+pub static LOCKWAIT: Graph = Graph {
+    name: "lockwait",
+    title: "Kernel lock wait",
+    tracer: Tracer::Locks,
+    sampled: false,
+    sample_types: [("contentions", "count"), ("delay", "nanoseconds")],
+    rows: lockwait_rows,
+};
+
+/// The caller's stack, then the call (`[dbus gio org.foo.Bar.Method]`).
+pub static DBUSWAIT: Graph = Graph {
+    name: "dbuswait",
+    title: "D-Bus wait",
+    tracer: Tracer::Dbus,
+    sampled: false,
+    sample_types: [("calls", "count"), ("dbus_wait", "nanoseconds")],
+    rows: dbuswait_rows,
+};
+
+/// The graphs every window gets, in the order reports show them.
+pub static GRAPHS: [&Graph; 4] = [&ONCPU, &OFFCPU, &LOCKWAIT, &DBUSWAIT];
+
+impl Graph {
+    /// `On-CPU: window 1 (VMs 1–4)`.
+    #[must_use]
+    pub fn title_for(&self, w: &crate::windows::WindowInfo) -> String {
+        format!("{}: window {} ({})", self.title, w.id, w.label())
+    }
+
+    /// What a folded count is, as the flame graph says it.
+    #[must_use]
+    pub fn count_name(&self) -> &'static str {
+        if self.sampled { "samples" } else { "\u{b5}s" }
+    }
+
+    /// What a folded count is, in ASCII (the diff's JSON).
+    #[must_use]
+    pub fn unit(&self) -> &'static str {
+        if self.sampled { "samples" } else { US }
+    }
+
+    /// Folded lines (`comm;frame;…;frame count`) of one window, sorted,
+    /// with equal stacks merged; a timed graph counts microseconds and
+    /// leaves out stacks under one.
+    #[must_use]
+    pub fn folded(&self, profile: &Profile, window: u32) -> Vec<String> {
+        let mut folded: BTreeMap<String, u64> = BTreeMap::new();
+        for r in (self.rows)(profile, Some(window)) {
+            let mut line = stack_line(profile, r.comm, r.stack);
+            if let Some(c) = &r.context {
+                let at = line.find(';').unwrap_or(line.len());
+                line.insert_str(at, &format!(";{}", c.replace(';', ":")));
+            }
+            if let Some(leaf) = &r.leaf {
+                line.push(';');
+                line.push_str(&leaf.replace(';', ":"));
+            }
+            *folded.entry(line).or_default() += if self.sampled { r.count } else { r.ns };
+        }
+        folded
+            .into_iter()
+            .filter_map(|(stack, n)| {
+                let n = if self.sampled { n } else { n / 1000 };
+                (n > 0).then(|| format!("{stack} {n}"))
+            })
+            .collect()
+    }
+
+    /// Whether the profile has this graph: its tracer was recorded, or it
+    /// has stacks.
+    #[must_use]
+    pub fn in_profile(&self, profile: &Profile) -> bool {
+        profile.recorded(self.tracer) || !(self.rows)(profile, None).is_empty()
+    }
+}
+
+/// The graph with this file stem.
+#[must_use]
+pub fn by_name(name: &str) -> Option<&'static Graph> {
+    GRAPHS.into_iter().find(|g| g.name == name)
+}
+
+/// The on-CPU sampling period in ns, from the recorded frequency (0 when
+/// none was).
+#[must_use]
+pub fn period_ns(profile: &Profile) -> u64 {
+    1_000_000_000_u64
+        .checked_div(profile.meta.frequency_hz)
+        .unwrap_or(0)
+}
+
+fn in_window(window: Option<u32>) -> impl Fn(u32) -> bool {
+    move |w| window.is_none_or(|x| x == w)
+}
+
+fn oncpu_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
+    let period = period_ns(profile);
+    let keep = in_window(window);
+    profile
+        .oncpu
+        .iter()
+        .filter(|r| keep(r.window))
+        .map(|r| StackRow {
+            window: r.window,
+            tgid: r.tgid,
+            tid: Some(r.pid),
+            comm: &r.comm,
+            context: None,
+            stack: &r.stack,
+            leaf: None,
+            count: r.samples,
+            ns: r.samples.saturating_mul(period),
+            labels: Vec::new(),
+        })
+        .collect()
+}
+
+fn offcpu_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
+    let keep = in_window(window);
+    profile
+        .offcpu
+        .iter()
+        .filter(|r| keep(r.window))
+        .map(|r| StackRow {
+            window: r.window,
+            tgid: r.tgid,
+            tid: Some(r.pid),
+            comm: &r.comm,
+            context: r.dbus.as_ref().map(|f| format!("[D-Bus {f}]")),
+            stack: &r.stack,
+            leaf: None,
+            count: r.blocks,
+            ns: r.total_ns,
+            labels: {
+                let mut l = vec![("state", Label::Str(r.state.clone()))];
+                if let Some(f) = &r.dbus {
+                    l.push(("dbus_function", Label::Str(f.clone())));
+                }
+                l
+            },
+        })
+        .collect()
+}
+
+fn lockwait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
+    let keep = in_window(window);
+    profile
+        .locks
+        .iter()
+        .filter(|r| keep(r.window))
+        .map(|r| StackRow {
+            window: r.window,
+            tgid: r.tgid,
+            tid: None,
+            comm: &r.comm,
+            context: None,
+            stack: &r.stack,
+            leaf: Some(lock_frame(r)),
+            count: r.count,
+            ns: r.total_ns,
+            labels: vec![
+                (
+                    "lock",
+                    Label::Str(
+                        r.lock_name
+                            .clone()
+                            .unwrap_or_else(|| format!("{:#x}", r.lock)),
+                    ),
+                ),
+                ("lock_type", Label::Str(r.lock_type.clone())),
+            ],
+        })
+        .collect()
+}
+
+fn dbuswait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
+    let keep = in_window(window);
+    profile
+        .dbus
+        .iter()
+        .filter(|r| keep(r.window))
+        .map(|r| StackRow {
+            window: r.window,
+            tgid: r.tgid,
+            tid: None,
+            comm: &r.comm,
+            context: None,
+            stack: &r.stack,
+            leaf: Some(dbus_frame(r)),
+            count: r.calls,
+            ns: r.total_ns,
+            labels: vec![
+                ("dbus_library", Label::Str(r.library.clone())),
+                (
+                    "dbus_destination",
+                    Label::Str(r.destination.clone().unwrap_or_else(|| "?".to_owned())),
+                ),
+                ("dbus_method", Label::Str(r.method())),
+            ],
+        })
+        .collect()
+}
+
+/// The leaf frame a lock wait's stack ends in: `[lock NAME TYPE]`, the lock
+/// named by its symbol or, without one, its address.
+#[must_use]
+pub fn lock_frame(w: &LockWait) -> String {
+    match &w.lock_name {
+        Some(name) => format!("[lock {name} {}]", w.lock_type),
+        None => format!("[lock {:#x} {}]", w.lock, w.lock_type),
+    }
+}
+
+/// The leaf frame a blocking D-Bus call's stack ends in:
+/// `[dbus LIBRARY DESTINATION interface.member]`.
+#[must_use]
+pub fn dbus_frame(c: &DbusCall) -> String {
+    format!(
+        "[dbus {} {} {}]",
+        c.library,
+        c.destination.as_deref().unwrap_or("?"),
+        c.method()
+    )
+}
+
+/// `comm;frame;…;frame`, root first: a folded line without its count.
+#[must_use]
+pub fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
+    // `;` separates frames and a space separates the count: keep both out
+    // of the names so every line parses. This runs for every frame of every
+    // stack, and most names need no change: those are copied whole.
+    fn push_clean(line: &mut String, s: &str, space: char) {
+        if !s
+            .bytes()
+            .any(|b| matches!(b, b';' | b'\n' | b'\r') || (b == b' ' && space != ' '))
+        {
+            line.push_str(s);
+            return;
+        }
+        line.extend(s.chars().map(|c| match c {
+            ';' => ':',
+            '\n' | '\r' | ' ' => space,
+            c => c,
+        }));
+    }
+    let mut line = String::new();
+    push_clean(&mut line, comm, '_');
+    if line.is_empty() {
+        line.push_str("[unknown]");
+    }
+    for f in profile.frame_names(stack) {
+        line.push(';');
+        push_clean(&mut line, f, ' ');
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{FrameTable, OffCpu, OnCpu};
+
+    #[test]
+    fn folds_and_merges() {
+        let mut t = FrameTable::default();
+        let (a, b, c) = (
+            t.intern("main"),
+            t.intern("busy"),
+            t.intern("do;weird name"),
+        );
+        let on = |window, stack: Vec<u32>, samples| OnCpu {
+            window,
+            tgid: 1,
+            pid: 1,
+            comm: "vm load".into(),
+            stack,
+            samples,
+        };
+        let off = |dbus: Option<&str>, total_ns| OffCpu {
+            window: 1,
+            tgid: 1,
+            pid: 2,
+            comm: "t".into(),
+            state: "S".into(),
+            stack: vec![a],
+            blocks: 2,
+            total_ns,
+            max_ns: 2_000_000,
+            runq_ns: 0,
+            dbus: dbus.map(str::to_owned),
+        };
+        let p = Profile {
+            frames: t.into_names(),
+            oncpu: vec![
+                on(1, vec![a, b], 3),
+                on(1, vec![a, b], 4),
+                on(1, vec![a, c], 1),
+                on(0, vec![a], 9),
+            ],
+            offcpu: vec![
+                off(None, 2_500_000),
+                off(Some("g_dbus;call"), 7_000),
+                off(None, 999),
+            ],
+            ..Profile::default()
+        };
+        assert_eq!(
+            ONCPU.folded(&p, 1),
+            ["vm_load;main;busy 7", "vm_load;main;do:weird name 1"]
+        );
+        assert_eq!(ONCPU.folded(&p, 0), ["vm_load;main 9"]);
+        assert_eq!(ONCPU.folded(&p, 5), Vec::<String>::new());
+        // Microseconds, merged before they are rounded down; a D-Bus
+        // block under its call.
+        assert_eq!(
+            OFFCPU.folded(&p, 1),
+            ["t;[D-Bus g_dbus:call];main 7", "t;main 2500"]
+        );
+        // Newlines: `_` in a comm (like spaces), a space in a frame.
+        assert_eq!(stack_line(&p, "a\nb c", &[2]), "a_b_c;do:weird name");
+    }
+}
