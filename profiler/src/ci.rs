@@ -11,7 +11,8 @@ use thiserror::Error;
 
 use crate::{
     profile::Profile,
-    render,
+    record::Tracer,
+    render::{self, WindowSummary},
     tables::{self, AnyTable, Role, TABLES, human_ns},
     windows::WindowInfo,
 };
@@ -129,49 +130,42 @@ impl Metric {
         Self::Losses,
     ];
 
+    fn def(self) -> &'static MetricDef {
+        &METRICS[self as usize]
+    }
+
     #[must_use]
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Oncpu => "oncpu",
-            Self::Offcpu => "offcpu",
-            Self::Lockwait => "lockwait",
-            Self::Contentions => "contentions",
-            Self::Forks => "forks",
-            Self::Cgroups => "cgroups",
-            Self::Dbuswait => "dbuswait",
-            Self::Dbuscalls => "dbuscalls",
-            Self::Dbustimeouts => "dbustimeouts",
-            Self::Losses => "losses",
-        }
+        self.def().name
     }
 
     /// What it is, in the user's words.
     #[must_use]
     pub fn describe(self) -> &'static str {
-        match self {
-            Self::Oncpu => "on-CPU samples",
-            Self::Offcpu => "off-CPU time",
-            Self::Lockwait => "lock wait",
-            Self::Contentions => "lock contentions",
-            Self::Forks => "forks",
-            Self::Cgroups => "cgroup ops",
-            Self::Dbuswait => "D-Bus wait",
-            Self::Dbuscalls => "D-Bus calls",
-            Self::Dbustimeouts => "D-Bus timeouts",
-            Self::Losses => "losses",
-        }
+        self.def().describe
     }
 
     #[must_use]
     pub fn unit(self) -> Unit {
-        match self {
-            Self::Oncpu => Unit::Samples,
-            Self::Offcpu | Self::Lockwait | Self::Dbuswait => Unit::Ns,
-            Self::Dbustimeouts => Unit::Timeouts,
-            Self::Contentions | Self::Forks | Self::Cgroups | Self::Dbuscalls | Self::Losses => {
-                Unit::Count
-            }
-        }
+        self.def().unit
+    }
+
+    /// The tracer that measures it (`None`: hvprof itself).
+    #[must_use]
+    pub fn tracer(self) -> Option<Tracer> {
+        self.def().tracer
+    }
+
+    /// The HTML heatmap's name for its row, if it has one.
+    #[must_use]
+    pub fn heatmap(self) -> Option<&'static str> {
+        self.def().heatmap
+    }
+
+    /// Its value in one window's summary.
+    #[must_use]
+    pub fn of(self, w: &WindowSummary) -> u64 {
+        (self.def().of)(w)
     }
 
     fn parse(name: &str) -> Option<Self> {
@@ -183,6 +177,100 @@ impl Metric {
         (!total || m.unit() == Unit::Ns).then_some(m)
     }
 }
+
+/// One metric, defined once.
+struct MetricDef {
+    name: &'static str,
+    describe: &'static str,
+    unit: Unit,
+    tracer: Option<Tracer>,
+    heatmap: Option<&'static str>,
+    of: fn(&WindowSummary) -> u64,
+}
+
+/// The metrics, in [`Metric::ALL`]'s order.
+static METRICS: [MetricDef; Metric::ALL.len()] = [
+    MetricDef {
+        name: "oncpu",
+        describe: "on-CPU samples",
+        unit: Unit::Samples,
+        tracer: Some(Tracer::OnCpu),
+        heatmap: Some("on-CPU samples"),
+        of: |w| w.oncpu_samples,
+    },
+    MetricDef {
+        name: "offcpu",
+        describe: "off-CPU time",
+        unit: Unit::Ns,
+        tracer: Some(Tracer::OffCpu),
+        heatmap: Some("off-CPU time"),
+        of: |w| w.offcpu_ns,
+    },
+    MetricDef {
+        name: "lockwait",
+        describe: "lock wait",
+        unit: Unit::Ns,
+        tracer: Some(Tracer::Locks),
+        heatmap: Some("lock wait"),
+        of: |w| w.lock_wait_ns,
+    },
+    MetricDef {
+        name: "contentions",
+        describe: "lock contentions",
+        unit: Unit::Count,
+        tracer: Some(Tracer::Locks),
+        heatmap: None,
+        of: |w| w.lock_contentions,
+    },
+    MetricDef {
+        name: "forks",
+        describe: "forks",
+        unit: Unit::Count,
+        tracer: Some(Tracer::Fork),
+        heatmap: Some("forks"),
+        of: |w| w.forks,
+    },
+    MetricDef {
+        name: "cgroups",
+        describe: "cgroup ops",
+        unit: Unit::Count,
+        tracer: Some(Tracer::Cgroup),
+        heatmap: Some("cgroup ops"),
+        of: |w| w.cgroup_ops,
+    },
+    MetricDef {
+        name: "dbuswait",
+        describe: "D-Bus wait",
+        unit: Unit::Ns,
+        tracer: Some(Tracer::Dbus),
+        heatmap: Some("D-Bus time"),
+        of: |w| w.dbus_ns,
+    },
+    MetricDef {
+        name: "dbuscalls",
+        describe: "D-Bus calls",
+        unit: Unit::Count,
+        tracer: Some(Tracer::Dbus),
+        heatmap: None,
+        of: |w| w.dbus_calls,
+    },
+    MetricDef {
+        name: "dbustimeouts",
+        describe: "D-Bus timeouts",
+        unit: Unit::Timeouts,
+        tracer: Some(Tracer::Dbus),
+        heatmap: Some("D-Bus timeouts"),
+        of: |w| w.dbus_timeouts,
+    },
+    MetricDef {
+        name: "losses",
+        describe: "losses",
+        unit: Unit::Count,
+        tracer: None,
+        heatmap: Some("losses"),
+        of: |w| w.losses.values().sum(),
+    },
+];
 
 /// The metrics of one window or of the whole recording, indexed by
 /// [`Metric`].
@@ -229,18 +317,8 @@ impl<'a> Facts<'a> {
             .zip(&summary.windows)
             .map(|(info, w)| {
                 let mut v = MetricValues::default();
-                for (m, x) in [
-                    (Metric::Oncpu, w.oncpu_samples),
-                    (Metric::Offcpu, w.offcpu_ns),
-                    (Metric::Lockwait, w.lock_wait_ns),
-                    (Metric::Contentions, w.lock_contentions),
-                    (Metric::Forks, w.forks),
-                    (Metric::Cgroups, w.cgroup_ops),
-                    (Metric::Dbuswait, w.dbus_ns),
-                    (Metric::Dbuscalls, w.dbus_calls),
-                    (Metric::Dbustimeouts, w.dbus_timeouts),
-                    (Metric::Losses, w.losses.values().sum()),
-                ] {
+                for m in Metric::ALL {
+                    let x = m.of(w);
                     v.add(m, x);
                     if m != Metric::Losses {
                         whole.add(m, x);

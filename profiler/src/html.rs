@@ -20,6 +20,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 
 use crate::{
+    ci,
     graphs::GRAPHS,
     profile::{Profile, VmCreation},
     render::{self, RenderError},
@@ -825,14 +826,14 @@ fn vm_table(vms: &[&VmCreation], lat: &[VmLatency], out: &mut String) {
 }
 
 /// One heatmap row: a metric per window, and how to show a value.
-struct Metric {
+struct HeatRow {
     name: &'static str,
     values: Vec<u64>,
     show: fn(u64) -> String,
 }
 
 /// The heatmap's rows: VMs created first (the per-VM switch divides by it).
-fn metrics(profile: &Profile, summary: &render::Summary) -> Vec<Metric> {
+fn heat_rows(profile: &Profile, summary: &render::Summary) -> Vec<HeatRow> {
     let ws = &summary.windows;
     let per_window = |f: &dyn Fn(u32) -> u64| profile.windows.iter().map(|w| f(w.id)).collect();
     let vms_in = |w: u32| {
@@ -843,57 +844,27 @@ fn metrics(profile: &Profile, summary: &render::Summary) -> Vec<Metric> {
             .count() as u64
     };
     let count = |n: u64| n.to_string();
-    vec![
-        Metric {
-            name: "VMs created",
-            values: per_window(&vms_in),
-            show: count,
-        },
-        Metric {
-            name: "on-CPU samples",
-            values: ws.iter().map(|w| w.oncpu_samples).collect(),
-            show: count,
-        },
-        Metric {
-            name: "off-CPU time",
-            values: ws.iter().map(|w| w.offcpu_ns).collect(),
-            show: human_ns,
-        },
-        Metric {
-            name: "lock wait",
-            values: ws.iter().map(|w| w.lock_wait_ns).collect(),
-            show: human_ns,
-        },
-        Metric {
-            name: "forks",
-            values: ws.iter().map(|w| w.forks).collect(),
-            show: count,
-        },
-        Metric {
-            name: "cgroup ops",
-            values: ws.iter().map(|w| w.cgroup_ops).collect(),
-            show: count,
-        },
-        Metric {
-            name: "D-Bus time",
-            values: ws.iter().map(|w| w.dbus_ns).collect(),
-            show: human_ns,
-        },
-        Metric {
-            name: "D-Bus timeouts",
-            values: ws.iter().map(|w| w.dbus_timeouts).collect(),
-            show: count,
-        },
-        Metric {
-            name: "losses",
-            values: ws.iter().map(|w| w.losses.values().sum()).collect(),
-            show: count,
-        },
-    ]
+    [HeatRow {
+        name: "VMs created",
+        values: per_window(&vms_in),
+        show: count,
+    }]
+    .into_iter()
+    .chain(ci::Metric::ALL.into_iter().filter_map(|m| {
+        Some(HeatRow {
+            name: m.heatmap()?,
+            values: ws.iter().map(|w| m.of(w)).collect(),
+            show: match m.unit() {
+                ci::Unit::Ns => human_ns,
+                _ => count,
+            },
+        })
+    }))
+    .collect()
 }
 
 fn heatmap(profile: &Profile, summary: &render::Summary, out: &mut String) {
-    let metrics = metrics(profile, summary);
+    let metrics = heat_rows(profile, summary);
     let vms: Vec<u64> = metrics[0].values.clone();
     out.push_str(
         "<h2 id=\"heatmap\">VM-ordinal heatmap</h2>\n<p>Windows from left to right; each row's colour is its value against the row's largest. Hover a cell for its value, click it to open that window below.</p>\n\
