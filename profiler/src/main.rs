@@ -23,84 +23,71 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Show what this kernel and these privileges allow, tracer by tracer,
-    /// with the reason and the fix for anything missing. Exits 1 when
-    /// something `record` needs is missing.
+    /// Check what hvprof can trace here and how to fix what is missing; exits 1 if `record`
+    /// cannot run.
     Check {
-        /// Print the result as JSON.
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
-    /// Record on-CPU and off-CPU stacks in windows keyed to the Nth VM
-    /// created, then write the profile file, per-window folded stacks and
-    /// flame graphs, and a summary.
+    /// Record where the time goes while VMs are created, in windows keyed to the Nth VM.
     Record(RecordArgs),
-    /// Render a recorded profile file again: per-window folded stacks, flame
-    /// graphs and the summary. Works offline, on any machine.
+    /// Render a profile again, offline on any machine: flame graphs, tables, HTML, CI
+    /// gates.
     #[command(after_help = profiler::ci::GRAMMAR)]
     Report {
         /// The profile file (`profile.hvprof` in a recording directory).
         profile: PathBuf,
-        /// Output directory.
+        /// Where to write the flame graphs, tables and summary.
         #[arg(short, long, default_value = "hvprof-report")]
         output: PathBuf,
-        /// Also write OUTPUT/report.html: one self-contained page (no
-        /// network fetches) with the VM timeline, a VM-ordinal heatmap, and
-        /// every window's flame graphs, tables and losses.
+        /// Also write OUTPUT/report.html: one self-contained page to browse or keep as a CI
+        /// artifact.
         #[arg(long)]
         html: bool,
-        /// Exit 3 when this condition holds, e.g. `losses>0`,
-        /// `lock.total>1s` (repeatable; the language is below).
+        /// Fail a CI job (exit 3) when this holds, e.g. `losses>0`; repeatable, the
+        /// language is below.
         #[arg(long = "fail-on", value_name = "EXPR", value_parser = profiler::ci::parse_report_gate)]
         fail_on: Vec<profiler::ci::Gate>,
-        /// Append a compact markdown summary (VMs, losses, per-window
-        /// metrics, top locks and D-Bus calls, gates) to FILE, e.g.
-        /// `"$GITHUB_STEP_SUMMARY"`.
+        /// Append a markdown summary (metrics, top locks and D-Bus calls, gates) to FILE,
+        /// e.g. `"$GITHUB_STEP_SUMMARY"`.
         #[arg(long, value_name = "FILE")]
         markdown_summary: Option<PathBuf>,
     },
-    /// Compare two profiles window by window (windows matched by VM range):
-    /// differential flame graphs and deltas (A, B, Δ, ratio) of the
-    /// per-window metrics and the lock, fork, cgroup and D-Bus tables, as
-    /// text, markdown, JSON and HTML.
+    /// Compare two profiles (two kernels, two builds) window by window; CI gates.
     #[command(after_help = profiler::ci::GRAMMAR)]
     Diff {
         /// The baseline profile.
         a: PathBuf,
         /// The profile compared with it.
         b: PathBuf,
-        /// Output directory.
+        /// Where to write the differential flame graphs and the deltas.
         #[arg(short, long, default_value = "hvprof-diff")]
         output: PathBuf,
-        /// Differential flame graphs of raw counts; by default A's counts
-        /// are scaled to B's total so runs of different length compare.
+        /// Draw the differential flame graphs from raw counts, for runs of equal length (by
+        /// default A is scaled to B's total).
         #[arg(long)]
         no_normalize: bool,
-        /// When the profiles' windows differ, diff only the windows both
-        /// have (same VM range) instead of failing.
+        /// Diff only the windows both profiles have, instead of failing when they differ.
         #[arg(long)]
         common_windows: bool,
-        /// Exit 3 when this condition holds, e.g. `regression>10%`,
-        /// `losses>0` (repeatable; the language is below).
+        /// Fail a CI job (exit 3) when this holds, e.g. `regression>10%`; repeatable, the
+        /// language is below.
         #[arg(long = "fail-on", value_name = "EXPR", value_parser = profiler::ci::parse_diff_gate)]
         fail_on: Vec<profiler::ci::Gate>,
-        /// Append a compact markdown summary to FILE, e.g.
-        /// `"$GITHUB_STEP_SUMMARY"`.
+        /// Append a markdown summary (A → B per window, largest changes, gates) to FILE,
+        /// e.g. `"$GITHUB_STEP_SUMMARY"`.
         #[arg(long, value_name = "FILE")]
         markdown_summary: Option<PathBuf>,
     },
-    /// Export a recorded profile for other tools: pprof (`go tool pprof`,
-    /// Pyroscope, Parca) and speedscope. Per tracer: DIR/TRACER.pb.gz with
-    /// every window (samples labelled window, vms, tracer, comm, pid, tid),
-    /// DIR/wNN-…/TRACER.pb.gz per window, DIR/TRACER.speedscope.json with
-    /// one profile per window.
+    /// Export a profile for pprof (go tool pprof, Pyroscope, Parca) and speedscope.
     Export {
         /// The profile file (`profile.hvprof` in a recording directory).
         profile: PathBuf,
-        /// Formats to write (comma-separated).
+        /// Formats to write, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "pprof,speedscope", value_parser = export::Format::parse)]
         format: Vec<export::Format>,
-        /// Output directory.
+        /// Where to write the pprof and speedscope files.
         #[arg(short, long, default_value = "hvprof-export")]
         output: PathBuf,
     },
@@ -108,134 +95,107 @@ enum Cmd {
 
 #[derive(Debug, Args)]
 #[command(after_help = "\
-Windows: a VM creation is a successful KVM_CREATE_VM ioctl (whoever makes it) or, with \
---vm-event exec:PATTERN, an exec whose comm matches PATTERN. The kernel keeps the count; \
-each event is charged to the window the count is in when it happens. Window 0 is the setup \
-before the first VM. Events outside every window are not recorded.
+Windows: the kernel counts VM creations (whoever makes them); each event is charged to the \
+window the count is in when it happens, off-CPU time to the window in which the block \
+STARTED. Window 0 is the setup before the first VM.
 
-Off-CPU time is charged to the window in which the block STARTED, with the stack the task \
-blocked in.")]
+How each tracer works and what each option changes: docs/internals.md in hvprof's source.")]
 #[expect(
     clippy::struct_excessive_bools,
     reason = "each bool is a command-line flag"
 )]
 struct RecordArgs {
-    /// Record these processes (comma-separated pids).
+    /// Record these running processes (comma-separated pids) and what they start.
     #[arg(short = 'p', long = "pid", value_name = "PID[,PID]", group = "target")]
     pids: Option<String>,
-    /// Record processes whose comm is NAME, running now or exec'd later.
+    /// Record the processes named NAME, running now or started later (e.g. libvirtd).
     #[arg(long, value_name = "NAME", group = "target")]
     comm: Option<String>,
-    /// Record every task on the system.
+    /// Record every task on the system, when you do not know which process makes the VMs.
     #[arg(short = 'a', long = "all", group = "target")]
     all: bool,
-    /// Do not follow children (forks, threads and exec'd helpers are
-    /// followed by default, decided in the kernel).
+    /// Record only the targets, not the forks, threads and helpers (e.g. QEMU) they start.
     #[arg(long)]
     no_children: bool,
-    /// Windows of K VMs: 1–K, K+1–2K, … (default 10).
+    /// Cut the recording into windows of K VMs: 1–K, K+1–2K, … (default 10).
     #[arg(long, value_name = "K", conflicts_with = "windows")]
     window_size: Option<u32>,
-    /// Explicit windows of VM ordinals, e.g. 1-10,101-110,201-210.
+    /// Record only these VM ordinal ranges, e.g. 1-10,101-110,201-210 (nothing outside is
+    /// kept).
     #[arg(long, value_name = "RANGES")]
     windows: Option<String>,
-    /// On-CPU sampling frequency (cpu-clock, every CPU).
+    /// On-CPU samples per second per CPU; higher is finer and costs more.
     #[arg(short = 'F', long, default_value_t = 99, value_name = "HZ")]
     frequency: u64,
-    /// Ignore blocks shorter than this (e.g. 1ms, 500us).
+    /// Leave out off-CPU blocks shorter than this, to keep only the waits that matter.
     #[arg(long, value_parser = parse_duration, default_value = "1us", value_name = "DURATION")]
     min_block: Duration,
-    /// Ignore blocks longer than this.
+    /// Leave out off-CPU blocks longer than this, e.g. threads idle for the whole run.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     max_block: Option<Duration>,
-    /// What counts as a VM creation: `kvm` (KVM_CREATE_VM, default) and/or
-    /// `exec:PATTERN` (an exec whose comm matches, e.g. exec:qemu-system-*,
-    /// for QEMU under TCG, which makes no KVM ioctl). Repeatable.
+    /// What counts as a VM creation: `kvm` (KVM_CREATE_VM, default) or `exec:PATTERN`, e.g.
+    /// exec:qemu-system-* for QEMU under TCG, which never calls KVM. Repeatable.
     #[arg(long = "vm-event", value_name = "EVENT", value_parser = VmEvent::parse)]
     vm_events: Vec<VmEvent>,
-    /// Stop after this long (e.g. 30s). Ctrl-C or SIGTERM also stop cleanly.
+    /// Stop after this long (e.g. 10m); otherwise at Ctrl-C, SIGTERM or when the target
+    /// exits.
     #[arg(short, long, value_parser = parse_duration, value_name = "DURATION")]
     duration: Option<Duration>,
-    /// Output directory.
+    /// Where to write the profile, summary, tables and flame graphs.
     #[arg(short, long, default_value = "hvprof-out")]
     output: PathBuf,
-    /// Measure each eBPF program's cost (kernel BPF statistics: runs and
-    /// run time) and put it in the summary.
+    /// Add each eBPF program's run count and run time to the summary, to see what hvprof
+    /// costs.
     #[arg(long)]
     bpf_stats: bool,
-    /// Distinct stacks the kernel side keeps; each takes 1 KiB of kernel
-    /// memory, allocated when recording starts.
+    /// Distinct stacks kept, 1 KiB of kernel memory each; raise it on stack-map collisions.
     #[arg(long, default_value_t = 65536, value_name = "N")]
     max_stacks: u32,
-    /// Most frames walked in a user stack (at most 127; a longer one ends
-    /// in `[user stack cut: frame limit]`). Each frame costs a table search
-    /// and a read of user memory.
+    /// Deepest user stack walked, at most 127; deeper ones end in `[user stack cut: frame
+    /// limit]`.
     #[arg(long, alias = "user-stack-depth", default_value_t = 127, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=127))]
     max_user_frames: u32,
-    /// Tracers to load: oncpu, offcpu, locks, fork, cgroup, dbus (default: all). A tracer this
-    /// kernel cannot run is skipped with a warning; the others still run.
+    /// Tracers to run: oncpu, offcpu, locks, fork, cgroup, dbus (default: all); fewer cost
+    /// less.
     #[arg(long, value_name = "LIST")]
     tracers: Option<String>,
-    /// Time cgroup attaches made by writing to cgroup.procs too. This hooks
-    /// every write(2) on the system (~0.2 µs each): without it, attaches are
-    /// counted, and mkdir/rmdir are timed.
+    /// Also time attaches made by writing cgroup.procs (always counted); hooks every
+    /// write(2) system-wide.
     #[arg(long)]
     time_cgroup_writes: bool,
-    /// Take the stacks of preempted tasks (state R) at switch-out too. By
-    /// default their off-CPU time is kept under one `[preempted]` frame: it
-    /// is waiting for a CPU, where it was running is what on-CPU samples
-    /// show, and walking stacks at every preemption is most of the off-CPU
-    /// tracer's cost when CPUs are contended.
+    /// Show where preempted tasks were, instead of one `[preempted]` frame; costly when
+    /// CPUs are contended.
     #[arg(long)]
     preempted_stacks: bool,
-    /// Walk the stacks at every block. By default a thread that blocks
-    /// again at one of its last four sites (same user ip, sp, bp and caller)
-    /// reuses the user stack taken there, and the kernel stack too if it is
-    /// in the same syscall with the same two innermost kernel return
-    /// addresses at the same places on its stack: most blocks of a busy
-    /// daemon. Lock waits reuse user stacks from the same sites, and a
-    /// sleeping lock's waiter its kernel stack when every return address is
-    /// where it was.
+    /// Walk every stack instead of reusing the one from the same call site, to rule out the
+    /// cache.
     #[arg(long)]
     no_stack_cache: bool,
-    /// Check the stack reuses: walk every stack anyway, keep the walk, and
-    /// count, per cache, the reuses that would have differed from it ("…
-    /// reuses that differed from a walk" in the summary). Costs what
-    /// --no-stack-cache costs; for testing the caches on a workload.
+    /// Walk every stack and count the cache reuses that would have differed: to test the
+    /// cache.
     #[arg(long, conflicts_with = "no_stack_cache")]
     verify_stack_cache: bool,
-    /// Walk an off-CPU kernel stack only for blocks at least this long
-    /// (0 for every block). The walk is done when the task comes back and
-    /// costs about 1 µs; shorter blocks keep their time, count and user
-    /// stack under one `[kernel stack not walked: blocked < …]` frame.
+    /// Take off-CPU kernel stacks of sleeps at least this long (0: all, which costs more).
     #[arg(long, value_parser = parse_duration, default_value = "100us", value_name = "DURATION")]
     kernel_stack_min_block: Duration,
-    /// Find fork callers with uprobes on libc's fork functions, as
-    /// before. By default hvprof learns at start-up where its own libc's
-    /// fork functions keep their caller's return address at the system
-    /// call (it makes each call once in a child it traces) and reads it
-    /// there in every process with that libc; `-p` targets with another
-    /// libc are probed anyway. A probed libc makes each fork of its process
-    /// dearer (here about 25 µs, and 45 µs more per probe hit).
+    /// Find fork callers with uprobes on libc (the old way), e.g. to compare; makes forks
+    /// dearer.
     #[arg(long)]
     fork_uprobes: bool,
-    /// How user stacks are walked: `dwarf` unwinds them in the kernel from
-    /// each file's `.eh_frame` (whole stacks without frame pointers, as
-    /// Debian builds libc, glib, libvirt and QEMU), frame pointers only
-    /// where a PC has no table; `fp` is the kernel's frame-pointer walk.
+    /// User stacks from `.eh_frame` (`dwarf`: whole without frame pointers) or frame
+    /// pointers (`fp`).
     #[arg(long, value_enum, default_value = "dwarf", value_name = "MODE")]
     unwind: UnwindArg,
-    /// Unwind-table rows the kernel keeps (16 bytes each, allocated when
-    /// recording starts); files that do not fit fall back to frame pointers.
+    /// Unwind-table rows kept, 16 bytes each; raise it if large programs fall back to frame
+    /// pointers.
     #[arg(long, default_value_t = 2_000_000, value_name = "N")]
     unwind_max_rows: u32,
-    /// Where unwind tables are cached by file, so that the next recording
-    /// starts without building them (default: ~/.cache/hvprof/unwind).
+    /// Where built unwind tables are kept, so later recordings start sooner (default:
+    /// ~/.cache/hvprof/unwind).
     #[arg(long, value_name = "DIR")]
     unwind_cache: Option<PathBuf>,
-    /// Check the in-kernel unwinder: every Nth walk (default 16) also copies
-    /// the user stack, which hvprof unwinds again with framehop and compares
-    /// ("unwind verified" in the summary). For testing; `--unwind dwarf` only.
+    /// Unwind every Nth stack (default 16) again in userspace and count mismatches, to test
+    /// the unwinder.
     #[arg(
         long,
         value_name = "N",
@@ -245,7 +205,7 @@ struct RecordArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     verify_unwind: Option<u32>,
-    /// Run this command and record it (and its children).
+    /// Start this command and record it (and what it starts).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
 }

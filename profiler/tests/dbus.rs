@@ -130,15 +130,28 @@ fn calls(p: &Profile, library: &str, method: &str) -> BTreeMap<u32, (u64, u64, u
 }
 
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one recording, then its ground truth, library by library"
-)]
 fn dbus_calls_are_counted_per_library_window_and_method_with_timeouts() {
     let bus = Bus::start("counted", 3);
+    let dir = bus.dir.join("out");
+    let p = record_one_library_per_window(&bus, &dir);
+    let table = tables::DBUS.table(&p, None, true).text();
+    assert_three_work_calls_per_library(&p, &table);
+    assert_only_the_targets_outermost_calls_count(&p, &table);
+    assert_blocked_time_is_under_the_calls_frames(&p, &dir);
+    assert_summary_and_window_files_carry_the_calls(&p, &dir);
+    assert!(
+        p.losses.iter().all(|l| l.count == 0),
+        "losses: {:?}",
+        p.losses
+    );
+}
+
+/// Records a command that makes three Work calls per library, one library
+/// per window (a VM between them), while a process outside the target set
+/// calls the same service. Returns the profile.
+fn record_one_library_per_window(bus: &Bus, dir: &Path) -> Profile {
     let addr = bus.address();
     let vmload = vmload();
-    let dir = bus.dir.join("out");
     let started = bus.dir.join("started");
     let outsider_done = bus.dir.join("outsider-done");
     // The recorded command: three Work calls per library, one library per
@@ -170,7 +183,7 @@ exit 0
     let hvprof = Command::new(env!("CARGO_BIN_EXE_hvprof"))
         .args(["record", "--tracers", "dbus,offcpu", "--window-size", "1"])
         .arg("-o")
-        .arg(&dir)
+        .arg(dir)
         .args(["--", "sh", "-c", &script])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -184,8 +197,24 @@ exit 0
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Outside the target set: the same libraries, a method nobody in the
-    // target calls.
+    call_ping_from_outside(&addr);
+    std::fs::write(&outsider_done, "").expect("signal the recorded command");
+    let out = hvprof.wait_with_output().expect("wait for hvprof");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "hvprof failed:\n{stdout}\n{stderr}");
+    let p = Profile::read(&dir.join("profile.hvprof")).expect("read the profile");
+    assert!(
+        p.meta.tracers.iter().any(|t| t == "dbus"),
+        "the dbus tracer did not run: {stderr}"
+    );
+    assert_eq!(p.vms.len(), 2, "two VMs move the windows");
+    p
+}
+
+/// Outside the target set: the same libraries, a method nobody in the
+/// target calls.
+fn call_ping_from_outside(addr: &str) {
     for _ in 0..2 {
         let ok = Command::new("/usr/bin/dbus-send")
             .arg(format!("--bus={addr}"))
@@ -200,7 +229,7 @@ exit 0
             .expect("run dbus-send");
         assert!(ok.success(), "the outsider's libdbus Ping failed");
         let ok = Command::new("/usr/bin/gdbus")
-            .args(["call", "--address", &addr, "--dest", "org.hvprof.Sample"])
+            .args(["call", "--address", addr, "--dest", "org.hvprof.Sample"])
             .args(["--object-path", "/org/hvprof/Sample"])
             .args(["--method", "org.hvprof.Sample.Ping"])
             .stdout(Stdio::null())
@@ -208,24 +237,14 @@ exit 0
             .expect("run gdbus");
         assert!(ok.success(), "the outsider's GIO Ping failed");
     }
-    std::fs::write(&outsider_done, "").expect("signal the recorded command");
-    let out = hvprof.wait_with_output().expect("wait for hvprof");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "hvprof failed:\n{stdout}\n{stderr}");
-    let p = Profile::read(&dir.join("profile.hvprof")).expect("read the profile");
-    assert!(
-        p.meta.tracers.iter().any(|t| t == "dbus"),
-        "the dbus tracer did not run: {stderr}"
-    );
-    assert_eq!(p.vms.len(), 2, "two VMs move the windows");
-    let table = tables::DBUS.table(&p, None, true).text();
+}
 
-    // Per library: exactly three Work calls, in its own window, one of them
-    // timed out after the timeout the client passed.
+/// Per library: exactly three Work calls, in its own window, one of them
+/// timed out after the timeout the client passed.
+fn assert_three_work_calls_per_library(p: &Profile, table: &str) {
     for (library, window, timeout_ms) in [("libdbus", 0, 300), ("gio", 1, 1000), ("sd-bus", 2, 300)]
     {
-        let got = calls(&p, library, WORK);
+        let got = calls(p, library, WORK);
         assert_eq!(
             got.keys().copied().collect::<Vec<_>>(),
             vec![window],
@@ -268,6 +287,11 @@ exit 0
             (total - max_ns) / 1_000_000
         );
     }
+}
+
+/// A nested GIO call counts once, each client's own Hello and Introspect
+/// count exactly, and the outsider's calls are absent.
+fn assert_only_the_targets_outermost_calls_count(p: &Profile, table: &str) {
     // GIO's call ends in send_message_with_reply_sync: counted as the
     // outermost function only.
     assert!(
@@ -281,17 +305,19 @@ exit 0
     // that Hello call blocking; sd-bus makes it asynchronously), and gdbus
     // introspects the method before calling it.
     let hello = "org.freedesktop.DBus.Hello";
-    assert_eq!(calls(&p, "libdbus", hello).get(&0).map(|c| c.0), Some(3));
-    assert_eq!(calls(&p, "gio", hello).get(&1).map(|c| c.0), Some(3));
+    assert_eq!(calls(p, "libdbus", hello).get(&0).map(|c| c.0), Some(3));
+    assert_eq!(calls(p, "gio", hello).get(&1).map(|c| c.0), Some(3));
     let introspect = "org.freedesktop.DBus.Introspectable.Introspect";
-    assert_eq!(calls(&p, "gio", introspect).get(&1).map(|c| c.0), Some(3));
+    assert_eq!(calls(p, "gio", introspect).get(&1).map(|c| c.0), Some(3));
     // The outsider's calls, made while recording, are not there.
     assert!(
         !p.dbus.iter().any(|c| c.member.as_deref() == Some("Ping")),
         "a process outside the target set was recorded\n{table}"
     );
+}
 
-    // Off-CPU: the time blocked inside the calls is under their frames.
+/// Off-CPU: the time blocked inside the calls is under their frames.
+fn assert_blocked_time_is_under_the_calls_frames(p: &Profile, dir: &Path) {
     let blocked_under = |window: u32, function: &str| -> u64 {
         p.offcpu
             .iter()
@@ -323,11 +349,15 @@ exit 0
     let folded = std::fs::read_to_string(dir.join("w02-vms-2-2/offcpu.folded"))
         .expect("window 2's off-CPU folded stacks");
     assert!(folded.contains(";[D-Bus sd_bus_call];"), "{folded}");
+}
 
+/// The summary's windows and summary.txt carry the D-Bus totals; the
+/// per-window table and flame graph are written.
+fn assert_summary_and_window_files_carry_the_calls(p: &Profile, dir: &Path) {
     // The summary's windows carry the D-Bus totals (summary.txt's column,
     // the gates' dbus metrics and the HTML notes read them): one timeout
     // per window, as long as the client's timeout at least.
-    let summary = profiler::render::summary(&p);
+    let summary = profiler::render::summary(p);
     for (window, at_least_ms) in [(0, 300), (1, 1000), (2, 300)] {
         let w = summary
             .windows
@@ -351,11 +381,6 @@ exit 0
     assert!(
         svg.contains("Work"),
         "the D-Bus wait flame graph names the call"
-    );
-    assert!(
-        p.losses.iter().all(|l| l.count == 0),
-        "losses: {:?}",
-        p.losses
     );
 }
 

@@ -51,20 +51,45 @@ fn live_comm(comm: &str) -> Vec<u32> {
 }
 
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one boot, then every assertion on it"
-)]
 fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
     let qemu_conf_before = std::fs::read("/etc/libvirt/qemu.conf").ok();
-    let user_before = Command::new("id")
+    let user_before = libvirt_qemu_user_exists();
+    let dir = std::env::temp_dir().join(format!("hvprof-massboot-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    run_massboot(&dir);
+
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    assert_every_vm_in_its_window(&p);
+    let libvirtd = p
+        .meta
+        .target
+        .strip_prefix("pid ")
+        .unwrap()
+        .parse::<u32>()
+        .unwrap();
+    assert_libvirtd_and_its_qemus_are_followed(&p, libvirtd);
+    assert_forks_have_their_callers_and_vms_their_cgroups(&p, libvirtd);
+    // The kernel lock tracer ran and libvirtd waited on kernel locks.
+    assert!(p.meta.tracers.iter().any(|t| t == "locks"));
+    // No losses at defaults.
+    assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
+    assert_user_stacks_are_whole(&p, libvirtd);
+    assert_nothing_is_left_behind(&dir, qemu_conf_before.as_deref(), user_before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn libvirt_qemu_user_exists() -> bool {
+    Command::new("id")
         .arg("libvirt-qemu")
         .output()
         .unwrap()
         .status
-        .success();
-    let dir = std::env::temp_dir().join(format!("hvprof-massboot-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+        .success()
+}
+
+/// `./x massboot` of 12 TCG guests and 2 paused KVM guests, windows of 4,
+/// with this build's hvprof, the report in `dir`.
+fn run_massboot(dir: &Path) {
     let out = Command::new(xtask())
         .args([
             "massboot",
@@ -83,14 +108,16 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
         .arg("--hvprof")
         .arg(env!("CARGO_BIN_EXE_hvprof"))
         .arg("-o")
-        .arg(&dir)
+        .arg(dir)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "massboot failed:\n{stdout}\n{stderr}");
+}
 
-    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+/// The boot's VMs, in order, and its windows.
+fn assert_every_vm_in_its_window(p: &Profile) {
     // Exactly 14 VM creations, ordinals 1..=14, each one of our guests,
     // each made by a QEMU process.
     assert_eq!(p.vms.len(), 14, "{:#?}", p.vms);
@@ -110,7 +137,11 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
         let off = p.offcpu.iter().filter(|r| r.window == *w).count();
         assert!(on + off > 0, "window {w} is empty");
     }
+}
 
+/// libvirtd's RPC worker threads on and off CPU, and its QEMU processes
+/// followed as its descendants.
+fn assert_libvirtd_and_its_qemus_are_followed(p: &Profile, libvirtd: u32) {
     // libvirtd's RPC worker threads, on CPU and off CPU.
     assert!(
         p.oncpu.iter().any(|r| r.comm == "rpc-libvirtd"),
@@ -122,13 +153,6 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
     );
 
     // QEMU processes were followed as children of libvirtd.
-    let libvirtd = p
-        .meta
-        .target
-        .strip_prefix("pid ")
-        .unwrap()
-        .parse::<u32>()
-        .unwrap();
     let qemus: Vec<u32> = p.vms.iter().map(|v| v.pid).collect();
     let qemu_rows = p.oncpu.iter().filter(|r| qemus.contains(&r.tgid)).count()
         + p.offcpu.iter().filter(|r| qemus.contains(&r.tgid)).count();
@@ -149,7 +173,11 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
             assert!(hops < 8, "QEMU {q} is not a descendant of libvirtd");
         }
     }
+}
 
+/// libvirtd's forks under `virFork`, QEMU's threads under
+/// `qemu_thread_create`, and one machine cgroup per VM.
+fn assert_forks_have_their_callers_and_vms_their_cgroups(p: &Profile, libvirtd: u32) {
     // libvirtd forks for every VM (and QEMU makes threads).
     let libvirtd_forks: u64 = p
         .forks
@@ -163,7 +191,7 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
     );
     // With libvirt's caller frames (from the learned fork paths, no
     // uprobe): its forks are virFork's, QEMU's threads qemu_thread_create's.
-    let rows = profiler::tables::forks(&p, None);
+    let rows = profiler::tables::forks(p, None);
     let by = |caller: &str, creates: &str| -> u64 {
         rows.iter()
             .filter(|r| r.caller == caller && r.creates == creates)
@@ -181,7 +209,7 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
         "{rows:#?}"
     );
     // One per-VM machine cgroup made in the v2 hierarchy for every VM.
-    let machine_mkdirs: u64 = profiler::tables::cgroups(&p, None)
+    let machine_mkdirs: u64 = profiler::tables::cgroups(p, None)
         .iter()
         .filter(|r| {
             r.op == "mkdir" && r.hierarchy == "v2" && r.path == "/machine/qemu-*.libvirt-qemu"
@@ -192,37 +220,38 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
         machine_mkdirs,
         14,
         "{:#?}",
-        profiler::tables::cgroups(&p, None)
+        profiler::tables::cgroups(p, None)
     );
-    // The kernel lock tracer ran and libvirtd waited on kernel locks.
-    assert!(p.meta.tracers.iter().any(|t| t == "locks"));
+}
 
-    // No losses at defaults.
-    assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
+/// Shares of on-CPU samples and off-CPU time (preemptions left out) in
+/// whole stacks, of the threads `tgids` selects by comm and tgid; then the
+/// sample count and the off-CPU nanoseconds.
+fn whole_shares(p: &Profile, tgids: &dyn Fn(&str, u32) -> bool) -> (f64, f64, u64, u64) {
+    let (mut on, mut on_whole, mut off, mut off_whole) = (0u64, 0u64, 0u64, 0u64);
+    for r in p.oncpu.iter().filter(|r| tgids(&r.comm, r.tgid)) {
+        on += r.samples;
+        if is_whole(p, &r.stack) {
+            on_whole += r.samples;
+        }
+    }
+    for r in p.offcpu.iter().filter(|r| tgids(&r.comm, r.tgid)) {
+        if p.frame_names(&r.stack).any(|f| f == "[preempted]") {
+            continue;
+        }
+        off += r.total_ns;
+        if is_whole(p, &r.stack) {
+            off_whole += r.total_ns;
+        }
+    }
+    (share(on_whole, on), share(off_whole, off), on, off)
+}
 
-    // Whole user stacks without frame pointers (Debian's libvirt, glib,
-    // QEMU and libc have none): libvirtd's stacks reach their thread's
-    // entry or main, QEMU's vCPU threads' their thread function.
-    let whole = |tgids: &dyn Fn(&str, u32) -> bool| {
-        let (mut on, mut on_whole, mut off, mut off_whole) = (0u64, 0u64, 0u64, 0u64);
-        for r in p.oncpu.iter().filter(|r| tgids(&r.comm, r.tgid)) {
-            on += r.samples;
-            if is_whole(&p, &r.stack) {
-                on_whole += r.samples;
-            }
-        }
-        for r in p.offcpu.iter().filter(|r| tgids(&r.comm, r.tgid)) {
-            if p.frame_names(&r.stack).any(|f| f == "[preempted]") {
-                continue;
-            }
-            off += r.total_ns;
-            if is_whole(&p, &r.stack) {
-                off_whole += r.total_ns;
-            }
-        }
-        (share(on_whole, on), share(off_whole, off), on, off)
-    };
-    let (on, off, n_on, n_off) = whole(&|_, t| t == libvirtd);
+/// Whole user stacks without frame pointers (Debian's libvirt, glib,
+/// QEMU and libc have none): libvirtd's stacks reach their thread's
+/// entry or main, QEMU's vCPU threads' their thread function.
+fn assert_user_stacks_are_whole(p: &Profile, libvirtd: u32) {
+    let (on, off, n_on, n_off) = whole_shares(p, &|_, t| t == libvirtd);
     assert!(
         on >= 0.9 && off >= 0.9,
         "libvirtd: {:.1} % of {n_on} on-CPU samples and {:.1} % of {n_off} ns off-CPU in whole stacks",
@@ -240,8 +269,9 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
         .filter(|v| v.ordinal > 4)
         .map(|v| v.pid)
         .collect();
-    let (on, off, n_on, n_off) =
-        whole(&|comm, t| warm.contains(&t) && comm.starts_with("CPU ") && comm.contains('/'));
+    let (on, off, n_on, n_off) = whole_shares(p, &|comm, t| {
+        warm.contains(&t) && comm.starts_with("CPU ") && comm.contains('/')
+    });
     // On CPU a vCPU thread runs TCG code, whose rows come from what QEMU
     // registers for GDB's JIT interface once its accelerator starts: its
     // first samples can come before that (about 1 in 10 of the few dozen
@@ -256,8 +286,10 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
     // stacks by another unwinder: none differs.
     let v = p.meta.verify_unwind.as_ref().expect("--verify-unwind ran");
     assert!(v.samples >= 50 && v.differs == 0, "{v:#?}");
+}
 
-    // The teardown left nothing behind, and undid its configuration.
+/// The teardown left nothing behind, and undid its configuration.
+fn assert_nothing_is_left_behind(dir: &Path, qemu_conf_before: Option<&[u8]>, user_before: bool) {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("massboot.json")).unwrap()).unwrap();
     assert_eq!(report["teardown_left"], serde_json::json!([]));
@@ -275,17 +307,8 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
         String::from_utf8_lossy(&cgroups.stdout)
     );
     assert_eq!(
-        std::fs::read("/etc/libvirt/qemu.conf").ok(),
+        std::fs::read("/etc/libvirt/qemu.conf").ok().as_deref(),
         qemu_conf_before
     );
-    assert_eq!(
-        Command::new("id")
-            .arg("libvirt-qemu")
-            .output()
-            .unwrap()
-            .status
-            .success(),
-        user_before
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(libvirt_qemu_user_exists(), user_before);
 }
