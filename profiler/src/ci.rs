@@ -300,13 +300,13 @@ impl Serialize for MetricValues {
 }
 
 /// A profile with its per-window metrics computed once.
-pub struct Facts<'a> {
+pub struct WindowMetrics<'a> {
     pub profile: &'a Profile,
     pub windows: Vec<(WindowInfo, MetricValues)>,
     pub whole: MetricValues,
 }
 
-impl<'a> Facts<'a> {
+impl<'a> WindowMetrics<'a> {
     #[must_use]
     pub fn new(profile: &'a Profile) -> Self {
         let summary = render::summary(profile);
@@ -590,7 +590,7 @@ impl Gate {
         }
     }
 
-    fn places(&self, facts: &Facts<'_>) -> Result<Vec<Option<u32>>, GateError> {
+    fn places(&self, facts: &WindowMetrics<'_>) -> Result<Vec<Option<u32>>, GateError> {
         match self.scope {
             Scope::Whole => Ok(vec![None]),
             Scope::EachWindow => Ok(facts.windows.iter().map(|(w, _)| Some(w.id)).collect()),
@@ -843,7 +843,7 @@ impl GateResult {
     }
 }
 
-fn place_of(facts: &Facts<'_>, window: Option<u32>) -> String {
+fn place_of(facts: &WindowMetrics<'_>, window: Option<u32>) -> String {
     match window.and_then(|id| facts.window(id)) {
         Some((w, _)) => format!("window {} ({})", w.id, w.label()),
         None => "whole recording".to_owned(),
@@ -853,12 +853,12 @@ fn place_of(facts: &Facts<'_>, window: Option<u32>) -> String {
 fn quantity_label(q: &Quantity, key: &str) -> String {
     match q {
         Quantity::Metric(m) => m.name().to_owned(),
-        _ => format!("{key} {}", q.stat_name()),
+        Quantity::Row { .. } => format!("{key} {}", q.stat_name()),
     }
 }
 
 /// Evaluates conditions on one profile (`hvprof report`).
-pub fn evaluate(gates: &[Gate], facts: &Facts<'_>) -> Result<Vec<GateResult>, GateError> {
+pub fn evaluate(gates: &[Gate], facts: &WindowMetrics<'_>) -> Result<Vec<GateResult>, GateError> {
     gates.iter().map(|g| evaluate_one(g, None, facts)).collect()
 }
 
@@ -867,16 +867,16 @@ pub fn evaluate(gates: &[Gate], facts: &Facts<'_>) -> Result<Vec<GateResult>, Ga
 /// windows (ids and VM ranges).
 pub fn evaluate_diff(
     gates: &[Gate],
-    a: &Facts<'_>,
-    b: &Facts<'_>,
+    a: &WindowMetrics<'_>,
+    b: &WindowMetrics<'_>,
 ) -> Result<Vec<GateResult>, GateError> {
     gates.iter().map(|g| evaluate_one(g, Some(a), b)).collect()
 }
 
 fn evaluate_one(
     gate: &Gate,
-    base: Option<&Facts<'_>>,
-    facts: &Facts<'_>,
+    base: Option<&WindowMetrics<'_>>,
+    facts: &WindowMetrics<'_>,
 ) -> Result<GateResult, GateError> {
     let mut observations = Vec::new();
     let mut below_floor = 0;
@@ -1063,7 +1063,7 @@ pub const SUMMARY_METRICS: [Metric; 8] = [
 
 /// One line about a profile: `14 VMs, 4.27 s, kernel …, windows every 4 VMs, losses: none`.
 #[must_use]
-pub fn profile_line(facts: &Facts<'_>) -> String {
+pub fn profile_line(facts: &WindowMetrics<'_>) -> String {
     let p = facts.profile;
     let losses = facts.whole.get(Metric::Losses);
     format!(
@@ -1088,7 +1088,7 @@ pub fn profile_line(facts: &Facts<'_>) -> String {
 /// The compact markdown summary of one profile, for a CI job summary
 /// (`hvprof report --markdown-summary`).
 #[must_use]
-pub fn report_markdown(facts: &Facts<'_>, source: &Path, gates: &[GateResult]) -> String {
+pub fn report_markdown(facts: &WindowMetrics<'_>, source: &Path, gates: &[GateResult]) -> String {
     let p = facts.profile;
     let mut out = format!(
         "### hvprof report: {}\n\n{}\n\n",
@@ -1136,7 +1136,7 @@ pub fn check_report(
     gates: &[Gate],
     markdown_summary: Option<&Path>,
 ) -> Result<Vec<GateResult>, CiError> {
-    let facts = Facts::new(profile);
+    let facts = WindowMetrics::new(profile);
     let results = evaluate(gates, &facts)?;
     if let Some(path) = markdown_summary {
         append_markdown(path, &report_markdown(&facts, source, &results)).map_err(|source| {
@@ -1176,10 +1176,6 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     /// A profile whose every figure is known: two VM windows and the setup.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one literal profile, every figure in view"
-    )]
     fn known() -> Profile {
         let mut t = FrameTable::default();
         let stack = vec![t.intern("main"), t.intern("work")];
@@ -1204,19 +1200,6 @@ mod tests {
             runq_ns: 0,
             dbus: None,
         };
-        let lock = |window, lock, name: Option<&str>, ty: &str, count, total_ns, max_ns| LockWait {
-            window,
-            tgid: 1,
-            comm: "libvirtd".into(),
-            lock,
-            lock_name: name.map(str::to_owned),
-            lock_type: ty.into(),
-            stack: stack.clone(),
-            count,
-            total_ns,
-            max_ns,
-            hist: vec![count],
-        };
         let fork = |window, count| ForkCall {
             window,
             tgid: 1,
@@ -1234,27 +1217,7 @@ mod tests {
             frames: t.into_names(),
             oncpu: vec![on(1, 30), on(2, 20), on(2, 30)],
             offcpu: vec![off(1, 2 * S), off(2, 3 * S)],
-            locks: vec![
-                lock(
-                    1,
-                    0x1000,
-                    Some("cgroup_mutex"),
-                    "mutex",
-                    4,
-                    40 * MS,
-                    20 * MS,
-                ),
-                lock(
-                    2,
-                    0x1000,
-                    Some("cgroup_mutex"),
-                    "mutex",
-                    6,
-                    60 * MS,
-                    30 * MS,
-                ),
-                lock(2, 0x2000, None, "rwsem:W", 1, 5 * MS, 5 * MS),
-            ],
+            locks: known_locks(&stack),
             forks: vec![fork(1, 3), fork(2, 4)],
             cgroups: vec![CgroupOp {
                 window: 2,
@@ -1268,24 +1231,7 @@ mod tests {
                 total_ns: 14 * MS,
                 max_ns: MS,
             }],
-            dbus: vec![DbusCall {
-                window: 2,
-                tgid: 1,
-                comm: "libvirtd".into(),
-                library: "gio".into(),
-                function: "g_dbus_connection_call_sync".into(),
-                destination: Some("org.freedesktop.machine1".into()),
-                path: None,
-                interface: Some("org.freedesktop.machine1.Manager".into()),
-                member: Some("CreateMachine".into()),
-                timeout_ms: Some(-1),
-                stack: stack.clone(),
-                calls: 2,
-                timeouts: 1,
-                total_ns: 25 * S + 500 * MS,
-                max_ns: 25 * S,
-                hist: vec![2],
-            }],
+            dbus: vec![known_dbus_call(stack)],
             losses: vec![
                 LossCount {
                     window: Some(2),
@@ -1302,14 +1248,76 @@ mod tests {
         }
     }
 
+    /// The known profile's lock waits: `cgroup_mutex` in both VM windows,
+    /// an unnamed rwsem in the second.
+    fn known_locks(stack: &[u32]) -> Vec<LockWait> {
+        let lock = |window, lock, name: Option<&str>, ty: &str, count, total_ns, max_ns| LockWait {
+            window,
+            tgid: 1,
+            comm: "libvirtd".into(),
+            lock,
+            lock_name: name.map(str::to_owned),
+            lock_type: ty.into(),
+            stack: stack.to_vec(),
+            count,
+            total_ns,
+            max_ns,
+            hist: vec![count],
+        };
+        vec![
+            lock(
+                1,
+                0x1000,
+                Some("cgroup_mutex"),
+                "mutex",
+                4,
+                40 * MS,
+                20 * MS,
+            ),
+            lock(
+                2,
+                0x1000,
+                Some("cgroup_mutex"),
+                "mutex",
+                6,
+                60 * MS,
+                30 * MS,
+            ),
+            lock(2, 0x2000, None, "rwsem:W", 1, 5 * MS, 5 * MS),
+        ]
+    }
+
+    /// The known profile's D-Bus calls: two `CreateMachine`, one of them a
+    /// timeout.
+    fn known_dbus_call(stack: Vec<u32>) -> DbusCall {
+        DbusCall {
+            window: 2,
+            tgid: 1,
+            comm: "libvirtd".into(),
+            library: "gio".into(),
+            function: "g_dbus_connection_call_sync".into(),
+            destination: Some("org.freedesktop.machine1".into()),
+            path: None,
+            interface: Some("org.freedesktop.machine1.Manager".into()),
+            member: Some("CreateMachine".into()),
+            timeout_ms: Some(-1),
+            stack,
+            calls: 2,
+            timeouts: 1,
+            total_ns: 25 * S + 500 * MS,
+            max_ns: 25 * S,
+            hist: vec![2],
+        }
+    }
+
     fn report(p: &Profile, expr: &str) -> GateResult {
         let g = Gate::parse(expr, Context::Report).unwrap();
-        evaluate(&[g], &Facts::new(p)).unwrap().remove(0)
+        evaluate(&[g], &WindowMetrics::new(p)).unwrap().remove(0)
     }
 
     fn diff(a: &Profile, b: &Profile, expr: &str) -> GateResult {
         let g = Gate::parse(expr, Context::Diff).unwrap();
-        evaluate_diff(&[g], &Facts::new(a), &Facts::new(b))
+        evaluate_diff(&[g], &WindowMetrics::new(a), &WindowMetrics::new(b))
             .unwrap()
             .remove(0)
     }
@@ -1327,7 +1335,7 @@ mod tests {
     #[test]
     fn whole_recording_metrics() {
         let p = known();
-        let f = Facts::new(&p);
+        let f = WindowMetrics::new(&p);
         let expect = [
             (Metric::Oncpu, 80),
             (Metric::Offcpu, 5 * S),
@@ -1423,7 +1431,9 @@ mod tests {
         );
         // A window the profile does not have is an error naming its windows.
         let g = Gate::parse("window:9.oncpu>1", Context::Report).unwrap();
-        let e = evaluate(&[g], &Facts::new(&p)).unwrap_err().to_string();
+        let e = evaluate(&[g], &WindowMetrics::new(&p))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("no window 9") && e.contains("2 (VMs 3\u{2013}4)"),
             "{e}"
@@ -1564,7 +1574,7 @@ mod tests {
         let mut p = known();
         p.locks[0].lock_name = Some("<img src=x onerror=alert(1)>".into());
         p.locks[1].lock_name = p.locks[0].lock_name.clone();
-        let f = Facts::new(&p);
+        let f = WindowMetrics::new(&p);
         let md = report_markdown(&f, Path::new("p.hvprof"), &[]);
         assert!(!md.contains("<img"), "{md}");
         assert!(md.contains("&lt;img src=x onerror=alert(1)&gt;"), "{md}");

@@ -20,7 +20,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
-    ci::{self, Facts, Gate, GateResult, Metric, Unit},
+    ci::{self, Gate, GateResult, Metric, Unit, WindowMetrics},
     graphs::{GRAPHS, Graph},
     html,
     profile::{Profile, ProfileError},
@@ -96,7 +96,10 @@ pub fn run(args: &DiffArgs<'_>) -> Result<Outcome, DiffError> {
         .try_into()
         .unwrap_or_else(|_| unreachable!("two paths, two profiles"));
     let matched = match_windows(&a, args.a, &b, args.b, args.common_windows)?;
-    let (fa, fb) = (Facts::new(&matched.a), Facts::new(&matched.b));
+    let (fa, fb) = (
+        WindowMetrics::new(&matched.a),
+        WindowMetrics::new(&matched.b),
+    );
     let mut diff = compare(&fa, args.a, &fb, args.b, args.normalize);
     diff.unmatched_a = matched.only_a.iter().map(window_name).collect();
     diff.unmatched_b = matched.only_b.iter().map(window_name).collect();
@@ -523,7 +526,7 @@ pub struct Diff {
     pub gates: Vec<GateResult>,
 }
 
-fn side(f: &Facts<'_>, path: &Path) -> Side {
+fn side(f: &WindowMetrics<'_>, path: &Path) -> Side {
     Side {
         path: path.display().to_string(),
         description: ci::profile_line(f),
@@ -534,8 +537,8 @@ fn side(f: &Facts<'_>, path: &Path) -> Side {
 }
 
 fn section(
-    a: &Facts<'_>,
-    b: &Facts<'_>,
+    a: &WindowMetrics<'_>,
+    b: &WindowMetrics<'_>,
     window: Option<&WindowInfo>,
     ma: &ci::MetricValues,
     mb: &ci::MetricValues,
@@ -566,9 +569,9 @@ fn section(
 /// metrics and tables, no flame graphs yet (see [`write_all`]).
 #[must_use]
 pub fn compare(
-    a: &Facts<'_>,
+    a: &WindowMetrics<'_>,
     a_path: &Path,
-    b: &Facts<'_>,
+    b: &WindowMetrics<'_>,
     b_path: &Path,
     normalize: bool,
 ) -> Diff {
@@ -1121,7 +1124,7 @@ mod tests {
             ..a.clone()
         };
         let dir = std::env::temp_dir().join(format!("hvprof-diff-empty-{}", std::process::id()));
-        let (fa, fb) = (Facts::new(&a), Facts::new(&b));
+        let (fa, fb) = (WindowMetrics::new(&a), WindowMetrics::new(&b));
         let mut result = compare(&fa, Path::new("a"), &fb, Path::new("b"), true);
         write_all(&mut result, &a, &b, &dir).unwrap();
         let svg = fs::read_to_string(dir.join("w01-vms-1-2/oncpu.diff.svg")).unwrap();

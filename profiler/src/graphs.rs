@@ -351,11 +351,11 @@ mod tests {
 
     #[test]
     fn folds_and_merges() {
-        let mut t = FrameTable::default();
-        let (a, b, c) = (
-            t.intern("main"),
-            t.intern("busy"),
-            t.intern("do;weird name"),
+        let mut frames = FrameTable::default();
+        let (main, busy, weird) = (
+            frames.intern("main"),
+            frames.intern("busy"),
+            frames.intern("do;weird name"),
         );
         let on = |window, stack: Vec<u32>, samples| OnCpu {
             window,
@@ -371,7 +371,7 @@ mod tests {
             pid: 2,
             comm: "t".into(),
             state: "S".into(),
-            stack: vec![a],
+            stack: vec![main],
             blocks: 2,
             total_ns,
             max_ns: 2_000_000,
@@ -379,12 +379,12 @@ mod tests {
             dbus: dbus.map(str::to_owned),
         };
         let p = Profile {
-            frames: t.into_names(),
+            frames: frames.into_names(),
             oncpu: vec![
-                on(1, vec![a, b], 3),
-                on(1, vec![a, b], 4),
-                on(1, vec![a, c], 1),
-                on(0, vec![a], 9),
+                on(1, vec![main, busy], 3),
+                on(1, vec![main, busy], 4),
+                on(1, vec![main, weird], 1),
+                on(0, vec![main], 9),
             ],
             offcpu: vec![
                 off(None, 2_500_000),
@@ -406,6 +406,6 @@ mod tests {
             ["t;[D-Bus g_dbus:call];main 7", "t;main 2500"]
         );
         // Newlines: `_` in a comm (like spaces), a space in a frame.
-        assert_eq!(stack_line(&p, "a\nb c", &[2]), "a_b_c;do:weird name");
+        assert_eq!(stack_line(&p, "a\nb c", &[weird]), "a_b_c;do:weird name");
     }
 }

@@ -512,7 +512,7 @@ fn losses_table(losses: &BTreeMap<String, u64>) -> String {
 }
 
 #[expect(clippy::cast_precision_loss, reason = "chart coordinates")]
-fn f(v: u64) -> f64 {
+fn coord(v: u64) -> f64 {
     v as f64
 }
 
@@ -590,14 +590,15 @@ fn timeline(profile: &Profile, out: &mut String) {
     vms.sort_by_key(|v| v.ordinal);
     let lat = vm_latencies(profile);
     let max_ord = vms.last().map_or(1, |v| v.ordinal).max(1);
-    let t_max = f(profile
-        .meta
-        .duration_ns
-        .max(vms.last().map_or(1, |v| v.time_ns)))
-        / 1e9;
+    let t_max = coord(
+        profile
+            .meta
+            .duration_ns
+            .max(vms.last().map_or(1, |v| v.time_ns)),
+    ) / 1e9;
     let (pw, ph) = (PLOT_W, PLOT_H);
     let x = |t_s: f64| PAD_L + t_s / t_max.max(1e-9) * pw;
-    let y = |ord: f64| PAD_T + ph - ord / f(max_ord) * ph;
+    let y = |ord: f64| PAD_T + ph - ord / coord(max_ord) * ph;
 
     out.push_str(
         "<p>Each VM creation against its time since the recording started; the bands are the windows (click one to open it).</p>\n",
@@ -618,9 +619,9 @@ fn timeline(profile: &Profile, out: &mut String) {
         );
         t += ts;
     }
-    let os = tick_step(f(max_ord), 6.0).max(1.0);
+    let os = tick_step(coord(max_ord), 6.0).max(1.0);
     let mut o = 0.0;
-    while o <= f(max_ord) + 1e-9 {
+    while o <= coord(max_ord) + 1e-9 {
         let _ = write!(
             out,
             "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
@@ -633,13 +634,13 @@ fn timeline(profile: &Profile, out: &mut String) {
     // The step line: the count of VMs created so far.
     let mut path = format!("M{:.1},{:.1}", x(0.0), y(0.0));
     for v in &vms {
-        let (vx, vy) = (x(f(v.time_ns) / 1e9), y(f(v.ordinal)));
+        let (vx, vy) = (x(coord(v.time_ns) / 1e9), y(coord(v.ordinal)));
         let _ = write!(path, " H{vx:.1} V{vy:.1}");
     }
     let _ = write!(
         path,
         " H{:.1}",
-        x(f(profile.meta.duration_ns) / 1e9).max(x(0.0))
+        x(coord(profile.meta.duration_ns) / 1e9).max(x(0.0))
     );
     let _ = write!(
         out,
@@ -649,8 +650,8 @@ fn timeline(profile: &Profile, out: &mut String) {
         let _ = write!(
             out,
             "<circle class=\"vm\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"#b3261e\"><title>{}</title></circle>",
-            x(f(v.time_ns) / 1e9),
-            y(f(v.ordinal)),
+            x(coord(v.time_ns) / 1e9),
+            y(coord(v.ordinal)),
             escape(&format!(
                 "VM {} at {}: {} pid {}{}",
                 v.ordinal,
@@ -682,7 +683,10 @@ fn window_bands(profile: &Profile, max_ord: u64, y: &dyn Fn(f64) -> f64, out: &m
         }
         // A last window the boot did not fill ends at the last VM.
         let b = b.min(max_ord);
-        let (y0, y1) = (y(f(b) + 0.5).max(PAD_T), y(f(a) - 0.5).min(PAD_T + ph));
+        let (y0, y1) = (
+            y(coord(b) + 0.5).max(PAD_T),
+            y(coord(a) - 0.5).min(PAD_T + ph),
+        );
         let fill = if i % 2 == 0 { "#f3f6fb" } else { "#e6edf7" };
         let _ = write!(
             out,
@@ -728,8 +732,8 @@ fn latency_chart(lat: &[VmLatency], out: &mut String) {
     }
     let n = lat.len().max(1);
     let (pw, ph) = (PLOT_W, PLOT_H);
-    let max_ms = f(max) / 1e6;
-    let bw = pw / f(n as u64);
+    let max_ms = coord(max) / 1e6;
+    let bw = pw / coord(n as u64);
     chart_start(out, "vm-latency", "creation latency per VM");
     let step = tick_step(max_ms, 5.0);
     let mut t = 0.0;
@@ -747,9 +751,9 @@ fn latency_chart(lat: &[VmLatency], out: &mut String) {
     }
     let label_every = (n / 30).max(1);
     for (i, l) in lat.iter().enumerate() {
-        let bx = PAD_L + bw * f(i as u64);
+        let bx = PAD_L + bw * coord(i as u64);
         if let Some(v) = value(l) {
-            let h = f(v) / f(max) * ph;
+            let h = coord(v) / coord(max) * ph;
             let _ = write!(
                 out,
                 "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"#d9822b\"><title>VM {}: {}</title></rect>",
@@ -884,12 +888,12 @@ fn heatmap(profile: &Profile, summary: &render::Summary, out: &mut String) {
     out.push_str("</tr></thead><tbody>\n");
     for m in &metrics {
         let _ = write!(out, "<tr><th>{}</th>", escape(m.name));
-        let raw: Vec<Option<f64>> = m.values.iter().map(|&v| Some(f(v))).collect();
+        let raw: Vec<Option<f64>> = m.values.iter().map(|&v| Some(coord(v))).collect();
         let per_vm: Vec<Option<f64>> = m
             .values
             .iter()
             .zip(&vms)
-            .map(|(&v, &n)| (n > 0).then(|| f(v) / f(n)))
+            .map(|(&v, &n)| (n > 0).then(|| coord(v) / coord(n)))
             .collect();
         let raw_max = raw.iter().flatten().copied().fold(0.0, f64::max);
         let vm_max = per_vm.iter().flatten().copied().fold(0.0, f64::max);

@@ -9,7 +9,7 @@ use std::{
 };
 
 use profiler::{
-    ci::{self, Context, Facts, Gate},
+    ci::{self, Context, Gate, WindowMetrics},
     diff,
     profile::{LockWait, Profile},
 };
@@ -356,7 +356,7 @@ fn percentage_gates_on_a_known_difference_are_exact() {
         .sum();
     let pct = 100.0 * f64::from(u32::try_from(added).unwrap())
         / f64::from(u32::try_from(total3).unwrap());
-    let (fa, fb) = (Facts::new(&a), Facts::new(&new));
+    let (fa, fb) = (WindowMetrics::new(&a), WindowMetrics::new(&new));
     let gate = |e: &str| {
         ci::evaluate_diff(&[Gate::parse(e, Context::Diff).unwrap()], &fa, &fb)
             .unwrap()

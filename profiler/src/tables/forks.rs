@@ -114,7 +114,6 @@ pub struct ForkSummary {
     pub lifetime_max_ns: u64,
 }
 
-#[must_use]
 pub fn fork_summary(profile: &Profile, window: Option<u32>) -> ForkSummary {
     let in_window = |w: Option<u32>| window.is_none_or(|id| w == Some(id));
     let execs = profile

@@ -149,6 +149,18 @@ pub struct TableDef<R: 'static, N: 'static = ()> {
     pub top: Option<(&'static str, &'static [&'static str])>,
 }
 
+/// A table's rows and its note, as JSON: `{"forks": [...], "summary": {...}}`.
+struct WithNote<'a, R, N>(&'static str, &'a [R], &'a N);
+
+impl<R: Serialize, N: Serialize> Serialize for WithNote<'_, R, N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry(self.0, self.1)?;
+        map.serialize_entry("summary", self.2)?;
+        map.end()
+    }
+}
+
 /// A row as `diff` and the gates compare it: its key cells and figures.
 pub struct Measured {
     pub key: Vec<String>,
@@ -260,19 +272,14 @@ impl<R: Serialize + Sync, N: Serialize + Sync> AnyTable for TableDef<R, N> {
 
     fn json(&self, profile: &Profile, window: Option<u32>) -> serde_json::Result<String> {
         let rows = (self.rows)(profile, window);
-        let Some(note) = &self.note else {
-            return serde_json::to_string_pretty(&rows);
-        };
-        struct WithNote<'a, R, N>(&'static str, &'a [R], &'a N);
-        impl<R: Serialize, N: Serialize> Serialize for WithNote<'_, R, N> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                let mut map = s.serialize_map(Some(2))?;
-                map.serialize_entry(self.0, self.1)?;
-                map.serialize_entry("summary", self.2)?;
-                map.end()
-            }
+        match &self.note {
+            None => serde_json::to_string_pretty(&rows),
+            Some(note) => serde_json::to_string_pretty(&WithNote(
+                self.name,
+                &rows,
+                &(note.of)(profile, window),
+            )),
         }
-        serde_json::to_string_pretty(&WithNote(self.name, &rows, &(note.of)(profile, window)))
     }
 
     fn keys(&self) -> Vec<&'static str> {
