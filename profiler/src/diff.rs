@@ -25,7 +25,7 @@ use crate::{
     html,
     profile::{Profile, ProfileError},
     render::{self, RenderError},
-    tables::{AnyTable, Measured, TABLES, Table, human_ns},
+    tables::{self, AnyTable, Measured, TABLES, Table, human_ns},
     windows::WindowInfo,
 };
 
@@ -874,14 +874,14 @@ impl Diff {
     pub fn markdown(&self) -> String {
         let mut out = String::from("# hvprof diff\n\n");
         for l in self.header_lines() {
-            let _ = writeln!(out, "- {}", ci::md_escape(&l));
+            let _ = writeln!(out, "- {}", tables::md_escape(&l));
         }
         let (t, _) = self.metrics_table(false);
         out.push_str("\n## Per-window metrics\n\n");
-        out.push_str(&ci::md_table(&t.headers, &t.rows));
+        out.push_str(&tables::md_table(&t.headers, &t.rows));
         for s in self.windows.iter().chain(std::iter::once(&self.whole)) {
             let _ = match s.window {
-                Some(w) => writeln!(out, "\n## Window {w} ({})\n", ci::md_escape(&s.label)),
+                Some(w) => writeln!(out, "\n## Window {w} ({})\n", tables::md_escape(&s.label)),
                 None => writeln!(out, "\n## Whole recording\n"),
             };
             for f in &s.flame_graphs {
@@ -889,7 +889,7 @@ impl Diff {
                     out,
                     "- {} differential flame graph: {} (A {} / B {} {})",
                     f.tracer,
-                    ci::md_escape(&f.svg),
+                    tables::md_escape(&f.svg),
                     f.a_total,
                     f.b_total,
                     f.unit
@@ -902,7 +902,7 @@ impl Diff {
                 if table.rows.is_empty() {
                     let _ = writeln!(out, "({})", table.empty);
                 } else {
-                    out.push_str(&ci::md_table(&table.headers, &table.rows));
+                    out.push_str(&tables::md_table(&table.headers, &table.rows));
                 }
             }
         }
@@ -920,15 +920,15 @@ impl Diff {
     pub fn summary_markdown(&self) -> String {
         let mut out = format!(
             "### hvprof diff: {} \u{2192} {}\n\n",
-            ci::md_escape(&self.a.path),
-            ci::md_escape(&self.b.path)
+            tables::md_escape(&self.a.path),
+            tables::md_escape(&self.b.path)
         );
         for l in self.header_lines() {
-            let _ = writeln!(out, "- {}", ci::md_escape(&l));
+            let _ = writeln!(out, "- {}", tables::md_escape(&l));
         }
         out.push('\n');
         let mut headers = vec!["window", "VMs"];
-        headers.extend(ci::SUMMARY_METRICS.map(Metric::describe));
+        headers.extend(ci::summary_metrics().map(Metric::describe));
         let rows: Vec<Vec<String>> = self
             .windows
             .iter()
@@ -938,7 +938,7 @@ impl Diff {
                     s.window.map_or_else(|| "all".to_owned(), |w| w.to_string()),
                     s.label.clone(),
                 ];
-                for m in ci::SUMMARY_METRICS {
+                for m in ci::summary_metrics() {
                     if let Some(d) = s.metrics.iter().find(|d| d.metric == m) {
                         r.push(d.delta.arrow(m.unit()));
                     }
@@ -946,7 +946,7 @@ impl Diff {
                 r
             })
             .collect();
-        out.push_str(&ci::md_table(&headers, &rows));
+        out.push_str(&tables::md_table(&headers, &rows));
         for t in &self.whole.tables {
             if t.name != "locks" && t.name != "dbus" {
                 continue;
@@ -973,7 +973,7 @@ impl Diff {
             );
             let mut h = t.columns.clone();
             h.extend([t.count_name, "time"]);
-            out.push_str(&ci::md_table(&h, &changed));
+            out.push_str(&tables::md_table(&h, &changed));
         }
         if !self.gates.is_empty() {
             out.push('\n');

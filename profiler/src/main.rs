@@ -34,7 +34,7 @@ enum Cmd {
     Record(RecordArgs),
     /// Render a profile again, offline on any machine: flame graphs, tables, HTML, CI
     /// gates.
-    #[command(after_help = profiler::ci::GRAMMAR)]
+    #[command(after_help = profiler::ci::GRAMMAR.as_str())]
     Report {
         /// The profile file (`profile.hvprof` in a recording directory).
         profile: PathBuf,
@@ -55,7 +55,7 @@ enum Cmd {
         markdown_summary: Option<PathBuf>,
     },
     /// Compare two profiles (two kernels, two builds) window by window; CI gates.
-    #[command(after_help = profiler::ci::GRAMMAR)]
+    #[command(after_help = profiler::ci::GRAMMAR.as_str())]
     Diff {
         /// The baseline profile.
         a: PathBuf,

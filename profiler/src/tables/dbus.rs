@@ -176,6 +176,7 @@ pub static DBUS: TableDef<DbusRow> = TableDef {
         prefix: "dbus",
         name: "METHOD",
         noun: "D-Bus",
+        help: ("interface.member or member", "any single method"),
         stats: &[
             ("total", Role::Total),
             ("max", Role::Max),

@@ -244,6 +244,7 @@ pub static LOCKS: TableDef<LockRow> = TableDef {
         prefix: "lock",
         name: "NAME",
         noun: "lock",
+        help: ("the lock's symbol or 0x address", "any single lock"),
         stats: &[
             ("total", Role::Total),
             ("max", Role::Max),

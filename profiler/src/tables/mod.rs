@@ -110,6 +110,9 @@ pub struct Gate<R> {
     pub name: &'static str,
     /// What a row is, in messages: `lock`, `D-Bus`.
     pub noun: &'static str,
+    /// What `NAME` may be, and what the quantity is without it, for the
+    /// grammar's help.
+    pub help: (&'static str, &'static str),
     /// The statistics by name, the first of each role its own name.
     pub stats: &'static [(&'static str, Role)],
     /// How an observation names a row.
@@ -195,6 +198,8 @@ pub trait AnyTable: Sync {
     fn gate_stat_name(&self, stat: Role) -> &'static str;
     /// `lock`, `METHOD`, `total, max or count`.
     fn gate_words(&self) -> (&'static str, &'static str, String);
+    /// What `NAME` may be, what the quantity is without it.
+    fn gate_help(&self) -> (&'static str, &'static str);
     /// Each row's label, its value of `stat` and whether `name` names it.
     fn observe(
         &self,
@@ -340,6 +345,10 @@ impl<R: Serialize + Sync, N: Serialize + Sync> AnyTable for TableDef<R, N> {
             None => String::new(),
         };
         (g.noun, g.name, list)
+    }
+
+    fn gate_help(&self) -> (&'static str, &'static str) {
+        self.gate().help
     }
 
     fn observe(
