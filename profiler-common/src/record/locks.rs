@@ -1,0 +1,134 @@
+//! The kernel lock contention tracer's keys, values and in-flight waits.
+
+use super::COMM_LEN;
+
+/// `lock:contention_begin` flags (include/trace/events/lock.h).
+pub mod lock_flags {
+    pub const SPIN: u32 = 1 << 0;
+    pub const READ: u32 = 1 << 1;
+    pub const WRITE: u32 = 1 << 2;
+    pub const RT: u32 = 1 << 3;
+    pub const PERCPU: u32 = 1 << 4;
+    pub const MUTEX: u32 = 1 << 5;
+
+    /// A lock whose waiters sleep (mutex, rwsem, rt-mutex, percpu-rwsem,
+    /// and a mutex's optimistic spin): only taken in process context.
+    #[must_use]
+    pub const fn sleeps(flags: u32) -> bool {
+        flags & SPIN == 0 || flags & MUTEX != 0
+    }
+}
+
+/// log2 buckets of lock wait time: bucket `i` holds waits in
+/// `[2^i, 2^(i+1))` ns (bucket 0 also 0–1 ns); the last collects the rest.
+pub const LOCK_HIST_BUCKETS: usize = 40;
+
+/// Key of the lock-wait aggregation: one lock, waited for from one stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LockKey {
+    pub window: u32,
+    pub tgid: u32,
+    /// `lock:contention_begin` flags ([`lock_flags`]).
+    pub flags: u32,
+    pub pad: u32,
+    pub lock: u64,
+    /// The waiter's stacks, as in [`SampleKey`].
+    pub kern_stack: u64,
+    pub user_stack: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Waits of one [`LockKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockValue {
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    pub hist: [u64; LOCK_HIST_BUCKETS],
+}
+
+/// Most contentions one task can be inside at once: a spinlock taken in a
+/// mutex's slow path, an interrupt contending while the task waits, …
+pub const MAX_LOCK_NESTING: usize = 4;
+
+/// One contention in progress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LockBegin {
+    pub lock: u64,
+    pub start_ns: u64,
+    /// The CPU the wait began on (the end may come on another).
+    pub cpu: u32,
+    pub pad: u32,
+    pub flags: u32,
+    /// The window at the begin (waits are charged there).
+    pub window: u32,
+}
+
+/// The contentions a task is inside, innermost last. An end pops the entry
+/// of its lock, wherever it is, so nesting and interrupts pair correctly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockPending {
+    pub depth: u32,
+    /// The slot of `kstacks` a new kernel stack replaces next.
+    pub kstack_next: u32,
+    pub entries: [LockBegin; MAX_LOCK_NESTING],
+    /// The thread's last kernel stacks walked at a contention end.
+    pub kstacks: [LockKstack; LOCK_KSTACKS],
+}
+
+impl LockPending {
+    pub const ZERO: Self = Self {
+        depth: 0,
+        kstack_next: 0,
+        entries: [LockBegin {
+            lock: 0,
+            start_ns: 0,
+            cpu: 0,
+            pad: 0,
+            flags: 0,
+            window: 0,
+        }; MAX_LOCK_NESTING],
+        kstacks: [LockKstack {
+            id: 0,
+            syscall: 0,
+            found: 0,
+            search: 0,
+            ret: [0; LOCK_KSTACK_FRAMES],
+            at: [0; LOCK_KSTACK_FRAMES],
+        }; LOCK_KSTACKS],
+    };
+}
+
+/// Kernel stacks a thread's lock entry remembers.
+pub const LOCK_KSTACKS: usize = 2;
+/// Return addresses of a remembered lock-wait kernel stack that are checked.
+pub const LOCK_KSTACK_FRAMES: usize = 16;
+/// Words below the task's entry registers (the top of its kernel stack)
+/// searched for them (4 KiB).
+pub const LOCK_KSTACK_WORDS: usize = 512;
+
+/// A kernel stack walked at a contention end, and where its return
+/// addresses sat in the 4 KiB at the top of the waiter's kernel stack. The
+/// kernel moves the frames below the syscall entry by a random offset at
+/// every syscall, all by the same amount: the same syscall and return
+/// addresses at the same places (after finding the innermost one) mean the
+/// same kernel call chain, without walking it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockKstack {
+    /// The stack id (0: empty).
+    pub id: u64,
+    pub syscall: u64,
+    /// Its frames, innermost first, all in `ret` and `at`.
+    pub found: u32,
+    /// Scratch for the search (in the map value, not a register, for the
+    /// verifier's sake).
+    pub search: u32,
+    pub ret: [u64; LOCK_KSTACK_FRAMES],
+    /// Word index in the 4 KiB window.
+    pub at: [u32; LOCK_KSTACK_FRAMES],
+}
