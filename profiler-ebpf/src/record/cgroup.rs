@@ -182,8 +182,8 @@ pub fn cgroup_syscall_enter(_ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_cgroup_syscall_enter() -> Option<u32> {
-    let task = Task::tracked()?;
-    let p = reset(&CGROUP_PENDING, &task.pid(), &CGROUP_PENDING_ZERO)?;
+    let pid = Task::tracked()?.pid();
+    let p = reset(&CGROUP_PENDING, &pid, &CGROUP_PENDING_ZERO)?;
     // SAFETY: a valid map value of this thread.
     unsafe { (*p).start_ns = now() };
     Some(0)

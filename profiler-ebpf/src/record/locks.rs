@@ -315,7 +315,7 @@ fn lock_kstack_matches(
 ) -> bool {
     // SAFETY: c is a valid map value, words this CPU's scratch; indices
     // are masked into range. The search's state is kept in the map value
-    // (see `remember_kernel_stack`).
+    // (see `offcpu::kstack::remember`).
     let (entry, entry_end) = (config!(syscall_entry), config!(syscall_entry_end));
     unsafe {
         if (*c).id < STACK_ID_MIN || (*c).syscall != nr {
@@ -384,7 +384,7 @@ fn remember_lock_kstack(
 ) -> bool {
     // SAFETY: c is a valid map value, words and ips this CPU's scratch
     // values; indices are masked into range. The count of frames still to
-    // find lives in the map value (see `remember_kernel_stack`).
+    // find lives in the map value (see `offcpu::kstack::remember`).
     unsafe {
         (*c).id = 0;
         if frames == 0 || frames > LOCK_KSTACK_FRAMES {
