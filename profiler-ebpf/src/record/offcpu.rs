@@ -21,7 +21,7 @@ use profiler_common::record::{
 };
 
 use super::{
-    common::{Task, comm_of, count, current_window, is_tracked, lose, reset, stopped},
+    common::{Task, comm_of, count, current_window, is_tracked, lose, now, reset, stopped},
     dbus,
     stacks::{kern_stack, site_return, user_stack, user_stack_walk, verified},
     tasks,
@@ -103,7 +103,7 @@ fn report_state(preempt: bool, raw: u32) -> u32 {
 /// times a second.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn offcpu_sched_switch(ctx: BtfTracePointContext) -> u32 {
-    let now = super::common::now();
+    let now = now();
     let next: *mut task_struct = ctx.arg(2);
     // Each half whatever came of the other.
     let _ = switch_out(&ctx, now);
