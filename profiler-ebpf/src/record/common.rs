@@ -1,0 +1,422 @@
+//! What every tracer shares: the current task and whether it is traced,
+//! the window an event is charged to, losses and counters, get-or-insert
+//! of a map entry, the timed aggregates, events to userspace and the
+//! tasks' saved user registers.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs, task_struct},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
+        bpf_task_pt_regs,
+    },
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::TracePointContext,
+};
+use profiler_common::record::{
+    COMM_LEN, Counter, Event, EventKind, LOCK_HIST_BUCKETS, Loss, LossKey, MAX_WINDOW_RANGES,
+    SETUP_WINDOW, TargetMode, VmState, WindowMode, WindowRange, hist_bucket, window_every,
+};
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+/// Tracked thread groups (and the tids of followed children, which for a
+/// new process is its tgid).
+#[map]
+pub(super) static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+#[map]
+static WINDOW_RANGES: Array<WindowRange> = Array::with_max_entries(MAX_WINDOW_RANGES, 0);
+#[map]
+pub(super) static VM_STATE: Array<VmState> = Array::with_max_entries(1, 0);
+#[map]
+static LOSSES: PerCpuHashMap<LossKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+/// Set by userspace when the recording stops: the programs stay attached
+/// while the maps are read (detaching takes an RCU grace period per probe),
+/// but change nothing any more.
+#[map]
+static STOPPED: Array<u32> = Array::with_max_entries(1, 0);
+
+// ------------------------------------------------- the task and its window
+
+/// A task as `bpf_get_current_pid_tgid` gives it: its process (tgid) in
+/// the high half, its thread (pid) in the low one. One word, not two
+/// fields: a pair packed into a register and out again costs every
+/// program a few instructions.
+#[derive(Clone, Copy)]
+pub(super) struct Task(u64);
+
+impl Task {
+    /// The current task.
+    #[inline(always)]
+    pub(super) fn current() -> Self {
+        Self(bpf_get_current_pid_tgid())
+    }
+
+    /// Thread `pid` of process `tgid`.
+    #[inline(always)]
+    pub(super) fn of(tgid: u32, pid: u32) -> Self {
+        Self(u64::from(tgid) << 32 | u64::from(pid))
+    }
+
+    /// The current task, if it is traced.
+    #[inline(always)]
+    pub(super) fn tracked() -> Option<Self> {
+        let task = Self::current();
+        if !is_tracked(task.tgid()) {
+            return None;
+        }
+        Some(task)
+    }
+
+    #[inline(always)]
+    pub(super) fn tgid(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    #[inline(always)]
+    pub(super) fn pid(self) -> u32 {
+        self.0 as u32
+    }
+
+    /// (tgid, pid).
+    #[inline(always)]
+    pub(super) fn ids(self) -> (u32, u32) {
+        (self.tgid(), self.pid())
+    }
+}
+
+/// A tracer's preamble: the current task if it is traced, and the window
+/// its event is charged to, if that window is recorded.
+#[inline(always)]
+pub(super) fn traced() -> Option<(Task, u32)> {
+    let task = Task::tracked()?;
+    Some((task, current_window()?))
+}
+
+/// Whether hvprof traces the tasks of process `tgid`. The idle tasks
+/// (tgid 0) and hvprof itself never.
+#[inline(always)]
+pub(super) fn is_tracked(tgid: u32) -> bool {
+    if tgid == 0 || tgid == config!(self_tgid) {
+        return false;
+    }
+    if config!(target_mode) == TargetMode::All as u32 {
+        return true;
+    }
+    // SAFETY: the value is only tested for presence.
+    unsafe { TRACKED.get(&tgid) }.is_some()
+}
+
+#[inline(always)]
+pub(super) fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn vms_created() -> u64 {
+    VM_STATE.get(0).map_or(0, |s| s.created)
+}
+
+/// The window of the `vms`th VM creation, or `None` outside every window.
+#[inline(always)]
+pub(super) fn window_for(vms: u64) -> Option<u32> {
+    if vms == 0 {
+        return Some(SETUP_WINDOW);
+    }
+    if config!(window_mode) == WindowMode::Every as u32 {
+        return Some(window_every(config!(window_size), vms));
+    }
+    let n = config!(window_ranges);
+    let mut i = 0;
+    while i < MAX_WINDOW_RANGES {
+        if i >= n {
+            break;
+        }
+        if let Some(r) = WINDOW_RANGES.get(i)
+            && vms >= u64::from(r.first)
+            && vms <= u64::from(r.last)
+        {
+            return Some(i + 1);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Whether the recording has stopped (see [`STOPPED`]).
+#[inline(always)]
+pub(super) fn stopped() -> bool {
+    STOPPED.get(0).is_some_and(|s| *s != 0)
+}
+
+/// The window an event now is charged to; `None` outside every window or
+/// after the stop.
+#[inline(always)]
+pub(super) fn current_window() -> Option<u32> {
+    if stopped() {
+        return None;
+    }
+    window_for(vms_created())
+}
+
+// ------------------------------------------------------ losses and counts
+
+#[inline(always)]
+pub(super) fn lose(window: u32, loss: Loss) {
+    let key = LossKey {
+        window,
+        loss: loss as u32,
+    };
+    if let Some(v) = LOSSES.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, not shared with another CPU.
+        unsafe { *v += 1 };
+    } else {
+        let _ = LOSSES.insert(&key, &1, 0);
+    }
+}
+
+#[inline(always)]
+pub(super) fn count(c: Counter) {
+    if let Some(v) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: this CPU's slot.
+        unsafe { *v += 1 };
+    }
+}
+
+// ---------------------------------------------------------- map entries
+
+/// Adds to a map value shared by all CPUs: a BPF atomic add (`lock xadd`),
+/// which every BPF cpu version has as long as the result is unused.
+#[inline(always)]
+pub(super) fn add_atomic(dst: *mut u64, v: u64) {
+    // SAFETY: dst points into a map value, valid for the program's run.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            dst, v,
+        )
+    };
+}
+
+/// The value of `key`, inserting `zero` first if there is none; `None`
+/// (counted as `full` in `window`) when the map is full. An insert that loses
+/// a race with another CPU still finds that CPU's value.
+#[inline(always)]
+pub(super) fn slot<K, V>(
+    map: &HashMap<K, V>,
+    key: &K,
+    zero: &V,
+    window: u32,
+    full: Loss,
+) -> Option<*mut V> {
+    if let Some(v) = map.get_ptr_mut(key) {
+        return Some(v);
+    }
+    let _ = map.insert(key, zero, u64::from(BPF_NOEXIST));
+    let v = map.get_ptr_mut(key);
+    if v.is_none() {
+        lose(window, full);
+    }
+    v
+}
+
+/// The value of `key` set to `zero` (a new one, or the old one reset);
+/// `None` when the map is full. (Only a new key's insert can fail in a
+/// preallocated map: the lookup then finds nothing.)
+#[inline(always)]
+pub(super) fn reset<K, V>(map: &HashMap<K, V>, key: &K, zero: &V) -> Option<*mut V> {
+    let _ = map.insert(key, zero, 0);
+    map.get_ptr_mut(key)
+}
+
+/// A map value that adds up timed events: how many, their total and
+/// longest time, and where it has one a log2 histogram of them.
+pub(super) trait Timed {
+    /// The value's count, total and max (ns).
+    fn times(v: *mut Self) -> [*mut u64; 3];
+
+    /// The value's histogram, if it has one.
+    #[inline(always)]
+    fn hist(_v: *mut Self) -> Option<*mut [u64; LOCK_HIST_BUCKETS]> {
+        None
+    }
+}
+
+/// Adds `n` events that took `ns` in all to a timed value (atomic adds;
+/// the max is best effort), and one to its histogram's bucket for `ns`.
+#[inline(always)]
+pub(super) fn add_timed<V: Timed>(v: *mut V, n: u64, ns: u64) {
+    let [count, total, max] = V::times(v);
+    add_atomic(count, n);
+    add_atomic(total, ns);
+    // SAFETY: max points into the map value v.
+    unsafe {
+        if ns > *max {
+            *max = ns;
+        }
+    }
+    if let Some(hist) = V::hist(v) {
+        let bucket = hist_bucket(ns);
+        if bucket < LOCK_HIST_BUCKETS {
+            // SAFETY: hist points into the map value v; bucket is in range.
+            add_atomic(unsafe { &raw mut (*hist)[bucket] }, 1);
+        }
+    }
+}
+
+/// [`add_timed`] to the value of `key` (see [`slot`]): the timed
+/// aggregate of every tracer that times something. Returns the value.
+#[inline(always)]
+pub(super) fn aggregate<K, V: Timed>(
+    map: &HashMap<K, V>,
+    key: &K,
+    zero: &V,
+    window: u32,
+    full: Loss,
+    ns: u64,
+) -> Option<*mut V> {
+    let v = slot(map, key, zero, window, full)?;
+    add_timed(v, 1, ns);
+    Some(v)
+}
+
+// ------------------------------------------------------------ the task
+
+/// The current task's comm.
+#[inline(always)]
+pub(super) fn comm() -> [u8; COMM_LEN] {
+    // SAFETY: bpf_get_current_task_btf has no preconditions.
+    comm_of(unsafe { bpf_get_current_task_btf() })
+}
+
+/// The comm of `task`, the current task as a BTF pointer: two plain loads
+/// from its `task_struct` where kernel BTF gave the offset (a helper call
+/// costs several times more).
+#[inline(always)]
+pub(super) fn comm_of(task: *mut task_struct) -> [u8; COMM_LEN] {
+    let off = config!(task_comm) as usize;
+    if off == 0 {
+        return bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    }
+    // SAFETY: a BTF pointer to a task; the offset is a constant (read-only
+    // config) which the verifier checks against kernel BTF.
+    unsafe {
+        let words = task.cast::<u8>().add(off).cast::<[u64; COMM_LEN / 8]>();
+        core::mem::transmute::<[u64; COMM_LEN / 8], [u8; COMM_LEN]>(core::ptr::read_volatile(words))
+    }
+}
+
+/// Whether `comm` is `pattern`'s first `len` bytes (and ends there, unless
+/// `prefix`).
+#[inline(always)]
+pub(super) fn comm_matches(
+    comm: &[u8; COMM_LEN],
+    pattern: &[u8; COMM_LEN],
+    len: u32,
+    prefix: bool,
+) -> bool {
+    let len = if len as usize > COMM_LEN {
+        COMM_LEN
+    } else {
+        len as usize
+    };
+    let mut i = 0;
+    while i < COMM_LEN {
+        if i >= len {
+            break;
+        }
+        if comm[i] != pattern[i] {
+            return false;
+        }
+        i += 1;
+    }
+    // An exact pattern must end where the comm ends.
+    prefix || len >= COMM_LEN || comm[len] == 0
+}
+
+/// The user registers a task entered the kernel with (its `pt_regs`, at
+/// the top of its kernel stack), from its BTF pointer: each field a plain
+/// load. Its user ip, sp and bp are [`crate::unwind::user_regs`].
+#[derive(Clone, Copy)]
+pub(super) struct EntryRegs(*const pt_regs);
+
+impl EntryRegs {
+    /// `task`'s, a BTF task pointer.
+    #[inline(always)]
+    pub(super) fn of(task: *mut task_struct) -> Self {
+        // SAFETY: the helper takes a BTF task pointer.
+        Self(unsafe { bpf_task_pt_regs(task) } as *const pt_regs)
+    }
+
+    /// The current task's.
+    #[inline(always)]
+    pub(super) fn current() -> Self {
+        // SAFETY: bpf_get_current_task_btf has no preconditions.
+        Self::of(unsafe { bpf_get_current_task_btf() })
+    }
+
+    /// The system call the task is in (`orig_rax`).
+    #[inline(always)]
+    pub(super) fn syscall(self) -> u64 {
+        // SAFETY: a BTF pointer (the verifier makes the load a faulting
+        // one); volatile keeps it a constant-offset load.
+        unsafe { core::ptr::read_volatile(&raw const (*self.0).orig_rax) }
+    }
+
+    /// The first argument of its system call (`rdi`).
+    #[inline(always)]
+    pub(super) fn arg0(self) -> u64 {
+        // SAFETY: as in `syscall`.
+        unsafe { core::ptr::read_volatile(&raw const (*self.0).rdi) }
+    }
+
+    /// Where they are: the task's kernel stack is below.
+    #[inline(always)]
+    pub(super) fn addr(self) -> u64 {
+        self.0 as u64
+    }
+}
+
+/// A field of a classic tracepoint's record.
+#[inline(always)]
+pub(super) fn read<T: Copy>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    // SAFETY: the offset comes from the tracepoint's format file; the read is
+    // checked by the kernel.
+    unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+}
+
+// -------------------------------------------------------------- events
+
+/// Sends a rare event (VM created, fork, exec, exit, a request for unwind
+/// tables) to userspace; `window` `None` is outside every window.
+#[inline(always)]
+pub(super) fn emit(kind: EventKind, task: Task, child: u32, ordinal: u64, window: Option<u32>) {
+    let event = Event {
+        kind: kind as u32,
+        pid: task.pid(),
+        tgid: task.tgid(),
+        child,
+        ts_ns: now(),
+        ordinal,
+        window: window.unwrap_or(u32::MAX),
+        pad: 0,
+        comm: comm(),
+    };
+    // Only an exec (its maps must be read while it lives) and the
+    // unwinder's requests for tables wake userspace; the rest waits for
+    // those or for userspace's slow tick, instead of a wakeup per fork and
+    // exit.
+    let flags = if matches!(
+        kind,
+        EventKind::Exec | EventKind::UnwindTables | EventKind::UnwindMapping
+    ) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output(&event, u64::from(flags)).is_err() {
+        lose(window.unwrap_or(u32::MAX), Loss::EventDropped);
+    }
+}

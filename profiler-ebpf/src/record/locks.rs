@@ -1,0 +1,421 @@
+//! Kernel lock contention (`lock:contention_begin` / `contention_end`):
+//! begin and end paired per thread with a small stack of the locks it is
+//! waiting on, each wait aggregated per window, lock, type and waiter
+//! stack. The waiter's user stack comes from the off-CPU site cache when
+//! the thread is at one of its sites; its kernel stack from the two this
+//! thread's entry remembers when every return address is where it was.
+
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_get_current_task_btf, bpf_get_smp_processor_id, generated},
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray},
+    programs::TracePointContext,
+};
+use profiler_common::record::{
+    Counter, KSTACK_UNCHECKED, LOCK_HIST_BUCKETS, LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS,
+    LOCK_KSTACKS, LockBegin, LockKey, LockKstack, LockPending, LockValue, Loss, MAX_LOCK_NESTING,
+    STACK_ID_MIN, StackBuf, lock_flags,
+};
+
+use super::{
+    common::{
+        EntryRegs, Task, Timed, aggregate, comm, count, lose, now, read, slot, stopped, traced,
+    },
+    offcpu,
+    stacks::{STACK_SCRATCH, kern_stack, kern_stack_or_reason, user_stack, verified, walk_stack},
+};
+
+#[map]
+static LOCK_WAITS: HashMap<LockKey, LockValue> = HashMap::with_max_entries(32768, 0);
+/// Contentions in progress, per thread.
+#[map]
+static LOCK_PENDING: HashMap<u32, LockPending> = HashMap::with_max_entries(32768, 0);
+
+/// Initial values for inserts: larger than the BPF stack allows.
+#[unsafe(no_mangle)]
+static LOCK_VALUE_ZERO: LockValue = LockValue {
+    count: 0,
+    total_ns: 0,
+    max_ns: 0,
+    hist: [0; LOCK_HIST_BUCKETS],
+};
+#[unsafe(no_mangle)]
+static LOCK_PENDING_ZERO: LockPending = LockPending::ZERO;
+
+/// Scratch for the top 4 KiB of a lock waiter's kernel stack.
+#[map]
+static LOCK_KSTACK_SCRATCH: PerCpuArray<[u64; LOCK_KSTACK_WORDS]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+impl Timed for LockValue {
+    #[inline(always)]
+    fn times(v: *mut Self) -> [*mut u64; 3] {
+        // SAFETY: v is a valid map value.
+        unsafe {
+            [
+                &raw mut (*v).count,
+                &raw mut (*v).total_ns,
+                &raw mut (*v).max_ns,
+            ]
+        }
+    }
+
+    #[inline(always)]
+    fn hist(v: *mut Self) -> Option<*mut [u64; LOCK_HIST_BUCKETS]> {
+        // SAFETY: as above.
+        Some(unsafe { &raw mut (*v).hist })
+    }
+}
+
+#[tracepoint]
+pub fn lock_contention_begin(ctx: TracePointContext) -> u32 {
+    try_lock_contention_begin(&ctx).unwrap_or(0)
+}
+
+#[inline(always)]
+fn try_lock_contention_begin(ctx: &TracePointContext) -> Option<u32> {
+    let (task, window) = traced()?;
+    let lock = read::<u64>(ctx, config!(offsets.lock_begin_addr))?;
+    let flags = read::<u32>(ctx, config!(offsets.lock_begin_flags)).unwrap_or(0);
+    let pending = slot(
+        &LOCK_PENDING,
+        &task.pid(),
+        &LOCK_PENDING_ZERO,
+        window,
+        Loss::LockMapFull,
+    )?;
+    // SAFETY: a valid map value, only touched by this thread (and by
+    // interrupts on this CPU, which run to completion first).
+    unsafe {
+        let depth = (*pending).depth as usize;
+        // The same lock again (a mutex that spun, then sleeps): one wait,
+        // from the first begin; keep the latest flags.
+        let mut i = 0;
+        while i < MAX_LOCK_NESTING {
+            if i < depth && (*pending).entries[i].lock == lock {
+                (*pending).entries[i].flags = flags;
+                return Some(0);
+            }
+            i += 1;
+        }
+        if depth >= MAX_LOCK_NESTING {
+            lose(window, Loss::LockNestingTooDeep);
+            return Some(0);
+        }
+        (*pending).entries[depth] = LockBegin {
+            lock,
+            start_ns: now(),
+            cpu: bpf_get_smp_processor_id(),
+            pad: 0,
+            flags,
+            window,
+        };
+        (*pending).depth = depth as u32 + 1;
+    }
+    Some(0)
+}
+
+#[tracepoint]
+pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
+    try_lock_contention_end(&ctx).unwrap_or(0)
+}
+
+#[inline(always)]
+fn try_lock_contention_end(ctx: &TracePointContext) -> Option<u32> {
+    if stopped() {
+        return None;
+    }
+    let (tgid, pid) = Task::current().ids();
+    let pending = LOCK_PENDING.get_ptr_mut(&pid)?;
+    let lock = read::<u64>(ctx, config!(offsets.lock_end_addr))?;
+    let end = now();
+    // Began before the recording, or in another task: no begin.
+    let begin = take_begin(pending, lock)?;
+    // SAFETY: no preconditions.
+    if begin.cpu != unsafe { bpf_get_smp_processor_id() } {
+        count(Counter::LockWaitsMigrated);
+    }
+    let wait = end.saturating_sub(begin.start_ns);
+    let user_stack = waiter_user_stack(ctx, pid, begin.window);
+    let kern_stack = lock_kernel_stack(ctx, pending, begin.flags, begin.window);
+    let key = LockKey {
+        window: begin.window,
+        tgid,
+        flags: begin.flags,
+        pad: 0,
+        lock,
+        kern_stack,
+        user_stack,
+        comm: comm(),
+    };
+    // Threads of one process contend on the same lock from the same
+    // stack: the aggregate's adds are atomic.
+    aggregate(
+        &LOCK_WAITS,
+        &key,
+        &LOCK_VALUE_ZERO,
+        begin.window,
+        Loss::LockMapFull,
+        wait,
+    )?;
+    Some(0)
+}
+
+/// Takes the innermost begin of `lock` out of the thread's entry.
+#[inline(always)]
+fn take_begin(pending: *mut LockPending, lock: u64) -> Option<LockBegin> {
+    // SAFETY: as in lock_contention_begin.
+    unsafe {
+        let depth = (*pending).depth as usize;
+        let mut found = MAX_LOCK_NESTING;
+        let mut i = MAX_LOCK_NESTING;
+        while i > 0 {
+            i -= 1;
+            if i < depth && found == MAX_LOCK_NESTING && (*pending).entries[i].lock == lock {
+                found = i;
+            }
+        }
+        if found >= MAX_LOCK_NESTING {
+            return None;
+        }
+        let begin = (*pending).entries[found];
+        let mut j = 0;
+        while j + 1 < MAX_LOCK_NESTING {
+            if j >= found && j + 1 < depth {
+                (*pending).entries[j] = (*pending).entries[j + 1];
+            }
+            j += 1;
+        }
+        (*pending).depth = depth as u32 - 1;
+        if depth > 1 {
+            count(Counter::LockWaitsNested);
+        }
+        Some(begin)
+    }
+}
+
+/// The waiter's user stack: reused if the thread is at a site where it
+/// blocked or contended before (a QEMU thread's futex wake or eventfd write
+/// contending on a run-queue lock). Walking it costs microseconds where
+/// there are no frame pointers.
+#[inline(always)]
+fn waiter_user_stack(ctx: &TracePointContext, pid: u32, window: u32) -> u64 {
+    // SAFETY: bpf_get_current_task_btf has no preconditions.
+    let current = unsafe { bpf_get_current_task_btf() };
+    if let Some(e) = offcpu::own_entry(current as u64, pid) {
+        return offcpu::site_user_stack(
+            ctx,
+            current,
+            e,
+            window,
+            Counter::LockUserCached,
+            Counter::LockUserWalk,
+        )
+        .0;
+    }
+    count(Counter::LockUserWalk);
+    user_stack(ctx, window)
+}
+
+/// The current task's kernel stack at the end of a wait for a sleeping
+/// lock: one of the two its lock entry remembers if it is in the same
+/// syscall and every return address of it is where it was on its kernel
+/// stack (allowing for the per-syscall random offset); else a walk (4 to
+/// 12 µs here), remembered in the older slot.
+///
+/// Where the return addresses are is read from the 4 KiB below the task's
+/// entry registers, the top of its kernel stack. (Not relative to this
+/// program's frame: since Linux 6.13 a tracing program may run on a
+/// private stack.)
+#[inline(always)]
+fn lock_kernel_stack(
+    ctx: &TracePointContext,
+    pending: *mut LockPending,
+    flags: u32,
+    window: u32,
+) -> u64 {
+    // Only for sleeping locks, taken in process context: a spinlock's
+    // waiter may be an interrupt on its own stack, and the task stack under
+    // it may still hold a whole earlier stack that would match.
+    let (Some(words), true) = (
+        LOCK_KSTACK_SCRATCH.get_ptr_mut(0),
+        config!(block_site_cache) != 0 && lock_flags::sleeps(flags),
+    ) else {
+        count(Counter::LockKernWalk);
+        return kern_stack(ctx, window);
+    };
+    // The top of the kernel stack is just under the entry registers.
+    let regs = EntryRegs::current();
+    let nr = regs.syscall();
+    let bytes = (LOCK_KSTACK_WORDS * 8) as u64;
+    // SAFETY: the stack is read with the checked helper into this CPU's
+    // scratch.
+    let cache = unsafe {
+        generated::bpf_probe_read_kernel(
+            words.cast(),
+            bytes as u32,
+            (regs.addr() - bytes) as *const c_void,
+        ) == 0
+    };
+    let mut reused = 0;
+    if cache {
+        let mut k = 0;
+        while k < LOCK_KSTACKS {
+            // SAFETY: k < LOCK_KSTACKS, inside the thread's entry.
+            let c = unsafe { &raw mut (*pending).kstacks[k] };
+            if lock_kstack_matches(c, words, nr) {
+                count(Counter::LockKernCached);
+                // SAFETY: as above.
+                reused = unsafe { (*c).id };
+                if config!(verify_stack_cache) == 0 {
+                    return reused;
+                }
+                break;
+            }
+            k += 1;
+        }
+    }
+    if reused == 0 {
+        count(Counter::LockKernWalk);
+    }
+    let (id, frames) = walk_stack(ctx, 0);
+    let id = kern_stack_or_reason(id, window);
+    if reused != 0 {
+        return verified(reused, id, Counter::LockKernReuseDiffers);
+    }
+    if let (true, Some(ips)) = (id >= STACK_ID_MIN && cache, STACK_SCRATCH.get_ptr(0)) {
+        // SAFETY: the thread's own entry; the slot is bounded.
+        unsafe {
+            let next = (*pending).kstack_next as usize & (LOCK_KSTACKS - 1);
+            let c = &raw mut (*pending).kstacks[next];
+            if remember_lock_kstack(c, words, ips, frames) {
+                (*c).id = id;
+                (*c).syscall = nr;
+                (*pending).kstack_next = ((next + 1) % LOCK_KSTACKS) as u32;
+            }
+        }
+    }
+    id
+}
+
+/// Whether remembered stack `c` is the current one: the same syscall, its
+/// innermost return address is found (the highest copy in the window:
+/// older copies left by deeper calls are below the live frames), the
+/// others are where they were, moved by as much, and the outermost, where
+/// the walk ends under the entry registers, has not moved (above a
+/// syscall's random offset; an exception's stack has none). The same
+/// return addresses at the same places make the unwinder find the same
+/// frames.
+#[inline(always)]
+fn lock_kstack_matches(
+    c: *mut LockKstack,
+    words: *const [u64; LOCK_KSTACK_WORDS],
+    nr: u64,
+) -> bool {
+    // SAFETY: c is a valid map value, words this CPU's scratch; indices
+    // are masked into range. The search's state is kept in the map value
+    // (see `offcpu::kstack::remember`).
+    let (entry, entry_end) = (config!(syscall_entry), config!(syscall_entry_end));
+    unsafe {
+        if (*c).id < STACK_ID_MIN || (*c).syscall != nr {
+            return false;
+        }
+        let at0 = (*c).at[0] as usize & (LOCK_KSTACK_WORDS - 1);
+        let ret0 = (*c).ret[0];
+        core::ptr::write_volatile(&raw mut (*c).search, KSTACK_UNCHECKED);
+        let mut w = LOCK_KSTACK_WORDS;
+        while w > 0 {
+            w -= 1;
+            if (*words)[w] == ret0 {
+                core::ptr::write_volatile(&raw mut (*c).search, w as u32);
+                break;
+            }
+        }
+        let now0 = core::ptr::read_volatile(&raw const (*c).search);
+        if now0 == KSTACK_UNCHECKED {
+            return false;
+        }
+        let now0 = now0 as usize;
+        let frames = (*c).found as usize;
+        if frames <= 1 {
+            return now0 == at0;
+        }
+        let mut i = 1;
+        while i < LOCK_KSTACK_FRAMES {
+            if i >= frames {
+                break;
+            }
+            let at = (*c).at[i] as usize & (LOCK_KSTACK_WORDS - 1);
+            let ret = (*c).ret[i];
+            let ok = if i + 1 < frames {
+                // Moved as much as the innermost, inside the window.
+                let moved = at + now0;
+                moved >= at0
+                    && moved - at0 < LOCK_KSTACK_WORDS
+                    && (*words)[(moved - at0) & (LOCK_KSTACK_WORDS - 1)] == ret
+            } else {
+                // The outermost, just under the entry registers, where the
+                // walk ends: not moved (else this is the same chain nested
+                // deeper, under another entry), and the others moved only
+                // if the random offset is between (a syscall).
+                (*words)[at] == ret && (now0 == at0 || (ret >= entry && ret < entry_end))
+            };
+            if !ok {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
+/// Finds, in one pass down from the top of the window, where the walked
+/// stack's return addresses (`frames` of them in `ips`, outermost first
+/// from the top) sit, and keeps them in `c`. False if the stack cannot be
+/// checked that way: deeper than [`LOCK_KSTACK_FRAMES`], or a frame not in
+/// the window (on the IRQ stack, or more than 4 KiB down).
+#[inline(always)]
+fn remember_lock_kstack(
+    c: *mut LockKstack,
+    words: *const [u64; LOCK_KSTACK_WORDS],
+    ips: *const StackBuf,
+    frames: usize,
+) -> bool {
+    // SAFETY: c is a valid map value, words and ips this CPU's scratch
+    // values; indices are masked into range. The count of frames still to
+    // find lives in the map value (see `offcpu::kstack::remember`).
+    unsafe {
+        (*c).id = 0;
+        if frames == 0 || frames > LOCK_KSTACK_FRAMES {
+            return false;
+        }
+        core::ptr::write_volatile(&raw mut (*c).found, frames as u32);
+        let mut w = LOCK_KSTACK_WORDS;
+        while w > 0 {
+            w -= 1;
+            let j = core::ptr::read_volatile(&raw const (*c).found) as usize;
+            if j == 0 {
+                break;
+            }
+            let j = (j - 1) & (LOCK_KSTACK_FRAMES - 1);
+            let ip = (*ips).ips[j];
+            if (*words)[w] == ip {
+                (*c).at[j] = w as u32;
+                (*c).ret[j] = ip;
+                core::ptr::write_volatile(&raw mut (*c).found, j as u32);
+            }
+        }
+        if core::ptr::read_volatile(&raw const (*c).found) != 0 {
+            return false;
+        }
+        (*c).found = frames as u32;
+        true
+    }
+}
+
+/// The exit hook: contentions the thread was in go with it.
+#[inline(always)]
+pub(super) fn task_exited(pid: u32) {
+    let _ = LOCK_PENDING.remove(&pid);
+}
