@@ -15,7 +15,7 @@ use profiler_common::record::{
 };
 
 use super::common::{
-    Task, Timed, add_atomic, add_timed, comm, now, read, reset, slot, stopped, traced,
+    Task, add_atomic, add_timed, comm, now, read, reset, slot, stopped, timed, traced,
 };
 
 #[map]
@@ -49,20 +49,8 @@ static CGROUP_VALUE_ZERO: CgroupValue = CgroupValue {
     max_ns: 0,
 };
 
-/// The timed operations of a value; its `count` has the untimed ones too.
-impl Timed for CgroupValue {
-    #[inline(always)]
-    fn times(v: *mut Self) -> [*mut u64; 3] {
-        // SAFETY: v is a valid map value.
-        unsafe {
-            [
-                &raw mut (*v).timed,
-                &raw mut (*v).total_ns,
-                &raw mut (*v).max_ns,
-            ]
-        }
-    }
-}
+// The timed operations of a value; its `count` has the untimed ones too.
+timed!(CgroupValue, timed, total_ns, max_ns);
 
 /// Adds `ops` operations taking `ns` (timed or not) to a key's value.
 #[inline(always)]

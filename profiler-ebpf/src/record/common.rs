@@ -244,6 +244,30 @@ pub(super) trait Timed {
     }
 }
 
+/// `impl Timed` for a value type from the names of its count, total and max
+/// fields (and its histogram's): `timed!(ForkValue, count, total_ns, max_ns)`.
+macro_rules! timed {
+    ($ty:ty, $count:ident, $total:ident, $max:ident $(, hist: $hist:ident)?) => {
+        impl $crate::record::common::Timed for $ty {
+            #[inline(always)]
+            fn times(v: *mut Self) -> [*mut u64; 3] {
+                // SAFETY: v is a valid map value.
+                unsafe { [&raw mut (*v).$count, &raw mut (*v).$total, &raw mut (*v).$max] }
+            }
+            $(
+                #[inline(always)]
+                fn hist(
+                    v: *mut Self,
+                ) -> Option<*mut [u64; ::profiler_common::record::LOCK_HIST_BUCKETS]> {
+                    // SAFETY: v is a valid map value.
+                    Some(unsafe { &raw mut (*v).$hist })
+                }
+            )?
+        }
+    };
+}
+pub(super) use timed;
+
 /// Adds `n` events that took `ns` in all to a timed value (atomic adds;
 /// the max is best effort), and one to its histogram's bucket for `ns`.
 #[inline(always)]

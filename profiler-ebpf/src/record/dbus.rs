@@ -17,7 +17,7 @@ use profiler_common::record::{
 };
 
 use super::{
-    common::{Task, Timed, add_atomic, aggregate, comm, lose, now, reset, slot, stopped, traced},
+    common::{Task, add_atomic, aggregate, comm, lose, now, reset, slot, stopped, timed, traced},
     stacks::user_stack,
 };
 
@@ -68,25 +68,7 @@ static DBUS_LAST_ZERO: DbusLast = DbusLast {
     names: DBUS_NAMES_ZERO,
 };
 
-impl Timed for DbusValue {
-    #[inline(always)]
-    fn times(v: *mut Self) -> [*mut u64; 3] {
-        // SAFETY: v is a valid map value.
-        unsafe {
-            [
-                &raw mut (*v).count,
-                &raw mut (*v).total_ns,
-                &raw mut (*v).max_ns,
-            ]
-        }
-    }
-
-    #[inline(always)]
-    fn hist(v: *mut Self) -> Option<*mut [u64; LOCK_HIST_BUCKETS]> {
-        // SAFETY: as above.
-        Some(unsafe { &raw mut (*v).hist })
-    }
-}
+timed!(DbusValue, count, total_ns, max_ns, hist: hist);
 
 /// The D-Bus function a probe is attached to (its cookie).
 #[inline(always)]

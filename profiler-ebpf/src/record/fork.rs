@@ -11,7 +11,7 @@ use aya_ebpf::{
 use profiler_common::record::{CLONE_THREAD, ForkKey, ForkStart, ForkValue, Loss, fork_kind};
 
 use super::{
-    common::{EntryRegs, Task, Timed, aggregate, comm, now, read, stopped, traced},
+    common::{EntryRegs, Task, aggregate, comm, now, read, stopped, timed, traced},
     stacks::user_stack,
 };
 use crate::unwind;
@@ -25,19 +25,7 @@ static FORK_START: HashMap<u32, ForkStart> = HashMap::with_max_entries(16384, 0)
 #[map]
 static FORK_CALLER: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
 
-impl Timed for ForkValue {
-    #[inline(always)]
-    fn times(v: *mut Self) -> [*mut u64; 3] {
-        // SAFETY: v is a valid map value.
-        unsafe {
-            [
-                &raw mut (*v).count,
-                &raw mut (*v).total_ns,
-                &raw mut (*v).max_ns,
-            ]
-        }
-    }
-}
+timed!(ForkValue, count, total_ns, max_ns);
 
 /// uprobe on libc's `fork`, `vfork`, `posix_spawn[p]`, `pthread_create`: at
 /// a function's entry the return address is at the top of the stack, so

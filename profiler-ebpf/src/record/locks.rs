@@ -20,7 +20,7 @@ use profiler_common::record::{
 
 use super::{
     common::{
-        EntryRegs, Task, Timed, aggregate, comm, count, lose, now, read, slot, stopped, traced,
+        EntryRegs, Task, aggregate, comm, count, lose, now, read, slot, stopped, timed, traced,
     },
     offcpu,
     stacks::{STACK_SCRATCH, kern_stack, kern_stack_or_reason, user_stack, verified, walk_stack},
@@ -48,25 +48,7 @@ static LOCK_PENDING_ZERO: LockPending = LockPending::ZERO;
 static LOCK_KSTACK_SCRATCH: PerCpuArray<[u64; LOCK_KSTACK_WORDS]> =
     PerCpuArray::with_max_entries(1, 0);
 
-impl Timed for LockValue {
-    #[inline(always)]
-    fn times(v: *mut Self) -> [*mut u64; 3] {
-        // SAFETY: v is a valid map value.
-        unsafe {
-            [
-                &raw mut (*v).count,
-                &raw mut (*v).total_ns,
-                &raw mut (*v).max_ns,
-            ]
-        }
-    }
-
-    #[inline(always)]
-    fn hist(v: *mut Self) -> Option<*mut [u64; LOCK_HIST_BUCKETS]> {
-        // SAFETY: as above.
-        Some(unsafe { &raw mut (*v).hist })
-    }
-}
+timed!(LockValue, count, total_ns, max_ns, hist: hist);
 
 #[tracepoint]
 pub fn lock_contention_begin(ctx: TracePointContext) -> u32 {
