@@ -23,3 +23,4 @@ pub mod tables;
 pub mod tracefs;
 pub mod unwind;
 pub mod windows;
+pub mod words;

@@ -41,9 +41,9 @@ use crate::{
     render,
     symbolize::Symbolizer,
     sys::{self, Privileges},
-    tables,
     tracefs::{Tracefs, TracefsError, Tracepoint},
     windows::WindowSpec,
+    words::{human_ns, lock_type_name},
 };
 
 /// What to record.
@@ -2405,7 +2405,7 @@ impl Recorder {
         let target_all = matches!(self.opts.target, Target::All);
         let short_block = format!(
             "[kernel stack not walked: blocked < {}]",
-            crate::tables::human_ns(
+            human_ns(
                 u64::try_from(self.opts.kernel_stack_min_block.as_nanos()).unwrap_or(u64::MAX)
             )
         );
@@ -2529,7 +2529,7 @@ impl Recorder {
                 comm: comm_str(&k.comm),
                 lock: k.lock,
                 lock_name: data_symbols.get(&k.lock).cloned(),
-                lock_type: tables::lock_type_name(k.flags).to_owned(),
+                lock_type: lock_type_name(k.flags).to_owned(),
                 stack: stack_of(k.tgid, k.kern_stack, k.user_stack, &mut sym, &mut table),
                 count: v.count,
                 total_ns: v.total_ns,

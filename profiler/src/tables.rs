@@ -3,31 +3,10 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use profiler_common::record::lock_flags;
+pub use crate::words::{human_ns, lock_type_name};
 use serde::Serialize;
 
 use crate::profile::{LockWait, Profile};
-
-/// `perf lock contention`'s names for `lock:contention_begin` flags.
-#[must_use]
-pub fn lock_type_name(flags: u32) -> &'static str {
-    use lock_flags::{MUTEX, PERCPU, READ, RT, SPIN, WRITE};
-    match flags {
-        f if f == SPIN => "spinlock",
-        f if f == SPIN | READ => "rwlock:R",
-        f if f == SPIN | WRITE => "rwlock:W",
-        f if f == READ => "rwsem:R",
-        f if f == WRITE => "rwsem:W",
-        f if f == RT => "rt-mutex",
-        f if f == RT | READ => "rwlock-rt:R",
-        f if f == RT | WRITE => "rwlock-rt:W",
-        f if f == PERCPU | READ => "pcpu-sem:R",
-        f if f == PERCPU | WRITE => "pcpu-sem:W",
-        f if f == MUTEX => "mutex",
-        f if f == MUTEX | SPIN => "mutex-spin",
-        _ => "unknown",
-    }
-}
 
 /// Kernel frames that are the locking code itself, not its caller.
 fn is_lock_internal(frame: &str) -> bool {
@@ -199,22 +178,6 @@ pub fn locks(profile: &Profile, window: Option<u32>) -> Vec<LockRow> {
             .then_with(|| a.address.cmp(&b.address))
     });
     rows
-}
-
-/// A duration for people: `812 ns`, `12.3 us`, `4.56 ms`, `1.20 s`.
-#[must_use]
-pub fn human_ns(ns: u64) -> String {
-    #[expect(clippy::cast_precision_loss, reason = "display")]
-    let f = ns as f64;
-    if ns < 1_000 {
-        format!("{ns} ns")
-    } else if ns < 1_000_000 {
-        format!("{:.1} us", f / 1e3)
-    } else if ns < 1_000_000_000 {
-        format!("{:.2} ms", f / 1e6)
-    } else {
-        format!("{:.2} s", f / 1e9)
-    }
 }
 
 /// Escapes text for a markdown table cell or paragraph: names from stacks
@@ -883,6 +846,8 @@ pub fn dbus_table(rows: &[DbusRow], human: bool) -> Table {
 
 #[cfg(test)]
 mod tests {
+    use profiler_common::record::lock_flags;
+
     use super::*;
     use crate::profile::FrameTable;
 
