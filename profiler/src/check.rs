@@ -33,45 +33,56 @@ use crate::{
     ebpf::{self, Global},
     sys::{self, Memlock, Privileges},
     tracefs::{Tracefs, Tracepoint},
+    tracer::{Part, Probe, Tracer},
 };
 
 /// Which part of hvprof needs a capability.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NeededBy {
     /// Everything.
     All,
-    /// Windows keyed to the Nth VM created.
-    VmWindows,
-    /// Following the target's children.
-    Targets,
-    OnCpu,
-    OffCpu,
-    Locks,
-    Fork,
-    Cgroup,
-    Dbus,
-    /// Whole user stacks without frame pointers (`--unwind dwarf`).
-    Unwind,
+    /// One part of a recording: a tracer, or the machinery every recording
+    /// runs (following the targets, VM windows, unwind tables).
+    Part(Part),
     /// Nothing yet; reported because later tracers may use it.
     Fentry,
+}
+
+impl From<Part> for NeededBy {
+    fn from(p: Part) -> Self {
+        Self::Part(p)
+    }
+}
+
+impl From<Tracer> for NeededBy {
+    fn from(t: Tracer) -> Self {
+        Self::Part(Part::Tracer(t))
+    }
 }
 
 impl NeededBy {
     fn as_str(self) -> &'static str {
         match self {
             Self::All => "all",
-            Self::VmWindows => "vm-windows",
-            Self::Targets => "targets",
-            Self::OnCpu => "oncpu",
-            Self::OffCpu => "offcpu",
-            Self::Locks => "locks",
-            Self::Fork => "fork",
-            Self::Cgroup => "cgroup",
-            Self::Dbus => "dbus",
-            Self::Unwind => "unwind",
+            Self::Part(p) => p.name(),
             Self::Fentry => "fentry",
         }
+    }
+
+    /// As `--json` spells it: the tracer's name, but `on-cpu` and `off-cpu`
+    /// for oncpu and offcpu, as it always has.
+    fn json_name(self) -> &'static str {
+        match self {
+            Self::Part(Part::Tracer(Tracer::OnCpu)) => "on-cpu",
+            Self::Part(Part::Tracer(Tracer::OffCpu)) => "off-cpu",
+            _ => self.as_str(),
+        }
+    }
+}
+
+impl Serialize for NeededBy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.json_name())
     }
 }
 
@@ -246,40 +257,35 @@ impl Report {
     }
 }
 
-/// Tracepoints the tracers attach to, with who needs them and whether
-/// `record` can run without them. The syscall tracepoints come from the
-/// lists `record` attaches (and drops a tracer for when one is missing).
+/// A tracepoint a part of a recording attaches to, as `check` tests it.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckedTracepoint {
+    pub tracepoint: Tracepoint,
+    pub needed_by: NeededBy,
+    /// `record` cannot run without it.
+    pub required: bool,
+    /// A BTF tracepoint: tested with a BTF program, as its tracer loads it.
+    pub btf: bool,
+}
+
+/// The tracepoints of every part's probes, from the tracer registry (the
+/// lists `record` attaches, and drops a tracer for when one is missing):
+/// the named tracepoints first, then the system calls'.
 #[must_use]
-pub fn tracepoints() -> Vec<(Tracepoint, NeededBy, bool)> {
-    use crate::record::{CGROUP_SYSCALLS, FORK_SYSCALLS, UNWIND_SYSCALLS, VM_SYSCALLS};
-    // Category, name, who needs it, whether record needs it to start.
-    let events = [
-        ("sched", "sched_switch", NeededBy::OffCpu, true),
-        ("sched", "sched_process_fork", NeededBy::Targets, true),
-        ("sched", "sched_process_exec", NeededBy::Targets, true),
-        ("sched", "sched_process_exit", NeededBy::Targets, true),
-        ("lock", "contention_begin", NeededBy::Locks, false),
-        ("lock", "contention_end", NeededBy::Locks, false),
-        ("cgroup", "cgroup_mkdir", NeededBy::Cgroup, false),
-        ("cgroup", "cgroup_attach_task", NeededBy::Cgroup, false),
-        ("cgroup", "cgroup_rmdir", NeededBy::Cgroup, false),
-    ];
-    let mut out: Vec<_> = events
-        .into_iter()
-        .map(|(category, name, needed_by, required)| {
-            (Tracepoint::new(category, name), needed_by, required)
-        })
-        .collect();
-    let syscalls: [(&[&str], _, _); 4] = [
-        (&VM_SYSCALLS, NeededBy::VmWindows, true),
-        (&FORK_SYSCALLS, NeededBy::Fork, false),
-        (&CGROUP_SYSCALLS, NeededBy::Cgroup, false),
-        (&UNWIND_SYSCALLS, NeededBy::Unwind, false),
-    ];
-    for (names, needed_by, required) in syscalls {
-        for name in names {
-            for tp in crate::record::syscall_pair(name) {
-                out.push((tp, needed_by, required));
+pub fn tracepoints() -> Vec<CheckedTracepoint> {
+    let mut out = Vec::new();
+    for syscalls in [false, true] {
+        for part in Part::ALL {
+            let probes = part.probes().iter();
+            for probe in probes.filter(|p| matches!(p, Probe::Syscalls { .. }) == syscalls) {
+                for tracepoint in probe.tracepoints() {
+                    out.push(CheckedTracepoint {
+                        tracepoint,
+                        needed_by: part.into(),
+                        required: part.required(),
+                        btf: matches!(probe, Probe::BtfTracepoint { .. }),
+                    });
+                }
             }
         }
     }
@@ -444,14 +450,20 @@ pub fn run() -> Report {
             let skipped = "not tested: the eBPF object did not load";
             rows.push(Row::missing(
                 "perf-event cpu-clock sampling",
-                NeededBy::OnCpu,
+                NeededBy::from(Tracer::OnCpu),
                 true,
                 skipped,
                 fix.clone(),
             ));
-            for (tp, needed_by, required) in tracepoints() {
+            for CheckedTracepoint {
+                tracepoint,
+                needed_by,
+                required,
+                ..
+            } in tracepoints()
+            {
                 rows.push(Row::missing(
-                    tp.to_string(),
+                    tracepoint.to_string(),
                     needed_by,
                     required,
                     skipped,
@@ -460,7 +472,7 @@ pub fn run() -> Report {
             }
             rows.push(Row::missing(
                 "uprobes",
-                NeededBy::Dbus,
+                NeededBy::from(Tracer::Dbus),
                 false,
                 skipped,
                 fix.clone(),
@@ -643,8 +655,8 @@ fn perf_event_row(bpf: &mut Ebpf) -> Row {
         let _ = prog.unload();
     }
     match result {
-        Ok(detail) => Row::ok(CAP, NeededBy::OnCpu, true, detail),
-        Err((why, fix)) => Row::missing(CAP, NeededBy::OnCpu, true, why, fix),
+        Ok(detail) => Row::ok(CAP, NeededBy::from(Tracer::OnCpu), true, detail),
+        Err((why, fix)) => Row::missing(CAP, NeededBy::from(Tracer::OnCpu), true, why, fix),
     }
 }
 
@@ -668,7 +680,13 @@ fn tracepoint_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>, btf: Option<&Btf>)
     let mut rows = Vec::new();
     let load = program_mut::<TracePoint>(bpf, program::TRACEPOINT)
         .and_then(|p| p.load().map_err(|e| program_failure(&e)));
-    for (tp, needed_by, required) in tracepoints() {
+    for CheckedTracepoint {
+        tracepoint: tp,
+        needed_by,
+        required,
+        btf: is_btf,
+    } in tracepoints()
+    {
         let name = tp.to_string();
         if let Some(tracefs) = tracefs
             && let Err(e) = tracefs.id(tp)
@@ -702,7 +720,7 @@ fn tracepoint_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>, btf: Option<&Btf>)
             rows.push(fork_row(bpf, tp, needed_by));
             continue;
         }
-        if needed_by == NeededBy::OffCpu {
+        if is_btf {
             rows.push(btf_tracepoint_row(bpf, btf, tp, needed_by, required));
             continue;
         }
@@ -795,13 +813,13 @@ fn run_queue_row() -> Row {
     match off {
         Ok(off) => Row::ok(
             CAP,
-            NeededBy::OffCpu,
+            NeededBy::from(Tracer::OffCpu),
             false,
             format!("task_struct.sched_info.run_delay at offset {off}"),
         ),
         Err(e) => Row::missing(
             CAP,
-            NeededBy::OffCpu,
+            NeededBy::from(Tracer::OffCpu),
             false,
             format!(
                 "no task_struct.sched_info.run_delay in kernel BTF ({e}): off-CPU blocks get \
@@ -872,7 +890,7 @@ fn dbus_libraries_row() -> Row {
     if libs.is_empty() {
         return Row::missing(
             "D-Bus client libraries",
-            NeededBy::Dbus,
+            NeededBy::from(Tracer::Dbus),
             false,
             "no libdbus-1, libgio-2.0 or libsystemd in the standard library directories (a target's own copy is found from its maps at record time)",
             "install the library your D-Bus clients use (libdbus-1-3, libglib2.0-0, libsystemd0)",
@@ -884,7 +902,7 @@ fn dbus_libraries_row() -> Row {
         .collect();
     Row::ok(
         "D-Bus client libraries",
-        NeededBy::Dbus,
+        NeededBy::from(Tracer::Dbus),
         false,
         list.join(", "),
     )
@@ -899,7 +917,7 @@ fn unwind_row() -> Row {
     match crate::unwind::procs::own_tables() {
         Ok(t) if t.rows > 0 => Row::ok(
             NAME,
-            NeededBy::Unwind,
+            NeededBy::Part(Part::Unwind),
             false,
             format!(
                 "built for {} files of hvprof's own process ({}) in {} ms, {} rows, {} KiB of map",
@@ -912,14 +930,14 @@ fn unwind_row() -> Row {
         ),
         Ok(_) => Row::missing(
             NAME,
-            NeededBy::Unwind,
+            NeededBy::Part(Part::Unwind),
             false,
             "no file of this process has unwind tables (.eh_frame)",
             "record with --unwind fp (frame pointers)",
         ),
         Err(e) => Row::missing(
             NAME,
-            NeededBy::Unwind,
+            NeededBy::Part(Part::Unwind),
             false,
             format!("{e}; user stacks would come from frame pointers only"),
             "mount /proc; or record with --unwind fp",
@@ -932,7 +950,7 @@ fn fork_paths_row() -> Row {
     match crate::forkpath::calibrate() {
         Ok(c) => Row::ok(
             NAME,
-            NeededBy::Fork,
+            NeededBy::from(Tracer::Fork),
             false,
             format!(
                 "{} paths learned for {} (fork, vfork, posix_spawn[p], pthread_create)",
@@ -942,7 +960,7 @@ fn fork_paths_row() -> Row {
         ),
         Err(e) => Row::missing(
             NAME,
-            NeededBy::Fork,
+            NeededBy::from(Tracer::Fork),
             false,
             format!("{e}; fork callers would come from uprobes on libc, which make forks dearer"),
             "allow a process to ptrace its own child (kernel.yama.ptrace_scope below 3, no \
@@ -989,8 +1007,8 @@ fn uprobe_row(bpf: &mut Ebpf) -> Row {
         let _ = p.unload();
     }
     match result {
-        Ok(detail) => Row::ok("uprobes", NeededBy::Dbus, false, detail),
-        Err((why, fix)) => Row::missing("uprobes", NeededBy::Dbus, false, why, fix),
+        Ok(detail) => Row::ok("uprobes", NeededBy::from(Tracer::Dbus), false, detail),
+        Err((why, fix)) => Row::missing("uprobes", NeededBy::from(Tracer::Dbus), false, why, fix),
     }
 }
 
@@ -1060,14 +1078,14 @@ fn kvm_row() -> Row {
             if v == KVM_API_VERSION {
                 Row::ok(
                     CAP,
-                    NeededBy::VmWindows,
+                    NeededBy::Part(Part::VmWindows),
                     false,
                     format!("KVM API version {v}"),
                 )
             } else {
                 Row::missing(
                     CAP,
-                    NeededBy::VmWindows,
+                    NeededBy::Part(Part::VmWindows),
                     false,
                     format!("KVM_GET_API_VERSION returned {v}, expected {KVM_API_VERSION}"),
                     WITHOUT,
@@ -1085,7 +1103,7 @@ fn kvm_row() -> Row {
             };
             Row::missing(
                 CAP,
-                NeededBy::VmWindows,
+                NeededBy::Part(Part::VmWindows),
                 false,
                 format!("cannot open /dev/kvm: {e}, so KVM_CREATE_VM cannot be seen here"),
                 fix,
@@ -1104,7 +1122,7 @@ mod tests {
             Row::ok("privileges", NeededBy::All, true, "root"),
             Row::missing(
                 "lock:contention_begin",
-                NeededBy::Locks,
+                NeededBy::from(Tracer::Locks),
                 false,
                 "absent",
                 "newer kernel",
@@ -1143,11 +1161,89 @@ mod tests {
         assert!(json["rows"][0].get("why").is_none());
     }
 
+    /// `check` tests exactly the tracepoints the tracer registry lists, each
+    /// once and for the part that attaches it.
+    #[test]
+    fn tracepoint_rows_are_the_registrys_probes() {
+        let mut rows: Vec<(String, &str)> = tracepoints()
+            .iter()
+            .map(|t| (t.tracepoint.to_string(), t.needed_by.as_str()))
+            .collect();
+        let mut registry: Vec<(String, &str)> = Part::ALL
+            .iter()
+            .flat_map(|&part| {
+                part.probes()
+                    .iter()
+                    .flat_map(|p| p.tracepoints())
+                    .map(move |t| (t.to_string(), part.name()))
+            })
+            .collect();
+        rows.sort();
+        registry.sort();
+        assert_eq!(rows, registry);
+        let btf: Vec<String> = tracepoints()
+            .iter()
+            .filter(|t| t.btf)
+            .map(|t| t.tracepoint.to_string())
+            .collect();
+        assert_eq!(btf, ["sched:sched_switch"]);
+    }
+
+    /// The rows in the order `check` has always printed them.
+    #[test]
+    fn tracepoint_rows_keep_their_order() {
+        let rows: Vec<String> = tracepoints()
+            .iter()
+            .map(|t| format!("{} {}", t.tracepoint, t.needed_by.as_str()))
+            .collect();
+        let mut want: Vec<String> = [
+            "sched:sched_switch offcpu",
+            "sched:sched_process_fork targets",
+            "sched:sched_process_exec targets",
+            "sched:sched_process_exit targets",
+            "lock:contention_begin locks",
+            "lock:contention_end locks",
+            "cgroup:cgroup_mkdir cgroup",
+            "cgroup:cgroup_attach_task cgroup",
+            "cgroup:cgroup_rmdir cgroup",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let syscalls = [
+            ("vm-windows", &["ioctl"][..]),
+            ("fork", &["clone", "clone3", "fork", "vfork"]),
+            (
+                "cgroup",
+                &["mkdir", "mkdirat", "rmdir", "unlinkat", "write"],
+            ),
+            ("unwind", &["mmap"]),
+        ];
+        for (by, calls) in syscalls {
+            for call in calls {
+                want.push(format!("syscalls:sys_enter_{call} {by}"));
+                want.push(format!("syscalls:sys_exit_{call} {by}"));
+            }
+        }
+        assert_eq!(rows, want);
+    }
+
+    /// `--json` spells who needs a capability as it always has.
+    #[test]
+    fn needed_by_in_json() {
+        let json = |n: NeededBy| serde_json::to_value(n).unwrap();
+        assert_eq!(json(NeededBy::All), "all");
+        assert_eq!(json(Tracer::OnCpu.into()), "on-cpu");
+        assert_eq!(json(Tracer::OffCpu.into()), "off-cpu");
+        assert_eq!(json(Tracer::Dbus.into()), "dbus");
+        assert_eq!(json(Part::VmWindows.into()), "vm-windows");
+        assert_eq!(json(NeededBy::Fentry), "fentry");
+    }
+
     #[test]
     fn every_tracepoint_the_design_names_is_checked() {
         let names: Vec<String> = tracepoints()
             .iter()
-            .map(|(t, _, _)| t.to_string())
+            .map(|t| t.tracepoint.to_string())
             .collect();
         for want in [
             "sched:sched_switch",
@@ -1174,25 +1270,31 @@ mod tests {
         let rows = tracepoints();
         let has = |name: &str, by: NeededBy| {
             rows.iter()
-                .any(|(t, n, _)| t.to_string() == name && *n == by)
+                .any(|t| t.tracepoint.to_string() == name && t.needed_by == by)
         };
         for call in ["clone", "clone3", "fork", "vfork"] {
             for dir in ["enter", "exit"] {
                 let name = format!("syscalls:sys_{dir}_{call}");
-                assert!(has(&name, NeededBy::Fork), "{name} not checked for fork");
+                assert!(
+                    has(&name, NeededBy::from(Tracer::Fork)),
+                    "{name} not checked for fork"
+                );
             }
         }
         for call in ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"] {
             for dir in ["enter", "exit"] {
                 let name = format!("syscalls:sys_{dir}_{call}");
                 assert!(
-                    has(&name, NeededBy::Cgroup),
+                    has(&name, NeededBy::from(Tracer::Cgroup)),
                     "{name} not checked for cgroup"
                 );
             }
         }
         for name in ["syscalls:sys_enter_mmap", "syscalls:sys_exit_mmap"] {
-            assert!(has(name, NeededBy::Unwind), "{name} not checked for unwind");
+            assert!(
+                has(name, NeededBy::Part(Part::Unwind)),
+                "{name} not checked for unwind"
+            );
         }
     }
 }

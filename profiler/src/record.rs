@@ -31,6 +31,7 @@ use profiler_common::record::{
 use profiler_common::unwind::{STACK_CUT, UnwindStop};
 use thiserror::Error;
 
+pub use crate::tracer::{Tracer, dbus_function};
 use crate::{
     ebpf, forkpath,
     procmaps::{self, Snapshot},
@@ -42,6 +43,10 @@ use crate::{
     symbolize::Symbolizer,
     sys::{self, Privileges},
     tracefs::{Tracefs, TracefsError, Tracepoint},
+    tracer::{
+        CGROUP_SYSCALLS, DBUS_LIBRARIES, FORK_FUNCTIONS, FORK_SYSCALLS, UNWIND_SYSCALLS,
+        VM_SYSCALLS, syscall_pair,
+    },
     windows::WindowSpec,
     words::{human_ns, lock_type_name},
 };
@@ -73,62 +78,6 @@ impl fmt::Display for Target {
                 write!(f, "command `{}`", c.join(" "))
             }
         }
-    }
-}
-
-/// A tracer that `--tracers` can select.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Tracer {
-    OnCpu,
-    OffCpu,
-    Locks,
-    Fork,
-    Cgroup,
-    Dbus,
-}
-
-impl Tracer {
-    pub const ALL: [Self; 6] = [
-        Self::OnCpu,
-        Self::OffCpu,
-        Self::Locks,
-        Self::Fork,
-        Self::Cgroup,
-        Self::Dbus,
-    ];
-
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::OnCpu => "oncpu",
-            Self::OffCpu => "offcpu",
-            Self::Locks => "locks",
-            Self::Fork => "fork",
-            Self::Cgroup => "cgroup",
-            Self::Dbus => "dbus",
-        }
-    }
-
-    /// Parses `oncpu,offcpu,locks`.
-    pub fn parse_list(text: &str) -> Result<Vec<Self>, String> {
-        let mut out = Vec::new();
-        for t in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            let tracer = Self::ALL
-                .into_iter()
-                .find(|x| x.name() == t)
-                .ok_or_else(|| {
-                    format!(
-                        "unknown tracer {t:?}: choose from oncpu, offcpu, locks, fork, cgroup, dbus"
-                    )
-                })?;
-            if !out.contains(&tracer) {
-                out.push(tracer);
-            }
-        }
-        if out.is_empty() {
-            return Err("--tracers: name at least one tracer".to_owned());
-        }
-        Ok(out)
     }
 }
 
@@ -431,17 +380,6 @@ fn offsets(tracefs: &Tracefs) -> Result<TracepointOffsets, TracefsError> {
     })
 }
 
-/// The fork syscalls' tracepoints.
-pub(crate) const FORK_SYSCALLS: [&str; 4] = ["clone", "clone3", "fork", "vfork"];
-
-/// The system call whose tracepoints key windows to VM creations
-/// (`KVM_CREATE_VM`).
-pub(crate) const VM_SYSCALLS: [&str; 1] = ["ioctl"];
-
-/// The system call whose tracepoints tell the unwinder of a library mapped
-/// executable (`--unwind dwarf`; optional: walks ask for it too).
-pub(crate) const UNWIND_SYSCALLS: [&str; 1] = ["mmap"];
-
 /// Offsets of the fork-syscall tracepoints, or why they cannot be used.
 fn fork_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
     let clone = tracefs.format(Tracepoint::new("syscalls", "sys_enter_clone"))?;
@@ -461,16 +399,6 @@ fn fork_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<()
 fn mapped_libc(pid: u32) -> Option<PathBuf> {
     libc_paths_of(pid).into_iter().next()
 }
-
-/// libc functions that fork, spawn or create threads: a uprobe at their
-/// entry reads the caller's return address.
-const FORK_FUNCTIONS: [&str; 5] = [
-    "fork",
-    "vfork",
-    "posix_spawn",
-    "posix_spawnp",
-    "pthread_create",
-];
 
 /// The libc files the targets use (from their maps) and the usual paths,
 /// canonical and distinct: a uprobe fires per file, so one file must not be
@@ -508,85 +436,6 @@ fn libc_paths_of(pid: u32) -> Vec<PathBuf> {
                 .ok()
         })
         .collect()
-}
-
-/// The D-Bus client libraries and what is probed in each: blocking calls
-/// (entry and return) and the constructors that name the next call.
-/// One D-Bus client library: the files it comes in (name prefixes), its
-/// blocking calls (probed at entry and return) and the constructors that
-/// name the next call, each with its [`dbus_fn`] number.
-struct DbusLibrary {
-    name: &'static str,
-    files: &'static [&'static str],
-    blocking: &'static [(&'static str, u32)],
-    constructors: &'static [(&'static str, u32)],
-}
-
-const DBUS_LIBRARIES: [DbusLibrary; 3] = [
-    DbusLibrary {
-        name: "libdbus",
-        files: &["libdbus-1.so"],
-        blocking: &[
-            (
-                "dbus_connection_send_with_reply_and_block",
-                dbus_fn::LIBDBUS_SEND_BLOCK,
-            ),
-            ("dbus_pending_call_block", dbus_fn::LIBDBUS_PENDING_BLOCK),
-        ],
-        constructors: &[
-            (
-                "dbus_message_new_method_call",
-                dbus_fn::LIBDBUS_NEW_METHOD_CALL,
-            ),
-            (
-                "dbus_connection_send_with_reply",
-                dbus_fn::LIBDBUS_SEND_WITH_REPLY,
-            ),
-            (
-                "dbus_message_set_destination",
-                dbus_fn::LIBDBUS_SET_DESTINATION,
-            ),
-        ],
-    },
-    DbusLibrary {
-        name: "gio",
-        files: &["libgio-2.0.so"],
-        blocking: &[
-            ("g_dbus_connection_call_sync", dbus_fn::GIO_CALL_SYNC),
-            (
-                "g_dbus_connection_call_with_unix_fd_list_sync",
-                dbus_fn::GIO_CALL_FD_SYNC,
-            ),
-            (
-                "g_dbus_connection_send_message_with_reply_sync",
-                dbus_fn::GIO_SEND_MESSAGE_SYNC,
-            ),
-            ("g_dbus_proxy_call_sync", dbus_fn::GIO_PROXY_CALL_SYNC),
-        ],
-        constructors: &[(
-            "g_dbus_message_new_method_call",
-            dbus_fn::GIO_NEW_METHOD_CALL,
-        )],
-    },
-    DbusLibrary {
-        name: "sd-bus",
-        files: &["libsystemd.so", "libsystemd-shared-", "libelogind.so"],
-        blocking: &[("sd_bus_call", dbus_fn::SDBUS_CALL)],
-        constructors: &[(
-            "sd_bus_message_new_method_call",
-            dbus_fn::SDBUS_NEW_METHOD_CALL,
-        )],
-    },
-];
-
-/// The library and function name of a [`dbus_fn`] number.
-#[must_use]
-pub fn dbus_function(f: u32) -> (&'static str, &'static str) {
-    DBUS_LIBRARIES
-        .iter()
-        .flat_map(|l| l.blocking.iter().map(move |(name, n)| (l.name, *name, *n)))
-        .find(|&(_, _, n)| n == f)
-        .map_or(("?", "?"), |(lib, name, _)| (lib, name))
 }
 
 /// The D-Bus client library files to probe: those the targets have mapped,
@@ -685,25 +534,6 @@ fn attach_dbus(bpf: &mut Ebpf, pids: &[u32]) -> Result<Vec<(String, PathBuf)>, R
     }
     Ok(probed)
 }
-
-/// `syscalls:sys_enter_NAME` and `syscalls:sys_exit_NAME`.
-pub(crate) fn syscall_pair(name: &str) -> [Tracepoint; 2] {
-    [
-        Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))),
-        Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))),
-    ]
-}
-
-/// Tracepoint names are `&'static str`; the few built at run time live for
-/// the whole recording anyway.
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
-}
-
-/// The system calls cgroup operations are made in (and timed by). `write`
-/// (moving a task by writing to `cgroup.procs`) fires for every write on
-/// the system, so it is hooked only with `--time-cgroup-writes`.
-pub(crate) const CGROUP_SYSCALLS: [&str; 5] = ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"];
 
 /// Offsets of `sys_enter_mmap`/`sys_exit_mmap`, which tell the unwinder
 /// of a library mapped executable (`dlopen`), or why they cannot be used.
