@@ -163,7 +163,13 @@ fn offcpu(drained: &Drained, frames: &mut Frames<'_>) -> Vec<OffCpu> {
 }
 
 fn locks(drained: &Drained, frames: &mut Frames<'_>) -> Vec<LockWait> {
-    let data_symbols = kernel::kernel_data_symbols();
+    if drained.locks.is_empty() {
+        return Vec::new();
+    }
+    let data_symbols = kernel::kernel_data_symbols().unwrap_or_else(|why| {
+        eprintln!("hvprof: warning: locks are named by address only: {why}");
+        std::collections::HashMap::new()
+    });
     let mut rows: Vec<LockWait> = drained
         .locks
         .iter()

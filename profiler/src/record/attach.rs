@@ -212,7 +212,7 @@ fn attach_btf(
 
 /// cpu-clock sampling at `frequency_hz` on every online CPU.
 fn cpu_clock(bpf: &mut Ebpf, prog: &'static str, frequency_hz: u64) -> Result<(), RecordError> {
-    let cpus = sys::online_cpus().map_err(RecordError::Runtime)?;
+    let cpus = sys::online_cpus().map_err(|source| RecordError::OnlineCpus { source })?;
     let p: &mut PerfEvent = bpf
         .program_mut(prog)
         .ok_or(RecordError::Missing { name: prog })?

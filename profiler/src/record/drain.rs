@@ -18,7 +18,11 @@ use profiler_common::{
     unwind::UnwindStop,
 };
 
-use super::{events::Recorder, options::RecordError};
+use super::{
+    attach,
+    events::Recorder,
+    options::{self, RecordError},
+};
 use crate::{
     profile::{self, LossCount},
     tracer::Tracer,
@@ -26,12 +30,22 @@ use crate::{
 
 /// Freezes the maps: the programs see `STOPPED` and change nothing, so they
 /// can stay attached until the files are written (detaching costs an RCU
-/// grace period per probe, seconds with dozens of them).
+/// grace period per probe, seconds with dozens of them). If the flag
+/// cannot be written, the programs are detached instead, so that the maps
+/// hold still all the same.
 pub(super) fn freeze(bpf: &mut Ebpf) {
-    if let Some(m) = bpf.map_mut(names::STOPPED)
-        && let Ok(mut a) = Array::<&mut MapData, u32>::try_from(m)
-    {
-        let _ = a.set(0, &1, 0);
+    let name = names::STOPPED;
+    let frozen = bpf
+        .map_mut(name)
+        .ok_or_else(|| "the map is missing from the eBPF object".to_owned())
+        .and_then(|m| Array::<&mut MapData, u32>::try_from(m).map_err(|e| options::chain(&e)))
+        .and_then(|mut a| a.set(0, &1, 0).map_err(|e| options::chain(&e)));
+    if let Err(e) = frozen {
+        eprintln!(
+            "hvprof: warning: the recording's maps could not be frozen (writing {name}: {e}): \
+             the probes are detached before the maps are read instead, which takes longer"
+        );
+        attach::unload_all(bpf);
     }
     // Let programs already running on other CPUs finish.
     std::thread::sleep(std::time::Duration::from_millis(2));

@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashSet,
-    fmt,
+    fmt, io,
     time::{Duration, Instant},
 };
 
@@ -63,6 +63,10 @@ impl fmt::Display for Stop {
     }
 }
 
+fn runtime_err(step: &'static str) -> impl FnOnce(io::Error) -> RecordError {
+    move |source| RecordError::Runtime { step, source }
+}
+
 impl Recorder {
     pub fn new(
         opts: RecordOptions,
@@ -104,7 +108,7 @@ impl Recorder {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(RecordError::Runtime)?;
+            .map_err(runtime_err("creating its runtime"))?;
         rt.block_on(self.wait_for_stop(events, gated))
     }
 
@@ -118,9 +122,12 @@ impl Recorder {
             io::{Interest, unix::AsyncFd},
             signal::unix::{SignalKind, signal},
         };
-        let mut sigint = signal(SignalKind::interrupt()).map_err(RecordError::Runtime)?;
-        let mut sigterm = signal(SignalKind::terminate()).map_err(RecordError::Runtime)?;
-        let mut sigchld = signal(SignalKind::child()).map_err(RecordError::Runtime)?;
+        let mut sigint = signal(SignalKind::interrupt())
+            .map_err(runtime_err("installing its SIGINT handler"))?;
+        let mut sigterm = signal(SignalKind::terminate())
+            .map_err(runtime_err("installing its SIGTERM handler"))?;
+        let mut sigchld =
+            signal(SignalKind::child()).map_err(runtime_err("installing its SIGCHLD handler"))?;
         // Woken by the ring buffer itself (its epoll readiness) for an
         // exec, whose snapshot is taken at once; the other events (forks,
         // exits, VMs) wait for it or for the tick, rather than waking
@@ -130,7 +137,10 @@ impl Recorder {
         // for longer than this loop (and so the AsyncFd) lives.
         let ring =
             unsafe { AsyncFd::register_with_interest(events.as_raw_fd(), Interest::READABLE) }
-                .map_err(|e| RecordError::Runtime(e.into_parts().1))?;
+                .map_err(|e| RecordError::Runtime {
+                    step: "watching the ring buffer",
+                    source: e.into_parts().1,
+                })?;
         let deadline = self.opts.duration.map(|d| tokio::time::Instant::now() + d);
         // The drain of the events that do not wake, and slow checks:
         // targets gone without an exit event (lost, or a pid that was
@@ -159,7 +169,7 @@ impl Recorder {
                 ready = ring.readable() => {
                     // Cleared before the drain: an event committed during
                     // it makes the fd ready again, so none waits.
-                    ready.map_err(RecordError::Runtime)?.clear_ready();
+                    ready.map_err(runtime_err("waiting for the ring buffer"))?.clear_ready();
                     self.drain_events(events);
                 }
                 () = resnap => self.resnapshot_due(),

@@ -179,12 +179,32 @@ fn calibrate_fork_paths() -> Option<forkpath::Calibration> {
 }
 
 /// Exact addresses of kernel data symbols (static locks such as
-/// `cgroup_mutex`), when kallsyms lists data (CONFIG_KALLSYMS_ALL).
-pub(super) fn kernel_data_symbols() -> HashMap<u64, String> {
-    kallsyms(&std::fs::read_to_string("/proc/kallsyms").unwrap_or_default())
-        .filter(|&(addr, ty, _)| addr != 0 && matches!(ty, "d" | "D" | "b" | "B"))
-        .map(|(addr, _, name)| (addr, name.to_owned()))
-        .collect()
+/// `cgroup_mutex`), when kallsyms lists data (CONFIG_KALLSYMS_ALL); or
+/// why no address can be had, and what to do.
+pub(super) fn kernel_data_symbols() -> Result<HashMap<u64, String>, String> {
+    let text = std::fs::read_to_string("/proc/kallsyms")
+        .map_err(|e| format!("/proc/kallsyms is unreadable ({e}); run hvprof as root"))?;
+    data_symbols(&text)
+}
+
+/// The data symbols of `/proc/kallsyms` text, by address.
+fn data_symbols(text: &str) -> Result<HashMap<u64, String>, String> {
+    let mut any_address = false;
+    let mut symbols = HashMap::new();
+    for (addr, ty, name) in kallsyms(text) {
+        any_address |= addr != 0;
+        if addr != 0 && matches!(ty, "d" | "D" | "b" | "B") {
+            symbols.insert(addr, name.to_owned());
+        }
+    }
+    if !any_address {
+        return Err(
+            "/proc/kallsyms shows no address to this process (kernel.kptr_restrict); run \
+             hvprof as root, or lower it (`sysctl kernel.kptr_restrict=0`)"
+                .to_owned(),
+        );
+    }
+    Ok(symbols)
 }
 
 /// The `(address, type, name)` lines of `/proc/kallsyms` text.
@@ -306,6 +326,21 @@ pub(super) fn cgroup_hierarchies() -> HashMap<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_symbols_or_why_not() {
+        let text = "ffffffff81000000 T _text\nffffffff82a0b2c0 d cgroup_mutex\n";
+        let symbols = data_symbols(text).unwrap();
+        assert_eq!(symbols.len(), 1);
+        assert_eq!(symbols[&0xffff_ffff_82a0_b2c0], "cgroup_mutex");
+        // What an unprivileged reader sees with kernel.kptr_restrict=1.
+        let hidden = "0000000000000000 T _text\n0000000000000000 d cgroup_mutex\n";
+        let why = data_symbols(hidden).unwrap_err();
+        assert!(
+            why.contains("kptr_restrict") && why.contains("as root"),
+            "{why}"
+        );
+    }
 
     #[test]
     fn kallsyms_lines() {

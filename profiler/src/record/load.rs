@@ -100,7 +100,7 @@ pub(super) fn enable_stats(opts: &RecordOptions) -> Result<Option<OwnedFd>, Reco
     }
     aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map(Some)
-        .map_err(|e| RecordError::Runtime(e.io_error))
+        .map_err(|e| RecordError::BpfStats { source: e.io_error })
 }
 
 /// The loaded object, and what userspace keeps of it.

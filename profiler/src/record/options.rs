@@ -190,7 +190,7 @@ pub enum RecordError {
     },
     #[error("the eBPF object is missing {name}: rebuild hvprof (`./x build`)")]
     Missing { name: &'static str },
-    #[error("eBPF map {name}: {source}")]
+    #[error("eBPF map {name}: {cause}; {fix}", cause = chain(source), fix = map_fix(source))]
     Map {
         name: &'static str,
         #[source]
@@ -198,18 +198,118 @@ pub enum RecordError {
     },
     #[error("no process with pid {pid}: check the pid (`pgrep -a NAME`)")]
     NoSuchPid { pid: u32 },
-    #[error("cannot start {command}: {source}")]
-    Spawn { command: String, source: io::Error },
+    #[error("cannot start `{command}`: {step} failed: {source}; {fix}", fix = syscall_fix(source))]
+    Spawn {
+        command: String,
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot create the output directory {path}: {source}")]
     Output { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Profile(#[from] profile::ProfileError),
     #[error(transparent)]
     Render(#[from] render::RenderError),
-    #[error("the event loop failed: {0}")]
-    Runtime(io::Error),
+    #[error("the event loop failed {step}: {source}; {fix}", fix = syscall_fix(source))]
+    Runtime {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "--bpf-stats: turning on the kernel's BPF run-time statistics failed: {source}; {fix}",
+        fix = bpf_stats_fix(source)
+    )]
+    BpfStats {
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the oncpu tracer samples every online CPU, and reading their list \
+         (/sys/devices/system/cpu/online) failed: {source}; mount sysfs \
+         (`mount -t sysfs sysfs /sys`), or record without it (`--tracers` without oncpu)"
+    )]
+    OnlineCpus {
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Unwind(#[from] crate::unwind::procs::LoaderError),
+}
+
+/// An error and its causes (aya's `Display` of a failed system call leaves
+/// out the errno).
+pub(super) fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// What to do about a failed map operation.
+fn map_fix(err: &aya::maps::MapError) -> &'static str {
+    use aya::maps::MapError;
+    let errno = match err {
+        MapError::SyscallError(e) => e.io_error.raw_os_error(),
+        MapError::IoError(e) => e.raw_os_error(),
+        // The map is not what this hvprof expects (type, key or value
+        // size, entries).
+        _ => {
+            return "this hvprof and its embedded eBPF object disagree about the map: rebuild \
+                    hvprof (`./x build`)";
+        }
+    };
+    match errno {
+        Some(libc::EPERM | libc::EACCES) => {
+            "run as root, or with CAP_BPF + CAP_PERFMON (`hvprof check` shows what is missing)"
+        }
+        Some(libc::E2BIG | libc::ENOSPC) => {
+            "the map is full: record fewer processes (fewer -p pids, or a narrower --comm)"
+        }
+        Some(libc::ENOMEM) => {
+            "the kernel is short of memory for BPF maps: free some, or lower --max-stacks and \
+             --unwind-max-rows"
+        }
+        _ => "the kernel refused it; run `hvprof check` to see what this kernel allows",
+    }
+}
+
+/// What to do when a system call that starts the `-- CMD` or runs the
+/// event loop fails: mostly a resource that ran out.
+fn syscall_fix(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE) => {
+            "too many open files: raise the limit (`ulimit -n`) and record again"
+        }
+        Some(libc::EAGAIN) => {
+            "the process limit is reached: raise it (`ulimit -u`) or end some processes, and \
+             record again"
+        }
+        Some(libc::ENOMEM) => "the system is out of memory: free some and record again",
+        _ if err.kind() == io::ErrorKind::InvalidInput => {
+            "an argument holds a NUL byte, which no command line can pass: remove it"
+        }
+        _ => "record again; if it fails the same way, report it with this message",
+    }
+}
+
+/// What to do when the kernel's BPF statistics cannot be turned on.
+fn bpf_stats_fix(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => {
+            "they need CAP_SYS_ADMIN: run as root, or record without --bpf-stats"
+        }
+        Some(libc::EINVAL) => "they need Linux 5.8 or later: record without --bpf-stats",
+        _ => "record without --bpf-stats",
+    }
 }
 
 #[cfg(test)]
@@ -233,5 +333,57 @@ mod tests {
         for bad in ["exec:", "exec:*", "exec:q*emu", "tcg", "exec:a?b*"] {
             assert!(VmEvent::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Each error a user can hit says what failed, why, and what to do.
+    #[test]
+    fn errors_name_the_cause_and_the_fix() {
+        let map = RecordError::Map {
+            name: "TRACKED",
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: io::Error::from_raw_os_error(libc::E2BIG),
+            }),
+        }
+        .to_string();
+        assert!(
+            map.contains("TRACKED") && map.contains("the map is full"),
+            "{map}"
+        );
+        assert!(
+            map.contains("Argument list too long"),
+            "the errno is left out: {map}"
+        );
+        let map = RecordError::Map {
+            name: "VM_STATE",
+            source: aya::maps::MapError::OutOfBounds {
+                index: 1,
+                max_entries: 1,
+            },
+        }
+        .to_string();
+        assert!(map.contains("rebuild hvprof"), "{map}");
+        let spawn = RecordError::Spawn {
+            command: "qemu".into(),
+            step: "fork",
+            source: io::Error::from_raw_os_error(libc::EAGAIN),
+        }
+        .to_string();
+        assert!(
+            spawn.starts_with("cannot start `qemu`: fork failed"),
+            "{spawn}"
+        );
+        assert!(spawn.contains("ulimit -u"), "{spawn}");
+        let runtime = RecordError::Runtime {
+            step: "watching the ring buffer",
+            source: io::Error::from_raw_os_error(libc::EMFILE),
+        }
+        .to_string();
+        assert!(runtime.contains("ulimit -n"), "{runtime}");
+        let stats = RecordError::BpfStats {
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        }
+        .to_string();
+        assert!(stats.contains("CAP_SYS_ADMIN"), "{stats}");
     }
 }

@@ -18,6 +18,10 @@ use crate::{
     words::human_ns,
 };
 
+/// The user "stack" of a task without user space: `bpf_get_stack`'s
+/// -EFAULT. With `-a` that is a kernel thread, and no loss.
+const STACK_EFAULT: u64 = libc::EFAULT.unsigned_abs() as u64;
+
 /// The frames of the drained stacks, interned in one frame table.
 pub(super) struct Frames<'a> {
     processes: &'a Processes,
@@ -118,7 +122,7 @@ impl<'a> Frames<'a> {
         if user < STACK_ID_MIN {
             return match user {
                 // No user space: a kernel thread (-a), or exiting.
-                14 if self.target_all => Vec::new(),
+                STACK_EFAULT if self.target_all => Vec::new(),
                 STACK_EXITING => Vec::new(),
                 STACK_NOT_TAKEN => vec![self.table.intern("[preempted]")],
                 _ => vec![self.table.intern("[missing user stack]")],

@@ -91,21 +91,27 @@ impl GatedChild {
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ");
-        let spawn_err = |source| RecordError::Spawn {
+        let spawn_err = |step, source| RecordError::Spawn {
             command: command.clone(),
+            step,
             source,
         };
         let cargs: Vec<std::ffi::CString> = argv
             .iter()
             .map(|a| std::ffi::CString::new(a.as_bytes()))
             .collect::<Result<_, _>>()
-            .map_err(|e| spawn_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+            .map_err(|e| {
+                spawn_err(
+                    "passing its arguments",
+                    io::Error::new(io::ErrorKind::InvalidInput, e),
+                )
+            })?;
         let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
         ptrs.push(std::ptr::null());
         let mut fds = [0i32; 2];
         // SAFETY: fds is a valid 2-element array.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(spawn_err(io::Error::last_os_error()));
+            return Err(spawn_err("pipe2 (its gate)", io::Error::last_os_error()));
         }
         // SAFETY: pipe2 returned two fresh fds that we now own.
         let (read, write) = unsafe {
@@ -120,7 +126,7 @@ impl GatedChild {
         // started); the child only calls async-signal-safe functions.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
-            return Err(spawn_err(io::Error::last_os_error()));
+            return Err(spawn_err("fork", io::Error::last_os_error()));
         }
         if pid == 0 {
             // SAFETY: child side of fork: read, execvp and _exit only.
