@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     profile::{DbusCall, LockWait, Profile},
-    record::Tracer,
+    tracer::Tracer,
 };
 
 /// One stack of a graph with its values, in the shape every output reads.

@@ -22,5 +22,7 @@ pub mod symbolize;
 pub mod sys;
 pub mod tables;
 pub mod tracefs;
+pub mod tracer;
 pub mod unwind;
 pub mod windows;
+pub mod words;

@@ -363,7 +363,7 @@ impl Profile {
     /// Whether `tracer` ran in this recording. A profile from before
     /// profiles listed their tracers had every one.
     #[must_use]
-    pub fn recorded(&self, tracer: crate::record::Tracer) -> bool {
+    pub fn recorded(&self, tracer: crate::tracer::Tracer) -> bool {
         self.meta.tracers.is_empty() || self.meta.tracers.iter().any(|t| t == tracer.name())
     }
 

@@ -5,9 +5,9 @@ use serde::Serialize;
 
 use crate::{
     profile::Profile,
-    record::Tracer,
     render::{self, WindowSummary},
     tables::human_ns,
+    tracer::Tracer,
     windows::WindowInfo,
 };
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{Cell, Column, Role, TableDef};
-use crate::{profile::Profile, record::Tracer};
+use crate::{profile::Profile, tracer::Tracer};
 
 /// Folds the per-VM and per-instance parts of a cgroup path so that the
 /// operations of every VM aggregate: libvirt's

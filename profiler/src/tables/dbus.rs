@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{Cell, Column, Gate, Role, TableDef, hist_quantile, merge_hist};
-use crate::{profile::Profile, record::Tracer};
+use crate::{profile::Profile, tracer::Tracer};
 
 /// Blocking D-Bus calls to one method of one destination through one
 /// library.

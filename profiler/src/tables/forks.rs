@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{Cell, Column, Note, Role, TableDef, human_ns};
-use crate::{profile::Profile, record::Tracer};
+use crate::{profile::Profile, tracer::Tracer};
 
 /// libc's own frames on the way into the kernel's fork.
 fn is_fork_wrapper(frame: &str) -> bool {

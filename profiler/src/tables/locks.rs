@@ -2,35 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use profiler_common::record::lock_flags;
 use serde::Serialize;
 
 use super::{Cell, Column, Gate, Role, TableDef, hist_quantile, merge_hist};
 use crate::{
     profile::{LockWait, Profile},
-    record::Tracer,
+    tracer::Tracer,
 };
-
-/// `perf lock contention`'s names for `lock:contention_begin` flags.
-#[must_use]
-pub fn lock_type_name(flags: u32) -> &'static str {
-    use lock_flags::{MUTEX, PERCPU, READ, RT, SPIN, WRITE};
-    match flags {
-        f if f == SPIN => "spinlock",
-        f if f == SPIN | READ => "rwlock:R",
-        f if f == SPIN | WRITE => "rwlock:W",
-        f if f == READ => "rwsem:R",
-        f if f == WRITE => "rwsem:W",
-        f if f == RT => "rt-mutex",
-        f if f == RT | READ => "rwlock-rt:R",
-        f if f == RT | WRITE => "rwlock-rt:W",
-        f if f == PERCPU | READ => "pcpu-sem:R",
-        f if f == PERCPU | WRITE => "pcpu-sem:W",
-        f if f == MUTEX => "mutex",
-        f if f == MUTEX | SPIN => "mutex-spin",
-        _ => "unknown",
-    }
-}
 
 /// Kernel frames that are the locking code itself, not its caller.
 fn is_lock_internal(frame: &str) -> bool {
@@ -264,8 +242,10 @@ pub static LOCKS: TableDef<LockRow> = TableDef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::FrameTable;
+    use profiler_common::record::lock_flags;
+
     use crate::tables::AnyTable as _;
+    use crate::{profile::FrameTable, words::lock_type_name};
 
     fn profile() -> Profile {
         let mut t = FrameTable::default();

@@ -18,9 +18,10 @@ pub use self::{
     cgroups::{CGROUPS, CgroupRow, cgroups, fold_cgroup_path},
     dbus::{DBUS, DbusRow, dbus},
     forks::{FORKS, ForkRow, ForkSummary, fork_summary, forks},
-    locks::{LOCKS, LockRow, lock_caller, lock_type_name, locks},
+    locks::{LOCKS, LockRow, lock_caller, locks},
 };
-use crate::{profile::Profile, record::Tracer};
+pub use crate::words::human_ns;
+use crate::{profile::Profile, tracer::Tracer};
 
 /// Every table, in the order reports show them.
 pub static TABLES: [&dyn AnyTable; 4] = [&LOCKS, &FORKS, &CGROUPS, &DBUS];
@@ -437,22 +438,6 @@ pub fn hist_quantile(hist: &[u64], q: f64) -> u64 {
         }
     }
     u64::MAX
-}
-
-/// A duration for people: `812 ns`, `12.3 us`, `4.56 ms`, `1.20 s`.
-#[must_use]
-pub fn human_ns(ns: u64) -> String {
-    #[expect(clippy::cast_precision_loss, reason = "display")]
-    let f = ns as f64;
-    if ns < 1_000 {
-        format!("{ns} ns")
-    } else if ns < 1_000_000 {
-        format!("{:.1} us", f / 1e3)
-    } else if ns < 1_000_000_000 {
-        format!("{:.2} ms", f / 1e6)
-    } else {
-        format!("{:.2} s", f / 1e9)
-    }
 }
 
 /// Escapes text for a markdown table cell or paragraph: names from stacks

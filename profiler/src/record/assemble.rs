@@ -1,0 +1,385 @@
+//! Assembling the profile: the drained rows, with their stacks symbolized
+//! and their kernel values named, sorted; the VM timeline, the processes,
+//! the losses and what the recording was.
+
+use profiler_common::record::{
+    DBUS_TIMEOUT_DEFAULT, VM_SOURCE_EXEC, cgroup_op, dbus_fn, fork_kind,
+};
+
+use super::{
+    comm_str,
+    drain::Drained,
+    events::{Recorder, Stop},
+    kernel,
+    options::Target,
+    symbolize::Frames,
+};
+use crate::{
+    procmaps,
+    profile::{
+        CgroupOp, DbusCall, ForkCall, LockWait, LossCount, Meta, OffCpu, OnCpu, Process, Profile,
+        VmCreation,
+    },
+    sys,
+    tracer::dbus_function,
+    words::lock_type_name,
+};
+
+/// `ps`-style letter of a `sched_switch` `prev_state`.
+#[must_use]
+pub fn task_state_name(state: u32) -> &'static str {
+    // TASK_REPORT_MAX (0x100 on current kernels) marks a preempted task.
+    if state == 0 || state & 0x100 != 0 {
+        return "R";
+    }
+    match state.isolate_lowest_one() {
+        0x01 => "S",
+        0x02 => "D",
+        0x04 => "T",
+        0x08 => "t",
+        0x10 => "X",
+        0x20 => "Z",
+        0x40 => "P",
+        0x80 => "I",
+        _ => "?",
+    }
+}
+
+/// The system call of a [`fork_kind`].
+fn fork_syscall_name(kind: u32) -> &'static str {
+    match kind & 0xff {
+        fork_kind::CLONE => "clone",
+        fork_kind::CLONE3 => "clone3",
+        fork_kind::FORK => "fork",
+        fork_kind::VFORK => "vfork",
+        _ => "?",
+    }
+}
+
+/// A kernel log2 histogram without its empty tail buckets.
+fn trim_hist(hist: &[u64]) -> Vec<u64> {
+    let n = hist.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
+    hist[..n].to_vec()
+}
+
+/// A NUL-terminated name the kernel copied; `None` when empty.
+fn c_name(b: &[u8]) -> Option<String> {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    (end > 0).then(|| String::from_utf8_lossy(&b[..end]).into_owned())
+}
+
+/// The profile of a drained recording.
+pub(super) fn profile(rec: &Recorder, mut drained: Drained, stop: &Stop, stop_ns: u64) -> Profile {
+    let triples = drained.triples();
+    let mut frames = Frames::new(
+        &rec.processes,
+        &drained.stacks,
+        &triples,
+        matches!(rec.opts.target, Target::All),
+        rec.opts.kernel_stack_min_block,
+    );
+    let oncpu = oncpu(&drained, &mut frames);
+    let offcpu = offcpu(&drained, &mut frames);
+    let locks = locks(&drained, &mut frames);
+    let forks = forks(&drained, &mut frames);
+    let dbus = dbus(&drained, &mut frames);
+    let cgroups = cgroups(&drained);
+    let (table, stats) = frames.finish();
+    if stats.user_unmapped > 0 {
+        drained.losses.push(LossCount {
+            window: None,
+            kind: "user frames of processes gone before their maps were read".to_owned(),
+            count: stats.user_unmapped,
+        });
+    }
+    let vms = vms(rec);
+    if vms.len() as u64 != drained.vm_count {
+        drained.losses.push(LossCount {
+            window: None,
+            kind: "VM creation events missing (count from the kernel's counter)".to_owned(),
+            count: drained.vm_count.saturating_sub(vms.len() as u64),
+        });
+    }
+    let mut processes: Vec<Process> = rec.processes.info.values().cloned().collect();
+    processes.sort_by_key(|p| p.tgid);
+    Profile {
+        meta: meta(rec, stop, stop_ns, std::mem::take(&mut drained.counters)),
+        windows: rec.opts.windows.windows(drained.vm_count),
+        vms,
+        frames: table.into_names(),
+        oncpu,
+        offcpu,
+        losses: drained.losses,
+        unwind: drained.unwind,
+        processes,
+        locks,
+        forks,
+        cgroups,
+        dbus,
+    }
+}
+
+fn oncpu(drained: &Drained, frames: &mut Frames<'_>) -> Vec<OnCpu> {
+    let mut rows: Vec<OnCpu> = drained
+        .oncpu
+        .iter()
+        .map(|(k, n)| OnCpu {
+            window: k.window,
+            tgid: k.tgid,
+            pid: k.pid,
+            comm: comm_str(&k.comm),
+            stack: frames.stack(k.tgid, k.kern_stack, k.user_stack),
+            samples: *n,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack))
+    });
+    rows
+}
+
+fn offcpu(drained: &Drained, frames: &mut Frames<'_>) -> Vec<OffCpu> {
+    let mut rows: Vec<OffCpu> = drained
+        .offcpu
+        .iter()
+        .map(|(k, v)| OffCpu {
+            window: k.window,
+            tgid: k.tgid,
+            pid: k.pid,
+            comm: comm_str(&k.comm),
+            state: task_state_name(k.state).to_owned(),
+            dbus: (k.dbus != 0).then(|| dbus_function(k.dbus).1.to_owned()),
+            stack: frames.stack(k.tgid, k.kern_stack, k.user_stack),
+            blocks: v.count,
+            total_ns: v.total_ns,
+            max_ns: v.max_ns,
+            runq_ns: v.runq_ns,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack))
+    });
+    rows
+}
+
+fn locks(drained: &Drained, frames: &mut Frames<'_>) -> Vec<LockWait> {
+    if drained.locks.is_empty() {
+        return Vec::new();
+    }
+    let data_symbols = kernel::kernel_data_symbols().unwrap_or_else(|why| {
+        eprintln!("hvprof: warning: locks are named by address only: {why}");
+        std::collections::HashMap::new()
+    });
+    let mut rows: Vec<LockWait> = drained
+        .locks
+        .iter()
+        .map(|(k, v)| LockWait {
+            window: k.window,
+            tgid: k.tgid,
+            comm: comm_str(&k.comm),
+            lock: k.lock,
+            lock_name: data_symbols.get(&k.lock).cloned(),
+            lock_type: lock_type_name(k.flags).to_owned(),
+            stack: frames.stack(k.tgid, k.kern_stack, k.user_stack),
+            count: v.count,
+            total_ns: v.total_ns,
+            max_ns: v.max_ns,
+            hist: trim_hist(&v.hist),
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.window, a.lock, a.tgid, &a.stack).cmp(&(b.window, b.lock, b.tgid, &b.stack))
+    });
+    rows
+}
+
+fn forks(drained: &Drained, frames: &mut Frames<'_>) -> Vec<ForkCall> {
+    let mut rows: Vec<ForkCall> = drained
+        .forks
+        .iter()
+        .map(|(k, v)| ForkCall {
+            window: k.window,
+            tgid: k.tgid,
+            comm: comm_str(&k.comm),
+            syscall: fork_syscall_name(k.kind).to_owned(),
+            thread: k.kind & fork_kind::THREAD != 0,
+            stack: frames.stack(k.tgid, 0, k.user_stack),
+            caller: (k.caller != 0)
+                .then(|| frames.caller(k.tgid, k.caller))
+                .flatten(),
+            count: v.count,
+            total_ns: v.total_ns,
+            max_ns: v.max_ns,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.window, a.tgid, &a.stack, a.thread).cmp(&(b.window, b.tgid, &b.stack, b.thread))
+    });
+    rows
+}
+
+fn dbus(drained: &Drained, frames: &mut Frames<'_>) -> Vec<DbusCall> {
+    let mut rows: Vec<DbusCall> = drained
+        .dbus
+        .iter()
+        .map(|(k, v)| {
+            let (library, function) = dbus_function(k.function);
+            DbusCall {
+                window: k.window,
+                tgid: k.tgid,
+                comm: comm_str(&k.comm),
+                library: library.to_owned(),
+                function: function.to_owned(),
+                destination: c_name(&k.names.destination),
+                path: c_name(&k.names.path),
+                interface: c_name(&k.names.interface),
+                member: c_name(&k.names.member),
+                timeout_ms: (k.function != dbus_fn::LIBDBUS_PENDING_BLOCK
+                    || k.timeout_ms != DBUS_TIMEOUT_DEFAULT)
+                    .then_some(k.timeout_ms),
+                stack: frames.stack(k.tgid, 0, k.user_stack),
+                calls: v.count,
+                timeouts: v.timeouts,
+                total_ns: v.total_ns,
+                max_ns: v.max_ns,
+                hist: trim_hist(&v.hist),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.window, a.tgid, &a.library, &a.member, &a.stack)
+            .cmp(&(b.window, b.tgid, &b.library, &b.member, &b.stack))
+    });
+    rows
+}
+
+fn cgroups(drained: &Drained) -> Vec<CgroupOp> {
+    let hierarchies = kernel::cgroup_hierarchies();
+    let mut rows: Vec<CgroupOp> = drained
+        .cgroups
+        .iter()
+        .map(|(k, v)| CgroupOp {
+            window: k.window,
+            tgid: k.tgid,
+            comm: comm_str(&k.comm),
+            op: match k.kind {
+                cgroup_op::MKDIR => "mkdir",
+                cgroup_op::RMDIR => "rmdir",
+                _ => "attach",
+            }
+            .to_owned(),
+            hierarchy: hierarchies
+                .get(&k.root)
+                .cloned()
+                .unwrap_or_else(|| format!("hierarchy {}", k.root)),
+            path: c_name(&k.path).unwrap_or_default(),
+            count: v.count,
+            timed: v.timed,
+            total_ns: v.total_ns,
+            max_ns: v.max_ns,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.window, &a.op, &a.hierarchy, &a.path, a.tgid).cmp(&(
+            b.window,
+            &b.op,
+            &b.hierarchy,
+            &b.path,
+            b.tgid,
+        ))
+    });
+    rows
+}
+
+/// VM creations, numbered by time (see the kernel's `vm_created`).
+fn vms(rec: &Recorder) -> Vec<VmCreation> {
+    let mut events = rec.vms.clone();
+    events.sort_by_key(|(e, _)| e.ts_ns);
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, (e, cmdline))| {
+            let name = cmdline.as_deref().and_then(procmaps::qemu_vm_name);
+            VmCreation {
+                ordinal: i as u64 + 1,
+                time_ns: e.ts_ns.saturating_sub(rec.start_ns),
+                pid: e.tgid,
+                tid: e.pid,
+                comm: comm_str(&e.comm),
+                source: if e.child == VM_SOURCE_EXEC {
+                    "exec"
+                } else {
+                    "kvm"
+                }
+                .to_owned(),
+                cmdline,
+                name,
+            }
+        })
+        .collect()
+}
+
+/// What the recording was: host, options, why it stopped, what it cost.
+fn meta(
+    rec: &Recorder,
+    stop: &Stop,
+    stop_ns: u64,
+    counters: std::collections::BTreeMap<String, u64>,
+) -> Meta {
+    let opts = &rec.opts;
+    Meta {
+        hvprof_version: env!("CARGO_PKG_VERSION").to_owned(),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+        kernel: sys::kernel_release(),
+        cpus: sys::online_cpus().map_or(0, |c| c.len()),
+        started_unix_ms: rec.started_unix_ms,
+        duration_ns: stop_ns.saturating_sub(rec.start_ns),
+        command_line: opts.command_line.clone(),
+        target: opts.target.to_string(),
+        follow_children: opts.follow_children,
+        frequency_hz: opts.frequency_hz,
+        window_spec: Some(opts.windows.clone()),
+        min_block_ns: u64::try_from(opts.min_block.as_nanos()).unwrap_or(u64::MAX),
+        max_block_ns: u64::try_from(opts.max_block.as_nanos()).unwrap_or(u64::MAX),
+        vm_events: opts.vm_events.iter().map(ToString::to_string).collect(),
+        stop_reason: stop.to_string(),
+        tracers: rec.tracers.iter().map(|t| t.name().to_owned()).collect(),
+        program_stats: Vec::new(),
+        self_cpu_ns: Some(rec.self_cpu_ns),
+        counters,
+        verify_unwind: rec
+            .verifier
+            .as_ref()
+            .map(crate::unwind::verify::Verifier::result),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_states() {
+        assert_eq!(task_state_name(0), "R");
+        assert_eq!(task_state_name(0x100), "R");
+        assert_eq!(task_state_name(1), "S");
+        assert_eq!(task_state_name(2), "D");
+        assert_eq!(task_state_name(0x402), "D");
+        assert_eq!(task_state_name(0x80), "I");
+    }
+
+    /// The fork tracer's kinds, by the numbers the kernel side uses.
+    #[test]
+    fn fork_syscalls() {
+        assert_eq!(
+            fork_syscall_name(fork_kind::CLONE | fork_kind::THREAD),
+            "clone"
+        );
+        assert_eq!(fork_syscall_name(fork_kind::CLONE3), "clone3");
+        assert_eq!(fork_syscall_name(fork_kind::FORK), "fork");
+        assert_eq!(fork_syscall_name(fork_kind::VFORK), "vfork");
+        assert_eq!(fork_syscall_name(0), "?");
+    }
+}

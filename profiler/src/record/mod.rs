@@ -1,0 +1,203 @@
+//! `hvprof record`: one module per stage, in the order data flows —
+//! `options` (what was asked) → `kernel` (what this kernel has) → `load`
+//! and `attach` (the programs, their configuration, and their probes,
+//! from the [tracer registry](crate::tracer)) → `targets` and `events`
+//! (following the targets until the stop) → `drain` (the frozen maps) →
+//! `symbolize` (stacks into frames) → `assemble` (the profile), which is
+//! then written with its renderings.
+//!
+//! Stopping — duration, Ctrl-C, SIGTERM, the target exiting — always goes
+//! through the same drain, so whatever was recorded is written.
+
+mod assemble;
+mod attach;
+mod drain;
+mod events;
+mod kernel;
+mod load;
+mod options;
+mod symbolize;
+mod targets;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+};
+use profiler_common::record::{COMM_LEN, names};
+
+pub(crate) use self::attach::dbus_library_paths;
+pub use self::{
+    assemble::task_state_name,
+    drain::loss_name,
+    options::{RecordError, RecordOptions, Target, UnwindMode, VmEvent, VmEventError},
+};
+use self::{events::Recorder, kernel::Facts, targets::GatedChild};
+pub use crate::tracer::{Tracer, dbus_function};
+use crate::{
+    profile::{self, Profile},
+    render,
+    sys::{self, Privileges},
+};
+
+/// What a recording produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// What was written, for printing without reading the file back.
+    pub profile: Profile,
+    pub profile_path: PathBuf,
+    pub output: PathBuf,
+    pub summary: render::Summary,
+    /// From the stop to every file written.
+    pub stop_to_written: Duration,
+    /// Exit status of the `-- CMD` target, if it exited.
+    pub command_status: Option<std::process::ExitStatus>,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn comm_str(c: &[u8; COMM_LEN]) -> String {
+    let end = c.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&c[..end]).into_owned()
+}
+
+/// Runs a whole recording.
+pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
+    can_start(&opts)?;
+    let mut facts = Facts::gather(&opts)?;
+    let mut config = load::config(&opts, &facts);
+    let (initial, mut gated) = targets::initial(&opts)?;
+    let fork_uprobes = if facts.tracers.contains(&Tracer::Fork) {
+        attach::plan_fork_uprobes(&opts.target, &initial, facts.calibration.as_ref())
+    } else {
+        None
+    };
+    config.fork_uprobes = u32::from(fork_uprobes.is_some());
+    // Kept open for the whole recording: statistics are on while it is.
+    let _stats = load::enable_stats(&opts)?;
+    let loaded = load::load(&opts, &config, &initial)?;
+    let mut bpf = loaded.bpf;
+    let mut rec = Recorder::new(opts, loaded.unwinder, loaded.verifier);
+    // Snapshot what runs already; with -a, everything.
+    let known: Vec<u32> = if matches!(rec.opts.target, Target::All) {
+        crate::procmaps::all_pids()
+    } else {
+        initial.clone()
+    };
+    for pid in known {
+        rec.processes.learn(pid);
+    }
+    let plan = attach::Plan {
+        opts: &rec.opts,
+        initial: &initial,
+        fork_uprobes: fork_uprobes.as_ref(),
+    };
+    rec.tracers = attach::attach(&mut bpf, &mut facts, &plan)?;
+    run(rec, bpf, gated.as_mut())
+}
+
+/// What must hold before anything is set up: privileges, the `-p` pids,
+/// the output directory.
+fn can_start(opts: &RecordOptions) -> Result<(), RecordError> {
+    if !Privileges::current().is_ok_and(|p| p.sufficient()) {
+        return Err(RecordError::Privileges);
+    }
+    if let Target::Pids(pids) = &opts.target
+        && let Some(&pid) = pids
+            .iter()
+            .find(|p| !PathBuf::from(format!("/proc/{p}")).exists())
+    {
+        return Err(RecordError::NoSuchPid { pid });
+    }
+    std::fs::create_dir_all(&opts.output).map_err(|source| RecordError::Output {
+        path: opts.output.clone(),
+        source,
+    })
+}
+
+/// Records from the attach to the stop, then drains, symbolizes, assembles
+/// and writes the profile and its renderings.
+fn run(
+    mut rec: Recorder,
+    mut bpf: Ebpf,
+    mut gated: Option<&mut GatedChild>,
+) -> Result<Outcome, RecordError> {
+    // From here hvprof's own CPU competes with the workload's (loading and
+    // verifying the programs, before, does not).
+    rec.start_cpu_ns = sys::self_cpu_ns();
+    if let Some(g) = gated.as_deref_mut() {
+        g.release();
+    }
+    eprintln!(
+        "hvprof: recording {} (windows: {}, {} Hz); Ctrl-C to stop",
+        rec.opts.target, rec.opts.windows, rec.opts.frequency_hz
+    );
+    // Mapped once: mapping the ring (4 MiB) at every poll cost more CPU than
+    // anything else hvprof does while recording.
+    let name = names::EVENTS;
+    let mut events = RingBuf::try_from(bpf.take_map(name).ok_or(RecordError::Missing { name })?)
+        .map_err(|source| RecordError::Map { name, source })?;
+    let stop = rec.run_loop(&mut events, gated.as_deref_mut())?;
+    let stopped = Instant::now();
+    let stop_ns = monotonic_ns();
+    rec.self_cpu_ns = sys::self_cpu_ns().saturating_sub(rec.start_cpu_ns);
+    let (command_status, program_stats) = stop_recording(&mut rec, &mut bpf, &mut events, gated);
+    let drained = drain::drain(&rec, &bpf, stop_ns)?;
+    let mut profile = assemble::profile(&rec, drained, &stop, stop_ns);
+    profile.meta.program_stats = program_stats;
+    let profile_path = rec.opts.output.join(profile::FILE_NAME);
+    profile.write(&profile_path)?;
+    let summary = render::write_all(&profile, &rec.opts.output)?;
+    let stop_to_written = stopped.elapsed();
+    attach::unload_all(&mut bpf);
+    drop(bpf);
+    Ok(Outcome {
+        profile,
+        profile_path,
+        output: rec.opts.output.clone(),
+        summary,
+        stop_to_written,
+        command_status,
+    })
+}
+
+/// Takes the final snapshots while the processes are still alive, ends the
+/// `-- CMD`, reads the programs' costs (`--bpf-stats`), freezes the maps,
+/// and handles the events that came meanwhile. No more unwind tables are
+/// loaded: nothing is walked after the stop.
+fn stop_recording(
+    rec: &mut Recorder,
+    bpf: &mut Ebpf,
+    events: &mut RingBuf<MapData>,
+    gated: Option<&mut GatedChild>,
+) -> (Option<std::process::ExitStatus>, Vec<profile::ProgramStat>) {
+    if let Some(u) = rec.processes.unwind.take() {
+        rec.unwind_stats = Some(u.stats.clone());
+    }
+    let alive: Vec<u32> = rec.processes.info.keys().copied().collect();
+    for t in alive {
+        rec.processes.snapshot(t);
+    }
+    let command_status = gated.and_then(GatedChild::end);
+    let program_stats = if rec.opts.bpf_stats {
+        drain::program_stats(bpf)
+    } else {
+        Vec::new()
+    };
+    drain::freeze(bpf);
+    rec.drain_events(events);
+    rec.drain_verifier(true);
+    (command_status, program_stats)
+}

@@ -1,0 +1,199 @@
+//! Symbolizing the drained stacks: each row's `(tgid, kernel stack, user
+//! stack)` becomes frames in the profile's frame table, user frames from
+//! the process's snapshots (so a process that is gone still symbolizes),
+//! kernel frames from kallsyms. A stack id below `STACK_ID_MIN` is the
+//! reason there is no stack, and becomes a frame that says so.
+
+use std::{collections::HashMap, time::Duration};
+
+use profiler_common::{
+    record::{STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK},
+    unwind::{STACK_CUT, UnwindStop},
+};
+
+use super::targets::Processes;
+use crate::{
+    profile::FrameTable,
+    symbolize::{SymbolStats, Symbolizer},
+    words::human_ns,
+};
+
+/// The user "stack" of a task without user space: `bpf_get_stack`'s
+/// -EFAULT. With `-a` that is a kernel thread, and no loss.
+const STACK_EFAULT: u64 = libc::EFAULT.unsigned_abs() as u64;
+
+/// The frames of the drained stacks, interned in one frame table.
+pub(super) struct Frames<'a> {
+    processes: &'a Processes,
+    stacks: &'a HashMap<u64, Vec<u64>>,
+    sym: Symbolizer,
+    table: FrameTable,
+    kernel: HashMap<u64, Vec<u32>>,
+    user: HashMap<(u32, u64), Vec<u32>>,
+    /// `-a`: a task without user space is a kernel thread.
+    target_all: bool,
+    /// The frame of an off-CPU block too short for a kernel stack walk.
+    short_block: String,
+}
+
+/// The address to symbolize for frame `i` of a stack: every frame but the
+/// innermost holds a return address, which is after its call, so the call
+/// itself is looked up (a function that ends in a call would otherwise be
+/// named as the one after it).
+fn call_site(i: usize, ip: u64) -> u64 {
+    if i == 0 { ip } else { ip.saturating_sub(1) }
+}
+
+/// A kernel frame of the tracing machinery itself (our program, the
+/// tracepoint's BPF runner).
+fn is_tracing_frame(name: &str) -> bool {
+    ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+impl<'a> Frames<'a> {
+    /// Prepares the symbolizer for every frame of `triples`' stacks: the
+    /// kernel addresses, and the user frames batched per file.
+    pub fn new(
+        processes: &'a Processes,
+        stacks: &'a HashMap<u64, Vec<u64>>,
+        triples: &[(u32, u64, u64)],
+        target_all: bool,
+        kernel_stack_min_block: Duration,
+    ) -> Self {
+        let mut sym = Symbolizer::new();
+        let kaddrs: Vec<u64> = triples
+            .iter()
+            .map(|&(_, k, _)| k)
+            .filter_map(|id| stacks.get(&id))
+            .flatten()
+            .copied()
+            .collect();
+        sym.prepare_kernel(&kaddrs);
+        let mut files = Vec::new();
+        for &(tgid, _, id) in triples {
+            let chain = processes.chain(tgid);
+            let ips = stacks.get(&id).into_iter().flatten();
+            for (i, &ip) in ips.take_while(|&&ip| ip < STACK_CUT).enumerate() {
+                if let Some(fo) = Symbolizer::file_offset(&chain, call_site(i, ip)) {
+                    files.push(fo);
+                }
+            }
+        }
+        files.sort_unstable();
+        files.dedup();
+        sym.prepare_files(&files);
+        let min_block = u64::try_from(kernel_stack_min_block.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            processes,
+            stacks,
+            sym,
+            table: FrameTable::default(),
+            kernel: HashMap::new(),
+            user: HashMap::new(),
+            target_all,
+            short_block: format!(
+                "[kernel stack not walked: blocked < {}]",
+                human_ns(min_block)
+            ),
+        }
+    }
+
+    /// A row's stack, outermost frame first: its user frames, then its
+    /// kernel frames.
+    pub fn stack(&mut self, tgid: u32, kern: u64, user: u64) -> Vec<u32> {
+        let mut out = if let Some(frames) = self.user.get(&(tgid, user)) {
+            frames.clone()
+        } else {
+            let frames = self.user_stack(tgid, user);
+            self.user.insert((tgid, user), frames.clone());
+            frames
+        };
+        if !self.kernel.contains_key(&kern) {
+            let frames = self.kernel_stack(kern);
+            self.kernel.insert(kern, frames);
+        }
+        out.extend_from_slice(&self.kernel[&kern]);
+        out
+    }
+
+    fn user_stack(&mut self, tgid: u32, user: u64) -> Vec<u32> {
+        if user < STACK_ID_MIN {
+            return match user {
+                // No user space: a kernel thread (-a), or exiting.
+                STACK_EFAULT if self.target_all => Vec::new(),
+                STACK_EXITING => Vec::new(),
+                STACK_NOT_TAKEN => vec![self.table.intern("[preempted]")],
+                _ => vec![self.table.intern("[missing user stack]")],
+            };
+        }
+        let chain = self.processes.chain(tgid);
+        let ips = self.stacks.get(&user).map_or(&[][..], Vec::as_slice);
+        // Walk from the leaf. A frame in no executable mapping means the
+        // frame-pointer walk left the stack (code built without frame
+        // pointers): what follows it is garbage, so the stack ends in one
+        // `[unknown]`.
+        let mut leaf_first: Vec<String> = Vec::new();
+        for (i, &ip) in ips.iter().enumerate() {
+            if let Some(stop) = UnwindStop::of_cut(ip) {
+                leaf_first.push(format!("[user stack cut: {}]", stop.name()));
+                break;
+            }
+            let addr = call_site(i, ip);
+            let mapped = chain.iter().any(|s| s.locate(addr).is_some());
+            let names = self.sym.user_frames(&chain, addr);
+            // Inlined frames come outermost first: reverse them for this
+            // leaf-first walk.
+            leaf_first.extend(names.into_iter().rev());
+            if !mapped {
+                break;
+            }
+        }
+        leaf_first
+            .iter()
+            .rev()
+            .map(|f| self.table.intern(f))
+            .collect()
+    }
+
+    fn kernel_stack(&mut self, kern: u64) -> Vec<u32> {
+        if kern < STACK_ID_MIN {
+            return match kern {
+                STACK_SHORT_BLOCK => vec![self.table.intern(&self.short_block)],
+                STACK_DEFERRED => {
+                    vec![
+                        self.table
+                            .intern("[kernel stack not walked: blocked at the stop]"),
+                    ]
+                }
+                _ => Vec::new(),
+            };
+        }
+        let mut names = Vec::new();
+        let ips = self.stacks.get(&kern).map_or(&[][..], Vec::as_slice);
+        for (i, &ip) in ips.iter().enumerate().rev() {
+            names.extend(self.sym.kernel_frames(call_site(i, ip)));
+        }
+        // A walk from a BTF tracepoint starts in the program and the
+        // tracepoint's runner: not where the task was.
+        while names.last().is_some_and(|f| is_tracing_frame(f)) {
+            names.pop();
+        }
+        names.iter().map(|f| self.table.intern(f)).collect()
+    }
+
+    /// The function whose call returns to `ret` in process `tgid` (the
+    /// call instruction is just before the return address).
+    pub fn caller(&mut self, tgid: u32, ret: u64) -> Option<String> {
+        self.sym
+            .user_frames(&self.processes.chain(tgid), ret - 1)
+            .into_iter()
+            .next()
+    }
+
+    /// The frame table, and how symbolization went.
+    pub fn finish(self) -> (FrameTable, SymbolStats) {
+        (self.table, self.sym.stats)
+    }
+}

@@ -1,0 +1,502 @@
+//! The tracers, and what each part of a recording needs from the kernel:
+//! one registry, which `record` attaches from and `hvprof check` tests.
+//!
+//! A [`Part`] is a tracer `--tracers` selects, or the machinery every
+//! recording runs (following the targets, counting VMs, loading unwind
+//! tables). Each part's probes — tracepoints, system-call tracepoints, BTF
+//! tracepoints, perf events, uprobes — are listed once, in
+//! [`Part::probes`], with the eBPF program each one runs.
+
+use profiler_common::record::{dbus_fn, names};
+
+use crate::tracefs::Tracepoint;
+
+/// A tracer that `--tracers` can select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tracer {
+    OnCpu,
+    OffCpu,
+    Locks,
+    Fork,
+    Cgroup,
+    Dbus,
+}
+
+impl Tracer {
+    pub const ALL: [Self; 6] = [
+        Self::OnCpu,
+        Self::OffCpu,
+        Self::Locks,
+        Self::Fork,
+        Self::Cgroup,
+        Self::Dbus,
+    ];
+
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OnCpu => "oncpu",
+            Self::OffCpu => "offcpu",
+            Self::Locks => "locks",
+            Self::Fork => "fork",
+            Self::Cgroup => "cgroup",
+            Self::Dbus => "dbus",
+        }
+    }
+
+    /// Parses `oncpu,offcpu,locks`.
+    pub fn parse_list(text: &str) -> Result<Vec<Self>, String> {
+        let mut out = Vec::new();
+        for t in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let tracer = Self::ALL
+                .into_iter()
+                .find(|x| x.name() == t)
+                .ok_or_else(|| {
+                    format!(
+                        "unknown tracer {t:?}: choose from {}",
+                        Self::ALL.map(Self::name).join(", ")
+                    )
+                })?;
+            if !out.contains(&tracer) {
+                out.push(tracer);
+            }
+        }
+        if out.is_empty() {
+            return Err("--tracers: name at least one tracer".to_owned());
+        }
+        Ok(out)
+    }
+}
+
+/// A part of a recording: a tracer, or the machinery every recording runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// Following the targets: forks, execs and exits.
+    Targets,
+    /// Windows keyed to the Nth VM created.
+    VmWindows,
+    /// Whole user stacks without frame pointers (`--unwind dwarf`): the
+    /// libraries mapped during the recording.
+    Unwind,
+    Tracer(Tracer),
+}
+
+impl From<Tracer> for Part {
+    fn from(t: Tracer) -> Self {
+        Self::Tracer(t)
+    }
+}
+
+impl Part {
+    /// Every part, in the order `hvprof check` lists their probes. `record`
+    /// attaches the machinery's first (so that no fork, exec or VM creation
+    /// between two attaches is missed), then the tracers', in this order.
+    pub const ALL: [Self; 9] = [
+        Self::Tracer(Tracer::OffCpu),
+        Self::Targets,
+        Self::VmWindows,
+        Self::Tracer(Tracer::Locks),
+        Self::Tracer(Tracer::Fork),
+        Self::Tracer(Tracer::Cgroup),
+        Self::Unwind,
+        Self::Tracer(Tracer::Dbus),
+        Self::Tracer(Tracer::OnCpu),
+    ];
+
+    /// As `hvprof check` names it (NEEDED BY).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Targets => "targets",
+            Self::VmWindows => "vm-windows",
+            Self::Unwind => "unwind",
+            Self::Tracer(t) => t.name(),
+        }
+    }
+
+    /// Whether `hvprof check` counts this part's probes as required
+    /// (MISSING, exit status 1) rather than optional (WARN).
+    #[must_use]
+    pub fn required(self) -> bool {
+        match self {
+            Self::Targets | Self::VmWindows | Self::Tracer(Tracer::OffCpu | Tracer::OnCpu) => true,
+            Self::Unwind
+            | Self::Tracer(Tracer::Locks | Tracer::Fork | Tracer::Cgroup | Tracer::Dbus) => false,
+        }
+    }
+
+    /// What this part attaches to, and with which programs.
+    #[must_use]
+    pub fn probes(self) -> &'static [Probe] {
+        match self {
+            Self::Targets => &TARGETS,
+            Self::VmWindows => &VM_WINDOWS,
+            Self::Unwind => &UNWIND,
+            Self::Tracer(Tracer::OnCpu) => &ONCPU,
+            Self::Tracer(Tracer::OffCpu) => &OFFCPU,
+            Self::Tracer(Tracer::Locks) => &LOCKS,
+            Self::Tracer(Tracer::Fork) => &FORK,
+            Self::Tracer(Tracer::Cgroup) => &CGROUP,
+            Self::Tracer(Tracer::Dbus) => &DBUS,
+        }
+    }
+}
+
+const TARGETS: [Probe; 3] = [
+    Probe::Tracepoint {
+        tracepoint: Tracepoint::new("sched", "sched_process_fork"),
+        program: names::PROG_FORK,
+    },
+    Probe::Tracepoint {
+        tracepoint: Tracepoint::new("sched", "sched_process_exec"),
+        program: names::PROG_EXEC,
+    },
+    Probe::Tracepoint {
+        tracepoint: Tracepoint::new("sched", "sched_process_exit"),
+        program: names::PROG_EXIT,
+    },
+];
+
+const VM_WINDOWS: [Probe; 1] = [Probe::Syscalls {
+    calls: &VM_SYSCALLS,
+    enter: names::PROG_IOCTL_ENTER,
+    exit: names::PROG_IOCTL_EXIT,
+}];
+
+const UNWIND: [Probe; 1] = [Probe::Syscalls {
+    calls: &UNWIND_SYSCALLS,
+    enter: names::PROG_UNWIND_MMAP_ENTER,
+    exit: names::PROG_UNWIND_MMAP_EXIT,
+}];
+
+const ONCPU: [Probe; 1] = [Probe::CpuClock {
+    program: names::PROG_ONCPU,
+}];
+
+const OFFCPU: [Probe; 1] = [Probe::BtfTracepoint {
+    tracepoint: Tracepoint::new("sched", "sched_switch"),
+    program: names::PROG_SCHED_SWITCH,
+}];
+
+const LOCKS: [Probe; 2] = [
+    Probe::Tracepoint {
+        tracepoint: Tracepoint::new("lock", "contention_begin"),
+        program: names::PROG_LOCK_BEGIN,
+    },
+    Probe::Tracepoint {
+        tracepoint: Tracepoint::new("lock", "contention_end"),
+        program: names::PROG_LOCK_END,
+    },
+];
+
+const FORK: [Probe; 2] = [
+    Probe::Syscalls {
+        calls: &FORK_SYSCALLS,
+        enter: names::PROG_FORK_ENTER,
+        exit: names::PROG_FORK_EXIT,
+    },
+    // Only where the learned fork paths do not hold.
+    Probe::Uprobe {
+        program: names::PROG_FORK_CALLER,
+    },
+];
+
+const CGROUP: [Probe; 4] = [
+    Probe::Tracepoint {
+        tracepoint: Tracepoint::new("cgroup", "cgroup_mkdir"),
+        program: names::PROG_CGROUP_MKDIR,
+    },
+    Probe::Tracepoint {
+        tracepoint: Tracepoint::new("cgroup", "cgroup_attach_task"),
+        program: names::PROG_CGROUP_ATTACH,
+    },
+    Probe::Tracepoint {
+        tracepoint: Tracepoint::new("cgroup", "cgroup_rmdir"),
+        program: names::PROG_CGROUP_RMDIR,
+    },
+    Probe::Syscalls {
+        calls: &CGROUP_SYSCALLS,
+        enter: names::PROG_CGROUP_SYSCALL_ENTER,
+        exit: names::PROG_CGROUP_SYSCALL_EXIT,
+    },
+];
+
+const DBUS: [Probe; 3] = [
+    Probe::Uprobe {
+        program: names::PROG_DBUS_ENTER,
+    },
+    Probe::Uprobe {
+        program: names::PROG_DBUS_RETURN,
+    },
+    Probe::Uprobe {
+        program: names::PROG_DBUS_NAMES,
+    },
+];
+
+/// One probe and the eBPF program it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// A classic tracepoint.
+    Tracepoint {
+        tracepoint: Tracepoint,
+        program: &'static str,
+    },
+    /// `syscalls:sys_enter_NAME` (program `enter`) and
+    /// `syscalls:sys_exit_NAME` (program `exit`) of each system call.
+    Syscalls {
+        calls: &'static [&'static str],
+        enter: &'static str,
+        exit: &'static str,
+    },
+    /// A BTF tracepoint: raw, typed arguments, no trace-event record
+    /// filled per event.
+    BtfTracepoint {
+        tracepoint: Tracepoint,
+        program: &'static str,
+    },
+    /// cpu-clock sampling on every CPU.
+    CpuClock { program: &'static str },
+    /// Uprobes on library functions ([`FORK_FUNCTIONS`], the
+    /// [`DBUS_LIBRARIES`]' functions), in the files found at run time.
+    Uprobe { program: &'static str },
+}
+
+impl Probe {
+    /// The eBPF programs this probe runs.
+    #[must_use]
+    pub fn programs(self) -> Vec<&'static str> {
+        match self {
+            Self::Tracepoint { program, .. }
+            | Self::BtfTracepoint { program, .. }
+            | Self::CpuClock { program }
+            | Self::Uprobe { program } => vec![program],
+            Self::Syscalls { enter, exit, .. } => vec![enter, exit],
+        }
+    }
+
+    /// The tracepoints it attaches to; a system call's enter and exit, in
+    /// turn.
+    #[must_use]
+    pub fn tracepoints(self) -> Vec<Tracepoint> {
+        match self {
+            Self::Tracepoint { tracepoint, .. } | Self::BtfTracepoint { tracepoint, .. } => {
+                vec![tracepoint]
+            }
+            Self::Syscalls { calls, .. } => calls.iter().flat_map(|c| syscall_pair(c)).collect(),
+            Self::CpuClock { .. } | Self::Uprobe { .. } => Vec::new(),
+        }
+    }
+}
+
+/// Every eBPF program a recording may run, each once, in registry order.
+#[must_use]
+pub fn programs() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for p in Part::ALL.iter().flat_map(|p| p.probes()) {
+        for name in p.programs() {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+/// The fork syscalls' tracepoints.
+pub const FORK_SYSCALLS: [&str; 4] = ["clone", "clone3", "fork", "vfork"];
+
+/// The system call whose tracepoints key windows to VM creations
+/// (`KVM_CREATE_VM`).
+pub const VM_SYSCALLS: [&str; 1] = ["ioctl"];
+
+/// The system call whose tracepoints tell the unwinder of a library mapped
+/// executable (`--unwind dwarf`; optional: walks ask for it too).
+pub const UNWIND_SYSCALLS: [&str; 1] = ["mmap"];
+
+/// The system calls cgroup operations are made in (and timed by).
+pub const CGROUP_SYSCALLS: [&str; 5] = ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"];
+
+/// Of [`CGROUP_SYSCALLS`], the one hooked only with `--time-cgroup-writes`:
+/// moving a task by writing to `cgroup.procs` is a `write`, and its
+/// tracepoints fire for every write on the system.
+pub const CGROUP_WRITE_SYSCALL: &str = "write";
+
+/// libc functions that fork, spawn or create threads: the fork tracer's
+/// uprobe at their entry reads the caller's return address.
+pub const FORK_FUNCTIONS: [&str; 5] = [
+    "fork",
+    "vfork",
+    "posix_spawn",
+    "posix_spawnp",
+    "pthread_create",
+];
+
+/// One D-Bus client library: the files it comes in (name prefixes), its
+/// blocking calls (probed at entry and return) and the constructors that
+/// name the next call, each with its [`dbus_fn`] number.
+pub struct DbusLibrary {
+    pub name: &'static str,
+    pub files: &'static [&'static str],
+    pub blocking: &'static [(&'static str, u32)],
+    pub constructors: &'static [(&'static str, u32)],
+}
+
+/// What the dbus tracer probes (see [`Part::probes`]).
+pub const DBUS_LIBRARIES: [DbusLibrary; 3] = [
+    DbusLibrary {
+        name: "libdbus",
+        files: &["libdbus-1.so"],
+        blocking: &[
+            (
+                "dbus_connection_send_with_reply_and_block",
+                dbus_fn::LIBDBUS_SEND_BLOCK,
+            ),
+            ("dbus_pending_call_block", dbus_fn::LIBDBUS_PENDING_BLOCK),
+        ],
+        constructors: &[
+            (
+                "dbus_message_new_method_call",
+                dbus_fn::LIBDBUS_NEW_METHOD_CALL,
+            ),
+            (
+                "dbus_connection_send_with_reply",
+                dbus_fn::LIBDBUS_SEND_WITH_REPLY,
+            ),
+            (
+                "dbus_message_set_destination",
+                dbus_fn::LIBDBUS_SET_DESTINATION,
+            ),
+        ],
+    },
+    DbusLibrary {
+        name: "gio",
+        files: &["libgio-2.0.so"],
+        blocking: &[
+            ("g_dbus_connection_call_sync", dbus_fn::GIO_CALL_SYNC),
+            (
+                "g_dbus_connection_call_with_unix_fd_list_sync",
+                dbus_fn::GIO_CALL_FD_SYNC,
+            ),
+            (
+                "g_dbus_connection_send_message_with_reply_sync",
+                dbus_fn::GIO_SEND_MESSAGE_SYNC,
+            ),
+            ("g_dbus_proxy_call_sync", dbus_fn::GIO_PROXY_CALL_SYNC),
+        ],
+        constructors: &[(
+            "g_dbus_message_new_method_call",
+            dbus_fn::GIO_NEW_METHOD_CALL,
+        )],
+    },
+    DbusLibrary {
+        name: "sd-bus",
+        files: &["libsystemd.so", "libsystemd-shared-", "libelogind.so"],
+        blocking: &[("sd_bus_call", dbus_fn::SDBUS_CALL)],
+        constructors: &[(
+            "sd_bus_message_new_method_call",
+            dbus_fn::SDBUS_NEW_METHOD_CALL,
+        )],
+    },
+];
+
+/// The library and function name of a [`dbus_fn`] number.
+#[must_use]
+pub fn dbus_function(f: u32) -> (&'static str, &'static str) {
+    DBUS_LIBRARIES
+        .iter()
+        .flat_map(|l| l.blocking.iter().map(move |(name, n)| (l.name, *name, *n)))
+        .find(|&(_, _, n)| n == f)
+        .map_or(("?", "?"), |(lib, name, _)| (lib, name))
+}
+
+/// `syscalls:sys_enter_NAME` and `syscalls:sys_exit_NAME`.
+#[must_use]
+pub fn syscall_pair(name: &str) -> [Tracepoint; 2] {
+    [
+        Tracepoint::new("syscalls", leak(format!("sys_enter_{name}"))),
+        Tracepoint::new("syscalls", leak(format!("sys_exit_{name}"))),
+    ]
+}
+
+/// Tracepoint names are `&'static str`; the few built at run time live for
+/// the whole recording anyway.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracer_lists_parse() {
+        assert_eq!(
+            Tracer::parse_list("offcpu, locks,offcpu"),
+            Ok(vec![Tracer::OffCpu, Tracer::Locks])
+        );
+        assert_eq!(
+            Tracer::parse_list("oncpu,cpu"),
+            Err(
+                "unknown tracer \"cpu\": choose from oncpu, offcpu, locks, fork, cgroup, dbus"
+                    .to_owned()
+            )
+        );
+        assert!(Tracer::parse_list(" , ").is_err());
+    }
+
+    /// Every tracer has its part, once.
+    #[test]
+    fn every_tracer_is_a_part() {
+        for t in Tracer::ALL {
+            let n = Part::ALL.iter().filter(|p| **p == Part::Tracer(t)).count();
+            assert_eq!(n, 1, "{t:?}");
+            assert!(!Part::from(t).probes().is_empty(), "{t:?} has no probes");
+        }
+    }
+
+    /// No program runs for two parts: a program's cost (`--bpf-stats`)
+    /// and the maps it fills belong to one of them.
+    #[test]
+    fn a_program_belongs_to_one_part() {
+        let all: Vec<&str> = Part::ALL
+            .iter()
+            .flat_map(|p| p.probes())
+            .flat_map(|p| p.programs())
+            .collect();
+        assert_eq!(all.len(), programs().len(), "{all:?}");
+    }
+
+    /// The registry names programs the embedded eBPF object has.
+    #[test]
+    fn every_program_is_in_the_ebpf_object() {
+        use object::{Object as _, ObjectSymbol as _};
+        let obj = object::File::parse(crate::ebpf::OBJECT).expect("parse the eBPF object");
+        let symbols: Vec<&str> = obj.symbols().filter_map(|s| s.name().ok()).collect();
+        for program in programs() {
+            assert!(
+                symbols.contains(&program),
+                "{program} is not in the eBPF object"
+            );
+        }
+    }
+
+    #[test]
+    fn syscall_probes_are_enter_and_exit_pairs() {
+        let names: Vec<String> = Part::Tracer(Tracer::Fork)
+            .probes()
+            .iter()
+            .flat_map(|p| p.tracepoints())
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(
+            names[..4],
+            [
+                "syscalls:sys_enter_clone",
+                "syscalls:sys_exit_clone",
+                "syscalls:sys_enter_clone3",
+                "syscalls:sys_exit_clone3"
+            ]
+        );
+        assert_eq!(names.len(), 8);
+    }
+}
