@@ -6,10 +6,20 @@
 //! tables). Each part's probes — tracepoints, system-call tracepoints, BTF
 //! tracepoints, perf events, uprobes — are listed once, in
 //! [`Part::probes`], with the eBPF program each one runs.
+//!
+//! What a tracer's data becomes is defined beside the data's shape: its
+//! graphs in [`crate::graphs`], its tables in [`crate::tables`], its
+//! metrics in [`crate::ci`]; [`Tracer::graphs`], [`Tracer::tables`] and
+//! [`Tracer::metrics`] find them.
 
 use profiler_common::record::{dbus_fn, names};
 
-use crate::tracefs::Tracepoint;
+use crate::{
+    ci::Metric,
+    graphs::{GRAPHS, Graph},
+    tables::{AnyTable, TABLES},
+    tracefs::Tracepoint,
+};
 
 /// A tracer that `--tracers` can select.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,6 +75,24 @@ impl Tracer {
             return Err("--tracers: name at least one tracer".to_owned());
         }
         Ok(out)
+    }
+
+    /// The stack graphs drawn from this tracer's data (defined in
+    /// [`crate::graphs`]).
+    pub fn graphs(self) -> impl Iterator<Item = &'static Graph> {
+        GRAPHS.into_iter().filter(move |g| g.tracer == self)
+    }
+
+    /// The tables of its data (defined in [`crate::tables`]).
+    pub fn tables(self) -> impl Iterator<Item = &'static dyn AnyTable> {
+        TABLES.into_iter().filter(move |t| t.tracer() == self)
+    }
+
+    /// The per-window metrics it measures (defined in [`crate::ci`]).
+    pub fn metrics(self) -> impl Iterator<Item = Metric> {
+        Metric::ALL
+            .into_iter()
+            .filter(move |m| m.tracer() == Some(self))
     }
 }
 
@@ -427,6 +455,22 @@ fn leak(s: String) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_tracer_shows_in_the_outputs() {
+        for t in Tracer::ALL {
+            assert!(
+                t.graphs().next().is_some() || t.tables().next().is_some(),
+                "the {} tracer has no graph and no table",
+                t.name()
+            );
+            assert!(
+                t.metrics().next().is_some(),
+                "the {} tracer has no per-window metric for the gates",
+                t.name()
+            );
+        }
+    }
 
     #[test]
     fn tracer_lists_parse() {
