@@ -205,7 +205,9 @@ pub enum RecordError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot create the output directory {path}: {source}")]
+    #[error(
+        "cannot create the output directory {path}: {source}; give -o a directory you can write (or free space on its file system)"
+    )]
     Output { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Profile(#[from] profile::ProfileError),
