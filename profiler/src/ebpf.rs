@@ -18,10 +18,11 @@ pub enum LoadError {
     },
 }
 
-/// The error and its causes, which aya's `Display` leaves out.
-fn chain(err: &EbpfError) -> String {
+/// An error and its causes (aya's `Display` of a failed system call leaves
+/// out the errno).
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
-    let mut cause = std::error::Error::source(err);
+    let mut cause = err.source();
     while let Some(c) = cause {
         let s = c.to_string();
         if !text.contains(&s) {

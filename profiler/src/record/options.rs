@@ -240,21 +240,7 @@ pub enum RecordError {
     Unwind(#[from] crate::unwind::procs::LoaderError),
 }
 
-/// An error and its causes (aya's `Display` of a failed system call leaves
-/// out the errno).
-pub(super) fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        let s = c.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        cause = c.source();
-    }
-    text
-}
+pub(super) use crate::ebpf::chain;
 
 /// What to do about a failed map operation.
 fn map_fix(err: &aya::maps::MapError) -> &'static str {
