@@ -52,6 +52,9 @@ fn live_comm(comm: &str) -> Vec<u32> {
 
 #[test]
 fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
+    // What the teardown must leave is the machine with libvirt installed
+    // (installing it writes qemu.conf and adds the libvirt-qemu user).
+    install_libvirt();
     let qemu_conf_before = std::fs::read("/etc/libvirt/qemu.conf").ok();
     let user_before = libvirt_qemu_user_exists();
     let dir = std::env::temp_dir().join(format!("hvprof-massboot-test-{}", std::process::id()));
@@ -89,6 +92,21 @@ fn libvirt_qemu_user_exists() -> bool {
 
 /// `./x massboot` of 12 TCG guests and 2 paused KVM guests, windows of 4,
 /// with this build's hvprof, the report in `dir`.
+/// Step 1 of massboot alone: Debian's libvirt and QEMU.
+fn install_libvirt() {
+    let out = Command::new(xtask())
+        .args(["massboot", "--install-only", "--hvprof"])
+        .arg(env!("CARGO_BIN_EXE_hvprof"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "massboot --install-only failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn run_massboot(dir: &Path) {
     let out = Command::new(xtask())
         .args([

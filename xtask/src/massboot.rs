@@ -82,6 +82,10 @@ pub struct Opts {
     /// `--hvprof-arg=--tracers=oncpu,offcpu`.
     #[arg(long = "hvprof-arg", allow_hyphen_values = true)]
     pub hvprof_args: Vec<String>,
+    /// Only install libvirt and QEMU (step 1), and stop: the machine as a
+    /// boot finds it, for a test to compare the teardown with.
+    #[arg(long)]
+    pub install_only: bool,
 }
 
 /// A 512-byte boot sector: write '!' to COM1 and halt.
@@ -450,6 +454,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
     check_machine(opts)?;
     install_packages()?;
+    if opts.install_only {
+        return Ok(opts.output.clone());
+    }
     let out = opts.output.clone();
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize()?;
