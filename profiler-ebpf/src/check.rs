@@ -4,12 +4,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::bpf_get_current_pid_tgid,
-    macros::{btf_tracepoint, fentry, fexit, map, perf_event, tracepoint, uprobe},
+    macros::{btf_tracepoint, fentry, fexit, map, perf_event, uprobe},
     maps::PerCpuArray,
-    programs::{
-        BtfTracePointContext, FEntryContext, FExitContext, PerfEventContext, ProbeContext,
-        TracePointContext,
-    },
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, PerfEventContext, ProbeContext},
 };
 use profiler_common::check::CheckCounter;
 
@@ -40,22 +37,26 @@ fn current_tgid_is_target() -> bool {
     (bpf_get_current_pid_tgid() >> 32) as u32 == target
 }
 
-#[tracepoint]
+tracepoint_program! {
 pub fn check_tracepoint(_ctx: TracePointContext) -> u32 {
     bump(CheckCounter::Tracepoint);
-    0
+    // 0 would drop the event for perf users of the tracepoint (see
+    // record's `passed`).
+    1
+}
 }
 
+tracepoint_program! {
 /// `sched:sched_process_fork` runs in the parent: count forks made by the
 /// one thread userspace named, so the count is exact.
-#[tracepoint]
 pub fn check_fork(ctx: TracePointContext) -> u32 {
     // SAFETY: as above.
     let target = unsafe { core::ptr::read_volatile(&raw const CHECK_TID) };
     if ctx.pid() == target {
         bump(CheckCounter::Fork);
     }
-    0
+    1
+}
 }
 
 #[perf_event]

@@ -186,6 +186,7 @@ const TEST_PACKAGES: &[&str] = &[
     "protobuf-compiler",
     "golang-go",
     "python3-jsonschema",
+    "linux-perf",
 ];
 
 fn test(args: &[String]) -> anyhow::Result<()> {

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::bpf_probe_read_kernel_str_bytes,
-    macros::{map, tracepoint},
+    macros::map,
     maps::{HashMap, PerCpuArray},
     programs::TracePointContext,
 };
@@ -15,7 +15,7 @@ use profiler_common::record::{
 };
 
 use super::common::{
-    Task, add_atomic, add_timed, comm, now, read, reset, slot, stopped, timed, traced,
+    Task, add_atomic, add_timed, comm, now, passed, read, reset, slot, stopped, timed, traced,
 };
 
 #[map]
@@ -128,44 +128,45 @@ fn operation(ctx: &TracePointContext, kind: u32, root_off: u32, path_off: u32) -
     Some(0)
 }
 
-#[tracepoint]
+tracepoint_program! {
 pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
-    operation(
+    passed(operation(
         &ctx,
         cgroup_op::MKDIR,
         config!(offsets.cgroup_root),
         config!(offsets.cgroup_path),
-    )
-    .unwrap_or(0)
+    ))
+}
 }
 
-#[tracepoint]
+tracepoint_program! {
 pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
-    operation(
+    passed(operation(
         &ctx,
         cgroup_op::RMDIR,
         config!(offsets.cgroup_root),
         config!(offsets.cgroup_path),
-    )
-    .unwrap_or(0)
+    ))
+}
 }
 
-#[tracepoint]
+tracepoint_program! {
 pub fn cgroup_attach(ctx: TracePointContext) -> u32 {
-    operation(
+    passed(operation(
         &ctx,
         cgroup_op::ATTACH,
         config!(offsets.cgroup_attach_root),
         config!(offsets.cgroup_attach_path),
-    )
-    .unwrap_or(0)
+    ))
+}
 }
 
+tracepoint_program! {
 /// `sys_enter_{mkdir,mkdirat,rmdir,unlinkat,write}` of tracked tasks: the
 /// system calls cgroup operations are made in.
-#[tracepoint]
 pub fn cgroup_syscall_enter(_ctx: TracePointContext) -> u32 {
-    try_cgroup_syscall_enter().unwrap_or(0)
+    passed(try_cgroup_syscall_enter())
+}
 }
 
 #[inline(always)]
@@ -177,9 +178,10 @@ fn try_cgroup_syscall_enter() -> Option<u32> {
     Some(0)
 }
 
-#[tracepoint]
+tracepoint_program! {
 pub fn cgroup_syscall_exit(_ctx: TracePointContext) -> u32 {
-    try_cgroup_syscall_exit().unwrap_or(0)
+    passed(try_cgroup_syscall_exit())
+}
 }
 
 #[inline(always)]

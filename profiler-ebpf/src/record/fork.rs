@@ -4,14 +4,14 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_task_btf, bpf_probe_read_user},
-    macros::{map, tracepoint, uprobe},
+    macros::{map, uprobe},
     maps::HashMap,
     programs::{ProbeContext, TracePointContext},
 };
 use profiler_common::record::{CLONE_THREAD, ForkKey, ForkStart, ForkValue, Loss, fork_kind};
 
 use super::{
-    common::{EntryRegs, Task, aggregate, comm, now, read, stopped, timed, traced},
+    common::{EntryRegs, Task, aggregate, comm, now, passed, read, stopped, timed, traced},
     stacks::user_stack,
 };
 use crate::unwind;
@@ -85,11 +85,12 @@ pub(super) fn clone3_flags(uargs: u64) -> u64 {
     unsafe { bpf_probe_read_user(uargs as *const u64) }.unwrap_or(0)
 }
 
+tracepoint_program! {
 /// `sys_enter_{clone,clone3,fork,vfork}`: one program, told apart by the
 /// syscall number.
-#[tracepoint]
 pub fn fork_syscall_enter(ctx: TracePointContext) -> u32 {
-    try_fork_syscall_enter(&ctx).unwrap_or(0)
+    passed(try_fork_syscall_enter(&ctx))
+}
 }
 
 #[inline(always)]
@@ -122,9 +123,10 @@ fn try_fork_syscall_enter(ctx: &TracePointContext) -> Option<u32> {
     Some(0)
 }
 
-#[tracepoint]
+tracepoint_program! {
 pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
-    try_fork_syscall_exit(&ctx).unwrap_or(0)
+    passed(try_fork_syscall_exit(&ctx))
+}
 }
 
 #[inline(always)]

@@ -8,7 +8,7 @@
 use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_current_task_btf, bpf_get_smp_processor_id, generated},
-    macros::{map, tracepoint},
+    macros::map,
     maps::{HashMap, PerCpuArray},
     programs::TracePointContext,
 };
@@ -20,7 +20,8 @@ use profiler_common::record::{
 
 use super::{
     common::{
-        EntryRegs, Task, aggregate, comm, count, lose, now, read, slot, stopped, timed, traced,
+        EntryRegs, Task, aggregate, comm, count, lose, now, passed, read, slot, stopped, timed,
+        traced,
     },
     offcpu,
     stacks::{STACK_SCRATCH, kern_stack, kern_stack_or_reason, user_stack, verified, walk_stack},
@@ -50,9 +51,10 @@ static LOCK_KSTACK_SCRATCH: PerCpuArray<[u64; LOCK_KSTACK_WORDS]> =
 
 timed!(LockValue, count, total_ns, max_ns, hist: hist);
 
-#[tracepoint]
+tracepoint_program! {
 pub fn lock_contention_begin(ctx: TracePointContext) -> u32 {
-    try_lock_contention_begin(&ctx).unwrap_or(0)
+    passed(try_lock_contention_begin(&ctx))
+}
 }
 
 #[inline(always)]
@@ -98,9 +100,10 @@ fn try_lock_contention_begin(ctx: &TracePointContext) -> Option<u32> {
     Some(0)
 }
 
-#[tracepoint]
+tracepoint_program! {
 pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
-    try_lock_contention_end(&ctx).unwrap_or(0)
+    passed(try_lock_contention_end(&ctx))
+}
 }
 
 #[inline(always)]

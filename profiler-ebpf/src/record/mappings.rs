@@ -4,13 +4,13 @@
 //! which loads its tables.
 
 use aya_ebpf::{
-    macros::{map, tracepoint},
+    macros::map,
     maps::{HashMap, LruHashMap},
     programs::TracePointContext,
 };
 use profiler_common::record::{EventKind, MAPPING_SETTLE_NS};
 
-use super::common::{Task, current_window, emit, now, read};
+use super::common::{Task, current_window, emit, now, passed, read};
 use crate::unwind::{self, UNWIND_ALIAS, UNWIND_PROCS};
 
 /// `mmap`'s `PROT_EXEC` and `MAP_ANONYMOUS`.
@@ -25,13 +25,14 @@ static MMAP_EXEC: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 #[map]
 static MMAP_ANNOUNCED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
 
+tracepoint_program! {
 /// `sys_enter_mmap` (`--unwind dwarf`): a process the unwinder knows maps a
 /// file executable, as the dynamic loader does at a `dlopen` (the text
 /// segment, `PROT_READ | PROT_EXEC`). Marked here; announced at the exit,
 /// once the mapping is in the process's maps.
-#[tracepoint]
 pub fn unwind_mmap_enter(ctx: TracePointContext) -> u32 {
-    try_unwind_mmap_enter(&ctx).unwrap_or(0)
+    passed(try_unwind_mmap_enter(&ctx))
+}
 }
 
 #[inline(always)]
@@ -49,13 +50,14 @@ fn try_unwind_mmap_enter(ctx: &TracePointContext) -> Option<u32> {
     Some(0)
 }
 
+tracepoint_program! {
 /// `sys_exit_mmap`: a marked mapping that succeeded is announced
 /// (`EventKind::UnwindMapping`), unless one of the process was announced
 /// less than `MAPPING_SETTLE_NS` ago: userspace reads the mappings that
 /// long after that one, so the read sees this one too.
-#[tracepoint]
 pub fn unwind_mmap_exit(ctx: TracePointContext) -> u32 {
-    try_unwind_mmap_exit(&ctx).unwrap_or(0)
+    passed(try_unwind_mmap_exit(&ctx))
+}
 }
 
 #[inline(always)]

@@ -4,17 +4,15 @@
 //! with the thread.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_task_btf,
-    macros::{map, tracepoint},
-    maps::HashMap,
-    programs::TracePointContext,
+    helpers::bpf_get_current_task_btf, macros::map, maps::HashMap, programs::TracePointContext,
 };
 use profiler_common::record::{CLONE_THREAD, EventKind, Loss, TargetMode};
 
 use super::{
     cgroup,
     common::{
-        EntryRegs, TRACKED, Task, comm, comm_matches, current_window, emit, is_tracked, lose, read,
+        EntryRegs, TRACKED, Task, comm, comm_matches, current_window, emit, is_tracked, lose,
+        passed, read,
     },
     dbus, fork, locks, mappings, offcpu, vm,
 };
@@ -38,10 +36,11 @@ pub(super) fn gone(pid: u32) {
     let _ = EXITING.remove(&pid);
 }
 
+tracepoint_program! {
 /// `sched_process_fork` runs in the parent.
-#[tracepoint]
 pub fn task_fork(ctx: TracePointContext) -> u32 {
-    try_task_fork(&ctx).unwrap_or(0)
+    passed(try_task_fork(&ctx))
+}
 }
 
 #[inline(always)]
@@ -83,10 +82,11 @@ fn creates_thread() -> bool {
     flags & CLONE_THREAD != 0
 }
 
+tracepoint_program! {
 /// `sched_process_exec` runs in the new image: the comm is the new one.
-#[tracepoint]
 pub fn task_exec(_ctx: TracePointContext) -> u32 {
-    try_task_exec().unwrap_or(0)
+    passed(try_task_exec())
+}
 }
 
 #[inline(always)]
@@ -116,11 +116,12 @@ fn try_task_exec() -> Option<u32> {
     Some(0)
 }
 
+tracepoint_program! {
 /// `sched_process_exit`, in the exiting thread: each tracer's exit hook,
 /// then the thread is no longer followed.
-#[tracepoint]
 pub fn task_exit(_ctx: TracePointContext) -> u32 {
-    try_task_exit().unwrap_or(0)
+    passed(try_task_exit())
+}
 }
 
 #[inline(always)]

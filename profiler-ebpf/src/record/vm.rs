@@ -1,15 +1,12 @@
 //! VM creations, which move the windows: a successful `KVM_CREATE_VM`
 //! ioctl, or with `--vm-event exec:` an exec whose comm matches.
 
-use aya_ebpf::{
-    EbpfContext as _,
-    macros::{map, tracepoint},
-    maps::HashMap,
-    programs::TracePointContext,
-};
+use aya_ebpf::{EbpfContext as _, macros::map, maps::HashMap, programs::TracePointContext};
 use profiler_common::record::{COMM_LEN, EventKind, KVM_CREATE_VM, VM_SOURCE_EXEC, VM_SOURCE_KVM};
 
-use super::common::{Task, VM_STATE, add_atomic, comm_matches, emit, read, stopped, window_for};
+use super::common::{
+    Task, VM_STATE, add_atomic, comm_matches, emit, passed, read, stopped, window_for,
+};
 
 /// Processes whose VM was counted at exec (`--vm-event exec:`): their first
 /// successful `KVM_CREATE_VM` is that same VM and is not counted again.
@@ -65,9 +62,10 @@ pub(super) fn exec(task: Task, comm: &[u8; COMM_LEN]) {
     }
 }
 
-#[tracepoint]
+tracepoint_program! {
 pub fn vm_ioctl_enter(ctx: TracePointContext) -> u32 {
-    try_vm_ioctl_enter(&ctx).unwrap_or(0)
+    passed(try_vm_ioctl_enter(&ctx))
+}
 }
 
 #[inline(always)]
@@ -83,9 +81,10 @@ fn try_vm_ioctl_enter(ctx: &TracePointContext) -> Option<u32> {
     Some(0)
 }
 
-#[tracepoint]
+tracepoint_program! {
 pub fn vm_ioctl_exit(ctx: TracePointContext) -> u32 {
-    try_vm_ioctl_exit(&ctx).unwrap_or(0)
+    passed(try_vm_ioctl_exit(&ctx))
+}
 }
 
 #[inline(always)]

@@ -1,0 +1,108 @@
+//! hvprof is a guest on the machine: while it records, other tools on the
+//! same tracepoints count what they count without it. (A BPF program on a
+//! classic tracepoint that returns 0 makes the kernel drop the event for
+//! every perf user of it.) Needs root, perf and /dev/kvm.
+
+use std::{collections::BTreeMap, path::Path, process::Command};
+
+mod common;
+use common::*;
+use profiler::tracer::Part;
+
+/// Every tracepoint hvprof attaches (its registry), that this kernel has,
+/// as perf names them.
+fn attached_tracepoints() -> Vec<String> {
+    let mut names: Vec<String> = Part::ALL
+        .into_iter()
+        .flat_map(|p| p.probes().iter().flat_map(|probe| probe.tracepoints()))
+        .map(|t| t.to_string())
+        .filter(|t| {
+            let (category, name) = t.split_once(':').unwrap();
+            Path::new("/sys/kernel/tracing/events")
+                .join(category)
+                .join(name)
+                .exists()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// `perf stat` of `events` over `vmload PLAN`: each event's count.
+fn perf_stat(events: &[String], plan: &str) -> BTreeMap<String, u64> {
+    let out = Command::new("perf")
+        .args(["stat", "-x", ",", "-e", &events.join(","), "--"])
+        .arg(vmload())
+        .arg(plan)
+        .output()
+        .expect("run perf (Debian's linux-perf; `./x test` installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "perf stat failed: {stderr}");
+    let counts: BTreeMap<String, u64> = stderr
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Some((f.get(2)?.to_string(), f.first()?.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(counts.len(), events.len(), "perf stat printed:\n{stderr}");
+    counts
+}
+
+/// The counts of `events` over the plan, alone and while `hvprof record
+/// -a` with every tracer records.
+fn alone_and_beside_hvprof(
+    name: &str,
+    events: &[String],
+    plan: &str,
+) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+    let alone = perf_stat(events, plan);
+    let dir = out_dir(name);
+    let hv = start_recording(
+        &dir,
+        &["-a", "--tracers", "oncpu,offcpu,locks,fork,cgroup,dbus"],
+    );
+    let beside = perf_stat(events, plan);
+    // SAFETY: kill(2) of the child this test started.
+    unsafe { libc::kill(hv.id().cast_signed(), libc::SIGINT) };
+    let out = hv.wait_with_output().unwrap();
+    assert!(out.status.success(), "hvprof record failed");
+    (alone, beside)
+}
+
+#[test]
+fn perf_counts_the_same_tracepoint_events_while_hvprof_records() {
+    let events = attached_tracepoints();
+    assert!(events.len() > 20, "{events:?}");
+    // Work whose every event count is the same each run: VMs, forks,
+    // vforks, spawns (execs), cgroup mkdir/attach/rmdir, threads.
+    let plan = "vm,forks:5,vforks:3,spawns:2,cgroups:2,thread:20,vm";
+    let (alone, beside) = alone_and_beside_hvprof("guest-exact", &events, plan);
+    for e in &events {
+        if e.starts_with("lock:") || e.starts_with("sched:sched_switch") {
+            continue; // not the same each run; below
+        }
+        // vmload's writes (its output, cgroup.procs) vary by one or two
+        // from run to run; every other count is exact.
+        let slack = if e.ends_with("_write") { 2 } else { 0 };
+        assert!(
+            beside[e].abs_diff(alone[e]) <= slack,
+            "{e}: perf counted {} alone, {} while hvprof recorded",
+            alone[e],
+            beside[e]
+        );
+    }
+    assert!(alone["syscalls:sys_enter_ioctl"] >= 2 && alone["cgroup:cgroup_mkdir"] >= 2);
+    // Contention and switches vary from run to run: perf must still see
+    // them while hvprof records.
+    let (alone, beside) = alone_and_beside_hvprof("guest-contend", &events, "contend:300");
+    for e in ["lock:contention_begin", "lock:contention_end"] {
+        assert!(
+            alone[e] > 0 && beside[e] > alone[e] / 4,
+            "{e}: perf counted {} alone, {} while hvprof recorded",
+            alone[e],
+            beside[e]
+        );
+    }
+}
