@@ -41,6 +41,27 @@ pub enum ProfileError {
         "{path} is truncated or corrupt ({why}); it cannot be read — record again, or re-copy the file"
     )]
     Corrupt { path: PathBuf, why: String },
+    #[error(
+        "{path} inflates to more than {limit_mib} MiB, the most hvprof reads of a profile (real ones are far smaller: the file is likely corrupt or not a profile); to read it anyway, set {MAX_INFLATED_ENV} to a larger number of MiB"
+    )]
+    TooLarge { path: PathBuf, limit_mib: u64 },
+}
+
+/// The environment variable that raises [`DEFAULT_MAX_INFLATED_MIB`].
+pub const MAX_INFLATED_ENV: &str = "HVPROF_MAX_PROFILE_MIB";
+
+/// The most a profile's JSON may inflate to, in MiB: profiles travel (CI
+/// baselines, bug reports), so a small file must not make the reader
+/// allocate without bound (4 GiB of zeros gzip to 4 MB). The sample workload's
+/// profile inflates to 17 KB.
+pub const DEFAULT_MAX_INFLATED_MIB: u64 = 1024;
+
+/// [`DEFAULT_MAX_INFLATED_MIB`], or what [`MAX_INFLATED_ENV`] says.
+fn max_inflated_mib() -> u64 {
+    std::env::var(MAX_INFLATED_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_INFLATED_MIB)
 }
 
 /// Frame names are interned: stacks are lists of indices into
@@ -447,10 +468,19 @@ impl Profile {
             path: path.to_path_buf(),
             why,
         };
+        let limit_mib = max_inflated_mib();
+        let limit = limit_mib.saturating_mul(1 << 20);
         let mut json = Vec::new();
         flate2::read::GzDecoder::new(input)
+            .take(limit.saturating_add(1))
             .read_to_end(&mut json)
             .map_err(|e| corrupt(e.to_string()))?;
+        if json.len() as u64 > limit {
+            return Err(ProfileError::TooLarge {
+                path: path.to_path_buf(),
+                limit_mib,
+            });
+        }
         serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))
     }
 
