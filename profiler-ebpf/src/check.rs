@@ -38,24 +38,20 @@ fn current_tgid_is_target() -> bool {
 }
 
 tracepoint_program! {
-pub fn check_tracepoint(_ctx: TracePointContext) -> u32 {
+pub fn check_tracepoint(_ctx: TracePointContext) {
     bump(CheckCounter::Tracepoint);
-    // 0 would drop the event for perf users of the tracepoint (see
-    // record's `passed`).
-    1
 }
 }
 
 tracepoint_program! {
 /// `sched:sched_process_fork` runs in the parent: count forks made by the
 /// one thread userspace named, so the count is exact.
-pub fn check_fork(ctx: TracePointContext) -> u32 {
+pub fn check_fork(ctx: TracePointContext) {
     // SAFETY: as above.
     let target = unsafe { core::ptr::read_volatile(&raw const CHECK_TID) };
     if ctx.pid() == target {
         bump(CheckCounter::Fork);
     }
-    1
 }
 }
 

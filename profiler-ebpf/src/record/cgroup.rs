@@ -15,7 +15,7 @@ use profiler_common::record::{
 };
 
 use super::common::{
-    Task, add_atomic, add_timed, comm, now, passed, read, reset, slot, stopped, timed, traced,
+    Task, add_atomic, add_timed, comm, now, read, reset, slot, stopped, timed, traced,
 };
 
 #[map]
@@ -129,43 +129,43 @@ fn operation(ctx: &TracePointContext, kind: u32, root_off: u32, path_off: u32) -
 }
 
 tracepoint_program! {
-pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
-    passed(operation(
+pub fn cgroup_mkdir(ctx: TracePointContext) -> Option<u32> {
+    operation(
         &ctx,
         cgroup_op::MKDIR,
         config!(offsets.cgroup_root),
         config!(offsets.cgroup_path),
-    ))
+    )
 }
 }
 
 tracepoint_program! {
-pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
-    passed(operation(
+pub fn cgroup_rmdir(ctx: TracePointContext) -> Option<u32> {
+    operation(
         &ctx,
         cgroup_op::RMDIR,
         config!(offsets.cgroup_root),
         config!(offsets.cgroup_path),
-    ))
+    )
 }
 }
 
 tracepoint_program! {
-pub fn cgroup_attach(ctx: TracePointContext) -> u32 {
-    passed(operation(
+pub fn cgroup_attach(ctx: TracePointContext) -> Option<u32> {
+    operation(
         &ctx,
         cgroup_op::ATTACH,
         config!(offsets.cgroup_attach_root),
         config!(offsets.cgroup_attach_path),
-    ))
+    )
 }
 }
 
 tracepoint_program! {
 /// `sys_enter_{mkdir,mkdirat,rmdir,unlinkat,write}` of tracked tasks: the
 /// system calls cgroup operations are made in.
-pub fn cgroup_syscall_enter(_ctx: TracePointContext) -> u32 {
-    passed(try_cgroup_syscall_enter())
+pub fn cgroup_syscall_enter(_ctx: TracePointContext) -> Option<u32> {
+    try_cgroup_syscall_enter()
 }
 }
 
@@ -179,8 +179,8 @@ fn try_cgroup_syscall_enter() -> Option<u32> {
 }
 
 tracepoint_program! {
-pub fn cgroup_syscall_exit(_ctx: TracePointContext) -> u32 {
-    passed(try_cgroup_syscall_exit())
+pub fn cgroup_syscall_exit(_ctx: TracePointContext) -> Option<u32> {
+    try_cgroup_syscall_exit()
 }
 }
 

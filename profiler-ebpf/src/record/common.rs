@@ -244,16 +244,6 @@ pub(super) trait Timed {
     }
 }
 
-/// What a classic tracepoint program returns, whatever it did: 1. When
-/// the BPF programs on a tracepoint return 0 the kernel drops the event for
-/// every perf user of it (`perf_trace_run_bpf_submit`): `perf stat`,
-/// `perf lock record`, trace-cmd and other profilers would see nothing
-/// while hvprof records. With no perf user listening, 1 costs nothing.
-#[inline(always)]
-pub(super) fn passed<T>(_done: Option<T>) -> u32 {
-    1
-}
-
 /// `impl Timed` for a value type from the names of its count, total and max
 /// fields (and its histogram's): `timed!(ForkValue, count, total_ns, max_ns)`.
 macro_rules! timed {

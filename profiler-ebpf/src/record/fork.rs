@@ -11,7 +11,7 @@ use aya_ebpf::{
 use profiler_common::record::{CLONE_THREAD, ForkKey, ForkStart, ForkValue, Loss, fork_kind};
 
 use super::{
-    common::{EntryRegs, Task, aggregate, comm, now, passed, read, stopped, timed, traced},
+    common::{EntryRegs, Task, aggregate, comm, now, read, stopped, timed, traced},
     stacks::user_stack,
 };
 use crate::unwind;
@@ -88,8 +88,8 @@ pub(super) fn clone3_flags(uargs: u64) -> u64 {
 tracepoint_program! {
 /// `sys_enter_{clone,clone3,fork,vfork}`: one program, told apart by the
 /// syscall number.
-pub fn fork_syscall_enter(ctx: TracePointContext) -> u32 {
-    passed(try_fork_syscall_enter(&ctx))
+pub fn fork_syscall_enter(ctx: TracePointContext) -> Option<u32> {
+    try_fork_syscall_enter(&ctx)
 }
 }
 
@@ -124,8 +124,8 @@ fn try_fork_syscall_enter(ctx: &TracePointContext) -> Option<u32> {
 }
 
 tracepoint_program! {
-pub fn fork_syscall_exit(ctx: TracePointContext) -> u32 {
-    passed(try_fork_syscall_exit(&ctx))
+pub fn fork_syscall_exit(ctx: TracePointContext) -> Option<u32> {
+    try_fork_syscall_exit(&ctx)
 }
 }
 

@@ -20,8 +20,7 @@ use profiler_common::record::{
 
 use super::{
     common::{
-        EntryRegs, Task, aggregate, comm, count, lose, now, passed, read, slot, stopped, timed,
-        traced,
+        EntryRegs, Task, aggregate, comm, count, lose, now, read, slot, stopped, timed, traced,
     },
     offcpu,
     stacks::{STACK_SCRATCH, kern_stack, kern_stack_or_reason, user_stack, verified, walk_stack},
@@ -52,8 +51,8 @@ static LOCK_KSTACK_SCRATCH: PerCpuArray<[u64; LOCK_KSTACK_WORDS]> =
 timed!(LockValue, count, total_ns, max_ns, hist: hist);
 
 tracepoint_program! {
-pub fn lock_contention_begin(ctx: TracePointContext) -> u32 {
-    passed(try_lock_contention_begin(&ctx))
+pub fn lock_contention_begin(ctx: TracePointContext) -> Option<u32> {
+    try_lock_contention_begin(&ctx)
 }
 }
 
@@ -101,8 +100,8 @@ fn try_lock_contention_begin(ctx: &TracePointContext) -> Option<u32> {
 }
 
 tracepoint_program! {
-pub fn lock_contention_end(ctx: TracePointContext) -> u32 {
-    passed(try_lock_contention_end(&ctx))
+pub fn lock_contention_end(ctx: TracePointContext) -> Option<u32> {
+    try_lock_contention_end(&ctx)
 }
 }
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use profiler_common::record::{EventKind, MAPPING_SETTLE_NS};
 
-use super::common::{Task, current_window, emit, now, passed, read};
+use super::common::{Task, current_window, emit, now, read};
 use crate::unwind::{self, UNWIND_ALIAS, UNWIND_PROCS};
 
 /// `mmap`'s `PROT_EXEC` and `MAP_ANONYMOUS`.
@@ -30,8 +30,8 @@ tracepoint_program! {
 /// file executable, as the dynamic loader does at a `dlopen` (the text
 /// segment, `PROT_READ | PROT_EXEC`). Marked here; announced at the exit,
 /// once the mapping is in the process's maps.
-pub fn unwind_mmap_enter(ctx: TracePointContext) -> u32 {
-    passed(try_unwind_mmap_enter(&ctx))
+pub fn unwind_mmap_enter(ctx: TracePointContext) -> Option<u32> {
+    try_unwind_mmap_enter(&ctx)
 }
 }
 
@@ -55,8 +55,8 @@ tracepoint_program! {
 /// (`EventKind::UnwindMapping`), unless one of the process was announced
 /// less than `MAPPING_SETTLE_NS` ago: userspace reads the mappings that
 /// long after that one, so the read sees this one too.
-pub fn unwind_mmap_exit(ctx: TracePointContext) -> u32 {
-    passed(try_unwind_mmap_exit(&ctx))
+pub fn unwind_mmap_exit(ctx: TracePointContext) -> Option<u32> {
+    try_unwind_mmap_exit(&ctx)
 }
 }
 

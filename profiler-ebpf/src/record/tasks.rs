@@ -11,8 +11,7 @@ use profiler_common::record::{CLONE_THREAD, EventKind, Loss, TargetMode};
 use super::{
     cgroup,
     common::{
-        EntryRegs, TRACKED, Task, comm, comm_matches, current_window, emit, is_tracked, lose,
-        passed, read,
+        EntryRegs, TRACKED, Task, comm, comm_matches, current_window, emit, is_tracked, lose, read,
     },
     dbus, fork, locks, mappings, offcpu, vm,
 };
@@ -38,8 +37,8 @@ pub(super) fn gone(pid: u32) {
 
 tracepoint_program! {
 /// `sched_process_fork` runs in the parent.
-pub fn task_fork(ctx: TracePointContext) -> u32 {
-    passed(try_task_fork(&ctx))
+pub fn task_fork(ctx: TracePointContext) -> Option<u32> {
+    try_task_fork(&ctx)
 }
 }
 
@@ -84,8 +83,8 @@ fn creates_thread() -> bool {
 
 tracepoint_program! {
 /// `sched_process_exec` runs in the new image: the comm is the new one.
-pub fn task_exec(_ctx: TracePointContext) -> u32 {
-    passed(try_task_exec())
+pub fn task_exec(_ctx: TracePointContext) -> Option<u32> {
+    try_task_exec()
 }
 }
 
@@ -119,8 +118,8 @@ fn try_task_exec() -> Option<u32> {
 tracepoint_program! {
 /// `sched_process_exit`, in the exiting thread: each tracer's exit hook,
 /// then the thread is no longer followed.
-pub fn task_exit(_ctx: TracePointContext) -> u32 {
-    passed(try_task_exit())
+pub fn task_exit(_ctx: TracePointContext) -> Option<u32> {
+    try_task_exit()
 }
 }
 

@@ -4,9 +4,7 @@
 use aya_ebpf::{EbpfContext as _, macros::map, maps::HashMap, programs::TracePointContext};
 use profiler_common::record::{COMM_LEN, EventKind, KVM_CREATE_VM, VM_SOURCE_EXEC, VM_SOURCE_KVM};
 
-use super::common::{
-    Task, VM_STATE, add_atomic, comm_matches, emit, passed, read, stopped, window_for,
-};
+use super::common::{Task, VM_STATE, add_atomic, comm_matches, emit, read, stopped, window_for};
 
 /// Processes whose VM was counted at exec (`--vm-event exec:`): their first
 /// successful `KVM_CREATE_VM` is that same VM and is not counted again.
@@ -63,8 +61,8 @@ pub(super) fn exec(task: Task, comm: &[u8; COMM_LEN]) {
 }
 
 tracepoint_program! {
-pub fn vm_ioctl_enter(ctx: TracePointContext) -> u32 {
-    passed(try_vm_ioctl_enter(&ctx))
+pub fn vm_ioctl_enter(ctx: TracePointContext) -> Option<u32> {
+    try_vm_ioctl_enter(&ctx)
 }
 }
 
@@ -82,8 +80,8 @@ fn try_vm_ioctl_enter(ctx: &TracePointContext) -> Option<u32> {
 }
 
 tracepoint_program! {
-pub fn vm_ioctl_exit(ctx: TracePointContext) -> u32 {
-    passed(try_vm_ioctl_exit(&ctx))
+pub fn vm_ioctl_exit(ctx: TracePointContext) -> Option<u32> {
+    try_vm_ioctl_exit(&ctx)
 }
 }
 
