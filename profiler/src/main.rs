@@ -175,6 +175,10 @@ struct RecordArgs {
     /// cache.
     #[arg(long, conflicts_with = "no_stack_cache")]
     verify_stack_cache: bool,
+    /// Drain the kernel's maps into the profile file this often: a killed recording keeps
+    /// all but its last interval, and the maps hold only what two intervals add.
+    #[arg(long, value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
+    flush_interval: Duration,
     /// Take off-CPU kernel stacks of sleeps at least this long (0: all, which costs more).
     #[arg(long, value_parser = parse_duration, default_value = "100us", value_name = "DURATION")]
     kernel_stack_min_block: Duration,
@@ -386,6 +390,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         max_block,
         vm_events,
         duration: args.duration,
+        flush_interval: args.flush_interval.max(Duration::from_millis(100)),
         output: args.output,
         command_line: std::env::args().collect(),
         bpf_stats: args.bpf_stats,
@@ -434,7 +439,7 @@ fn report(
     gates: &[profiler::ci::Gate],
     markdown_summary: Option<&std::path::Path>,
 ) -> anyhow::Result<bool> {
-    let profile = Profile::read(path)?;
+    let profile = Profile::open(path)?;
     let summary = render::write_all(&profile, output)?;
     print!("{}", summary.to_text());
     if html {
@@ -455,7 +460,7 @@ fn export_cmd(
     formats: &[export::Format],
     output: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let profile = Profile::read(path)?;
+    let profile = Profile::open(path)?;
     let written = export::export(&profile, output, formats)?;
     for w in written.iter().filter(|w| w.window.is_none()) {
         println!("wrote {}", w.path.display());

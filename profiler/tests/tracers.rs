@@ -292,11 +292,14 @@ fn forks_threads_and_execs_are_counted_exactly_per_window() {
     let vmload = vmload();
     // Window 1: 7 forks (glibc fork: clone). Window 2: 3 spawns of
     // /bin/true (posix_spawn: clone3 + exec) and 1 thread (clone3).
+    // Flushed every 100 ms: counts stay exact across flushes.
     let (p, dir) = record(
         "forks",
         &[
             "--window-size",
             "1",
+            "--flush-interval",
+            "100ms",
             "--",
             vmload.to_str().unwrap(),
             "busy:50,vm,forks:7,vm,spawns:3,thread:50",
@@ -353,6 +356,8 @@ fn cgroup_operations_are_counted_exactly_per_window_and_path() {
         &[
             "--window-size",
             "1",
+            "--flush-interval",
+            "100ms",
             "--",
             vmload.to_str().unwrap(),
             "busy:50,vm,cgroups:4,vm,busy:50",

@@ -60,6 +60,41 @@ pub const MAX_WINDOW_RANGES: u32 = 64;
 /// Window id of the time before the first VM is created.
 pub const SETUP_WINDOW: u32 = 0;
 
+/// The `STOPPED` flag's bits. [`PHASE_STOPPED`]: the recording has
+/// stopped, the programs change nothing. [`PHASE_PARITY`]: the flush
+/// parity, flipped by userspace at every flush: the programs key what they
+/// record under the window with the parity in [`WINDOW_PARITY`], so the
+/// entries of the parity before the flip are written no more (but by events
+/// that began before it) and can be read and deleted without a race.
+pub const PHASE_STOPPED: u32 = 1;
+pub const PHASE_PARITY: u32 = 2;
+/// The bit of a recorded window that is the flush parity.
+pub const WINDOW_PARITY: u32 = 1 << 31;
+/// A recorded window that is no window (an event outside every window).
+pub const NO_WINDOW: u32 = u32::MAX;
+
+/// The window of a recorded key or event, without its flush parity;
+/// `None` for [`NO_WINDOW`].
+#[must_use]
+pub const fn recorded_window(recorded: u32) -> Option<u32> {
+    if recorded == NO_WINDOW {
+        None
+    } else {
+        Some(recorded & !WINDOW_PARITY)
+    }
+}
+
+/// The flush parity a recorded window was written under (`NO_WINDOW`:
+/// none).
+#[must_use]
+pub const fn parity_of(recorded: u32) -> Option<bool> {
+    if recorded == NO_WINDOW {
+        None
+    } else {
+        Some(recorded & WINDOW_PARITY != 0)
+    }
+}
+
 /// Map, program and global names in the eBPF object.
 pub mod names {
     pub const ONCPU_COUNTS: &str = "ONCPU_COUNTS";
@@ -88,7 +123,8 @@ pub mod names {
     pub const LOCK_WAITS: &str = "LOCK_WAITS";
     pub const LOCK_PENDING: &str = "LOCK_PENDING";
     pub const COUNTERS: &str = "COUNTERS";
-    /// One `u32`: nonzero once userspace stopped the recording.
+    /// One `u32`: [`PHASE_STOPPED`](super::PHASE_STOPPED) once userspace
+    /// stopped the recording, and the flush parity.
     pub const STOPPED: &str = "STOPPED";
     pub const FORK_CALLS: &str = "FORK_CALLS";
     pub const CGROUP_OPS: &str = "CGROUP_OPS";

@@ -15,7 +15,8 @@ use aya_ebpf::{
 };
 use profiler_common::record::{
     COMM_LEN, Counter, Event, EventKind, LOCK_HIST_BUCKETS, Loss, LossKey, MAX_WINDOW_RANGES,
-    SETUP_WINDOW, TargetMode, VmState, WindowMode, WindowRange, hist_bucket, window_every,
+    PHASE_PARITY, PHASE_STOPPED, SETUP_WINDOW, TargetMode, VmState, WINDOW_PARITY, WindowMode,
+    WindowRange, hist_bucket, window_every,
 };
 
 #[map]
@@ -32,9 +33,10 @@ pub(super) static VM_STATE: Array<VmState> = Array::with_max_entries(1, 0);
 static LOSSES: PerCpuHashMap<LossKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
-/// Set by userspace when the recording stops: the programs stay attached
-/// while the maps are read (detaching takes an RCU grace period per probe),
-/// but change nothing any more.
+/// Set by userspace: `PHASE_STOPPED` when the recording stops (the
+/// programs stay attached while the maps are read — detaching takes an RCU
+/// grace period per probe — but change nothing any more), and the flush
+/// parity, which [`current_window`] puts in every window it gives.
 #[map]
 static STOPPED: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -149,17 +151,24 @@ pub(super) fn window_for(vms: u64) -> Option<u32> {
 /// Whether the recording has stopped (see [`STOPPED`]).
 #[inline(always)]
 pub(super) fn stopped() -> bool {
-    STOPPED.get(0).is_some_and(|s| *s != 0)
+    STOPPED.get(0).is_some_and(|s| *s & PHASE_STOPPED != 0)
 }
 
-/// The window an event now is charged to; `None` outside every window or
+/// The window an event now is charged to, with the flush parity in its
+/// `WINDOW_PARITY` bit (see [`STOPPED`]); `None` outside every window or
 /// after the stop.
 #[inline(always)]
 pub(super) fn current_window() -> Option<u32> {
-    if stopped() {
+    let phase = STOPPED.get(0).copied().unwrap_or(0);
+    if phase & PHASE_STOPPED != 0 {
         return None;
     }
-    window_for(vms_created())
+    let parity = if phase & PHASE_PARITY != 0 {
+        WINDOW_PARITY
+    } else {
+        0
+    };
+    window_for(vms_created()).map(|w| w | parity)
 }
 
 // ------------------------------------------------------ losses and counts

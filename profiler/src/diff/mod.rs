@@ -94,7 +94,7 @@ impl Outcome {
 /// Reads both profiles, diffs them, writes every output into
 /// `args.output`, and evaluates the gates.
 pub fn run(args: &DiffArgs<'_>) -> Result<Outcome, DiffError> {
-    let [a, b]: [Profile; 2] = render::parallel_map(&[args.a, args.b], |p| Profile::read(p))?
+    let [a, b]: [Profile; 2] = render::parallel_map(&[args.a, args.b], |p| Profile::open(p))?
         .try_into()
         .unwrap_or_else(|_| unreachable!("two paths, two profiles"));
     let matched = match_windows(&a, args.a, &b, args.b, args.common_windows)?;

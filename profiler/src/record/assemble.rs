@@ -2,8 +2,10 @@
 //! and their kernel values named, sorted; the VM timeline, the processes,
 //! the losses and what the recording was.
 
+use std::{cell::OnceCell, collections::HashMap};
+
 use profiler_common::record::{
-    DBUS_TIMEOUT_DEFAULT, VM_SOURCE_EXEC, cgroup_op, dbus_fn, fork_kind,
+    DBUS_TIMEOUT_DEFAULT, VM_SOURCE_EXEC, WINDOW_PARITY, cgroup_op, dbus_fn, fork_kind,
 };
 
 use super::{
@@ -11,14 +13,13 @@ use super::{
     drain::Drained,
     events::{Recorder, Stop},
     kernel,
-    options::Target,
-    symbolize::Frames,
+    symbolize::{Frames, StackStore},
 };
 use crate::{
     procmaps,
     profile::{
         CgroupOp, DbusCall, ForkCall, LockWait, LossCount, Meta, OffCpu, OnCpu, Process, Profile,
-        VmCreation,
+        VmCreation, merge::Rows,
     },
     sys,
     tracer::dbus_function,
@@ -68,82 +69,115 @@ fn c_name(b: &[u8]) -> Option<String> {
     (end > 0).then(|| String::from_utf8_lossy(&b[..end]).into_owned())
 }
 
-/// The profile of a drained recording.
-pub(super) fn profile(rec: &Recorder, mut drained: Drained, stop: &Stop, stop_ns: u64) -> Profile {
+/// The rows of one drain, symbolized into `frames`' table, as a part of
+/// the profile (its other fields empty).
+pub(super) fn part(
+    rec: &Recorder,
+    drained: &mut Drained,
+    frames: &mut Frames,
+    stacks: &StackStore,
+) -> Profile {
     let triples = drained.triples();
-    let mut frames = Frames::new(
-        &rec.processes,
-        &drained.stacks,
-        &triples,
-        matches!(rec.opts.target, Target::All),
-        rec.opts.kernel_stack_min_block,
-    );
-    let oncpu = oncpu(&drained, &mut frames);
-    let offcpu = offcpu(&drained, &mut frames);
-    let locks = locks(&drained, &mut frames);
-    let forks = forks(&drained, &mut frames);
-    let dbus = dbus(&drained, &mut frames);
-    let cgroups = cgroups(&drained);
-    let (table, stats) = frames.finish();
+    frames.prepare(&rec.processes, stacks, &triples);
+    let mut s = Symbolize {
+        frames,
+        processes: &rec.processes,
+        stacks,
+    };
+    Profile {
+        oncpu: oncpu(drained, &mut s),
+        offcpu: offcpu(drained, &mut s),
+        locks: locks(drained, &mut s, &rec.data_symbols),
+        forks: forks(drained, &mut s),
+        dbus: dbus(drained, &mut s),
+        cgroups: cgroups(drained),
+        losses: std::mem::take(&mut drained.losses),
+        unwind: std::mem::take(&mut drained.unwind),
+        ..Profile::default()
+    }
+}
+
+/// Symbolizing one drain's stacks.
+struct Symbolize<'a> {
+    frames: &'a mut Frames,
+    processes: &'a super::targets::Processes,
+    stacks: &'a StackStore,
+}
+
+impl Symbolize<'_> {
+    fn stack(&mut self, tgid: u32, kern: u64, user: u64) -> Vec<u32> {
+        self.frames
+            .stack(self.processes, self.stacks, tgid, kern, user)
+    }
+}
+
+/// The window of a kernel row, without its flush parity.
+fn window(recorded: u32) -> u32 {
+    recorded & !WINDOW_PARITY
+}
+
+/// The whole profile at the stop: the rows of every drain, added up, with
+/// the VM timeline, the processes, what symbolization could not do, and
+/// what the recording was.
+pub(super) fn profile(
+    rec: &Recorder,
+    rows: Rows,
+    frames: &Frames,
+    last: &mut Drained,
+    stop: &Stop,
+    stop_ns: u64,
+) -> Profile {
+    let mut profile = Profile::default();
+    rows.into_profile(&mut profile);
+    let stats = frames.stats();
     if stats.user_unmapped > 0 {
-        drained.losses.push(LossCount {
+        profile.losses.push(LossCount {
             window: None,
             kind: "user frames of processes gone before their maps were read".to_owned(),
             count: stats.user_unmapped,
         });
     }
     let vms = vms(rec);
-    if vms.len() as u64 != drained.vm_count {
-        drained.losses.push(LossCount {
+    let vm_count = last.vm_count.unwrap_or(vms.len() as u64);
+    if vms.len() as u64 != vm_count {
+        profile.losses.push(LossCount {
             window: None,
             kind: "VM creation events missing (count from the kernel's counter)".to_owned(),
-            count: drained.vm_count.saturating_sub(vms.len() as u64),
+            count: vm_count.saturating_sub(vms.len() as u64),
         });
     }
     let mut processes: Vec<Process> = rec.processes.info.values().cloned().collect();
     processes.sort_by_key(|p| p.tgid);
-    Profile {
-        meta: meta(rec, stop, stop_ns, std::mem::take(&mut drained.counters)),
-        windows: rec.opts.windows.windows(drained.vm_count),
-        vms,
-        frames: table.into_names(),
-        oncpu,
-        offcpu,
-        losses: drained.losses,
-        unwind: drained.unwind,
-        processes,
-        locks,
-        forks,
-        cgroups,
-        dbus,
-    }
+    profile.meta = meta(rec, stop.to_string(), stop_ns.saturating_sub(rec.start_ns));
+    profile.meta.counters = std::mem::take(&mut last.counters);
+    profile.windows = rec.opts.windows.windows(vm_count);
+    profile.vms = vms;
+    profile.frames = frames.names().to_vec();
+    profile.processes = processes;
+    profile
 }
 
-fn oncpu(drained: &Drained, frames: &mut Frames<'_>) -> Vec<OnCpu> {
-    let mut rows: Vec<OnCpu> = drained
+fn oncpu(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OnCpu> {
+    drained
         .oncpu
         .iter()
         .map(|(k, n)| OnCpu {
-            window: k.window,
+            window: window(k.window),
             tgid: k.tgid,
             pid: k.pid,
             comm: comm_str(&k.comm),
             stack: frames.stack(k.tgid, k.kern_stack, k.user_stack),
             samples: *n,
         })
-        .collect();
-    rows.sort_by(|a, b| {
-        (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack))
-    });
-    rows
+        .collect()
 }
 
-fn offcpu(drained: &Drained, frames: &mut Frames<'_>) -> Vec<OffCpu> {
-    let mut rows: Vec<OffCpu> = drained
+fn offcpu(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffCpu> {
+    drained
         .offcpu
         .iter()
         .map(|(k, v)| OffCpu {
-            window: k.window,
+            window: window(k.window),
             tgid: k.tgid,
             pid: k.pid,
             comm: comm_str(&k.comm),
@@ -155,26 +189,29 @@ fn offcpu(drained: &Drained, frames: &mut Frames<'_>) -> Vec<OffCpu> {
             max_ns: v.max_ns,
             runq_ns: v.runq_ns,
         })
-        .collect();
-    rows.sort_by(|a, b| {
-        (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack))
-    });
-    rows
+        .collect()
 }
 
-fn locks(drained: &Drained, frames: &mut Frames<'_>) -> Vec<LockWait> {
+fn locks(
+    drained: &Drained,
+    frames: &mut Symbolize<'_>,
+    data_symbols: &OnceCell<HashMap<u64, String>>,
+) -> Vec<LockWait> {
     if drained.locks.is_empty() {
         return Vec::new();
     }
-    let data_symbols = kernel::kernel_data_symbols().unwrap_or_else(|why| {
-        eprintln!("hvprof: warning: locks are named by address only: {why}");
-        std::collections::HashMap::new()
+    // Read once, at the first flush with lock waits.
+    let data_symbols = data_symbols.get_or_init(|| {
+        kernel::kernel_data_symbols().unwrap_or_else(|why| {
+            eprintln!("hvprof: warning: locks are named by address only: {why}");
+            HashMap::new()
+        })
     });
-    let mut rows: Vec<LockWait> = drained
+    drained
         .locks
         .iter()
         .map(|(k, v)| LockWait {
-            window: k.window,
+            window: window(k.window),
             tgid: k.tgid,
             comm: comm_str(&k.comm),
             lock: k.lock,
@@ -186,46 +223,38 @@ fn locks(drained: &Drained, frames: &mut Frames<'_>) -> Vec<LockWait> {
             max_ns: v.max_ns,
             hist: trim_hist(&v.hist),
         })
-        .collect();
-    rows.sort_by(|a, b| {
-        (a.window, a.lock, a.tgid, &a.stack).cmp(&(b.window, b.lock, b.tgid, &b.stack))
-    });
-    rows
+        .collect()
 }
 
-fn forks(drained: &Drained, frames: &mut Frames<'_>) -> Vec<ForkCall> {
-    let mut rows: Vec<ForkCall> = drained
+fn forks(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<ForkCall> {
+    drained
         .forks
         .iter()
         .map(|(k, v)| ForkCall {
-            window: k.window,
+            window: window(k.window),
             tgid: k.tgid,
             comm: comm_str(&k.comm),
             syscall: fork_syscall_name(k.kind).to_owned(),
             thread: k.kind & fork_kind::THREAD != 0,
             stack: frames.stack(k.tgid, 0, k.user_stack),
             caller: (k.caller != 0)
-                .then(|| frames.caller(k.tgid, k.caller))
+                .then(|| frames.frames.caller(frames.processes, k.tgid, k.caller))
                 .flatten(),
             count: v.count,
             total_ns: v.total_ns,
             max_ns: v.max_ns,
         })
-        .collect();
-    rows.sort_by(|a, b| {
-        (a.window, a.tgid, &a.stack, a.thread).cmp(&(b.window, b.tgid, &b.stack, b.thread))
-    });
-    rows
+        .collect()
 }
 
-fn dbus(drained: &Drained, frames: &mut Frames<'_>) -> Vec<DbusCall> {
-    let mut rows: Vec<DbusCall> = drained
+fn dbus(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<DbusCall> {
+    drained
         .dbus
         .iter()
         .map(|(k, v)| {
             let (library, function) = dbus_function(k.function);
             DbusCall {
-                window: k.window,
+                window: window(k.window),
                 tgid: k.tgid,
                 comm: comm_str(&k.comm),
                 library: library.to_owned(),
@@ -245,21 +274,19 @@ fn dbus(drained: &Drained, frames: &mut Frames<'_>) -> Vec<DbusCall> {
                 hist: trim_hist(&v.hist),
             }
         })
-        .collect();
-    rows.sort_by(|a, b| {
-        (a.window, a.tgid, &a.library, &a.member, &a.stack)
-            .cmp(&(b.window, b.tgid, &b.library, &b.member, &b.stack))
-    });
-    rows
+        .collect()
 }
 
 fn cgroups(drained: &Drained) -> Vec<CgroupOp> {
+    if drained.cgroups.is_empty() {
+        return Vec::new();
+    }
     let hierarchies = kernel::cgroup_hierarchies();
-    let mut rows: Vec<CgroupOp> = drained
+    drained
         .cgroups
         .iter()
         .map(|(k, v)| CgroupOp {
-            window: k.window,
+            window: window(k.window),
             tgid: k.tgid,
             comm: comm_str(&k.comm),
             op: match k.kind {
@@ -278,21 +305,11 @@ fn cgroups(drained: &Drained) -> Vec<CgroupOp> {
             total_ns: v.total_ns,
             max_ns: v.max_ns,
         })
-        .collect();
-    rows.sort_by(|a, b| {
-        (a.window, &a.op, &a.hierarchy, &a.path, a.tgid).cmp(&(
-            b.window,
-            &b.op,
-            &b.hierarchy,
-            &b.path,
-            b.tgid,
-        ))
-    });
-    rows
+        .collect()
 }
 
 /// VM creations, numbered by time (see the kernel's `vm_created`).
-fn vms(rec: &Recorder) -> Vec<VmCreation> {
+pub(super) fn vms(rec: &Recorder) -> Vec<VmCreation> {
     let mut events = rec.vms.clone();
     events.sort_by_key(|(e, _)| e.ts_ns);
     events
@@ -320,12 +337,7 @@ fn vms(rec: &Recorder) -> Vec<VmCreation> {
 }
 
 /// What the recording was: host, options, why it stopped, what it cost.
-fn meta(
-    rec: &Recorder,
-    stop: &Stop,
-    stop_ns: u64,
-    counters: std::collections::BTreeMap<String, u64>,
-) -> Meta {
+pub(super) fn meta(rec: &Recorder, stop_reason: String, duration_ns: u64) -> Meta {
     let opts = &rec.opts;
     Meta {
         hvprof_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -335,7 +347,7 @@ fn meta(
         kernel: sys::kernel_release(),
         cpus: sys::online_cpus().map_or(0, |c| c.len()),
         started_unix_ms: rec.started_unix_ms,
-        duration_ns: stop_ns.saturating_sub(rec.start_ns),
+        duration_ns,
         command_line: opts.command_line.clone(),
         target: opts.target.to_string(),
         follow_children: opts.follow_children,
@@ -344,11 +356,12 @@ fn meta(
         min_block_ns: u64::try_from(opts.min_block.as_nanos()).unwrap_or(u64::MAX),
         max_block_ns: u64::try_from(opts.max_block.as_nanos()).unwrap_or(u64::MAX),
         vm_events: opts.vm_events.iter().map(ToString::to_string).collect(),
-        stop_reason: stop.to_string(),
+        stop_reason,
         tracers: rec.tracers.iter().map(|t| t.name().to_owned()).collect(),
         program_stats: Vec::new(),
         self_cpu_ns: Some(rec.self_cpu_ns),
-        counters,
+        counters: std::collections::BTreeMap::new(),
+        incomplete: None,
         verify_unwind: rec
             .verifier
             .as_ref()

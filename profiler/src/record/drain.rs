@@ -1,7 +1,16 @@
-//! Reading the kernel's aggregations out once the recording stops: the
-//! maps are frozen first (the programs see `STOPPED` and change nothing),
-//! then every map is read whole, with what is still in flight — the blocks
-//! of tasks still blocked, and those not yet added up — and the losses.
+//! Reading the kernel's aggregations out.
+//!
+//! While recording, at every flush: userspace flips the flush parity (see
+//! `PHASE_PARITY`), waits for the programs running on other CPUs, then
+//! reads and deletes every entry written under the parity before the flip
+//! — nothing writes those any more but events that began before it, which
+//! insert a new entry, read at a later flush. So the maps hold what two
+//! flushes add, however long the recording, and no count is lost to a
+//! race between a program's update and a delete.
+//!
+//! At the stop the maps are frozen (the programs see `PHASE_STOPPED` and
+//! change nothing), then read whole, with what is still in flight — the
+//! blocks of tasks still blocked, and those not yet added up.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,8 +21,8 @@ use aya::{
 use profiler_common::{
     record::{
         CgroupKey, CgroupValue, Counter, DbusKey, DbusValue, ForkKey, ForkValue, LockKey,
-        LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue, STACK_ID_MIN, SampleKey,
-        StackBuf, VmState, names,
+        LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue, PHASE_PARITY, PHASE_STOPPED,
+        STACK_ID_MIN, SampleKey, StackBuf, VmState, names, parity_of, recorded_window,
     },
     unwind::UnwindStop,
 };
@@ -22,6 +31,7 @@ use super::{
     attach,
     events::Recorder,
     options::{self, RecordError},
+    symbolize::StackStore,
 };
 use crate::{
     profile::{self, LossCount},
@@ -39,7 +49,7 @@ pub(super) fn freeze(bpf: &mut Ebpf) {
         .map_mut(name)
         .ok_or_else(|| "the map is missing from the eBPF object".to_owned())
         .and_then(|m| Array::<&mut MapData, u32>::try_from(m).map_err(|e| options::chain(&e)))
-        .and_then(|mut a| a.set(0, &1, 0).map_err(|e| options::chain(&e)));
+        .and_then(|mut a| a.set(0, &PHASE_STOPPED, 0).map_err(|e| options::chain(&e)));
     if let Err(e) = frozen {
         eprintln!(
             "hvprof: warning: the recording's maps could not be frozen (writing {name}: {e}): \
@@ -47,8 +57,58 @@ pub(super) fn freeze(bpf: &mut Ebpf) {
         );
         attach::unload_all(bpf);
     }
-    // Let programs already running on other CPUs finish.
+    settle();
+}
+
+/// Lets the programs already running on other CPUs finish (a program runs
+/// for microseconds, without sleeping).
+fn settle() {
     std::thread::sleep(std::time::Duration::from_millis(2));
+}
+
+/// Flips the flush parity to `parity`: from now on the programs write
+/// their entries under it. Returns once the programs that read the old
+/// parity are done.
+pub(super) fn flip(bpf: &mut Ebpf, parity: bool) -> Result<(), RecordError> {
+    let name = names::STOPPED;
+    let map = bpf.map_mut(name).ok_or(RecordError::Missing { name })?;
+    let mut a: Array<&mut MapData, u32> = Array::try_from(map).map_err(map_err(name))?;
+    a.set(0, &if parity { PHASE_PARITY } else { 0 }, 0)
+        .map_err(map_err(name))?;
+    settle();
+    Ok(())
+}
+
+/// Which entries a drain takes.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Take {
+    /// A flush's: those of the inactive flush parity, deleted.
+    Parity(bool),
+    /// The stop's: all that is left (the maps are frozen), with what is
+    /// still in flight.
+    Rest { stop_ns: u64 },
+}
+
+impl Take {
+    fn wants(self, window: u32) -> bool {
+        match self {
+            Self::Parity(p) => parity_of(window) == Some(p),
+            Self::Rest { .. } => true,
+        }
+    }
+
+    fn deletes(self) -> bool {
+        matches!(self, Self::Parity(_))
+    }
+}
+
+/// Counts the kernel keeps per CPU under keys it never deletes (losses
+/// outside every window): what was already written, to write only what was
+/// added since.
+#[derive(Default)]
+pub(super) struct Seen {
+    losses: HashMap<LossKey, u64>,
+    unwind: HashMap<u32, [u64; UnwindStop::COUNT as usize]>,
 }
 
 /// The programs `--bpf-stats` reports, in the order of its table: every
@@ -93,10 +153,11 @@ pub(super) fn program_stats(bpf: &Ebpf) -> Vec<profile::ProgramStat> {
         .collect()
 }
 
-/// Everything the kernel side recorded, read out.
+/// What one drain read out of the kernel.
+#[derive(Default)]
 pub(super) struct Drained {
-    /// VMs created, by the kernel's count.
-    pub vm_count: u64,
+    /// VMs created, by the kernel's count (at the stop).
+    pub vm_count: Option<u64>,
     pub oncpu: Vec<(SampleKey, u64)>,
     /// One row per key: the map's, and the blocks still in flight.
     pub offcpu: Vec<(OffCpuKey, OffCpuValue)>,
@@ -107,9 +168,8 @@ pub(super) struct Drained {
     pub losses: Vec<LossCount>,
     /// The unwinder's stops per window.
     pub unwind: Vec<LossCount>,
-    /// The frames of every stack a row names, by stack id.
-    pub stacks: HashMap<u64, Vec<u64>>,
-    /// The kernel's `COUNTERS` and the unwind-table loader's, by name.
+    /// The kernel's `COUNTERS` and the unwind-table loader's, by name (at
+    /// the stop).
     pub counters: BTreeMap<String, u64>,
 }
 
@@ -143,59 +203,119 @@ fn map<'a>(bpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, Reco
     bpf.map(name).ok_or(RecordError::Missing { name })
 }
 
-/// Reads every map of the frozen recording.
-pub(super) fn drain(rec: &Recorder, bpf: &Ebpf, stop_ns: u64) -> Result<Drained, RecordError> {
-    let vm_count = {
+fn map_mut<'a>(
+    bpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, RecordError> {
+    bpf.map_mut(name).ok_or(RecordError::Missing { name })
+}
+
+/// Reads (and for a flush deletes) what `take` takes of every map, and
+/// the stacks its rows name that `stacks` does not have yet.
+pub(super) fn drain(
+    rec: &Recorder,
+    bpf: &mut Ebpf,
+    take: Take,
+    seen: &mut Seen,
+    stacks: &mut StackStore,
+) -> Result<Drained, RecordError> {
+    let mut drained = Drained {
+        oncpu: entries(bpf, names::ONCPU_COUNTS, take, |k: &SampleKey| k.window)?,
+        offcpu: offcpu(rec, bpf, take)?,
+        locks: aggregation(
+            rec,
+            bpf,
+            names::LOCK_WAITS,
+            Tracer::Locks,
+            take,
+            |k: &LockKey| k.window,
+        )?,
+        dbus: aggregation(
+            rec,
+            bpf,
+            names::DBUS_CALLS,
+            Tracer::Dbus,
+            take,
+            |k: &DbusKey| k.window,
+        )?,
+        forks: aggregation(
+            rec,
+            bpf,
+            names::FORK_CALLS,
+            Tracer::Fork,
+            take,
+            |k: &ForkKey| k.window,
+        )?,
+        cgroups: aggregation(
+            rec,
+            bpf,
+            names::CGROUP_OPS,
+            Tracer::Cgroup,
+            take,
+            |k: &CgroupKey| k.window,
+        )?,
+        losses: losses(bpf, take, &mut seen.losses)?,
+        unwind: unwind_counts(bpf, take, &mut seen.unwind),
+        ..Drained::default()
+    };
+    if let Take::Rest { .. } = take {
         let name = names::VM_STATE;
         let a: Array<&MapData, VmState> =
             Array::try_from(map(bpf, name)?).map_err(map_err(name))?;
-        a.get(&0, 0).map_err(map_err(name))?.created
-    };
-    let oncpu = {
-        let name = names::ONCPU_COUNTS;
-        let m: BpfHashMap<&MapData, SampleKey, u64> =
-            BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
-        m.iter().filter_map(Result::ok).collect()
-    };
-    let offcpu = offcpu(rec, bpf, stop_ns)?;
-    let mut losses = losses(bpf)?;
-    let unwind = unwind_counts(bpf);
-    if rec.ring_losses > 0 {
-        losses.push(LossCount {
-            window: None,
-            kind: "unknown ring-buffer events".to_owned(),
-            count: rec.ring_losses,
-        });
+        drained.vm_count = Some(a.get(&0, 0).map_err(map_err(name))?.created);
+        drained.counters = counters(rec, bpf);
+        if rec.ring_losses > 0 {
+            drained.losses.push(LossCount {
+                window: None,
+                kind: "unknown ring-buffer events".to_owned(),
+                count: rec.ring_losses,
+            });
+        }
     }
-    let mut drained = Drained {
-        vm_count,
-        oncpu,
-        offcpu,
-        locks: aggregation(rec, bpf, names::LOCK_WAITS, Tracer::Locks)?,
-        dbus: aggregation(rec, bpf, names::DBUS_CALLS, Tracer::Dbus)?,
-        forks: aggregation(rec, bpf, names::FORK_CALLS, Tracer::Fork)?,
-        cgroups: aggregation(rec, bpf, names::CGROUP_OPS, Tracer::Cgroup)?,
-        losses,
-        unwind,
-        stacks: HashMap::new(),
-        counters: counters(rec, bpf),
-    };
-    drained.stacks = stacks(bpf, &drained.triples())?;
+    fetch_stacks(bpf, &drained.triples(), stacks, take.deletes())?;
     Ok(drained)
 }
 
-/// The off-CPU map, with the blocks still in flight: each thread's blocks
-/// not yet added to the map, and the block of a task still blocked at the
-/// stop, so far. One row per key.
+/// The entries of a hash map that `take` takes (by their recorded
+/// window), deleted if it deletes them.
+fn entries<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    bpf: &mut Ebpf,
+    name: &'static str,
+    take: Take,
+    window: impl Fn(&K) -> u32,
+) -> Result<Vec<(K, V)>, RecordError> {
+    let mut m: BpfHashMap<&mut MapData, K, V> =
+        BpfHashMap::try_from(map_mut(bpf, name)?).map_err(map_err(name))?;
+    let keys: Vec<K> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| take.wants(window(k)))
+        .collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        if let Ok(v) = m.get(&k, 0) {
+            out.push((k, v));
+        }
+        if take.deletes() {
+            // Gone already: a key seen by the walk is deleted only here.
+            let _ = m.remove(&k);
+        }
+    }
+    Ok(out)
+}
+
+/// The off-CPU map; at the stop with the blocks still in flight: each
+/// thread's blocks not yet added to the map, and the block of a task still
+/// blocked at the stop, so far. One row per key.
 fn offcpu(
     rec: &Recorder,
-    bpf: &Ebpf,
-    stop_ns: u64,
+    bpf: &mut Ebpf,
+    take: Take,
 ) -> Result<Vec<(OffCpuKey, OffCpuValue)>, RecordError> {
-    let name = names::OFFCPU_TIMES;
-    let m: BpfHashMap<&MapData, OffCpuKey, OffCpuValue> =
-        BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
-    let mut rows: Vec<(OffCpuKey, OffCpuValue)> = m.iter().filter_map(Result::ok).collect();
+    let mut rows = entries(bpf, names::OFFCPU_TIMES, take, |k: &OffCpuKey| k.window)?;
+    let Take::Rest { stop_ns } = take else {
+        return Ok(rows);
+    };
     let name = names::OFFCPU_START;
     let m: BpfHashMap<&MapData, u64, OffCpuStart> =
         BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
@@ -247,22 +367,82 @@ fn run_delay_of(task: &str) -> Option<u64> {
         .ok()
 }
 
-/// The kernel's loss counts, per window.
-fn losses(bpf: &Ebpf) -> Result<Vec<LossCount>, RecordError> {
-    let name = names::LOSSES;
-    let m: PerCpuHashMap<&MapData, LossKey, u64> =
-        PerCpuHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
-    Ok(m.iter()
+/// The per-CPU counts of a map keyed by recorded window: those of the
+/// taken parity (deleted), and of the other keys what was added since they
+/// were last read.
+fn per_cpu_counts<K, V, const N: usize>(
+    bpf: &mut Ebpf,
+    name: &'static str,
+    take: Take,
+    seen: &mut HashMap<K, [u64; N]>,
+    window: impl Fn(&K) -> u32,
+    counts: impl Fn(&V) -> [u64; N],
+) -> Result<Vec<(K, [u64; N])>, RecordError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
+    let mut m: PerCpuHashMap<&mut MapData, K, V> =
+        PerCpuHashMap::try_from(map_mut(bpf, name)?).map_err(map_err(name))?;
+    let all: Vec<(K, [u64; N])> = m
+        .iter()
         .filter_map(Result::ok)
-        .filter_map(|(k, v)| {
+        .map(|(k, per_cpu)| {
+            let mut sum = [0u64; N];
+            for v in per_cpu.iter() {
+                for (s, c) in sum.iter_mut().zip(counts(v)) {
+                    *s = s.saturating_add(c);
+                }
+            }
+            (k, sum)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (k, sum) in all {
+        let last = seen.get(&k).copied().unwrap_or([0; N]);
+        let mut added = [0u64; N];
+        for ((a, s), l) in added.iter_mut().zip(sum).zip(last) {
+            *a = s.saturating_sub(l);
+        }
+        if take.deletes() && parity_of(window(&k)).is_some() && take.wants(window(&k)) {
+            let _ = m.remove(&k);
+            seen.remove(&k);
+        } else {
+            seen.insert(k, sum);
+        }
+        if added.iter().any(|&c| c > 0) {
+            out.push((k, added));
+        }
+    }
+    Ok(out)
+}
+
+/// The kernel's loss counts, per window.
+fn losses(
+    bpf: &mut Ebpf,
+    take: Take,
+    seen: &mut HashMap<LossKey, u64>,
+) -> Result<Vec<LossCount>, RecordError> {
+    let mut seen_arr: HashMap<LossKey, [u64; 1]> = seen.iter().map(|(k, v)| (*k, [*v])).collect();
+    let counts = per_cpu_counts(
+        bpf,
+        names::LOSSES,
+        take,
+        &mut seen_arr,
+        |k: &LossKey| k.window,
+        |v: &u64| [*v],
+    )?;
+    *seen = seen_arr.into_iter().map(|(k, [v])| (k, v)).collect();
+    Ok(counts
+        .into_iter()
+        .filter_map(|(k, [count])| {
             let loss = Loss::ALL.get(k.loss as usize)?;
             Some(LossCount {
-                window: (k.window != u32::MAX).then_some(k.window),
+                window: recorded_window(k.window),
                 kind: loss_name(*loss).to_owned(),
-                count: v.iter().sum(),
+                count,
             })
         })
-        .filter(|l| l.count > 0)
         .collect())
 }
 
@@ -289,72 +469,91 @@ pub fn loss_name(l: Loss) -> &'static str {
 }
 
 /// The unwinder's counts per window, by `UnwindStop` name.
-fn unwind_counts(bpf: &Ebpf) -> Vec<LossCount> {
-    let Some(map) = bpf.map(names::UNWIND_STOPS) else {
+fn unwind_counts(
+    bpf: &mut Ebpf,
+    take: Take,
+    seen: &mut HashMap<u32, [u64; UnwindStop::COUNT as usize]>,
+) -> Vec<LossCount> {
+    if bpf.map(names::UNWIND_STOPS).is_none() {
         return Vec::new();
-    };
-    let Ok(m) = PerCpuHashMap::<&MapData, u32, [u64; UnwindStop::COUNT as usize]>::try_from(map)
-    else {
+    }
+    let Ok(counts) = per_cpu_counts(
+        bpf,
+        names::UNWIND_STOPS,
+        take,
+        seen,
+        |w: &u32| *w,
+        |v: &[u64; UnwindStop::COUNT as usize]| *v,
+    ) else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for (window, per_cpu) in m.iter().filter_map(Result::ok) {
+    for (window, per_stop) in counts {
         for stop in UnwindStop::ALL {
-            let count: u64 = per_cpu.iter().map(|c| c[stop as usize]).sum();
+            let count = per_stop[stop as usize];
             if count > 0 {
                 out.push(LossCount {
-                    window: (window != u32::MAX).then_some(window),
+                    window: recorded_window(window),
                     kind: stop.name().to_owned(),
                     count,
                 });
             }
         }
     }
-    out.sort_by(|a, b| (a.window, &a.kind).cmp(&(b.window, &b.kind)));
     out
 }
 
-/// Every entry of an aggregation map of `tracer`; none when the tracer did
+/// [`entries`] of the aggregation map of `tracer`; none when the tracer did
 /// not run.
-fn aggregation<K: aya::Pod, V: aya::Pod>(
+fn aggregation<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     rec: &Recorder,
-    bpf: &Ebpf,
+    bpf: &mut Ebpf,
     name: &'static str,
     tracer: Tracer,
+    take: Take,
+    window: impl Fn(&K) -> u32,
 ) -> Result<Vec<(K, V)>, RecordError> {
-    match bpf.map(name) {
-        Some(m) if rec.tracers.contains(&tracer) => {
-            let m: BpfHashMap<&MapData, K, V> = BpfHashMap::try_from(m).map_err(map_err(name))?;
-            Ok(m.iter().filter_map(Result::ok).collect())
-        }
-        _ => Ok(Vec::new()),
+    if bpf.map(name).is_none() || !rec.tracers.contains(&tracer) {
+        return Ok(Vec::new());
     }
+    entries(bpf, name, take, window)
 }
 
-/// The frames of every stack the rows name, by id.
-fn stacks(bpf: &Ebpf, triples: &[(u32, u64, u64)]) -> Result<HashMap<u64, Vec<u64>>, RecordError> {
+/// Reads the stacks the rows name that `store` does not have yet into it;
+/// with `delete`, deletes them from the kernel's map, which then holds only
+/// stacks not read yet (the programs store a stack again when they meet it
+/// again; userspace keeps every stack it read).
+fn fetch_stacks(
+    bpf: &mut Ebpf,
+    triples: &[(u32, u64, u64)],
+    store: &mut StackStore,
+    delete: bool,
+) -> Result<(), RecordError> {
     let mut ids: Vec<u64> = triples
         .iter()
         .flat_map(|&(_, k, u)| [k, u])
-        .filter(|&id| id >= STACK_ID_MIN)
+        .filter(|&id| id >= STACK_ID_MIN && !store.ips.contains_key(&id))
         .collect();
     ids.sort_unstable();
     ids.dedup();
     let name = names::STACKS;
-    let m: BpfHashMap<&MapData, u64, StackBuf> =
-        BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
-    Ok(ids
-        .into_iter()
-        .filter_map(|id| {
-            let st = m.get(&id, 0).ok()?;
-            let n = st
-                .ips
-                .iter()
-                .position(|&ip| ip == 0)
-                .unwrap_or(st.ips.len());
-            Some((id, st.ips[..n].to_vec()))
-        })
-        .collect())
+    let mut m: BpfHashMap<&mut MapData, u64, StackBuf> =
+        BpfHashMap::try_from(map_mut(bpf, name)?).map_err(map_err(name))?;
+    for id in ids {
+        let Ok(st) = m.get(&id, 0) else {
+            continue;
+        };
+        let n = st
+            .ips
+            .iter()
+            .position(|&ip| ip == 0)
+            .unwrap_or(st.ips.len());
+        store.ips.insert(id, st.ips[..n].into());
+        if delete {
+            let _ = m.remove(&id);
+        }
+    }
+    Ok(())
 }
 
 /// The off-CPU tracer's stack work (`--bpf-stats`).

@@ -9,11 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
-use profiler_common::record::{Event, EventKind, MAPPING_SETTLE_NS};
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+};
+use profiler_common::record::{Event, EventKind, MAPPING_SETTLE_NS, recorded_window};
 
 use super::{
     comm_str,
+    flush::Flusher,
     options::{RecordError, RecordOptions, Target},
     targets::{GatedChild, Processes},
 };
@@ -43,6 +47,9 @@ pub(super) struct Recorder {
     pub unwind_stats: Option<crate::unwind::procs::LoaderStats>,
     /// `--verify-unwind`: checks the sampled walks.
     pub verifier: Option<crate::unwind::verify::Verifier>,
+    /// The kernel's data symbols, to name static locks: read at the first
+    /// lock wait drained.
+    pub data_symbols: std::cell::OnceCell<std::collections::HashMap<u64, String>>,
 }
 
 /// Why the recording stopped.
@@ -95,27 +102,32 @@ impl Recorder {
             resnap: Vec::new(),
             unwind_stats: None,
             verifier,
+            data_symbols: std::cell::OnceCell::new(),
             opts,
         }
     }
 
-    /// Runs until the stop, and says why it came.
+    /// Runs until the stop, flushing as it goes, and says why it came.
     pub fn run_loop(
         &mut self,
         events: &mut RingBuf<MapData>,
         gated: Option<&mut GatedChild>,
+        bpf: &mut Ebpf,
+        flusher: &mut Flusher,
     ) -> Result<Stop, RecordError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(runtime_err("creating its runtime"))?;
-        rt.block_on(self.wait_for_stop(events, gated))
+        rt.block_on(self.wait_for_stop(events, gated, bpf, flusher))
     }
 
     async fn wait_for_stop(
         &mut self,
         events: &mut RingBuf<MapData>,
         mut gated: Option<&mut GatedChild>,
+        bpf: &mut Ebpf,
+        flusher: &mut Flusher,
     ) -> Result<Stop, RecordError> {
         use std::os::fd::AsRawFd;
         use tokio::{
@@ -147,6 +159,11 @@ impl Recorder {
         // never ours).
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.opts.flush_interval,
+            self.opts.flush_interval,
+        );
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let sleep = async {
                 match deadline {
@@ -178,6 +195,11 @@ impl Recorder {
                     self.drain_events(events);
                     self.drain_verifier(false);
                     slow = true;
+                }
+                _ = flush.tick() => {
+                    // The processes and VMs first: the flush writes them.
+                    self.drain_events(events);
+                    flusher.flush(self, bpf)?;
                 }
             }
             if let Some(stop) = self.targets_stop(gated.as_deref_mut(), slow) {
@@ -298,7 +320,7 @@ impl Recorder {
         let cmdline = procmaps::cmdline(ev.tgid);
         let p = self.processes.entry(ev.tgid);
         p.exec_ns = Some(rel);
-        p.exec_window = (ev.window != u32::MAX).then_some(ev.window);
+        p.exec_window = recorded_window(ev.window);
         p.comm = comm_str(&ev.comm);
         if cmdline.is_some() {
             p.cmdline = cmdline;
@@ -334,7 +356,7 @@ impl Recorder {
         let p = self.processes.entry(ev.child);
         p.parent = Some(ev.tgid);
         p.forked_ns = Some(rel);
-        p.fork_window = (ev.window != u32::MAX).then_some(ev.window);
+        p.fork_window = recorded_window(ev.window);
         if p.comm.is_empty() {
             p.comm = comm;
         }

@@ -2,17 +2,22 @@
 //! `options` (what was asked) → `kernel` (what this kernel has) → `load`
 //! and `attach` (the programs, their configuration, and their probes,
 //! from the [tracer registry](crate::tracer)) → `targets` and `events`
-//! (following the targets until the stop) → `drain` (the frozen maps) →
-//! `symbolize` (stacks into frames) → `assemble` (the profile), which is
-//! then written with its renderings.
+//! (following the targets until the stop) → `drain` (the maps) →
+//! `symbolize` (stacks into frames) → `assemble` (rows, and at the stop
+//! the profile) → `flush` (which runs the three last at every flush while
+//! recording, appending to the profile file, and once more at the stop,
+//! when the file is replaced by the whole profile and its renderings are
+//! written).
 //!
 //! Stopping — duration, Ctrl-C, SIGTERM, the target exiting — always goes
-//! through the same drain, so whatever was recorded is written.
+//! through the same drain, so whatever was recorded is written; a kill
+//! leaves the file as the last flush left it.
 
 mod assemble;
 mod attach;
 mod drain;
 mod events;
+mod flush;
 mod kernel;
 mod load;
 mod options;
@@ -36,7 +41,7 @@ pub use self::{
     drain::loss_name,
     options::{RecordError, RecordOptions, Target, UnwindMode, VmEvent, VmEventError},
 };
-use self::{events::Recorder, kernel::Facts, targets::GatedChild};
+use self::{events::Recorder, flush::Flusher, kernel::Facts, targets::GatedChild};
 pub use crate::tracer::{Tracer, dbus_function};
 use crate::{
     profile::{self, Profile},
@@ -149,13 +154,13 @@ fn run(
     let name = names::EVENTS;
     let mut events = RingBuf::try_from(bpf.take_map(name).ok_or(RecordError::Missing { name })?)
         .map_err(|source| RecordError::Map { name, source })?;
-    let stop = rec.run_loop(&mut events, gated.as_deref_mut())?;
+    let mut flusher = Flusher::create(&rec)?;
+    let stop = rec.run_loop(&mut events, gated.as_deref_mut(), &mut bpf, &mut flusher)?;
     let stopped = Instant::now();
     let stop_ns = monotonic_ns();
     rec.self_cpu_ns = sys::self_cpu_ns().saturating_sub(rec.start_cpu_ns);
     let (command_status, program_stats) = stop_recording(&mut rec, &mut bpf, &mut events, gated);
-    let drained = drain::drain(&rec, &bpf, stop_ns)?;
-    let mut profile = assemble::profile(&rec, drained, &stop, stop_ns);
+    let mut profile = flusher.finish(&rec, &mut bpf, &stop, stop_ns)?;
     profile.meta.program_stats = program_stats;
     let profile_path = rec.opts.output.join(profile::FILE_NAME);
     profile.write(&profile_path)?;

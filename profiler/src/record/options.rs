@@ -126,6 +126,8 @@ pub struct RecordOptions {
     pub max_block: Duration,
     pub vm_events: Vec<VmEvent>,
     pub duration: Option<Duration>,
+    /// How often the maps are drained into the profile file.
+    pub flush_interval: Duration,
     pub output: PathBuf,
     pub command_line: Vec<String>,
     /// Turn on the kernel's BPF run-time statistics and keep each program's

@@ -3,6 +3,10 @@
 //! the process's snapshots (so a process that is gone still symbolizes),
 //! kernel frames from kallsyms. A stack id below `STACK_ID_MIN` is the
 //! reason there is no stack, and becomes a frame that says so.
+//!
+//! One [`Frames`] lives for the whole recording: every flush symbolizes
+//! the stacks of what it drained, into the same frame table, with the
+//! symbolizer's caches warm.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -22,10 +26,22 @@ use crate::{
 /// -EFAULT. With `-a` that is a kernel thread, and no loss.
 const STACK_EFAULT: u64 = libc::EFAULT.unsigned_abs() as u64;
 
+/// Every stack read from the kernel, by id: the kernel deletes a stack
+/// once it is read (so that its map holds only new ones), and may name
+/// it again later.
+#[derive(Default)]
+pub(super) struct StackStore {
+    pub ips: HashMap<u64, Box<[u64]>>,
+}
+
+impl StackStore {
+    fn get(&self, id: u64) -> &[u64] {
+        self.ips.get(&id).map_or(&[][..], |s| s)
+    }
+}
+
 /// The frames of the drained stacks, interned in one frame table.
-pub(super) struct Frames<'a> {
-    processes: &'a Processes,
-    stacks: &'a HashMap<u64, Vec<u64>>,
+pub(super) struct Frames {
     sym: Symbolizer,
     table: FrameTable,
     kernel: HashMap<u64, Vec<u32>>,
@@ -52,43 +68,11 @@ fn is_tracing_frame(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
-impl<'a> Frames<'a> {
-    /// Prepares the symbolizer for every frame of `triples`' stacks: the
-    /// kernel addresses, and the user frames batched per file.
-    pub fn new(
-        processes: &'a Processes,
-        stacks: &'a HashMap<u64, Vec<u64>>,
-        triples: &[(u32, u64, u64)],
-        target_all: bool,
-        kernel_stack_min_block: Duration,
-    ) -> Self {
-        let mut sym = Symbolizer::new();
-        let kaddrs: Vec<u64> = triples
-            .iter()
-            .map(|&(_, k, _)| k)
-            .filter_map(|id| stacks.get(&id))
-            .flatten()
-            .copied()
-            .collect();
-        sym.prepare_kernel(&kaddrs);
-        let mut files = Vec::new();
-        for &(tgid, _, id) in triples {
-            let chain = processes.chain(tgid);
-            let ips = stacks.get(&id).into_iter().flatten();
-            for (i, &ip) in ips.take_while(|&&ip| ip < STACK_CUT).enumerate() {
-                if let Some(fo) = Symbolizer::file_offset(&chain, call_site(i, ip)) {
-                    files.push(fo);
-                }
-            }
-        }
-        files.sort_unstable();
-        files.dedup();
-        sym.prepare_files(&files);
+impl Frames {
+    pub fn new(target_all: bool, kernel_stack_min_block: Duration) -> Self {
         let min_block = u64::try_from(kernel_stack_min_block.as_nanos()).unwrap_or(u64::MAX);
         Self {
-            processes,
-            stacks,
-            sym,
+            sym: Symbolizer::new(),
             table: FrameTable::default(),
             kernel: HashMap::new(),
             user: HashMap::new(),
@@ -100,25 +84,72 @@ impl<'a> Frames<'a> {
         }
     }
 
+    /// Prepares the symbolizer for every frame of `triples`' stacks: the
+    /// kernel addresses, and the user frames batched per file. User stacks
+    /// are symbolized anew at each flush (a process's mappings may have
+    /// grown since); kernel ones once.
+    pub fn prepare(
+        &mut self,
+        processes: &Processes,
+        stacks: &StackStore,
+        triples: &[(u32, u64, u64)],
+    ) {
+        self.user.clear();
+        let kaddrs: Vec<u64> = triples
+            .iter()
+            .map(|&(_, k, _)| k)
+            .filter(|id| !self.kernel.contains_key(id))
+            .flat_map(|id| stacks.get(id))
+            .copied()
+            .collect();
+        self.sym.prepare_kernel(&kaddrs);
+        let mut files = Vec::new();
+        for &(tgid, _, id) in triples {
+            let chain = processes.chain(tgid);
+            let ips = stacks.get(id).iter();
+            for (i, &ip) in ips.take_while(|&&ip| ip < STACK_CUT).enumerate() {
+                if let Some(fo) = Symbolizer::file_offset(&chain, call_site(i, ip)) {
+                    files.push(fo);
+                }
+            }
+        }
+        files.sort_unstable();
+        files.dedup();
+        self.sym.prepare_files(&files);
+    }
+
     /// A row's stack, outermost frame first: its user frames, then its
     /// kernel frames.
-    pub fn stack(&mut self, tgid: u32, kern: u64, user: u64) -> Vec<u32> {
+    pub fn stack(
+        &mut self,
+        processes: &Processes,
+        stacks: &StackStore,
+        tgid: u32,
+        kern: u64,
+        user: u64,
+    ) -> Vec<u32> {
         let mut out = if let Some(frames) = self.user.get(&(tgid, user)) {
             frames.clone()
         } else {
-            let frames = self.user_stack(tgid, user);
+            let frames = self.user_stack(processes, stacks, tgid, user);
             self.user.insert((tgid, user), frames.clone());
             frames
         };
         if !self.kernel.contains_key(&kern) {
-            let frames = self.kernel_stack(kern);
+            let frames = self.kernel_stack(stacks, kern);
             self.kernel.insert(kern, frames);
         }
         out.extend_from_slice(&self.kernel[&kern]);
         out
     }
 
-    fn user_stack(&mut self, tgid: u32, user: u64) -> Vec<u32> {
+    fn user_stack(
+        &mut self,
+        processes: &Processes,
+        stacks: &StackStore,
+        tgid: u32,
+        user: u64,
+    ) -> Vec<u32> {
         if user < STACK_ID_MIN {
             return match user {
                 // No user space: a kernel thread (-a), or exiting.
@@ -128,8 +159,8 @@ impl<'a> Frames<'a> {
                 _ => vec![self.table.intern("[missing user stack]")],
             };
         }
-        let chain = self.processes.chain(tgid);
-        let ips = self.stacks.get(&user).map_or(&[][..], Vec::as_slice);
+        let chain = processes.chain(tgid);
+        let ips = stacks.get(user);
         // Walk from the leaf. A frame in no executable mapping means the
         // frame-pointer walk left the stack (code built without frame
         // pointers): what follows it is garbage, so the stack ends in one
@@ -157,7 +188,7 @@ impl<'a> Frames<'a> {
             .collect()
     }
 
-    fn kernel_stack(&mut self, kern: u64) -> Vec<u32> {
+    fn kernel_stack(&mut self, stacks: &StackStore, kern: u64) -> Vec<u32> {
         if kern < STACK_ID_MIN {
             return match kern {
                 STACK_SHORT_BLOCK => vec![self.table.intern(&self.short_block)],
@@ -171,7 +202,7 @@ impl<'a> Frames<'a> {
             };
         }
         let mut names = Vec::new();
-        let ips = self.stacks.get(&kern).map_or(&[][..], Vec::as_slice);
+        let ips = stacks.get(kern);
         for (i, &ip) in ips.iter().enumerate().rev() {
             names.extend(self.sym.kernel_frames(call_site(i, ip)));
         }
@@ -185,15 +216,20 @@ impl<'a> Frames<'a> {
 
     /// The function whose call returns to `ret` in process `tgid` (the
     /// call instruction is just before the return address).
-    pub fn caller(&mut self, tgid: u32, ret: u64) -> Option<String> {
+    pub fn caller(&mut self, processes: &Processes, tgid: u32, ret: u64) -> Option<String> {
         self.sym
-            .user_frames(&self.processes.chain(tgid), ret - 1)
+            .user_frames(&processes.chain(tgid), ret.saturating_sub(1))
             .into_iter()
             .next()
     }
 
-    /// The frame table, and how symbolization went.
-    pub fn finish(self) -> (FrameTable, SymbolStats) {
-        (self.table, self.sym.stats)
+    /// The frame names so far.
+    pub fn names(&self) -> &[String] {
+        self.table.names()
+    }
+
+    /// How symbolization went so far.
+    pub fn stats(&self) -> &SymbolStats {
+        &self.sym.stats
     }
 }

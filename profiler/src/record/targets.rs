@@ -213,6 +213,8 @@ impl Drop for GatedChild {
 #[derive(Default)]
 pub(super) struct Processes {
     pub info: HashMap<u32, Process>,
+    /// Processes whose `info` changed since the last flush wrote them.
+    pub changed: HashSet<u32>,
     pub snapshots: HashMap<u32, Vec<Snapshot>>,
     /// Loads each new snapshot's mappings into the user-stack unwinder
     /// (`--unwind dwarf`); gone after the stop.
@@ -221,6 +223,7 @@ pub(super) struct Processes {
 
 impl Processes {
     pub fn entry(&mut self, tgid: u32) -> &mut Process {
+        self.changed.insert(tgid);
         self.info.entry(tgid).or_insert_with(|| Process {
             tgid,
             comm: String::new(),
@@ -279,6 +282,40 @@ impl Processes {
         {
             p.comm = c;
         }
+    }
+
+    /// The processes changed since the last call, for a flush to write.
+    pub fn take_changed(&mut self) -> Vec<Process> {
+        let mut out: Vec<Process> = self
+            .changed
+            .drain()
+            .filter_map(|t| self.info.get(&t).cloned())
+            .collect();
+        out.sort_by_key(|p| p.tgid);
+        out
+    }
+
+    /// Drops the mappings of the processes that exited before `before_ns`
+    /// (since the start), unless a live process symbolizes with them (a
+    /// forked child runs its parent's image until it execs): a long
+    /// recording of many short processes keeps the mappings of those alive.
+    pub fn forget_exited_before(&mut self, before_ns: u64) {
+        let mut needed = HashSet::new();
+        for (&tgid, p) in &self.info {
+            if p.exit_ns.is_some_and(|e| e < before_ns) {
+                continue;
+            }
+            let mut cur = tgid;
+            while needed.insert(cur) && needed.len() <= self.info.len() {
+                match self.info.get(&cur).and_then(|p| p.parent) {
+                    Some(parent) => cur = parent,
+                    None => break,
+                }
+            }
+        }
+        let info = &self.info;
+        self.snapshots
+            .retain(|t, _| needed.contains(t) || !info.contains_key(t));
     }
 
     /// Snapshots to symbolize `tgid`'s stacks with, oldest first: its

@@ -1,68 +1,20 @@
-//! The profile file: one self-contained, versioned, already-symbolized
+//! The profile: one self-contained, versioned, already-symbolized
 //! recording. Everything after it (report, diff, exports) works from this
-//! file alone, offline, on another machine.
-//!
-//! On disk: the 8-byte magic `HVPROF\0\n`, a little-endian `u32` format
-//! version, then gzip-compressed JSON of [`Profile`].
+//! file alone, offline, on another machine. [`file`] is how it is stored,
+//! [`merge`] how the parts of a recording add up.
 
-use std::{
-    collections::HashMap,
-    fs::File,
-    io::{self, BufReader, BufWriter, Read, Write},
-    path::{Path, PathBuf},
-};
+mod file;
+pub mod merge;
+
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
+pub use self::file::{
+    DEFAULT_MAX_INFLATED_MIB, FILE_NAME, FORMAT_VERSION, MAGIC, MAX_INFLATED_ENV, ProfileError,
+    ProfileLog, Record,
+};
 use crate::windows::{WindowInfo, WindowSpec};
-
-pub const MAGIC: &[u8; 8] = b"HVPROF\0\n";
-/// Bumped on every incompatible change of [`Profile`].
-pub const FORMAT_VERSION: u32 = 1;
-/// The conventional file name inside a recording directory.
-pub const FILE_NAME: &str = "profile.hvprof";
-
-#[derive(Debug, Error)]
-pub enum ProfileError {
-    #[error("cannot read profile {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("cannot write profile {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
-    #[error(
-        "{path} is not an hvprof profile (it does not start with the hvprof magic); pass the profile.hvprof written by `hvprof record`"
-    )]
-    Foreign { path: PathBuf },
-    #[error(
-        "{path} is a profile of format version {found}, this hvprof reads version {FORMAT_VERSION}; use the hvprof that recorded it, or record again"
-    )]
-    Version { path: PathBuf, found: u32 },
-    #[error(
-        "{path} is truncated or corrupt ({why}); it cannot be read — record again, or re-copy the file"
-    )]
-    Corrupt { path: PathBuf, why: String },
-    #[error(
-        "{path} inflates to more than {limit_mib} MiB, the most hvprof reads of a profile (real ones are far smaller: the file is likely corrupt or not a profile); to read it anyway, set {MAX_INFLATED_ENV} to a larger number of MiB"
-    )]
-    TooLarge { path: PathBuf, limit_mib: u64 },
-}
-
-/// The environment variable that raises [`DEFAULT_MAX_INFLATED_MIB`].
-pub const MAX_INFLATED_ENV: &str = "HVPROF_MAX_PROFILE_MIB";
-
-/// The most a profile's JSON may inflate to, in MiB: profiles travel (CI
-/// baselines, bug reports), so a small file must not make the reader
-/// allocate without bound (4 GiB of zeros gzip to 4 MB). The sample workload's
-/// profile inflates to 17 KB.
-pub const DEFAULT_MAX_INFLATED_MIB: u64 = 1024;
-
-/// [`DEFAULT_MAX_INFLATED_MIB`], or what [`MAX_INFLATED_ENV`] says.
-fn max_inflated_mib() -> u64 {
-    std::env::var(MAX_INFLATED_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(DEFAULT_MAX_INFLATED_MIB)
-}
 
 /// Frame names are interned: stacks are lists of indices into
 /// [`Profile::frames`], root first.
@@ -116,6 +68,22 @@ pub struct Meta {
     /// unwound again in userspace and compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_unwind: Option<VerifyUnwind>,
+    /// Set by the reader when the recording has no end: hvprof was killed
+    /// (or its machine stopped) while it recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<Incomplete>,
+}
+
+/// A recording cut off before its end: what the file still holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Incomplete {
+    /// Since the start: the recording is whole up to here.
+    pub until_ns: u64,
+    /// The window that was open then, whose rest is missing.
+    pub window: Option<u32>,
+    /// The file is damaged after `until_ns` (rather than cut short), and why.
+    pub damaged: Option<String>,
 }
 
 /// What `record --verify-unwind` found: sampled user-stack walks, each
@@ -375,6 +343,11 @@ impl FrameTable {
     }
 
     #[must_use]
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    #[must_use]
     pub fn into_names(self) -> Vec<String> {
         self.names
     }
@@ -388,100 +361,63 @@ impl Profile {
         self.meta.tracers.is_empty() || self.meta.tracers.iter().any(|t| t == tracer.name())
     }
 
-    /// Writes the profile (atomically: to a temporary name, then renamed).
-    pub fn write(&self, path: &Path) -> Result<(), ProfileError> {
-        let err = |source| ProfileError::Write {
-            path: path.to_path_buf(),
-            source,
-        };
-        let tmp = path.with_extension("hvprof.tmp");
-        let file = File::create(&tmp).map_err(err)?;
-        let mut out = BufWriter::new(file);
-        out.write_all(MAGIC).map_err(err)?;
-        out.write_all(&FORMAT_VERSION.to_le_bytes()).map_err(err)?;
-        // Buffered in front of the encoder too: serde writes a few bytes at
-        // a time, and each write into the encoder zeroed its 32 KiB output
-        // buffer (a quarter of a 50-guest recording's CPU, after the stop).
-        let mut gz = BufWriter::with_capacity(
-            1 << 16,
-            flate2::write::GzEncoder::new(out, flate2::Compression::default()),
-        );
-        serde_json::to_writer(&mut gz, self).map_err(|e| err(io::Error::other(e)))?;
-        let out = gz
-            .into_inner()
-            .map_err(|e| err(e.into_error()))?
-            .finish()
-            .map_err(err)?;
-        out.into_inner()
-            .map_err(|e| err(e.into_error()))?
-            .sync_all()
-            .map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+    /// What a reader of an incomplete profile is told, naming the window
+    /// whose data ends early.
+    #[must_use]
+    pub fn incomplete_warning(&self) -> Option<String> {
+        let inc = self.meta.incomplete.as_ref()?;
+        let window = inc
+            .window
+            .and_then(|id| self.windows.iter().find(|w| w.id == id))
+            .map_or_else(
+                || "no window".to_owned(),
+                |w| format!("window {} ({})", w.id, w.label()),
+            );
+        Some(format!(
+            "the recording has no end: it holds the first {} and {} is incomplete{}",
+            crate::words::human_ns(inc.until_ns),
+            window,
+            inc.damaged
+                .as_deref()
+                .map_or_else(String::new, |why| format!(
+                    " (the file is damaged after that: {why})"
+                ))
+        ))
     }
 
-    /// Reads a profile, rejecting foreign, newer and damaged files with an
-    /// error that says which.
-    pub fn read(path: &Path) -> Result<Self, ProfileError> {
-        let file = File::open(path).map_err(|source| ProfileError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_reader(BufReader::new(file), path)
-    }
-
-    pub fn from_reader(mut input: impl Read, path: &Path) -> Result<Self, ProfileError> {
-        let mut head = [0u8; 12];
-        let mut got = 0;
-        while got < head.len() {
-            match input.read(&mut head[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(source) => {
-                    return Err(ProfileError::Read {
-                        path: path.to_path_buf(),
-                        source,
-                    });
-                }
-            }
-        }
-        if got < MAGIC.len() || &head[..8] != MAGIC {
-            return Err(ProfileError::Foreign {
-                path: path.to_path_buf(),
-            });
-        }
-        if got < head.len() {
-            return Err(ProfileError::Corrupt {
-                path: path.to_path_buf(),
-                why: "it ends inside the header".to_owned(),
-            });
-        }
-        let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-        if version != FORMAT_VERSION {
-            return Err(ProfileError::Version {
-                path: path.to_path_buf(),
-                found: version,
-            });
-        }
-        // Inflated whole, then parsed from memory: serde_json reading from
-        // a `Read` goes a byte at a time, 3× slower on a large profile.
-        let corrupt = |why: String| ProfileError::Corrupt {
-            path: path.to_path_buf(),
-            why,
-        };
-        let limit_mib = max_inflated_mib();
-        let limit = limit_mib.saturating_mul(1 << 20);
-        let mut json = Vec::new();
-        flate2::read::GzDecoder::new(input)
-            .take(limit.saturating_add(1))
-            .read_to_end(&mut json)
-            .map_err(|e| corrupt(e.to_string()))?;
-        if json.len() as u64 > limit {
-            return Err(ProfileError::TooLarge {
-                path: path.to_path_buf(),
-                limit_mib,
-            });
-        }
-        serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))
+    /// Puts every kind of row in its order: by window, then process and
+    /// stack (locks: by lock; cgroups: by operation and path).
+    pub fn sort_rows(&mut self) {
+        self.oncpu.sort_by(|a, b| {
+            (a.window, a.tgid, a.pid, &a.stack).cmp(&(b.window, b.tgid, b.pid, &b.stack))
+        });
+        self.offcpu.sort_by(|a, b| {
+            (a.window, a.tgid, a.pid, &a.stack, &a.state)
+                .cmp(&(b.window, b.tgid, b.pid, &b.stack, &b.state))
+        });
+        self.locks.sort_by(|a, b| {
+            (a.window, a.lock, a.tgid, &a.stack).cmp(&(b.window, b.lock, b.tgid, &b.stack))
+        });
+        self.forks.sort_by(|a, b| {
+            (a.window, a.tgid, &a.stack, a.thread).cmp(&(b.window, b.tgid, &b.stack, b.thread))
+        });
+        self.dbus.sort_by(|a, b| {
+            (a.window, a.tgid, &a.library, &a.member, &a.stack)
+                .cmp(&(b.window, b.tgid, &b.library, &b.member, &b.stack))
+        });
+        self.cgroups.sort_by(|a, b| {
+            (a.window, &a.op, &a.hierarchy, &a.path, a.tgid).cmp(&(
+                b.window,
+                &b.op,
+                &b.hierarchy,
+                &b.path,
+                b.tgid,
+            ))
+        });
+        self.losses
+            .sort_by(|a, b| (a.window, &a.kind).cmp(&(b.window, &b.kind)));
+        self.unwind
+            .sort_by(|a, b| (a.window, &a.kind).cmp(&(b.window, &b.kind)));
     }
 
     /// The names of a stack's frames, root first.
@@ -494,90 +430,5 @@ impl Profile {
                 .get(i as usize)
                 .map_or("[bad frame]", String::as_str)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample() -> Profile {
-        let mut frames = FrameTable::default();
-        let main = frames.intern("main");
-        let busy = frames.intern("vmload_busy");
-        assert_eq!(frames.intern("main"), main);
-        Profile {
-            meta: Meta {
-                hvprof_version: "0.1.0".into(),
-                target: "pid 1".into(),
-                window_spec: Some(WindowSpec::Every { size: 2 }),
-                ..Meta::default()
-            },
-            windows: WindowSpec::Every { size: 2 }.windows(3),
-            vms: vec![VmCreation {
-                ordinal: 1,
-                time_ns: 5,
-                pid: 1,
-                tid: 1,
-                comm: "vmload".into(),
-                source: "kvm".into(),
-                cmdline: None,
-                name: None,
-            }],
-            frames: frames.into_names(),
-            oncpu: vec![OnCpu {
-                window: 1,
-                tgid: 1,
-                pid: 1,
-                comm: "vmload".into(),
-                stack: vec![main, busy],
-                samples: 7,
-            }],
-            ..Profile::default()
-        }
-    }
-
-    #[test]
-    fn round_trips() {
-        let dir = std::env::temp_dir().join(format!("hvprof-profile-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(FILE_NAME);
-        let p = sample();
-        p.write(&path).unwrap();
-        let q = Profile::read(&path).unwrap();
-        assert_eq!(p, q);
-        assert_eq!(
-            q.frame_names(&q.oncpu[0].stack).collect::<Vec<_>>(),
-            ["main", "vmload_busy"]
-        );
-
-        // Truncated: every prefix is rejected with a clear error, not a panic.
-        let bytes = std::fs::read(&path).unwrap();
-        for cut in [0, 4, 8, 11, 12, 20, bytes.len() / 2, bytes.len() - 1] {
-            let err = Profile::from_reader(&bytes[..cut], &path)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("not an hvprof profile") || err.contains("truncated or corrupt"),
-                "cut {cut}: {err}"
-            );
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn rejects_foreign_and_newer_files() {
-        let path = Path::new("x.svg");
-        let err = Profile::from_reader(&b"<svg xmlns=...>"[..], path).unwrap_err();
-        assert!(matches!(err, ProfileError::Foreign { .. }), "{err}");
-        let mut newer = MAGIC.to_vec();
-        newer.extend_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
-        let err = Profile::from_reader(&newer[..], path).unwrap_err();
-        assert!(err.to_string().contains("format version 2"), "{err}");
-        let mut garbage = MAGIC.to_vec();
-        garbage.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        garbage.extend_from_slice(b"not gzip at all");
-        let err = Profile::from_reader(&garbage[..], path).unwrap_err();
-        assert!(matches!(err, ProfileError::Corrupt { .. }), "{err}");
     }
 }

@@ -1,0 +1,147 @@
+//! Flushing: every `--flush-interval` while recording, what the programs
+//! wrote since the last flush is drained from the kernel's maps,
+//! symbolized, and appended to the profile file as one record (see
+//! [`crate::profile::Record`]). So a killed recording loses only its last
+//! interval, the kernel's maps hold what two intervals add however long
+//! the recording runs, and the stop has little left to do. At the stop the
+//! rest is drained, everything is added up, and the file is replaced by the
+//! whole profile.
+
+use std::time::{Duration, Instant};
+
+use aya::Ebpf;
+
+use super::{
+    assemble,
+    drain::{self, Seen, Take},
+    events::{Recorder, Stop},
+    monotonic_ns,
+    options::{RecordError, Target},
+    symbolize::{Frames, StackStore},
+};
+use crate::profile::{self, Profile, ProfileLog, Record, merge::Rows};
+
+/// The recording's file, and what has been drained into it.
+pub(super) struct Flusher {
+    log: ProfileLog,
+    frames: Frames,
+    stacks: StackStore,
+    seen: Seen,
+    /// Every row drained so far, added up.
+    rows: Rows,
+    /// The flush parity the programs write under now.
+    parity: bool,
+    vms_written: usize,
+    /// Since the start: when the last flush flipped the parity.
+    last_flip_ns: u64,
+    /// An append failed (and said so): a kill may lose the recording.
+    append_failed: bool,
+    flushes: u64,
+    /// The time spent flushing.
+    busy: Duration,
+}
+
+impl Flusher {
+    /// Creates the profile file with what the recording is.
+    pub fn create(rec: &Recorder) -> Result<Self, RecordError> {
+        let path = rec.opts.output.join(profile::FILE_NAME);
+        let first = Record {
+            until_ns: 0,
+            last: false,
+            part: Profile {
+                meta: assemble::meta(rec, "recording".to_owned(), 0),
+                windows: rec.opts.windows.windows(0),
+                ..Profile::default()
+            },
+        };
+        Ok(Self {
+            log: ProfileLog::create(&path, &first)?,
+            frames: Frames::new(
+                matches!(rec.opts.target, Target::All),
+                rec.opts.kernel_stack_min_block,
+            ),
+            stacks: StackStore::default(),
+            seen: Seen::default(),
+            rows: Rows::default(),
+            parity: false,
+            vms_written: 0,
+            last_flip_ns: 0,
+            append_failed: false,
+            flushes: 0,
+            busy: Duration::ZERO,
+        })
+    }
+
+    /// Drains what the programs wrote under the parity until now and
+    /// appends it to the file.
+    pub fn flush(&mut self, rec: &mut Recorder, bpf: &mut Ebpf) -> Result<(), RecordError> {
+        let started = Instant::now();
+        let inactive = self.parity;
+        self.parity = !self.parity;
+        drain::flip(bpf, self.parity)?;
+        let flip_ns = monotonic_ns().saturating_sub(rec.start_ns);
+        let mut drained = drain::drain(
+            rec,
+            bpf,
+            Take::Parity(inactive),
+            &mut self.seen,
+            &mut self.stacks,
+        )?;
+        let mut record = Record {
+            until_ns: flip_ns,
+            last: false,
+            part: assemble::part(rec, &mut drained, &mut self.frames, &self.stacks),
+        };
+        let vms = assemble::vms(rec);
+        record.part.windows = rec.opts.windows.windows(vms.len() as u64);
+        record.part.vms = vms.into_iter().skip(self.vms_written).collect();
+        self.vms_written += record.part.vms.len();
+        record.part.processes = rec.processes.take_changed();
+        if let Err(e) = self.log.append(&mut record, self.frames.names())
+            && !self.append_failed
+        {
+            // The rows stay in memory and are written at the stop.
+            eprintln!(
+                "hvprof: warning: {e}; recording goes on, but until the stop writes the \
+                 profile a kill would lose it"
+            );
+            self.append_failed = true;
+        }
+        self.rows.add(&mut record.part);
+        // What a process that exited before the last flip left in the
+        // maps is drained now: its mappings are needed no more.
+        rec.processes.forget_exited_before(self.last_flip_ns);
+        self.last_flip_ns = flip_ns;
+        self.flushes += 1;
+        self.busy += started.elapsed();
+        Ok(())
+    }
+
+    /// Drains the rest of the frozen recording and adds everything up.
+    pub fn finish(
+        mut self,
+        rec: &Recorder,
+        bpf: &mut Ebpf,
+        stop: &Stop,
+        stop_ns: u64,
+    ) -> Result<Profile, RecordError> {
+        let mut drained = drain::drain(
+            rec,
+            bpf,
+            Take::Rest { stop_ns },
+            &mut self.seen,
+            &mut self.stacks,
+        )?;
+        let mut part = assemble::part(rec, &mut drained, &mut self.frames, &self.stacks);
+        self.rows.add(&mut part);
+        let mut profile =
+            assemble::profile(rec, self.rows, &self.frames, &mut drained, stop, stop_ns);
+        let counters = &mut profile.meta.counters;
+        counters.insert("flushes while recording".to_owned(), self.flushes);
+        counters.insert(
+            "flushes while recording: ms".to_owned(),
+            u64::try_from(self.busy.as_millis()).unwrap_or(u64::MAX),
+        );
+        Ok(profile)
+    }
+}
