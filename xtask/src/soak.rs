@@ -56,6 +56,9 @@ pub struct Opts {
 struct Sample {
     elapsed_s: f64,
     rss_mb: f64,
+    /// The anonymous part of the RSS (heap, stacks): what the file-backed
+    /// part (mapped binaries, read for symbols) is not.
+    anon_mb: f64,
     maps_mb: f64,
     maps: usize,
     load1: f64,
@@ -128,8 +131,8 @@ fn watch(
     let total = Duration::from_secs_f64(opts.minutes * 60.0);
     let interval = Duration::from_secs_f64(opts.interval_s);
     println!(
-        "{:>8} {:>8} {:>9} {:>5} {:>6} {:>7}",
-        "elapsed", "RSS MB", "maps MB", "maps", "load1", "builds"
+        "{:>8} {:>8} {:>8} {:>9} {:>5} {:>6} {:>7}",
+        "elapsed", "RSS MB", "anon MB", "maps MB", "maps", "load1", "builds"
     );
     let mut samples = Vec::new();
     let mut next = start;
@@ -148,14 +151,15 @@ fn watch(
         let s = Sample {
             elapsed_s: start.elapsed().as_secs_f64(),
             rss_mb: status_kb(rec.pid, "VmRSS:").map_or(0.0, kb_to_mb),
+            anon_mb: status_kb(rec.pid, "RssAnon:").map_or(0.0, kb_to_mb),
             maps_mb,
             maps,
             load1: load_average(),
             builds: builds.completed(),
         };
         println!(
-            "{:>7.0}s {:>8.1} {:>9.1} {:>5} {:>6.2} {:>7}",
-            s.elapsed_s, s.rss_mb, s.maps_mb, s.maps, s.load1, s.builds
+            "{:>7.0}s {:>8.1} {:>8.1} {:>9.1} {:>5} {:>6.2} {:>7}",
+            s.elapsed_s, s.rss_mb, s.anon_mb, s.maps_mb, s.maps, s.load1, s.builds
         );
         samples.push(s);
         if start.elapsed() >= total {
@@ -387,6 +391,9 @@ struct Stopped {
     cpu_total_s: f64,
     /// The high-water mark of RSS, last read before the exit.
     hwm_mb: f64,
+    /// The most anonymous and file-backed memory seen during the stop.
+    anon_max_mb: f64,
+    file_max_mb: f64,
     /// What hvprof printed on stderr after "recording".
     stderr: String,
 }
@@ -464,12 +471,18 @@ impl Recording {
     fn stop(&mut self) -> anyhow::Result<Stopped> {
         let child = self.child.take().ok_or_else(|| anyhow!("hvprof is gone"))?;
         let pid = i32::try_from(child.id())?;
-        let mut hwm_mb = 0.0_f64;
+        let (mut hwm_mb, mut anon_max_mb, mut file_max_mb) = (0.0_f64, 0.0_f64, 0.0_f64);
         let sent = Instant::now();
         signal(child.id(), libc::SIGINT);
         let (status, usage) = loop {
-            if let Some(kb) = status_kb(child.id(), "VmHWM:") {
-                hwm_mb = hwm_mb.max(kb_to_mb(kb));
+            for (field, max) in [
+                ("VmHWM:", &mut hwm_mb),
+                ("RssAnon:", &mut anon_max_mb),
+                ("RssFile:", &mut file_max_mb),
+            ] {
+                if let Some(kb) = status_kb(child.id(), field) {
+                    *max = max.max(kb_to_mb(kb));
+                }
             }
             let mut status = 0;
             // SAFETY: an all-zero rusage is a valid value to overwrite.
@@ -511,6 +524,8 @@ impl Recording {
                 .map(str::to_owned),
             cpu_total_s: secs(usage.ru_utime) + secs(usage.ru_stime),
             hwm_mb,
+            anon_max_mb,
+            file_max_mb,
             stderr,
         })
     }
@@ -596,12 +611,12 @@ fn dir_size(dir: &Path) -> (u64, usize) {
 }
 
 fn write_samples(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
-    let mut csv = String::from("elapsed_s,rss_mb,maps_mb,maps,load1,builds\n");
+    let mut csv = String::from("elapsed_s,rss_mb,anon_mb,maps_mb,maps,load1,builds\n");
     for s in samples {
         let _ = writeln!(
             csv,
-            "{:.1},{:.1},{:.1},{},{:.2},{}",
-            s.elapsed_s, s.rss_mb, s.maps_mb, s.maps, s.load1, s.builds
+            "{:.1},{:.1},{:.1},{:.1},{},{:.2},{}",
+            s.elapsed_s, s.rss_mb, s.anon_mb, s.maps_mb, s.maps, s.load1, s.builds
         );
     }
     fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
@@ -669,7 +684,7 @@ fn window_sum(summary: &serde_json::Value, field: &str) -> u64 {
 }
 
 fn row(what: &str, value: &str) {
-    println!("  {what:<34} {value}");
+    println!("  {what:<36} {value}");
 }
 
 fn print_table(f: &Figures, samples: &[Sample], out: &Path) {
@@ -681,6 +696,7 @@ fn print_table(f: &Figures, samples: &[Sample], out: &Path) {
 /// The workload, hvprof's CPU and memory.
 fn print_costs(f: &Figures, samples: &[Sample]) {
     let rss: Vec<f64> = samples.iter().map(|s| s.rss_mb).collect();
+    let anon: Vec<f64> = samples.iter().map(|s| s.anon_mb).collect();
     let maps: Vec<f64> = samples.iter().map(|s| s.maps_mb).collect();
     let loads: Vec<f64> = samples.iter().map(|s| s.load1).collect();
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
@@ -752,6 +768,19 @@ fn print_costs(f: &Figures, samples: &[Sample]) {
         ),
     );
     row(
+        "anonymous RSS first/median/max/last",
+        &format!(
+            "{:.1} / {:.1} / {:.1} / {:.1} MB; during the stop at most {:.1} MB \
+             (file-backed at most {:.1} MB)",
+            first(&anon),
+            median(anon.clone()),
+            max(&anon),
+            last(&anon),
+            f.stop.anon_max_mb,
+            f.stop.file_max_mb
+        ),
+    );
+    row(
         "BPF maps (memlock) first/max/last",
         &format!(
             "{:.1} / {:.1} / {:.1} MB in {} maps ({:+.2} MB/min)",
@@ -820,6 +849,7 @@ mod tests {
         Sample {
             elapsed_s,
             rss_mb,
+            anon_mb: 0.0,
             maps_mb: 0.0,
             maps: 0,
             load1: 0.0,
