@@ -7,6 +7,7 @@ mod bench;
 mod bench_report;
 mod massboot;
 mod packages;
+mod soak;
 mod toolchain;
 
 use std::{
@@ -57,6 +58,11 @@ enum Cmd {
         #[arg(long = "hvprof-arg", allow_hyphen_values = true)]
         hvprof_args: Vec<String>,
     },
+    /// Measure a long recording: `hvprof record -a` for minutes beside a
+    /// clean build of this project in a loop; prints hvprof's memory over
+    /// time, its CPU, losses by kind, the time from stop to files written
+    /// and the profile's size.
+    Soak(soak::Opts),
     /// Measure `hvprof report` on a synthetic profile of 1 M on-CPU samples
     /// and 50 k distinct stacks against `perf script | inferno-collapse-perf
     /// | inferno-flamegraph` on the same samples; prints both and the ratio.
@@ -161,6 +167,13 @@ fn main() -> ExitCode {
             let (hvprof, vmload) = build_release()?;
             bench::run(&hvprof, &vmload, rounds, vms, &hvprof_args)
         }),
+        Cmd::Soak(opts) => {
+            let hvprof = match &opts.hvprof {
+                Some(p) => Ok(p.clone()),
+                None => toolchain::bootstrap().and_then(|()| build_release().map(|(h, _)| h)),
+            };
+            hvprof.and_then(|h| soak::run(&opts, &h))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

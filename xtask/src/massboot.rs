@@ -190,7 +190,7 @@ pub fn our_cgroups() -> Vec<PathBuf> {
     out
 }
 
-fn signal(pid: u32, sig: i32) {
+pub(crate) fn signal(pid: u32, sig: i32) {
     if let Ok(pid) = i32::try_from(pid) {
         // SAFETY: signalling a process we started, by pid.
         unsafe { libc::kill(pid, sig) };
@@ -198,7 +198,7 @@ fn signal(pid: u32, sig: i32) {
 }
 
 /// Signals a child and waits for it; kills it (SIGKILL) after `grace`.
-fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
+pub(crate) fn stop_child(child: &mut Child, sig: i32, grace: Duration) {
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
     }
@@ -383,7 +383,7 @@ pub fn subreaper(pidfile: &Path, cmd: &[String]) -> anyhow::Result<i32> {
 
 /// Seconds all CPUs have done work since boot (`/proc/stat`: user, nice,
 /// system, irq, softirq; not steal, the time a hypervisor below took).
-fn cpu_busy_seconds() -> f64 {
+pub(crate) fn cpu_busy_seconds() -> f64 {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let jiffies: u64 = stat
         .lines()
@@ -404,7 +404,7 @@ fn cpu_busy_seconds() -> f64 {
 }
 
 /// User and system CPU time of process `pid` so far (0 if it is gone).
-fn process_cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn process_cpu_seconds(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesized comm: state is field 3, utime 14, stime 15.
     let ticks: u64 = stat.rsplit_once(')').map_or(0, |(_, rest)| {
