@@ -11,6 +11,8 @@ pub mod diff;
 pub mod ebpf;
 pub mod export;
 pub mod forkpath;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod graphs;
 pub mod html;
 pub mod kbtf;
