@@ -33,8 +33,9 @@ pub fn profile_file(data: &[u8]) -> Result<(), ProfileError> {
     Ok(())
 }
 
-/// The `profile_json` target: `data` as the JSON of the profile model,
-/// used as `profile_file` uses a profile. A profile file is compressed and checksummed, so a mutated
+/// The `profile_json` target: `data` as the JSON of the profile model, held to
+/// the checks every profile reader makes, then used as `profile_file` uses
+/// a profile. A profile file is compressed and checksummed, so a mutated
 /// file rarely reads; this reaches the renderers with every shape a file
 /// that does read could have.
 pub fn profile_json(data: &[u8]) -> Result<(), ProfileError> {
@@ -42,6 +43,7 @@ pub fn profile_json(data: &[u8]) -> Result<(), ProfileError> {
         // Not the model's JSON: the readers' own concern, fuzzed above.
         return Ok(());
     };
+    profile.validate(Path::new(INPUT))?;
     use_profile(&profile);
     Ok(())
 }

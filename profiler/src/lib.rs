@@ -26,5 +26,6 @@ pub mod tables;
 pub mod tracefs;
 pub mod tracer;
 pub mod unwind;
+pub mod validate;
 pub mod windows;
 pub mod words;

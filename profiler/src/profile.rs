@@ -481,7 +481,9 @@ impl Profile {
                 limit_mib,
             });
         }
-        serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))
+        let profile: Self = serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))?;
+        profile.validate(path)?;
+        Ok(profile)
     }
 
     /// The names of a stack's frames, root first.
