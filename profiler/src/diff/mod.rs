@@ -53,6 +53,14 @@ pub enum DiffError {
         a_windows: String,
         b_windows: String,
     },
+    #[error(
+        "{place}: A's stacks add up to {a_total} and B's to {b_total}, more than a differential flame graph can draw ({MAX_DIFF_TOTAL}); no recording comes near that, so a profile is corrupt: record it again"
+    )]
+    TooLargeToDraw {
+        place: String,
+        a_total: u64,
+        b_total: u64,
+    },
     #[error(transparent)]
     Render(#[from] RenderError),
     #[error(transparent)]
@@ -594,17 +602,34 @@ pub fn compare(
     }
 }
 
-fn folded_total(lines: &[String]) -> u64 {
-    lines
+/// The most a side of a differential flame graph may add up to: inferno
+/// colours each frame by 150 × its change in an `isize` (below 2^63),
+/// after scaling A to B's total in floating point; 2^55 leaves room for
+/// both.
+pub const MAX_DIFF_TOTAL: u64 = 1 << 55;
+
+/// The folded lines inferno will count (`stack N`, N digits only; it
+/// skips the rest), and their total, saturating.
+fn countable(lines: &[String]) -> (Vec<&str>, u64) {
+    let mut total: u64 = 0;
+    let kept = lines
         .iter()
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum()
+        .filter_map(|l| {
+            let (_, n) = l.trim_end().rsplit_once(' ')?;
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            total = total.saturating_add(n.parse().unwrap_or(u64::MAX));
+            Some(l.as_str())
+        })
+        .collect();
+    (kept, total)
 }
 
 /// Two-column folded lines (`stack A B`, sorted) from A's and B's folded
 /// lines, by inferno's differential folding.
-pub fn differential_folded(a: &[String], b: &[String], normalize: bool) -> io::Result<Vec<String>> {
-    let join = |v: &[String]| {
+pub fn differential_folded(a: &[&str], b: &[&str], normalize: bool) -> io::Result<Vec<String>> {
+    let join = |v: &[&str]| {
         let mut s = v.join("\n");
         s.push('\n');
         s
@@ -646,10 +671,17 @@ pub fn differential_graph(
     folded_path: &Path,
     svg_path: &Path,
 ) -> Result<DifferentialGraph, DiffError> {
-    let (a_total, b_total) = (folded_total(fa), folded_total(fb));
+    let ((fa, a_total), (fb, b_total)) = (countable(fa), countable(fb));
+    if a_total.max(b_total) > MAX_DIFF_TOTAL {
+        return Err(DiffError::TooLargeToDraw {
+            place: place.to_owned(),
+            a_total,
+            b_total,
+        });
+    }
     // Scaling to an empty side would erase the other one.
     let scaled = normalize && a_total > 0 && b_total > 0;
-    let lines = differential_folded(fa, fb, scaled).map_err(|source| DiffError::Write {
+    let lines = differential_folded(&fa, &fb, scaled).map_err(|source| DiffError::Write {
         path: folded_path.to_path_buf(),
         source,
     })?;
@@ -812,8 +844,8 @@ mod tests {
 
     #[test]
     fn differential_folding_keeps_both_counts() {
-        let a = vec!["x;a 10".to_owned(), "x;b 10".to_owned()];
-        let b = vec!["x;a 30".to_owned(), "x;c 10".to_owned()];
+        let a = ["x;a 10", "x;b 10"];
+        let b = ["x;a 30", "x;c 10"];
         assert_eq!(
             differential_folded(&a, &b, false).unwrap(),
             ["x;a 10 30", "x;b 10 0", "x;c 0 10"]
@@ -823,6 +855,39 @@ mod tests {
             differential_folded(&a, &b, true).unwrap(),
             ["x;a 20 30", "x;b 20 0", "x;c 0 10"]
         );
+    }
+
+    #[test]
+    fn refuses_counts_inferno_cannot_draw() {
+        let draw = |a: &[&str], b: &[&str]| {
+            let lines = |v: &[&str]| v.iter().map(|&l| l.to_owned()).collect::<Vec<_>>();
+            differential_graph(
+                &lines(a),
+                &lines(b),
+                false,
+                "On-CPU, window 1",
+                "samples",
+                Path::new("f"),
+                Path::new("s"),
+            )
+        };
+        let most = format!("x {MAX_DIFF_TOTAL}");
+        assert!(draw(&["x 1", "y 1"], &[&most]).is_ok());
+        let over = format!("x {}", MAX_DIFF_TOTAL + 1);
+        let err = draw(&["x 1", "y 1"], &[&over]).err().unwrap().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "On-CPU, window 1: A's stacks add up to 2 and B's to {},",
+                MAX_DIFF_TOTAL + 1
+            )),
+            "{err}"
+        );
+        // Lines whose sum overflows are refused, not added.
+        let max = format!("x {}", u64::MAX);
+        assert!(draw(&[&max, "y 1"], &[]).is_err());
+        // What inferno would skip is not counted.
+        let g = draw(&["x 1.5", "y +3", "z", "w 2"], &["w 2"]).unwrap();
+        assert_eq!((g.a_total, g.b_total, g.folded.as_str()), (2, 2, "w 2 2\n"));
     }
 
     #[test]
