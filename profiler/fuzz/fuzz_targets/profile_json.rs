@@ -124,7 +124,7 @@ fn mutate(json: &mut Value, rng: &mut Rng) {
             };
         }
         Value::String(s) => match rng.below(3) {
-            0 => *s = STRINGS[rng.below(STRINGS.len())].to_owned(),
+            0 => STRINGS[rng.below(STRINGS.len())].clone_into(s),
             1 => *s = s.repeat(1 + rng.below(8)),
             _ => *v = donor,
         },
