@@ -500,35 +500,60 @@ pub fn export(
     dir: &Path,
     formats: &[Format],
 ) -> Result<Vec<Written>, ExportError> {
-    let mkdir = |p: &Path| {
-        fs::create_dir_all(p).map_err(|source| ExportError::Write {
-            path: p.to_path_buf(),
-            source,
-        })
-    };
-    mkdir(dir)?;
+    fs::create_dir_all(dir).map_err(|source| ExportError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut written = Vec::new();
+    render(profile, dir, formats, &mut |w, bytes| {
+        if let Some(parent) = w.path.parent() {
+            fs::create_dir_all(parent).map_err(|source| ExportError::Write {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        write(&w.path, bytes)?;
+        written.push(w);
+        Ok(())
+    })?;
+    Ok(written)
+}
+
+/// A function that takes each exported file: what it is and its contents.
+pub type Emit<'a> = dyn FnMut(Written, &[u8]) -> Result<(), ExportError> + 'a;
+
+/// Renders what [`export`] writes, handing each file to `emit` (where it
+/// goes under `dir` and what it is, and its contents): the fuzz targets
+/// export a profile without a disk.
+pub fn render(
+    profile: &Profile,
+    dir: &Path,
+    formats: &[Format],
+    emit: &mut Emit<'_>,
+) -> Result<(), ExportError> {
     for graph in GRAPHS.into_iter().filter(|g| g.in_profile(profile)) {
         if formats.contains(&Format::Pprof) {
             let path = dir.join(format!("{}.pb.gz", graph.name));
-            write(&path, &gzip(&pprof(profile, graph, None)?, &path)?)?;
-            written.push(Written {
+            let bytes = gzip(&pprof(profile, graph, None)?, &path)?;
+            let w = Written {
                 path,
                 format: Format::Pprof,
                 graph: graph.name,
                 window: None,
-            });
-            for w in &profile.windows {
-                let wdir = dir.join(w.dir_name());
-                mkdir(&wdir)?;
-                let path = wdir.join(format!("{}.pb.gz", graph.name));
-                write(&path, &gzip(&pprof(profile, graph, Some(w.id))?, &path)?)?;
-                written.push(Written {
+            };
+            emit(w, &bytes)?;
+            for win in &profile.windows {
+                let path = dir
+                    .join(win.dir_name())
+                    .join(format!("{}.pb.gz", graph.name));
+                let bytes = gzip(&pprof(profile, graph, Some(win.id))?, &path)?;
+                let w = Written {
                     path,
                     format: Format::Pprof,
                     graph: graph.name,
-                    window: Some(w.id),
-                });
+                    window: Some(win.id),
+                };
+                emit(w, &bytes)?;
             }
         }
         if formats.contains(&Format::Speedscope) {
@@ -539,16 +564,16 @@ pub fn export(
                     source: io::Error::other(e),
                 }
             })?;
-            write(&path, &json)?;
-            written.push(Written {
+            let w = Written {
                 path,
                 format: Format::Speedscope,
                 graph: graph.name,
                 window: None,
-            });
+            };
+            emit(w, &json)?;
         }
     }
-    Ok(written)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ pub mod diff;
 pub mod ebpf;
 pub mod export;
 pub mod forkpath;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod graphs;
 pub mod html;
 pub mod kbtf;
@@ -24,5 +26,6 @@ pub mod tables;
 pub mod tracefs;
 pub mod tracer;
 pub mod unwind;
+pub mod validate;
 pub mod windows;
 pub mod words;

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    io::{self, BufWriter, Write},
+    io::{self, Write},
     path::{Path, PathBuf},
 };
 
@@ -23,35 +23,11 @@ pub enum RenderError {
     FlameGraph { path: PathBuf, source: io::Error },
 }
 
-fn write_file(path: &Path, text: &str) -> Result<(), RenderError> {
-    fs::write(path, text).map_err(|source| RenderError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
-}
+/// A function that takes each output file: its path and contents.
+pub type Emit<'a> = dyn Fn(&Path, &[u8]) -> Result<(), RenderError> + Sync + 'a;
 
 /// Renders a flame graph from folded lines. An empty window still gets an
 /// SVG, which says that nothing was recorded.
-pub fn flame_graph(
-    lines: &[String],
-    title: &str,
-    count_name: &str,
-    path: &Path,
-) -> Result<(), RenderError> {
-    let file = fs::File::create(path).map_err(|source| RenderError::Write {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut out = BufWriter::new(file);
-    write_flame_graph(lines, title, count_name, &mut out)
-        .and_then(|()| out.flush())
-        .map_err(|source| RenderError::FlameGraph {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-/// [`flame_graph`] into any writer (the HTML report keeps them in memory).
 pub fn write_flame_graph(
     lines: &[String],
     title: &str,
@@ -443,19 +419,34 @@ pub fn write_all(profile: &Profile, dir: &Path) -> Result<Summary, RenderError> 
         })
     };
     mkdir(dir)?;
+    for w in &profile.windows {
+        mkdir(&dir.join(w.dir_name()))?;
+    }
+    render_all(profile, dir, &|path, bytes| {
+        fs::write(path, bytes).map_err(|source| RenderError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    })
+}
+
+/// Renders what [`write_all`] writes, handing each file to `emit` (its
+/// path under `dir`, which it does not create, and its contents): the
+/// fuzz targets render a profile without a disk.
+pub fn render_all(profile: &Profile, dir: &Path, emit: &Emit<'_>) -> Result<Summary, RenderError> {
     // Windows render independently, and their flame graphs are most of a
     // report's time.
     parallel_map(&profile.windows, |w| {
-        write_window(profile, w, &dir.join(w.dir_name()), &mkdir)
+        render_window(profile, w, &dir.join(w.dir_name()), emit)
     })?;
-    write_tables(profile, None, dir)?;
+    render_tables(profile, None, dir, emit)?;
     let summary = summary(profile);
-    write_file(&dir.join("summary.txt"), &summary.to_text())?;
+    emit(&dir.join("summary.txt"), summary.to_text().as_bytes())?;
     let json = serde_json::to_string_pretty(&summary).map_err(|e| RenderError::Write {
         path: dir.join("summary.json"),
         source: io::Error::other(e),
     })?;
-    write_file(&dir.join("summary.json"), &json)?;
+    emit(&dir.join("summary.json"), json.as_bytes())?;
     Ok(summary)
 }
 
@@ -511,54 +502,60 @@ where
     Ok(all.into_iter().map(|(_, r)| r).collect())
 }
 
-fn write_window(
+fn render_window(
     profile: &Profile,
     w: &WindowInfo,
     wdir: &Path,
-    mkdir: &dyn Fn(&Path) -> Result<(), RenderError>,
+    emit: &Emit<'_>,
 ) -> Result<(), RenderError> {
-    mkdir(wdir)?;
     for g in GRAPHS {
         let lines = g.folded(profile, w.id);
-        write_file(
+        emit(
             &wdir.join(format!("{}.folded", g.name)),
-            &join_lines(&lines),
+            join_lines(&lines).as_bytes(),
         )?;
-        flame_graph(
-            &lines,
-            &g.title_for(w),
-            g.count_name(),
-            &wdir.join(format!("{}.svg", g.name)),
-        )?;
+        let path = wdir.join(format!("{}.svg", g.name));
+        let mut svg = Vec::new();
+        write_flame_graph(&lines, &g.title_for(w), g.count_name(), &mut svg).map_err(|source| {
+            RenderError::FlameGraph {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        emit(&path, &svg)?;
     }
-    write_tables(profile, Some(w.id), wdir)?;
-    Ok(())
+    render_tables(profile, Some(w.id), wdir, emit)
 }
 
 /// `NAME.txt`, `.md`, `.csv` and `.json` of every table, for one window or
 /// the whole recording.
-fn write_tables(profile: &Profile, window: Option<u32>, dir: &Path) -> Result<(), RenderError> {
+fn render_tables(
+    profile: &Profile,
+    window: Option<u32>,
+    dir: &Path,
+    emit: &Emit<'_>,
+) -> Result<(), RenderError> {
     for t in TABLES {
         let (name, human) = (t.name(), t.table(profile, window, true));
         let note = t
             .note(profile, window)
             .map(|n| format!("\n{n}"))
             .unwrap_or_default();
-        write_file(
+        emit(
             &dir.join(format!("{name}.txt")),
-            &format!("{}{note}", human.text()),
+            format!("{}{note}", human.text()).as_bytes(),
         )?;
-        write_file(&dir.join(format!("{name}.md")), &human.markdown())?;
-        write_file(
+        emit(&dir.join(format!("{name}.md")), human.markdown().as_bytes())?;
+        emit(
             &dir.join(format!("{name}.csv")),
-            &t.table(profile, window, false).csv(),
+            t.table(profile, window, false).csv().as_bytes(),
         )?;
         let path = dir.join(format!("{name}.json"));
         let json = t.json(profile, window).map_err(|e| RenderError::Write {
             path: path.clone(),
             source: io::Error::other(e),
         })?;
-        write_file(&path, &json)?;
+        emit(&path, json.as_bytes())?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_report;
+mod fuzz;
 mod massboot;
 mod packages;
 mod soak;
@@ -72,6 +73,9 @@ enum Cmd {
     /// over the libvirt API while `hvprof record` follows libvirtd, then
     /// tear everything down (needs root).
     Massboot(massboot::Opts),
+    /// Run the fuzz targets (profiler/fuzz/) with the pinned nightly, from
+    /// their committed corpora; installs cargo-fuzz into .tools/.
+    Fuzz(fuzz::Opts),
     /// (internal) Run a command under a child subreaper that reaps orphans.
     #[command(hide = true)]
     Subreaper {
@@ -141,6 +145,7 @@ fn main() -> ExitCode {
             Ok(code) => return ExitCode::from(u8::try_from(code).unwrap_or(1)),
             Err(e) => Err(e),
         },
+        Cmd::Fuzz(opts) => fuzz::run_targets(&opts),
         Cmd::BenchReport(opts) => toolchain::bootstrap().and_then(|()| {
             run(cargo().args([
                 "build",

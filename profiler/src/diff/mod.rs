@@ -10,8 +10,7 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    fs,
-    io::{self, Read as _},
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -53,6 +52,14 @@ pub enum DiffError {
         b: PathBuf,
         a_windows: String,
         b_windows: String,
+    },
+    #[error(
+        "{place}: A's stacks add up to {a_total} and B's to {b_total}, more than a differential flame graph can draw ({MAX_DIFF_TOTAL}); no recording comes near that, so a profile is corrupt: record it again"
+    )]
+    TooLargeToDraw {
+        place: String,
+        a_total: u64,
+        b_total: u64,
     },
     #[error(transparent)]
     Render(#[from] RenderError),
@@ -595,17 +602,34 @@ pub fn compare(
     }
 }
 
-fn folded_total(lines: &[String]) -> u64 {
-    lines
+/// The most a side of a differential flame graph may add up to: inferno
+/// colours each frame by 150 × its change in an `isize` (below 2^63),
+/// after scaling A to B's total in floating point; 2^55 leaves room for
+/// both.
+pub const MAX_DIFF_TOTAL: u64 = 1 << 55;
+
+/// The folded lines inferno will count (`stack N`, N digits only; it
+/// skips the rest), and their total, saturating.
+fn countable(lines: &[String]) -> (Vec<&str>, u64) {
+    let mut total: u64 = 0;
+    let kept = lines
         .iter()
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
-        .sum()
+        .filter_map(|l| {
+            let (_, n) = l.trim_end().rsplit_once(' ')?;
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            total = total.saturating_add(n.parse().unwrap_or(u64::MAX));
+            Some(l.as_str())
+        })
+        .collect();
+    (kept, total)
 }
 
 /// Two-column folded lines (`stack A B`, sorted) from A's and B's folded
 /// lines, by inferno's differential folding.
-pub fn differential_folded(a: &[String], b: &[String], normalize: bool) -> io::Result<Vec<String>> {
-    let join = |v: &[String]| {
+pub fn differential_folded(a: &[&str], b: &[&str], normalize: bool) -> io::Result<Vec<String>> {
+    let join = |v: &[&str]| {
         let mut s = v.join("\n");
         s.push('\n');
         s
@@ -622,42 +646,49 @@ pub fn differential_folded(a: &[String], b: &[String], normalize: bool) -> io::R
     Ok(lines)
 }
 
-fn write_file(path: &Path, text: &str) -> Result<(), DiffError> {
-    fs::write(path, text).map_err(|source| DiffError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
+/// A differential flame graph drawn from A's and B's folded lines.
+pub struct DifferentialGraph {
+    /// The two-column folded lines (`stack A B`), one per line.
+    pub folded: String,
+    pub svg: Vec<u8>,
+    /// Totals before normalisation.
+    pub a_total: u64,
+    pub b_total: u64,
+    /// A's counts were scaled to B's total.
+    pub scaled: bool,
 }
 
-/// One window's differential flame graph of one tracer: its two-column
-/// folded file and its SVG, in `dir`'s window directory.
-fn flame_diff(
-    a: &Profile,
-    b: &Profile,
-    w: &WindowInfo,
-    g: &Graph,
-    normalized: bool,
-    dir: &Path,
-) -> Result<FlameDiff, DiffError> {
-    let wdir_name = w.dir_name();
-    let wdir = dir.join(&wdir_name);
-    let (stem, count_name) = (g.name, g.count_name());
-    let (fa, fb) = (g.folded(a, w.id), g.folded(b, w.id));
-    let (a_total, b_total) = (folded_total(&fa), folded_total(&fb));
+/// Draws B against A from their folded lines (A scaled to B's total when
+/// `normalize` and neither is empty); `place` starts the title, e.g.
+/// `On-CPU, window 1 (VMs 1–4)`. The paths only name the outputs in
+/// errors.
+pub fn differential_graph(
+    fa: &[String],
+    fb: &[String],
+    normalize: bool,
+    place: &str,
+    count_name: &str,
+    folded_path: &Path,
+    svg_path: &Path,
+) -> Result<DifferentialGraph, DiffError> {
+    let ((fa, a_total), (fb, b_total)) = (countable(fa), countable(fb));
+    if a_total.max(b_total) > MAX_DIFF_TOTAL {
+        return Err(DiffError::TooLargeToDraw {
+            place: place.to_owned(),
+            a_total,
+            b_total,
+        });
+    }
     // Scaling to an empty side would erase the other one.
-    let scale = normalized && a_total > 0 && b_total > 0;
-    let folded = format!("{stem}.diff.folded");
-    let svg = format!("{stem}.diff.svg");
-    let lines = differential_folded(&fa, &fb, scale).map_err(|source| DiffError::Write {
-        path: wdir.join(&folded),
+    let scaled = normalize && a_total > 0 && b_total > 0;
+    let lines = differential_folded(&fa, &fb, scaled).map_err(|source| DiffError::Write {
+        path: folded_path.to_path_buf(),
         source,
     })?;
-    let mut text = lines.join("\n");
-    if !text.is_empty() {
-        text.push('\n');
+    let mut folded = lines.join("\n");
+    if !folded.is_empty() {
+        folded.push('\n');
     }
-    write_file(&wdir.join(&folded), &text)?;
-    let place = format!("{}, window {} ({})", g.title, w.id, w.label());
     let (title, lines) = if b_total == 0 {
         // Nothing in B to draw: inferno draws B's widths.
         (
@@ -668,31 +699,70 @@ fn flame_diff(
         (
             format!(
                 "{place}: B against A{}; red: more in B, blue: less",
-                if scale { " scaled to B's total" } else { "" }
+                if scaled { " scaled to B's total" } else { "" }
             ),
             lines,
         )
     };
-    let svg_path = wdir.join(&svg);
-    render::flame_graph(&lines, &title, count_name, &svg_path)?;
+    let mut svg = Vec::new();
+    render::write_flame_graph(&lines, &title, count_name, &mut svg).map_err(|source| {
+        RenderError::FlameGraph {
+            path: svg_path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(DifferentialGraph {
+        folded,
+        svg,
+        a_total,
+        b_total,
+        scaled,
+    })
+}
+
+/// A function that takes each output file: its path and contents.
+pub type Emit<'a> = dyn Fn(&Path, &[u8]) -> Result<(), DiffError> + Sync + 'a;
+
+/// One window's differential flame graph of one tracer: its two-column
+/// folded file and its SVG, in `dir`'s window directory.
+fn flame_diff(
+    a: &Profile,
+    b: &Profile,
+    w: &WindowInfo,
+    g: &Graph,
+    normalized: bool,
+    dir: &Path,
+    emit: &Emit<'_>,
+) -> Result<FlameDiff, DiffError> {
+    let wdir_name = w.dir_name();
+    let wdir = dir.join(&wdir_name);
+    let stem = g.name;
+    let folded = format!("{stem}.diff.folded");
+    let svg = format!("{stem}.diff.svg");
+    let (folded_path, svg_path) = (wdir.join(&folded), wdir.join(&svg));
+    let graph = differential_graph(
+        &g.folded(a, w.id),
+        &g.folded(b, w.id),
+        normalized,
+        &format!("{}, window {} ({})", g.title, w.id, w.label()),
+        g.count_name(),
+        &folded_path,
+        &svg_path,
+    )?;
+    emit(&folded_path, graph.folded.as_bytes())?;
+    emit(&svg_path, &graph.svg)?;
     // The page sizes each graph's frame by the SVG's own height, at its
     // start.
-    let mut head = Vec::with_capacity(4096);
-    fs::File::open(&svg_path)
-        .and_then(|f| f.take(4096).read_to_end(&mut head))
-        .map_err(|source| DiffError::Write {
-            path: svg_path.clone(),
-            source,
-        })?;
-    let height = html::svg_height(&String::from_utf8_lossy(&head)).unwrap_or(600);
+    let head = &graph.svg[..graph.svg.len().min(4096)];
+    let height = html::svg_height(&String::from_utf8_lossy(head)).unwrap_or(600);
     Ok(FlameDiff {
         tracer: stem,
         svg: format!("{wdir_name}/{svg}"),
         folded: format!("{wdir_name}/{folded}"),
         unit: g.unit(),
-        a_total,
-        b_total,
-        scaled: scale,
+        a_total: graph.a_total,
+        b_total: graph.b_total,
+        scaled: graph.scaled,
         height,
     })
 }
@@ -710,6 +780,24 @@ pub fn write_all(diff: &mut Diff, a: &Profile, b: &Profile, dir: &Path) -> Resul
     for w in &a.windows {
         mkdir(&dir.join(w.dir_name()))?;
     }
+    render_all(diff, a, b, dir, &|path, bytes| {
+        fs::write(path, bytes).map_err(|source| DiffError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    })
+}
+
+/// Renders what [`write_all`] writes, handing each file to `emit` (its
+/// path under `dir`, which it does not create, and its contents): the
+/// fuzz targets diff profiles without a disk.
+pub fn render_all(
+    diff: &mut Diff,
+    a: &Profile,
+    b: &Profile,
+    dir: &Path,
+    emit: &Emit<'_>,
+) -> Result<(), DiffError> {
     // Every graph of every window is independent, and drawing them is most
     // of a diff's time: one job each, on every CPU.
     let jobs: Vec<(usize, &Graph)> = (0..a.windows.len())
@@ -717,7 +805,7 @@ pub fn write_all(diff: &mut Diff, a: &Profile, b: &Profile, dir: &Path) -> Resul
         .collect();
     let normalized = diff.normalized;
     let graphs = render::parallel_map(&jobs, |&(i, g)| {
-        flame_diff(a, b, &a.windows[i], g, normalized, dir)
+        flame_diff(a, b, &a.windows[i], g, normalized, dir, emit)
     })?;
     for s in &mut diff.windows {
         s.flame_graphs.clear();
@@ -725,14 +813,14 @@ pub fn write_all(diff: &mut Diff, a: &Profile, b: &Profile, dir: &Path) -> Resul
     for (&(i, _), g) in jobs.iter().zip(graphs) {
         diff.windows[i].flame_graphs.push(g);
     }
-    write_file(&dir.join("diff.txt"), &diff.text(None))?;
-    write_file(&dir.join("diff.md"), &diff.markdown())?;
+    emit(&dir.join("diff.txt"), diff.text(None).as_bytes())?;
+    emit(&dir.join("diff.md"), diff.markdown().as_bytes())?;
     let json = serde_json::to_string_pretty(&diff).map_err(|e| DiffError::Write {
         path: dir.join("diff.json"),
         source: io::Error::other(e),
     })?;
-    write_file(&dir.join("diff.json"), &json)?;
-    write_file(&dir.join("diff.html"), &diff.html())
+    emit(&dir.join("diff.json"), json.as_bytes())?;
+    emit(&dir.join("diff.html"), diff.html().as_bytes())
 }
 
 #[cfg(test)]
@@ -756,8 +844,8 @@ mod tests {
 
     #[test]
     fn differential_folding_keeps_both_counts() {
-        let a = vec!["x;a 10".to_owned(), "x;b 10".to_owned()];
-        let b = vec!["x;a 30".to_owned(), "x;c 10".to_owned()];
+        let a = ["x;a 10", "x;b 10"];
+        let b = ["x;a 30", "x;c 10"];
         assert_eq!(
             differential_folded(&a, &b, false).unwrap(),
             ["x;a 10 30", "x;b 10 0", "x;c 0 10"]
@@ -767,6 +855,39 @@ mod tests {
             differential_folded(&a, &b, true).unwrap(),
             ["x;a 20 30", "x;b 20 0", "x;c 0 10"]
         );
+    }
+
+    #[test]
+    fn refuses_counts_inferno_cannot_draw() {
+        let draw = |a: &[&str], b: &[&str]| {
+            let lines = |v: &[&str]| v.iter().map(|&l| l.to_owned()).collect::<Vec<_>>();
+            differential_graph(
+                &lines(a),
+                &lines(b),
+                false,
+                "On-CPU, window 1",
+                "samples",
+                Path::new("f"),
+                Path::new("s"),
+            )
+        };
+        let most = format!("x {MAX_DIFF_TOTAL}");
+        assert!(draw(&["x 1", "y 1"], &[&most]).is_ok());
+        let over = format!("x {}", MAX_DIFF_TOTAL + 1);
+        let err = draw(&["x 1", "y 1"], &[&over]).err().unwrap().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "On-CPU, window 1: A's stacks add up to 2 and B's to {},",
+                MAX_DIFF_TOTAL + 1
+            )),
+            "{err}"
+        );
+        // Lines whose sum overflows are refused, not added.
+        let max = format!("x {}", u64::MAX);
+        assert!(draw(&[&max, "y 1"], &[]).is_err());
+        // What inferno would skip is not counted.
+        let g = draw(&["x 1.5", "y +3", "z", "w 2"], &["w 2"]).unwrap();
+        assert_eq!((g.a_total, g.b_total, g.folded.as_str()), (2, 2, "w 2 2\n"));
     }
 
     #[test]

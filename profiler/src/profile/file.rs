@@ -240,17 +240,21 @@ impl Profile {
         if got < head.len() {
             return Err(reader.corrupt("it ends inside the header".to_owned()));
         }
-        match u32::from_le_bytes([head[8], head[9], head[10], head[11]]) {
-            FORMAT_VERSION => reader.records(input),
+        let profile: Self = match u32::from_le_bytes([head[8], head[9], head[10], head[11]]) {
+            FORMAT_VERSION => reader.records(input)?,
             FORMAT_VERSION_WHOLE => {
                 let json = reader.inflate(input)?;
-                serde_json::from_slice(&json).map_err(|e| reader.corrupt(e.to_string()))
+                serde_json::from_slice(&json).map_err(|e| reader.corrupt(e.to_string()))?
             }
-            found => Err(ProfileError::Version {
-                path: path.to_path_buf(),
-                found,
-            }),
-        }
+            found => {
+                return Err(ProfileError::Version {
+                    path: path.to_path_buf(),
+                    found,
+                });
+            }
+        };
+        profile.validate(path)?;
+        Ok(profile)
     }
 }
 
@@ -571,12 +575,9 @@ mod tests {
             (2_000_000_000, Some(2), None)
         );
         assert_eq!(p.meta.target, "pid 1");
-        assert!(
-            p.meta
-                .stop_reason
-                .contains("without its last record after 2.00 s"),
-            "{}",
-            p.meta.stop_reason
+        assert_eq!(
+            p.meta.stop_reason,
+            "the recording has no end: it holds the first 2.00 s and window 2 (VMs 3–4) is incomplete"
         );
         let warning = p.incomplete_warning().unwrap();
         assert!(
