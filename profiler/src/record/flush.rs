@@ -87,6 +87,15 @@ impl Flusher {
             &mut self.seen,
             &mut self.stacks,
         )?;
+        // The mappings of every process with rows, read again now (as the
+        // stop does): a library it mapped since its last snapshot (a dlopen
+        // not settled yet) must symbolize.
+        let mut tgids: Vec<u32> = drained.triples().iter().map(|t| t.0).collect();
+        tgids.sort_unstable();
+        tgids.dedup();
+        for tgid in tgids {
+            rec.processes.snapshot(tgid);
+        }
         let mut record = Record {
             until_ns: flip_ns,
             last: false,
