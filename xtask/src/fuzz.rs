@@ -172,12 +172,14 @@ fn fuzz_one(t: &Target, nightly: &str, bin: &Path, opts: &Opts) -> anyhow::Resul
         committed(t.name, "crashes").display()
     );
     if opts.merge {
+        // New edges only, not new hit counts or comparisons: what is
+        // committed stays small.
         let mut merge = cargo_fuzz(nightly, bin)?;
         run(merge
             .args(["run", t.name])
             .arg(committed(t.name, "corpus"))
             .arg(&work)
-            .args(["--", "-merge=1"])
+            .args(["--", "-merge=1", "-use_counters=0", "-use_cmp=0"])
             .arg(format!("-max_len={}", t.max_len)))?;
     }
     Ok(())
