@@ -35,6 +35,8 @@ pub(super) struct Recorder {
     targets_gone: bool,
     /// The tracers actually attached.
     pub tracers: Vec<Tracer>,
+    /// The uprobe links, detached together at the stop.
+    pub uprobe_links: Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>,
     pub ring_losses: u64,
     /// Snapshots to take again: at exec only the binary and the dynamic
     /// loader are mapped, the libraries come a moment later.
@@ -91,6 +93,7 @@ impl Recorder {
             },
             targets_gone: false,
             tracers: Vec::new(),
+            uprobe_links: Vec::new(),
             ring_losses: 0,
             resnap: Vec::new(),
             unwind_stats: None,

@@ -33,6 +33,7 @@ use profiler_common::record::{COMM_LEN, names};
 pub(crate) use self::attach::dbus_library_paths;
 pub use self::{
     assemble::task_state_name,
+    attach::Detaching,
     drain::loss_name,
     options::{RecordError, RecordOptions, Target, UnwindMode, VmEvent, VmEventError},
 };
@@ -56,6 +57,8 @@ pub struct Outcome {
     pub stop_to_written: Duration,
     /// Exit status of the `-- CMD` target, if it exited.
     pub command_status: Option<std::process::ExitStatus>,
+    /// The probes still being detached; dropping this waits for them.
+    pub detaching: Detaching,
 }
 
 fn monotonic_ns() -> u64 {
@@ -87,6 +90,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.fork_uprobes = u32::from(fork_uprobes.is_some());
     // Kept open for the whole recording: statistics are on while it is.
     let _stats = load::enable_stats(&opts)?;
+    let btf = facts.btf()?;
     let loaded = load::load(&opts, &config, &initial)?;
     let mut bpf = loaded.bpf;
     let mut rec = Recorder::new(opts, loaded.unwinder, loaded.verifier);
@@ -104,7 +108,10 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
         initial: &initial,
         fork_uprobes: fork_uprobes.as_ref(),
     };
-    rec.tracers = attach::attach(&mut bpf, &mut facts, &plan)?;
+    let attached = attach::attach(&mut bpf, &btf, &facts, &plan)?;
+    drop(btf);
+    rec.tracers = attached.tracers;
+    rec.uprobe_links = attached.uprobe_links;
     run(rec, bpf, gated.as_mut())
 }
 
@@ -154,23 +161,38 @@ fn run(
     let stop_ns = monotonic_ns();
     rec.self_cpu_ns = sys::self_cpu_ns().saturating_sub(rec.start_cpu_ns);
     let (command_status, program_stats) = stop_recording(&mut rec, &mut bpf, &mut events, gated);
-    let drained = drain::drain(&rec, &bpf, stop_ns)?;
-    let mut profile = assemble::profile(&rec, drained, &stop, stop_ns);
-    profile.meta.program_stats = program_stats;
-    let profile_path = rec.opts.output.join(profile::FILE_NAME);
-    profile.write(&profile_path)?;
-    let summary = render::write_all(&profile, &rec.opts.output)?;
+    // The programs change nothing any more: their uprobes go meanwhile.
+    let detaching = Detaching::start(&mut bpf, std::mem::take(&mut rec.uprobe_links));
+    let (profile, summary) = write(&rec, &bpf, &stop, stop_ns, program_stats)?;
     let stop_to_written = stopped.elapsed();
     attach::unload_all(&mut bpf);
     drop(bpf);
     Ok(Outcome {
         profile,
-        profile_path,
+        profile_path: rec.opts.output.join(profile::FILE_NAME),
         output: rec.opts.output.clone(),
         summary,
         stop_to_written,
         command_status,
+        detaching,
     })
+}
+
+/// Drains the frozen maps, symbolizes, assembles the profile and writes it
+/// with its renderings.
+fn write(
+    rec: &Recorder,
+    bpf: &Ebpf,
+    stop: &events::Stop,
+    stop_ns: u64,
+    program_stats: Vec<profile::ProgramStat>,
+) -> Result<(Profile, render::Summary), RecordError> {
+    let drained = drain::drain(rec, bpf, stop_ns)?;
+    let mut profile = assemble::profile(rec, drained, stop, stop_ns);
+    profile.meta.program_stats = program_stats;
+    profile.write(&rec.opts.output.join(profile::FILE_NAME))?;
+    let summary = render::write_all(&profile, &rec.opts.output)?;
+    Ok((profile, summary))
 }
 
 /// Takes the final snapshots while the processes are still alive, ends the
