@@ -419,6 +419,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         outcome.stop_to_written.as_millis()
     );
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    record::timing("summary printed");
     if let Some(status) = outcome.command_status
         && !status.success()
     {
@@ -426,6 +427,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
     }
     // Waits for the last probes to be detached: none is left behind.
     drop(outcome);
+    record::timing("every probe detached");
     Ok(())
 }
 

@@ -98,6 +98,115 @@ pub(super) fn attach(
     Ok(attached)
 }
 
+/// How a program is loaded: on a BTF tracepoint, or as it is.
+#[derive(Clone, Copy)]
+enum Load {
+    Btf(&'static str),
+    Plain,
+}
+
+/// The programs a recording with `tracers` attaches, and how each is
+/// loaded.
+fn programs_to_load(tracers: &[Tracer], plan: &Plan<'_>) -> Vec<(&'static str, Load)> {
+    let mut out = Vec::new();
+    let [enter, exit] = SYSCALL_TRACEPOINTS.map(|t| Load::Btf(t.name));
+    for part in Part::ALL {
+        let wanted = match part {
+            Part::Targets | Part::Syscalls | Part::VmWindows => true,
+            Part::Unwind => plan.opts.unwind == UnwindMode::Dwarf,
+            Part::Tracer(t) => tracers.contains(&t),
+        };
+        for probe in part.probes().iter().filter(|_| wanted) {
+            match *probe {
+                Probe::BtfTracepoint {
+                    tracepoint,
+                    program,
+                } => out.push((program, Load::Btf(tracepoint.name))),
+                Probe::Syscalls {
+                    enter: e, exit: x, ..
+                }
+                | Probe::SyscallDispatch { enter: e, exit: x } => {
+                    out.extend([(e, enter), (x, exit)]);
+                }
+                Probe::CpuClock { program } => out.push((program, Load::Plain)),
+                Probe::Uprobe { program } => {
+                    if part == Part::Tracer(Tracer::Dbus) || plan.fork_uprobes.is_some() {
+                        out.push((program, Load::Plain));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Loads the programs a recording with `tracers` attaches, on every CPU at
+/// once, the largest first: the kernel's verifier takes most of the
+/// start-up (0.1 to 0.4 s for each program that walks stacks), on one CPU
+/// per program. A program that fails to load is left for the attach,
+/// which loads it again and says why.
+pub(super) fn load_programs(bpf: &mut Ebpf, btf: &Btf, tracers: &[Tracer], plan: &Plan<'_>) {
+    use std::sync::Mutex;
+    let wanted = programs_to_load(tracers, plan);
+    let size = program_sizes();
+    let mut jobs: Vec<(u64, &str, Load, &mut aya::programs::Program)> = bpf
+        .programs_mut()
+        .filter_map(|(name, p)| {
+            let &(_, how) = wanted.iter().find(|(w, _)| *w == name)?;
+            Some((size(name), name, how, p))
+        })
+        .collect();
+    jobs.sort_by_key(|&(size, ..)| std::cmp::Reverse(size));
+    let queue = Mutex::new(jobs.into_iter());
+    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.next());
+                    let Some((_, name, how, program)) = next else {
+                        break;
+                    };
+                    let started = std::time::Instant::now();
+                    let _ = load_one(program, how, btf);
+                    super::timing_detail(&format!(
+                        "loaded {name} in {} ms",
+                        started.elapsed().as_millis()
+                    ));
+                }
+            });
+        }
+    });
+}
+
+fn load_one(
+    program: &mut aya::programs::Program,
+    how: Load,
+    btf: &Btf,
+) -> Result<(), ProgramError> {
+    use aya::programs::Program;
+    match (program, how) {
+        (Program::BtfTracePoint(p), Load::Btf(tp)) => p.load(tp, btf),
+        (Program::PerfEvent(p), Load::Plain) => p.load(),
+        (Program::UProbe(p), Load::Plain) => p.load(),
+        _ => Ok(()),
+    }
+}
+
+/// The size of each program of the embedded object, by name (0 if not
+/// found), which is about what verifying it costs.
+fn program_sizes() -> impl Fn(&str) -> u64 {
+    use object::{Object as _, ObjectSymbol as _};
+    let sizes: std::collections::HashMap<String, u64> = object::File::parse(crate::ebpf::OBJECT)
+        .map(|obj| {
+            obj.symbols()
+                .filter_map(|s| Some((s.name().ok()?.to_owned(), s.size())))
+                .collect()
+        })
+        .unwrap_or_default();
+    move |name| sizes.get(name).copied().unwrap_or(0)
+}
+
 /// Attaches one tracer; `Some(why)` when it is skipped instead.
 fn attach_tracer(
     bpf: &mut Ebpf,

@@ -76,10 +76,49 @@ fn comm_str(c: &[u8; COMM_LEN]) -> String {
     String::from_utf8_lossy(&c[..end]).into_owned()
 }
 
+/// When the recording was set up and when the last phase ended, with
+/// `HVPROF_TIMING` set.
+fn timing_clock() -> Option<&'static std::sync::Mutex<(Instant, Instant)>> {
+    use std::sync::{Mutex, OnceLock};
+    static CLOCK: OnceLock<Option<Mutex<(Instant, Instant)>>> = OnceLock::new();
+    CLOCK
+        .get_or_init(|| {
+            std::env::var_os("HVPROF_TIMING").map(|_| {
+                let now = Instant::now();
+                Mutex::new((now, now))
+            })
+        })
+        .as_ref()
+}
+
+/// With `HVPROF_TIMING` set, says on stderr how long the phase that ends
+/// now took, and when it ended since the recording was set up: start-up
+/// and teardown are what a CI job pays per recording.
+pub fn timing(phase: &str) {
+    if let Some(Ok(mut last)) = timing_clock().map(std::sync::Mutex::lock) {
+        let now = Instant::now();
+        eprintln!(
+            "hvprof: timing: {phase}: {} ms (at {} ms)",
+            (now - last.1).as_millis(),
+            (now - last.0).as_millis()
+        );
+        last.1 = now;
+    }
+}
+
+/// With `HVPROF_TIMING` set, a detail of the phase under way.
+fn timing_detail(what: &str) {
+    if timing_clock().is_some() {
+        eprintln!("hvprof: timing:   {what}");
+    }
+}
+
 /// Runs a whole recording.
 pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
+    timing("start");
     can_start(&opts)?;
     let mut facts = Facts::gather(&opts)?;
+    timing("kernel facts (BTF offsets, kallsyms, fork paths)");
     let mut config = load::config(&opts, &facts);
     let (initial, mut gated) = targets::initial(&opts)?;
     let fork_uprobes = if facts.tracers.contains(&Tracer::Fork) {
@@ -91,7 +130,9 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     // Kept open for the whole recording: statistics are on while it is.
     let _stats = load::enable_stats(&opts)?;
     let btf = facts.btf()?;
+    timing("kernel BTF for loading");
     let loaded = load::load(&opts, &config, &initial)?;
+    timing("maps");
     let mut bpf = loaded.bpf;
     let mut rec = Recorder::new(opts, loaded.unwinder, loaded.verifier);
     // Snapshot what runs already; with -a, everything.
@@ -103,13 +144,17 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     for pid in known {
         rec.processes.learn(pid);
     }
+    timing("process snapshots");
     let plan = attach::Plan {
         opts: &rec.opts,
         initial: &initial,
         fork_uprobes: fork_uprobes.as_ref(),
     };
+    attach::load_programs(&mut bpf, &btf, &facts.tracers, &plan);
+    timing("programs loaded (verified)");
     let attached = attach::attach(&mut bpf, &btf, &facts, &plan)?;
     drop(btf);
+    timing("probes attached");
     rec.tracers = attached.tracers;
     rec.uprobe_links = attached.uprobe_links;
     run(rec, bpf, gated.as_mut())
@@ -157,16 +202,20 @@ fn run(
     let mut events = RingBuf::try_from(bpf.take_map(name).ok_or(RecordError::Missing { name })?)
         .map_err(|source| RecordError::Map { name, source })?;
     let stop = rec.run_loop(&mut events, gated.as_deref_mut())?;
+    timing("recording");
     let stopped = Instant::now();
     let stop_ns = monotonic_ns();
     rec.self_cpu_ns = sys::self_cpu_ns().saturating_sub(rec.start_cpu_ns);
     let (command_status, program_stats) = stop_recording(&mut rec, &mut bpf, &mut events, gated);
     // The programs change nothing any more: their uprobes go meanwhile.
     let detaching = Detaching::start(&mut bpf, std::mem::take(&mut rec.uprobe_links));
+    timing("stop (final snapshots, the command ended, maps frozen)");
     let (profile, summary) = write(&rec, &bpf, &stop, stop_ns, program_stats)?;
     let stop_to_written = stopped.elapsed();
+    timing("files written");
     attach::unload_all(&mut bpf);
     drop(bpf);
+    timing("probes but the uprobes detached, maps freed");
     Ok(Outcome {
         profile,
         profile_path: rec.opts.output.join(profile::FILE_NAME),
@@ -188,7 +237,9 @@ fn write(
     program_stats: Vec<profile::ProgramStat>,
 ) -> Result<(Profile, render::Summary), RecordError> {
     let drained = drain::drain(rec, bpf, stop_ns)?;
+    timing("drain");
     let mut profile = assemble::profile(rec, drained, stop, stop_ns);
+    timing("symbolize and assemble");
     profile.meta.program_stats = program_stats;
     profile.write(&rec.opts.output.join(profile::FILE_NAME))?;
     let summary = render::write_all(&profile, &rec.opts.output)?;
