@@ -1,8 +1,10 @@
 //! How a recording ends: hvprof exits soon after its command does, with
-//! nothing of it left attached in the kernel. Needs root.
+//! nothing of it left attached in the kernel; Ctrl-C twice still writes
+//! everything, and a third one aborts, saying what is lost. Needs root.
 
 use std::{
     collections::BTreeSet,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -87,5 +89,50 @@ fn hvprof_exits_soon_after_its_command_and_leaves_nothing_attached() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(Profile::read(&dir.join("profile.hvprof")).is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `record -a` (whose drain and symbolizing take a while), lets it
+/// record for a moment, and sends it `n` SIGINTs 20 ms apart.
+fn interrupt_times(name: &str, n: usize) -> (std::process::ExitStatus, String, std::path::PathBuf) {
+    let dir = out_dir(name);
+    let (mut hv, log) = start_recording_logged(&dir, &["-a", "-d", "60s"]);
+    std::thread::sleep(Duration::from_millis(800));
+    for _ in 0..n {
+        signal(&hv, libc::SIGINT);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = hv.wait().unwrap();
+    // The stderr reader ends with the process.
+    std::thread::sleep(Duration::from_millis(100));
+    let log = log.lock().unwrap().clone();
+    (status, log, dir)
+}
+
+#[test]
+fn a_second_ctrl_c_still_writes_everything() {
+    let (status, log, dir) = interrupt_times("sigint2", 2);
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(
+        log.contains("hvprof: stopping: writing everything recorded to")
+            && log.contains("Ctrl-C once more aborts"),
+        "{log}"
+    );
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    assert_eq!(p.meta.stop_reason, "SIGINT");
+    assert!(p.oncpu.iter().map(|r| r.samples).sum::<u64>() > 0);
+    assert!(dir.join("summary.txt").is_file() && dir.join("w00-setup/oncpu.svg").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_third_ctrl_c_aborts_and_says_what_is_lost() {
+    let (status, log, dir) = interrupt_times("sigint3", 3);
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("hvprof: aborted; lost: "), "{log}");
+    // What it says is lost is not there.
+    if log.contains("lost: the whole recording") {
+        assert!(!Path::new(&dir.join("profile.hvprof")).exists());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,6 +13,7 @@ mod assemble;
 mod attach;
 mod drain;
 mod events;
+mod interrupts;
 mod kernel;
 mod load;
 mod options;
@@ -37,7 +38,12 @@ pub use self::{
     drain::loss_name,
     options::{RecordError, RecordOptions, Target, UnwindMode, VmEvent, VmEventError},
 };
-use self::{events::Recorder, kernel::Facts, targets::GatedChild};
+use self::{
+    events::Recorder,
+    interrupts::{Interrupts, Phase},
+    kernel::Facts,
+    targets::GatedChild,
+};
 pub use crate::tracer::{Tracer, dbus_function};
 use crate::{
     profile::{self, Profile},
@@ -117,6 +123,7 @@ fn timing_detail(what: &str) {
 pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     timing("start");
     can_start(&opts)?;
+    let interrupts = Interrupts::watch(&opts.output, &opts.output.join(profile::FILE_NAME));
     let mut facts = Facts::gather(&opts)?;
     timing("kernel facts (BTF offsets, kallsyms, fork paths)");
     let mut config = load::config(&opts, &facts);
@@ -157,7 +164,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     timing("probes attached");
     rec.tracers = attached.tracers;
     rec.uprobe_links = attached.uprobe_links;
-    run(rec, bpf, gated.as_mut())
+    run(rec, bpf, gated.as_mut(), &interrupts)
 }
 
 /// What must hold before anything is set up: privileges, the `-p` pids,
@@ -185,6 +192,7 @@ fn run(
     mut rec: Recorder,
     mut bpf: Ebpf,
     mut gated: Option<&mut GatedChild>,
+    interrupts: &Interrupts,
 ) -> Result<Outcome, RecordError> {
     // From here hvprof's own CPU competes with the workload's (loading and
     // verifying the programs, before, does not).
@@ -192,6 +200,7 @@ fn run(
     if let Some(g) = gated.as_deref_mut() {
         g.release();
     }
+    interrupts.phase(Phase::Recording);
     eprintln!(
         "hvprof: recording {} (windows: {}, {} Hz); Ctrl-C to stop",
         rec.opts.target, rec.opts.windows, rec.opts.frequency_hz
@@ -202,6 +211,7 @@ fn run(
     let mut events = RingBuf::try_from(bpf.take_map(name).ok_or(RecordError::Missing { name })?)
         .map_err(|source| RecordError::Map { name, source })?;
     let stop = rec.run_loop(&mut events, gated.as_deref_mut())?;
+    interrupts.phase(Phase::Writing);
     timing("recording");
     let stopped = Instant::now();
     let stop_ns = monotonic_ns();
@@ -210,7 +220,8 @@ fn run(
     // The programs change nothing any more: their uprobes go meanwhile.
     let detaching = Detaching::start(&mut bpf, std::mem::take(&mut rec.uprobe_links));
     timing("stop (final snapshots, the command ended, maps frozen)");
-    let (profile, summary) = write(&rec, &bpf, &stop, stop_ns, program_stats)?;
+    let (profile, summary) = write(&rec, &bpf, &stop, stop_ns, program_stats, interrupts)?;
+    interrupts.phase(Phase::Written);
     let stop_to_written = stopped.elapsed();
     timing("files written");
     attach::unload_all(&mut bpf);
@@ -235,6 +246,7 @@ fn write(
     stop: &events::Stop,
     stop_ns: u64,
     program_stats: Vec<profile::ProgramStat>,
+    interrupts: &Interrupts,
 ) -> Result<(Profile, render::Summary), RecordError> {
     let drained = drain::drain(rec, bpf, stop_ns)?;
     timing("drain");
@@ -242,6 +254,7 @@ fn write(
     timing("symbolize and assemble");
     profile.meta.program_stats = program_stats;
     profile.write(&rec.opts.output.join(profile::FILE_NAME))?;
+    interrupts.phase(Phase::Rendering);
     let summary = render::write_all(&profile, &rec.opts.output)?;
     Ok((profile, summary))
 }

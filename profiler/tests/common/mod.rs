@@ -184,3 +184,9 @@ pub fn start_recording_logged(dir: &Path, args: &[&str]) -> (Child, Arc<Mutex<St
     });
     (child, log)
 }
+
+/// Sends `signal` to a process this test started.
+pub fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) of a child this test started and has not waited for.
+    assert_eq!(unsafe { libc::kill(child.id().cast_signed(), signal) }, 0);
+}
