@@ -116,6 +116,22 @@ pub struct Meta {
     /// unwound again in userspace and compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_unwind: Option<VerifyUnwind>,
+    /// `record --comm`: each time every process of that name was gone and
+    /// one was started again (a daemon restarted), which was then followed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarts: Vec<Restart>,
+}
+
+/// A `--comm` target restarted during the recording: its last process
+/// exited, and a new one of the same name started (exec'd) later. Times
+/// are since the start of the recording.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restart {
+    pub comm: String,
+    pub old_pid: u32,
+    pub exited_ns: u64,
+    pub new_pid: u32,
+    pub started_ns: u64,
 }
 
 /// What `record --verify-unwind` found: sampled user-stack walks, each

@@ -353,6 +353,7 @@ fn meta(
             .verifier
             .as_ref()
             .map(crate::unwind::verify::Verifier::result),
+        restarts: rec.restarts.found.clone(),
     }
 }
 

@@ -142,6 +142,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     timing("maps");
     let mut bpf = loaded.bpf;
     let mut rec = Recorder::new(opts, loaded.unwinder, loaded.verifier);
+    rec.restarts = targets::Restarts::new(&rec.opts.target, &initial);
     // Snapshot what runs already; with -a, everything.
     let known: Vec<u32> = if matches!(rec.opts.target, Target::All) {
         crate::procmaps::all_pids()
