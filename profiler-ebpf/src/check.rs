@@ -2,7 +2,6 @@
 //! attaches and fires on this kernel, by counting what it sees.
 
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, fentry, fexit, map, perf_event, uprobe},
     maps::PerCpuArray,
@@ -37,22 +36,23 @@ fn current_tgid_is_target() -> bool {
     (bpf_get_current_pid_tgid() >> 32) as u32 == target
 }
 
-tracepoint_program! {
-pub fn check_tracepoint(_ctx: TracePointContext) {
+/// Loaded on each BTF tracepoint a recording attaches to, in turn.
+#[btf_tracepoint]
+pub fn check_tracepoint(_ctx: BtfTracePointContext) -> i32 {
     bump(CheckCounter::Tracepoint);
-}
+    0
 }
 
-tracepoint_program! {
-/// `sched:sched_process_fork` runs in the parent: count forks made by the
-/// one thread userspace named, so the count is exact.
-pub fn check_fork(ctx: TracePointContext) {
+/// `sched_process_fork` runs in the parent: count forks made by the one
+/// thread userspace named, so the count is exact.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn check_fork(_ctx: BtfTracePointContext) -> i32 {
     // SAFETY: as above.
     let target = unsafe { core::ptr::read_volatile(&raw const CHECK_TID) };
-    if ctx.pid() == target {
+    if bpf_get_current_pid_tgid() as u32 == target {
         bump(CheckCounter::Fork);
     }
-}
+    0
 }
 
 #[perf_event]
@@ -61,7 +61,8 @@ pub fn check_perf_event(_ctx: PerfEventContext) -> u32 {
     0
 }
 
-#[uprobe]
+/// A `uprobe.multi` program, as the recording's uprobes are.
+#[uprobe(multi)]
 pub fn check_uprobe(_ctx: ProbeContext) -> u32 {
     if current_tgid_is_target() {
         bump(CheckCounter::Uprobe);

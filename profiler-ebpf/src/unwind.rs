@@ -303,9 +303,9 @@ pub extern "C" fn hvprof_unwind_return(tgid: u32, ip: u64, sp: u64, bp: u64) -> 
 fn start(tgid: u32, ip: u64, sp: u64, bp: u64, max: u32) -> Option<*mut Walk> {
     let w = UNWIND_WALK.get_ptr_mut(0)?;
     // SAFETY: this CPU's walk state. A walk is not interrupted by another
-    // on this CPU: the kernel skips a tracing or perf-event program that
-    // would start while one runs (`bpf_prog_active`), and sched_switch
-    // runs with interrupts off. (The same holds for `STACK_SCRATCH`.)
+    // on this CPU: a program of hvprof's does not start while another runs
+    // there (`record::common::Running`), and sched_switch runs with
+    // interrupts off. (The same holds for `STACK_SCRATCH`.)
     unsafe {
         *w = Walk {
             ip,

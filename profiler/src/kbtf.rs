@@ -1,9 +1,10 @@
 //! Just enough of a BTF reader to find where a field of a kernel structure
 //! is: the eBPF side is built without CO-RE, so a field it reads from a
 //! kernel object (the saved kernel stack pointer of a task) gets its offset
-//! from here, read from `/sys/kernel/btf/vmlinux` at record time.
+//! from here, read from `/sys/kernel/btf/vmlinux` at record time; and which
+//! BTF tracepoints the kernel has.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 const MAGIC: u16 = 0xeb9f;
 
@@ -54,6 +55,8 @@ pub struct Kbtf {
     strings: Vec<u8>,
     types: Vec<Type>,
     structs: HashMap<String, u32>,
+    /// The BTF tracepoints: `NAME` of each `btf_trace_NAME` typedef.
+    tracepoints: HashSet<String>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -148,15 +151,22 @@ impl Kbtf {
             strings,
             types,
             structs: HashMap::new(),
+            tracepoints: HashSet::new(),
         };
         let mut structs = HashMap::new();
+        let mut tracepoints = HashSet::new();
         for (id, t) in (0u32..).zip(&btf.types) {
             if t.kind == KIND_STRUCT && t.name != 0 {
                 // The first (complete) definition wins.
                 structs.entry(btf.name(t.name).to_owned()).or_insert(id);
+            } else if t.kind == KIND_TYPEDEF
+                && let Some(tp) = btf.name(t.name).strip_prefix("btf_trace_")
+            {
+                tracepoints.insert(tp.to_owned());
             }
         }
         btf.structs = structs;
+        btf.tracepoints = tracepoints;
         Ok(btf)
     }
 
@@ -199,6 +209,13 @@ impl Kbtf {
             }
         }
         None
+    }
+
+    /// Whether the kernel has BTF tracepoint `name` (`sched_switch`): a
+    /// `btf_trace_NAME` typedef, which loading a program on it needs.
+    #[must_use]
+    pub fn has_btf_tracepoint(&self, name: &str) -> bool {
+        self.tracepoints.contains(name)
     }
 
     /// Byte offset of `path` (e.g. `["thread", "sp"]`) inside struct

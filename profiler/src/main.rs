@@ -423,11 +423,16 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         outcome.profile_path.display(),
         outcome.stop_to_written.as_millis()
     );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    record::timing("summary printed");
     if let Some(status) = outcome.command_status
         && !status.success()
     {
         eprintln!("hvprof: the recorded command ended with {status}");
     }
+    // Waits for the last probes to be detached: none is left behind.
+    drop(outcome);
+    record::timing("every probe detached");
     Ok(())
 }
 

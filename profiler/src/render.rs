@@ -109,6 +109,9 @@ pub struct Summary {
     /// `record --verify-unwind` (see `Meta::verify_unwind`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify_unwind: Option<crate::profile::VerifyUnwind>,
+    /// `record --comm`: the target's restarts, each followed again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restarts: Vec<crate::profile::Restart>,
 }
 
 #[must_use]
@@ -209,7 +212,14 @@ pub fn summary(profile: &Profile) -> Summary {
         counters: profile.meta.counters.clone(),
         self_cpu_ns: profile.meta.self_cpu_ns,
         verify_unwind: profile.meta.verify_unwind.clone(),
+        restarts: profile.meta.restarts.clone(),
     }
+}
+
+fn secs(ns: u64) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display only")]
+    let v = ns as f64 / 1e9;
+    format!("{v:.2} s")
 }
 
 fn ms(ns: u64) -> String {
@@ -232,6 +242,17 @@ impl Summary {
             self.frequency_hz,
             self.windows_spec
         );
+        for r in &self.restarts {
+            let _ = writeln!(
+                out,
+                "{} restarted: pid {} exited at {}, pid {} started at {} and was followed",
+                r.comm,
+                r.old_pid,
+                secs(r.exited_ns),
+                r.new_pid,
+                secs(r.started_ns)
+            );
+        }
         let _ = writeln!(out, "VMs created: {}", self.vms_created);
         for vm in self.vms.iter().take(20) {
             let _ = writeln!(

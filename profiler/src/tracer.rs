@@ -2,10 +2,16 @@
 //! one registry, which `record` attaches from and `hvprof check` tests.
 //!
 //! A [`Part`] is a tracer `--tracers` selects, or the machinery every
-//! recording runs (following the targets, counting VMs, loading unwind
-//! tables). Each part's probes — tracepoints, system-call tracepoints, BTF
-//! tracepoints, perf events, uprobes — are listed once, in
+//! recording runs (following the targets, counting VMs, the system-call
+//! dispatch, loading unwind tables). Each part's probes — BTF tracepoints,
+//! system calls, perf events, uprobes — are listed once, in
 //! [`Part::probes`], with the eBPF program each one runs.
+//!
+//! Every probe is one whose program the kernel detaches without an RCU
+//! grace period of its own (a BTF tracepoint, a perf event, a
+//! `uprobe.multi` link): a classic tracepoint's or a perf-event uprobe's
+//! detach waits for one (70 ms here), one after the other, and made
+//! hvprof linger for seconds after writing its files.
 //!
 //! What a tracer's data becomes is defined beside the data's shape: its
 //! graphs in [`crate::graphs`], its tables in [`crate::tables`], its
@@ -103,6 +109,9 @@ pub enum Part {
     Targets,
     /// Windows keyed to the Nth VM created.
     VmWindows,
+    /// The programs on `raw_syscalls:sys_enter`/`sys_exit` that run the
+    /// programs of the system calls the other parts time.
+    Syscalls,
     /// Whole user stacks without frame pointers (`--unwind dwarf`): the
     /// libraries mapped during the recording.
     Unwind,
@@ -119,9 +128,10 @@ impl Part {
     /// Every part, in the order `hvprof check` lists their probes. `record`
     /// attaches the machinery's first (so that no fork, exec or VM creation
     /// between two attaches is missed), then the tracers', in this order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Tracer(Tracer::OffCpu),
         Self::Targets,
+        Self::Syscalls,
         Self::VmWindows,
         Self::Tracer(Tracer::Locks),
         Self::Tracer(Tracer::Fork),
@@ -137,6 +147,7 @@ impl Part {
         match self {
             Self::Targets => "targets",
             Self::VmWindows => "vm-windows",
+            Self::Syscalls => "syscalls",
             Self::Unwind => "unwind",
             Self::Tracer(t) => t.name(),
         }
@@ -147,7 +158,10 @@ impl Part {
     #[must_use]
     pub fn required(self) -> bool {
         match self {
-            Self::Targets | Self::VmWindows | Self::Tracer(Tracer::OffCpu | Tracer::OnCpu) => true,
+            Self::Targets
+            | Self::VmWindows
+            | Self::Syscalls
+            | Self::Tracer(Tracer::OffCpu | Tracer::OnCpu) => true,
             Self::Unwind
             | Self::Tracer(Tracer::Locks | Tracer::Fork | Tracer::Cgroup | Tracer::Dbus) => false,
         }
@@ -159,6 +173,7 @@ impl Part {
         match self {
             Self::Targets => &TARGETS,
             Self::VmWindows => &VM_WINDOWS,
+            Self::Syscalls => &SYSCALLS,
             Self::Unwind => &UNWIND,
             Self::Tracer(Tracer::OnCpu) => &ONCPU,
             Self::Tracer(Tracer::OffCpu) => &OFFCPU,
@@ -171,19 +186,24 @@ impl Part {
 }
 
 const TARGETS: [Probe; 3] = [
-    Probe::Tracepoint {
+    Probe::BtfTracepoint {
         tracepoint: Tracepoint::new("sched", "sched_process_fork"),
         program: names::PROG_FORK,
     },
-    Probe::Tracepoint {
+    Probe::BtfTracepoint {
         tracepoint: Tracepoint::new("sched", "sched_process_exec"),
         program: names::PROG_EXEC,
     },
-    Probe::Tracepoint {
+    Probe::BtfTracepoint {
         tracepoint: Tracepoint::new("sched", "sched_process_exit"),
         program: names::PROG_EXIT,
     },
 ];
+
+const SYSCALLS: [Probe; 1] = [Probe::SyscallDispatch {
+    enter: names::PROG_SYSCALL_ENTER,
+    exit: names::PROG_SYSCALL_EXIT,
+}];
 
 const VM_WINDOWS: [Probe; 1] = [Probe::Syscalls {
     calls: &VM_SYSCALLS,
@@ -207,11 +227,11 @@ const OFFCPU: [Probe; 1] = [Probe::BtfTracepoint {
 }];
 
 const LOCKS: [Probe; 2] = [
-    Probe::Tracepoint {
+    Probe::BtfTracepoint {
         tracepoint: Tracepoint::new("lock", "contention_begin"),
         program: names::PROG_LOCK_BEGIN,
     },
-    Probe::Tracepoint {
+    Probe::BtfTracepoint {
         tracepoint: Tracepoint::new("lock", "contention_end"),
         program: names::PROG_LOCK_END,
     },
@@ -230,15 +250,15 @@ const FORK: [Probe; 2] = [
 ];
 
 const CGROUP: [Probe; 4] = [
-    Probe::Tracepoint {
+    Probe::BtfTracepoint {
         tracepoint: Tracepoint::new("cgroup", "cgroup_mkdir"),
         program: names::PROG_CGROUP_MKDIR,
     },
-    Probe::Tracepoint {
+    Probe::BtfTracepoint {
         tracepoint: Tracepoint::new("cgroup", "cgroup_attach_task"),
         program: names::PROG_CGROUP_ATTACH,
     },
-    Probe::Tracepoint {
+    Probe::BtfTracepoint {
         tracepoint: Tracepoint::new("cgroup", "cgroup_rmdir"),
         program: names::PROG_CGROUP_RMDIR,
     },
@@ -264,28 +284,31 @@ const DBUS: [Probe; 3] = [
 /// One probe and the eBPF program it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Probe {
-    /// A classic tracepoint.
-    Tracepoint {
+    /// A BTF tracepoint: raw, typed arguments, no trace-event record
+    /// filled per event, and nothing changed for other tools on it.
+    BtfTracepoint {
         tracepoint: Tracepoint,
         program: &'static str,
     },
-    /// `syscalls:sys_enter_NAME` (program `enter`) and
-    /// `syscalls:sys_exit_NAME` (program `exit`) of each system call.
+    /// System calls: program `enter` runs when one of `calls` is entered,
+    /// `exit` when it returns, from the [`Probe::SyscallDispatch`].
     Syscalls {
         calls: &'static [&'static str],
         enter: &'static str,
         exit: &'static str,
     },
-    /// A BTF tracepoint: raw, typed arguments, no trace-event record
-    /// filled per event.
-    BtfTracepoint {
-        tracepoint: Tracepoint,
-        program: &'static str,
+    /// Programs `enter` and `exit` on `raw_syscalls:sys_enter` and
+    /// `sys_exit` (BTF tracepoints), which run the [`Probe::Syscalls`]
+    /// programs of a call by its number, and return at once for the others.
+    SyscallDispatch {
+        enter: &'static str,
+        exit: &'static str,
     },
     /// cpu-clock sampling on every CPU.
     CpuClock { program: &'static str },
     /// Uprobes on library functions ([`FORK_FUNCTIONS`], the
-    /// [`DBUS_LIBRARIES`]' functions), in the files found at run time.
+    /// [`DBUS_LIBRARIES`]' functions), in the files found at run time: a
+    /// `uprobe.multi` link per file.
     Uprobe { program: &'static str },
 }
 
@@ -294,26 +317,52 @@ impl Probe {
     #[must_use]
     pub fn programs(self) -> Vec<&'static str> {
         match self {
-            Self::Tracepoint { program, .. }
-            | Self::BtfTracepoint { program, .. }
+            Self::BtfTracepoint { program, .. }
             | Self::CpuClock { program }
             | Self::Uprobe { program } => vec![program],
-            Self::Syscalls { enter, exit, .. } => vec![enter, exit],
+            Self::Syscalls { enter, exit, .. } | Self::SyscallDispatch { enter, exit } => {
+                vec![enter, exit]
+            }
         }
     }
 
-    /// The tracepoints it attaches to; a system call's enter and exit, in
-    /// turn.
+    /// The tracepoints it attaches to (all BTF tracepoints).
     #[must_use]
     pub fn tracepoints(self) -> Vec<Tracepoint> {
         match self {
-            Self::Tracepoint { tracepoint, .. } | Self::BtfTracepoint { tracepoint, .. } => {
-                vec![tracepoint]
-            }
-            Self::Syscalls { calls, .. } => calls.iter().flat_map(|c| syscall_pair(c)).collect(),
-            Self::CpuClock { .. } | Self::Uprobe { .. } => Vec::new(),
+            Self::BtfTracepoint { tracepoint, .. } => vec![tracepoint],
+            Self::SyscallDispatch { .. } => SYSCALL_TRACEPOINTS.to_vec(),
+            Self::Syscalls { .. } | Self::CpuClock { .. } | Self::Uprobe { .. } => Vec::new(),
         }
     }
+}
+
+/// Where the system-call dispatch runs: `raw_syscalls:sys_enter` and
+/// `sys_exit`.
+pub const SYSCALL_TRACEPOINTS: [Tracepoint; 2] = [
+    Tracepoint::new("raw_syscalls", "sys_enter"),
+    Tracepoint::new("raw_syscalls", "sys_exit"),
+];
+
+/// This architecture's number of system call `name` (one the registry
+/// lists), which is its slot in the dispatch.
+#[must_use]
+pub fn syscall_nr(name: &str) -> Option<u32> {
+    let nr = match name {
+        "ioctl" => libc::SYS_ioctl,
+        "clone" => libc::SYS_clone,
+        "clone3" => libc::SYS_clone3,
+        "fork" => libc::SYS_fork,
+        "vfork" => libc::SYS_vfork,
+        "mkdir" => libc::SYS_mkdir,
+        "mkdirat" => libc::SYS_mkdirat,
+        "rmdir" => libc::SYS_rmdir,
+        "unlinkat" => libc::SYS_unlinkat,
+        "write" => libc::SYS_write,
+        "mmap" => libc::SYS_mmap,
+        _ => return None,
+    };
+    u32::try_from(nr).ok()
 }
 
 /// Every eBPF program a recording may run, each once, in registry order.
@@ -488,6 +537,19 @@ mod tests {
         assert!(Tracer::parse_list(" , ").is_err());
     }
 
+    /// Every system call the registry times has a slot in the dispatch.
+    #[test]
+    fn every_timed_syscall_has_a_dispatch_slot() {
+        for probe in Part::ALL.iter().flat_map(|p| p.probes()) {
+            if let Probe::Syscalls { calls, .. } = probe {
+                for call in *calls {
+                    let nr = syscall_nr(call).unwrap_or_else(|| panic!("{call} has no number"));
+                    assert!(nr < profiler_common::record::SYSCALL_SLOTS, "{call}: {nr}");
+                }
+            }
+        }
+    }
+
     /// Every tracer has its part, once.
     #[test]
     fn every_tracer_is_a_part() {
@@ -538,23 +600,30 @@ mod tests {
         assert_eq!(registry, in_object);
     }
 
+    /// The system calls are timed through the dispatch on
+    /// `raw_syscalls`; `syscall_pair` names each call's own events (as perf
+    /// counts them).
     #[test]
-    fn syscall_probes_are_enter_and_exit_pairs() {
-        let names: Vec<String> = Part::Tracer(Tracer::Fork)
+    fn syscalls_go_through_the_dispatch() {
+        let fork = Part::Tracer(Tracer::Fork).probes();
+        assert!(fork.iter().all(|p| p.tracepoints().is_empty()));
+        assert!(fork.iter().any(|p| matches!(
+            p,
+            Probe::Syscalls { calls, .. } if *calls == ["clone", "clone3", "fork", "vfork"]
+        )));
+        let dispatch: Vec<String> = Part::Syscalls
             .probes()
             .iter()
             .flat_map(|p| p.tracepoints())
             .map(|t| t.to_string())
             .collect();
         assert_eq!(
-            names[..4],
-            [
-                "syscalls:sys_enter_clone",
-                "syscalls:sys_exit_clone",
-                "syscalls:sys_enter_clone3",
-                "syscalls:sys_exit_clone3"
-            ]
+            dispatch,
+            ["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"]
         );
-        assert_eq!(names.len(), 8);
+        assert_eq!(
+            syscall_pair("clone").map(|t| t.to_string()),
+            ["syscalls:sys_enter_clone", "syscalls:sys_exit_clone"]
+        );
     }
 }

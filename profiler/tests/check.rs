@@ -5,9 +5,9 @@
 use std::process::Command;
 
 use aya::{
-    Ebpf,
+    Btf, Ebpf,
     maps::PerCpuArray,
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{BtfTracePoint, UProbe, uprobe::UProbeScope},
 };
 use profiler::{
     ebpf::{self, Global},
@@ -81,9 +81,10 @@ fn uprobe_counts_every_call_of_a_function_in_this_binary() {
 fn fork_tracepoint_counts_exactly_the_forks_of_this_thread() {
     require_privileges();
     let mut bpf = load();
-    let prog: &mut TracePoint = bpf.program_mut(program::FORK).unwrap().try_into().unwrap();
-    prog.load().unwrap();
-    prog.attach("sched", "sched_process_fork").unwrap();
+    let prog: &mut BtfTracePoint = bpf.program_mut(program::FORK).unwrap().try_into().unwrap();
+    let btf = Btf::from_sys_fs().expect("kernel BTF");
+    prog.load("sched_process_fork", &btf).unwrap();
+    prog.attach().unwrap();
     // Creating a thread is a fork of this thread (clone), and counts; the
     // new thread's own fork must not, since only this thread's tid does.
     std::thread::spawn(|| {

@@ -1,20 +1,26 @@
 //! hvprof is a guest on the machine: while it records, other tools on the
 //! same tracepoints count what they count without it. (A BPF program on a
 //! classic tracepoint that returns 0 makes the kernel drop the event for
-//! every perf user of it.) Needs root, perf and /dev/kvm.
+//! every perf user of it; hvprof's are on BTF tracepoints, but this holds
+//! whatever they are.) Needs root, perf and /dev/kvm.
 
 use std::{collections::BTreeMap, path::Path, process::Command};
 
 mod common;
 use common::*;
-use profiler::tracer::Part;
+use profiler::tracer::{Part, Probe, syscall_pair};
 
-/// Every tracepoint hvprof attaches (its registry), that this kernel has,
-/// as perf names them.
+/// Every tracepoint hvprof attaches (its registry), and the events of each
+/// system call it times, that this kernel has, as perf names them.
 fn attached_tracepoints() -> Vec<String> {
-    let mut names: Vec<String> = Part::ALL
-        .into_iter()
-        .flat_map(|p| p.probes().iter().flat_map(|probe| probe.tracepoints()))
+    let probes = || Part::ALL.into_iter().flat_map(|p| p.probes().iter());
+    let syscalls = probes().flat_map(|probe| match probe {
+        Probe::Syscalls { calls, .. } => calls.iter().flat_map(|c| syscall_pair(c)).collect(),
+        _ => Vec::new(),
+    });
+    let mut names: Vec<String> = probes()
+        .flat_map(|probe| probe.tracepoints())
+        .chain(syscalls)
         .map(|t| t.to_string())
         .filter(|t| {
             let (category, name) = t.split_once(':').unwrap();
@@ -80,7 +86,10 @@ fn perf_counts_the_same_tracepoint_events_while_hvprof_records() {
     let plan = "vm,forks:5,vforks:3,spawns:2,cgroups:2,thread:20,vm";
     let (alone, beside) = alone_and_beside_hvprof("guest-exact", &events, plan);
     for e in &events {
-        if e.starts_with("lock:") || e.starts_with("sched:sched_switch") {
+        if e.starts_with("lock:")
+            || e.starts_with("sched:sched_switch")
+            || e.starts_with("raw_syscalls:")
+        {
             continue; // not the same each run; below
         }
         // vmload's writes (its output, cgroup.procs) vary by one or two
@@ -97,7 +106,12 @@ fn perf_counts_the_same_tracepoint_events_while_hvprof_records() {
     // Contention and switches vary from run to run: perf must still see
     // them while hvprof records.
     let (alone, beside) = alone_and_beside_hvprof("guest-contend", &events, "contend:300");
-    for e in ["lock:contention_begin", "lock:contention_end"] {
+    for e in [
+        "lock:contention_begin",
+        "lock:contention_end",
+        "raw_syscalls:sys_enter",
+        "raw_syscalls:sys_exit",
+    ] {
         assert!(
             alone[e] > 0 && beside[e] > alone[e] / 4,
             "{e}: perf counted {} alone, {} while hvprof recorded",

@@ -699,6 +699,49 @@ fn comm_target_picks_up_processes_that_exec_later() {
 }
 
 #[test]
+fn a_restarted_comm_target_is_followed_again_and_the_summary_says_so() {
+    let vmload = vmload();
+    let dir = out_dir("restart");
+    // The daemon, running before the recording.
+    let mut old = Command::new(vmload)
+        .arg("block:60000")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let hv = start_recording(&dir, &["--comm", "vmload", "-d", "3s"]);
+    std::thread::sleep(Duration::from_millis(300));
+    old.kill().unwrap();
+    old.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Started again: a new process of the same name.
+    let new = Command::new(vmload).arg("busy:300").spawn().unwrap();
+    let new_pid = new.id();
+    assert!(new.wait_with_output().unwrap().status.success());
+    let out = hv.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    let restarts: Vec<(u32, u32)> = p
+        .meta
+        .restarts
+        .iter()
+        .map(|r| (r.old_pid, r.new_pid))
+        .collect();
+    assert_eq!(restarts, [(old.id(), new_pid)], "{:#?}", p.meta.restarts);
+    let r = &p.meta.restarts[0];
+    assert!(r.exited_ns < r.started_ns && r.comm == "vmload", "{r:?}");
+    // Followed again: the new process's samples are there.
+    assert_eq!(tgids_of(&p, "vmload_busy"), [new_pid]);
+    let line = format!("vmload restarted: pid {} exited at ", old.id());
+    assert!(stdout.contains(&line), "{stdout}");
+    let summary = std::fs::read_to_string(dir.join("summary.txt")).unwrap();
+    assert!(summary.contains(&line), "{summary}");
+    let json = std::fs::read_to_string(dir.join("summary.json")).unwrap();
+    assert!(json.contains("\"restarts\""), "{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn all_records_every_task_but_hvprof_itself() {
     let vmload = vmload();
     let dir = out_dir("all");

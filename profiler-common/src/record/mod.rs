@@ -138,6 +138,12 @@ pub mod names {
     pub const PROG_FORK_CALLER: &str = "fork_caller";
     pub const PROG_UNWIND_MMAP_ENTER: &str = "unwind_mmap_enter";
     pub const PROG_UNWIND_MMAP_EXIT: &str = "unwind_mmap_exit";
+    /// On `raw_syscalls:sys_enter`/`sys_exit`: jump to the program in the
+    /// call's slot of `SYSCALL_ENTER_PROGS`/`SYSCALL_EXIT_PROGS`.
+    pub const PROG_SYSCALL_ENTER: &str = "syscall_enter";
+    pub const PROG_SYSCALL_EXIT: &str = "syscall_exit";
+    pub const SYSCALL_ENTER_PROGS: &str = "SYSCALL_ENTER_PROGS";
+    pub const SYSCALL_EXIT_PROGS: &str = "SYSCALL_EXIT_PROGS";
     pub const DBUS_CALLS: &str = "DBUS_CALLS";
     pub const PROG_DBUS_ENTER: &str = "dbus_enter";
     pub const PROG_DBUS_RETURN: &str = "dbus_return";
@@ -169,37 +175,26 @@ pub enum WindowMode {
     Ranges = 1,
 }
 
-/// Byte offsets of the tracepoint fields the programs read, taken from each
-/// tracepoint's `format` file by userspace (never hard-coded: they move
-/// between kernels, e.g. `sched_process_fork`'s comms became `__data_loc`).
+/// Byte offsets of the kernel structure fields the tracepoint programs
+/// read, from kernel BTF by userspace (the eBPF side is built without
+/// CO-RE; they move between kernels and configurations).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TracepointOffsets {
-    pub fork_parent_pid: u32,
-    pub fork_child_pid: u32,
-    pub ioctl_enter_cmd: u32,
-    pub ioctl_exit_ret: u32,
-    pub lock_begin_addr: u32,
-    pub lock_begin_flags: u32,
-    pub lock_end_addr: u32,
-    /// `__syscall_nr` of the `sys_enter_*` fork tracepoints.
-    pub syscall_nr: u32,
-    /// `clone_flags` of `sys_enter_clone`; `uargs` of `sys_enter_clone3`.
-    pub clone_flags: u32,
-    pub clone3_uargs: u32,
-    /// `ret` of the `sys_exit_*` fork tracepoints.
-    pub fork_exit_ret: u32,
-    /// `root` and `path` (`__data_loc`) of `cgroup_mkdir`/`cgroup_rmdir`.
+pub struct KernelOffsets {
+    /// `task_struct.pid`: the child of `sched_process_fork`.
+    pub task_pid: u32,
+    /// `cgroup.root`, and `cgroup_root.hierarchy_id` (the hierarchy of a
+    /// cgroup operation: 0 is cgroup v2).
     pub cgroup_root: u32,
-    pub cgroup_path: u32,
-    /// `dst_root` and `dst_path` of `cgroup_attach_task`.
-    pub cgroup_attach_root: u32,
-    pub cgroup_attach_path: u32,
-    /// `prot` and `flags` of `sys_enter_mmap`, `ret` of `sys_exit_mmap`.
-    pub mmap_prot: u32,
-    pub mmap_flags: u32,
-    pub mmap_exit_ret: u32,
+    pub cgroup_hierarchy_id: u32,
+    pub pad: u32,
 }
+
+/// Slots of the system-call dispatch tables (`SYSCALL_ENTER_PROGS`,
+/// `SYSCALL_EXIT_PROGS`), indexed by system call number: the programs on
+/// `raw_syscalls:sys_enter`/`sys_exit` jump to the program in the slot of
+/// the call, if any.
+pub const SYSCALL_SLOTS: u32 = 512;
 
 /// The log2 bucket of a wait (see [`LOCK_HIST_BUCKETS`]).
 #[must_use]
@@ -267,7 +262,7 @@ pub struct Config {
     /// offset above its other frames.
     pub syscall_entry: u64,
     pub syscall_entry_end: u64,
-    pub offsets: TracepointOffsets,
+    pub offsets: KernelOffsets,
     /// Offset of `task_struct.thread.sp` (the saved kernel stack pointer of
     /// a task that is not running), from kernel BTF; 0 if unknown, and then
     /// no kernel stack is reused.
@@ -331,25 +326,11 @@ impl Config {
             kstack_min_ns: 0,
             syscall_entry: 0,
             syscall_entry_end: 0,
-            offsets: TracepointOffsets {
-                fork_parent_pid: 0,
-                fork_child_pid: 0,
-                ioctl_enter_cmd: 0,
-                ioctl_exit_ret: 0,
-                lock_begin_addr: 0,
-                lock_begin_flags: 0,
-                lock_end_addr: 0,
-                syscall_nr: 0,
-                clone_flags: 0,
-                clone3_uargs: 0,
-                fork_exit_ret: 0,
+            offsets: KernelOffsets {
+                task_pid: 0,
                 cgroup_root: 0,
-                cgroup_path: 0,
-                cgroup_attach_root: 0,
-                cgroup_attach_path: 0,
-                mmap_prot: 0,
-                mmap_flags: 0,
-                mmap_exit_ret: 0,
+                cgroup_hierarchy_id: 0,
+                pad: 0,
             },
             task_thread_sp: 0,
             verify_stack_cache: 0,
@@ -518,10 +499,15 @@ pub enum Counter {
     UserReuseDiffers = 14,
     KernReuseDiffers = 15,
     LockKernReuseDiffers = 16,
+    /// Programs that did not run because another of hvprof's programs was
+    /// running on the CPU, which an interrupt or exception had stopped:
+    /// they share per-CPU scratch (the kernel skips a classic tracepoint's
+    /// or a perf event's program in that case too).
+    NestedSkipped = 17,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 }
 
 /// Slots of the `LOSSES` map: everything the kernel side could not record.
@@ -702,7 +688,7 @@ mod tests {
                 + BLOCK_SITES * size_of::<BlockSite>()
         );
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
-        assert_eq!(size_of::<TracepointOffsets>(), 18 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 4 * 4);
         assert_eq!(size_of::<CgroupKey>(), 4 * 4 + CGROUP_PATH_LEN + COMM_LEN);
         assert_eq!(size_of::<ForkKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
         assert_eq!(size_of::<LockKey>(), 4 * 4 + 3 * 8 + COMM_LEN);
@@ -731,7 +717,7 @@ mod tests {
                 + 4 * 4
                 + 24
                 + 2 * 8
-                + size_of::<TracepointOffsets>()
+                + size_of::<KernelOffsets>()
                 + 5 * 4
                 + 3 * 4
                 + FORK_PATHS * size_of::<ForkPath>()

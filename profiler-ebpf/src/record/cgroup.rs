@@ -4,19 +4,16 @@
 //! `cgroup.procs`).
 
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::bpf_probe_read_kernel_str_bytes,
     macros::map,
     maps::{HashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::BtfTracePointContext,
 };
 use profiler_common::record::{
     CGROUP_PATH_LEN, COMM_LEN, CgroupKey, CgroupPending, CgroupValue, Loss, cgroup_op,
 };
 
-use super::common::{
-    Task, add_atomic, add_timed, comm, now, read, reset, slot, stopped, timed, traced,
-};
+use super::common::{Task, add_atomic, add_timed, comm, now, reset, slot, stopped, timed, traced};
 
 #[map]
 static CGROUP_OPS: HashMap<CgroupKey, CgroupValue> = HashMap::with_max_entries(16384, 0);
@@ -72,16 +69,31 @@ fn account(key: *const CgroupKey, window: u32, ops: u64, timed: bool, ns: u64) -
     Some(())
 }
 
-/// Fills a key from a cgroup tracepoint.
+/// The hierarchy of cgroup `cgrp` (a BTF pointer): `cgrp->root->hierarchy_id`,
+/// as the classic tracepoints show it (0 is cgroup v2).
+#[inline(always)]
+fn hierarchy(cgrp: *const u8) -> u32 {
+    let (root_off, id_off) = (
+        config!(offsets.cgroup_root) as usize,
+        config!(offsets.cgroup_hierarchy_id) as usize,
+    );
+    // SAFETY: BTF pointers; the offsets are constants (read-only config)
+    // which the verifier checks against kernel BTF.
+    unsafe {
+        let root = core::ptr::read_volatile(cgrp.add(root_off).cast::<*const u8>());
+        core::ptr::read_volatile(root.add(id_off).cast::<i32>()) as u32
+    }
+}
+
+/// Fills a key from a cgroup tracepoint's cgroup and path.
 #[inline(always)]
 fn fill_key(
-    ctx: &TracePointContext,
     key: *mut CgroupKey,
     kind: u32,
     window: u32,
     tgid: u32,
-    root_off: u32,
-    path_off: u32,
+    cgrp: *const u8,
+    path: *const u8,
 ) {
     // SAFETY: key points to a map value or this CPU's scratch, valid for
     // writes; the path is read with the checked string helper.
@@ -89,82 +101,63 @@ fn fill_key(
         (*key).window = window;
         (*key).kind = kind;
         (*key).tgid = tgid;
-        (*key).root = read::<i32>(ctx, root_off).unwrap_or(-1) as u32;
+        (*key).root = hierarchy(cgrp);
         (*key).comm = comm();
-        let loc = read::<u32>(ctx, path_off).unwrap_or(0);
-        let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
-        if bpf_probe_read_kernel_str_bytes(src, &mut (*key).path).is_err() {
+        if bpf_probe_read_kernel_str_bytes(path, &mut (*key).path).is_err() {
             (*key).path[0] = 0;
         }
     }
 }
 
-/// One operation: charged when its timed system call returns if the
-/// thread is in one, else now, untimed.
+/// One operation on cgroup `cgrp` at `path` (the tracepoints' first two
+/// arguments): charged when its timed system call returns if the thread is
+/// in one, else now, untimed.
 #[inline(always)]
-fn operation(ctx: &TracePointContext, kind: u32, root_off: u32, path_off: u32) -> Option<u32> {
+fn operation(ctx: &BtfTracePointContext, kind: u32) -> Option<u32> {
     let (task, window) = traced()?;
+    let (cgrp, path): (*const u8, *const u8) = (ctx.arg(0), ctx.arg(1));
     if let Some(p) = CGROUP_PENDING.get_ptr_mut(&task.pid()) {
         // SAFETY: a valid map value of this thread.
         unsafe {
             if (*p).ops == 0 {
-                fill_key(
-                    ctx,
-                    &raw mut (*p).key,
-                    kind,
-                    window,
-                    task.tgid(),
-                    root_off,
-                    path_off,
-                );
+                fill_key(&raw mut (*p).key, kind, window, task.tgid(), cgrp, path);
             }
             (*p).ops += 1;
         }
         return Some(0);
     }
     let key = CGROUP_SCRATCH.get_ptr_mut(0)?;
-    fill_key(ctx, key, kind, window, task.tgid(), root_off, path_off);
+    fill_key(key, kind, window, task.tgid(), cgrp, path);
     account(key, window, 1, false, 0)?;
     Some(0)
 }
 
 tracepoint_program! {
-pub fn cgroup_mkdir(ctx: TracePointContext) -> Option<u32> {
-    operation(
-        &ctx,
-        cgroup_op::MKDIR,
-        config!(offsets.cgroup_root),
-        config!(offsets.cgroup_path),
-    )
+/// `cgroup_mkdir(cgrp, path)`.
+pub fn cgroup_mkdir(ctx: BtfTracePointContext) -> Option<u32> {
+    operation(&ctx, cgroup_op::MKDIR)
 }
 }
 
 tracepoint_program! {
-pub fn cgroup_rmdir(ctx: TracePointContext) -> Option<u32> {
-    operation(
-        &ctx,
-        cgroup_op::RMDIR,
-        config!(offsets.cgroup_root),
-        config!(offsets.cgroup_path),
-    )
+/// `cgroup_rmdir(cgrp, path)`.
+pub fn cgroup_rmdir(ctx: BtfTracePointContext) -> Option<u32> {
+    operation(&ctx, cgroup_op::RMDIR)
 }
 }
 
 tracepoint_program! {
-pub fn cgroup_attach(ctx: TracePointContext) -> Option<u32> {
-    operation(
-        &ctx,
-        cgroup_op::ATTACH,
-        config!(offsets.cgroup_attach_root),
-        config!(offsets.cgroup_attach_path),
-    )
+/// `cgroup_attach_task(dst_cgrp, path, task, threadgroup)`.
+pub fn cgroup_attach(ctx: BtfTracePointContext) -> Option<u32> {
+    operation(&ctx, cgroup_op::ATTACH)
 }
 }
 
 tracepoint_program! {
-/// `sys_enter_{mkdir,mkdirat,rmdir,unlinkat,write}` of tracked tasks: the
-/// system calls cgroup operations are made in.
-pub fn cgroup_syscall_enter(_ctx: TracePointContext) -> Option<u32> {
+/// `mkdir`, `mkdirat`, `rmdir`, `unlinkat` (and with
+/// `--time-cgroup-writes` `write`) entered by a tracked task: the system
+/// calls cgroup operations are made in.
+pub fn cgroup_syscall_enter(_ctx: BtfTracePointContext) -> Option<u32> {
     try_cgroup_syscall_enter()
 }
 }
@@ -179,7 +172,7 @@ fn try_cgroup_syscall_enter() -> Option<u32> {
 }
 
 tracepoint_program! {
-pub fn cgroup_syscall_exit(_ctx: TracePointContext) -> Option<u32> {
+pub fn cgroup_syscall_exit(_ctx: BtfTracePointContext) -> Option<u32> {
     try_cgroup_syscall_exit()
 }
 }

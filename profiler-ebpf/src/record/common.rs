@@ -11,7 +11,7 @@ use aya_ebpf::{
     },
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePointContext,
+    programs::BtfTracePointContext,
 };
 use profiler_common::record::{
     COMM_LEN, Counter, Event, EventKind, LOCK_HIST_BUCKETS, Loss, LossKey, MAX_WINDOW_RANGES,
@@ -34,11 +34,66 @@ static LOSSES: PerCpuHashMap<LossKey, u64> = PerCpuHashMap::with_max_entries(409
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 /// Set by userspace: `PHASE_STOPPED` when the recording stops (the
-/// programs stay attached while the maps are read — detaching takes an RCU
-/// grace period per probe — but change nothing any more), and the flush
+/// programs stay attached while the maps are read — the uprobes are
+/// detached meanwhile — but change nothing any more), and the flush
 /// parity, which [`current_window`] puts in every window it gives.
 #[map]
 static STOPPED: Array<u32> = Array::with_max_entries(1, 0);
+/// Per CPU: nonzero while one of hvprof's programs runs there (see
+/// [`Running`]).
+#[map]
+static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+// ------------------------------------------------ one program per CPU
+
+/// This CPU taken by one of hvprof's programs until dropped. The programs
+/// share per-CPU scratch (the stack buffer, the unwinder's state), so one
+/// must not start while another is under way on the CPU: an interrupt's
+/// on-CPU sample, or a lock contention inside an interrupt or inside a
+/// program's own map update. The kernel keeps programs on classic
+/// tracepoints and perf events from nesting (`bpf_prog_active`), but not
+/// those on BTF tracepoints or uprobes.
+pub(crate) struct Running {
+    flag: *mut u32,
+    before: u32,
+}
+
+impl Running {
+    /// Takes the CPU, or `None` (counted) if a program runs on it already.
+    #[inline(always)]
+    pub(crate) fn start() -> Option<Self> {
+        let flag = RUNNING.get_ptr_mut(0)?;
+        // SAFETY: this CPU's slot; a program that interrupts this one
+        // restores it before this one goes on.
+        unsafe {
+            if *flag != 0 {
+                count(Counter::NestedSkipped);
+                return None;
+            }
+            *flag = 1;
+        }
+        Some(Self { flag, before: 0 })
+    }
+
+    /// Takes the CPU whatever runs on it: for `sched_switch`, which must
+    /// run (it runs with interrupts off, so nothing of hvprof's is under way
+    /// on the CPU but a preempted uprobe program).
+    #[inline(always)]
+    pub(crate) fn always() -> Option<Self> {
+        let flag = RUNNING.get_ptr_mut(0)?;
+        // SAFETY: as in `start`.
+        let before = unsafe { core::ptr::replace(flag, 1) };
+        Some(Self { flag, before })
+    }
+}
+
+impl Drop for Running {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // SAFETY: this CPU's slot, as taken.
+        unsafe { *self.flag = self.before };
+    }
+}
 
 // ------------------------------------------------- the task and its window
 
@@ -412,12 +467,58 @@ impl EntryRegs {
     }
 }
 
-/// A field of a classic tracepoint's record.
+/// The system call a program on `raw_syscalls:sys_enter` or `sys_exit` runs
+/// for: the registers both pass first.
+#[derive(Clone, Copy)]
+pub(super) struct Syscall(*const pt_regs);
+
+impl Syscall {
+    #[inline(always)]
+    pub(super) fn of(ctx: &BtfTracePointContext) -> Self {
+        Self(ctx.arg(0))
+    }
+
+    /// Its number (`orig_rax`).
+    #[inline(always)]
+    pub(super) fn nr(self) -> u64 {
+        // SAFETY: a BTF pointer (the verifier makes the load a faulting
+        // one); volatile keeps it a constant-offset load.
+        unsafe { core::ptr::read_volatile(&raw const (*self.0).orig_rax) }
+    }
+
+    /// Whether it is a 64-bit call (a 32-bit process's calls have other
+    /// numbers): made from the 64-bit user code segment.
+    #[inline(always)]
+    pub(super) fn native(self) -> bool {
+        // SAFETY: as in `nr`.
+        let cs = unsafe { core::ptr::read_volatile(&raw const (*self.0).cs) };
+        cs & 0xffff == USER64_CS
+    }
+
+    /// Its argument `N` (rdi, rsi, rdx, r10, r8, r9).
+    #[inline(always)]
+    pub(super) fn arg<const N: usize>(self) -> u64 {
+        // SAFETY: as in `nr`.
+        unsafe {
+            match N {
+                0 => core::ptr::read_volatile(&raw const (*self.0).rdi),
+                1 => core::ptr::read_volatile(&raw const (*self.0).rsi),
+                2 => core::ptr::read_volatile(&raw const (*self.0).rdx),
+                3 => core::ptr::read_volatile(&raw const (*self.0).r10),
+                4 => core::ptr::read_volatile(&raw const (*self.0).r8),
+                _ => core::ptr::read_volatile(&raw const (*self.0).r9),
+            }
+        }
+    }
+}
+
+/// x86-64's `__USER_CS`.
+const USER64_CS: u64 = 0x33;
+
+/// The return value of the system call a `sys_exit` program runs for.
 #[inline(always)]
-pub(super) fn read<T: Copy>(ctx: &TracePointContext, offset: u32) -> Option<T> {
-    // SAFETY: the offset comes from the tracepoint's format file; the read is
-    // checked by the kernel.
-    unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+pub(super) fn syscall_ret(ctx: &BtfTracePointContext) -> i64 {
+    ctx.arg(1)
 }
 
 // -------------------------------------------------------------- events

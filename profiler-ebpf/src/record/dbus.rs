@@ -17,7 +17,9 @@ use profiler_common::record::{
 };
 
 use super::{
-    common::{Task, add_atomic, aggregate, comm, lose, now, reset, slot, stopped, timed, traced},
+    common::{
+        Running, Task, add_atomic, aggregate, comm, lose, now, reset, slot, stopped, timed, traced,
+    },
     stacks::user_stack,
 };
 
@@ -149,9 +151,14 @@ fn fill_names(dst: &mut DbusNames, src: &DbusNames) {
 }
 
 /// Message constructors (and libdbus `send_with_reply`): remember what the
-/// thread's next blocking call is about.
-#[uprobe]
+/// thread's next blocking call is about. The D-Bus programs are
+/// `uprobe.multi` programs: one link per library file, whose uprobes the
+/// kernel detaches with one RCU grace period.
+#[uprobe(multi)]
 pub fn dbus_names(ctx: ProbeContext) -> u32 {
+    let Some(_running) = Running::start() else {
+        return 0;
+    };
     try_dbus_names(&ctx).unwrap_or(0)
 }
 
@@ -224,8 +231,11 @@ fn timeout_ms(f: u32, a: &Args) -> i64 {
 }
 
 /// Entry of a blocking call: the outermost one starts the clock.
-#[uprobe]
+#[uprobe(multi)]
 pub fn dbus_enter(ctx: ProbeContext) -> u32 {
+    let Some(_running) = Running::start() else {
+        return 0;
+    };
     try_dbus_enter(&ctx).unwrap_or(0)
 }
 
@@ -281,8 +291,11 @@ fn try_dbus_enter(ctx: &ProbeContext) -> Option<u32> {
 }
 
 /// Return of a blocking call: the outermost one is counted.
-#[uretprobe]
+#[uretprobe(multi)]
 pub fn dbus_return(ctx: RetProbeContext) -> u32 {
+    let Some(_running) = Running::start() else {
+        return 0;
+    };
     try_dbus_return(&ctx).unwrap_or(0)
 }
 

@@ -6,12 +6,12 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task_btf, bpf_probe_read_user},
     macros::{map, uprobe},
     maps::HashMap,
-    programs::{ProbeContext, TracePointContext},
+    programs::{BtfTracePointContext, ProbeContext},
 };
 use profiler_common::record::{CLONE_THREAD, ForkKey, ForkStart, ForkValue, Loss, fork_kind};
 
 use super::{
-    common::{EntryRegs, Task, aggregate, comm, now, read, stopped, timed, traced},
+    common::{EntryRegs, Syscall, Task, aggregate, comm, now, stopped, syscall_ret, timed, traced},
     stacks::user_stack,
 };
 use crate::unwind;
@@ -86,25 +86,23 @@ pub(super) fn clone3_flags(uargs: u64) -> u64 {
 }
 
 tracepoint_program! {
-/// `sys_enter_{clone,clone3,fork,vfork}`: one program, told apart by the
-/// syscall number.
-pub fn fork_syscall_enter(ctx: TracePointContext) -> Option<u32> {
+/// `clone`, `clone3`, `fork` or `vfork` entered: one program, told apart
+/// by the syscall number.
+pub fn fork_syscall_enter(ctx: BtfTracePointContext) -> Option<u32> {
     try_fork_syscall_enter(&ctx)
 }
 }
 
 #[inline(always)]
-fn try_fork_syscall_enter(ctx: &TracePointContext) -> Option<u32> {
+fn try_fork_syscall_enter(ctx: &BtfTracePointContext) -> Option<u32> {
     let (task, window) = traced()?;
-    let nr = read::<i32>(ctx, config!(offsets.syscall_nr)).unwrap_or(-1) as u32;
+    let call = Syscall::of(ctx);
+    let nr = call.nr() as u32;
+    // clone(flags, …); clone3(uargs, size)
     let (mut kind, flags) = if nr == config!(nr_clone) {
-        (
-            fork_kind::CLONE,
-            read::<u64>(ctx, config!(offsets.clone_flags)).unwrap_or(0),
-        )
+        (fork_kind::CLONE, call.arg::<0>())
     } else if nr == config!(nr_clone3) {
-        let uargs = read::<u64>(ctx, config!(offsets.clone3_uargs)).unwrap_or(0);
-        (fork_kind::CLONE3, clone3_flags(uargs))
+        (fork_kind::CLONE3, clone3_flags(call.arg::<0>()))
     } else if nr == config!(nr_fork) {
         (fork_kind::FORK, 0)
     } else {
@@ -124,13 +122,13 @@ fn try_fork_syscall_enter(ctx: &TracePointContext) -> Option<u32> {
 }
 
 tracepoint_program! {
-pub fn fork_syscall_exit(ctx: TracePointContext) -> Option<u32> {
+pub fn fork_syscall_exit(ctx: BtfTracePointContext) -> Option<u32> {
     try_fork_syscall_exit(&ctx)
 }
 }
 
 #[inline(always)]
-fn try_fork_syscall_exit(ctx: &TracePointContext) -> Option<u32> {
+fn try_fork_syscall_exit(ctx: &BtfTracePointContext) -> Option<u32> {
     if stopped() {
         return None;
     }
@@ -141,7 +139,7 @@ fn try_fork_syscall_exit(ctx: &TracePointContext) -> Option<u32> {
     let start = unsafe { *start };
     let _ = FORK_START.remove(&pid);
     // Failed forks (ret < 0) created nothing.
-    if read::<i64>(ctx, config!(offsets.fork_exit_ret)).unwrap_or(-1) <= 0 {
+    if syscall_ret(ctx) <= 0 {
         return None;
     }
     let took = now().saturating_sub(start.start_ns);

@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_task_btf, bpf_get_smp_processor_id, generated},
     macros::map,
     maps::{HashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::BtfTracePointContext,
 };
 use profiler_common::record::{
     Counter, KSTACK_UNCHECKED, LOCK_HIST_BUCKETS, LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS,
@@ -19,9 +19,7 @@ use profiler_common::record::{
 };
 
 use super::{
-    common::{
-        EntryRegs, Task, aggregate, comm, count, lose, now, read, slot, stopped, timed, traced,
-    },
+    common::{EntryRegs, Task, aggregate, comm, count, lose, now, slot, stopped, timed, traced},
     offcpu,
     stacks::{STACK_SCRATCH, kern_stack, kern_stack_or_reason, user_stack, verified, walk_stack},
 };
@@ -51,16 +49,17 @@ static LOCK_KSTACK_SCRATCH: PerCpuArray<[u64; LOCK_KSTACK_WORDS]> =
 timed!(LockValue, count, total_ns, max_ns, hist: hist);
 
 tracepoint_program! {
-pub fn lock_contention_begin(ctx: TracePointContext) -> Option<u32> {
+/// `contention_begin(lock, flags)`.
+pub fn lock_contention_begin(ctx: BtfTracePointContext) -> Option<u32> {
     try_lock_contention_begin(&ctx)
 }
 }
 
 #[inline(always)]
-fn try_lock_contention_begin(ctx: &TracePointContext) -> Option<u32> {
+fn try_lock_contention_begin(ctx: &BtfTracePointContext) -> Option<u32> {
     let (task, window) = traced()?;
-    let lock = read::<u64>(ctx, config!(offsets.lock_begin_addr))?;
-    let flags = read::<u32>(ctx, config!(offsets.lock_begin_flags)).unwrap_or(0);
+    let lock: u64 = ctx.arg(0);
+    let flags = ctx.arg::<u64>(1) as u32;
     let pending = slot(
         &LOCK_PENDING,
         &task.pid(),
@@ -100,19 +99,20 @@ fn try_lock_contention_begin(ctx: &TracePointContext) -> Option<u32> {
 }
 
 tracepoint_program! {
-pub fn lock_contention_end(ctx: TracePointContext) -> Option<u32> {
+/// `contention_end(lock, ret)`.
+pub fn lock_contention_end(ctx: BtfTracePointContext) -> Option<u32> {
     try_lock_contention_end(&ctx)
 }
 }
 
 #[inline(always)]
-fn try_lock_contention_end(ctx: &TracePointContext) -> Option<u32> {
+fn try_lock_contention_end(ctx: &BtfTracePointContext) -> Option<u32> {
     if stopped() {
         return None;
     }
     let (tgid, pid) = Task::current().ids();
     let pending = LOCK_PENDING.get_ptr_mut(&pid)?;
-    let lock = read::<u64>(ctx, config!(offsets.lock_end_addr))?;
+    let lock: u64 = ctx.arg(0);
     let end = now();
     // Began before the recording, or in another task: no begin.
     let begin = take_begin(pending, lock)?;
@@ -184,7 +184,7 @@ fn take_begin(pending: *mut LockPending, lock: u64) -> Option<LockBegin> {
 /// contending on a run-queue lock). Walking it costs microseconds where
 /// there are no frame pointers.
 #[inline(always)]
-fn waiter_user_stack(ctx: &TracePointContext, pid: u32, window: u32) -> u64 {
+fn waiter_user_stack(ctx: &BtfTracePointContext, pid: u32, window: u32) -> u64 {
     // SAFETY: bpf_get_current_task_btf has no preconditions.
     let current = unsafe { bpf_get_current_task_btf() };
     if let Some(e) = offcpu::own_entry(current as u64, pid) {
@@ -202,6 +202,10 @@ fn waiter_user_stack(ctx: &TracePointContext, pid: u32, window: u32) -> u64 {
     user_stack(ctx, window)
 }
 
+/// `bpf_get_stack`'s count of innermost frames to leave out: the first is
+/// in the calling program (a BTF tracepoint's walk starts there).
+const SKIP_OWN_FRAME: u64 = 1;
+
 /// The current task's kernel stack at the end of a wait for a sleeping
 /// lock: one of the two its lock entry remembers if it is in the same
 /// syscall and every return address of it is where it was on its kernel
@@ -214,7 +218,7 @@ fn waiter_user_stack(ctx: &TracePointContext, pid: u32, window: u32) -> u64 {
 /// private stack.)
 #[inline(always)]
 fn lock_kernel_stack(
-    ctx: &TracePointContext,
+    ctx: &BtfTracePointContext,
     pending: *mut LockPending,
     flags: u32,
     window: u32,
@@ -263,7 +267,10 @@ fn lock_kernel_stack(
     if reused == 0 {
         count(Counter::LockKernWalk);
     }
-    let (id, frames) = walk_stack(ctx, 0);
+    // Without this program's own frame (where the walk returns to it): a
+    // later wait's check runs before any walk, and only the frames of the
+    // live chain, the tracepoint's runner first, can be found in place.
+    let (id, frames) = walk_stack(ctx, SKIP_OWN_FRAME);
     let id = kern_stack_or_reason(id, window);
     if reused != 0 {
         return verified(reused, id, Counter::LockKernReuseDiffers);

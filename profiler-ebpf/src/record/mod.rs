@@ -11,7 +11,15 @@
 //! - [`vm`]: VM creations, which move the windows;
 //! - [`tasks`]: forks, execs and exits of tasks (following targets); a
 //!   task's exit calls each tracer's exit hook;
-//! - [`mappings`]: the processes' executable mappings the unwinder knows.
+//! - [`mappings`]: the processes' executable mappings the unwinder knows;
+//! - [`syscalls`]: the programs on `raw_syscalls:sys_enter`/`sys_exit`,
+//!   which jump to the tracers' programs for the calls they time.
+//!
+//! Every program is on a BTF tracepoint, a perf event or a uprobe: a BTF
+//! tracepoint's or a `uprobe.multi` link's program is detached without an
+//! RCU grace period each (a classic tracepoint's or a perf-event uprobe's
+//! costs one, about 70 ms here, and hvprof had fifty), and leaves the
+//! events to other tools untouched.
 //!
 //! Every program computes the current window from the kernel's VM count when
 //! its event happens, so there is no race with userspace.
@@ -35,6 +43,29 @@ macro_rules! config {
     };
 }
 
+/// A recording program on a BTF tracepoint (section `tp_btf`; userspace
+/// names the tracepoint when it loads it). Its body does not run while
+/// another of hvprof's programs is under way on the CPU
+/// ([`common::Running`]).
+macro_rules! tracepoint_program {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident($ctx:ident: BtfTracePointContext) -> $ret:ty $body:block
+    ) => {
+        $(#[$attr])*
+        #[unsafe(no_mangle)]
+        #[unsafe(link_section = "tp_btf")]
+        $vis fn $name(ctx: *mut ::core::ffi::c_void) -> i32 {
+            #[inline(always)]
+            fn program($ctx: ::aya_ebpf::programs::BtfTracePointContext) -> $ret $body
+            if let Some(_running) = $crate::record::common::Running::start() {
+                let _ = program(::aya_ebpf::programs::BtfTracePointContext::new(ctx));
+            }
+            0
+        }
+    };
+}
+
 mod cgroup;
 mod common;
 mod dbus;
@@ -44,6 +75,7 @@ mod mappings;
 mod offcpu;
 mod oncpu;
 mod stacks;
+mod syscalls;
 mod tasks;
 mod vm;
 

@@ -21,7 +21,9 @@ use profiler_common::record::{
 };
 
 use super::{
-    common::{Task, comm_of, count, current_window, is_tracked, lose, now, reset, stopped},
+    common::{
+        Running, Task, comm_of, count, current_window, is_tracked, lose, now, reset, stopped,
+    },
     dbus,
     stacks::{kern_stack, site_return, user_stack, user_stack_walk, verified},
     tasks,
@@ -103,6 +105,10 @@ fn report_state(preempt: bool, raw: u32) -> u32 {
 /// times a second.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn offcpu_sched_switch(ctx: BtfTracePointContext) -> u32 {
+    // Runs whatever else is under way (with interrupts off, nothing of
+    // hvprof's can be), but keeps the others off meanwhile: a contention
+    // on a map's lock inside it would start a lock program.
+    let _running = Running::always();
     let now = now();
     let next: *mut task_struct = ctx.arg(2);
     // Each half whatever came of the other.

@@ -5,7 +5,7 @@ use aya_ebpf::{macros::map, macros::perf_event, maps::HashMap, programs::PerfEve
 use profiler_common::record::{Loss, SampleKey};
 
 use super::{
-    common::{add_atomic, comm, slot, traced},
+    common::{Running, add_atomic, comm, slot, traced},
     stacks::stacks,
 };
 
@@ -14,6 +14,10 @@ static ONCPU_COUNTS: HashMap<SampleKey, u64> = HashMap::with_max_entries(65536, 
 
 #[perf_event]
 pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
+    // A sample that interrupts another of hvprof's programs is not taken.
+    let Some(_running) = Running::start() else {
+        return 0;
+    };
     try_oncpu_sample(&ctx).unwrap_or(0)
 }
 

@@ -3,15 +3,13 @@
 //! each tracer's exit hook, so that what a tracer keeps per thread goes
 //! with the thread.
 
-use aya_ebpf::{
-    helpers::bpf_get_current_task_btf, macros::map, maps::HashMap, programs::TracePointContext,
-};
+use aya_ebpf::{helpers::bpf_get_current_task_btf, macros::map, maps::HashMap};
 use profiler_common::record::{CLONE_THREAD, EventKind, Loss, TargetMode};
 
 use super::{
     cgroup,
     common::{
-        EntryRegs, TRACKED, Task, comm, comm_matches, current_window, emit, is_tracked, lose, read,
+        EntryRegs, TRACKED, Task, comm, comm_matches, current_window, emit, is_tracked, lose,
     },
     dbus, fork, locks, mappings, offcpu, vm,
 };
@@ -36,16 +34,19 @@ pub(super) fn gone(pid: u32) {
 }
 
 tracepoint_program! {
-/// `sched_process_fork` runs in the parent.
-pub fn task_fork(ctx: TracePointContext) -> Option<u32> {
-    try_task_fork(&ctx)
+/// `sched_process_fork(parent, child)` runs in the parent.
+pub fn task_fork(ctx: BtfTracePointContext) -> Option<u32> {
+    try_task_fork(ctx.arg(1))
 }
 }
 
 #[inline(always)]
-fn try_task_fork(ctx: &TracePointContext) -> Option<u32> {
+fn try_task_fork(child: *const u8) -> Option<u32> {
     let task = Task::tracked()?;
-    let child = read::<i32>(ctx, config!(offsets.fork_child_pid))? as u32;
+    let pid_off = config!(offsets.task_pid) as usize;
+    // SAFETY: a BTF task pointer; the offset of its `pid` is a constant
+    // (read-only config) which the verifier checks against kernel BTF.
+    let child = unsafe { core::ptr::read_volatile(child.add(pid_off).cast::<i32>()) } as u32;
     // A new thread is neither a process to follow nor an event: the parent
     // is in clone or clone3 with CLONE_THREAD (an io_uring worker, made
     // elsewhere, still goes to userspace, which tells it apart there).
@@ -83,7 +84,7 @@ fn creates_thread() -> bool {
 
 tracepoint_program! {
 /// `sched_process_exec` runs in the new image: the comm is the new one.
-pub fn task_exec(_ctx: TracePointContext) -> Option<u32> {
+pub fn task_exec(_ctx: BtfTracePointContext) -> Option<u32> {
     try_task_exec()
 }
 }
@@ -118,7 +119,7 @@ fn try_task_exec() -> Option<u32> {
 tracepoint_program! {
 /// `sched_process_exit`, in the exiting thread: each tracer's exit hook,
 /// then the thread is no longer followed.
-pub fn task_exit(_ctx: TracePointContext) -> Option<u32> {
+pub fn task_exit(_ctx: BtfTracePointContext) -> Option<u32> {
     try_task_exit()
 }
 }

@@ -22,7 +22,7 @@ pub use self::programs::hvprof_check_uprobe_target;
 use crate::{
     sys::{self, Privileges},
     tracefs::{Tracefs, Tracepoint},
-    tracer::{Part, Probe, Tracer},
+    tracer::{Part, Tracer},
 };
 
 /// Which part of hvprof needs a capability.
@@ -253,28 +253,22 @@ pub struct CheckedTracepoint {
     pub needed_by: NeededBy,
     /// `record` cannot run without it.
     pub required: bool,
-    /// A BTF tracepoint: tested with a BTF program, as its tracer loads it.
-    pub btf: bool,
 }
 
 /// The tracepoints of every part's probes, from the tracer registry (the
 /// lists `record` attaches, and drops a tracer for when one is missing):
-/// the named tracepoints first, then the system calls'.
+/// all BTF tracepoints, tested as `record` loads its programs on them.
 #[must_use]
 pub fn tracepoints() -> Vec<CheckedTracepoint> {
     let mut out = Vec::new();
-    for syscalls in [false, true] {
-        for part in Part::ALL {
-            let probes = part.probes().iter();
-            for probe in probes.filter(|p| matches!(p, Probe::Syscalls { .. }) == syscalls) {
-                for tracepoint in probe.tracepoints() {
-                    out.push(CheckedTracepoint {
-                        tracepoint,
-                        needed_by: part.into(),
-                        required: part.required(),
-                        btf: matches!(probe, Probe::BtfTracepoint { .. }),
-                    });
-                }
+    for part in Part::ALL {
+        for probe in part.probes() {
+            for tracepoint in probe.tracepoints() {
+                out.push(CheckedTracepoint {
+                    tracepoint,
+                    needed_by: part.into(),
+                    required: part.required(),
+                });
             }
         }
     }
@@ -373,12 +367,6 @@ mod tests {
         rows.sort();
         registry.sort();
         assert_eq!(rows, registry);
-        let btf: Vec<String> = tracepoints()
-            .iter()
-            .filter(|t| t.btf)
-            .map(|t| t.tracepoint.to_string())
-            .collect();
-        assert_eq!(btf, ["sched:sched_switch"]);
     }
 
     /// The rows in the order `check` has always printed them.
@@ -388,34 +376,19 @@ mod tests {
             .iter()
             .map(|t| format!("{} {}", t.tracepoint, t.needed_by.as_str()))
             .collect();
-        let mut want: Vec<String> = [
+        let want = [
             "sched:sched_switch offcpu",
             "sched:sched_process_fork targets",
             "sched:sched_process_exec targets",
             "sched:sched_process_exit targets",
+            "raw_syscalls:sys_enter syscalls",
+            "raw_syscalls:sys_exit syscalls",
             "lock:contention_begin locks",
             "lock:contention_end locks",
             "cgroup:cgroup_mkdir cgroup",
             "cgroup:cgroup_attach_task cgroup",
             "cgroup:cgroup_rmdir cgroup",
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        let syscalls = [
-            ("vm-windows", &["ioctl"][..]),
-            ("fork", &["clone", "clone3", "fork", "vfork"]),
-            (
-                "cgroup",
-                &["mkdir", "mkdirat", "rmdir", "unlinkat", "write"],
-            ),
-            ("unwind", &["mmap"]),
         ];
-        for (by, calls) in syscalls {
-            for call in calls {
-                want.push(format!("syscalls:sys_enter_{call} {by}"));
-                want.push(format!("syscalls:sys_exit_{call} {by}"));
-            }
-        }
         assert_eq!(rows, want);
     }
 
@@ -447,46 +420,10 @@ mod tests {
             "cgroup:cgroup_mkdir",
             "cgroup:cgroup_attach_task",
             "cgroup:cgroup_rmdir",
-            "syscalls:sys_enter_ioctl",
-            "syscalls:sys_exit_ioctl",
+            "raw_syscalls:sys_enter",
+            "raw_syscalls:sys_exit",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} not checked");
-        }
-    }
-
-    /// `record` drops the fork tracer when any fork syscall's tracepoint
-    /// is missing, and the cgroup tracer for any of its syscalls': `check`
-    /// tests each of them, for that tracer.
-    #[test]
-    fn check_tests_every_syscall_tracepoint_record_needs() {
-        let rows = tracepoints();
-        let has = |name: &str, by: NeededBy| {
-            rows.iter()
-                .any(|t| t.tracepoint.to_string() == name && t.needed_by == by)
-        };
-        for call in ["clone", "clone3", "fork", "vfork"] {
-            for dir in ["enter", "exit"] {
-                let name = format!("syscalls:sys_{dir}_{call}");
-                assert!(
-                    has(&name, NeededBy::from(Tracer::Fork)),
-                    "{name} not checked for fork"
-                );
-            }
-        }
-        for call in ["mkdir", "mkdirat", "rmdir", "unlinkat", "write"] {
-            for dir in ["enter", "exit"] {
-                let name = format!("syscalls:sys_{dir}_{call}");
-                assert!(
-                    has(&name, NeededBy::from(Tracer::Cgroup)),
-                    "{name} not checked for cgroup"
-                );
-            }
-        }
-        for name in ["syscalls:sys_enter_mmap", "syscalls:sys_exit_mmap"] {
-            assert!(
-                has(name, NeededBy::Part(Part::Unwind)),
-                "{name} not checked for unwind"
-            );
         }
     }
 }

@@ -13,7 +13,7 @@ use aya::{
     Btf, Ebpf,
     maps::PerCpuArray,
     programs::{
-        BtfTracePoint, FEntry, FExit, PerfEvent, ProgramError, TracePoint, UProbe,
+        BtfTracePoint, FEntry, FExit, PerfEvent, ProgramError, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
         uprobe::UProbeScope,
     },
@@ -287,98 +287,93 @@ fn spin_on(cpu: u32, ms: u64) {
 
 fn tracepoint_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>, btf: Option<&Btf>) -> Vec<Row> {
     let mut rows = Vec::new();
-    let load = program_mut::<TracePoint>(bpf, program::TRACEPOINT)
-        .and_then(|p| p.load().map_err(|e| program_failure(&e)));
     for CheckedTracepoint {
         tracepoint: tp,
         needed_by,
         required,
-        btf: is_btf,
     } in tracepoints()
     {
         let name = tp.to_string();
         if let Some(tracefs) = tracefs
             && let Err(e) = tracefs.id(tp)
         {
-            {
-                rows.push(Row::missing(
-                    name,
-                    needed_by,
-                    required,
-                    e.to_string(),
-                    match tp.category {
-                        "lock" => "use a kernel with CONFIG_LOCKDEP or, since 5.19, the lock contention tracepoints (always built)",
-                        "syscalls" => "use a kernel with CONFIG_FTRACE_SYSCALLS=y",
-                        _ => "use a kernel with this tracepoint",
-                    },
-                ));
-                continue;
-            }
-        }
-        if let Err((why, fix)) = &load {
             rows.push(Row::missing(
                 name,
                 needed_by,
                 required,
-                why.clone(),
-                fix.clone(),
+                e.to_string(),
+                match tp.category {
+                    "lock" => "use a kernel with CONFIG_LOCKDEP or, since 5.19, the lock contention tracepoints (always built)",
+                    "raw_syscalls" => "use a kernel with CONFIG_FTRACE_SYSCALLS=y",
+                    _ => "use a kernel with this tracepoint",
+                },
             ));
             continue;
         }
-        if tp.name == "sched_process_fork" {
-            rows.push(fork_row(bpf, tp, needed_by));
+        let Some(btf) = btf else {
+            rows.push(Row::missing(
+                name,
+                needed_by,
+                required,
+                "not tested: recording programs are on BTF tracepoints, which need kernel BTF",
+                "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+            ));
             continue;
-        }
-        if is_btf {
-            rows.push(btf_tracepoint_row(bpf, btf, tp, needed_by, required));
-            continue;
-        }
-        let attached = program_mut::<TracePoint>(bpf, program::TRACEPOINT).and_then(|p| {
-            p.attach(tp.category, tp.name)
-                .map_err(|e| program_failure(&e))
+        };
+        rows.push(match tp.name {
+            "sched_process_fork" => fork_row(bpf, btf, tp, needed_by),
+            "sched_switch" => btf_switch_row(bpf, btf, tp, needed_by, required),
+            _ => btf_tracepoint_row(bpf, btf, tp, needed_by, required),
         });
-        rows.push(match attached {
-            Ok(_) => Row::ok(name, needed_by, required, "attached"),
-            Err((why, fix)) => Row::missing(name, needed_by, required, why, fix),
-        });
-    }
-    if let Ok(p) = program_mut::<TracePoint>(bpf, program::TRACEPOINT) {
-        let _ = p.unload();
     }
     rows
 }
 
-/// The off-CPU tracer's programs are BTF tracepoints: load one on `tp` the
-/// way the tracer does (for `sched_switch`, reading `prev_state`), attach it
-/// and see it fire.
+/// Loads `prog` on BTF tracepoint `tp` (again: a program can be loaded on
+/// one tracepoint after another) and attaches it.
+fn load_btf(bpf: &mut Ebpf, btf: &Btf, prog: &str, tp: Tracepoint) -> Result<(), (String, String)> {
+    let p = program_mut::<BtfTracePoint>(bpf, prog)?;
+    let _ = p.unload();
+    p.load(tp.name, btf).map_err(|e| program_failure(&e))?;
+    p.attach().map(|_| ()).map_err(|e| program_failure(&e))
+}
+
+/// A recording program's BTF tracepoint: a program loads and attaches there.
 fn btf_tracepoint_row(
     bpf: &mut Ebpf,
-    btf: Option<&Btf>,
+    btf: &Btf,
     tp: Tracepoint,
     needed_by: NeededBy,
     required: bool,
 ) -> Row {
     let name = tp.to_string();
-    let Some(btf) = btf else {
-        return Row::missing(
-            name,
-            needed_by,
-            required,
-            "not tested: the off-CPU tracer's BTF tracepoints need kernel BTF",
-            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
-        );
-    };
+    let attached = load_btf(bpf, btf, program::TRACEPOINT, tp);
+    if let Ok(p) = program_mut::<BtfTracePoint>(bpf, program::TRACEPOINT) {
+        let _ = p.unload();
+    }
+    match attached {
+        Ok(()) => Row::ok(name, needed_by, required, "BTF tracepoint attached"),
+        Err((why, fix)) => Row::missing(name, needed_by, required, why, fix),
+    }
+}
+
+/// The off-CPU tracer's program on `sched_switch` reads `prev_state`: load
+/// one that does, attach it and see it fire.
+fn btf_switch_row(
+    bpf: &mut Ebpf,
+    btf: &Btf,
+    tp: Tracepoint,
+    needed_by: NeededBy,
+    required: bool,
+) -> Row {
+    let name = tp.to_string();
     let (prog, slot) = (program::BTF_SWITCH, CheckCounter::BtfSwitch);
-    let attached = program_mut::<BtfTracePoint>(bpf, prog).and_then(|p| {
-        p.load(tp.name, btf).map_err(|e| {
-            let (why, _) = program_failure(&e);
-            (
-                why,
-                "use Linux 5.18 or later (sched_switch's prev_state argument) with kernel BTF"
-                    .to_owned(),
-            )
-        })?;
-        p.attach().map_err(|e| program_failure(&e))
+    let attached = load_btf(bpf, btf, prog, tp).map_err(|(why, _)| {
+        (
+            why,
+            "use Linux 5.18 or later (sched_switch's prev_state argument) with kernel BTF"
+                .to_owned(),
+        )
     });
     if let Err((why, fix)) = attached {
         return Row::missing(name, needed_by, required, why, fix);
@@ -410,15 +405,10 @@ fn btf_tracepoint_row(
 }
 
 /// Attaches the fork counter and forks three children from this thread.
-fn fork_row(bpf: &mut Ebpf, tp: Tracepoint, needed_by: NeededBy) -> Row {
+fn fork_row(bpf: &mut Ebpf, btf: &Btf, tp: Tracepoint, needed_by: NeededBy) -> Row {
     const FORKS: u64 = 3;
     let name = tp.to_string();
-    let attached = program_mut::<TracePoint>(bpf, program::FORK).and_then(|p| {
-        p.load().map_err(|e| program_failure(&e))?;
-        p.attach(tp.category, tp.name)
-            .map_err(|e| program_failure(&e))
-    });
-    if let Err((why, fix)) = attached {
+    if let Err((why, fix)) = load_btf(bpf, btf, program::FORK, tp) {
         return Row::missing(name, needed_by, true, why, fix);
     }
     let mut spawned = 0;
@@ -434,7 +424,7 @@ fn fork_row(bpf: &mut Ebpf, tp: Tracepoint, needed_by: NeededBy) -> Row {
         }
     }
     let seen: u64 = counter(bpf, CheckCounter::Fork).iter().sum();
-    if let Ok(p) = program_mut::<TracePoint>(bpf, program::FORK) {
+    if let Ok(p) = program_mut::<BtfTracePoint>(bpf, program::FORK) {
         let _ = p.unload();
     }
     if spawned == 0 {
@@ -472,7 +462,14 @@ fn uprobe_row(bpf: &mut Ebpf) -> Row {
             )
         })?;
         let prog: &mut UProbe = program_mut(bpf, program::UPROBE)?;
-        prog.load().map_err(|e| program_failure(&e))?;
+        prog.load().map_err(|e| {
+            let (why, _) = program_failure(&e);
+            (
+                why,
+                "use Linux 6.6 or later: the D-Bus and fork-caller uprobes are uprobe.multi links"
+                    .to_owned(),
+            )
+        })?;
         prog.attach(
             ["hvprof_check_uprobe_target"],
             &exe,
@@ -485,7 +482,7 @@ fn uprobe_row(bpf: &mut Ebpf) -> Row {
         let seen: u64 = counter(bpf, CheckCounter::Uprobe).iter().sum();
         if seen == CALLS {
             Ok(format!(
-                "attached to {}, counted {seen}/{CALLS} calls",
+                "uprobe.multi link attached to {}, counted {seen}/{CALLS} calls",
                 exe.display()
             ))
         } else {

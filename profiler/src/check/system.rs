@@ -84,14 +84,15 @@ pub(super) fn tracefs_row(tracefs: &Result<(Tracefs, bool), TracefsError>) -> Ro
     }
 }
 
-/// Kernel BTF, for BTF tracepoints and fentry/fexit.
+/// Kernel BTF, which every recording program is loaded with (they are on
+/// BTF tracepoints), and fentry/fexit.
 pub(super) fn btf_row(btf: &Result<Btf, BtfError>) -> Row {
     match btf {
-        Ok(_) => Row::ok("BTF", NeededBy::Fentry, false, "/sys/kernel/btf/vmlinux"),
+        Ok(_) => Row::ok("BTF", NeededBy::All, true, "/sys/kernel/btf/vmlinux"),
         Err(e) => Row::missing(
             "BTF",
-            NeededBy::Fentry,
-            false,
+            NeededBy::All,
+            true,
             format!("cannot read kernel BTF from /sys/kernel/btf/vmlinux: {e}"),
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
         ),

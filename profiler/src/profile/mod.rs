@@ -72,6 +72,10 @@ pub struct Meta {
     /// (or its machine stopped) while it recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incomplete: Option<Incomplete>,
+    /// `record --comm`: each time every process of that name was gone and
+    /// one was started again (a daemon restarted), which was then followed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarts: Vec<Restart>,
 }
 
 /// A recording cut off before its end: what the file still holds.
@@ -84,6 +88,18 @@ pub struct Incomplete {
     pub window: Option<u32>,
     /// The file is damaged after `until_ns` (rather than cut short), and why.
     pub damaged: Option<String>,
+}
+
+/// A `--comm` target restarted during the recording: its last process
+/// exited, and a new one of the same name started (exec'd) later. Times
+/// are since the start of the recording.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restart {
+    pub comm: String,
+    pub old_pid: u32,
+    pub exited_ns: u64,
+    pub new_pid: u32,
+    pub started_ns: u64,
 }
 
 /// What `record --verify-unwind` found: sampled user-stack walks, each

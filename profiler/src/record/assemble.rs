@@ -366,6 +366,7 @@ pub(super) fn meta(rec: &Recorder, stop_reason: String, duration_ns: u64) -> Met
             .verifier
             .as_ref()
             .map(crate::unwind::verify::Verifier::result),
+        restarts: rec.restarts.found.clone(),
     }
 }
 

@@ -3,25 +3,32 @@
 //! Uprobes go into files found at run time — the targets' libc for fork
 //! callers, every D-Bus client library — so their files are chosen here.
 //! And, at the end, detaching them all.
+//!
+//! Every program is on a BTF tracepoint, a perf event or a `uprobe.multi`
+//! link (one per library file), so that detaching costs no RCU grace
+//! period per probe; the uprobe links, which cost one each, are detached
+//! together ([`Detaching`]).
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
     thread::JoinHandle,
 };
 
 use aya::{
-    Btf, BtfError, Ebpf,
+    Btf, Ebpf,
+    maps::{MapData, ProgramArray},
     programs::{
-        BtfTracePoint, PerfEvent, ProgramError, TracePoint, UProbe,
+        BtfTracePoint, PerfEvent, ProgramError, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-        uprobe::UProbeScope,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use profiler_common::record::names;
 
 use super::{
     kernel::Facts,
-    options::{RecordError, RecordOptions, Target},
+    options::{RecordError, RecordOptions, Target, UnwindMode},
 };
 use crate::{
     forkpath,
@@ -29,7 +36,8 @@ use crate::{
     sys,
     tracefs::Tracepoint,
     tracer::{
-        CGROUP_WRITE_SYSCALL, DBUS_LIBRARIES, FORK_FUNCTIONS, Part, Probe, Tracer, syscall_pair,
+        CGROUP_WRITE_SYSCALL, DBUS_LIBRARIES, FORK_FUNCTIONS, Part, Probe, SYSCALL_TRACEPOINTS,
+        Tracer, syscall_nr,
     },
 };
 
@@ -42,69 +50,185 @@ pub(super) struct Plan<'a> {
     pub fork_uprobes: Option<&'a ForkUprobes>,
 }
 
-/// The kernel BTF the off-CPU tracer's BTF tracepoint is loaded with,
-/// parsed meanwhile.
-type BtfThread = Option<JoinHandle<Result<Btf, BtfError>>>;
+/// What was attached: the tracers (one this kernel cannot run after all is
+/// skipped with a warning), and the uprobe links, which are detached
+/// together at the end ([`Detaching::start`]).
+pub(super) struct Attached {
+    pub tracers: Vec<Tracer>,
+    pub uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+}
 
 /// Attaches the machinery's probes (task tracking first, so that no fork
-/// between two attaches is missed), then each tracer's. Returns the
-/// tracers attached: one this kernel cannot run after all is skipped with
-/// a warning.
+/// between two attaches is missed), then each tracer's.
 pub(super) fn attach(
     bpf: &mut Ebpf,
-    facts: &mut Facts,
+    btf: &Btf,
+    facts: &Facts,
     plan: &Plan<'_>,
-) -> Result<Vec<Tracer>, RecordError> {
+) -> Result<Attached, RecordError> {
     for part in Part::ALL {
         let wanted = match part {
-            Part::Targets | Part::VmWindows => true,
-            Part::Unwind => facts.mmap_hook,
+            Part::Targets | Part::Syscalls | Part::VmWindows => true,
+            Part::Unwind => plan.opts.unwind == UnwindMode::Dwarf,
             Part::Tracer(_) => false,
         };
         if wanted {
-            attach_probes(bpf, part, plan.opts, &mut None)?;
+            attach_probes(bpf, btf, part, plan.opts)?;
         }
     }
-    let mut attached = facts.tracers.clone();
+    let mut attached = Attached {
+        tracers: facts.tracers.clone(),
+        uprobe_links: Vec::new(),
+    };
     for part in Part::ALL {
         let Part::Tracer(tracer) = part else {
             continue;
         };
-        if !attached.contains(&tracer) {
+        if !attached.tracers.contains(&tracer) {
             continue;
         }
-        if let Some(why) = attach_tracer(bpf, tracer, &mut facts.btf, plan)? {
+        if let Some(why) = attach_tracer(bpf, btf, tracer, plan, &mut attached.uprobe_links)? {
             eprintln!(
                 "hvprof: warning: the {} tracer is skipped: {why}",
                 tracer.name()
             );
-            attached.retain(|t| *t != tracer);
+            attached.tracers.retain(|t| *t != tracer);
         }
     }
     Ok(attached)
 }
 
+/// How a program is loaded: on a BTF tracepoint, or as it is.
+#[derive(Clone, Copy)]
+enum Load {
+    Btf(&'static str),
+    Plain,
+}
+
+/// The programs a recording with `tracers` attaches, and how each is
+/// loaded.
+fn programs_to_load(tracers: &[Tracer], plan: &Plan<'_>) -> Vec<(&'static str, Load)> {
+    let mut out = Vec::new();
+    let [enter, exit] = SYSCALL_TRACEPOINTS.map(|t| Load::Btf(t.name));
+    for part in Part::ALL {
+        let wanted = match part {
+            Part::Targets | Part::Syscalls | Part::VmWindows => true,
+            Part::Unwind => plan.opts.unwind == UnwindMode::Dwarf,
+            Part::Tracer(t) => tracers.contains(&t),
+        };
+        for probe in part.probes().iter().filter(|_| wanted) {
+            match *probe {
+                Probe::BtfTracepoint {
+                    tracepoint,
+                    program,
+                } => out.push((program, Load::Btf(tracepoint.name))),
+                Probe::Syscalls {
+                    enter: e, exit: x, ..
+                }
+                | Probe::SyscallDispatch { enter: e, exit: x } => {
+                    out.extend([(e, enter), (x, exit)]);
+                }
+                Probe::CpuClock { program } => out.push((program, Load::Plain)),
+                Probe::Uprobe { program } => {
+                    if part == Part::Tracer(Tracer::Dbus) || plan.fork_uprobes.is_some() {
+                        out.push((program, Load::Plain));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Loads the programs a recording with `tracers` attaches, on every CPU at
+/// once, the largest first: the kernel's verifier takes most of the
+/// start-up (0.1 to 0.4 s for each program that walks stacks), on one CPU
+/// per program. A program that fails to load is left for the attach,
+/// which loads it again and says why.
+pub(super) fn load_programs(bpf: &mut Ebpf, btf: &Btf, tracers: &[Tracer], plan: &Plan<'_>) {
+    use std::sync::Mutex;
+    let wanted = programs_to_load(tracers, plan);
+    let size = program_sizes();
+    let mut jobs: Vec<(u64, &str, Load, &mut aya::programs::Program)> = bpf
+        .programs_mut()
+        .filter_map(|(name, p)| {
+            let &(_, how) = wanted.iter().find(|(w, _)| *w == name)?;
+            Some((size(name), name, how, p))
+        })
+        .collect();
+    jobs.sort_by_key(|&(size, ..)| std::cmp::Reverse(size));
+    let queue = Mutex::new(jobs.into_iter());
+    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.next());
+                    let Some((_, name, how, program)) = next else {
+                        break;
+                    };
+                    let started = std::time::Instant::now();
+                    let _ = load_one(program, how, btf);
+                    super::timing_detail(&format!(
+                        "loaded {name} in {} ms",
+                        started.elapsed().as_millis()
+                    ));
+                }
+            });
+        }
+    });
+}
+
+fn load_one(
+    program: &mut aya::programs::Program,
+    how: Load,
+    btf: &Btf,
+) -> Result<(), ProgramError> {
+    use aya::programs::Program;
+    match (program, how) {
+        (Program::BtfTracePoint(p), Load::Btf(tp)) => p.load(tp, btf),
+        (Program::PerfEvent(p), Load::Plain) => p.load(),
+        (Program::UProbe(p), Load::Plain) => p.load(),
+        _ => Ok(()),
+    }
+}
+
+/// The size of each program of the embedded object, by name (0 if not
+/// found), which is about what verifying it costs.
+fn program_sizes() -> impl Fn(&str) -> u64 {
+    use object::{Object as _, ObjectSymbol as _};
+    let sizes: std::collections::HashMap<String, u64> = object::File::parse(crate::ebpf::OBJECT)
+        .map(|obj| {
+            obj.symbols()
+                .filter_map(|s| Some((s.name().ok()?.to_owned(), s.size())))
+                .collect()
+        })
+        .unwrap_or_default();
+    move |name| sizes.get(name).copied().unwrap_or(0)
+}
+
 /// Attaches one tracer; `Some(why)` when it is skipped instead.
 fn attach_tracer(
     bpf: &mut Ebpf,
+    btf: &Btf,
     tracer: Tracer,
-    btf: &mut BtfThread,
     plan: &Plan<'_>,
+    links: &mut Vec<(&'static str, UProbeLinkId)>,
 ) -> Result<Option<String>, RecordError> {
-    let attached = attach_probes(bpf, Part::Tracer(tracer), plan.opts, btf);
+    let attached = attach_probes(bpf, btf, Part::Tracer(tracer), plan.opts);
     match tracer {
-        // Its BTF tracepoint needs kernel BTF and Linux 5.18 or later:
-        // without them the other tracers still run.
+        // Its BTF tracepoint needs Linux 5.18 or later (sched_switch's
+        // prev_state): without it the other tracers still run.
         Tracer::OffCpu => return Ok(attached.err().map(|e| e.to_string())),
         Tracer::Fork => {
             attached?;
             if let Some(f) = plan.fork_uprobes {
-                attach_fork_callers(bpf, f);
+                attach_fork_callers(bpf, f, links);
             }
         }
         Tracer::Dbus => {
             attached?;
-            if attach_dbus(bpf, plan.initial)?.is_empty() {
+            if attach_dbus(bpf, plan.initial, links)?.is_empty() {
                 return Ok(Some(
                     "no D-Bus client library (libdbus-1, libgio-2.0, libsystemd) found in the targets' maps or the standard library directories"
                         .to_owned(),
@@ -116,42 +240,49 @@ fn attach_tracer(
     Ok(None)
 }
 
-/// Attaches `part`'s tracepoints and perf events. Its uprobes go into
-/// files found at run time: [`attach_fork_callers`], [`attach_dbus`].
+/// Attaches `part`'s BTF tracepoints and perf events, and puts its system
+/// calls' programs in the dispatch. Its uprobes go into files found at run
+/// time: [`attach_fork_callers`], [`attach_dbus`].
 fn attach_probes(
     bpf: &mut Ebpf,
+    btf: &Btf,
     part: Part,
     opts: &RecordOptions,
-    btf: &mut BtfThread,
 ) -> Result<(), RecordError> {
     for probe in part.probes() {
         match *probe {
-            Probe::Tracepoint {
-                tracepoint: tp,
-                program,
-            } => tracepoint(bpf, program, tp)?,
-            // Every entry first: an exit whose entry was not seen is
-            // ignored, and a start left by a call whose exit came before
-            // its probe was attached is overwritten by the thread's next
-            // call.
-            Probe::Syscalls { calls, enter, exit } => {
-                let hooked = |call: &&&str| {
-                    opts.time_cgroup_writes
-                        || !(part == Part::Tracer(Tracer::Cgroup) && **call == CGROUP_WRITE_SYSCALL)
-                };
-                for call in calls.iter().filter(hooked) {
-                    let [tp, _] = syscall_pair(call);
-                    tracepoint(bpf, enter, tp)?;
-                }
-                for call in calls.iter().filter(hooked) {
-                    let [_, tp] = syscall_pair(call);
-                    tracepoint(bpf, exit, tp)?;
-                }
-            }
             Probe::BtfTracepoint {
                 tracepoint,
                 program,
-            } => attach_btf(bpf, program, tracepoint, btf.take())?,
+            } => btf_tracepoint(bpf, btf, program, tracepoint)?,
+            Probe::SyscallDispatch { enter, exit } => {
+                for (program, tracepoint) in [enter, exit].into_iter().zip(SYSCALL_TRACEPOINTS) {
+                    btf_tracepoint(bpf, btf, program, tracepoint)?;
+                }
+            }
+            // Every entry first: an exit whose entry was not seen is
+            // ignored, and a start left by a call whose exit came before
+            // its program was in place is overwritten by the thread's next
+            // call.
+            Probe::Syscalls { calls, enter, exit } => {
+                let hooked: Vec<&str> = calls
+                    .iter()
+                    .copied()
+                    .filter(|call| {
+                        opts.time_cgroup_writes
+                            || !(part == Part::Tracer(Tracer::Cgroup)
+                                && *call == CGROUP_WRITE_SYSCALL)
+                    })
+                    .collect();
+                let tables = [names::SYSCALL_ENTER_PROGS, names::SYSCALL_EXIT_PROGS];
+                for ((program, tracepoint), table) in [enter, exit]
+                    .into_iter()
+                    .zip(SYSCALL_TRACEPOINTS)
+                    .zip(tables)
+                {
+                    dispatch(bpf, btf, program, tracepoint, table, &hooked)?;
+                }
+            }
             Probe::CpuClock { program } => cpu_clock(bpf, program, opts.frequency_hz)?,
             Probe::Uprobe { .. } => {}
         }
@@ -164,49 +295,74 @@ fn attach_err(what: impl Into<String>) -> impl FnOnce(ProgramError) -> RecordErr
     move |source| RecordError::Attach { what, source }
 }
 
-fn tracepoint(bpf: &mut Ebpf, prog: &'static str, tp: Tracepoint) -> Result<(), RecordError> {
-    let p: &mut TracePoint = bpf
-        .program_mut(prog)
-        .ok_or(RecordError::Missing { name: prog })?
-        .try_into()
-        .map_err(attach_err(prog))?;
-    // One program may be attached to several tracepoints: load it once.
-    if p.fd().is_err() {
-        p.load().map_err(attach_err(format!("{prog} ({tp})")))?;
-    }
-    p.attach(tp.category, tp.name)
-        .map_err(attach_err(format!("{prog} to {tp}")))?;
-    Ok(())
-}
-
-/// A BTF tracepoint (the off-CPU tracer's): typed raw arguments, no trace
-/// event record filled per context switch.
-fn attach_btf(
-    bpf: &mut Ebpf,
+/// Loads `prog` on BTF tracepoint `tp`.
+fn load_btf<'a>(
+    bpf: &'a mut Ebpf,
+    btf: &Btf,
     prog: &'static str,
     tp: Tracepoint,
-    btf: BtfThread,
-) -> Result<(), RecordError> {
-    let btf = btf
-        .map_or(Err(BtfError::InvalidHeader), |b| {
-            b.join().unwrap_or(Err(BtfError::InvalidHeader))
-        })
-        .map_err(|e| RecordError::Attach {
-            what: "the off-CPU tracer (kernel BTF at /sys/kernel/btf/vmlinux)".into(),
-            source: ProgramError::Btf(e),
-        })?;
+) -> Result<&'a mut BtfTracePoint, RecordError> {
     let p: &mut BtfTracePoint = bpf
         .program_mut(prog)
         .ok_or(RecordError::Missing { name: prog })?
         .try_into()
         .map_err(attach_err(prog))?;
-    p.load(tp.name, &btf).map_err(attach_err(format!(
-        "{prog} (BTF tracepoint {}, which needs kernel BTF and, for its prev_state \
-         argument, Linux 5.18 or later)",
-        tp.name
-    )))?;
-    p.attach()
-        .map_err(attach_err(format!("{prog} to {}", tp.name)))?;
+    if p.fd().is_err() {
+        p.load(tp.name, btf).map_err(attach_err(format!(
+            "{prog} (BTF tracepoint {tp}{})",
+            if tp.name == "sched_switch" {
+                ", whose prev_state argument needs Linux 5.18 or later"
+            } else {
+                ""
+            }
+        )))?;
+    }
+    Ok(p)
+}
+
+/// A program on BTF tracepoint `tp`: typed raw arguments, no trace event
+/// record filled per event, and detached without a grace period.
+fn btf_tracepoint(
+    bpf: &mut Ebpf,
+    btf: &Btf,
+    prog: &'static str,
+    tp: Tracepoint,
+) -> Result<(), RecordError> {
+    load_btf(bpf, btf, prog, tp)?
+        .attach()
+        .map_err(attach_err(format!("{prog} to {tp}")))?;
+    Ok(())
+}
+
+/// Puts `prog` (loaded on `tp`, `raw_syscalls:sys_enter` or `sys_exit`) in
+/// dispatch table `table`, in the slot of each of `calls`.
+fn dispatch(
+    bpf: &mut Ebpf,
+    btf: &Btf,
+    prog: &'static str,
+    tp: Tracepoint,
+    table: &'static str,
+    calls: &[&str],
+) -> Result<(), RecordError> {
+    let fd = load_btf(bpf, btf, prog, tp)?
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(attach_err(prog))?;
+    let map_err = |source| RecordError::Map {
+        name: table,
+        source,
+    };
+    let mut slots: ProgramArray<&mut MapData> = bpf
+        .map_mut(table)
+        .ok_or(RecordError::Missing { name: table })?
+        .try_into()
+        .map_err(map_err)?;
+    for call in calls {
+        let nr = syscall_nr(call).ok_or(RecordError::Missing {
+            name: "a system call's number",
+        })?;
+        slots.set(nr, &fd, 0).map_err(map_err)?;
+    }
     Ok(())
 }
 
@@ -218,7 +374,9 @@ fn cpu_clock(bpf: &mut Ebpf, prog: &'static str, frequency_hz: u64) -> Result<()
         .ok_or(RecordError::Missing { name: prog })?
         .try_into()
         .map_err(attach_err(prog))?;
-    p.load().map_err(attach_err(prog))?;
+    if p.fd().is_err() {
+        p.load().map_err(attach_err(prog))?;
+    }
     for cpu in cpus {
         p.attach(
             PerfEventConfig::Software(SoftwareEvent::CpuClock),
@@ -231,7 +389,8 @@ fn cpu_clock(bpf: &mut Ebpf, prog: &'static str, frequency_hz: u64) -> Result<()
     Ok(())
 }
 
-/// Detaches and unloads every recording program.
+/// Detaches and unloads every recording program (the uprobe links
+/// [`Detaching`] took are gone already).
 pub(super) fn unload_all(bpf: &mut Ebpf) {
     for probe in Part::ALL.iter().flat_map(|p| p.probes()) {
         for name in probe.programs() {
@@ -239,15 +398,45 @@ pub(super) fn unload_all(bpf: &mut Ebpf) {
                 continue;
             };
             let _ = match probe {
-                Probe::Tracepoint { .. } | Probe::Syscalls { .. } => {
-                    <&mut TracePoint>::try_from(p).map(TracePoint::unload)
-                }
-                Probe::BtfTracepoint { .. } => {
+                Probe::BtfTracepoint { .. }
+                | Probe::Syscalls { .. }
+                | Probe::SyscallDispatch { .. } => {
                     <&mut BtfTracePoint>::try_from(p).map(BtfTracePoint::unload)
                 }
                 Probe::CpuClock { .. } => <&mut PerfEvent>::try_from(p).map(PerfEvent::unload),
                 Probe::Uprobe { .. } => <&mut UProbe>::try_from(p).map(UProbe::unload),
             };
+        }
+    }
+}
+
+/// The uprobe links being detached, each in a thread of its own: the
+/// kernel waits for an RCU grace period to detach each (about 70 ms here),
+/// and waits that overlap end together. Dropping it waits for them.
+#[derive(Debug)]
+pub struct Detaching {
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Detaching {
+    /// Takes `links` out of their programs and detaches them.
+    pub(super) fn start(bpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) -> Self {
+        let threads = links
+            .into_iter()
+            .filter_map(|(name, id)| {
+                let p: &mut UProbe = bpf.program_mut(name)?.try_into().ok()?;
+                let link = p.take_link(id).ok()?;
+                Some(std::thread::spawn(move || drop(link)))
+            })
+            .collect();
+        Self { threads }
+    }
+}
+
+impl Drop for Detaching {
+    fn drop(&mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }
@@ -308,12 +497,19 @@ pub(super) fn plan_fork_uprobes(
 
 /// Attaches the fork-caller uprobe as planned. A probe that cannot be
 /// attached costs the callers, not the recording.
-fn attach_fork_callers(bpf: &mut Ebpf, plan: &ForkUprobes) {
+fn attach_fork_callers(
+    bpf: &mut Ebpf,
+    plan: &ForkUprobes,
+    links: &mut Vec<(&'static str, UProbeLinkId)>,
+) {
     let loaded = bpf
         .program_mut(names::PROG_FORK_CALLER)
         .ok_or_else(|| "not in the eBPF object".to_owned())
         .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
-        .and_then(|p| p.load().map(|()| p).map_err(|e| e.to_string()));
+        .and_then(|p| match p.fd() {
+            Ok(_) => Ok(p),
+            Err(_) => p.load().map(|()| p).map_err(|e| e.to_string()),
+        });
     let p = match loaded {
         Ok(p) => p,
         Err(e) => {
@@ -326,11 +522,14 @@ fn attach_fork_callers(bpf: &mut Ebpf, plan: &ForkUprobes) {
     };
     let mut attached = 0;
     for libc in &plan.libcs {
-        for f in FORK_FUNCTIONS {
-            for scope in &plan.scopes {
-                if p.attach([f], libc, *scope).is_ok() {
-                    attached += 1;
-                }
+        let functions = defined(libc, &FORK_FUNCTIONS);
+        if functions.is_empty() {
+            continue;
+        }
+        for scope in &plan.scopes {
+            if let Ok(id) = p.attach(functions.iter().copied(), libc, *scope) {
+                links.push((names::PROG_FORK_CALLER, id));
+                attached += 1;
             }
         }
     }
@@ -428,10 +627,37 @@ pub(crate) fn dbus_library_paths(pids: &[u32]) -> Vec<(&'static str, PathBuf)> {
         .collect()
 }
 
-/// Attaches the D-Bus probes to every client library file found; returns
-/// the probed files, with the library's name.
-fn attach_dbus(bpf: &mut Ebpf, pids: &[u32]) -> Result<Vec<(String, PathBuf)>, RecordError> {
-    use aya::programs::uprobe::{UProbeAttachLocation, UProbeAttachPoint};
+/// Of `functions`, those `path` defines (an old libdbus lacks some), in
+/// their order: a `uprobe.multi` link is refused whole for one missing.
+fn defined<'a>(path: &Path, functions: &[&'a str]) -> Vec<&'a str> {
+    use object::{Object as _, ObjectSymbol as _};
+    let Ok(data) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return Vec::new();
+    };
+    let names: HashSet<&str> = file
+        .dynamic_symbols()
+        .chain(file.symbols())
+        .filter(object::ObjectSymbol::is_definition)
+        .filter_map(|s| s.name().ok())
+        .collect();
+    functions
+        .iter()
+        .copied()
+        .filter(|f| names.contains(f))
+        .collect()
+}
+
+/// Attaches the D-Bus probes to every client library file found, one
+/// `uprobe.multi` link per program and file; returns the probed files,
+/// with the library's name.
+fn attach_dbus(
+    bpf: &mut Ebpf,
+    pids: &[u32],
+    links: &mut Vec<(&'static str, UProbeLinkId)>,
+) -> Result<Vec<(String, PathBuf)>, RecordError> {
     let libs = dbus_library_paths(pids);
     let mut probed = Vec::new();
     for name in [
@@ -444,38 +670,45 @@ fn attach_dbus(bpf: &mut Ebpf, pids: &[u32]) -> Result<Vec<(String, PathBuf)>, R
             .ok_or(RecordError::Missing { name })?
             .try_into()
             .map_err(attach_err(name))?;
-        p.load().map_err(attach_err(name))?;
+        if p.fd().is_err() {
+            p.load().map_err(attach_err(name))?;
+        }
     }
     for (lib, path) in libs {
         let Some(l) = DBUS_LIBRARIES.iter().find(|l| l.name == lib) else {
             continue;
         };
-        let (lib_name, blocking, constructors) = (l.name, l.blocking, l.constructors);
         let mut any = false;
         for (prog, functions) in [
-            (names::PROG_DBUS_ENTER, blocking),
-            (names::PROG_DBUS_RETURN, blocking),
-            (names::PROG_DBUS_NAMES, constructors),
+            (names::PROG_DBUS_ENTER, l.blocking),
+            (names::PROG_DBUS_RETURN, l.blocking),
+            (names::PROG_DBUS_NAMES, l.constructors),
         ] {
+            let all: Vec<&str> = functions.iter().map(|&(f, _)| f).collect();
+            let present = defined(&path, &all);
+            let points: Vec<UProbeAttachPoint<'_>> = functions
+                .iter()
+                .filter(|(f, _)| present.contains(f))
+                .map(|&(function, cookie)| UProbeAttachPoint {
+                    location: UProbeAttachLocation::Symbol(function),
+                    cookie: Some(u64::from(cookie)),
+                })
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
             let p: &mut UProbe = bpf
                 .program_mut(prog)
                 .ok_or(RecordError::Missing { name: prog })?
                 .try_into()
                 .map_err(attach_err(prog))?;
-            // By symbol name, one function at a time: a library without
-            // one of them (an old libdbus) still gets the others.
-            for &(function, cookie) in functions {
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::Symbol(function),
-                    cookie: Some(u64::from(cookie)),
-                };
-                if p.attach([point], &path, UProbeScope::AllProcesses).is_ok() {
-                    any = true;
-                }
+            if let Ok(id) = p.attach(points, &path, UProbeScope::AllProcesses) {
+                links.push((prog, id));
+                any = true;
             }
         }
         if any {
-            probed.push((lib_name.to_owned(), path));
+            probed.push((l.name.to_owned(), path));
         }
     }
     Ok(probed)

@@ -113,9 +113,11 @@ pub(super) struct Seen {
 
 /// The programs `--bpf-stats` reports, in the order of its table: every
 /// program of the tracer registry, each once (a test checks it).
-const STATS_ORDER: [&str; 22] = [
+const STATS_ORDER: [&str; 24] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
+    names::PROG_SYSCALL_ENTER,
+    names::PROG_SYSCALL_EXIT,
     names::PROG_FORK,
     names::PROG_EXEC,
     names::PROG_EXIT,
@@ -602,6 +604,13 @@ const VERIFY_COUNTERS: [(Counter, &str); 3] = [
     ),
 ];
 
+/// Every tracer's: programs that did not run, another one being under way on
+/// their CPU.
+const NESTED_COUNTERS: [(Counter, &str); 1] = [(
+    Counter::NestedSkipped,
+    "programs skipped: another of hvprof's was running on the CPU",
+)];
+
 /// The locks tracer's stack work.
 const LOCK_COUNTERS: [(Counter, &str); 6] = [
     (
@@ -631,7 +640,8 @@ fn counters(rec: &Recorder, bpf: &Ebpf) -> BTreeMap<String, u64> {
     let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else {
         return out;
     };
-    let groups: [(bool, &[(Counter, &str)]); 3] = [
+    let groups: [(bool, &[(Counter, &str)]); 4] = [
+        (true, &NESTED_COUNTERS),
         (rec.tracers.contains(&Tracer::OffCpu), &OFFCPU_COUNTERS),
         (rec.opts.verify_stack_cache, &VERIFY_COUNTERS),
         (rec.tracers.contains(&Tracer::Locks), &LOCK_COUNTERS),

@@ -19,7 +19,7 @@ use super::{
     comm_str,
     flush::Flusher,
     options::{RecordError, RecordOptions, Target},
-    targets::{GatedChild, Processes},
+    targets::{GatedChild, Processes, Restarts},
 };
 use crate::{procmaps, tracer::Tracer};
 
@@ -39,6 +39,10 @@ pub(super) struct Recorder {
     targets_gone: bool,
     /// The tracers actually attached.
     pub tracers: Vec<Tracer>,
+    /// `--comm`: when the target restarted.
+    pub restarts: Restarts,
+    /// The uprobe links, detached together at the stop.
+    pub uprobe_links: Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>,
     pub ring_losses: u64,
     /// Snapshots to take again: at exec only the binary and the dynamic
     /// loader are mapped, the libraries come a moment later.
@@ -98,6 +102,8 @@ impl Recorder {
             },
             targets_gone: false,
             tracers: Vec::new(),
+            uprobe_links: Vec::new(),
+            restarts: Restarts::default(),
             ring_losses: 0,
             resnap: Vec::new(),
             unwind_stats: None,
@@ -318,10 +324,12 @@ impl Recorder {
             self.resnap.push((now + Duration::from_millis(ms), ev.tgid));
         }
         let cmdline = procmaps::cmdline(ev.tgid);
+        let comm = comm_str(&ev.comm);
+        self.restarts.exec(ev.tgid, &comm, rel);
         let p = self.processes.entry(ev.tgid);
         p.exec_ns = Some(rel);
         p.exec_window = recorded_window(ev.window);
-        p.comm = comm_str(&ev.comm);
+        p.comm = comm;
         if cmdline.is_some() {
             p.cmdline = cmdline;
         }
@@ -352,6 +360,7 @@ impl Recorder {
         {
             return;
         }
+        self.restarts.fork(ev.tgid, ev.child);
         let comm = comm_str(&ev.comm);
         let p = self.processes.entry(ev.child);
         p.parent = Some(ev.tgid);
@@ -385,6 +394,7 @@ impl Recorder {
             u.forget(ev.tgid);
         }
         self.target_pids.remove(&ev.tgid);
+        self.restarts.exit(ev.tgid, rel);
         if self.target_pids.is_empty() && matches!(self.opts.target, Target::Pids(_)) {
             self.targets_gone = true;
         }

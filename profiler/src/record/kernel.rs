@@ -1,38 +1,58 @@
-//! What the kernel tells a recording before anything is loaded: the field
-//! offsets of the tracepoints the programs read, which tracers this kernel
-//! can run, `task_struct` offsets from kernel BTF, the syscall entry code's
-//! addresses, libc's fork paths; and, when the recording is read out,
-//! kernel data symbols and cgroup hierarchy names.
+//! What the kernel tells a recording before anything is loaded: kernel BTF
+//! (which every program is loaded with: they are on BTF tracepoints), the
+//! offsets of the kernel structure fields the programs read, which tracers
+//! this kernel can run, the syscall entry code's addresses, libc's fork
+//! paths; and, when the recording is read out, kernel data symbols and
+//! cgroup hierarchy names.
 
 use std::{collections::HashMap, thread::JoinHandle};
 
 use aya::{Btf, BtfError};
-use profiler_common::record::TracepointOffsets;
+use profiler_common::record::KernelOffsets;
 
-use super::options::{RecordError, RecordOptions, UnwindMode};
+use super::options::{RecordError, RecordOptions};
 use crate::{
     forkpath,
-    tracefs::{Tracefs, TracefsError, Tracepoint},
-    tracer::{CGROUP_SYSCALLS, FORK_SYSCALLS, Tracer, UNWIND_SYSCALLS, VM_SYSCALLS, syscall_pair},
+    kbtf::Kbtf,
+    tracer::{Part, Tracer},
 };
+
+/// Kernel BTF as aya loads programs with it, parsed in a thread meanwhile.
+pub(super) type BtfThread = JoinHandle<Result<Btf, BtfError>>;
 
 /// What the kernel allows and where things are in it, for one recording.
 pub(super) struct Facts {
-    /// Kernel BTF (for the off-CPU tracer's BTF tracepoint), parsed while
-    /// the rest is set up; `None` without that tracer.
-    pub btf: Option<JoinHandle<Result<Btf, BtfError>>>,
-    pub offsets: TracepointOffsets,
+    /// Kernel BTF for loading the programs, parsed while the rest is set
+    /// up.
+    pub btf: Option<BtfThread>,
+    pub offsets: KernelOffsets,
     /// The tracers asked for whose tracepoints this kernel has.
     pub tracers: Vec<Tracer>,
-    /// A library mapped during the recording is announced to the
-    /// unwinder (`sys_enter/exit_mmap`).
-    pub mmap_hook: bool,
     pub task: TaskOffsets,
     /// `entry_SYSCALL_64_after_hwframe` to the next symbol.
     pub syscall_entry: Option<(u64, u64)>,
     /// Where libc's fork functions keep their callers' return addresses
     /// (with the fork tracer, unless `--fork-uprobes`).
     pub calibration: Option<forkpath::Calibration>,
+}
+
+impl Facts {
+    /// Joins the BTF parse (once).
+    pub fn btf(&mut self) -> Result<Btf, RecordError> {
+        let parsed = self
+            .btf
+            .take()
+            .map(|t| t.join().unwrap_or(Err(BtfError::InvalidHeader)));
+        match parsed {
+            Some(Ok(btf)) => Ok(btf),
+            Some(Err(e)) => Err(RecordError::Btf {
+                cause: crate::ebpf::chain(&e),
+            }),
+            None => Err(RecordError::Btf {
+                cause: "already taken".to_owned(),
+            }),
+        }
+    }
 }
 
 /// `task_struct` offsets from kernel BTF; 0 where unknown.
@@ -49,110 +69,106 @@ pub(super) struct TaskOffsets {
     pub run_delay: u32,
 }
 
-/// Reads a tracer's tracepoint offsets, or says why they cannot be used.
-type OffsetReader = fn(&Tracefs, &mut TracepointOffsets) -> Result<(), TracefsError>;
-
 impl Facts {
     /// Asks the kernel; a tracer it cannot run is dropped with a warning.
     pub fn gather(opts: &RecordOptions) -> Result<Self, RecordError> {
-        let offcpu = opts.tracers.contains(&Tracer::OffCpu);
-        // Kernel BTF takes a while to parse: do it while the rest is set up.
-        let btf = offcpu.then(|| std::thread::spawn(Btf::from_sys_fs));
-        // And task_struct offsets (a few ms of parsing, also done meanwhile).
-        let task = std::thread::spawn(task_offsets);
-        let (tracefs, _) = Tracefs::locate_or_mount()?;
-        let mut offsets = offsets(&tracefs)?;
-        let mut runnable = opts.tracers.clone();
-        let readers: [(Tracer, OffsetReader); 3] = [
-            (Tracer::Locks, lock_offsets),
-            (Tracer::Fork, fork_offsets),
-            (Tracer::Cgroup, cgroup_offsets),
-        ];
-        for (tracer, read) in readers {
-            if runnable.contains(&tracer)
-                && let Err(e) = read(&tracefs, &mut offsets)
-            {
-                eprintln!(
-                    "hvprof: warning: the {} tracer is skipped: {e}",
-                    tracer.name()
-                );
-                runnable.retain(|t| *t != tracer);
+        // Kernel BTF takes a while to parse (aya's, to load programs with):
+        // do it while the rest is set up, as the kallsyms read.
+        let btf = std::thread::spawn(Btf::from_sys_fs);
+        let entry = std::thread::spawn(syscall_entry_range);
+        let kbtf = Kbtf::from_sys_fs().map_err(|e| RecordError::Btf {
+            cause: e.to_string(),
+        })?;
+        for part in [Part::Targets, Part::Syscalls] {
+            if let Some(tp) = missing_tracepoint(&kbtf, part) {
+                return Err(RecordError::Btf {
+                    cause: format!("it has no BTF tracepoint {tp}"),
+                });
             }
         }
-        let mmap_hook = opts.unwind == UnwindMode::Dwarf
-            && match mmap_offsets(&tracefs, &mut offsets) {
-                Ok(()) => true,
-                Err(e) => {
-                    eprintln!(
-                        "hvprof: warning: a library mapped during the recording gets its unwind tables at the first stack that meets it: {e}"
-                    );
-                    false
-                }
-            };
-        let task = join_task_offsets(task, offcpu);
-        let syscall_entry = syscall_entry_range();
+        let mut runnable = opts.tracers.clone();
+        runnable.retain(|&tracer| match missing_tracepoint(&kbtf, tracer.into()) {
+            None => true,
+            Some(tp) => {
+                eprintln!(
+                    "hvprof: warning: the {} tracer is skipped: kernel BTF has no tracepoint {tp} \
+                     (`hvprof check` says what this kernel has)",
+                    tracer.name()
+                );
+                false
+            }
+        });
+        let offsets = kernel_offsets(&kbtf, &mut runnable)?;
+        let task = task_offsets(&kbtf, opts.tracers.contains(&Tracer::OffCpu));
+        drop(kbtf);
         let calibration = (runnable.contains(&Tracer::Fork) && !opts.fork_uprobes)
             .then(calibrate_fork_paths)
             .flatten();
         Ok(Self {
-            btf,
+            btf: Some(btf),
             offsets,
             tracers: runnable,
-            mmap_hook,
             task,
-            syscall_entry,
+            syscall_entry: entry.join().ok().flatten(),
             calibration,
         })
     }
 }
 
-type TaskOffsetResults = (
-    Result<u32, String>,
-    Result<u32, String>,
-    Result<u32, String>,
-);
-
-/// `task_struct`'s `thread.sp`, `sched_info.run_delay` and `comm`.
-fn task_offsets() -> Result<TaskOffsetResults, String> {
-    let btf = crate::kbtf::Kbtf::from_sys_fs().map_err(|e| e.to_string())?;
-    let off = |path: &[&str]| {
-        btf.offset_of("task_struct", path)
-            .map_err(|e| e.to_string())
-    };
-    Ok((
-        off(&["thread", "sp"]),
-        off(&["sched_info", "run_delay"]),
-        off(&["comm"]),
-    ))
+/// A tracepoint of `part`'s that kernel BTF does not have, if any.
+fn missing_tracepoint(kbtf: &Kbtf, part: Part) -> Option<String> {
+    let mut tps = part.probes().iter().flat_map(|p| p.tracepoints());
+    let missing = tps.find(|tp| !kbtf.has_btf_tracepoint(tp.name))?;
+    Some(missing.to_string())
 }
 
-/// The offsets the thread found; for the off-CPU tracer, a note for each
-/// that is missing and what goes without it.
-fn join_task_offsets(
-    task: JoinHandle<Result<TaskOffsetResults, String>>,
-    offcpu: bool,
-) -> TaskOffsets {
-    let (sp, run_delay, comm) = match task.join() {
-        Ok(Ok(offsets)) => offsets,
-        Ok(Err(e)) => (Err(e.clone()), Err(e.clone()), Err(e)),
-        Err(_) => {
-            let e = || "panicked".to_owned();
-            (Err(e()), Err(e()), Err(e()))
-        }
+/// The fields the programs read from kernel structures: a tracer whose
+/// fields kernel BTF does not show is dropped with a warning.
+fn kernel_offsets(kbtf: &Kbtf, runnable: &mut Vec<Tracer>) -> Result<KernelOffsets, RecordError> {
+    let mut offsets = KernelOffsets {
+        task_pid: kbtf
+            .offset_of("task_struct", &["pid"])
+            .map_err(|e| RecordError::Btf {
+                cause: e.to_string(),
+            })?,
+        ..KernelOffsets::default()
     };
+    if runnable.contains(&Tracer::Cgroup) {
+        match (
+            kbtf.offset_of("cgroup", &["root"]),
+            kbtf.offset_of("cgroup_root", &["hierarchy_id"]),
+        ) {
+            (Ok(root), Ok(id)) => {
+                offsets.cgroup_root = root;
+                offsets.cgroup_hierarchy_id = id;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("hvprof: warning: the cgroup tracer is skipped: kernel BTF: {e}");
+                runnable.retain(|t| *t != Tracer::Cgroup);
+            }
+        }
+    }
+    Ok(offsets)
+}
+
+/// `task_struct`'s `comm`, and for the off-CPU tracer `thread.sp` and
+/// `sched_info.run_delay`, with a note for each that is missing and what
+/// goes without it.
+fn task_offsets(kbtf: &Kbtf, offcpu: bool) -> TaskOffsets {
+    let off = |path: &[&str]| kbtf.offset_of("task_struct", path);
     let mut out = TaskOffsets {
-        comm: comm.unwrap_or(0),
+        comm: off(&["comm"]).unwrap_or(0),
         ..TaskOffsets::default()
     };
     if offcpu {
-        match sp {
+        match off(&["thread", "sp"]) {
             Ok(off) => out.thread_sp = off,
             Err(e) => eprintln!(
                 "hvprof: note: off-CPU kernel stacks are walked at every long block, none reused \
                  (kernel BTF: {e})"
             ),
         }
-        match run_delay {
+        match off(&["sched_info", "run_delay"]) {
             Ok(off) => out.run_delay = off,
             Err(e) => eprintln!(
                 "hvprof: note: off-CPU run-queue wait is not measured: it needs \
@@ -217,85 +233,27 @@ fn kallsyms(text: &str) -> impl Iterator<Item = (u64, &str, &str)> {
 }
 
 /// The addresses of the syscall entry code that calls into C: from
-/// `entry_SYSCALL_64_after_hwframe` to the next symbol in kallsyms.
+/// `entry_SYSCALL_64_after_hwframe` to the next symbol in kallsyms. Read
+/// only up to there: the kernel's symbols come in address order, the entry
+/// code among the first, and reading all of kallsyms takes 0.1 to 0.2 s.
 fn syscall_entry_range() -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+    use std::io::BufRead as _;
+    let file = std::fs::File::open("/proc/kallsyms").ok()?;
     let mut start = None;
-    let mut all = Vec::new();
-    for (addr, _, name) in kallsyms(&text) {
-        if name == "entry_SYSCALL_64_after_hwframe" {
-            start = Some(addr);
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.ok()?;
+        let Some((addr, _, name)) = kallsyms(&line).next() else {
+            continue;
+        };
+        match start {
+            None if name == "entry_SYSCALL_64_after_hwframe" => {
+                start = Some(addr).filter(|&a| a != 0);
+            }
+            Some(s) if addr > s => return Some((s, addr)),
+            _ => {}
         }
-        all.push(addr);
     }
-    let start = start.filter(|&a| a != 0)?;
-    let end = all.into_iter().filter(|&a| a > start).min()?;
-    Some((start, end))
-}
-
-/// Reads the tracepoint field offsets the programs need.
-fn offsets(tracefs: &Tracefs) -> Result<TracepointOffsets, TracefsError> {
-    let fork = tracefs.format(Tracepoint::new("sched", "sched_process_fork"))?;
-    let [enter, exit] = syscall_pair(VM_SYSCALLS[0]);
-    let (enter, exit) = (tracefs.format(enter)?, tracefs.format(exit)?);
-    Ok(TracepointOffsets {
-        fork_parent_pid: fork.offset("parent_pid", &[4])?,
-        fork_child_pid: fork.offset("child_pid", &[4])?,
-        ioctl_enter_cmd: enter.offset("cmd", &[8])?,
-        ioctl_exit_ret: exit.offset("ret", &[8])?,
-        ..TracepointOffsets::default()
-    })
-}
-
-/// Offsets of the fork-syscall tracepoints, or why they cannot be used.
-fn fork_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
-    let clone = tracefs.format(Tracepoint::new("syscalls", "sys_enter_clone"))?;
-    let clone3 = tracefs.format(Tracepoint::new("syscalls", "sys_enter_clone3"))?;
-    let exit = tracefs.format(Tracepoint::new("syscalls", "sys_exit_clone"))?;
-    for tp in FORK_SYSCALLS.into_iter().flat_map(syscall_pair) {
-        tracefs.id(tp)?;
-    }
-    offsets.syscall_nr = clone.offset("__syscall_nr", &[4])?;
-    offsets.clone_flags = clone.offset("clone_flags", &[8])?;
-    offsets.clone3_uargs = clone3.offset("uargs", &[8])?;
-    offsets.fork_exit_ret = exit.offset("ret", &[8])?;
-    Ok(())
-}
-
-/// Offsets of `sys_enter_mmap`/`sys_exit_mmap`, which tell the unwinder
-/// of a library mapped executable (`dlopen`), or why they cannot be used.
-fn mmap_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
-    let [enter, exit] = syscall_pair(UNWIND_SYSCALLS[0]);
-    let (enter, exit) = (tracefs.format(enter)?, tracefs.format(exit)?);
-    offsets.mmap_prot = enter.offset("prot", &[8])?;
-    offsets.mmap_flags = enter.offset("flags", &[8])?;
-    offsets.mmap_exit_ret = exit.offset("ret", &[8])?;
-    Ok(())
-}
-
-/// Offsets of the cgroup tracepoints, or why they cannot be used.
-fn cgroup_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
-    let mkdir = tracefs.format(Tracepoint::new("cgroup", "cgroup_mkdir"))?;
-    tracefs.format(Tracepoint::new("cgroup", "cgroup_rmdir"))?;
-    let attach = tracefs.format(Tracepoint::new("cgroup", "cgroup_attach_task"))?;
-    for tp in CGROUP_SYSCALLS.into_iter().flat_map(syscall_pair) {
-        tracefs.id(tp)?;
-    }
-    offsets.cgroup_root = mkdir.offset("root", &[4])?;
-    offsets.cgroup_path = mkdir.offset("path", &[4])?;
-    offsets.cgroup_attach_root = attach.offset("dst_root", &[4])?;
-    offsets.cgroup_attach_path = attach.offset("dst_path", &[4])?;
-    Ok(())
-}
-
-/// Offsets of the lock-contention tracepoints, or why they cannot be used.
-fn lock_offsets(tracefs: &Tracefs, offsets: &mut TracepointOffsets) -> Result<(), TracefsError> {
-    let begin = tracefs.format(Tracepoint::new("lock", "contention_begin"))?;
-    let end = tracefs.format(Tracepoint::new("lock", "contention_end"))?;
-    offsets.lock_begin_addr = begin.offset("lock_addr", &[8])?;
-    offsets.lock_begin_flags = begin.offset("flags", &[4])?;
-    offsets.lock_end_addr = end.offset("lock_addr", &[8])?;
-    Ok(())
+    None
 }
 
 /// Hierarchy ids to names, from `/proc/cgroups` (0 is cgroup v2).

@@ -18,6 +18,7 @@ mod attach;
 mod drain;
 mod events;
 mod flush;
+mod interrupts;
 mod kernel;
 mod load;
 mod options;
@@ -38,10 +39,17 @@ use profiler_common::record::{COMM_LEN, names};
 pub(crate) use self::attach::dbus_library_paths;
 pub use self::{
     assemble::task_state_name,
+    attach::Detaching,
     drain::loss_name,
     options::{RecordError, RecordOptions, Target, UnwindMode, VmEvent, VmEventError},
 };
-use self::{events::Recorder, flush::Flusher, kernel::Facts, targets::GatedChild};
+use self::{
+    events::Recorder,
+    flush::Flusher,
+    interrupts::{Interrupts, Phase},
+    kernel::Facts,
+    targets::GatedChild,
+};
 pub use crate::tracer::{Tracer, dbus_function};
 use crate::{
     profile::{self, Profile},
@@ -61,6 +69,8 @@ pub struct Outcome {
     pub stop_to_written: Duration,
     /// Exit status of the `-- CMD` target, if it exited.
     pub command_status: Option<std::process::ExitStatus>,
+    /// The probes still being detached; dropping this waits for them.
+    pub detaching: Detaching,
 }
 
 fn monotonic_ns() -> u64 {
@@ -78,10 +88,50 @@ fn comm_str(c: &[u8; COMM_LEN]) -> String {
     String::from_utf8_lossy(&c[..end]).into_owned()
 }
 
+/// When the recording was set up and when the last phase ended, with
+/// `HVPROF_TIMING` set.
+fn timing_clock() -> Option<&'static std::sync::Mutex<(Instant, Instant)>> {
+    use std::sync::{Mutex, OnceLock};
+    static CLOCK: OnceLock<Option<Mutex<(Instant, Instant)>>> = OnceLock::new();
+    CLOCK
+        .get_or_init(|| {
+            std::env::var_os("HVPROF_TIMING").map(|_| {
+                let now = Instant::now();
+                Mutex::new((now, now))
+            })
+        })
+        .as_ref()
+}
+
+/// With `HVPROF_TIMING` set, says on stderr how long the phase that ends
+/// now took, and when it ended since the recording was set up: start-up
+/// and teardown are what a CI job pays per recording.
+pub fn timing(phase: &str) {
+    if let Some(Ok(mut last)) = timing_clock().map(std::sync::Mutex::lock) {
+        let now = Instant::now();
+        eprintln!(
+            "hvprof: timing: {phase}: {} ms (at {} ms)",
+            (now - last.1).as_millis(),
+            (now - last.0).as_millis()
+        );
+        last.1 = now;
+    }
+}
+
+/// With `HVPROF_TIMING` set, a detail of the phase under way.
+fn timing_detail(what: &str) {
+    if timing_clock().is_some() {
+        eprintln!("hvprof: timing:   {what}");
+    }
+}
+
 /// Runs a whole recording.
 pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
+    timing("start");
     can_start(&opts)?;
+    let interrupts = Interrupts::watch(&opts.output, &opts.output.join(profile::FILE_NAME));
     let mut facts = Facts::gather(&opts)?;
+    timing("kernel facts (BTF offsets, kallsyms, fork paths)");
     let mut config = load::config(&opts, &facts);
     let (initial, mut gated) = targets::initial(&opts)?;
     let fork_uprobes = if facts.tracers.contains(&Tracer::Fork) {
@@ -92,9 +142,13 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     config.fork_uprobes = u32::from(fork_uprobes.is_some());
     // Kept open for the whole recording: statistics are on while it is.
     let _stats = load::enable_stats(&opts)?;
+    let btf = facts.btf()?;
+    timing("kernel BTF for loading");
     let loaded = load::load(&opts, &config, &initial)?;
+    timing("maps");
     let mut bpf = loaded.bpf;
     let mut rec = Recorder::new(opts, loaded.unwinder, loaded.verifier);
+    rec.restarts = targets::Restarts::new(&rec.opts.target, &initial);
     // Snapshot what runs already; with -a, everything.
     let known: Vec<u32> = if matches!(rec.opts.target, Target::All) {
         crate::procmaps::all_pids()
@@ -104,13 +158,20 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     for pid in known {
         rec.processes.learn(pid);
     }
+    timing("process snapshots");
     let plan = attach::Plan {
         opts: &rec.opts,
         initial: &initial,
         fork_uprobes: fork_uprobes.as_ref(),
     };
-    rec.tracers = attach::attach(&mut bpf, &mut facts, &plan)?;
-    run(rec, bpf, gated.as_mut())
+    attach::load_programs(&mut bpf, &btf, &facts.tracers, &plan);
+    timing("programs loaded (verified)");
+    let attached = attach::attach(&mut bpf, &btf, &facts, &plan)?;
+    drop(btf);
+    timing("probes attached");
+    rec.tracers = attached.tracers;
+    rec.uprobe_links = attached.uprobe_links;
+    run(rec, bpf, gated.as_mut(), &interrupts)
 }
 
 /// What must hold before anything is set up: privileges, the `-p` pids,
@@ -138,6 +199,7 @@ fn run(
     mut rec: Recorder,
     mut bpf: Ebpf,
     mut gated: Option<&mut GatedChild>,
+    interrupts: &Interrupts,
 ) -> Result<Outcome, RecordError> {
     // From here hvprof's own CPU competes with the workload's (loading and
     // verifying the programs, before, does not).
@@ -145,6 +207,7 @@ fn run(
     if let Some(g) = gated.as_deref_mut() {
         g.release();
     }
+    interrupts.phase(Phase::Recording);
     eprintln!(
         "hvprof: recording {} (windows: {}, {} Hz); Ctrl-C to stop",
         rec.opts.target, rec.opts.windows, rec.opts.frequency_hz
@@ -156,26 +219,59 @@ fn run(
         .map_err(|source| RecordError::Map { name, source })?;
     let mut flusher = Flusher::create(&rec)?;
     let stop = rec.run_loop(&mut events, gated.as_deref_mut(), &mut bpf, &mut flusher)?;
+    interrupts.phase(Phase::Writing);
+    timing("recording");
     let stopped = Instant::now();
     let stop_ns = monotonic_ns();
     rec.self_cpu_ns = sys::self_cpu_ns().saturating_sub(rec.start_cpu_ns);
     let (command_status, program_stats) = stop_recording(&mut rec, &mut bpf, &mut events, gated);
-    let mut profile = flusher.finish(&rec, &mut bpf, &stop, stop_ns)?;
-    profile.meta.program_stats = program_stats;
-    let profile_path = rec.opts.output.join(profile::FILE_NAME);
-    profile.write(&profile_path)?;
-    let summary = render::write_all(&profile, &rec.opts.output)?;
+    // The programs change nothing any more: their uprobes go meanwhile.
+    let detaching = Detaching::start(&mut bpf, std::mem::take(&mut rec.uprobe_links));
+    timing("stop (final snapshots, the command ended, maps frozen)");
+    let (profile, summary) = write(
+        &rec,
+        &mut bpf,
+        flusher,
+        &stop,
+        stop_ns,
+        program_stats,
+        interrupts,
+    )?;
+    interrupts.phase(Phase::Written);
     let stop_to_written = stopped.elapsed();
+    timing("files written");
     attach::unload_all(&mut bpf);
     drop(bpf);
+    timing("probes but the uprobes detached, maps freed");
     Ok(Outcome {
         profile,
-        profile_path,
+        profile_path: rec.opts.output.join(profile::FILE_NAME),
         output: rec.opts.output.clone(),
         summary,
         stop_to_written,
         command_status,
+        detaching,
     })
+}
+
+/// Drains what the flushes left, symbolizes, assembles the profile and writes it
+/// with its renderings.
+fn write(
+    rec: &Recorder,
+    bpf: &mut Ebpf,
+    flusher: Flusher,
+    stop: &events::Stop,
+    stop_ns: u64,
+    program_stats: Vec<profile::ProgramStat>,
+    interrupts: &Interrupts,
+) -> Result<(Profile, render::Summary), RecordError> {
+    let mut profile = flusher.finish(rec, bpf, stop, stop_ns)?;
+    timing("drain, symbolize and assemble the rest");
+    profile.meta.program_stats = program_stats;
+    profile.write(&rec.opts.output.join(profile::FILE_NAME))?;
+    interrupts.phase(Phase::Rendering);
+    let summary = render::write_all(&profile, &rec.opts.output)?;
+    Ok((profile, summary))
 }
 
 /// Takes the final snapshots while the processes are still alive, ends the

@@ -6,7 +6,7 @@ use std::{ffi::OsString, fmt, io, path::PathBuf, time::Duration};
 use profiler_common::record::COMM_LEN;
 use thiserror::Error;
 
-use crate::{ebpf, profile, render, tracefs::TracefsError, tracer::Tracer, windows::WindowSpec};
+use crate::{ebpf, profile, render, tracer::Tracer, windows::WindowSpec};
 
 /// What to record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,8 +180,12 @@ pub enum RecordError {
         "recording needs root or CAP_BPF + CAP_PERFMON; run `sudo hvprof record …` (`hvprof check` shows what is missing)"
     )]
     Privileges,
-    #[error(transparent)]
-    Tracefs(#[from] TracefsError),
+    #[error(
+        "kernel BTF (/sys/kernel/btf/vmlinux), which every recording program is loaded with, \
+         is not usable: {cause}; use a kernel built with CONFIG_DEBUG_INFO_BTF=y \
+         (`hvprof check` shows what this kernel has)"
+    )]
+    Btf { cause: String },
     #[error(transparent)]
     Load(#[from] ebpf::LoadError),
     #[error("attaching {what} failed: {source}; run `hvprof check` to see what this kernel allows")]

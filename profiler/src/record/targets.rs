@@ -15,7 +15,7 @@ use profiler_common::record::COMM_LEN;
 use super::options::{RecordError, RecordOptions, Target};
 use crate::{
     procmaps::{self, Snapshot},
-    profile::Process,
+    profile::{Process, Restart},
 };
 
 /// Who is tracked from the start, and the `-- CMD` child, held.
@@ -25,7 +25,7 @@ pub(super) fn initial(opts: &RecordOptions) -> Result<(Vec<u32>, Option<GatedChi
     match &opts.target {
         Target::Pids(pids) => initial.extend(pids),
         Target::Comm(name) => {
-            let want: String = name.chars().take(COMM_LEN - 1).collect();
+            let want = comm_prefix(name);
             initial.extend(
                 procmaps::all_pids()
                     .into_iter()
@@ -209,6 +209,86 @@ impl Drop for GatedChild {
     }
 }
 
+/// `--comm NAME`: the processes of that name being followed, to tell when
+/// the target restarted — every one of them gone, then a new one exec'd —
+/// which the kernel follows again by itself (it tracks an exec of that
+/// name). A process of the name that forks continues in its child.
+#[derive(Debug, Default)]
+pub(super) struct Restarts {
+    /// The name as the kernel compares it (its first 15 bytes); `None`
+    /// without `--comm`.
+    name: Option<String>,
+    alive: HashSet<u32>,
+    /// The last one to go, and when, while none is left.
+    down: Option<(u32, u64)>,
+    pub found: Vec<Restart>,
+}
+
+impl Restarts {
+    /// Following `initial` (the targets and their descendants) for `target`.
+    pub fn new(target: &Target, initial: &[u32]) -> Self {
+        let Target::Comm(name) = target else {
+            return Self::default();
+        };
+        let name = comm_prefix(name);
+        let alive = initial
+            .iter()
+            .copied()
+            .filter(|&p| procmaps::comm(p).as_deref() == Some(name.as_str()))
+            .collect();
+        Self {
+            name: Some(name),
+            alive,
+            ..Self::default()
+        }
+    }
+
+    /// Process `tgid` exec'd `comm`, `at` ns into the recording.
+    pub fn exec(&mut self, tgid: u32, comm: &str, at: u64) {
+        let Some(name) = &self.name else {
+            return;
+        };
+        if comm != name {
+            // Now another program: no longer the target.
+            self.exit(tgid, at);
+            return;
+        }
+        if !self.alive.insert(tgid) {
+            return;
+        }
+        if self.alive.len() == 1
+            && let Some((old_pid, exited_ns)) = self.down.take()
+        {
+            self.found.push(Restart {
+                comm: name.clone(),
+                old_pid,
+                exited_ns,
+                new_pid: tgid,
+                started_ns: at,
+            });
+        }
+    }
+
+    /// Process `parent` forked process `child`.
+    pub fn fork(&mut self, parent: u32, child: u32) {
+        if self.alive.contains(&parent) {
+            self.alive.insert(child);
+        }
+    }
+
+    /// Process `tgid` exited, `at` ns into the recording.
+    pub fn exit(&mut self, tgid: u32, at: u64) {
+        if self.alive.remove(&tgid) && self.alive.is_empty() {
+            self.down = Some((tgid, at));
+        }
+    }
+}
+
+/// The part of a process name the kernel keeps (and `--comm` compares).
+fn comm_prefix(name: &str) -> String {
+    name.chars().take(COMM_LEN - 1).collect()
+}
+
 /// Per-process knowledge gathered while recording.
 #[derive(Default)]
 pub(super) struct Processes {
@@ -343,6 +423,43 @@ impl Processes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_comm_target_restarts_when_all_of_it_went_and_one_came_back() {
+        let mut r = Restarts {
+            name: Some("libvirtd".to_owned()),
+            alive: [10].into(),
+            ..Restarts::default()
+        };
+        // Daemonizing: 10 forks 11 and exits; 11 is the daemon.
+        r.fork(10, 11);
+        r.exit(10, 5);
+        // A helper exec'd from a fork of the daemon is not the daemon.
+        r.fork(11, 12);
+        r.exec(12, "qemu-system-x86", 6);
+        r.exit(12, 7);
+        assert_eq!(r.found, []);
+        // Killed, and started again.
+        r.exit(11, 100);
+        r.exec(20, "libvirtd", 150);
+        // A second instance beside it is no restart.
+        r.exec(21, "libvirtd", 160);
+        r.exec(20, "libvirtd", 170);
+        assert_eq!(
+            r.found,
+            [Restart {
+                comm: "libvirtd".to_owned(),
+                old_pid: 11,
+                exited_ns: 100,
+                new_pid: 20,
+                started_ns: 150,
+            }]
+        );
+        let mut none = Restarts::new(&Target::All, &[1]);
+        none.exit(1, 1);
+        none.exec(2, "libvirtd", 2);
+        assert_eq!(none.found, []);
+    }
 
     #[test]
     fn finds_own_children() {

@@ -7,7 +7,7 @@ use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -146,6 +146,12 @@ pub fn folded_files(dir: &Path) -> BTreeMap<String, String> {
 
 /// Starts `hvprof record ARGS` and waits until it says it is recording.
 pub fn start_recording(dir: &Path, args: &[&str]) -> Child {
+    start_recording_logged(dir, args).0
+}
+
+/// [`start_recording`], and what hvprof writes to stderr from then on, as
+/// it comes.
+pub fn start_recording_logged(dir: &Path, args: &[&str]) -> (Child, Arc<Mutex<String>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hvprof"))
         .arg("record")
         .arg("-o")
@@ -167,6 +173,20 @@ pub fn start_recording(dir: &Path, args: &[&str]) -> Child {
         }
     }
     // Keep draining stderr so hvprof never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    child
+    let log = Arc::new(Mutex::new(String::new()));
+    let kept = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let mut log = kept.lock().unwrap();
+            log.push_str(&l);
+            log.push('\n');
+        }
+    });
+    (child, log)
+}
+
+/// Sends `signal` to a process this test started.
+pub fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) of a child this test started and has not waited for.
+    assert_eq!(unsafe { libc::kill(child.id().cast_signed(), signal) }, 0);
 }

@@ -1,0 +1,138 @@
+//! How a recording ends: hvprof exits soon after its command does, with
+//! nothing of it left attached in the kernel; Ctrl-C twice still writes
+//! everything, and a third one aborts, saying what is lost. Needs root.
+
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+mod common;
+use common::*;
+use profiler::profile::Profile;
+
+/// The ids of the BPF programs and links process `pid` holds, from its
+/// file descriptors' `fdinfo`.
+fn bpf_objects_of(pid: u32) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let (mut progs, mut links) = (BTreeSet::new(), BTreeSet::new());
+    let dir = format!("/proc/{pid}/fdinfo");
+    for entry in std::fs::read_dir(&dir).unwrap().map_while(Result::ok) {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in info.lines() {
+            let id = |key: &str| line.strip_prefix(key)?.trim().parse::<u32>().ok();
+            if let Some(id) = id("prog_id:") {
+                progs.insert(id);
+            }
+            if let Some(id) = id("link_id:") {
+                links.insert(id);
+            }
+        }
+    }
+    (progs, links)
+}
+
+fn loaded_programs() -> BTreeSet<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id())
+        .collect()
+}
+
+fn loaded_links() -> BTreeSet<u32> {
+    aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect()
+}
+
+#[test]
+fn hvprof_exits_soon_after_its_command_and_leaves_nothing_attached() {
+    let dir = out_dir("teardown");
+    let start = Instant::now();
+    let (mut hv, _) = start_recording_logged(&dir, &["--", "/bin/sleep", "1"]);
+    assert!(start.elapsed() < Duration::from_secs(10), "slow start");
+    let recording = Instant::now();
+    let (progs, links) = bpf_objects_of(hv.id());
+    assert!(
+        progs.len() >= 10 && links.len() >= 10,
+        "hvprof holds {} programs and {} links",
+        progs.len(),
+        links.len()
+    );
+    let status = hv.wait().unwrap();
+    assert!(status.success());
+    // The command ran for 1 s. Detaching ~50 probes one grace period after
+    // the other took hvprof 4 to 6 s after writing its files; now it takes
+    // one. Generous: this machine's wall time is noisy.
+    let took = recording.elapsed();
+    assert!(
+        took < Duration::from_millis(3500),
+        "hvprof exited {took:?} after it started recording a 1 s command"
+    );
+    // A link's id goes when it is closed; a program's may outlive it by an
+    // RCU grace period, while the kernel frees it.
+    let left = loaded_links().intersection(&links).count();
+    assert_eq!(left, 0, "{left} of hvprof's links are still attached");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left: Vec<u32> = loaded_programs().intersection(&progs).copied().collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hvprof's programs {left:?} are still loaded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(Profile::read(&dir.join("profile.hvprof")).is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `record -a` (whose drain and symbolizing take a while), lets it
+/// record for a moment, and sends it `n` SIGINTs 20 ms apart.
+fn interrupt_times(name: &str, n: usize) -> (std::process::ExitStatus, String, std::path::PathBuf) {
+    let dir = out_dir(name);
+    let (mut hv, log) = start_recording_logged(&dir, &["-a", "-d", "60s"]);
+    std::thread::sleep(Duration::from_millis(800));
+    for _ in 0..n {
+        signal(&hv, libc::SIGINT);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = hv.wait().unwrap();
+    // The stderr reader ends with the process.
+    std::thread::sleep(Duration::from_millis(100));
+    let log = log.lock().unwrap().clone();
+    (status, log, dir)
+}
+
+#[test]
+fn a_second_ctrl_c_still_writes_everything() {
+    let (status, log, dir) = interrupt_times("sigint2", 2);
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(
+        log.contains("hvprof: stopping: writing everything recorded to")
+            && log.contains("Ctrl-C once more aborts"),
+        "{log}"
+    );
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    assert_eq!(p.meta.stop_reason, "SIGINT");
+    assert!(p.oncpu.iter().map(|r| r.samples).sum::<u64>() > 0);
+    assert!(dir.join("summary.txt").is_file() && dir.join("w00-setup/oncpu.svg").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_third_ctrl_c_aborts_and_says_what_is_lost() {
+    let (status, log, dir) = interrupt_times("sigint3", 3);
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("hvprof: aborted; lost: "), "{log}");
+    // What it says is lost is not there.
+    if log.contains("lost: the whole recording") {
+        assert!(!Path::new(&dir.join("profile.hvprof")).exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
