@@ -118,9 +118,14 @@ pub struct UnwindMapping {
     /// (`chunks_len` 0: no index; the search takes all the rows).
     pub chunks_start: u32,
     pub chunks_len: u32,
+    /// [`NO_ROOM`] with `rows_len` 0: the file has a table, but it did not
+    /// fit in `UNWIND_ROWS`.
     pub chunk_base: u32,
     pub pad: u32,
 }
+
+/// [`UnwindMapping::chunk_base`] of a file whose table did not fit.
+pub const NO_ROOM: u32 = u32::MAX;
 
 impl UnwindMapping {
     pub const EMPTY: Self = Self {
@@ -206,10 +211,14 @@ pub enum UnwindStop {
     FramesDwarf = 10,
     /// Per frame: found by frame pointer, where a PC had no table or row.
     FramesFp = 11,
+    /// A PC in a file whose table did not fit in the rows map (and no frame
+    /// pointer chain to follow from there): a loss, `--unwind-max-rows`
+    /// raises the room.
+    TablesFull = 12,
 }
 
 impl UnwindStop {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::Complete,
         Self::NoMapping,
@@ -223,6 +232,7 @@ impl UnwindStop {
         Self::ZeroReturn,
         Self::FramesDwarf,
         Self::FramesFp,
+        Self::TablesFull,
     ];
 
     /// The stop a [`STACK_CUT`] frame names.
@@ -248,6 +258,7 @@ impl UnwindStop {
             Self::ZeroReturn => "return address 0",
             Self::FramesDwarf => "frames from tables",
             Self::FramesFp => "frames by frame pointer",
+            Self::TablesFull => "unwind tables full (raise --unwind-max-rows)",
         }
     }
 }

@@ -20,9 +20,10 @@ use aya_ebpf::{
 use profiler_common::{
     record::MAX_STACK_DEPTH,
     unwind::{
-        CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_SIGNAL, MAX_PROC_MAPPINGS, ProcMappings,
-        RBP_AT_CFA, RBP_SAME, ROW_CHUNK_SHIFT, RowChunk, SIGFRAME_RBP, SIGFRAME_RIP, SIGFRAME_RSP,
-        SITE_CHECK_BYTES, SITE_CHECK_FRAMES, STACK_CUT, UnwindMapping, UnwindRow, UnwindStop,
+        CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_SIGNAL, MAX_PROC_MAPPINGS, NO_ROOM,
+        ProcMappings, RBP_AT_CFA, RBP_SAME, ROW_CHUNK_SHIFT, RowChunk, SIGFRAME_RBP, SIGFRAME_RIP,
+        SIGFRAME_RSP, SITE_CHECK_BYTES, SITE_CHECK_FRAMES, STACK_CUT, UnwindMapping, UnwindRow,
+        UnwindStop,
     },
 };
 
@@ -436,7 +437,12 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
             // Userspace is asked again too: JIT code (QEMU's TCG buffer) is
             // registered after its mapping was read.
             (*w).unknown_mapping = 1;
-            return no_info_step(w, UnwindStop::NoTable, leaf);
+            let why = if (*w).map.chunk_base == NO_ROOM {
+                UnwindStop::TablesFull
+            } else {
+                UnwindStop::NoTable
+            };
+            return no_info_step(w, why, leaf);
         }
         let rel = pc.wrapping_sub((*w).map.bias);
         if rel > u64::from(u32::MAX) {

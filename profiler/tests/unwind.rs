@@ -513,3 +513,96 @@ fn dlopened_library_is_unwound() {
     let whole = weight(&on, through("plugin_work"));
     assert_ran_whole(&on, "plugin_work", 500, whole, 0.95, "through call_plugin");
 }
+
+/// `hvprof record ARGS -- sh -c SCRIPT` in `s`'s directory; the profile.
+fn record_script(s: &Scratch, args: &[&str], script: &str) -> Profile {
+    let dir = s.0.join("out");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_hvprof"))
+        .arg("record")
+        .arg("-o")
+        .arg(&dir)
+        .args(["--tracers", "offcpu"])
+        .args(args)
+        .args(["--", "sh", "-c", script])
+        .current_dir(&s.0)
+        .output()
+        .expect("run hvprof");
+    assert!(
+        out.status.success(),
+        "hvprof record failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Profile::read(&dir.join("profile.hvprof")).expect("read profile")
+}
+
+/// The rows hvprof loaded (`unwind tables: rows`).
+fn rows_loaded(p: &Profile) -> u32 {
+    let rows = p.meta.counters.get("unwind tables: rows").copied();
+    u32::try_from(rows.expect("an unwind rows counter")).expect("rows fit u32")
+}
+
+/// Copies of the workload (each its own file, so its own table), run one
+/// after the other from one shell: with room in the rows map for the
+/// shell's files and about one and a half workload tables, each copy's
+/// table fits only once the rows of the copy before it, which exited, are
+/// given back. Every copy's sleeps must then be whole, and nothing lost.
+#[test]
+fn rows_of_exited_processes_make_room_for_new_files() {
+    let s = build("reclaim");
+    for copy in ["a", "b", "c"] {
+        std::fs::create_dir_all(s.0.join(copy)).expect("create a copy's directory");
+        std::fs::copy(s.workload(), s.0.join(copy).join("workload")).expect("copy the workload");
+    }
+    // How many rows the shell's files and one or two workload tables take.
+    let one = rows_loaded(&record_script(&s, &[], "./a/workload sleeps:20"));
+    let two = rows_loaded(&record_script(
+        &s,
+        &[],
+        "./a/workload sleeps:20; ./b/workload sleeps:20",
+    ));
+    let table = two - one;
+    assert!(table > 0, "{one} rows for one copy, {two} for two");
+    let room = one + table / 2;
+    let p = record_script(
+        &s,
+        &["--unwind-max-rows", &room.to_string()],
+        "./a/workload sleeps:100; ./b/workload sleeps:100; ./c/workload sleeps:100",
+    );
+    let counters = &p.meta.counters;
+    let given_back = counters.get("unwind tables: tables given back").copied();
+    let lost: u64 = p
+        .losses
+        .iter()
+        .filter(|l| l.kind.contains("unwind tables full"))
+        .map(|l| l.count)
+        .sum();
+    let mut whole_by_copy = std::collections::BTreeMap::<u32, (u64, u64)>::new();
+    for r in p.offcpu.iter().filter(|r| r.comm == "workload") {
+        let frames: Vec<&str> = p.frame_names(&r.stack).collect();
+        if !frames
+            .iter()
+            .any(|&f| f == "nanosleep" || f == "clock_nanosleep")
+        {
+            continue;
+        }
+        let whole = frames.first() == Some(&"_start") && has_chain(&frames, &["main"])
+            || frames.contains(&"sleeper") && frames.contains(&"main");
+        let e = whole_by_copy.entry(r.tgid).or_default();
+        e.0 += r.total_ns;
+        e.1 += if whole { r.total_ns } else { 0 };
+    }
+    let report = format!(
+        "room {room} rows ({one} for one copy, {table} a table); tables given back \
+         {given_back:?}; walks lost to full tables {lost}; per copy (sleeping ns, of \
+         them whole) {whole_by_copy:?}; counters {counters:?}"
+    );
+    assert_eq!(whole_by_copy.len(), 3, "{report}");
+    for &(sleeping, whole) in whole_by_copy.values() {
+        assert!(sleeping >= 100 * 2_000_000, "{report}");
+        assert!(share(whole, sleeping) >= 0.95, "{report}");
+    }
+    assert_eq!(lost, 0, "{report}");
+    assert!(given_back.is_some_and(|n| n >= 2), "{report}");
+}

@@ -260,6 +260,13 @@ pub(super) fn drain(
         unwind: unwind_counts(bpf, take, &mut seen.unwind),
         ..Drained::default()
     };
+    // A walk cut where a table did not fit lost frames the user wanted.
+    let full = UnwindStop::TablesFull.name();
+    let cut = drained.unwind.iter().filter(|l| l.kind == full).cloned();
+    drained.losses.extend(cut.map(|l| LossCount {
+        kind: USER_STACKS_CUT_TABLES_FULL.to_owned(),
+        ..l
+    }));
     if let Take::Rest { .. } = take {
         let name = names::VM_STATE;
         let a: Array<&MapData, VmState> =
@@ -447,6 +454,11 @@ fn losses(
         })
         .collect())
 }
+
+/// The loss of user-stack walks cut at a file whose unwind table did not
+/// fit ([`UnwindStop::TablesFull`]).
+pub const USER_STACKS_CUT_TABLES_FULL: &str =
+    "user stacks cut: unwind tables full (raise --unwind-max-rows)";
 
 /// What a [`Loss`] is called in the profile.
 #[must_use]
@@ -670,6 +682,8 @@ fn unwind_table_counters(rec: &Recorder, out: &mut BTreeMap<String, u64>) {
                 "unwind tables: files that did not fit",
                 u.files_not_fitting as u64,
             ),
+            ("unwind tables: tables given back", u.tables_reclaimed),
+            ("unwind tables: rows given back", u.rows_reclaimed),
             ("unwind tables: rows", u.rows),
             ("unwind tables: JIT code ranges", u.jit_code),
             ("unwind tables: chunk index entries", u.chunks),

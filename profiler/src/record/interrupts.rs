@@ -99,9 +99,12 @@ impl Lost {
         let output = self.output.display();
         match phase {
             Phase::Starting => "nothing was recorded yet".to_owned(),
-            Phase::Recording | Phase::Writing => {
-                format!("the whole recording: nothing of it is written to {output}")
-            }
+            Phase::Recording | Phase::Writing => format!(
+                "what was recorded since the last flush (at most --flush-interval): {profile} \
+                 holds the rest, marked incomplete (`hvprof report {profile} -o {output}` reads \
+                 it)",
+                profile = self.profile.display()
+            ),
             Phase::Rendering => format!(
                 "{profile} is written whole, but not all of its flame graphs and tables \
                  (`hvprof report {profile} -o {output}` writes them)",

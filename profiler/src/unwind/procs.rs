@@ -11,9 +11,15 @@
 //! the same one into every process). JIT code that describes itself
 //! through the GDB JIT interface (QEMU's TCG buffer, an anonymous mapping)
 //! gets the rows [`jit`](super::jit) reads from the live process.
+//!
+//! The maps have a fixed size. When a table does not fit, the rows (and
+//! chunk index entries) of files and JIT code no known process maps any
+//! more are given back and reused, so a recording of hours (every build
+//! brings new binaries) stays within them; a table that still does not fit
+//! makes its mappings [`NO_ROOM`], which the unwinder counts as a loss.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     os::{
         fd::{AsFd as _, AsRawFd as _},
@@ -26,7 +32,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use object::{Object as _, ObjectSegment as _, ReadCache, ReadRef};
 use profiler_common::unwind::{
-    MAX_PROC_MAPPINGS, ProcMappings, ROW_CHUNK_SHIFT, RowChunk, UnwindMapping, UnwindRow,
+    MAX_PROC_MAPPINGS, NO_ROOM, ProcMappings, ROW_CHUNK_SHIFT, RowChunk, UnwindMapping, UnwindRow,
 };
 use thiserror::Error;
 
@@ -53,8 +59,15 @@ pub struct LoaderStats {
     pub files_cached: usize,
     /// Files without unwind tables (frame pointers there).
     pub files_without_table: usize,
-    /// Files that did not fit in the rows map (frame pointers there).
+    /// Times a file's table did not fit in the rows map, even after the
+    /// rows of files no process maps were given back (frame pointers
+    /// there; the walks that meet it are counted as a loss).
     pub files_not_fitting: usize,
+    /// Files and JIT code whose rows were given back (no process mapped
+    /// them any more, and a table needed the room).
+    pub tables_reclaimed: u64,
+    /// Rows given back.
+    pub rows_reclaimed: u64,
     pub rows: u64,
     /// Entries of the rows' chunk index.
     pub chunks: u64,
@@ -93,6 +106,15 @@ struct RowsRun {
 }
 
 impl RowsRun {
+    /// A file whose table did not fit.
+    const NO_ROOM: Self = Self {
+        rows_start: 0,
+        rows_len: 0,
+        chunks_start: 0,
+        chunks_len: 0,
+        chunk_base: NO_ROOM,
+    };
+
     /// A mapping of these rows at `start..end`, with `bias`.
     fn mapping(self, start: u64, end: u64, bias: u64) -> UnwindMapping {
         UnwindMapping {
@@ -195,6 +217,65 @@ impl<T> Drop for MmapArray<T> {
     }
 }
 
+/// The room in one of the unwinder's array maps: handed out from the top,
+/// or from runs given back.
+#[derive(Debug)]
+struct Space {
+    capacity: u32,
+    /// Everything from here up is free.
+    top: u32,
+    /// Free runs below `top`: (start, length), by start, none adjacent.
+    free: Vec<(u32, u32)>,
+}
+
+impl Space {
+    fn new(capacity: u32) -> Self {
+        Self {
+            capacity,
+            top: 0,
+            free: Vec::new(),
+        }
+    }
+
+    /// The start of `len` free elements (the first free run that holds
+    /// them, else the top), now taken.
+    fn take(&mut self, len: u32) -> Option<u32> {
+        if let Some(i) = self.free.iter().position(|&(_, l)| l >= len) {
+            let (start, l) = self.free[i];
+            if l == len {
+                self.free.remove(i);
+            } else {
+                self.free[i] = (start + len, l - len);
+            }
+            return Some(start);
+        }
+        if self.capacity - self.top < len {
+            return None;
+        }
+        self.top += len;
+        Some(self.top - len)
+    }
+
+    /// Frees `start..start + len`, taken before.
+    fn give_back(&mut self, start: u32, len: u32) {
+        if len == 0 {
+            return;
+        }
+        let mut i = self.free.partition_point(|&(s, _)| s < start);
+        self.free.insert(i, (start, len));
+        if i + 1 < self.free.len() && start + len == self.free[i + 1].0 {
+            self.free[i].1 += self.free.remove(i + 1).1;
+        }
+        if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == start {
+            self.free[i - 1].1 += self.free.remove(i).1;
+            i -= 1;
+        }
+        if self.free[i].0 + self.free[i].1 == self.top {
+            self.top = self.free.remove(i).0;
+        }
+    }
+}
+
 /// Loads processes' mappings and their files' tables into the maps.
 pub struct Loader {
     rows: MmapArray<UnwindRow>,
@@ -202,12 +283,17 @@ pub struct Loader {
     /// Kept open: programs loaded later name the maps by these fds.
     _rows_map: MapData,
     _chunks_map: MapData,
-    capacity: u32,
-    used: u32,
-    chunk_capacity: u32,
-    chunks_used: u32,
+    row_space: Space,
+    chunk_space: Space,
     procs: BpfHashMap<MapData, u32, ProcMappings>,
+    /// Files whose tables are in the maps, or that have none.
     files: HashMap<FileId, Option<FileEntry>>,
+    /// Files whose tables did not fit, with their segments; tried again
+    /// after rows are given back.
+    not_fitting: HashMap<FileId, Vec<(u64, u64, u64)>>,
+    /// JIT code of forgotten processes: its rows are free once no walk can
+    /// still be reading them.
+    jit_gone: Vec<RowsRun>,
     /// Per executable: its GDB JIT descriptor, if it exports one.
     jit_descriptors: HashMap<FileId, Option<jit::Descriptor>>,
     /// Per process and JIT code start: the code's rows, written once.
@@ -253,12 +339,12 @@ impl Loader {
             chunks,
             _rows_map: rows_data,
             _chunks_map: chunks_data,
-            capacity,
-            used: 0,
-            chunk_capacity,
-            chunks_used: 0,
+            row_space: Space::new(capacity),
+            chunk_space: Space::new(chunk_capacity),
             procs,
             files: HashMap::new(),
+            not_fitting: HashMap::new(),
+            jit_gone: Vec::new(),
             jit_descriptors: HashMap::new(),
             jit_code: HashMap::new(),
             cache_dir,
@@ -295,10 +381,13 @@ impl Loader {
                 match entry
                     .and_then(|f| Some((f.run, bias_of(&f.loads, m.start, m.offset, &m.path)?)))
                 {
-                    Some(found) => {
+                    // A table that did not fit is looked for again at the
+                    // next load: rows may have been given back meanwhile.
+                    Some(found) if found.0 != RowsRun::NO_ROOM => {
                         self.resolved.entry(tgid).or_default().insert(key, found);
                         found
                     }
+                    Some(no_room) => no_room,
                     None => Default::default(),
                 }
             };
@@ -332,9 +421,57 @@ impl Loader {
         self.loaded_at.remove(&tgid);
         self.resolved.remove(&tgid);
         let _ = self.procs.remove(&tgid);
-        // Its rows stay in the map (it only grows); a new process with the
-        // same pid reads its own JIT code again.
-        self.jit_code.retain(|&(t, _), _| t != tgid);
+        // A new process with the same pid reads its own JIT code again.
+        let gone = &mut self.jit_gone;
+        self.jit_code.retain(|&(t, _), code| {
+            if t == tgid {
+                gone.push(code.run);
+            }
+            t != tgid
+        });
+    }
+
+    /// Gives back the rows of the files no known process maps and of the
+    /// JIT code of forgotten processes. False if there were none.
+    fn reclaim(&mut self) -> bool {
+        let live: HashSet<u32> = self
+            .resolved
+            .values()
+            .flat_map(HashMap::values)
+            .map(|(run, _)| run.rows_start)
+            .chain(self.jit_code.values().map(|j| j.run.rows_start))
+            .collect();
+        let unused: Vec<FileId> = self
+            .files
+            .iter()
+            .filter(|(_, e)| {
+                e.as_ref()
+                    .is_some_and(|e| !live.contains(&e.run.rows_start))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let mut runs = std::mem::take(&mut self.jit_gone);
+        runs.extend(
+            unused
+                .iter()
+                .filter_map(|id| self.files.remove(id).flatten())
+                .map(|e| e.run),
+        );
+        if runs.is_empty() {
+            return false;
+        }
+        // The processes were forgotten (their mappings deleted from the
+        // map) before: a walk still reading their rows ends within
+        // microseconds.
+        std::thread::sleep(Duration::from_millis(2));
+        for run in &runs {
+            self.row_space.give_back(run.rows_start, run.rows_len);
+            self.chunk_space.give_back(run.chunks_start, run.chunks_len);
+            self.stats.rows_reclaimed += u64::from(run.rows_len);
+        }
+        self.stats.tables_reclaimed += runs.len() as u64;
+        self.not_fitting.clear();
+        true
     }
 
     /// The JIT code `tgid` registers through the GDB JIT interface, its
@@ -396,13 +533,13 @@ impl Loader {
     /// Appends rows to the map, and their chunk index where it fits (else
     /// the unwinder searches all of them); `None` if the rows do not fit.
     fn write_rows(&mut self, rows: &[UnwindRow]) -> Option<RowsRun> {
-        let len = u32::try_from(rows.len()).ok()?;
-        if len == 0 || self.capacity - self.used < len {
-            return None;
-        }
-        let start = self.used;
+        let len = u32::try_from(rows.len()).ok().filter(|&n| n > 0)?;
+        let start = match self.row_space.take(len) {
+            Some(start) => start,
+            None if self.reclaim() => self.row_space.take(len)?,
+            None => return None,
+        };
         self.rows.write(start, rows);
-        self.used += len;
         self.stats.rows += u64::from(len);
         let mut run = RowsRun {
             rows_start: start,
@@ -411,13 +548,13 @@ impl Loader {
         };
         if let Some((base, index)) = chunk_index(rows)
             && let Ok(n) = u32::try_from(index.len())
-            && self.chunk_capacity - self.chunks_used >= n
+            && n > 0
+            && let Some(at) = self.chunk_space.take(n)
         {
-            self.chunks.write(self.chunks_used, &index);
-            run.chunks_start = self.chunks_used;
+            self.chunks.write(at, &index);
+            run.chunks_start = at;
             run.chunks_len = n;
             run.chunk_base = base;
-            self.chunks_used += n;
             self.stats.chunks += u64::from(n);
         }
         Some(run)
@@ -437,8 +574,16 @@ impl Loader {
         if let Some(known) = self.files.get(&id) {
             return known.clone();
         }
+        if let Some(loads) = self.not_fitting.get(&id) {
+            return Some(FileEntry {
+                run: RowsRun::NO_ROOM,
+                loads: loads.clone(),
+            });
+        }
         let entry = self.build(id, &mapped);
-        self.files.insert(id, entry.clone());
+        if entry.as_ref().is_none_or(|e| e.run != RowsRun::NO_ROOM) {
+            self.files.insert(id, entry.clone());
+        }
         entry
     }
 
@@ -466,7 +611,11 @@ impl Loader {
         }
         let Some(run) = self.write_rows(&table.rows) else {
             self.stats.files_not_fitting += 1;
-            return None;
+            self.not_fitting.insert(id, loads.clone());
+            return Some(FileEntry {
+                run: RowsRun::NO_ROOM,
+                loads,
+            });
         };
         self.stats.files += 1;
         self.stats.files_cached += usize::from(cached);
@@ -609,6 +758,34 @@ pub(super) fn vdso_image() -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs given back are reused first-fit, merge with their neighbours,
+    /// and lower the top when they reach it.
+    #[test]
+    fn space_reuses_what_is_given_back() {
+        let mut s = Space::new(100);
+        assert_eq!(s.take(40), Some(0));
+        assert_eq!(s.take(30), Some(40));
+        assert_eq!(s.take(20), Some(70));
+        assert_eq!(s.take(20), None, "10 left");
+        s.give_back(0, 40);
+        assert_eq!(s.take(50), None, "no run of 50");
+        assert_eq!(s.take(15), Some(0));
+        s.give_back(40, 30);
+        // 15..70 is one run now.
+        assert_eq!(s.free, vec![(15, 55)]);
+        assert_eq!(s.take(55), Some(15));
+        s.give_back(70, 20);
+        assert_eq!(
+            (s.top, s.free.as_slice()),
+            (70, &[][..]),
+            "the top came down"
+        );
+        s.give_back(0, 15);
+        s.give_back(15, 55);
+        assert_eq!((s.top, s.free.as_slice()), (0, &[][..]), "all free");
+        assert_eq!(s.take(100), Some(0));
+    }
 
     #[test]
     fn bias_of_a_shared_librarys_text() {
