@@ -7,7 +7,11 @@
 //! `_[k]`, inlined ones in `_[i]`, and a frame that cannot be named shows its
 //! module and offset (`[libfoo.so+0x1a2b]`), never a blank.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use blazesym::{
     MaybeDefault,
@@ -39,11 +43,21 @@ pub struct SymbolStats {
     pub kernel_unnamed: u64,
 }
 
-/// One long-lived symbolizer: blazesym's caches live as long as it does.
+/// One long-lived symbolizer: blazesym's caches live as long as it does,
+/// but for the files no frame needed for a while (see
+/// [`Symbolizer::forget_idle_files`]).
 pub struct Symbolizer {
+    /// For the kernel: kallsyms, read once.
     blaze: Blaze,
+    /// For files: each one opened stays mapped (and its symbols and DWARF
+    /// parsed) as long as this lives.
+    files_blaze: Blaze,
     kernel: HashMap<u64, Frames>,
     files: HashMap<(String, u64), Frames>,
+    /// When a frame last needed each file.
+    file_used: HashMap<String, Instant>,
+    /// When `files_blaze` was made.
+    files_since: Instant,
     pub stats: SymbolStats,
 }
 
@@ -69,20 +83,46 @@ fn frames_of(sym: &Symbolized<'_>, suffix: &str) -> Option<Frames> {
     Some(frames)
 }
 
+fn blaze() -> Blaze {
+    Blaze::builder()
+        .enable_inlined_fns(true)
+        .enable_demangling(true)
+        .enable_code_info(true)
+        .build()
+}
+
 impl Symbolizer {
     #[must_use]
     pub fn new() -> Self {
-        let blaze = Blaze::builder()
-            .enable_inlined_fns(true)
-            .enable_demangling(true)
-            .enable_code_info(true)
-            .build();
         Self {
-            blaze,
+            blaze: blaze(),
+            files_blaze: blaze(),
             kernel: HashMap::new(),
             files: HashMap::new(),
+            file_used: HashMap::new(),
+            files_since: Instant::now(),
             stats: SymbolStats::default(),
         }
+    }
+
+    /// Drops what is known of the files no frame needed for `idle`: their
+    /// names, and — at most once per `idle`, as blazesym keeps every file
+    /// it opened until it is dropped — the file symbolizer, whose files in
+    /// use are opened again when a frame needs them. A recording of hours
+    /// beside builds meets a new set of binaries every minute.
+    pub fn forget_idle_files(&mut self, idle: Duration) {
+        if self.files_since.elapsed() < idle {
+            return;
+        }
+        let before = self.file_used.len();
+        self.file_used.retain(|_, used| used.elapsed() < idle);
+        if self.file_used.len() == before {
+            return;
+        }
+        let used = &self.file_used;
+        self.files.retain(|(path, _), _| used.contains_key(path));
+        self.files_blaze = blaze();
+        self.files_since = Instant::now();
     }
 
     /// Symbolizes kernel addresses in one batch; later lookups hit the cache.
@@ -137,7 +177,9 @@ impl Symbolizer {
                 by_file.entry(path).or_default().push(*off);
             }
         }
+        let now = Instant::now();
         for (path, mut offs) in by_file {
+            self.file_used.insert(path.to_owned(), now);
             offs.sort_unstable();
             offs.dedup();
             // DWARF first (inlined functions, better names); some files make
@@ -145,12 +187,12 @@ impl Symbolizer {
             // libc), and then the symbol tables alone still name functions.
             let src = Source::Elf(source::Elf::new(path));
             let syms = self
-                .blaze
+                .files_blaze
                 .symbolize(&src, Input::FileOffset(&offs))
                 .or_else(|_| {
                     let mut elf = source::Elf::new(path);
                     elf.debug_syms = false;
-                    self.blaze
+                    self.files_blaze
                         .symbolize(&Source::Elf(elf), Input::FileOffset(&offs))
                 });
             for (i, &off) in offs.iter().enumerate() {
@@ -181,6 +223,9 @@ impl Symbolizer {
         match loc {
             Location::File { path, offset } => {
                 let key = (path.to_owned(), offset);
+                if let Some(used) = self.file_used.get_mut(path) {
+                    *used = Instant::now();
+                }
                 if !self.files.contains_key(&key) {
                     self.prepare_files(std::slice::from_ref(&key));
                 }

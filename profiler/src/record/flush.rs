@@ -121,6 +121,7 @@ impl Flusher {
         // maps is drained now: its mappings are needed no more.
         rec.processes.forget_exited_before(self.last_flip_ns);
         self.last_flip_ns = flip_ns;
+        crate::sys::release_free_heap();
         self.flushes += 1;
         self.busy += started.elapsed();
         Ok(())

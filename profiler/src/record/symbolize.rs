@@ -22,6 +22,10 @@ use crate::{
     words::human_ns,
 };
 
+/// How long a file no frame needed keeps its symbols (see
+/// [`Symbolizer::forget_idle_files`]).
+const FILES_IDLE: Duration = Duration::from_secs(30);
+
 /// The user "stack" of a task without user space: `bpf_get_stack`'s
 /// -EFAULT. With `-a` that is a kernel thread, and no loss.
 const STACK_EFAULT: u64 = libc::EFAULT.unsigned_abs() as u64;
@@ -95,6 +99,7 @@ impl Frames {
         triples: &[(u32, u64, u64)],
     ) {
         self.user.clear();
+        self.sym.forget_idle_files(FILES_IDLE);
         let kaddrs: Vec<u64> = triples
             .iter()
             .map(|&(_, k, _)| k)

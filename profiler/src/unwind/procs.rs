@@ -217,43 +217,74 @@ impl<T> Drop for MmapArray<T> {
     }
 }
 
-/// The room in one of the unwinder's array maps: handed out from the top,
-/// or from runs given back.
+/// The room in one of the unwinder's array maps. Large runs (the tables of
+/// rustc's or QEMU's libraries, a million rows) come from the top down,
+/// the others from the bottom up, so that the holes the many small tables
+/// leave as their processes come and go cannot keep a large table from
+/// fitting again.
 #[derive(Debug)]
 struct Space {
-    capacity: u32,
-    /// Everything from here up is free.
-    top: u32,
-    /// Free runs below `top`: (start, length), by start, none adjacent.
+    /// Everything in `lo..hi` is free.
+    lo: u32,
+    hi: u32,
+    /// Free runs outside `lo..hi`: (start, length), by start, none
+    /// adjacent to another or to `lo..hi`.
     free: Vec<(u32, u32)>,
 }
 
 impl Space {
+    /// A run at least this long is large.
+    const LARGE: u32 = 1 << 16;
+
     fn new(capacity: u32) -> Self {
         Self {
-            capacity,
-            top: 0,
+            lo: 0,
+            hi: capacity,
             free: Vec::new(),
         }
     }
 
-    /// The start of `len` free elements (the first free run that holds
-    /// them, else the top), now taken.
+    /// The start of `len` free elements, now taken: a small run from the
+    /// lowest free run that holds it, else from `lo`; a large one from the
+    /// highest, else from `hi`.
     fn take(&mut self, len: u32) -> Option<u32> {
-        if let Some(i) = self.free.iter().position(|&(_, l)| l >= len) {
+        let large = len >= Self::LARGE;
+        let lo = self.lo;
+        let own = |&(s, l): &(u32, u32)| l >= len && (s < lo) != large;
+        let own_hole = if large {
+            self.free.iter().rposition(own)
+        } else {
+            self.free.iter().position(own)
+        };
+        let middle = self.hi - self.lo >= len;
+        // Either kind takes the other's holes rather than not fit at all.
+        let found = own_hole.or_else(|| {
+            (!middle)
+                .then(|| self.free.iter().position(|&(_, l)| l >= len))
+                .flatten()
+        });
+        if let Some(i) = found {
             let (start, l) = self.free[i];
+            let at = if large { start + l - len } else { start };
             if l == len {
                 self.free.remove(i);
+            } else if large {
+                self.free[i].1 -= len;
             } else {
                 self.free[i] = (start + len, l - len);
             }
-            return Some(start);
+            return Some(at);
         }
-        if self.capacity - self.top < len {
+        if !middle {
             return None;
         }
-        self.top += len;
-        Some(self.top - len)
+        if large {
+            self.hi -= len;
+            Some(self.hi)
+        } else {
+            self.lo += len;
+            Some(self.lo - len)
+        }
     }
 
     /// Frees `start..start + len`, taken before.
@@ -270,8 +301,13 @@ impl Space {
             self.free[i - 1].1 += self.free.remove(i).1;
             i -= 1;
         }
-        if self.free[i].0 + self.free[i].1 == self.top {
-            self.top = self.free.remove(i).0;
+        let (s, l) = self.free[i];
+        if s + l == self.lo {
+            self.lo = s;
+            self.free.remove(i);
+        } else if s == self.hi {
+            self.hi = s + l;
+            self.free.remove(i);
         }
     }
 }
@@ -759,32 +795,38 @@ pub(super) fn vdso_image() -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    /// Runs given back are reused first-fit, merge with their neighbours,
-    /// and lower the top when they reach it.
+    /// Runs given back are reused (small ones first-fit from the bottom,
+    /// large ones from the top), merge with their neighbours, and return
+    /// to the free middle when they reach it.
     #[test]
     fn space_reuses_what_is_given_back() {
-        let mut s = Space::new(100);
+        const L: u32 = Space::LARGE;
+        let mut s = Space::new(4 * L);
         assert_eq!(s.take(40), Some(0));
         assert_eq!(s.take(30), Some(40));
-        assert_eq!(s.take(20), Some(70));
-        assert_eq!(s.take(20), None, "10 left");
+        assert_eq!(s.take(2 * L), Some(2 * L), "large: from the top");
+        assert_eq!(s.take(L + 10), Some(L - 10), "down to just above");
+        assert_eq!(s.take(L), None, "{s:?}");
         s.give_back(0, 40);
-        assert_eq!(s.take(50), None, "no run of 50");
-        assert_eq!(s.take(15), Some(0));
+        assert_eq!(s.take(15), Some(0), "the first hole that holds it");
         s.give_back(40, 30);
-        // 15..70 is one run now.
-        assert_eq!(s.free, vec![(15, 55)]);
-        assert_eq!(s.take(55), Some(15));
-        s.give_back(70, 20);
-        assert_eq!(
-            (s.top, s.free.as_slice()),
-            (70, &[][..]),
-            "the top came down"
-        );
+        assert_eq!((s.lo, s.free.as_slice()), (15, &[][..]), "15.. is free");
+        // A hole among the large runs is kept for a large one.
+        s.give_back(2 * L, 2 * L);
+        assert_eq!(s.take(100), Some(15));
+        assert_eq!(s.take(L), Some(3 * L), "the top of the hole");
+        // With the middle full, a small run takes a large one's hole.
+        assert_eq!(s.take(L - 125), Some(115));
+        assert_eq!(s.take(3), Some(2 * L));
+        s.give_back(2 * L, 3);
+        s.give_back(3 * L, L);
+        s.give_back(L - 10, L + 10);
+        assert_eq!((s.lo, s.hi, s.free.len()), (L - 10, 4 * L, 0), "{s:?}");
+        s.give_back(115, L - 125);
         s.give_back(0, 15);
-        s.give_back(15, 55);
-        assert_eq!((s.top, s.free.as_slice()), (0, &[][..]), "all free");
-        assert_eq!(s.take(100), Some(0));
+        s.give_back(15, 100);
+        assert_eq!((s.lo, s.hi, s.free.as_slice()), (0, 4 * L, &[][..]), "all free");
+        assert_eq!(s.take(4 * L), Some(0));
     }
 
     #[test]
