@@ -82,8 +82,16 @@ pub fn file_key(path: &Path) -> Result<FileKey, TableError> {
 /// cache that cannot be written (a read-only home) costs the rebuild next
 /// time, not the table.
 pub fn table_for(path: &Path, cache_dir: &Path) -> Result<(UnwindTable, bool), TableError> {
-    let file = open(path)?;
-    let key = key_of(&file, path)?;
+    table_of(&open(path)?, path, cache_dir)
+}
+
+/// [`table_for`] of a file already open (`path` names it in errors).
+pub fn table_of(
+    file: &File,
+    path: &Path,
+    cache_dir: &Path,
+) -> Result<(UnwindTable, bool), TableError> {
+    let key = key_of(file, path)?;
     let cache_path = cache_dir.join(format!("{key}.rows"));
     if let Ok(bytes) = fs::read(&cache_path)
         && let Some(table) = decode(&bytes)
@@ -92,7 +100,7 @@ pub fn table_for(path: &Path, cache_dir: &Path) -> Result<(UnwindTable, bool), T
     }
     // Through a read cache: of a large binary such as QEMU, only the
     // headers, symbol tables and CFI sections are read, not the code.
-    let table = build_from(&ReadCache::new(&file)).map_err(|source| TableError::InFile {
+    let table = build_from(&ReadCache::new(file)).map_err(|source| TableError::InFile {
         path: path.to_owned(),
         source: Box::new(source),
     })?;

@@ -17,7 +17,7 @@ pub mod procs;
 mod table;
 pub mod verify;
 
-pub use cache::{FileKey, file_key, table_for};
+pub use cache::{FileKey, file_key, table_for, table_of};
 pub use table::{TableError, TableStats, UnwindTable, build_table, find_row};
 
 #[cfg(test)]

@@ -20,7 +20,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
+    fs, io,
     os::{
         fd::{AsFd as _, AsRawFd as _},
         unix::fs::{FileExt as _, MetadataExt as _},
@@ -36,7 +36,7 @@ use profiler_common::unwind::{
 };
 use thiserror::Error;
 
-use super::{build_table, jit, table_for};
+use super::{TableError, build_table, jit, table_of};
 use crate::procmaps::{Mapping, Snapshot};
 
 #[derive(Debug, Error)]
@@ -616,46 +616,52 @@ impl Loader {
                 loads: loads.clone(),
             });
         }
-        let entry = self.build(id, &mapped);
+        // A process gone before its file could be opened says nothing of
+        // the file: the next process that maps it tries again.
+        let entry = self.build(id, &mapped).ok()?;
         if entry.as_ref().is_none_or(|e| e.run != RowsRun::NO_ROOM) {
             self.files.insert(id, entry.clone());
         }
         entry
     }
 
-    fn build(&mut self, id: FileId, mapped: &Path) -> Option<FileEntry> {
+    /// The file's table, loaded; `Ok(None)` if it has none, `Err` if it
+    /// could not be read (the process that mapped it is gone).
+    fn build(&mut self, id: FileId, mapped: &Path) -> Result<Option<FileEntry>, io::Error> {
         let t = Instant::now();
         let (loads, table) = if id == FileId::Vdso {
-            let image = vdso_image()?;
+            let Some(image) = vdso_image() else {
+                return Ok(None);
+            };
             let table = build_table(&image).ok();
             (load_segments(image.as_slice()), table.map(|t| (t, false)))
         } else {
             // The segments from the headers alone: reading all of QEMU to
             // find them cost more than its cached table.
-            let file = fs::File::open(mapped).ok()?;
+            let file = fs::File::open(mapped)?;
             let loads = load_segments(&ReadCache::new(&file));
-            (loads, table_for(mapped, &self.cache_dir).ok())
+            match table_of(&file, mapped, &self.cache_dir) {
+                Ok(table) => (loads, Some(table)),
+                Err(TableError::Io { source, .. }) => return Err(source),
+                Err(_) => (loads, None),
+            }
         };
         self.stats.build_time += t.elapsed();
-        let Some((table, cached)) = table else {
+        let Some((table, cached)) = table.filter(|(t, _)| !t.rows.is_empty()) else {
             self.stats.files_without_table += 1;
-            return None;
+            return Ok(None);
         };
-        if table.rows.is_empty() {
-            self.stats.files_without_table += 1;
-            return None;
-        }
         let Some(run) = self.write_rows(&table.rows) else {
             self.stats.files_not_fitting += 1;
             self.not_fitting.insert(id, loads.clone());
-            return Some(FileEntry {
+            return Ok(Some(FileEntry {
                 run: RowsRun::NO_ROOM,
                 loads,
-            });
+            }));
         };
         self.stats.files += 1;
         self.stats.files_cached += usize::from(cached);
-        Some(FileEntry { run, loads })
+        Ok(Some(FileEntry { run, loads }))
     }
 }
 
@@ -825,7 +831,11 @@ mod tests {
         s.give_back(115, L - 125);
         s.give_back(0, 15);
         s.give_back(15, 100);
-        assert_eq!((s.lo, s.hi, s.free.as_slice()), (0, 4 * L, &[][..]), "all free");
+        assert_eq!(
+            (s.lo, s.hi, s.free.as_slice()),
+            (0, 4 * L, &[][..]),
+            "all free"
+        );
         assert_eq!(s.take(4 * L), Some(0));
     }
 
