@@ -59,6 +59,9 @@ struct Sample {
     /// The anonymous part of the RSS (heap, stacks): what the file-backed
     /// part (mapped binaries, read for symbols) is not.
     anon_mb: f64,
+    /// The RSS of the BPF maps hvprof maps into its memory (the unwind
+    /// tables, the ring buffer): kernel memory, counted in `maps_mb` too.
+    mapped_maps_mb: f64,
     maps_mb: f64,
     maps: usize,
     load1: f64,
@@ -131,8 +134,8 @@ fn watch(
     let total = Duration::from_secs_f64(opts.minutes * 60.0);
     let interval = Duration::from_secs_f64(opts.interval_s);
     println!(
-        "{:>8} {:>8} {:>8} {:>9} {:>5} {:>6} {:>7}",
-        "elapsed", "RSS MB", "anon MB", "maps MB", "maps", "load1", "builds"
+        "{:>8} {:>8} {:>8} {:>8} {:>9} {:>5} {:>6} {:>7}",
+        "elapsed", "RSS MB", "anon MB", "mapped", "maps MB", "maps", "load1", "builds"
     );
     let mut samples = Vec::new();
     let mut next = start;
@@ -152,14 +155,22 @@ fn watch(
             elapsed_s: start.elapsed().as_secs_f64(),
             rss_mb: status_kb(rec.pid, "VmRSS:").map_or(0.0, kb_to_mb),
             anon_mb: status_kb(rec.pid, "RssAnon:").map_or(0.0, kb_to_mb),
+            mapped_maps_mb: kb_to_mb(mapped_maps_kb(rec.pid)),
             maps_mb,
             maps,
             load1: load_average(),
             builds: builds.completed(),
         };
         println!(
-            "{:>7.0}s {:>8.1} {:>8.1} {:>9.1} {:>5} {:>6.2} {:>7}",
-            s.elapsed_s, s.rss_mb, s.anon_mb, s.maps_mb, s.maps, s.load1, s.builds
+            "{:>7.0}s {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>5} {:>6.2} {:>7}",
+            s.elapsed_s,
+            s.rss_mb,
+            s.anon_mb,
+            s.mapped_maps_mb,
+            s.maps_mb,
+            s.maps,
+            s.load1,
+            s.builds
         );
         samples.push(s);
         if start.elapsed() >= total {
@@ -542,6 +553,29 @@ impl Drop for Recording {
 }
 
 /// A `kB` field of /proc/PID/status.
+/// The RSS of `pid`'s mappings of BPF maps (`anon_inode:bpf-map` in its
+/// smaps), in kB.
+fn mapped_maps_kb(pid: u32) -> u64 {
+    let Ok(smaps) = fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let mut in_map = false;
+    let mut kb = 0;
+    for line in smaps.lines() {
+        if line.starts_with(|c: char| c.is_ascii_hexdigit()) && line.contains('-') {
+            in_map = line.ends_with("anon_inode:bpf-map");
+        } else if in_map && let Some(v) = line.strip_prefix("Rss:") {
+            kb += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    kb
+}
+
 fn status_kb(pid: u32, field: &str) -> Option<u64> {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -611,12 +645,20 @@ fn dir_size(dir: &Path) -> (u64, usize) {
 }
 
 fn write_samples(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
-    let mut csv = String::from("elapsed_s,rss_mb,anon_mb,maps_mb,maps,load1,builds\n");
+    let mut csv =
+        String::from("elapsed_s,rss_mb,anon_mb,mapped_maps_mb,maps_mb,maps,load1,builds\n");
     for s in samples {
         let _ = writeln!(
             csv,
-            "{:.1},{:.1},{:.1},{:.1},{},{:.2},{}",
-            s.elapsed_s, s.rss_mb, s.anon_mb, s.maps_mb, s.maps, s.load1, s.builds
+            "{:.1},{:.1},{:.1},{:.1},{:.1},{},{:.2},{}",
+            s.elapsed_s,
+            s.rss_mb,
+            s.anon_mb,
+            s.mapped_maps_mb,
+            s.maps_mb,
+            s.maps,
+            s.load1,
+            s.builds
         );
     }
     fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
@@ -693,17 +735,11 @@ fn print_table(f: &Figures, samples: &[Sample], out: &Path) {
     print_outcome(f, out);
 }
 
-/// The workload, hvprof's CPU and memory.
+/// The workload and hvprof's CPU.
 fn print_costs(f: &Figures, samples: &[Sample]) {
-    let rss: Vec<f64> = samples.iter().map(|s| s.rss_mb).collect();
-    let anon: Vec<f64> = samples.iter().map(|s| s.anon_mb).collect();
-    let maps: Vec<f64> = samples.iter().map(|s| s.maps_mb).collect();
     let loads: Vec<f64> = samples.iter().map(|s| s.load1).collect();
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-    let first = |v: &[f64]| v.first().copied().unwrap_or(0.0);
-    let last = |v: &[f64]| v.last().copied().unwrap_or(0.0);
-    let second_half = &samples[samples.len() / 2..];
     let b = &f.builds;
 
     row("recorded", &format!("{:.1} min", f.recorded_s / 60.0));
@@ -742,6 +778,22 @@ fn print_costs(f: &Figures, samples: &[Sample]) {
         "hvprof CPU, stop included",
         &format!("{:.1} s", f.stop.cpu_total_s),
     );
+    print_memory(f, samples);
+}
+
+/// hvprof's memory and the kernel memory of its maps.
+fn print_memory(f: &Figures, samples: &[Sample]) {
+    let rss: Vec<f64> = samples.iter().map(|s| s.rss_mb).collect();
+    let anon: Vec<f64> = samples.iter().map(|s| s.anon_mb).collect();
+    let own: Vec<f64> = samples
+        .iter()
+        .map(|s| s.rss_mb - s.mapped_maps_mb)
+        .collect();
+    let maps: Vec<f64> = samples.iter().map(|s| s.maps_mb).collect();
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let first = |v: &[f64]| v.first().copied().unwrap_or(0.0);
+    let last = |v: &[f64]| v.last().copied().unwrap_or(0.0);
+    let second_half = &samples[samples.len() / 2..];
     row(
         "RSS first/median/max/last",
         &format!(
@@ -750,6 +802,17 @@ fn print_costs(f: &Figures, samples: &[Sample]) {
             median(rss.clone()),
             max(&rss),
             last(&rss)
+        ),
+    );
+    row(
+        "RSS but the BPF maps mapped",
+        &format!(
+            "{:.1} / {:.1} / {:.1} / {:.1} MB (the maps' {:.1} MB are kernel memory, counted below)",
+            first(&own),
+            median(own.clone()),
+            max(&own),
+            last(&own),
+            samples.last().map_or(0.0, |s| s.mapped_maps_mb)
         ),
     );
     row(
@@ -850,6 +913,7 @@ mod tests {
             elapsed_s,
             rss_mb,
             anon_mb: 0.0,
+            mapped_maps_mb: 0.0,
             maps_mb: 0.0,
             maps: 0,
             load1: 0.0,

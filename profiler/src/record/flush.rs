@@ -149,6 +149,14 @@ impl Flusher {
         let counters = &mut profile.meta.counters;
         counters.insert("flushes while recording".to_owned(), self.flushes);
         counters.insert(
+            "stacks kept for the programs' reuse".to_owned(),
+            self.stacks.ips.len() as u64,
+        );
+        counters.insert(
+            "stacks kept for the programs' reuse: frames".to_owned(),
+            self.stacks.ips.values().map(|s| s.len() as u64).sum(),
+        );
+        counters.insert(
             "flushes while recording: ms".to_owned(),
             u64::try_from(self.busy.as_millis()).unwrap_or(u64::MAX),
         );

@@ -133,11 +133,13 @@ impl RowsRun {
 
 /// A file's rows in the map, and how its segments are laid out (for the
 /// load bias of each mapping).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct FileEntry {
     run: RowsRun,
     /// `PT_LOAD` segments: (file offset, virtual address, file size).
     loads: Vec<(u64, u64, u64)>,
+    /// When a process last mapped it (or it was loaded).
+    used: Instant,
 }
 
 /// One process's JIT code and its rows in the map (`pc`s relative to
@@ -312,6 +314,10 @@ impl Space {
     }
 }
 
+/// A table no process maps, but one did this recently, is given back only
+/// if those idle for longer do not make the room.
+const RECENTLY_USED: Duration = Duration::from_secs(10);
+
 /// Loads processes' mappings and their files' tables into the maps.
 pub struct Loader {
     rows: MmapArray<UnwindRow>,
@@ -469,7 +475,7 @@ impl Loader {
 
     /// Gives back the rows of the files no known process maps and of the
     /// JIT code of forgotten processes. False if there were none.
-    fn reclaim(&mut self) -> bool {
+    fn reclaim(&mut self, idle: Duration) -> bool {
         let live: HashSet<u32> = self
             .resolved
             .values()
@@ -482,7 +488,7 @@ impl Loader {
             .iter()
             .filter(|(_, e)| {
                 e.as_ref()
-                    .is_some_and(|e| !live.contains(&e.run.rows_start))
+                    .is_some_and(|e| !live.contains(&e.run.rows_start) && e.used.elapsed() >= idle)
             })
             .map(|(&id, _)| id)
             .collect();
@@ -570,11 +576,18 @@ impl Loader {
     /// the unwinder searches all of them); `None` if the rows do not fit.
     fn write_rows(&mut self, rows: &[UnwindRow]) -> Option<RowsRun> {
         let len = u32::try_from(rows.len()).ok().filter(|&n| n > 0)?;
-        let start = match self.row_space.take(len) {
-            Some(start) => start,
-            None if self.reclaim() => self.row_space.take(len)?,
-            None => return None,
-        };
+        // The tables no process maps go, those idle for a while first: a
+        // library that processes map one after the other (rustc's, in a
+        // build) stays.
+        let start = self.row_space.take(len).or_else(|| {
+            [RECENTLY_USED, Duration::ZERO]
+                .into_iter()
+                .find_map(|idle| {
+                    self.reclaim(idle)
+                        .then(|| self.row_space.take(len))
+                        .flatten()
+                })
+        })?;
         self.rows.write(start, rows);
         self.stats.rows += u64::from(len);
         let mut run = RowsRun {
@@ -607,13 +620,17 @@ impl Loader {
         } else {
             inode_id(&mapped)?
         };
-        if let Some(known) = self.files.get(&id) {
+        if let Some(known) = self.files.get_mut(&id) {
+            if let Some(e) = known {
+                e.used = Instant::now();
+            }
             return known.clone();
         }
         if let Some(loads) = self.not_fitting.get(&id) {
             return Some(FileEntry {
                 run: RowsRun::NO_ROOM,
                 loads: loads.clone(),
+                used: Instant::now(),
             });
         }
         // A process gone before its file could be opened says nothing of
@@ -657,11 +674,16 @@ impl Loader {
             return Ok(Some(FileEntry {
                 run: RowsRun::NO_ROOM,
                 loads,
+                used: Instant::now(),
             }));
         };
         self.stats.files += 1;
         self.stats.files_cached += usize::from(cached);
-        Ok(Some(FileEntry { run, loads }))
+        Ok(Some(FileEntry {
+            run,
+            loads,
+            used: Instant::now(),
+        }))
     }
 }
 
