@@ -606,3 +606,40 @@ fn rows_of_exited_processes_make_room_for_new_files() {
     assert_eq!(lost, 0, "{report}");
     assert!(given_back.is_some_and(|n| n >= 2), "{report}");
 }
+
+/// With a small rows map, libc's table (some 20 k rows) is cut in pieces
+/// of at most 1/64 of the map, each its own mapping entry: the sleeps in
+/// libc's `clock_nanosleep` must still unwind whole through `sleeper` to
+/// `_start`.
+#[test]
+fn tables_cut_in_pieces_unwind_whole() {
+    let s = build("pieces");
+    let p = record(&s, &["--unwind-max-rows", "131072"], SLEEPS);
+    let counters = &p.meta.counters;
+    let files = counters
+        .get("unwind tables: files loaded")
+        .copied()
+        .unwrap_or(0);
+    let pieces = counters.get("unwind tables: pieces").copied().unwrap_or(0);
+    assert!(
+        pieces >= files + 8,
+        "{pieces} pieces for {files} files: libc was not cut; counters {counters:?}"
+    );
+    let off = offcpu(&p);
+    let sleeping: Vec<_> = off
+        .iter()
+        .filter(|s| in_nanosleep(&s.frames))
+        .cloned()
+        .collect();
+    let all = weight(&sleeping, |_| true);
+    let whole = weight(&sleeping, |f| {
+        f.first() == Some(&"_start") && f.contains(&"main") && f.contains(&"sleeper")
+    });
+    assert!(all >= SLEEPS_NS, "{all} ns in nanosleep:\n{}", dump(&off));
+    assert!(
+        share(whole, all) >= 0.95,
+        "{:.1} % of the sleeps whole:\n{}",
+        share(whole, all) * 100.0,
+        dump(&off)
+    );
+}

@@ -685,6 +685,7 @@ fn unwind_table_counters(rec: &Recorder, out: &mut BTreeMap<String, u64>) {
             ("unwind tables: tables given back", u.tables_reclaimed),
             ("unwind tables: rows given back", u.rows_reclaimed),
             ("unwind tables: rows", u.rows),
+            ("unwind tables: pieces", u.pieces),
             ("unwind tables: JIT code ranges", u.jit_code),
             ("unwind tables: chunk index entries", u.chunks),
             (

@@ -69,6 +69,9 @@ pub struct LoaderStats {
     /// Rows given back.
     pub rows_reclaimed: u64,
     pub rows: u64,
+    /// Runs the loaded tables were written in (a large one is cut in
+    /// pieces).
+    pub pieces: u64,
     /// Entries of the rows' chunk index.
     pub chunks: u64,
     /// Time spent building or reading tables.
@@ -135,11 +138,42 @@ impl RowsRun {
 /// load bias of each mapping).
 #[derive(Clone, Debug)]
 struct FileEntry {
-    run: RowsRun,
+    pieces: Pieces,
     /// `PT_LOAD` segments: (file offset, virtual address, file size).
     loads: Vec<(u64, u64, u64)>,
     /// When a process last mapped it (or it was loaded).
     used: Instant,
+}
+
+/// Part of a file's rows, one run in the map: those for the file addresses
+/// `lo..hi`. A large table is cut in pieces, each its own entry in the
+/// process's mappings, so that it fits in whatever room is free rather than
+/// needing one hole as large as itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Piece {
+    lo: u32,
+    /// `u32::MAX`: to the end of the mapping.
+    hi: u32,
+    run: RowsRun,
+}
+
+impl Piece {
+    /// All of a file, one run (or none: `RowsRun::default()`).
+    fn whole(run: RowsRun) -> Self {
+        Self {
+            lo: 0,
+            hi: u32::MAX,
+            run,
+        }
+    }
+}
+
+/// A file's pieces, shared by the processes that map it.
+type Pieces = std::sync::Arc<[Piece]>;
+
+/// The pieces of a file that did not fit.
+fn no_room() -> Pieces {
+    std::sync::Arc::new([Piece::whole(RowsRun::NO_ROOM)])
 }
 
 /// One process's JIT code and its rows in the map (`pc`s relative to
@@ -347,7 +381,9 @@ pub struct Loader {
     /// at earlier loads. A process is loaded again at every dlopen and
     /// resnapshot, and resolving a mapping costs a stat through
     /// `/proc/PID/map_files` (about 100 per QEMU).
-    resolved: HashMap<u32, HashMap<MappingKey, (RowsRun, u64)>>,
+    resolved: HashMap<u32, HashMap<MappingKey, (Pieces, u64)>>,
+    /// Rows a piece holds at most.
+    piece_rows: usize,
     pub stats: LoaderStats,
 }
 
@@ -392,6 +428,7 @@ impl Loader {
             cache_dir,
             loaded_at: HashMap::new(),
             resolved: HashMap::new(),
+            piece_rows: (capacity / 64).clamp(1024, Space::LARGE - 1) as usize,
             stats: LoaderStats::default(),
         })
     }
@@ -404,37 +441,51 @@ impl Loader {
         let mut value = Box::new(ProcMappings::EMPTY);
         let mut n = 0;
         for m in &snapshot.mappings {
-            if n == MAX_PROC_MAPPINGS {
-                self.stats.mappings_left_out += 1;
-                continue;
-            }
             let jit = jit_rows_for(&jit_code, m.start, m.end);
             let t = Instant::now();
             // JIT code the process registered wins over the mapping's file:
             // with `-accel tcg,split-wx=on` QEMU runs it from a memfd.
             let key = (m.start, m.end, m.offset, m.path.clone());
-            let known = self.resolved.get(&tgid).and_then(|r| r.get(&key)).copied();
-            let (run, bias) = if jit.0.rows_len != 0 || m.path == "[anon]" {
-                jit
+            let known = self.resolved.get(&tgid).and_then(|r| r.get(&key)).cloned();
+            let (pieces, bias) = if jit.0.rows_len != 0 || m.path == "[anon]" {
+                (std::sync::Arc::from([Piece::whole(jit.0)]), jit.1)
             } else if let Some(known) = known {
                 known
             } else {
                 let entry = self.file_of(tgid, m.start, m.end, &m.path);
                 match entry
-                    .and_then(|f| Some((f.run, bias_of(&f.loads, m.start, m.offset, &m.path)?)))
+                    .and_then(|f| Some((f.pieces, bias_of(&f.loads, m.start, m.offset, &m.path)?)))
                 {
                     // A table that did not fit is looked for again at the
                     // next load: rows may have been given back meanwhile.
-                    Some(found) if found.0 != RowsRun::NO_ROOM => {
-                        self.resolved.entry(tgid).or_default().insert(key, found);
+                    Some(found) if found.0[0].run != RowsRun::NO_ROOM => {
+                        self.resolved
+                            .entry(tgid)
+                            .or_default()
+                            .insert(key, found.clone());
                         found
                     }
                     Some(no_room) => no_room,
-                    None => Default::default(),
+                    None => (std::sync::Arc::from([Piece::whole(RowsRun::default())]), 0),
                 }
             };
-            value.mappings[n] = run.mapping(m.start, m.end, bias);
-            n += 1;
+            for piece in pieces.iter() {
+                let lo = m.start.max(bias.wrapping_add(u64::from(piece.lo)));
+                let hi = if piece.hi == u32::MAX {
+                    m.end
+                } else {
+                    m.end.min(bias.wrapping_add(u64::from(piece.hi)))
+                };
+                if lo >= hi {
+                    continue;
+                }
+                if n == MAX_PROC_MAPPINGS {
+                    self.stats.mappings_left_out += 1;
+                    continue;
+                }
+                value.mappings[n] = piece.run.mapping(lo, hi, bias);
+                n += 1;
+            }
             // A file whose table had to be built took a while: the process
             // walks meanwhile, so what is known so far goes in now (the
             // snapshot is sorted by address, so the prefix is too).
@@ -480,15 +531,16 @@ impl Loader {
             .resolved
             .values()
             .flat_map(HashMap::values)
-            .map(|(run, _)| run.rows_start)
+            .flat_map(|(pieces, _)| pieces.iter().map(|p| p.run.rows_start))
             .chain(self.jit_code.values().map(|j| j.run.rows_start))
             .collect();
         let unused: Vec<FileId> = self
             .files
             .iter()
             .filter(|(_, e)| {
-                e.as_ref()
-                    .is_some_and(|e| !live.contains(&e.run.rows_start) && e.used.elapsed() >= idle)
+                e.as_ref().is_some_and(|e| {
+                    !live.contains(&e.pieces[0].run.rows_start) && e.used.elapsed() >= idle
+                })
             })
             .map(|(&id, _)| id)
             .collect();
@@ -497,7 +549,7 @@ impl Loader {
             unused
                 .iter()
                 .filter_map(|id| self.files.remove(id).flatten())
-                .map(|e| e.run),
+                .flat_map(|e| e.pieces.iter().map(|p| p.run).collect::<Vec<_>>()),
         );
         if runs.is_empty() {
             return false;
@@ -572,6 +624,33 @@ impl Loader {
         Some(descriptor.vaddr.wrapping_add(bias))
     }
 
+    /// A table's rows written in pieces of at most `piece_rows`; `None`
+    /// (and nothing taken) if they do not all fit.
+    fn write_pieces(&mut self, rows: &[UnwindRow]) -> Option<Pieces> {
+        let mut pieces: Vec<Piece> = Vec::new();
+        for part in rows.chunks(self.piece_rows) {
+            let Some(run) = self.write_rows(part) else {
+                for p in &pieces {
+                    self.row_space.give_back(p.run.rows_start, p.run.rows_len);
+                    self.chunk_space
+                        .give_back(p.run.chunks_start, p.run.chunks_len);
+                }
+                return None;
+            };
+            let lo = if pieces.is_empty() { 0 } else { part[0].pc };
+            if let Some(last) = pieces.last_mut() {
+                last.hi = lo;
+            }
+            pieces.push(Piece {
+                lo,
+                hi: u32::MAX,
+                run,
+            });
+        }
+        self.stats.pieces += pieces.len() as u64;
+        Some(pieces.into())
+    }
+
     /// Appends rows to the map, and their chunk index where it fits (else
     /// the unwinder searches all of them); `None` if the rows do not fit.
     fn write_rows(&mut self, rows: &[UnwindRow]) -> Option<RowsRun> {
@@ -628,7 +707,7 @@ impl Loader {
         }
         if let Some(loads) = self.not_fitting.get(&id) {
             return Some(FileEntry {
-                run: RowsRun::NO_ROOM,
+                pieces: no_room(),
                 loads: loads.clone(),
                 used: Instant::now(),
             });
@@ -636,7 +715,10 @@ impl Loader {
         // A process gone before its file could be opened says nothing of
         // the file: the next process that maps it tries again.
         let entry = self.build(id, &mapped).ok()?;
-        if entry.as_ref().is_none_or(|e| e.run != RowsRun::NO_ROOM) {
+        if entry
+            .as_ref()
+            .is_none_or(|e| e.pieces[0].run != RowsRun::NO_ROOM)
+        {
             self.files.insert(id, entry.clone());
         }
         entry
@@ -668,11 +750,11 @@ impl Loader {
             self.stats.files_without_table += 1;
             return Ok(None);
         };
-        let Some(run) = self.write_rows(&table.rows) else {
+        let Some(pieces) = self.write_pieces(&table.rows) else {
             self.stats.files_not_fitting += 1;
             self.not_fitting.insert(id, loads.clone());
             return Ok(Some(FileEntry {
-                run: RowsRun::NO_ROOM,
+                pieces: no_room(),
                 loads,
                 used: Instant::now(),
             }));
@@ -680,7 +762,7 @@ impl Loader {
         self.stats.files += 1;
         self.stats.files_cached += usize::from(cached);
         Ok(Some(FileEntry {
-            run,
+            pieces,
             loads,
             used: Instant::now(),
         }))
