@@ -1,16 +1,20 @@
-//! libvirt's API calls, named for the tables.
+//! libvirt's API calls and QEMU monitor commands, named for the tables.
 //!
 //! libvirtd's `rpc_server_client_msg_*` probes give an RPC program and
 //! procedure number; [`procedure_name`] names them from libvirt's own
 //! protocol definitions ([`PROGRAMS`], generated from Debian's libvirt
 //! source by `./x gen-libvirt-procs`; [`SOURCE_PACKAGE`] says which, for
-//! a table's header).
+//! a table's header). Its `qemu_monitor_*` probes give the JSON text of
+//! QMP messages, which [`qmp_command`], [`qmp_reply_error`] and
+//! [`qmp_event`] read.
 
 mod procs;
+mod qmp;
 
 use std::borrow::Cow;
 
 pub use procs::{PROGRAMS, SOURCE_PACKAGE};
+pub use qmp::{qmp_command, qmp_event, qmp_reply_error};
 
 /// An RPC program libvirtd serves: the public API (`remote`), QEMU's and
 /// LXC's private APIs, the admin API and the keepalive pings.
