@@ -16,6 +16,7 @@ pub mod fuzzing;
 pub mod graphs;
 pub mod html;
 pub mod kbtf;
+pub mod libvirt;
 pub mod procmaps;
 pub mod profile;
 pub mod record;

@@ -6,6 +6,7 @@
 mod bench;
 mod bench_report;
 mod fuzz;
+mod libvirt_procs;
 mod massboot;
 mod packages;
 mod soak;
@@ -76,6 +77,11 @@ enum Cmd {
     /// Run the fuzz targets (profiler/fuzz/) with the pinned nightly, from
     /// their committed corpora; installs cargo-fuzz into .tools/.
     Fuzz(fuzz::Opts),
+    /// Write profiler/src/libvirt/procs.rs, the names of libvirt's RPC
+    /// procedures, from Debian's libvirt source package for the installed
+    /// libvirt (downloaded with `apt-get source`; the system's apt sources
+    /// are not changed).
+    GenLibvirtProcs(libvirt_procs::Opts),
     /// (internal) Run a command under a child subreaper that reaps orphans.
     #[command(hide = true)]
     Subreaper {
@@ -146,6 +152,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Fuzz(opts) => fuzz::run_targets(&opts),
+        Cmd::GenLibvirtProcs(opts) => libvirt_procs::run(&opts),
         Cmd::BenchReport(opts) => toolchain::bootstrap().and_then(|()| {
             run(cargo().args([
                 "build",

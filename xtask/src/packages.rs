@@ -1,11 +1,18 @@
-//! Debian packages the sample runs and tests need, installed if missing.
+//! Debian packages the sample runs and tests need, installed if missing,
+//! and source packages the generators read (`./x gen-libvirt-procs`).
 //!
 //! The system's apt sources are never changed. Where packages must come
 //! from the release's backports suite, that suite is added for one apt run
 //! through a temporary sources directory, with the mirror and keyring of the
-//! system's own entry for the release.
+//! system's own entry for the release; source packages come through a
+//! private apt state (sources, lists, cache) of their own.
 
-use std::{fmt::Write as _, fs, path::Path, process::Command};
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, anyhow, ensure};
 
@@ -38,6 +45,21 @@ pub fn version(pkg: &str) -> Option<String> {
         .output()
         .ok()?;
     Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()).filter(|v| !v.is_empty())
+}
+
+/// The source package an installed package was built from, and its
+/// version (which a binary-only rebuild can make differ from the package's).
+pub fn source_of(pkg: &str) -> Option<(String, String)> {
+    if !installed(pkg) {
+        return None;
+    }
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${source:Package} ${source:Version}", pkg])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (name, version) = text.trim().split_once(' ')?;
+    Some((name.to_owned(), version.to_owned()))
 }
 
 /// Runs a command; its stdout, or an error with the command, its status
@@ -165,40 +187,183 @@ fn codename() -> anyhow::Result<String> {
         .ok_or_else(|| anyhow!("/etc/os-release names no VERSION_CODENAME: is this Debian?"))
 }
 
+impl Source {
+    /// This entry's mirror, components and keyring as one deb822 stanza of
+    /// `types` for `suites`.
+    fn stanza(&self, types: &str, suites: &[&str]) -> String {
+        let mut stanza = format!(
+            "Types: {types}\nURIs: {}\nSuites: {}\nComponents: {}\n",
+            self.uris.join(" "),
+            suites.join(" "),
+            if self.components.is_empty() {
+                "main".to_owned()
+            } else {
+                self.components.join(" ")
+            }
+        );
+        if let Some(key) = &self.signed_by {
+            let _ = writeln!(stanza, "Signed-By: {key}");
+        }
+        stanza
+    }
+
+    fn is_deb(&self) -> bool {
+        self.types.iter().any(|t| t == "deb")
+    }
+}
+
+/// The system's `deb` entry for the release itself, whose mirror and
+/// keyring the release's other suites are taken from.
+fn release_entry<'a>(sources: &'a [Source], codename: &str) -> anyhow::Result<&'a Source> {
+    sources
+        .iter()
+        .filter(|s| s.is_deb())
+        .find(|s| s.suites.iter().any(|x| x == codename))
+        .ok_or_else(|| {
+            anyhow!(
+                "no apt source of this system lists the suite {codename}, so there is no mirror \
+                 to take {codename}-backports or source packages from; add {codename}-backports \
+                 (and deb-src entries) to the apt sources by hand"
+            )
+        })
+}
+
 /// The deb822 stanza that adds `<codename>-backports` from the mirror and
 /// keyring of the system's entry for the release itself, or `None` when
 /// the system already lists backports.
 fn backports_stanza(sources: &[Source], codename: &str) -> anyhow::Result<Option<String>> {
     let suite = format!("{codename}-backports");
-    let debs = || {
-        sources
-            .iter()
-            .filter(|s| s.types.iter().any(|t| t == "deb"))
-    };
-    if debs().any(|s| s.suites.contains(&suite)) {
+    if sources
+        .iter()
+        .filter(|s| s.is_deb())
+        .any(|s| s.suites.contains(&suite))
+    {
         return Ok(None);
     }
-    let release = debs()
-        .find(|s| s.suites.iter().any(|x| x == codename))
-        .ok_or_else(|| {
+    Ok(Some(
+        release_entry(sources, codename)?.stanza("deb", &[&suite]),
+    ))
+}
+
+/// `deb-src` stanzas for every suite of the release the system's `deb`
+/// entries list (`bookworm`, `bookworm-updates`, `bookworm-security`, …),
+/// each from its own entry's mirror and keyring, plus `<codename>-backports`
+/// from the release's mirror when no entry lists it.
+fn deb_src_stanzas(sources: &[Source], codename: &str) -> anyhow::Result<String> {
+    let backports = format!("{codename}-backports");
+    let of_release = |suite: &str| {
+        suite == codename
+            || suite
+                .strip_prefix(codename)
+                .is_some_and(|rest| rest.starts_with('-'))
+    };
+    let mut stanzas = Vec::new();
+    let mut has_backports = false;
+    for s in sources.iter().filter(|s| s.is_deb()) {
+        let suites: Vec<&str> = s
+            .suites
+            .iter()
+            .map(String::as_str)
+            .filter(|x| of_release(x))
+            .collect();
+        if !suites.is_empty() {
+            has_backports |= suites.contains(&backports.as_str());
+            stanzas.push(s.stanza("deb-src", &suites));
+        }
+    }
+    if !has_backports {
+        stanzas.push(release_entry(sources, codename)?.stanza("deb-src", &[&backports]));
+    }
+    Ok(stanzas.join("\n"))
+}
+
+/// What `download_source` got.
+#[derive(Debug)]
+pub enum SourceFiles {
+    /// The whole source package: its `.dsc`, for `dpkg-source -x`.
+    Dsc(PathBuf),
+    /// Only the upstream tarball (`*.orig.tar.*`), checked against the
+    /// signed index as every apt download is: the mirror had not the rest
+    /// (the `.dsc` and Debian's changes).
+    OrigTarball(PathBuf),
+}
+
+/// Downloads the Debian source package `package` at `version` into `dir`
+/// (`apt-get source --download-only`), or, when the mirror serves only
+/// part of it, its upstream tarball (`--tar-only`).
+///
+/// apt runs with a state of its own under `dir/apt`: sources (the `deb-src`
+/// twins of the system's entries for the release, and its backports), lists
+/// and cache. The system's apt sources, lists and cache are not touched.
+pub fn download_source(package: &str, version: &str, dir: &Path) -> anyhow::Result<SourceFiles> {
+    let stanzas = deb_src_stanzas(&system_sources()?, &codename()?)?;
+    let apt_dir = dir.join("apt");
+    let parts = apt_dir.join("sources.list.d");
+    for d in [
+        parts.clone(),
+        apt_dir.join("lists/partial"),
+        apt_dir.join("cache/archives/partial"),
+    ] {
+        fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    fs::write(parts.join("hvprof-src.sources"), stanzas)?;
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.arg("-o")
+            .arg(format!("Dir::Etc::SourceParts={}", parts.display()))
+            .args(["-o", "Dir::Etc::SourceList=/dev/null"])
+            .arg("-o")
+            .arg(format!(
+                "Dir::State::Lists={}",
+                apt_dir.join("lists").display()
+            ))
+            .arg("-o")
+            .arg(format!("Dir::Cache={}", apt_dir.join("cache").display()))
+            .args(args)
+            .current_dir(dir)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    sh(&mut apt(&["update", "-qq"])).context("apt-get update (of the source lists) failed")?;
+    let wanted = format!("{package}={version}");
+    if let Err(whole) = sh(&mut apt(&["source", "--download-only", "-q", &wanted])) {
+        sh(&mut apt(&[
+            "source",
+            "--download-only",
+            "--tar-only",
+            "-q",
+            &wanted,
+        ]))
+        .map_err(|tar| {
             anyhow!(
-                "no apt source of this system lists the suite {codename}, so there is no mirror \
-                 to take {suite} from; add {suite} to the apt sources by hand"
+                "apt-get source {wanted} failed, and so did its upstream tarball alone: \
+                     is that version still on the mirror? (an old version may only be on a \
+                     snapshot archive; pass --source-dir)\n{whole:#}\n{tar:#}"
             )
         })?;
-    let mut stanza = format!(
-        "Types: deb\nURIs: {}\nSuites: {suite}\nComponents: {}\n",
-        release.uris.join(" "),
-        if release.components.is_empty() {
-            "main".to_owned()
-        } else {
-            release.components.join(" ")
-        }
-    );
-    if let Some(key) = &release.signed_by {
-        let _ = writeln!(stanza, "Signed-By: {key}");
+        let tarball = file_in(dir, |p| {
+            p.to_string_lossy().contains(".orig.tar.") && p.extension().is_some_and(|e| e != "asc")
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "apt-get source --tar-only left no tarball in {}",
+                dir.display()
+            )
+        })?;
+        return Ok(SourceFiles::OrigTarball(tarball));
     }
-    Ok(Some(stanza))
+    file_in(dir, |p| p.extension().is_some_and(|e| e == "dsc"))
+        .map(SourceFiles::Dsc)
+        .ok_or_else(|| anyhow!("apt-get source left no .dsc in {}", dir.display()))
+}
+
+/// The first file of `dir` that is `wanted`.
+fn file_in(dir: &Path, wanted: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| wanted(p))
 }
 
 /// Installs the missing packages, and only those, from `suite`.
@@ -300,5 +465,33 @@ mod tests {
         let with = parse_one_line("deb http://m.invalid/debian bookworm-backports main\n");
         assert_eq!(backports_stanza(&with, "bookworm").unwrap(), None);
         assert!(backports_stanza(&sources, "trixie").is_err());
+    }
+
+    #[test]
+    fn source_stanzas_twin_each_release_entry_and_add_backports() {
+        let sources = parse_deb822(DEB822);
+        let stanzas = deb_src_stanzas(&sources, "bookworm").unwrap();
+        assert_eq!(
+            stanzas,
+            "Types: deb-src\nURIs: http://mirror.invalid/debian\n\
+             Suites: bookworm bookworm-updates\nComponents: main contrib\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
+             Types: deb-src\nURIs: http://mirror.invalid/debian-security\n\
+             Suites: bookworm-security\nComponents: main\n\n\
+             Types: deb-src\nURIs: http://mirror.invalid/debian\n\
+             Suites: bookworm-backports\nComponents: main contrib\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        );
+        // Another release's suites, and a listed backports suite, are not doubled.
+        let mixed = parse_one_line(
+            "deb http://m.invalid/debian bookworm main\n\
+             deb http://m.invalid/debian bookworm-backports main\n\
+             deb http://m.invalid/debian trixie main\n\
+             deb http://m.invalid/debian bookwormish main\n",
+        );
+        let stanzas = deb_src_stanzas(&mixed, "bookworm").unwrap();
+        assert_eq!(stanzas.matches("Types: deb-src").count(), 2, "{stanzas}");
+        assert!(!stanzas.contains("trixie") && !stanzas.contains("bookwormish"));
+        assert!(deb_src_stanzas(&mixed, "sid").is_err());
     }
 }
