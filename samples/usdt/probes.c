@@ -11,7 +11,7 @@
  * (the semaphores' addresses), then for each line "go" on stdin fires
  * hvprof_test:rx 3 times and hvprof_test:tx 5 times -- each only while its
  * semaphore is non-zero, as libvirt's probes do -- and hvprof_test:nosem
- * (no semaphore) twice, and prints "done"; "bench N" calls rx N times and
+ * (no semaphore; its second argument is at address 8) twice, and prints "done"; "bench N" calls rx N times and
  * prints the nanoseconds a call took on average; "exit" ends it.
  *
  * gcc -O2 -o probes probes.c
@@ -89,9 +89,11 @@ __attribute__((noinline)) static void tx(int32_t n)
 				     : [v] "r"(v));
 }
 
+/* No semaphore; its second argument is memory that cannot be read. */
 __attribute__((noinline)) static void nosem(void)
 {
-	__asm__ __volatile__(HV_PROBE("hvprof_test", "nosem", 0, "8@$7"));
+	register uint64_t *z asm("r9") = NULL;
+	__asm__ __volatile__(HV_PROBE("hvprof_test", "nosem", 0, "8@$7 -8@8(%[z])") : : [z] "r"(z));
 }
 
 int main(void)
