@@ -432,3 +432,36 @@ fn usdt_probe_cost() {
     );
     assert_eq!(runs, CALLS);
 }
+
+/// libvirt's own probes, all guarded by semaphores: every site of Debian's
+/// `libvirt.so.0` attached, then `virsh` run on libvirt's in-process test
+/// driver. Needs libvirt-clients, so not run by default.
+#[test]
+#[ignore = "needs Debian's libvirt0 and virsh"]
+fn libvirt_probes_fire_in_virsh() {
+    require_privileges();
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/libvirt.so.0");
+    let probes = usdt::probes(lib).expect("read libvirt's probes");
+    assert!(probes.iter().all(|p| p.semaphore_offset.is_some()));
+    let mut bpf = load(&probes);
+    let link = attach(&bpf, lib, &probes, true);
+    let out = Command::new("virsh")
+        .args(["-c", "test:///default", "list", "--all"])
+        .output()
+        .expect("run virsh");
+    assert!(out.status.success());
+    drop(link);
+    let mut fired: BTreeMap<&str, usize> = BTreeMap::new();
+    for (id, hits) in hits(&mut bpf) {
+        let p = &probes[usize::try_from(id).expect("id")];
+        *fired.entry(p.name.as_str()).or_default() += hits.len();
+        let first = hits[0];
+        assert_eq!(first.count as usize, p.args.as_ref().expect("args").len());
+        assert_eq!(first.read, (1 << first.count) - 1, "{}: {first:?}", p.name);
+    }
+    println!("{fired:?}");
+    assert!(
+        fired.get("object_new").copied().unwrap_or(0) > 0,
+        "{fired:?}"
+    );
+}
