@@ -465,3 +465,47 @@ fn libvirt_probes_fire_in_virsh() {
         "{fired:?}"
     );
 }
+
+/// A link for one process: its probes fire in that process only, and the
+/// semaphores count its users there only.
+#[test]
+fn a_link_for_one_process() {
+    require_privileges();
+    let exe = build("onepid");
+    let probes = sample_probes(&exe);
+    let mut one = Sample::start(&exe);
+    let mut other = Sample::start(&exe);
+    let mut bpf = load(&probes);
+    let prog: &UProbe = bpf
+        .program(CHECK_USDT_PROGRAM)
+        .expect("program")
+        .try_into()
+        .expect("a uprobe");
+    let targets: Vec<Target> = probes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Target {
+            offset: p.offset,
+            ref_ctr_offset: p.semaphore_offset.unwrap_or(0),
+            cookie: u64::try_from(i).expect("small"),
+        })
+        .collect();
+    let link = uprobe_multi::attach(
+        prog.fd().expect("loaded").as_fd(),
+        &exe,
+        &targets,
+        Some(one.pid),
+        false,
+    )
+    .expect("attach for one process");
+    assert_eq!(one.semaphores(), (1, 1));
+    assert_eq!(other.semaphores(), (0, 0), "another process's semaphores");
+    one.fire();
+    other.fire();
+    let seen = hits(&mut bpf);
+    let counts: Vec<(u32, usize)> = seen.iter().map(|(k, v)| (*k, v.len())).collect();
+    assert_eq!(counts, [(0, 3), (1, 5), (2, 2)]);
+    assert!(seen.values().flatten().all(|h| h.tgid == one.pid));
+    drop(link);
+    assert_eq!(await_semaphores(&one, (0, 0)), (0, 0));
+}
