@@ -8,3 +8,4 @@
 pub mod check;
 pub mod record;
 pub mod unwind;
+pub mod usdt;

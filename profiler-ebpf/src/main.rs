@@ -8,6 +8,7 @@
 mod check;
 mod record;
 mod unwind;
+mod usdt;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -27,6 +27,7 @@ pub mod tables;
 pub mod tracefs;
 pub mod tracer;
 pub mod unwind;
+pub mod usdt;
 pub mod validate;
 pub mod windows;
 pub mod words;

@@ -24,6 +24,7 @@ mod load;
 mod options;
 mod symbolize;
 mod targets;
+pub mod uprobe_multi;
 
 use std::{
     path::PathBuf,
