@@ -84,16 +84,26 @@ fn build(test: &str) -> Scratch {
 /// Runs `hvprof record ARGS -- workload PLAN` (on- and off-CPU, at [`HZ`])
 /// to completion and reads the profile.
 fn record(s: &Scratch, args: &[&str], plan: &str) -> Profile {
+    let hz = HZ.to_string();
+    let workload = s.workload();
+    let workload = workload.to_str().expect("a UTF-8 path");
+    let mut all = vec!["--tracers", "oncpu,offcpu", "-F", &hz];
+    all.extend(args);
+    all.extend(["--", workload, plan]);
+    record_in(s, &all)
+}
+
+/// Runs `hvprof record -o OUT ARGS` in `s`'s directory to completion and
+/// reads the profile.
+fn record_in(s: &Scratch, args: &[&str]) -> Profile {
     let dir = s.0.join("out");
+    let _ = std::fs::remove_dir_all(&dir);
     let out = Command::new(env!("CARGO_BIN_EXE_hvprof"))
         .arg("record")
         .arg("-o")
         .arg(&dir)
-        .args(["--tracers", "oncpu,offcpu", "-F", &HZ.to_string()])
         .args(args)
-        .arg("--")
-        .arg(s.workload())
-        .arg(plan)
+        .current_dir(&s.0)
         .output()
         .expect("run hvprof");
     assert!(
@@ -514,27 +524,13 @@ fn dlopened_library_is_unwound() {
     assert_ran_whole(&on, "plugin_work", 500, whole, 0.95, "through call_plugin");
 }
 
-/// `hvprof record ARGS -- sh -c SCRIPT` in `s`'s directory; the profile.
+/// `hvprof record ARGS -- sh -c SCRIPT` (off-CPU) in `s`'s directory; the
+/// profile.
 fn record_script(s: &Scratch, args: &[&str], script: &str) -> Profile {
-    let dir = s.0.join("out");
-    let _ = std::fs::remove_dir_all(&dir);
-    let out = Command::new(env!("CARGO_BIN_EXE_hvprof"))
-        .arg("record")
-        .arg("-o")
-        .arg(&dir)
-        .args(["--tracers", "offcpu"])
-        .args(args)
-        .args(["--", "sh", "-c", script])
-        .current_dir(&s.0)
-        .output()
-        .expect("run hvprof");
-    assert!(
-        out.status.success(),
-        "hvprof record failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Profile::read(&dir.join("profile.hvprof")).expect("read profile")
+    let mut all = vec!["--tracers", "offcpu"];
+    all.extend(args);
+    all.extend(["--", "sh", "-c", script]);
+    record_in(s, &all)
 }
 
 /// The rows hvprof loaded (`unwind tables: rows`).
