@@ -776,6 +776,9 @@ fn stop_recording(
     signal(hv.id(), libc::SIGINT);
     let hv_out = hv.wait_with_output()?;
     let hv_stderr = err_drain.join().unwrap_or_default();
+    // Kept beside the daemons' logs: its warnings and, with
+    // HVPROF_TIMING set, where its time went.
+    fs::write(s.logs.join("hvprof.stderr"), &hv_stderr)?;
     ensure!(
         hv_out.status.success(),
         "step 6/7: hvprof record failed ({}):\n{hv_stderr}",
