@@ -96,9 +96,15 @@ fn record(s: &Scratch, args: &[&str], plan: &str) -> Profile {
 /// Runs `hvprof record -o OUT ARGS` in `s`'s directory to completion and
 /// reads the profile.
 fn record_in(s: &Scratch, args: &[&str]) -> Profile {
+    record_with(s, args, &[])
+}
+
+/// [`record_in`] with `env` set for hvprof.
+fn record_with(s: &Scratch, args: &[&str], env: &[(&str, &str)]) -> Profile {
     let dir = s.0.join("out");
     let _ = std::fs::remove_dir_all(&dir);
     let out = Command::new(env!("CARGO_BIN_EXE_hvprof"))
+        .envs(env.iter().copied())
         .arg("record")
         .arg("-o")
         .arg(&dir)
@@ -603,6 +609,28 @@ fn rows_of_exited_processes_make_room_for_new_files() {
     assert!(given_back.is_some_and(|n| n >= 2), "{report}");
 }
 
+/// The workload's sleeps in libc's `clock_nanosleep` (at least `want_ns`)
+/// unwound whole, through `sleeper` and `main` to `_start`.
+fn assert_sleeps_whole(p: &Profile, want_ns: u64) {
+    let off = offcpu(p);
+    let sleeping: Vec<_> = off
+        .iter()
+        .filter(|s| in_nanosleep(&s.frames))
+        .cloned()
+        .collect();
+    let all = weight(&sleeping, |_| true);
+    let whole = weight(&sleeping, |f| {
+        f.first() == Some(&"_start") && f.contains(&"main") && f.contains(&"sleeper")
+    });
+    assert!(all >= want_ns, "{all} ns in nanosleep:\n{}", dump(&off));
+    assert!(
+        share(whole, all) >= 0.95,
+        "{:.1} % of the sleeps whole:\n{}",
+        share(whole, all) * 100.0,
+        dump(&off)
+    );
+}
+
 /// With a small rows map, libc's table (some 20 k rows) is cut in pieces
 /// of at most 1/64 of the map, each its own mapping entry: the sleeps in
 /// libc's `clock_nanosleep` must still unwind whole through `sleeper` to
@@ -621,21 +649,36 @@ fn tables_cut_in_pieces_unwind_whole() {
         pieces >= files + 8,
         "{pieces} pieces for {files} files: libc was not cut; counters {counters:?}"
     );
-    let off = offcpu(&p);
-    let sleeping: Vec<_> = off
-        .iter()
-        .filter(|s| in_nanosleep(&s.frames))
-        .cloned()
-        .collect();
-    let all = weight(&sleeping, |_| true);
-    let whole = weight(&sleeping, |f| {
-        f.first() == Some(&"_start") && f.contains(&"main") && f.contains(&"sleeper")
-    });
-    assert!(all >= SLEEPS_NS, "{all} ns in nanosleep:\n{}", dump(&off));
-    assert!(
-        share(whole, all) >= 0.95,
-        "{:.1} % of the sleeps whole:\n{}",
-        share(whole, all) * 100.0,
-        dump(&off)
+    assert_sleeps_whole(&p, SLEEPS_NS);
+}
+
+/// A flush's symbol lookup (made to take 1.5 s here, as a first flush can
+/// on a slow machine, or one of hundreds of QEMUs) must not keep the
+/// recording from what a new process needs: the workload exec'd while the
+/// first flush looks up symbols must be snapshotted and get its tables at
+/// once, and its sleeps (all within the lookup) must be whole.
+#[test]
+fn a_process_started_during_a_flush_is_unwound_whole() {
+    let s = build("during-flush");
+    let p = record_with(
+        &s,
+        &[
+            "--tracers",
+            "offcpu",
+            "--flush-interval",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "sleep 1.2; ./workload sleeps:100",
+        ],
+        &[("HVPROF_TEST_SLOW_LOOKUP_MS", "1500")],
     );
+    let flush_ms = p.meta.counters.get("flushes while recording: ms").copied();
+    assert!(
+        flush_ms.is_some_and(|ms| ms >= 1500),
+        "no slow flush: {:?}",
+        p.meta.counters
+    );
+    assert_sleeps_whole(&p, 100 * 2_000_000);
 }

@@ -69,16 +69,15 @@ fn c_name(b: &[u8]) -> Option<String> {
     (end > 0).then(|| String::from_utf8_lossy(&b[..end]).into_owned())
 }
 
-/// The rows of one drain, symbolized into `frames`' table, as a part of
-/// the profile (its other fields empty).
+/// The rows of one drain, symbolized into `frames`' table (its
+/// [`Frames::lookups`] looked up first), as a part of the profile (its
+/// other fields empty).
 pub(super) fn part(
     rec: &Recorder,
     drained: &mut Drained,
     frames: &mut Frames,
     stacks: &StackStore,
 ) -> Profile {
-    let triples = drained.triples();
-    frames.prepare(&rec.processes, stacks, &triples);
     let mut s = Symbolize {
         frames,
         processes: &rec.processes,
@@ -192,6 +191,15 @@ fn offcpu(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffCpu> {
         .collect()
 }
 
+/// The kernel's data symbols, to name static locks: read once, at the
+/// first flush with lock waits (or a warning saying why they cannot be).
+pub(super) fn read_data_symbols() -> HashMap<u64, String> {
+    kernel::kernel_data_symbols().unwrap_or_else(|why| {
+        eprintln!("hvprof: warning: locks are named by address only: {why}");
+        HashMap::new()
+    })
+}
+
 fn locks(
     drained: &Drained,
     frames: &mut Symbolize<'_>,
@@ -200,13 +208,7 @@ fn locks(
     if drained.locks.is_empty() {
         return Vec::new();
     }
-    // Read once, at the first flush with lock waits.
-    let data_symbols = data_symbols.get_or_init(|| {
-        kernel::kernel_data_symbols().unwrap_or_else(|why| {
-            eprintln!("hvprof: warning: locks are named by address only: {why}");
-            HashMap::new()
-        })
-    });
+    let data_symbols = data_symbols.get_or_init(read_data_symbols);
     drained
         .locks
         .iter()

@@ -205,7 +205,7 @@ impl Recorder {
                 _ = flush.tick() => {
                     // The processes and VMs first: the flush writes them.
                     self.drain_events(events);
-                    flusher.flush(self, bpf)?;
+                    flusher.flush(self, bpf, events)?;
                 }
             }
             if let Some(stop) = self.targets_stop(gated.as_deref_mut(), slow) {
@@ -231,6 +231,24 @@ impl Recorder {
             return Some(Stop::TargetExited("every target pid is gone".to_owned()));
         }
         None
+    }
+
+    /// The event loop's work while a flush keeps it from the loop: waits
+    /// up to `wait` for the ring, handles its events, takes the snapshots
+    /// due and checks the walks sent.
+    pub fn serve_events(&mut self, ring: &mut RingBuf<MapData>, wait: Duration) {
+        use std::os::fd::AsRawFd;
+        let mut fd = libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd, the ring's fd, open while `ring` lives.
+        unsafe { libc::poll(&raw mut fd, 1, ms) };
+        self.drain_events(ring);
+        self.resnapshot_due();
+        self.drain_verifier(false);
     }
 
     /// Takes the snapshots that are due again (a snapshot equal to the

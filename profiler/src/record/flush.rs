@@ -7,19 +7,40 @@
 //! rest is drained, everything is added up, and the file is replaced by the
 //! whole profile.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
-use aya::Ebpf;
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+};
 
 use super::{
     assemble,
-    drain::{self, Seen, Take},
+    drain::{self, Drained, Seen, Take},
     events::{Recorder, Stop},
     monotonic_ns,
     options::{RecordError, Target},
     symbolize::{Frames, StackStore},
 };
 use crate::profile::{self, Profile, ProfileLog, Record, merge::Rows};
+
+/// How long the event loop may wait for the ring while a flush looks up
+/// symbols beside it: the flush's end is noticed this late at most.
+const SERVE_EVERY: Duration = Duration::from_millis(5);
+
+/// `HVPROF_TEST_SLOW_LOOKUP_MS`: makes each flush's symbol lookup take
+/// that much longer, as a first flush does on a slow machine or a flush of
+/// hundreds of QEMUs, for the tests of what goes on meanwhile.
+fn slow_lookup_for_tests() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let ms = std::env::var("HVPROF_TEST_SLOW_LOOKUP_MS").ok()?;
+        ms.parse().ok().map(Duration::from_millis)
+    })
+}
 
 /// The recording's file, and what has been drained into it.
 pub(super) struct Flusher {
@@ -74,7 +95,12 @@ impl Flusher {
 
     /// Drains what the programs wrote under the parity until now and
     /// appends it to the file.
-    pub fn flush(&mut self, rec: &mut Recorder, bpf: &mut Ebpf) -> Result<(), RecordError> {
+    pub fn flush(
+        &mut self,
+        rec: &mut Recorder,
+        bpf: &mut Ebpf,
+        ring: &mut RingBuf<MapData>,
+    ) -> Result<(), RecordError> {
         let started = Instant::now();
         let inactive = self.parity;
         self.parity = !self.parity;
@@ -96,6 +122,7 @@ impl Flusher {
         for tgid in tgids {
             rec.processes.snapshot(tgid);
         }
+        self.look_up_beside_the_loop(rec, ring, &drained);
         let mut record = Record {
             until_ns: flip_ns,
             last: false,
@@ -127,6 +154,49 @@ impl Flusher {
         Ok(())
     }
 
+    /// Looks up the symbols of `drained`'s stacks on another thread (the
+    /// first flush reads kallsyms and every ELF file, a flush of hundreds
+    /// of QEMUs reads their frames again: up to a second), while this one
+    /// goes on handling the recording's events. A process exec'd meanwhile
+    /// must be snapshotted while it lives, and a QEMU started meanwhile
+    /// needs its unwind tables loaded: its stacks would be cut till then.
+    fn look_up_beside_the_loop(
+        &mut self,
+        rec: &mut Recorder,
+        ring: &mut RingBuf<MapData>,
+        drained: &Drained,
+    ) {
+        let lookups = self
+            .frames
+            .lookups(&rec.processes, &self.stacks, &drained.triples());
+        let read_data_symbols = !drained.locks.is_empty() && rec.data_symbols.get().is_none();
+        // blazesym's symbolizer stays on this thread (it cannot move), the
+        // loop's work goes to another meanwhile.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let data_symbols = std::thread::scope(|s| {
+            let server = s.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    rec.serve_events(ring, SERVE_EVERY);
+                }
+            });
+            let looked_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if let Some(d) = slow_lookup_for_tests() {
+                    std::thread::sleep(d);
+                }
+                self.frames.look_up(&lookups);
+                read_data_symbols.then(assemble::read_data_symbols)
+            }));
+            done.store(true, Ordering::Release);
+            if let Err(panic) = server.join() {
+                std::panic::resume_unwind(panic);
+            }
+            looked_up.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+        if let Some(d) = data_symbols {
+            let _ = rec.data_symbols.set(d);
+        }
+    }
+
     /// Drains the rest of the frozen recording and adds everything up.
     pub fn finish(
         mut self,
@@ -142,6 +212,10 @@ impl Flusher {
             &mut self.seen,
             &mut self.stacks,
         )?;
+        let lookups = self
+            .frames
+            .lookups(&rec.processes, &self.stacks, &drained.triples());
+        self.frames.look_up(&lookups);
         let mut part = assemble::part(rec, &mut drained, &mut self.frames, &self.stacks);
         self.rows.add(&mut part);
         let mut profile =

@@ -72,6 +72,12 @@ fn is_tracing_frame(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
+/// The addresses one drain's stacks need named (see [`Frames::lookups`]).
+pub struct Lookups {
+    kernel: Vec<u64>,
+    files: Vec<(String, u64)>,
+}
+
 impl Frames {
     pub fn new(target_all: bool, kernel_stack_min_block: Duration) -> Self {
         let min_block = u64::try_from(kernel_stack_min_block.as_nanos()).unwrap_or(u64::MAX);
@@ -88,26 +94,25 @@ impl Frames {
         }
     }
 
-    /// Prepares the symbolizer for every frame of `triples`' stacks: the
-    /// kernel addresses, and the user frames batched per file. User stacks
-    /// are symbolized anew at each flush (a process's mappings may have
-    /// grown since); kernel ones once.
-    pub fn prepare(
+    /// What `triples`' stacks need looked up: the kernel addresses not
+    /// named yet, and the user frames as `(file, offset)`. User stacks are
+    /// symbolized anew at each flush (a process's mappings may have grown
+    /// since); kernel ones once.
+    pub fn lookups(
         &mut self,
         processes: &Processes,
         stacks: &StackStore,
         triples: &[(u32, u64, u64)],
-    ) {
+    ) -> Lookups {
         self.user.clear();
         self.sym.forget_idle_files(FILES_IDLE);
-        let kaddrs: Vec<u64> = triples
+        let kernel: Vec<u64> = triples
             .iter()
             .map(|&(_, k, _)| k)
             .filter(|id| !self.kernel.contains_key(id))
             .flat_map(|id| stacks.get(id))
             .copied()
             .collect();
-        self.sym.prepare_kernel(&kaddrs);
         let mut files = Vec::new();
         for &(tgid, _, id) in triples {
             let chain = processes.chain(tgid);
@@ -120,7 +125,16 @@ impl Frames {
         }
         files.sort_unstable();
         files.dedup();
-        self.sym.prepare_files(&files);
+        Lookups { kernel, files }
+    }
+
+    /// Looks `l` up in batches, for [`Self::stack`] to find: the slow part
+    /// of symbolizing (kallsyms and each ELF file are read at their first
+    /// use), and all of it that needs no process's mappings, so that it
+    /// can run beside the recording's event loop.
+    pub fn look_up(&mut self, l: &Lookups) {
+        self.sym.prepare_kernel(&l.kernel);
+        self.sym.prepare_files(&l.files);
     }
 
     /// A row's stack, outermost frame first: its user frames, then its

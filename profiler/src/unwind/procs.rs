@@ -204,6 +204,11 @@ struct MmapArray<T> {
     _of: std::marker::PhantomData<T>,
 }
 
+// SAFETY: the mapping belongs to this value alone (as a Vec's buffer does
+// to the Vec), and is reached only through it, so it may move to another
+// thread with it (the event loop's work does during a flush).
+unsafe impl<T: Send> Send for MmapArray<T> {}
+
 impl<T: Copy> MmapArray<T> {
     /// The kernel's array element stride: the value size rounded up to 8.
     const STRIDE: usize = size_of::<T>().next_multiple_of(8);
