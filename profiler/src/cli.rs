@@ -5,6 +5,18 @@ use std::time::Duration;
 
 /// Parses `500ms`, `10s`, `2m`, `1h`, `250us`, `100ns`; a bare number is
 /// seconds.
+/// A duration, or `forever` (`None`).
+#[derive(Clone, Copy, Debug)]
+pub struct DurationOrForever(pub Option<Duration>);
+
+/// Parses a [`DurationOrForever`].
+pub fn parse_duration_or_forever(text: &str) -> Result<DurationOrForever, String> {
+    if text.trim() == "forever" {
+        return Ok(DurationOrForever(None));
+    }
+    parse_duration(text).map(|d| DurationOrForever(Some(d)))
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t

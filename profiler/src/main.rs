@@ -4,7 +4,7 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use profiler::{
-    cli::{parse_duration, parse_pids},
+    cli::{DurationOrForever, parse_duration, parse_duration_or_forever, parse_pids},
     export,
     profile::Profile,
     record::{self, RecordOptions, Target, Tracer, UnwindMode, VmEvent},
@@ -31,7 +31,7 @@ enum Cmd {
         json: bool,
     },
     /// Record where the time goes while VMs are created, in windows keyed to the Nth VM.
-    Record(RecordArgs),
+    Record(Box<RecordArgs>),
     /// Render a profile again, offline on any machine: flame graphs, tables, HTML, CI
     /// gates.
     #[command(after_help = profiler::ci::GRAMMAR.as_str())]
@@ -179,6 +179,11 @@ struct RecordArgs {
     /// all but its last interval, and the maps hold only what two intervals add.
     #[arg(long, value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
     flush_interval: Duration,
+    /// Time system calls through one program on every system call of the machine for this
+    /// long (`forever`: the whole recording), then through the calls' own tracepoints, which
+    /// cost nothing on other calls but take ~70 ms each to detach at the stop (1-2 s).
+    #[arg(long, value_parser = parse_duration_or_forever, default_value = "10s", value_name = "DURATION")]
+    syscall_dispatch_for: DurationOrForever,
     /// Take off-CPU kernel stacks of sleeps at least this long (0: all, which costs more).
     #[arg(long, value_parser = parse_duration, default_value = "100us", value_name = "DURATION")]
     kernel_stack_min_block: Duration,
@@ -233,7 +238,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Check { json } => check(json),
-        Cmd::Record(args) => match record_cmd(args) {
+        Cmd::Record(args) => match record_cmd(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hvprof: {e}");
@@ -391,6 +396,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         vm_events,
         duration: args.duration,
         flush_interval: args.flush_interval.max(Duration::from_millis(100)),
+        syscall_dispatch_for: args.syscall_dispatch_for.0,
         output: args.output,
         command_line: std::env::args().collect(),
         bpf_stats: args.bpf_stats,

@@ -209,12 +209,14 @@ const VM_WINDOWS: [Probe; 1] = [Probe::Syscalls {
     calls: &VM_SYSCALLS,
     enter: names::PROG_IOCTL_ENTER,
     exit: names::PROG_IOCTL_EXIT,
+    per_call: names::PROG_IOCTL_PER_CALL,
 }];
 
 const UNWIND: [Probe; 1] = [Probe::Syscalls {
     calls: &UNWIND_SYSCALLS,
     enter: names::PROG_UNWIND_MMAP_ENTER,
     exit: names::PROG_UNWIND_MMAP_EXIT,
+    per_call: names::PROG_UNWIND_MMAP_PER_CALL,
 }];
 
 const ONCPU: [Probe; 1] = [Probe::CpuClock {
@@ -242,6 +244,7 @@ const FORK: [Probe; 2] = [
         calls: &FORK_SYSCALLS,
         enter: names::PROG_FORK_ENTER,
         exit: names::PROG_FORK_EXIT,
+        per_call: names::PROG_FORK_PER_CALL,
     },
     // Only where the learned fork paths do not hold.
     Probe::Uprobe {
@@ -266,6 +269,7 @@ const CGROUP: [Probe; 4] = [
         calls: &CGROUP_SYSCALLS,
         enter: names::PROG_CGROUP_SYSCALL_ENTER,
         exit: names::PROG_CGROUP_SYSCALL_EXIT,
+        per_call: names::PROG_CGROUP_SYSCALL_PER_CALL,
     },
 ];
 
@@ -291,11 +295,14 @@ pub enum Probe {
         program: &'static str,
     },
     /// System calls: program `enter` runs when one of `calls` is entered,
-    /// `exit` when it returns, from the [`Probe::SyscallDispatch`].
+    /// `exit` when it returns, from the [`Probe::SyscallDispatch`]; after
+    /// `--syscall-dispatch-for`, their twins `per_call` (enter, exit) on
+    /// the calls' own classic tracepoints instead ([`syscall_pair`]).
     Syscalls {
         calls: &'static [&'static str],
         enter: &'static str,
         exit: &'static str,
+        per_call: [&'static str; 2],
     },
     /// Programs `enter` and `exit` on `raw_syscalls:sys_enter` and
     /// `sys_exit` (BTF tracepoints), which run the [`Probe::Syscalls`]
@@ -320,13 +327,18 @@ impl Probe {
             Self::BtfTracepoint { program, .. }
             | Self::CpuClock { program }
             | Self::Uprobe { program } => vec![program],
-            Self::Syscalls { enter, exit, .. } | Self::SyscallDispatch { enter, exit } => {
-                vec![enter, exit]
-            }
+            Self::Syscalls {
+                enter,
+                exit,
+                per_call: [e, x],
+                ..
+            } => vec![enter, exit, e, x],
+            Self::SyscallDispatch { enter, exit } => vec![enter, exit],
         }
     }
 
-    /// The tracepoints it attaches to (all BTF tracepoints).
+    /// The BTF tracepoints it attaches to (the per-call tracepoints of
+    /// [`Probe::Syscalls`] come later: [`syscall_pair`]).
     #[must_use]
     pub fn tracepoints(self) -> Vec<Tracepoint> {
         match self {

@@ -57,18 +57,18 @@ fn perf_stat(events: &[String], plan: &str) -> BTreeMap<String, u64> {
 }
 
 /// The counts of `events` over the plan, alone and while `hvprof record
-/// -a` with every tracer records.
+/// -a ARGS` with every tracer records.
 fn alone_and_beside_hvprof(
     name: &str,
     events: &[String],
     plan: &str,
+    args: &[&str],
 ) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
     let alone = perf_stat(events, plan);
     let dir = out_dir(name);
-    let hv = start_recording(
-        &dir,
-        &["-a", "--tracers", "oncpu,offcpu,locks,fork,cgroup,dbus"],
-    );
+    let mut all = vec!["-a", "--tracers", "oncpu,offcpu,locks,fork,cgroup,dbus"];
+    all.extend(args);
+    let hv = start_recording(&dir, &all);
     let beside = perf_stat(events, plan);
     // SAFETY: kill(2) of the child this test started.
     unsafe { libc::kill(hv.id().cast_signed(), libc::SIGINT) };
@@ -84,28 +84,16 @@ fn perf_counts_the_same_tracepoint_events_while_hvprof_records() {
     // Work whose every event count is the same each run: VMs, forks,
     // vforks, spawns (execs), cgroup mkdir/attach/rmdir, threads.
     let plan = "vm,forks:5,vforks:3,spawns:2,cgroups:2,thread:20,vm";
-    let (alone, beside) = alone_and_beside_hvprof("guest-exact", &events, plan);
-    for e in &events {
-        if e.starts_with("lock:")
-            || e.starts_with("sched:sched_switch")
-            || e.starts_with("raw_syscalls:")
-        {
-            continue; // not the same each run; below
-        }
-        // vmload's writes (its output, cgroup.procs) vary by one or two
-        // from run to run; every other count is exact.
-        let slack = if e.ends_with("_write") { 2 } else { 0 };
-        assert!(
-            beside[e].abs_diff(alone[e]) <= slack,
-            "{e}: perf counted {} alone, {} while hvprof recorded",
-            alone[e],
-            beside[e]
-        );
+    // The system calls timed through the dispatch (the first 10 s), and on
+    // their own tracepoints.
+    for args in [&[][..], &["--syscall-dispatch-for", "0"]] {
+        let (alone, beside) = alone_and_beside_hvprof("guest-exact", &events, plan, args);
+        assert_same_exact_counts(&events, &alone, &beside, args);
     }
-    assert!(alone["syscalls:sys_enter_ioctl"] >= 2 && alone["cgroup:cgroup_mkdir"] >= 2);
-    // Contention and switches vary from run to run: perf must still see
-    // them while hvprof records.
-    let (alone, beside) = alone_and_beside_hvprof("guest-contend", &events, "contend:300");
+    // Contention and switches vary from run to run (and hvprof's own work
+    // changes how often vmload's threads collide): perf must still see
+    // them while hvprof records, where a blinded perf sees none.
+    let (alone, beside) = alone_and_beside_hvprof("guest-contend", &events, "contend:300", &[]);
     for e in [
         "lock:contention_begin",
         "lock:contention_end",
@@ -113,10 +101,38 @@ fn perf_counts_the_same_tracepoint_events_while_hvprof_records() {
         "raw_syscalls:sys_exit",
     ] {
         assert!(
-            alone[e] > 0 && beside[e] > alone[e] / 4,
+            alone[e] > 0 && beside[e] > alone[e] / 10,
             "{e}: perf counted {} alone, {} while hvprof recorded",
             alone[e],
             beside[e]
         );
     }
+}
+
+/// The counts that are the same each run are the same beside hvprof
+/// (recording with `args`).
+fn assert_same_exact_counts(
+    events: &[String],
+    alone: &BTreeMap<String, u64>,
+    beside: &BTreeMap<String, u64>,
+    args: &[&str],
+) {
+    for e in events {
+        if e.starts_with("lock:")
+            || e.starts_with("sched:sched_switch")
+            || e.starts_with("raw_syscalls:")
+        {
+            continue; // not the same each run
+        }
+        // vmload's writes (its output, cgroup.procs) vary by one or two
+        // from run to run; every other count is exact.
+        let slack = if e.ends_with("_write") { 2 } else { 0 };
+        assert!(
+            beside[e].abs_diff(alone[e]) <= slack,
+            "{e}: perf counted {} alone, {} while hvprof {args:?} recorded",
+            alone[e],
+            beside[e]
+        );
+    }
+    assert!(alone["syscalls:sys_enter_ioctl"] >= 2 && alone["cgroup:cgroup_mkdir"] >= 2);
 }

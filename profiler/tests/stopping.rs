@@ -71,13 +71,20 @@ fn hvprof_exits_soon_after_its_command_and_leaves_nothing_attached() {
         took < Duration::from_millis(3500),
         "hvprof exited {took:?} after it started recording a 1 s command"
     );
+    assert_nothing_left(&links, &progs);
+    assert!(Profile::read(&dir.join("profile.hvprof")).is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// None of `links` is attached, and `progs` go within 3 s.
+fn assert_nothing_left(links: &BTreeSet<u32>, progs: &BTreeSet<u32>) {
     // A link's id goes when it is closed; a program's may outlive it by an
     // RCU grace period, while the kernel frees it.
-    let left = loaded_links().intersection(&links).count();
+    let left = loaded_links().intersection(links).count();
     assert_eq!(left, 0, "{left} of hvprof's links are still attached");
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let left: Vec<u32> = loaded_programs().intersection(&progs).copied().collect();
+        let left: Vec<u32> = loaded_programs().intersection(progs).copied().collect();
         if left.is_empty() {
             break;
         }
@@ -87,7 +94,55 @@ fn hvprof_exits_soon_after_its_command_and_leaves_nothing_attached() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(Profile::read(&dir.join("profile.hvprof")).is_ok());
+}
+
+/// Once the timed system calls moved to their own (classic) tracepoints,
+/// those are detached at the end too, one grace period each (about 70 ms
+/// here): the fork and cgroup tracers' 16, ioctl's and mmap's 4.
+#[test]
+fn the_system_calls_own_tracepoints_are_detached_too() {
+    let dir = out_dir("teardown-per-call");
+    let (mut hv, _) = start_recording_logged(
+        &dir,
+        &[
+            "--tracers",
+            "fork,cgroup",
+            "--syscall-dispatch-for",
+            "0",
+            "--",
+            "/bin/sleep",
+            "3",
+        ],
+    );
+    let before = bpf_objects_of(hv.id());
+    // The move: the twins verified, attached, the dispatch detached.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let (progs, links) = loop {
+        let now = bpf_objects_of(hv.id());
+        if now.0.len() >= before.0.len() + 8 || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        progs.len() >= before.0.len() + 8 && links.len() >= before.1.len() + 20 - 2,
+        "before the move hvprof held {} programs and {} links, after {} and {}",
+        before.0.len(),
+        before.1.len(),
+        progs.len(),
+        links.len()
+    );
+    let status = hv.wait().unwrap();
+    assert!(status.success());
+    assert_nothing_left(&links, &progs);
+    let p = Profile::read(&dir.join("profile.hvprof")).unwrap();
+    assert!(
+        p.meta
+            .counters
+            .contains_key("system calls timed on their own tracepoints from: ms"),
+        "{:?}",
+        p.meta.counters
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

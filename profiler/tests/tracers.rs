@@ -433,3 +433,72 @@ fn cgroup_attaches_are_timed_when_asked() {
     assert!(attach[0].total_ns > 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The timed system calls move from the dispatch on `raw_syscalls` to the
+/// calls' own tracepoints while the workload makes them without a pause
+/// (`--syscall-dispatch-for 300ms`; the move itself waits for the twins'
+/// verification): every VM creation (`ioctl`), fork and cgroup mkdir/rmdir
+/// is counted once and timed, none lost or counted twice by the two, and
+/// some of each kind fall on each side of the move.
+#[test]
+fn system_calls_are_counted_exactly_across_the_move_to_their_own_tracepoints() {
+    const ROUNDS: usize = 60;
+    let vmload = vmload();
+    let plan = vec!["vm,forks:2,cgroups:1,busy:20"; ROUNDS].join(",");
+    let (p, dir) = record(
+        "syscall-move",
+        &[
+            "--tracers",
+            "fork,cgroup",
+            "--window-size",
+            "1000",
+            "--syscall-dispatch-for",
+            "300ms",
+            "--",
+            vmload.to_str().unwrap(),
+            &plan,
+        ],
+    );
+    let moved_ms = p
+        .meta
+        .counters
+        .get("system calls timed on their own tracepoints from: ms")
+        .copied();
+    let moved_at_ns = moved_ms.expect("the calls moved to their own tracepoints") * 1_000_000;
+    let vms = p
+        .vms
+        .iter()
+        .filter(|v| v.comm.starts_with("vmload"))
+        .count();
+    let before = p
+        .vms
+        .iter()
+        .filter(|v| v.comm.starts_with("vmload") && v.time_ns < moved_at_ns)
+        .count();
+    let report = format!(
+        "moved at {moved_ms:?} ms; {vms} VMs, {before} before the move; forks {:#?}; \
+         cgroups {:#?}",
+        p.forks, p.cgroups
+    );
+    assert_eq!(vms, ROUNDS, "{report}");
+    assert!(before > 0 && before < ROUNDS, "{report}");
+    let forks: u64 = p
+        .forks
+        .iter()
+        .filter(|f| f.comm.starts_with("vmload") && !f.thread)
+        .map(|f| f.count)
+        .sum();
+    assert_eq!(forks, 2 * ROUNDS as u64, "{report}");
+    assert!(p.forks.iter().all(|f| f.total_ns > 0), "{report}");
+    let rows = profiler::tables::cgroups(&p, None);
+    let timed = |op: &str| -> (u64, u64) {
+        rows.iter()
+            .filter(|r| r.op == op && r.path == "/hvprof-vmload-*/cg-*" && r.hierarchy == "v2")
+            .fold((0, 0), |(c, t), r| (c + r.count, t + r.timed))
+    };
+    for op in ["mkdir", "rmdir"] {
+        assert_eq!(timed(op), (ROUNDS as u64, ROUNDS as u64), "{op}: {report}");
+    }
+    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -68,6 +68,9 @@ pub const SETUP_WINDOW: u32 = 0;
 /// that began before it) and can be read and deleted without a race.
 pub const PHASE_STOPPED: u32 = 1;
 pub const PHASE_PARITY: u32 = 2;
+/// The system-call programs run on the calls' own tracepoints, no longer
+/// through the dispatch (see the eBPF `syscalls` module).
+pub const PHASE_PER_CALL_SYSCALLS: u32 = 4;
 /// The bit of a recorded window that is the flush parity.
 pub const WINDOW_PARITY: u32 = 1 << 31;
 /// A recorded window that is no window (an event outside every window).
@@ -117,6 +120,9 @@ pub mod names {
     pub const PROG_EXIT: &str = "task_exit";
     pub const PROG_IOCTL_ENTER: &str = "vm_ioctl_enter";
     pub const PROG_IOCTL_EXIT: &str = "vm_ioctl_exit";
+    /// The system-call programs' twins on the calls' own tracepoints.
+    pub const PROG_IOCTL_PER_CALL: [&str; 2] =
+        ["vm_ioctl_enter_per_call", "vm_ioctl_exit_per_call"];
     pub const PROG_LOCK_BEGIN: &str = "lock_contention_begin";
     pub const PROG_LOCK_END: &str = "lock_contention_end";
 
@@ -133,11 +139,19 @@ pub mod names {
     pub const PROG_CGROUP_ATTACH: &str = "cgroup_attach";
     pub const PROG_CGROUP_SYSCALL_ENTER: &str = "cgroup_syscall_enter";
     pub const PROG_CGROUP_SYSCALL_EXIT: &str = "cgroup_syscall_exit";
+    pub const PROG_CGROUP_SYSCALL_PER_CALL: [&str; 2] = [
+        "cgroup_syscall_enter_per_call",
+        "cgroup_syscall_exit_per_call",
+    ];
     pub const PROG_FORK_ENTER: &str = "fork_syscall_enter";
     pub const PROG_FORK_EXIT: &str = "fork_syscall_exit";
+    pub const PROG_FORK_PER_CALL: [&str; 2] =
+        ["fork_syscall_enter_per_call", "fork_syscall_exit_per_call"];
     pub const PROG_FORK_CALLER: &str = "fork_caller";
     pub const PROG_UNWIND_MMAP_ENTER: &str = "unwind_mmap_enter";
     pub const PROG_UNWIND_MMAP_EXIT: &str = "unwind_mmap_exit";
+    pub const PROG_UNWIND_MMAP_PER_CALL: [&str; 2] =
+        ["unwind_mmap_enter_per_call", "unwind_mmap_exit_per_call"];
     /// On `raw_syscalls:sys_enter`/`sys_exit`: jump to the program in the
     /// call's slot of `SYSCALL_ENTER_PROGS`/`SYSCALL_EXIT_PROGS`.
     pub const PROG_SYSCALL_ENTER: &str = "syscall_enter";

@@ -153,11 +153,11 @@ pub fn cgroup_attach(ctx: BtfTracePointContext) -> Option<u32> {
 }
 }
 
-tracepoint_program! {
+syscall_program! {
 /// `mkdir`, `mkdirat`, `rmdir`, `unlinkat` (and with
 /// `--time-cgroup-writes` `write`) entered by a tracked task: the system
 /// calls cgroup operations are made in.
-pub fn cgroup_syscall_enter(_ctx: BtfTracePointContext) -> Option<u32> {
+pub fn cgroup_syscall_enter, cgroup_syscall_enter_per_call(_call, _ctx) -> Option<u32> {
     try_cgroup_syscall_enter()
 }
 }
@@ -171,8 +171,8 @@ fn try_cgroup_syscall_enter() -> Option<u32> {
     Some(0)
 }
 
-tracepoint_program! {
-pub fn cgroup_syscall_exit(_ctx: BtfTracePointContext) -> Option<u32> {
+syscall_program! {
+pub fn cgroup_syscall_exit, cgroup_syscall_exit_per_call(_call, _ctx) -> Option<u32> {
     try_cgroup_syscall_exit()
 }
 }

@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use profiler_common::record::{
     COMM_LEN, Counter, Event, EventKind, LOCK_HIST_BUCKETS, Loss, LossKey, MAX_WINDOW_RANGES,
-    PHASE_PARITY, PHASE_STOPPED, SETUP_WINDOW, TargetMode, VmState, WINDOW_PARITY, WindowMode,
-    WindowRange, hist_bucket, window_every,
+    PHASE_PARITY, PHASE_PER_CALL_SYSCALLS, PHASE_STOPPED, SETUP_WINDOW, TargetMode, VmState,
+    WINDOW_PARITY, WindowMode, WindowRange, hist_bucket, window_every,
 };
 
 #[map]
@@ -201,6 +201,15 @@ pub(super) fn window_for(vms: u64) -> Option<u32> {
         i += 1;
     }
     None
+}
+
+/// Whether userspace moved the system-call programs from the dispatch to
+/// the calls' own tracepoints (see [`STOPPED`]).
+#[inline(always)]
+pub(crate) fn per_call_syscalls() -> bool {
+    STOPPED
+        .get(0)
+        .is_some_and(|s| *s & PHASE_PER_CALL_SYSCALLS != 0)
 }
 
 /// Whether the recording has stopped (see [`STOPPED`]).
@@ -467,15 +476,30 @@ impl EntryRegs {
     }
 }
 
-/// The system call a program on `raw_syscalls:sys_enter` or `sys_exit` runs
-/// for: the registers both pass first.
+/// The system call a program timing it runs for, by the task's user
+/// registers: those `raw_syscalls:sys_enter` and `sys_exit` pass first, or
+/// on a call's own classic tracepoint the current task's.
 #[derive(Clone, Copy)]
-pub(super) struct Syscall(*const pt_regs);
+pub(crate) struct Syscall(*const pt_regs);
 
 impl Syscall {
     #[inline(always)]
-    pub(super) fn of(ctx: &BtfTracePointContext) -> Self {
+    pub(crate) fn of(ctx: &BtfTracePointContext) -> Self {
         Self(ctx.arg(0))
+    }
+
+    /// The current task's (on a `syscalls:` tracepoint).
+    #[inline(always)]
+    pub(crate) fn current() -> Self {
+        Self(EntryRegs::current().0)
+    }
+
+    /// Its return value, at `sys_exit` (`rax`, what the tracepoint
+    /// passes as `ret`).
+    #[inline(always)]
+    pub(super) fn ret(self) -> i64 {
+        // SAFETY: as in `nr`.
+        unsafe { core::ptr::read_volatile(&raw const (*self.0).rax) as i64 }
     }
 
     /// Its number (`orig_rax`).
@@ -514,12 +538,6 @@ impl Syscall {
 
 /// x86-64's `__USER_CS`.
 const USER64_CS: u64 = 0x33;
-
-/// The return value of the system call a `sys_exit` program runs for.
-#[inline(always)]
-pub(super) fn syscall_ret(ctx: &BtfTracePointContext) -> i64 {
-    ctx.arg(1)
-}
 
 // -------------------------------------------------------------- events
 

@@ -3,15 +3,16 @@
 //! [`caller_of`]) and user stack, with the parent's time in the call.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_get_current_task_btf, bpf_probe_read_user},
     macros::{map, uprobe},
     maps::HashMap,
-    programs::{BtfTracePointContext, ProbeContext},
+    programs::ProbeContext,
 };
 use profiler_common::record::{CLONE_THREAD, ForkKey, ForkStart, ForkValue, Loss, fork_kind};
 
 use super::{
-    common::{EntryRegs, Syscall, Task, aggregate, comm, now, stopped, syscall_ret, timed, traced},
+    common::{EntryRegs, Syscall, Task, aggregate, comm, now, stopped, timed, traced},
     stacks::user_stack,
 };
 use crate::unwind;
@@ -85,18 +86,17 @@ pub(super) fn clone3_flags(uargs: u64) -> u64 {
     unsafe { bpf_probe_read_user(uargs as *const u64) }.unwrap_or(0)
 }
 
-tracepoint_program! {
+syscall_program! {
 /// `clone`, `clone3`, `fork` or `vfork` entered: one program, told apart
 /// by the syscall number.
-pub fn fork_syscall_enter(ctx: BtfTracePointContext) -> Option<u32> {
-    try_fork_syscall_enter(&ctx)
+pub fn fork_syscall_enter, fork_syscall_enter_per_call(call, _ctx) -> Option<u32> {
+    try_fork_syscall_enter(call)
 }
 }
 
 #[inline(always)]
-fn try_fork_syscall_enter(ctx: &BtfTracePointContext) -> Option<u32> {
+fn try_fork_syscall_enter(call: Syscall) -> Option<u32> {
     let (task, window) = traced()?;
-    let call = Syscall::of(ctx);
     let nr = call.nr() as u32;
     // clone(flags, …); clone3(uargs, size)
     let (mut kind, flags) = if nr == config!(nr_clone) {
@@ -121,14 +121,14 @@ fn try_fork_syscall_enter(ctx: &BtfTracePointContext) -> Option<u32> {
     Some(0)
 }
 
-tracepoint_program! {
-pub fn fork_syscall_exit(ctx: BtfTracePointContext) -> Option<u32> {
-    try_fork_syscall_exit(&ctx)
+syscall_program! {
+pub fn fork_syscall_exit, fork_syscall_exit_per_call(call, ctx) -> Option<u32> {
+    try_fork_syscall_exit(call, ctx)
 }
 }
 
 #[inline(always)]
-fn try_fork_syscall_exit(ctx: &BtfTracePointContext) -> Option<u32> {
+fn try_fork_syscall_exit<C: EbpfContext>(call: Syscall, ctx: &C) -> Option<u32> {
     if stopped() {
         return None;
     }
@@ -139,7 +139,7 @@ fn try_fork_syscall_exit(ctx: &BtfTracePointContext) -> Option<u32> {
     let start = unsafe { *start };
     let _ = FORK_START.remove(&pid);
     // Failed forks (ret < 0) created nothing.
-    if syscall_ret(ctx) <= 0 {
+    if call.ret() <= 0 {
         return None;
     }
     let took = now().saturating_sub(start.start_ns);

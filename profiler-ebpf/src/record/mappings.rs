@@ -6,11 +6,10 @@
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap},
-    programs::BtfTracePointContext,
 };
 use profiler_common::record::{EventKind, MAPPING_SETTLE_NS};
 
-use super::common::{Syscall, Task, current_window, emit, now, syscall_ret};
+use super::common::{Syscall, Task, current_window, emit, now};
 use crate::unwind::{self, UNWIND_ALIAS, UNWIND_PROCS};
 
 /// `mmap`'s `PROT_EXEC` and `MAP_ANONYMOUS`.
@@ -25,20 +24,19 @@ static MMAP_EXEC: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 #[map]
 static MMAP_ANNOUNCED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
 
-tracepoint_program! {
+syscall_program! {
 /// `mmap` entered (`--unwind dwarf`): a process the unwinder knows maps a
 /// file executable, as the dynamic loader does at a `dlopen` (the text
 /// segment, `PROT_READ | PROT_EXEC`). Marked here; announced at the exit,
 /// once the mapping is in the process's maps.
-pub fn unwind_mmap_enter(ctx: BtfTracePointContext) -> Option<u32> {
-    try_unwind_mmap_enter(&ctx)
+pub fn unwind_mmap_enter, unwind_mmap_enter_per_call(call, _ctx) -> Option<u32> {
+    try_unwind_mmap_enter(call)
 }
 }
 
 #[inline(always)]
-fn try_unwind_mmap_enter(ctx: &BtfTracePointContext) -> Option<u32> {
+fn try_unwind_mmap_enter(call: Syscall) -> Option<u32> {
     // mmap(addr, len, prot, flags, fd, off)
-    let call = Syscall::of(ctx);
     let (prot, flags) = (call.arg::<2>(), call.arg::<3>());
     if prot & PROT_EXEC == 0 || flags & MAP_ANONYMOUS != 0 {
         return None;
@@ -51,23 +49,23 @@ fn try_unwind_mmap_enter(ctx: &BtfTracePointContext) -> Option<u32> {
     Some(0)
 }
 
-tracepoint_program! {
+syscall_program! {
 /// `mmap` returned: a marked mapping that succeeded is announced
 /// (`EventKind::UnwindMapping`), unless one of the process was announced
 /// less than `MAPPING_SETTLE_NS` ago: userspace reads the mappings that
 /// long after that one, so the read sees this one too.
-pub fn unwind_mmap_exit(ctx: BtfTracePointContext) -> Option<u32> {
-    try_unwind_mmap_exit(&ctx)
+pub fn unwind_mmap_exit, unwind_mmap_exit_per_call(call, _ctx) -> Option<u32> {
+    try_unwind_mmap_exit(call)
 }
 }
 
 #[inline(always)]
-fn try_unwind_mmap_exit(ctx: &BtfTracePointContext) -> Option<u32> {
+fn try_unwind_mmap_exit(call: Syscall) -> Option<u32> {
     let pid = Task::current().pid();
     // SAFETY: a valid map value, copied.
     let tgid = unsafe { MMAP_EXEC.get(&pid) }.copied()?;
     let _ = MMAP_EXEC.remove(&pid);
-    let ret = syscall_ret(ctx);
+    let ret = call.ret();
     // -4095..-1: an errno.
     if (-4095..0).contains(&ret) {
         return None;

@@ -19,7 +19,10 @@
 //! tracepoint's or a `uprobe.multi` link's program is detached without an
 //! RCU grace period each (a classic tracepoint's or a perf-event uprobe's
 //! costs one, about 70 ms here, and hvprof had fifty), and leaves the
-//! events to other tools untouched.
+//! events to other tools untouched. The exception: the programs timing
+//! system calls move to the calls' own classic tracepoints once a
+//! recording has run long enough for them to cost less there (see
+//! [`syscalls`]).
 //!
 //! Every program computes the current window from the kernel's VM count when
 //! its event happens, so there is no race with userspace.
@@ -62,6 +65,55 @@ macro_rules! tracepoint_program {
                 let _ = program(::aya_ebpf::programs::BtfTracePointContext::new(ctx));
             }
             0
+        }
+    };
+}
+
+/// A program timing a system call, built twice from one body: on a BTF
+/// tracepoint (`tp_btf`), for the dispatch on `raw_syscalls` to jump to,
+/// and on the call's own classic tracepoint (`syscalls:sys_enter_X`), which
+/// userspace attaches instead once the recording has run for
+/// `--syscall-dispatch-for` (see [`syscalls`]). Both run the body on the
+/// task's registers ([`common::Syscall`]); the classic one only once
+/// userspace switched (`PHASE_PER_CALL_SYSCALLS`), and it returns 1, so
+/// the event goes on to other perf users of the tracepoint.
+macro_rules! syscall_program {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident, $per_call:ident($call:ident, $ctx:ident) -> $ret:ty $body:block
+    ) => {
+        $(#[$attr])*
+        #[unsafe(no_mangle)]
+        #[unsafe(link_section = "tp_btf")]
+        $vis fn $name(ctx: *mut ::core::ffi::c_void) -> i32 {
+            #[inline(always)]
+            fn program<C: ::aya_ebpf::EbpfContext>(
+                $call: $crate::record::common::Syscall,
+                $ctx: &C,
+            ) -> $ret $body
+            if let Some(_running) = $crate::record::common::Running::start() {
+                let ctx = ::aya_ebpf::programs::BtfTracePointContext::new(ctx);
+                let _ = program($crate::record::common::Syscall::of(&ctx), &ctx);
+            }
+            0
+        }
+
+        $(#[$attr])*
+        #[unsafe(no_mangle)]
+        #[unsafe(link_section = "tracepoint")]
+        $vis fn $per_call(ctx: *mut ::core::ffi::c_void) -> u32 {
+            #[inline(always)]
+            fn program<C: ::aya_ebpf::EbpfContext>(
+                $call: $crate::record::common::Syscall,
+                $ctx: &C,
+            ) -> $ret $body
+            if $crate::record::common::per_call_syscalls()
+                && let Some(_running) = $crate::record::common::Running::start()
+            {
+                let ctx = ::aya_ebpf::programs::TracePointContext::new(ctx);
+                let _ = program($crate::record::common::Syscall::current(), &ctx);
+            }
+            1
         }
     };
 }

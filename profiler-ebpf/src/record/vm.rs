@@ -1,12 +1,10 @@
 //! VM creations, which move the windows: a successful `KVM_CREATE_VM`
 //! ioctl, or with `--vm-event exec:` an exec whose comm matches.
 
-use aya_ebpf::{EbpfContext as _, macros::map, maps::HashMap, programs::BtfTracePointContext};
+use aya_ebpf::{macros::map, maps::HashMap};
 use profiler_common::record::{COMM_LEN, EventKind, KVM_CREATE_VM, VM_SOURCE_EXEC, VM_SOURCE_KVM};
 
-use super::common::{
-    Syscall, Task, VM_STATE, add_atomic, comm_matches, emit, stopped, syscall_ret, window_for,
-};
+use super::common::{Syscall, Task, VM_STATE, add_atomic, comm_matches, emit, stopped, window_for};
 
 /// Processes whose VM was counted at exec (`--vm-event exec:`): their first
 /// successful `KVM_CREATE_VM` is that same VM and is not counted again.
@@ -62,39 +60,37 @@ pub(super) fn exec(task: Task, comm: &[u8; COMM_LEN]) {
     }
 }
 
-tracepoint_program! {
+syscall_program! {
 /// `ioctl(fd, cmd, arg)` entered.
-pub fn vm_ioctl_enter(ctx: BtfTracePointContext) -> Option<u32> {
-    try_vm_ioctl_enter(&ctx)
+pub fn vm_ioctl_enter, vm_ioctl_enter_per_call(call, _ctx) -> Option<u32> {
+    try_vm_ioctl_enter(call)
 }
 }
 
 #[inline(always)]
-fn try_vm_ioctl_enter(ctx: &BtfTracePointContext) -> Option<u32> {
+fn try_vm_ioctl_enter(call: Syscall) -> Option<u32> {
     if config!(vm_event_kvm) == 0 {
         return None;
     }
-    let cmd = Syscall::of(ctx).arg::<1>();
-    if cmd == KVM_CREATE_VM {
-        let pid = ctx.pid();
-        let _ = PENDING_CREATE.insert(&pid, &1, 0);
+    if call.arg::<1>() == KVM_CREATE_VM {
+        let _ = PENDING_CREATE.insert(&Task::current().pid(), &1, 0);
     }
     Some(0)
 }
 
-tracepoint_program! {
-pub fn vm_ioctl_exit(ctx: BtfTracePointContext) -> Option<u32> {
-    try_vm_ioctl_exit(&ctx)
+syscall_program! {
+pub fn vm_ioctl_exit, vm_ioctl_exit_per_call(call, _ctx) -> Option<u32> {
+    try_vm_ioctl_exit(call)
 }
 }
 
 #[inline(always)]
-fn try_vm_ioctl_exit(ctx: &BtfTracePointContext) -> Option<u32> {
+fn try_vm_ioctl_exit(call: Syscall) -> Option<u32> {
     let task = Task::current();
     // SAFETY: only presence is tested.
     unsafe { PENDING_CREATE.get(&task.pid()) }?;
     let _ = PENDING_CREATE.remove(&task.pid());
-    let ret = syscall_ret(ctx);
+    let ret = call.ret();
     // A VM fd: the VM exists (unless its exec already counted it).
     if ret >= 0 && VM_BY_EXEC.remove(&task.tgid()).is_err() {
         let _ = vm_created(task, VM_SOURCE_KVM);

@@ -27,7 +27,7 @@ use crate::{
     ebpf::{self, Global},
     sys::{self, Privileges},
     tracefs::{Tracefs, Tracepoint},
-    tracer::Tracer,
+    tracer::{Part, Probe, Tracer, syscall_pair},
 };
 
 /// The function the uprobe check attaches to, in this very executable.
@@ -326,7 +326,51 @@ fn tracepoint_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>, btf: Option<&Btf>)
             _ => btf_tracepoint_row(bpf, btf, tp, needed_by, required),
         });
     }
+    if let Some(tracefs) = tracefs {
+        rows.push(per_call_row(tracefs));
+    }
     rows
+}
+
+/// The timed system calls' own tracepoints (`syscalls:sys_enter_X`,
+/// `sys_exit_X`), where their programs move after `--syscall-dispatch-for`:
+/// without them they stay on the dispatch, which costs every system call.
+fn per_call_row(tracefs: &Tracefs) -> Row {
+    let calls: Vec<&str> = Part::ALL
+        .iter()
+        .flat_map(|p| p.probes())
+        .flat_map(|p| match p {
+            Probe::Syscalls { calls, .. } => calls.to_vec(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let name = "syscalls:sys_enter_*/sys_exit_* of the timed calls";
+    let missing: Vec<String> = calls
+        .iter()
+        .flat_map(|c| syscall_pair(c))
+        .filter(|&tp| tracefs.id(tp).is_err())
+        .map(|tp| tp.to_string())
+        .collect();
+    if missing.is_empty() {
+        Row::ok(
+            name,
+            Part::Syscalls.into(),
+            false,
+            format!("{} tracepoints ({})", calls.len() * 2, calls.join(", ")),
+        )
+    } else {
+        Row::missing(
+            name,
+            Part::Syscalls.into(),
+            false,
+            format!(
+                "{} not found: the timed system calls stay on the dispatch on raw_syscalls, \
+                 which runs on every system call of the machine",
+                missing.join(", ")
+            ),
+            "use a kernel with CONFIG_FTRACE_SYSCALLS=y",
+        )
+    }
 }
 
 /// Loads `prog` on BTF tracepoint `tp` (again: a program can be loaded on

@@ -19,12 +19,14 @@ use aya::{
     Btf, Ebpf,
     maps::{MapData, ProgramArray},
     programs::{
-        BtfTracePoint, PerfEvent, ProgramError, UProbe,
+        BtfTracePoint, PerfEvent, ProgramError, TracePoint, UProbe,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        tp_btf::BtfTracePointLinkId,
+        trace_point::TracePointLink,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use profiler_common::record::names;
+use profiler_common::record::{PHASE_PER_CALL_SYSCALLS, names};
 
 use super::{
     kernel::Facts,
@@ -37,7 +39,7 @@ use crate::{
     tracefs::Tracepoint,
     tracer::{
         CGROUP_WRITE_SYSCALL, DBUS_LIBRARIES, FORK_FUNCTIONS, Part, Probe, SYSCALL_TRACEPOINTS,
-        Tracer, syscall_nr,
+        Tracer, syscall_nr, syscall_pair,
     },
 };
 
@@ -56,6 +58,18 @@ pub(super) struct Plan<'a> {
 pub(super) struct Attached {
     pub tracers: Vec<Tracer>,
     pub uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    /// The system-call dispatch's links, detached when the programs move to
+    /// the calls' own tracepoints ([`switch_to_per_call`]).
+    pub dispatch_links: Vec<(&'static str, BtfTracePointLinkId)>,
+}
+
+/// Whether a recording with `tracers` and `opts` attaches `part`.
+fn wanted(part: Part, tracers: &[Tracer], opts: &RecordOptions) -> bool {
+    match part {
+        Part::Targets | Part::Syscalls | Part::VmWindows => true,
+        Part::Unwind => opts.unwind == UnwindMode::Dwarf,
+        Part::Tracer(t) => tracers.contains(&t),
+    }
 }
 
 /// Attaches the machinery's probes (task tracking first, so that no fork
@@ -66,20 +80,18 @@ pub(super) fn attach(
     facts: &Facts,
     plan: &Plan<'_>,
 ) -> Result<Attached, RecordError> {
-    for part in Part::ALL {
-        let wanted = match part {
-            Part::Targets | Part::Syscalls | Part::VmWindows => true,
-            Part::Unwind => plan.opts.unwind == UnwindMode::Dwarf,
-            Part::Tracer(_) => false,
-        };
-        if wanted {
-            attach_probes(bpf, btf, part, plan.opts)?;
-        }
-    }
     let mut attached = Attached {
         tracers: facts.tracers.clone(),
         uprobe_links: Vec::new(),
+        dispatch_links: Vec::new(),
     };
+    for part in Part::ALL {
+        if !matches!(part, Part::Tracer(_)) && wanted(part, &[], plan.opts) {
+            attached
+                .dispatch_links
+                .extend(attach_probes(bpf, btf, part, plan.opts)?);
+        }
+    }
     for part in Part::ALL {
         let Part::Tracer(tracer) = part else {
             continue;
@@ -111,11 +123,7 @@ fn programs_to_load(tracers: &[Tracer], plan: &Plan<'_>) -> Vec<(&'static str, L
     let mut out = Vec::new();
     let [enter, exit] = SYSCALL_TRACEPOINTS.map(|t| Load::Btf(t.name));
     for part in Part::ALL {
-        let wanted = match part {
-            Part::Targets | Part::Syscalls | Part::VmWindows => true,
-            Part::Unwind => plan.opts.unwind == UnwindMode::Dwarf,
-            Part::Tracer(t) => tracers.contains(&t),
-        };
+        let wanted = wanted(part, tracers, plan.opts);
         for probe in part.probes().iter().filter(|_| wanted) {
             match *probe {
                 Probe::BtfTracepoint {
@@ -215,7 +223,7 @@ fn attach_tracer(
     plan: &Plan<'_>,
     links: &mut Vec<(&'static str, UProbeLinkId)>,
 ) -> Result<Option<String>, RecordError> {
-    let attached = attach_probes(bpf, btf, Part::Tracer(tracer), plan.opts);
+    let attached = attach_probes(bpf, btf, Part::Tracer(tracer), plan.opts).map(drop);
     match tracer {
         // Its BTF tracepoint needs Linux 5.18 or later (sched_switch's
         // prev_state): without it the other tracers still run.
@@ -240,40 +248,52 @@ fn attach_tracer(
     Ok(None)
 }
 
+/// The calls of `part`'s [`Probe::Syscalls`] `calls` that are hooked:
+/// `write` only with `--time-cgroup-writes`.
+fn hooked_calls(part: Part, calls: &[&'static str], opts: &RecordOptions) -> Vec<&'static str> {
+    calls
+        .iter()
+        .copied()
+        .filter(|call| {
+            opts.time_cgroup_writes
+                || !(part == Part::Tracer(Tracer::Cgroup) && *call == CGROUP_WRITE_SYSCALL)
+        })
+        .collect()
+}
+
 /// Attaches `part`'s BTF tracepoints and perf events, and puts its system
-/// calls' programs in the dispatch. Its uprobes go into files found at run
-/// time: [`attach_fork_callers`], [`attach_dbus`].
+/// calls' programs in the dispatch; returns the dispatch's links. Its
+/// uprobes go into files found at run time: [`attach_fork_callers`],
+/// [`attach_dbus`].
 fn attach_probes(
     bpf: &mut Ebpf,
     btf: &Btf,
     part: Part,
     opts: &RecordOptions,
-) -> Result<(), RecordError> {
+) -> Result<Vec<(&'static str, BtfTracePointLinkId)>, RecordError> {
+    let mut dispatch_links = Vec::new();
     for probe in part.probes() {
         match *probe {
             Probe::BtfTracepoint {
                 tracepoint,
                 program,
-            } => btf_tracepoint(bpf, btf, program, tracepoint)?,
+            } => {
+                btf_tracepoint(bpf, btf, program, tracepoint)?;
+            }
             Probe::SyscallDispatch { enter, exit } => {
                 for (program, tracepoint) in [enter, exit].into_iter().zip(SYSCALL_TRACEPOINTS) {
-                    btf_tracepoint(bpf, btf, program, tracepoint)?;
+                    let link = btf_tracepoint(bpf, btf, program, tracepoint)?;
+                    dispatch_links.push((program, link));
                 }
             }
             // Every entry first: an exit whose entry was not seen is
             // ignored, and a start left by a call whose exit came before
             // its program was in place is overwritten by the thread's next
             // call.
-            Probe::Syscalls { calls, enter, exit } => {
-                let hooked: Vec<&str> = calls
-                    .iter()
-                    .copied()
-                    .filter(|call| {
-                        opts.time_cgroup_writes
-                            || !(part == Part::Tracer(Tracer::Cgroup)
-                                && *call == CGROUP_WRITE_SYSCALL)
-                    })
-                    .collect();
+            Probe::Syscalls {
+                calls, enter, exit, ..
+            } => {
+                let hooked = hooked_calls(part, calls, opts);
                 let tables = [names::SYSCALL_ENTER_PROGS, names::SYSCALL_EXIT_PROGS];
                 for ((program, tracepoint), table) in [enter, exit]
                     .into_iter()
@@ -287,7 +307,90 @@ fn attach_probes(
             Probe::Uprobe { .. } => {}
         }
     }
-    Ok(())
+    Ok(dispatch_links)
+}
+
+/// The programs' twins a recording with `tracers` moves to the calls' own
+/// tracepoints, and where: the entries first, as at the start.
+pub(super) fn per_call_hooks(
+    tracers: &[Tracer],
+    opts: &RecordOptions,
+) -> Vec<(&'static str, Tracepoint)> {
+    let mut hooks = Vec::new();
+    for part in Part::ALL.into_iter().filter(|&p| wanted(p, tracers, opts)) {
+        for probe in part.probes() {
+            if let Probe::Syscalls {
+                calls,
+                per_call: [enter, exit],
+                ..
+            } = *probe
+            {
+                for call in hooked_calls(part, calls, opts) {
+                    let [on_enter, on_exit] = syscall_pair(call);
+                    hooks.extend([(enter, on_enter), (exit, on_exit)]);
+                }
+            }
+        }
+    }
+    hooks.sort_by_key(|&(_, tp)| !tp.name.starts_with("sys_enter"));
+    hooks
+}
+
+/// Moves the timed system calls from the dispatch to the calls' own
+/// tracepoints (see the eBPF `syscalls` module): loads the programs' twins
+/// (in `load`, which the caller runs beside the event loop: verifying them
+/// takes a while), attaches them to `hooks` ([`per_call_hooks`])
+/// (they do nothing yet), sets `PHASE_PER_CALL_SYSCALLS` (from then on the
+/// dispatch jumps nowhere and the twins run) and detaches the dispatch.
+/// Each call is timed by exactly one of them; one in flight is entered
+/// under the dispatch and exits under its twin, through the same maps.
+/// On an error nothing has changed: the dispatch goes on.
+pub(super) fn switch_to_per_call(
+    bpf: &mut Ebpf,
+    hooks: &[(&'static str, Tracepoint)],
+    dispatch: &mut Vec<(&'static str, BtfTracePointLinkId)>,
+    load: impl FnOnce(&mut dyn FnMut()),
+) -> Result<Vec<TracePointLink>, RecordError> {
+    let mut names: Vec<&'static str> = hooks.iter().map(|&(p, _)| p).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut programs: Vec<&mut TracePoint> = bpf
+        .programs_mut()
+        .filter(|(name, _)| names.contains(name))
+        .filter_map(|(_, p)| p.try_into().ok())
+        .collect();
+    let mut loaded = Ok(());
+    load(&mut || {
+        loaded = programs
+            .iter_mut()
+            .filter(|p| p.fd().is_err())
+            .try_for_each(|p| p.load());
+    });
+    loaded.map_err(attach_err(
+        "the system-call programs for their own tracepoints",
+    ))?;
+    let mut links = Vec::new();
+    for &(prog, tp) in hooks {
+        let p: &mut TracePoint = bpf
+            .program_mut(prog)
+            .ok_or(RecordError::Missing { name: prog })?
+            .try_into()
+            .map_err(attach_err(prog))?;
+        let id = p
+            .attach(tp.category, tp.name)
+            .map_err(attach_err(format!("{prog} to {tp}")))?;
+        links.push(p.take_link(id).map_err(attach_err(prog))?);
+    }
+    super::drain::set_phase(bpf, PHASE_PER_CALL_SYSCALLS, 0)?;
+    for (prog, id) in dispatch.drain(..) {
+        if let Some(p) = bpf
+            .program_mut(prog)
+            .and_then(|p| <&mut BtfTracePoint>::try_from(p).ok())
+        {
+            let _ = p.detach(id);
+        }
+    }
+    Ok(links)
 }
 
 fn attach_err(what: impl Into<String>) -> impl FnOnce(ProgramError) -> RecordError {
@@ -327,11 +430,10 @@ fn btf_tracepoint(
     btf: &Btf,
     prog: &'static str,
     tp: Tracepoint,
-) -> Result<(), RecordError> {
+) -> Result<BtfTracePointLinkId, RecordError> {
     load_btf(bpf, btf, prog, tp)?
         .attach()
-        .map_err(attach_err(format!("{prog} to {tp}")))?;
-    Ok(())
+        .map_err(attach_err(format!("{prog} to {tp}")))
 }
 
 /// Puts `prog` (loaded on `tp`, `raw_syscalls:sys_enter` or `sys_exit`) in
@@ -389,39 +491,40 @@ fn cpu_clock(bpf: &mut Ebpf, prog: &'static str, frequency_hz: u64) -> Result<()
     Ok(())
 }
 
-/// Detaches and unloads every recording program (the uprobe links
-/// [`Detaching`] took are gone already).
+/// Detaches and unloads every recording program (the links [`Detaching`]
+/// took are gone already).
 pub(super) fn unload_all(bpf: &mut Ebpf) {
-    for probe in Part::ALL.iter().flat_map(|p| p.probes()) {
-        for name in probe.programs() {
-            let Some(p) = bpf.program_mut(name) else {
-                continue;
-            };
-            let _ = match probe {
-                Probe::BtfTracepoint { .. }
-                | Probe::Syscalls { .. }
-                | Probe::SyscallDispatch { .. } => {
-                    <&mut BtfTracePoint>::try_from(p).map(BtfTracePoint::unload)
-                }
-                Probe::CpuClock { .. } => <&mut PerfEvent>::try_from(p).map(PerfEvent::unload),
-                Probe::Uprobe { .. } => <&mut UProbe>::try_from(p).map(UProbe::unload),
-            };
-        }
+    use aya::programs::Program;
+    for (_, p) in bpf.programs_mut() {
+        let _ = match p {
+            Program::BtfTracePoint(p) => p.unload(),
+            Program::TracePoint(p) => p.unload(),
+            Program::PerfEvent(p) => p.unload(),
+            Program::UProbe(p) => p.unload(),
+            _ => Ok(()),
+        };
     }
 }
 
-/// The uprobe links being detached, each in a thread of its own: the
-/// kernel waits for an RCU grace period to detach each (about 70 ms here),
-/// and waits that overlap end together. Dropping it waits for them.
+/// The links that cost an RCU grace period each to detach (about 70 ms
+/// here), being detached: the uprobe links each in a thread of its own
+/// (waits that overlap end together), the system calls' own tracepoints
+/// one after the other in one (the kernel detaches those under one mutex).
+/// Dropping it waits for them.
 #[derive(Debug)]
 pub struct Detaching {
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Detaching {
-    /// Takes `links` out of their programs and detaches them.
-    pub(super) fn start(bpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) -> Self {
-        let threads = links
+    /// Takes the uprobe `links` out of their programs and detaches them
+    /// with `per_call`.
+    pub(super) fn start(
+        bpf: &mut Ebpf,
+        links: Vec<(&'static str, UProbeLinkId)>,
+        per_call: Vec<TracePointLink>,
+    ) -> Self {
+        let mut threads: Vec<JoinHandle<()>> = links
             .into_iter()
             .filter_map(|(name, id)| {
                 let p: &mut UProbe = bpf.program_mut(name)?.try_into().ok()?;
@@ -429,6 +532,9 @@ impl Detaching {
                 Some(std::thread::spawn(move || drop(link)))
             })
             .collect();
+        if !per_call.is_empty() {
+            threads.push(std::thread::spawn(move || drop(per_call)));
+        }
         Self { threads }
     }
 }

@@ -27,12 +27,7 @@ use profiler_common::{
     unwind::UnwindStop,
 };
 
-use super::{
-    attach,
-    events::Recorder,
-    options::{self, RecordError},
-    symbolize::StackStore,
-};
+use super::{attach, events::Recorder, options::RecordError, symbolize::StackStore};
 use crate::{
     profile::{self, LossCount},
     tracer::Tracer,
@@ -44,16 +39,10 @@ use crate::{
 /// cannot be written, the programs are detached instead, so that the maps
 /// hold still all the same.
 pub(super) fn freeze(bpf: &mut Ebpf) {
-    let name = names::STOPPED;
-    let frozen = bpf
-        .map_mut(name)
-        .ok_or_else(|| "the map is missing from the eBPF object".to_owned())
-        .and_then(|m| Array::<&mut MapData, u32>::try_from(m).map_err(|e| options::chain(&e)))
-        .and_then(|mut a| a.set(0, &PHASE_STOPPED, 0).map_err(|e| options::chain(&e)));
-    if let Err(e) = frozen {
+    if let Err(e) = set_phase(bpf, PHASE_STOPPED, 0) {
         eprintln!(
-            "hvprof: warning: the recording's maps could not be frozen (writing {name}: {e}): \
-             the probes are detached before the maps are read instead, which takes longer"
+            "hvprof: warning: the recording's maps could not be frozen ({e}): the probes are \
+             detached before the maps are read instead, which takes longer"
         );
         attach::unload_all(bpf);
     }
@@ -70,13 +59,24 @@ fn settle() {
 /// their entries under it. Returns once the programs that read the old
 /// parity are done.
 pub(super) fn flip(bpf: &mut Ebpf, parity: bool) -> Result<(), RecordError> {
+    if parity {
+        set_phase(bpf, PHASE_PARITY, 0)?;
+    } else {
+        set_phase(bpf, 0, PHASE_PARITY)?;
+    }
+    settle();
+    Ok(())
+}
+
+/// Sets bits `set` and clears bits `clear` of the phase word the programs
+/// read (`STOPPED`); userspace, its only writer, writes it from one thread.
+pub(super) fn set_phase(bpf: &mut Ebpf, set: u32, clear: u32) -> Result<(), RecordError> {
     let name = names::STOPPED;
     let map = bpf.map_mut(name).ok_or(RecordError::Missing { name })?;
     let mut a: Array<&mut MapData, u32> = Array::try_from(map).map_err(map_err(name))?;
-    a.set(0, &if parity { PHASE_PARITY } else { 0 }, 0)
-        .map_err(map_err(name))?;
-    settle();
-    Ok(())
+    let phase = a.get(&0, 0).map_err(map_err(name))?;
+    a.set(0, &((phase & !clear) | set), 0)
+        .map_err(map_err(name))
 }
 
 /// Which entries a drain takes.
@@ -113,7 +113,9 @@ pub(super) struct Seen {
 
 /// The programs `--bpf-stats` reports, in the order of its table: every
 /// program of the tracer registry, each once (a test checks it).
-const STATS_ORDER: [&str; 24] = [
+/// (A program not loaded, as the system calls' twins on their own
+/// tracepoints until the move, has no line.)
+const STATS_ORDER: [&str; 32] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_SYSCALL_ENTER,
@@ -123,18 +125,26 @@ const STATS_ORDER: [&str; 24] = [
     names::PROG_EXIT,
     names::PROG_IOCTL_ENTER,
     names::PROG_IOCTL_EXIT,
+    names::PROG_IOCTL_PER_CALL[0],
+    names::PROG_IOCTL_PER_CALL[1],
     names::PROG_LOCK_BEGIN,
     names::PROG_LOCK_END,
     names::PROG_FORK_ENTER,
     names::PROG_FORK_EXIT,
+    names::PROG_FORK_PER_CALL[0],
+    names::PROG_FORK_PER_CALL[1],
     names::PROG_CGROUP_MKDIR,
     names::PROG_CGROUP_RMDIR,
     names::PROG_CGROUP_ATTACH,
     names::PROG_CGROUP_SYSCALL_ENTER,
     names::PROG_CGROUP_SYSCALL_EXIT,
+    names::PROG_CGROUP_SYSCALL_PER_CALL[0],
+    names::PROG_CGROUP_SYSCALL_PER_CALL[1],
     names::PROG_FORK_CALLER,
     names::PROG_UNWIND_MMAP_ENTER,
     names::PROG_UNWIND_MMAP_EXIT,
+    names::PROG_UNWIND_MMAP_PER_CALL[0],
+    names::PROG_UNWIND_MMAP_PER_CALL[1],
     names::PROG_DBUS_ENTER,
     names::PROG_DBUS_RETURN,
     names::PROG_DBUS_NAMES,

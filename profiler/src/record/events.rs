@@ -43,6 +43,15 @@ pub(super) struct Recorder {
     pub restarts: Restarts,
     /// The uprobe links, detached together at the stop.
     pub uprobe_links: Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>,
+    /// The system-call dispatch's links, while it runs.
+    pub dispatch_links: Vec<(&'static str, aya::programs::tp_btf::BtfTracePointLinkId)>,
+    /// When the system-call programs move to the calls' own tracepoints
+    /// (`--syscall-dispatch-for` after the start), until they do.
+    pub syscall_switch_at: Option<Instant>,
+    /// Since the start, when they moved.
+    pub per_call_since_ns: Option<u64>,
+    /// Their links there, detached at the stop.
+    pub per_call_links: Vec<aya::programs::trace_point::TracePointLink>,
     pub ring_losses: u64,
     /// Snapshots to take again: at exec only the binary and the dynamic
     /// loader are mapped, the libraries come a moment later.
@@ -74,6 +83,10 @@ impl fmt::Display for Stop {
     }
 }
 
+/// How long the event loop's work beside a flush or a load waits for the
+/// ring at a time: the work's end is noticed this late at most.
+const SERVE_EVERY: Duration = Duration::from_millis(5);
+
 fn runtime_err(step: &'static str) -> impl FnOnce(io::Error) -> RecordError {
     move |source| RecordError::Runtime { step, source }
 }
@@ -103,6 +116,10 @@ impl Recorder {
             targets_gone: false,
             tracers: Vec::new(),
             uprobe_links: Vec::new(),
+            dispatch_links: Vec::new(),
+            syscall_switch_at: None,
+            per_call_since_ns: None,
+            per_call_links: Vec::new(),
             restarts: Restarts::default(),
             ring_losses: 0,
             resnap: Vec::new(),
@@ -184,6 +201,13 @@ impl Recorder {
                     None => std::future::pending().await,
                 }
             };
+            let switch_at = self.syscall_switch_at;
+            let switch = async {
+                match switch_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             let mut slow = false;
             tokio::select! {
                 _ = sigint.recv() => return Ok(Stop::Signal("SIGINT")),
@@ -196,6 +220,7 @@ impl Recorder {
                     self.drain_events(events);
                 }
                 () = resnap => self.resnapshot_due(),
+                () = switch => self.switch_syscalls(bpf, events),
                 _ = sigchld.recv() => {}
                 _ = tick.tick() => {
                     self.drain_events(events);
@@ -231,6 +256,61 @@ impl Recorder {
             return Some(Stop::TargetExited("every target pid is gone".to_owned()));
         }
         None
+    }
+
+    /// `--syscall-dispatch-for` is up: the system-call programs move to the
+    /// calls' own tracepoints; if they cannot, they stay on the dispatch
+    /// (with a warning).
+    fn switch_syscalls(&mut self, bpf: &mut Ebpf, ring: &mut RingBuf<MapData>) {
+        self.syscall_switch_at = None;
+        let hooks = super::attach::per_call_hooks(&self.tracers, &self.opts);
+        let mut dispatch = std::mem::take(&mut self.dispatch_links);
+        let switched = super::attach::switch_to_per_call(bpf, &hooks, &mut dispatch, |load| {
+            self.beside_the_loop(ring, load);
+        });
+        match switched {
+            Ok(links) => {
+                self.per_call_links = links;
+                self.per_call_since_ns = Some(super::monotonic_ns().saturating_sub(self.start_ns));
+            }
+            Err(e) => {
+                eprintln!(
+                    "hvprof: warning: the timed system calls stay on the dispatch on every system \
+                     call ({e}); `hvprof check` says what this kernel lacks"
+                );
+                self.dispatch_links = dispatch;
+            }
+        }
+    }
+
+    /// Runs `work` on this thread while another does the event loop's work
+    /// ([`Self::serve_events`]) until it is done: a flush's symbol lookup
+    /// (blazesym's symbolizer cannot move to another thread), the load of
+    /// programs. A process exec'd meanwhile is snapshotted while it lives,
+    /// a QEMU started meanwhile gets its unwind tables at once.
+    pub fn beside_the_loop<T>(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        work: impl FnOnce() -> T,
+    ) -> T {
+        use std::{
+            panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
+            sync::atomic::{AtomicBool, Ordering},
+        };
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let server = s.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    self.serve_events(ring, SERVE_EVERY);
+                }
+            });
+            let result = catch_unwind(AssertUnwindSafe(work));
+            done.store(true, Ordering::Release);
+            if let Err(panic) = server.join() {
+                resume_unwind(panic);
+            }
+            result.unwrap_or_else(|panic| resume_unwind(panic))
+        })
     }
 
     /// The event loop's work while a flush keeps it from the loop: waits

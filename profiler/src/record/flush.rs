@@ -7,10 +7,7 @@
 //! rest is drained, everything is added up, and the file is replaced by the
 //! whole profile.
 
-use std::{
-    sync::atomic::Ordering,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use aya::{
     Ebpf,
@@ -26,10 +23,6 @@ use super::{
     symbolize::{Frames, StackStore},
 };
 use crate::profile::{self, Profile, ProfileLog, Record, merge::Rows};
-
-/// How long the event loop may wait for the ring while a flush looks up
-/// symbols beside it: the flush's end is noticed this late at most.
-const SERVE_EVERY: Duration = Duration::from_millis(5);
 
 /// `HVPROF_TEST_SLOW_LOOKUP_MS`: makes each flush's symbol lookup take
 /// that much longer, as a first flush does on a slow machine or a flush of
@@ -170,27 +163,13 @@ impl Flusher {
             .frames
             .lookups(&rec.processes, &self.stacks, &drained.triples());
         let read_data_symbols = !drained.locks.is_empty() && rec.data_symbols.get().is_none();
-        // blazesym's symbolizer stays on this thread (it cannot move), the
-        // loop's work goes to another meanwhile.
-        let done = std::sync::atomic::AtomicBool::new(false);
-        let data_symbols = std::thread::scope(|s| {
-            let server = s.spawn(|| {
-                while !done.load(Ordering::Acquire) {
-                    rec.serve_events(ring, SERVE_EVERY);
-                }
-            });
-            let looked_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                if let Some(d) = slow_lookup_for_tests() {
-                    std::thread::sleep(d);
-                }
-                self.frames.look_up(&lookups);
-                read_data_symbols.then(assemble::read_data_symbols)
-            }));
-            done.store(true, Ordering::Release);
-            if let Err(panic) = server.join() {
-                std::panic::resume_unwind(panic);
+        let frames = &mut self.frames;
+        let data_symbols = rec.beside_the_loop(ring, || {
+            if let Some(d) = slow_lookup_for_tests() {
+                std::thread::sleep(d);
             }
-            looked_up.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            frames.look_up(&lookups);
+            read_data_symbols.then(assemble::read_data_symbols)
         });
         if let Some(d) = data_symbols {
             let _ = rec.data_symbols.set(d);
@@ -222,6 +201,12 @@ impl Flusher {
             assemble::profile(rec, self.rows, &self.frames, &mut drained, stop, stop_ns);
         let counters = &mut profile.meta.counters;
         counters.insert("flushes while recording".to_owned(), self.flushes);
+        if let Some(ns) = rec.per_call_since_ns {
+            counters.insert(
+                "system calls timed on their own tracepoints from: ms".to_owned(),
+                ns / 1_000_000,
+            );
+        }
         counters.insert(
             "stacks kept for the programs' reuse".to_owned(),
             self.stacks.ips.len() as u64,

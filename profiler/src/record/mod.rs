@@ -172,6 +172,7 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     timing("probes attached");
     rec.tracers = attached.tracers;
     rec.uprobe_links = attached.uprobe_links;
+    rec.dispatch_links = attached.dispatch_links;
     run(rec, bpf, gated.as_mut(), &interrupts)
 }
 
@@ -209,6 +210,7 @@ fn run(
         g.release();
     }
     interrupts.phase(Phase::Recording);
+    rec.syscall_switch_at = rec.opts.syscall_dispatch_for.map(|d| Instant::now() + d);
     eprintln!(
         "hvprof: recording {} (windows: {}, {} Hz); Ctrl-C to stop",
         rec.opts.target, rec.opts.windows, rec.opts.frequency_hz
@@ -227,7 +229,11 @@ fn run(
     rec.self_cpu_ns = sys::self_cpu_ns().saturating_sub(rec.start_cpu_ns);
     let (command_status, program_stats) = stop_recording(&mut rec, &mut bpf, &mut events, gated);
     // The programs change nothing any more: their uprobes go meanwhile.
-    let detaching = Detaching::start(&mut bpf, std::mem::take(&mut rec.uprobe_links));
+    let detaching = Detaching::start(
+        &mut bpf,
+        std::mem::take(&mut rec.uprobe_links),
+        std::mem::take(&mut rec.per_call_links),
+    );
     timing("stop (final snapshots, the command ended, maps frozen)");
     let (profile, summary) = write(
         &rec,

@@ -128,6 +128,10 @@ pub struct RecordOptions {
     pub duration: Option<Duration>,
     /// How often the maps are drained into the profile file.
     pub flush_interval: Duration,
+    /// How long the timed system calls go through the dispatch before
+    /// their programs move to the calls' own tracepoints; `None`: for the
+    /// whole recording.
+    pub syscall_dispatch_for: Option<Duration>,
     pub output: PathBuf,
     pub command_line: Vec<String>,
     /// Turn on the kernel's BPF run-time statistics and keep each program's
