@@ -5,8 +5,9 @@
 //! of the bytes that follow, and that many bytes: the gzip-compressed JSON
 //! of a [`Record`]. `record` appends one record when it starts and one at
 //! every flush while it records, each holding what was drained since the
-//! last; at the stop it replaces the whole file with a single last record
-//! (the merged profile). A recording that was killed leaves the records it
+//! last; at the stop it reads their rows back (it does not keep them in
+//! memory while it records), adds the last part, and replaces the whole
+//! file with a single last record (the merged profile). A recording that was killed leaves the records it
 //! appended: the reader adds them up, stops at the first incomplete or
 //! damaged one, and marks the profile incomplete ([`Incomplete`]).
 //!
@@ -15,7 +16,7 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{self, BufReader, BufWriter, Read, Write},
+    io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
 };
 
@@ -170,10 +171,50 @@ impl ProfileLog {
             .to_vec();
         let bytes = encode_record(record).map_err(err)?;
         record.part.frames.clear();
-        self.file.write_all(&bytes).map_err(err)?;
+        if let Err(e) = self.file.write_all(&bytes) {
+            // What a short write left is cut off again, so that the file
+            // holds exactly the records appended (the caller keeps this
+            // one's rows).
+            let _ = self.file.set_len(self.bytes);
+            let _ = self.file.seek(SeekFrom::Start(self.bytes));
+            return Err(err(e));
+        }
         self.frames_written = frames.len();
         self.bytes += bytes.len() as u64;
         Ok(())
+    }
+
+    /// The rows of every record appended so far, added up: the writer's
+    /// read-back at the stop, so that it need not keep them in memory while
+    /// it records.
+    pub fn rows(&self) -> Result<Rows, ProfileError> {
+        let file = File::open(&self.path).map_err(|source| ProfileError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut input = BufReader::new(file).take(self.bytes);
+        let mut head = [0u8; 12];
+        read_full(&mut input, &mut head).map_err(|source| ProfileError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut reader = Reader {
+            path: &self.path,
+            budget: max_inflated_mib().saturating_mul(1 << 20),
+            limit_mib: max_inflated_mib(),
+        };
+        let mut rows = Rows::default();
+        loop {
+            match reader.record(&mut input) {
+                Ok(Some(mut r)) => rows.add(&mut r.part),
+                Ok(None) => return Ok(rows),
+                Err(RecordFault::Fatal(e)) => return Err(e),
+                Err(RecordFault::Cut) => {
+                    return Err(reader.corrupt("a record was cut short".to_owned()));
+                }
+                Err(RecordFault::Damaged(why)) => return Err(reader.corrupt(why)),
+            }
+        }
     }
 }
 
@@ -616,6 +657,38 @@ mod tests {
         whole.meta.incomplete = None;
         whole.write(&path).unwrap();
         assert_eq!(Profile::read(&path).unwrap(), whole);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The writer reads back the rows of the records it appended (what
+    /// the stop adds up, rather than keeping them in memory); a record it
+    /// could not append (here: the file is read-only) is not among them.
+    #[test]
+    fn the_writer_reads_its_rows_back() {
+        let dir = std::env::temp_dir().join(format!("hvprof-rows-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(FILE_NAME);
+        let full = sample();
+        let mut log = ProfileLog::create(&path, &Record::default()).unwrap();
+        let part = |samples| Record {
+            part: Profile {
+                oncpu: vec![OnCpu {
+                    samples,
+                    ..full.oncpu[0].clone()
+                }],
+                ..Profile::default()
+            },
+            ..Record::default()
+        };
+        for samples in [3, 4] {
+            log.append(&mut part(samples), &full.frames).unwrap();
+        }
+        let rows = log.rows().unwrap().into_profile_part();
+        assert_eq!(rows.oncpu.len(), 1);
+        assert_eq!(rows.oncpu[0].samples, 7);
+        log.file = File::open(&path).unwrap();
+        assert!(log.append(&mut part(5), &full.frames).is_err());
+        assert_eq!(log.rows().unwrap().into_profile_part().oncpu[0].samples, 7);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

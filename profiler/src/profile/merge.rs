@@ -264,6 +264,14 @@ impl Rows {
         self.unwind.extend(std::mem::take(&mut part.unwind));
     }
 
+    /// The rows as a profile part (its other fields empty).
+    #[must_use]
+    pub fn into_profile_part(self) -> Profile {
+        let mut part = Profile::default();
+        self.into_profile(&mut part);
+        part
+    }
+
     /// Moves the rows into `profile`, each kind in its profile order.
     pub fn into_profile(self, profile: &mut Profile) {
         profile.oncpu = self.oncpu.into_rows();

@@ -41,8 +41,9 @@ pub(super) struct Flusher {
     frames: Frames,
     stacks: StackStore,
     seen: Seen,
-    /// Every row drained so far, added up.
-    rows: Rows,
+    /// The rows of the flushes whose record could not be appended (the
+    /// others are read back from the file at the stop).
+    unwritten: Rows,
     /// The flush parity the programs write under now.
     parity: bool,
     vms_written: usize,
@@ -76,7 +77,7 @@ impl Flusher {
             ),
             stacks: StackStore::default(),
             seen: Seen::default(),
-            rows: Rows::default(),
+            unwritten: Rows::default(),
             parity: false,
             vms_written: 0,
             last_flip_ns: 0,
@@ -126,17 +127,17 @@ impl Flusher {
         record.part.vms = vms.into_iter().skip(self.vms_written).collect();
         self.vms_written += record.part.vms.len();
         record.part.processes = rec.processes.take_changed();
-        if let Err(e) = self.log.append(&mut record, self.frames.names())
-            && !self.append_failed
-        {
+        if let Err(e) = self.log.append(&mut record, self.frames.names()) {
             // The rows stay in memory and are written at the stop.
-            eprintln!(
-                "hvprof: warning: {e}; recording goes on, but until the stop writes the \
-                 profile a kill would lose it"
-            );
+            if !self.append_failed {
+                eprintln!(
+                    "hvprof: warning: {e}; recording goes on, but until the stop writes the \
+                     profile a kill would lose what is not written"
+                );
+            }
             self.append_failed = true;
+            self.unwritten.add(&mut record.part);
         }
-        self.rows.add(&mut record.part);
         // What a process that exited before the last flip left in the
         // maps is drained now: its mappings are needed no more.
         rec.processes.forget_exited_before(self.last_flip_ns);
@@ -196,9 +197,13 @@ impl Flusher {
             .lookups(&rec.processes, &self.stacks, &drained.triples());
         self.frames.look_up(&lookups);
         let mut part = assemble::part(rec, &mut drained, &mut self.frames, &self.stacks);
-        self.rows.add(&mut part);
-        let mut profile =
-            assemble::profile(rec, self.rows, &self.frames, &mut drained, stop, stop_ns);
+        // The flushes' rows, read back, with those that could not be
+        // written and the last part.
+        let mut rows = self.log.rows()?;
+        for part in [&mut self.unwritten.into_profile_part(), &mut part] {
+            rows.add(part);
+        }
+        let mut profile = assemble::profile(rec, rows, &self.frames, &mut drained, stop, stop_ns);
         let counters = &mut profile.meta.counters;
         counters.insert("flushes while recording".to_owned(), self.flushes);
         if let Some(ns) = rec.per_call_since_ns {
