@@ -495,7 +495,10 @@ fn dlopened_library_is_unwound() {
     // 500 ms and plugin_sleep sleeps 20 × 10 ms, both called from
     // call_plugin.
     let plan = format!("settle:500,plugin:{}", s.plugin().display());
-    let p = record(&s, &[], &plan);
+    // Flushed every 100 ms: its stacks are symbolized while it runs, with
+    // the mappings the kernel announced since the dlopen (a flush reads
+    // again only the maps of a process with a snapshot due).
+    let p = record(&s, &["--flush-interval", "100ms"], &plan);
     let (on, off) = (oncpu(&p), offcpu(&p));
     // The library's tables are loaded at its mmap, not by the first stack
     // that meets it: none of its stacks is cut for want of them (the first

@@ -104,10 +104,7 @@ impl Recorder {
             started_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
-            processes: Processes {
-                unwind,
-                ..Processes::default()
-            },
+            processes: Processes::with_unwinder(unwind),
             vms: Vec::new(),
             target_pids: match &opts.target {
                 Target::Pids(p) => p.iter().copied().collect(),
@@ -329,6 +326,12 @@ impl Recorder {
         self.drain_events(ring);
         self.resnapshot_due();
         self.drain_verifier(false);
+    }
+
+    /// Whether a snapshot of `tgid` is due (after its exec, or a mapping
+    /// the kernel announced).
+    pub fn snapshot_due(&self, tgid: u32) -> bool {
+        self.resnap.iter().any(|&(_, t)| t == tgid)
     }
 
     /// Takes the snapshots that are due again (a snapshot equal to the

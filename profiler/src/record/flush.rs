@@ -107,21 +107,33 @@ impl Flusher {
             &mut self.seen,
             &mut self.stacks,
         )?;
-        // The mappings of every process with rows, read again now (as the
-        // stop does): a library it mapped since its last snapshot (a dlopen
-        // not settled yet) must symbolize.
+        // The mappings of the processes with rows that may have mapped a
+        // library since their last snapshot (a dlopen not settled yet), read
+        // again now: its frames must symbolize. With `--unwind dwarf` the
+        // kernel announces every executable mapping of a process it knows,
+        // and the snapshot follows: only a process with a snapshot still due,
+        // or none, is read. Reading every QEMU's maps at every flush was most
+        // of a flush's time with a hundred of them.
+        let drained_at = started.elapsed();
         let mut tgids: Vec<u32> = drained.triples().iter().map(|t| t.0).collect();
         tgids.sort_unstable();
         tgids.dedup();
+        let announced = rec.processes.unwind.is_some();
         for tgid in tgids {
-            rec.processes.snapshot(tgid);
+            if !announced || rec.snapshot_due(tgid) || !rec.processes.snapshots.contains_key(&tgid)
+            {
+                rec.processes.snapshot(tgid);
+            }
         }
+        let snapshots_at = started.elapsed();
         self.look_up_beside_the_loop(rec, ring, &drained);
+        let looked_up_at = started.elapsed();
         let mut record = Record {
             until_ns: flip_ns,
             last: false,
             part: assemble::part(rec, &mut drained, &mut self.frames, &self.stacks),
         };
+        let assembled_at = started.elapsed();
         let vms = assemble::vms(rec);
         record.part.windows = rec.opts.windows.windows(vms.len() as u64);
         record.part.vms = vms.into_iter().skip(self.vms_written).collect();
@@ -145,6 +157,17 @@ impl Flusher {
         crate::sys::release_free_heap();
         self.flushes += 1;
         self.busy += started.elapsed();
+        let ms = |from: Duration, to: Duration| to.saturating_sub(from).as_secs_f64() * 1e3;
+        super::timing_detail(&format!(
+            "flush {}: drain {:.1} ms, snapshots {:.1} ms, symbols {:.1} ms, rows {:.1} ms, \
+             append {:.1} ms",
+            self.flushes,
+            ms(Duration::ZERO, drained_at),
+            ms(drained_at, snapshots_at),
+            ms(snapshots_at, looked_up_at),
+            ms(looked_up_at, assembled_at),
+            ms(assembled_at, started.elapsed()),
+        ));
         Ok(())
     }
 

@@ -48,8 +48,15 @@ impl StackStore {
 pub(super) struct Frames {
     sym: Symbolizer,
     table: FrameTable,
-    kernel: HashMap<u64, Vec<u32>>,
-    user: HashMap<(u32, u64), Vec<u32>>,
+    /// The symbolized stacks a flush may find again: kernel stacks by id,
+    /// user stacks by process and id (valid while the process's
+    /// [`Processes::lineage_version`] is the same). Kept while the flushes
+    /// use them: those of 300 QEMUs were symbolized anew at every flush.
+    kernel: HashMap<u64, Cached>,
+    user: HashMap<(u32, u64), Cached>,
+    /// Flushes so far: an entry no flush used since the one before this one
+    /// is dropped.
+    flush: u64,
     /// `-a`: a task without user space is a kernel thread.
     target_all: bool,
     /// The frame of an off-CPU block too short for a kernel stack walk.
@@ -72,6 +79,14 @@ fn is_tracing_frame(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
+/// A symbolized stack, and when it was last used.
+struct Cached {
+    /// The process's lineage version it was symbolized with (user stacks).
+    version: u64,
+    used: u64,
+    frames: Vec<u32>,
+}
+
 /// The addresses one drain's stacks need named (see [`Frames::lookups`]).
 pub struct Lookups {
     kernel: Vec<u64>,
@@ -86,6 +101,7 @@ impl Frames {
             table: FrameTable::default(),
             kernel: HashMap::new(),
             user: HashMap::new(),
+            flush: 0,
             target_all,
             short_block: format!(
                 "[kernel stack not walked: blocked < {}]",
@@ -95,16 +111,19 @@ impl Frames {
     }
 
     /// What `triples`' stacks need looked up: the kernel addresses not
-    /// named yet, and the user frames as `(file, offset)`. User stacks are
-    /// symbolized anew at each flush (a process's mappings may have grown
-    /// since); kernel ones once.
+    /// named yet, and the user frames as `(file, offset)` of the stacks not
+    /// symbolized with the process's current snapshots (its mappings may
+    /// have grown since).
     pub fn lookups(
         &mut self,
         processes: &Processes,
         stacks: &StackStore,
         triples: &[(u32, u64, u64)],
     ) -> Lookups {
-        self.user.clear();
+        self.flush += 1;
+        let recent = self.flush - 1;
+        self.user.retain(|_, c| c.used >= recent);
+        self.kernel.retain(|_, c| c.used >= recent);
         self.sym.forget_idle_files(FILES_IDLE);
         let kernel: Vec<u64> = triples
             .iter()
@@ -115,6 +134,13 @@ impl Frames {
             .collect();
         let mut files = Vec::new();
         for &(tgid, _, id) in triples {
+            if self
+                .user
+                .get(&(tgid, id))
+                .is_some_and(|c| c.version == processes.lineage_version(tgid))
+            {
+                continue;
+            }
             let chain = processes.chain(tgid);
             let ips = stacks.get(id).iter();
             for (i, &ip) in ips.take_while(|&&ip| ip < STACK_CUT).enumerate() {
@@ -147,18 +173,35 @@ impl Frames {
         kern: u64,
         user: u64,
     ) -> Vec<u32> {
-        let mut out = if let Some(frames) = self.user.get(&(tgid, user)) {
-            frames.clone()
-        } else {
-            let frames = self.user_stack(processes, stacks, tgid, user);
-            self.user.insert((tgid, user), frames.clone());
-            frames
+        let (flush, version) = (self.flush, processes.lineage_version(tgid));
+        let mut out = match self.user.get_mut(&(tgid, user)) {
+            Some(c) if c.version == version => {
+                c.used = flush;
+                c.frames.clone()
+            }
+            _ => {
+                let frames = self.user_stack(processes, stacks, tgid, user);
+                let c = Cached {
+                    version,
+                    used: flush,
+                    frames: frames.clone(),
+                };
+                self.user.insert((tgid, user), c);
+                frames
+            }
         };
-        if !self.kernel.contains_key(&kern) {
+        if let Some(c) = self.kernel.get_mut(&kern) {
+            c.used = flush;
+        } else {
             let frames = self.kernel_stack(stacks, kern);
-            self.kernel.insert(kern, frames);
+            let c = Cached {
+                version: 0,
+                used: flush,
+                frames,
+            };
+            self.kernel.insert(kern, c);
         }
-        out.extend_from_slice(&self.kernel[&kern]);
+        out.extend_from_slice(&self.kernel[&kern].frames);
         out
     }
 

@@ -296,14 +296,28 @@ pub(super) struct Processes {
     /// Processes whose `info` changed since the last flush wrote them.
     pub changed: HashSet<u32>,
     pub snapshots: HashMap<u32, Vec<Snapshot>>,
+    /// Per process, a number that grows whenever what its stacks are
+    /// symbolized with may have changed (its snapshots, its parent): see
+    /// [`Self::lineage_version`].
+    versions: HashMap<u32, u64>,
+    next_version: u64,
     /// Loads each new snapshot's mappings into the user-stack unwinder
     /// (`--unwind dwarf`); gone after the stop.
     pub unwind: Option<crate::unwind::procs::Loader>,
 }
 
 impl Processes {
+    /// Nothing known yet; each snapshot goes to `unwind` too.
+    pub fn with_unwinder(unwind: Option<crate::unwind::procs::Loader>) -> Self {
+        Self {
+            unwind,
+            ..Self::default()
+        }
+    }
+
     pub fn entry(&mut self, tgid: u32) -> &mut Process {
         self.changed.insert(tgid);
+        self.bump(tgid);
         self.info.entry(tgid).or_insert_with(|| Process {
             tgid,
             comm: String::new(),
@@ -326,6 +340,7 @@ impl Processes {
                         u.load(tgid, &s);
                     }
                     list.push(s);
+                    self.bump(tgid);
                 }
                 true
             }
@@ -394,14 +409,36 @@ impl Processes {
             }
         }
         let info = &self.info;
-        self.snapshots
-            .retain(|t, _| needed.contains(t) || !info.contains_key(t));
+        let mut forgotten = Vec::new();
+        self.snapshots.retain(|&t, _| {
+            let keep = needed.contains(&t) || !info.contains_key(&t);
+            if !keep {
+                forgotten.push(t);
+            }
+            keep
+        });
+        for t in forgotten {
+            self.bump(t);
+        }
     }
 
-    /// Snapshots to symbolize `tgid`'s stacks with, oldest first: its
-    /// ancestors' (a forked child runs its parent's image until it execs),
-    /// then its own.
-    pub fn chain(&self, tgid: u32) -> Vec<&Snapshot> {
+    fn bump(&mut self, tgid: u32) {
+        self.next_version += 1;
+        self.versions.insert(tgid, self.next_version);
+    }
+
+    /// A number that changes whenever the snapshots [`Self::chain`] gives
+    /// for `tgid` may have: the sum of its lineage's versions, each of
+    /// which only grows.
+    pub fn lineage_version(&self, tgid: u32) -> u64 {
+        self.lineage(tgid)
+            .iter()
+            .map(|t| self.versions.get(t).copied().unwrap_or(0))
+            .fold(0, u64::wrapping_add)
+    }
+
+    /// `tgid` and its ancestors, nearest first.
+    fn lineage(&self, tgid: u32) -> Vec<u32> {
         let mut lineage = vec![tgid];
         let mut cur = tgid;
         while let Some(parent) = self.info.get(&cur).and_then(|p| p.parent) {
@@ -412,6 +449,13 @@ impl Processes {
             cur = parent;
         }
         lineage
+    }
+
+    /// Snapshots to symbolize `tgid`'s stacks with, oldest first: its
+    /// ancestors' (a forked child runs its parent's image until it execs),
+    /// then its own.
+    pub fn chain(&self, tgid: u32) -> Vec<&Snapshot> {
+        self.lineage(tgid)
             .iter()
             .rev()
             .filter_map(|t| self.snapshots.get(t))
