@@ -198,16 +198,19 @@ impl ProfileLog {
             path: self.path.clone(),
             source,
         })?;
-        let mut reader = Reader {
+        let reader = Reader {
             path: &self.path,
             budget: max_inflated_mib().saturating_mul(1 << 20),
             limit_mib: max_inflated_mib(),
         };
-        let mut rows = Rows::default();
+        // The records' bytes first (compressed: a few MB); then inflated
+        // and parsed on every CPU, a few at a time (parsed rows take far
+        // more room than merged ones), and added up in order.
+        let mut payloads = Vec::new();
         loop {
-            match reader.record(&mut input) {
-                Ok(Some(mut r)) => rows.add(&mut r.part),
-                Ok(None) => return Ok(rows),
+            match record_payload(&mut input) {
+                Ok(Some(p)) => payloads.push(p),
+                Ok(None) => break,
                 Err(RecordFault::Fatal(e)) => return Err(e),
                 Err(RecordFault::Cut) => {
                     return Err(reader.corrupt("a record was cut short".to_owned()));
@@ -215,6 +218,18 @@ impl ProfileLog {
                 Err(RecordFault::Damaged(why)) => return Err(reader.corrupt(why)),
             }
         }
+        let mut rows = Rows::default();
+        let batch = 2 * std::thread::available_parallelism().map_or(1, usize::from);
+        for some in payloads.chunks(batch) {
+            let parts = crate::render::parallel_map(some, |p| {
+                let json = reader.inflate_alone(&p[..])?;
+                serde_json::from_slice::<Record>(&json).map_err(|e| reader.corrupt(e.to_string()))
+            })?;
+            for mut r in parts {
+                rows.add(&mut r.part);
+            }
+        }
+        Ok(rows)
     }
 }
 
@@ -330,6 +345,14 @@ impl Reader<'_> {
 
     /// Inflates gzip data within the budget left.
     fn inflate(&mut self, input: impl Read) -> Result<Vec<u8>, ProfileError> {
+        let json = self.inflate_alone(input)?;
+        self.budget -= json.len() as u64;
+        Ok(json)
+    }
+
+    /// Inflates gzip data within the budget left, without spending it (the
+    /// writer reading back its own records, several at once).
+    fn inflate_alone(&self, input: impl Read) -> Result<Vec<u8>, ProfileError> {
         let mut json = Vec::new();
         flate2::read::GzDecoder::new(input)
             .take(self.budget.saturating_add(1))
@@ -341,38 +364,15 @@ impl Reader<'_> {
                 limit_mib: self.limit_mib,
             });
         }
-        self.budget -= json.len() as u64;
         Ok(json)
     }
 
     /// The next record; `Ok(None)` at the end of the input, `Err` with
     /// why for a record cut short or damaged.
     fn record(&mut self, input: &mut impl Read) -> Result<Option<Record>, RecordFault> {
-        let mut head = [0u8; RECORD_HEAD];
-        match read_full(input, &mut head) {
-            Ok(0) => return Ok(None),
-            Ok(RECORD_HEAD) => {}
-            Ok(_) => return Err(RecordFault::Cut),
-            Err(e) => return Err(RecordFault::Damaged(e.to_string())),
-        }
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        // Read in steps: a length the file does not have must not allocate.
-        let mut payload = Vec::new();
-        let got = input
-            .take(u64::from(len))
-            .read_to_end(&mut payload)
-            .map_err(|e| RecordFault::Damaged(e.to_string()))?;
-        if got < len as usize {
-            return Err(RecordFault::Cut);
-        }
-        let mut sum = flate2::Crc::new();
-        sum.update(&payload);
-        if sum.sum() != crc {
-            return Err(RecordFault::Damaged(
-                "a record's checksum does not match".to_owned(),
-            ));
-        }
+        let Some(payload) = record_payload(input)? else {
+            return Ok(None);
+        };
         let json = self.inflate(&payload[..]).map_err(RecordFault::Fatal)?;
         serde_json::from_slice(&json)
             .map(Some)
@@ -403,6 +403,36 @@ impl Reader<'_> {
         }
         Ok(acc.finish(damaged))
     }
+}
+
+/// The next record's compressed bytes, their checksum checked.
+fn record_payload(input: &mut impl Read) -> Result<Option<Vec<u8>>, RecordFault> {
+    let mut head = [0u8; RECORD_HEAD];
+    match read_full(input, &mut head) {
+        Ok(0) => return Ok(None),
+        Ok(RECORD_HEAD) => {}
+        Ok(_) => return Err(RecordFault::Cut),
+        Err(e) => return Err(RecordFault::Damaged(e.to_string())),
+    }
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    // Read in steps: a length the file does not have must not allocate.
+    let mut payload = Vec::new();
+    let got = input
+        .take(u64::from(len))
+        .read_to_end(&mut payload)
+        .map_err(|e| RecordFault::Damaged(e.to_string()))?;
+    if got < len as usize {
+        return Err(RecordFault::Cut);
+    }
+    let mut sum = flate2::Crc::new();
+    sum.update(&payload);
+    if sum.sum() != crc {
+        return Err(RecordFault::Damaged(
+            "a record's checksum does not match".to_owned(),
+        ));
+    }
+    Ok(Some(payload))
 }
 
 /// Why reading records stopped early.

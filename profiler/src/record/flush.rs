@@ -223,6 +223,7 @@ impl Flusher {
         // The flushes' rows, read back, with those that could not be
         // written and the last part.
         let mut rows = self.log.rows()?;
+        super::timing_detail(&format!("{} flushed records read back", self.flushes));
         for part in [&mut self.unwritten.into_profile_part(), &mut part] {
             rows.add(part);
         }
