@@ -33,6 +33,26 @@ fn bpf_objects_of(pid: u32) -> (BTreeSet<u32>, BTreeSet<u32>) {
     (progs, links)
 }
 
+/// The type and tracepoint (if any) of each BPF link process `pid` holds.
+fn links_of(pid: u32) -> Vec<(String, String)> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap().map_while(Result::ok) {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |key: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_owned())
+        };
+        if let Some(kind) = field("link_type:") {
+            out.push((kind, field("tp_name:").unwrap_or_default()));
+        }
+    }
+    out
+}
+
 fn loaded_programs() -> BTreeSet<u32> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
@@ -114,24 +134,27 @@ fn the_system_calls_own_tracepoints_are_detached_too() {
             "3",
         ],
     );
-    let before = bpf_objects_of(hv.id());
-    // The move: the twins verified, attached, the dispatch detached.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let (progs, links) = loop {
-        let now = bpf_objects_of(hv.id());
-        if now.0.len() >= before.0.len() + 8 || Instant::now() > deadline {
-            break now;
+    // The move: the twins verified, attached (perf links, one per
+    // tracepoint), the dispatch's links on sys_enter/sys_exit detached.
+    let count = |links: &[(String, String)]| {
+        let perf = links.iter().filter(|l| l.0 == "perf").count();
+        let dispatch = links
+            .iter()
+            .filter(|l| l.1 == "sys_enter" || l.1 == "sys_exit")
+            .count();
+        (perf, dispatch)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let links = loop {
+        let links = links_of(hv.id());
+        if count(&links) == (20, 0) || Instant::now() > deadline {
+            break links;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(
-        progs.len() >= before.0.len() + 8 && links.len() >= before.1.len() + 20 - 2,
-        "before the move hvprof held {} programs and {} links, after {} and {}",
-        before.0.len(),
-        before.1.len(),
-        progs.len(),
-        links.len()
-    );
+    let (perf, dispatch) = count(&links);
+    assert!(perf == 20 && dispatch == 0, "hvprof's links: {links:?}");
+    let (progs, links) = bpf_objects_of(hv.id());
     let status = hv.wait().unwrap();
     assert!(status.success());
     assert_nothing_left(&links, &progs);
