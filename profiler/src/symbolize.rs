@@ -8,8 +8,9 @@
 //! module and offset (`[libfoo.so+0x1a2b]`), never a blank.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::Path,
+    rc::Rc,
     time::{Duration, Instant},
 };
 
@@ -24,8 +25,8 @@ use blazesym::{
 use crate::procmaps::{Location, Snapshot};
 
 /// Frames of one address, root first (the function, then what is inlined
-/// into it at that address).
-pub type Frames = Vec<String>;
+/// into it at that address), each name shared by every address that has it.
+pub type Frames = Vec<Rc<str>>;
 
 /// Counts of how symbolization went, for the summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,9 +54,11 @@ pub struct Symbolizer {
     /// parsed) as long as this lives.
     files_blaze: Blaze,
     kernel: HashMap<u64, Frames>,
-    files: HashMap<(String, u64), Frames>,
-    /// When a frame last needed each file.
-    file_used: HashMap<String, Instant>,
+    /// What is known of each file, by path.
+    files: HashMap<String, FileNames>,
+    /// Every name of a frame, each once: a function has many addresses,
+    /// and hours of recording name hundreds of thousands of them.
+    names: HashSet<Rc<str>>,
     /// When `files_blaze` was made.
     files_since: Instant,
     pub stats: SymbolStats,
@@ -74,11 +77,29 @@ fn basename(path: &str) -> &str {
         .unwrap_or(path)
 }
 
-fn frames_of(sym: &Symbolized<'_>, suffix: &str) -> Option<Frames> {
+/// What is known of one file.
+struct FileNames {
+    /// When a frame last needed it.
+    used: Instant,
+    /// The frames at each offset named so far.
+    at: HashMap<u64, Frames>,
+}
+
+/// `name`, shared with every other frame of that name in `names`.
+fn intern(names: &mut HashSet<Rc<str>>, name: String) -> Rc<str> {
+    if let Some(n) = names.get(name.as_str()) {
+        return Rc::clone(n);
+    }
+    let n: Rc<str> = Rc::from(name);
+    names.insert(Rc::clone(&n));
+    n
+}
+
+fn frames_of(sym: &Symbolized<'_>, suffix: &str, names: &mut HashSet<Rc<str>>) -> Option<Frames> {
     let sym = sym.as_sym()?;
-    let mut frames = vec![format!("{}{suffix}", sym.name)];
+    let mut frames = vec![intern(names, format!("{}{suffix}", sym.name))];
     for f in &sym.inlined {
-        frames.push(format!("{}_[i]", f.name));
+        frames.push(intern(names, format!("{}_[i]", f.name)));
     }
     Some(frames)
 }
@@ -99,7 +120,7 @@ impl Symbolizer {
             files_blaze: blaze(),
             kernel: HashMap::new(),
             files: HashMap::new(),
-            file_used: HashMap::new(),
+            names: HashSet::new(),
             files_since: Instant::now(),
             stats: SymbolStats::default(),
         }
@@ -114,15 +135,21 @@ impl Symbolizer {
         if self.files_since.elapsed() < idle {
             return;
         }
-        let before = self.file_used.len();
-        self.file_used.retain(|_, used| used.elapsed() < idle);
-        if self.file_used.len() == before {
+        let before = self.files.len();
+        self.files.retain(|_, f| f.used.elapsed() < idle);
+        if self.files.len() == before {
             return;
         }
-        let used = &self.file_used;
-        self.files.retain(|(path, _), _| used.contains_key(path));
+        self.names.retain(|n| Rc::strong_count(n) > 1);
         self.files_blaze = blaze();
         self.files_since = Instant::now();
+    }
+
+    /// How many addresses (kernel and in files) and distinct names it keeps.
+    #[must_use]
+    pub fn kept(&self) -> (usize, usize) {
+        let addresses = self.kernel.len() + self.files.values().map(|f| f.at.len()).sum::<usize>();
+        (addresses, self.names.len())
     }
 
     /// Symbolizes kernel addresses in one batch; later lookups hit the cache.
@@ -150,8 +177,9 @@ impl Symbolizer {
                 .as_ref()
                 .ok()
                 .and_then(|s| s.get(i))
-                .and_then(|s| frames_of(s, "_[k]"));
-            let frames = frames.unwrap_or_else(|| vec![format!("[kernel+{addr:#x}]")]);
+                .and_then(|s| frames_of(s, "_[k]", &mut self.names));
+            let frames = frames
+                .unwrap_or_else(|| vec![intern(&mut self.names, format!("[kernel+{addr:#x}]"))]);
             self.kernel.insert(addr, frames);
         }
     }
@@ -173,13 +201,12 @@ impl Symbolizer {
     pub fn prepare_files(&mut self, items: &[(String, u64)]) {
         let mut by_file: HashMap<&str, Vec<u64>> = HashMap::new();
         for (path, off) in items {
-            if !self.files.contains_key(&(path.clone(), *off)) {
+            if !self.files.get(path).is_some_and(|f| f.at.contains_key(off)) {
                 by_file.entry(path).or_default().push(*off);
             }
         }
         let now = Instant::now();
         for (path, mut offs) in by_file {
-            self.file_used.insert(path.to_owned(), now);
             offs.sort_unstable();
             offs.dedup();
             // DWARF first (inlined functions, better names); some files make
@@ -195,15 +222,27 @@ impl Symbolizer {
                     self.files_blaze
                         .symbolize(&Source::Elf(elf), Input::FileOffset(&offs))
                 });
+            let file = self
+                .files
+                .entry(path.to_owned())
+                .or_insert_with(|| FileNames {
+                    used: now,
+                    at: HashMap::new(),
+                });
+            file.used = now;
             for (i, &off) in offs.iter().enumerate() {
                 let frames = syms
                     .as_ref()
                     .ok()
                     .and_then(|s| s.get(i))
-                    .and_then(|s| frames_of(s, ""));
-                let frames =
-                    frames.unwrap_or_else(|| vec![format!("[{}+{off:#x}]", basename(path))]);
-                self.files.insert((path.to_owned(), off), frames);
+                    .and_then(|s| frames_of(s, "", &mut self.names));
+                let frames = frames.unwrap_or_else(|| {
+                    vec![intern(
+                        &mut self.names,
+                        format!("[{}+{off:#x}]", basename(path)),
+                    )]
+                });
+                file.at.insert(off, frames);
             }
         }
     }
@@ -218,25 +257,29 @@ impl Symbolizer {
             } else {
                 self.stats.user_outside += 1;
             }
-            return vec!["[unknown]".to_owned()];
+            return vec![intern(&mut self.names, "[unknown]".to_owned())];
         };
         match loc {
             Location::File { path, offset } => {
-                let key = (path.to_owned(), offset);
-                if let Some(used) = self.file_used.get_mut(path) {
-                    *used = Instant::now();
-                }
-                if !self.files.contains_key(&key) {
-                    self.prepare_files(std::slice::from_ref(&key));
-                }
-                let f = self.files.get(&key).cloned().unwrap_or_default();
+                let known = self.files.get_mut(path).and_then(|f| {
+                    f.used = Instant::now();
+                    f.at.get(&offset).cloned()
+                });
+                let f = known.unwrap_or_else(|| {
+                    self.prepare_files(&[(path.to_owned(), offset)]);
+                    self.files
+                        .get(path)
+                        .and_then(|f| f.at.get(&offset).cloned())
+                        .unwrap_or_default()
+                });
                 if f.first().is_some_and(|n| n.starts_with('[')) {
                     self.stats.user_unnamed += 1;
                 }
                 f
             }
             Location::Pseudo { name, offset } => {
-                vec![format!("[{}+{offset:#x}]", name.trim_matches(['[', ']']))]
+                let name = format!("[{}+{offset:#x}]", name.trim_matches(['[', ']']));
+                vec![intern(&mut self.names, name)]
             }
         }
     }
@@ -254,6 +297,10 @@ impl Symbolizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(frames: &Frames) -> Vec<&str> {
+        frames.iter().map(|f| &**f).collect()
+    }
 
     #[inline(never)]
     #[unsafe(no_mangle)]
@@ -296,7 +343,7 @@ mod tests {
         let mut s = Symbolizer::new();
         // A return address points after the call: symbolize the call itself.
         let frames = s.user_frames(&[&snap], hvprof_symbolize_outer() - 1);
-        assert_eq!(frames[0], "hvprof_symbolize_outer", "{frames:?}");
+        assert_eq!(&*frames[0], "hvprof_symbolize_outer", "{frames:?}");
         assert!(
             frames[1..]
                 .iter()
@@ -311,9 +358,9 @@ mod tests {
         let mut s = Symbolizer::new();
         let addr = hvprof_symbolize_test_target as extern "C" fn() -> u64 as usize as u64;
         let frames = s.user_frames(&[&snap], addr);
-        assert_eq!(frames, ["hvprof_symbolize_test_target"]);
+        assert_eq!(names(&frames), ["hvprof_symbolize_test_target"]);
         // The same address in no snapshot: unknown, counted.
-        assert_eq!(s.user_frames(&[], addr), ["[unknown]"]);
+        assert_eq!(names(&s.user_frames(&[], addr)), ["[unknown]"]);
         assert_eq!(s.stats.user_unmapped, 1);
     }
 
@@ -334,7 +381,7 @@ mod tests {
         };
         let f = s.user_frames(&[&snap], 0x1000);
         let name = exe.file_name().unwrap().to_str().unwrap();
-        assert_eq!(f, [format!("[{name}+{past:#x}]")]);
+        assert_eq!(names(&f), [format!("[{name}+{past:#x}]")]);
         assert_eq!(s.stats.user_unnamed, 1);
     }
 }

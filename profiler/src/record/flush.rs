@@ -240,6 +240,9 @@ impl Flusher {
             "stacks kept for the programs' reuse".to_owned(),
             self.stacks.ips.len() as u64,
         );
+        let (addresses, names) = self.frames.kept();
+        counters.insert("symbolizer: addresses kept".to_owned(), addresses as u64);
+        counters.insert("symbolizer: names kept".to_owned(), names as u64);
         counters.insert(
             "stacks kept for the programs' reuse: frames".to_owned(),
             self.stacks.ips.values().map(|s| s.len() as u64).sum(),

@@ -8,7 +8,7 @@
 //! the stacks of what it drained, into the same frame table, with the
 //! symbolizer's caches warm.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, rc::Rc, time::Duration};
 
 use profiler_common::{
     record::{STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK},
@@ -227,10 +227,10 @@ impl Frames {
         // frame-pointer walk left the stack (code built without frame
         // pointers): what follows it is garbage, so the stack ends in one
         // `[unknown]`.
-        let mut leaf_first: Vec<String> = Vec::new();
+        let mut leaf_first: Vec<Rc<str>> = Vec::new();
         for (i, &ip) in ips.iter().enumerate() {
             if let Some(stop) = UnwindStop::of_cut(ip) {
-                leaf_first.push(format!("[user stack cut: {}]", stop.name()));
+                leaf_first.push(Rc::from(format!("[user stack cut: {}]", stop.name())));
                 break;
             }
             let addr = call_site(i, ip);
@@ -281,13 +281,18 @@ impl Frames {
     pub fn caller(&mut self, processes: &Processes, tgid: u32, ret: u64) -> Option<String> {
         self.sym
             .user_frames(&processes.chain(tgid), ret.saturating_sub(1))
-            .into_iter()
-            .next()
+            .first()
+            .map(ToString::to_string)
     }
 
     /// The frame names so far.
     pub fn names(&self) -> &[String] {
         self.table.names()
+    }
+
+    /// The symbolizer's kept addresses and names ([`Symbolizer::kept`]).
+    pub fn kept(&self) -> (usize, usize) {
+        self.sym.kept()
     }
 
     /// How symbolization went so far.
