@@ -251,11 +251,7 @@ fn sleeper_is_in_every_off_cpu_stack() {
     let s = build("sleeper");
     let p = record(&s, &[], SLEEPS);
     let off = offcpu(&p);
-    let sleeping: Vec<_> = off
-        .iter()
-        .filter(|s| in_nanosleep(&s.frames))
-        .cloned()
-        .collect();
+    let sleeping = sleeping(&off);
     for UserStack { frames: f, .. } in &sleeping {
         assert!(
             has_chain(f, &["sleep_caller_a", "sleeper", "nanosleep"])
@@ -295,11 +291,7 @@ fn frame_pointers_lose_the_sleeper() {
     let s = build("fp");
     let p = record(&s, &["--unwind", "fp"], SLEEPS);
     let off = offcpu(&p);
-    let sleeping: Vec<_> = off
-        .iter()
-        .filter(|s| in_nanosleep(&s.frames))
-        .cloned()
-        .collect();
+    let sleeping = sleeping(&off);
     let all = weight(&sleeping, |_| true);
     let through = weight(&sleeping, |f| f.contains(&"sleeper"));
     assert!(all >= SLEEPS_NS, "{all} ns in nanosleep:\n{}", dump(&off));
@@ -612,15 +604,20 @@ fn rows_of_exited_processes_make_room_for_new_files() {
     assert!(given_back.is_some_and(|n| n >= 2), "{report}");
 }
 
+/// The stacks of `stacks` asleep in `nanosleep`.
+fn sleeping<'a>(stacks: &[UserStack<'a>]) -> Vec<UserStack<'a>> {
+    stacks
+        .iter()
+        .filter(|s| in_nanosleep(&s.frames))
+        .cloned()
+        .collect()
+}
+
 /// The workload's sleeps in libc's `clock_nanosleep` (at least `want_ns`)
 /// unwound whole, through `sleeper` and `main` to `_start`.
 fn assert_sleeps_whole(p: &Profile, want_ns: u64) {
     let off = offcpu(p);
-    let sleeping: Vec<_> = off
-        .iter()
-        .filter(|s| in_nanosleep(&s.frames))
-        .cloned()
-        .collect();
+    let sleeping = sleeping(&off);
     let all = weight(&sleeping, |_| true);
     let whole = weight(&sleeping, |f| {
         f.first() == Some(&"_start") && f.contains(&"main") && f.contains(&"sleeper")
