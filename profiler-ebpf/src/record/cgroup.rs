@@ -157,9 +157,8 @@ syscall_program! {
 /// `mkdir`, `mkdirat`, `rmdir`, `unlinkat` (and with
 /// `--time-cgroup-writes` `write`) entered by a tracked task: the system
 /// calls cgroup operations are made in.
-pub fn cgroup_syscall_enter, cgroup_syscall_enter_per_call(_call, _ctx) -> Option<u32> {
-    try_cgroup_syscall_enter()
-}
+pub fn cgroup_syscall_enter, cgroup_syscall_enter_per_call =>
+    |_call, _ctx| try_cgroup_syscall_enter()
 }
 
 #[inline(always)]
@@ -172,9 +171,7 @@ fn try_cgroup_syscall_enter() -> Option<u32> {
 }
 
 syscall_program! {
-pub fn cgroup_syscall_exit, cgroup_syscall_exit_per_call(_call, _ctx) -> Option<u32> {
-    try_cgroup_syscall_exit()
-}
+pub fn cgroup_syscall_exit, cgroup_syscall_exit_per_call => |_call, _ctx| try_cgroup_syscall_exit()
 }
 
 #[inline(always)]

@@ -89,9 +89,7 @@ pub(super) fn clone3_flags(uargs: u64) -> u64 {
 syscall_program! {
 /// `clone`, `clone3`, `fork` or `vfork` entered: one program, told apart
 /// by the syscall number.
-pub fn fork_syscall_enter, fork_syscall_enter_per_call(call, _ctx) -> Option<u32> {
-    try_fork_syscall_enter(call)
-}
+pub fn fork_syscall_enter, fork_syscall_enter_per_call => |call, _ctx| try_fork_syscall_enter(call)
 }
 
 #[inline(always)]
@@ -122,9 +120,7 @@ fn try_fork_syscall_enter(call: Syscall) -> Option<u32> {
 }
 
 syscall_program! {
-pub fn fork_syscall_exit, fork_syscall_exit_per_call(call, ctx) -> Option<u32> {
-    try_fork_syscall_exit(call, ctx)
-}
+pub fn fork_syscall_exit, fork_syscall_exit_per_call => |call, ctx| try_fork_syscall_exit(call, ctx)
 }
 
 #[inline(always)]

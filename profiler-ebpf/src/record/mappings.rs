@@ -29,9 +29,7 @@ syscall_program! {
 /// file executable, as the dynamic loader does at a `dlopen` (the text
 /// segment, `PROT_READ | PROT_EXEC`). Marked here; announced at the exit,
 /// once the mapping is in the process's maps.
-pub fn unwind_mmap_enter, unwind_mmap_enter_per_call(call, _ctx) -> Option<u32> {
-    try_unwind_mmap_enter(call)
-}
+pub fn unwind_mmap_enter, unwind_mmap_enter_per_call => |call, _ctx| try_unwind_mmap_enter(call)
 }
 
 #[inline(always)]
@@ -54,9 +52,7 @@ syscall_program! {
 /// (`EventKind::UnwindMapping`), unless one of the process was announced
 /// less than `MAPPING_SETTLE_NS` ago: userspace reads the mappings that
 /// long after that one, so the read sees this one too.
-pub fn unwind_mmap_exit, unwind_mmap_exit_per_call(call, _ctx) -> Option<u32> {
-    try_unwind_mmap_exit(call)
-}
+pub fn unwind_mmap_exit, unwind_mmap_exit_per_call => |call, _ctx| try_unwind_mmap_exit(call)
 }
 
 #[inline(always)]

@@ -74,26 +74,25 @@ macro_rules! tracepoint_program {
 /// and on the call's own classic tracepoint (`syscalls:sys_enter_X`), which
 /// userspace attaches instead once the recording has run for
 /// `--syscall-dispatch-for` (see [`syscalls`]). Both run the body on the
-/// task's registers ([`common::Syscall`]); the classic one only once
-/// userspace switched (`PHASE_PER_CALL_SYSCALLS`), and it returns 1, so
-/// the event goes on to other perf users of the tracepoint.
+/// task's registers ([`common::Syscall`]), each only while the phase says
+/// it is its turn (`PHASE_PER_CALL_SYSCALLS`: read here, for the timed
+/// calls, not by the dispatch on every call); the classic one returns 1,
+/// so the event goes on to other perf users of the tracepoint.
 macro_rules! syscall_program {
     (
         $(#[$attr:meta])*
-        $vis:vis fn $name:ident, $per_call:ident($call:ident, $ctx:ident) -> $ret:ty $body:block
+        $vis:vis fn $name:ident, $per_call:ident => |$call:ident, $ctx:ident| $body:expr
     ) => {
         $(#[$attr])*
         #[unsafe(no_mangle)]
         #[unsafe(link_section = "tp_btf")]
         $vis fn $name(ctx: *mut ::core::ffi::c_void) -> i32 {
-            #[inline(always)]
-            fn program<C: ::aya_ebpf::EbpfContext>(
-                $call: $crate::record::common::Syscall,
-                $ctx: &C,
-            ) -> $ret $body
-            if let Some(_running) = $crate::record::common::Running::start() {
+            if !$crate::record::common::per_call_syscalls()
+                && let Some(_running) = $crate::record::common::Running::start()
+            {
                 let ctx = ::aya_ebpf::programs::BtfTracePointContext::new(ctx);
-                let _ = program($crate::record::common::Syscall::of(&ctx), &ctx);
+                let ($call, $ctx) = ($crate::record::common::Syscall::of(&ctx), &ctx);
+                let _ = $body;
             }
             0
         }
@@ -102,16 +101,12 @@ macro_rules! syscall_program {
         #[unsafe(no_mangle)]
         #[unsafe(link_section = "tracepoint")]
         $vis fn $per_call(ctx: *mut ::core::ffi::c_void) -> u32 {
-            #[inline(always)]
-            fn program<C: ::aya_ebpf::EbpfContext>(
-                $call: $crate::record::common::Syscall,
-                $ctx: &C,
-            ) -> $ret $body
             if $crate::record::common::per_call_syscalls()
                 && let Some(_running) = $crate::record::common::Running::start()
             {
                 let ctx = ::aya_ebpf::programs::TracePointContext::new(ctx);
-                let _ = program($crate::record::common::Syscall::current(), &ctx);
+                let ($call, $ctx) = ($crate::record::common::Syscall::current(), &ctx);
+                let _ = $body;
             }
             1
         }

@@ -11,14 +11,14 @@
 //! there are twenty). So a recording starts on the dispatch, and after
 //! `--syscall-dispatch-for` (10 s) userspace attaches the programs' twins
 //! on the calls' own tracepoints, sets `PHASE_PER_CALL_SYSCALLS` (from
-//! then on the dispatch jumps nowhere and the twins run), and detaches the
-//! dispatch: a short recording exits at once, a long one pays the grace
+//! then on the programs the dispatch jumps to return at once and the twins
+//! run), and detaches the dispatch: a short recording exits at once, a long one pays the grace
 //! periods once at its end instead of a program on every system call.
 
 use aya_ebpf::{macros::map, maps::ProgramArray, programs::BtfTracePointContext};
 use profiler_common::record::SYSCALL_SLOTS;
 
-use super::common::{Syscall, per_call_syscalls};
+use super::common::Syscall;
 
 #[map]
 static SYSCALL_ENTER_PROGS: ProgramArray = ProgramArray::with_max_entries(SYSCALL_SLOTS, 0);
@@ -31,7 +31,7 @@ static SYSCALL_EXIT_PROGS: ProgramArray = ProgramArray::with_max_entries(SYSCALL
 pub fn syscall_enter(ctx: *mut core::ffi::c_void) -> i32 {
     let ctx = BtfTracePointContext::new(ctx);
     let nr: u64 = ctx.arg(1);
-    if nr < u64::from(SYSCALL_SLOTS) && Syscall::of(&ctx).native() && !per_call_syscalls() {
+    if nr < u64::from(SYSCALL_SLOTS) && Syscall::of(&ctx).native() {
         // SAFETY: a tail call with this program's own context; an empty
         // slot returns here.
         unsafe { SYSCALL_ENTER_PROGS.tail_call(&ctx, nr as u32) };
@@ -45,7 +45,7 @@ pub fn syscall_enter(ctx: *mut core::ffi::c_void) -> i32 {
 pub fn syscall_exit(ctx: *mut core::ffi::c_void) -> i32 {
     let ctx = BtfTracePointContext::new(ctx);
     let nr = Syscall::of(&ctx).nr();
-    if nr < u64::from(SYSCALL_SLOTS) && !per_call_syscalls() {
+    if nr < u64::from(SYSCALL_SLOTS) {
         // SAFETY: as above.
         unsafe { SYSCALL_EXIT_PROGS.tail_call(&ctx, nr as u32) };
     }

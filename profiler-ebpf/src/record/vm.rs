@@ -62,9 +62,7 @@ pub(super) fn exec(task: Task, comm: &[u8; COMM_LEN]) {
 
 syscall_program! {
 /// `ioctl(fd, cmd, arg)` entered.
-pub fn vm_ioctl_enter, vm_ioctl_enter_per_call(call, _ctx) -> Option<u32> {
-    try_vm_ioctl_enter(call)
-}
+pub fn vm_ioctl_enter, vm_ioctl_enter_per_call => |call, _ctx| try_vm_ioctl_enter(call)
 }
 
 #[inline(always)]
@@ -79,9 +77,7 @@ fn try_vm_ioctl_enter(call: Syscall) -> Option<u32> {
 }
 
 syscall_program! {
-pub fn vm_ioctl_exit, vm_ioctl_exit_per_call(call, _ctx) -> Option<u32> {
-    try_vm_ioctl_exit(call)
-}
+pub fn vm_ioctl_exit, vm_ioctl_exit_per_call => |call, _ctx| try_vm_ioctl_exit(call)
 }
 
 #[inline(always)]

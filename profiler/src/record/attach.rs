@@ -336,12 +336,28 @@ pub(super) fn per_call_hooks(
     hooks
 }
 
+/// Loads the programs' twins of `hooks` ([`per_call_hooks`]): verifying
+/// them takes a while, so the caller runs this beside the event loop.
+pub(super) fn load_per_call(
+    bpf: &mut Ebpf,
+    hooks: &[(&'static str, Tracepoint)],
+) -> Result<(), RecordError> {
+    for (name, p) in bpf.programs_mut() {
+        if hooks.iter().any(|&(h, _)| h == name)
+            && let Ok(p) = <&mut TracePoint>::try_from(p)
+            && p.fd().is_err()
+        {
+            p.load().map_err(attach_err(name.to_owned()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Moves the timed system calls from the dispatch to the calls' own
-/// tracepoints (see the eBPF `syscalls` module): loads the programs' twins
-/// (in `load`, which the caller runs beside the event loop: verifying them
-/// takes a while), attaches them to `hooks` ([`per_call_hooks`])
-/// (they do nothing yet), sets `PHASE_PER_CALL_SYSCALLS` (from then on the
-/// dispatch jumps nowhere and the twins run) and detaches the dispatch.
+/// tracepoints (see the eBPF `syscalls` module): attaches the programs'
+/// twins, loaded by [`load_per_call`], to `hooks` (they do nothing yet),
+/// sets `PHASE_PER_CALL_SYSCALLS` (from then on the programs the dispatch
+/// jumps to return at once and the twins run) and detaches the dispatch.
 /// Each call is timed by exactly one of them; one in flight is entered
 /// under the dispatch and exits under its twin, through the same maps.
 /// On an error nothing has changed: the dispatch goes on.
@@ -349,26 +365,7 @@ pub(super) fn switch_to_per_call(
     bpf: &mut Ebpf,
     hooks: &[(&'static str, Tracepoint)],
     dispatch: &mut Vec<(&'static str, BtfTracePointLinkId)>,
-    load: impl FnOnce(&mut dyn FnMut()),
 ) -> Result<Vec<TracePointLink>, RecordError> {
-    let mut names: Vec<&'static str> = hooks.iter().map(|&(p, _)| p).collect();
-    names.sort_unstable();
-    names.dedup();
-    let mut programs: Vec<&mut TracePoint> = bpf
-        .programs_mut()
-        .filter(|(name, _)| names.contains(name))
-        .filter_map(|(_, p)| p.try_into().ok())
-        .collect();
-    let mut loaded = Ok(());
-    load(&mut || {
-        loaded = programs
-            .iter_mut()
-            .filter(|p| p.fd().is_err())
-            .try_for_each(|p| p.load());
-    });
-    loaded.map_err(attach_err(
-        "the system-call programs for their own tracepoints",
-    ))?;
     let mut links = Vec::new();
     for &(prog, tp) in hooks {
         let p: &mut TracePoint = bpf

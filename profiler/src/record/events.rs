@@ -262,9 +262,9 @@ impl Recorder {
         self.syscall_switch_at = None;
         let hooks = super::attach::per_call_hooks(&self.tracers, &self.opts);
         let mut dispatch = std::mem::take(&mut self.dispatch_links);
-        let switched = super::attach::switch_to_per_call(bpf, &hooks, &mut dispatch, |load| {
-            self.beside_the_loop(ring, load);
-        });
+        let switched = self
+            .beside_the_loop(ring, || super::attach::load_per_call(bpf, &hooks))
+            .and_then(|()| super::attach::switch_to_per_call(bpf, &hooks, &mut dispatch));
         match switched {
             Ok(links) => {
                 self.per_call_links = links;
