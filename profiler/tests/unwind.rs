@@ -682,3 +682,40 @@ fn a_process_started_during_a_flush_is_unwound_whole() {
     );
     assert_sleeps_whole(&p, 100 * 2_000_000);
 }
+
+/// A recording keeps only the stacks a row may still name: every 16
+/// flushes, those no flush named lately and no thread holds are dropped.
+/// Here (flushes every 100 ms) the stack of `settle`'s poll is walked at
+/// its second block (the first loads libc's table) and kept with the
+/// thread's site; the third, in the next window (a VM created), puts the
+/// second's row in the map, so a flush reads the stack and deletes it from
+/// the kernel. The main thread then sleeps elsewhere through the first
+/// drop, and blocks in `settle` again for 2.5 s, from its remembered site,
+/// through the second. All three blocks must be whole: the site, then the
+/// block in progress, hold the stack. The stacks that nothing holds (the
+/// sleeps of a thread that exited) are dropped.
+#[test]
+fn stacks_held_by_threads_outlive_the_drops() {
+    let s = build("held");
+    let p = record(
+        &s,
+        &["--flush-interval", "100ms"],
+        "settle:200,settle:300,vm:1,settle:200,thread:200,sleeps:600,settle:2500",
+    );
+    let off = offcpu(&p);
+    let in_settle = |f: &[&str]| f.contains(&"settle");
+    let settled = weight(&off, in_settle);
+    let whole = weight(&off, |f| {
+        in_settle(f) && f.first() == Some(&"_start") && f.contains(&"main")
+    });
+    assert!(
+        settled >= 3_000_000_000 && share(whole, settled) >= 0.99,
+        "{:.1} ms in settle, {:.1} ms of it whole, want 3000 ms whole:\n{}",
+        share(settled, 1_000_000),
+        share(whole, 1_000_000),
+        dump(&off)
+    );
+    let counters = &p.meta.counters;
+    let dropped = counters.get("stacks dropped: no program held them");
+    assert!(dropped.is_some_and(|&n| n > 0), "{counters:?}");
+}

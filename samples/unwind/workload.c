@@ -21,6 +21,8 @@
  *   lazy:MS      the program's first call of nanosleep, through its lazily
  *                bound PLT (link with -Wl,-z,lazy), is one MS ms sleep in
  *                first_sleep(): run it before any step that sleeps;
+ *   vm:N         create N VMs (KVM_CREATE_VM on /dev/kvm, then closed):
+ *                each moves hvprof's window on;
  *   plugin:PATH  dlopen PATH (samples/unwind/plugin.c), sleep 200 ms, and,
  *                from call_plugin(), call plugin_work() (burns 500 ms)
  *                and plugin_sleep() (20 sleeps of 10 ms) through dlsym'd
@@ -33,14 +35,18 @@
  * noinline and uses what it calls, so that each has its own frame. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/time.h>
 #include <time.h>
+#include <unistd.h>
 
 static volatile unsigned long sink;
 
@@ -253,6 +259,26 @@ __attribute__((noinline)) unsigned long call_plugin(const char *path)
 	return r + 1;
 }
 
+/* vm:N */
+
+__attribute__((noinline)) void create_vms(unsigned long n)
+{
+	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (kvm < 0) {
+		perror("workload: /dev/kvm");
+		exit(1);
+	}
+	for (unsigned long i = 0; i < n; i++) {
+		int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+		if (vm < 0) {
+			perror("workload: KVM_CREATE_VM");
+			exit(1);
+		}
+		close(vm);
+	}
+	close(kvm);
+}
+
 __attribute__((noinline)) void run(char *step)
 {
 	char *arg = strchr(step, ':');
@@ -274,6 +300,8 @@ __attribute__((noinline)) void run(char *step)
 		signals((long)n);
 	else if (strcmp(step, "lazy") == 0)
 		sink += (unsigned long)first_sleep(n);
+	else if (strcmp(step, "vm") == 0)
+		create_vms(n);
 	else if (strcmp(step, "plugin") == 0)
 		sink += call_plugin(arg);
 	else {

@@ -81,6 +81,12 @@ pub struct LockPending {
 }
 
 impl LockPending {
+    /// The stack ids the thread's kernel-stack cache holds (see
+    /// [`OffCpuStart::stacks`](super::OffCpuStart::stacks)).
+    pub fn stacks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.kstacks.iter().map(|k| k.id)
+    }
+
     pub const ZERO: Self = Self {
         depth: 0,
         kstack_next: 0,

@@ -230,6 +230,27 @@ impl OffCpuStart {
         }
     }
 
+    /// Every stack id the entry holds, which the programs may name again
+    /// in a row without storing the stack again: its block in progress,
+    /// its pending blocks and its sites.
+    pub fn stacks(&self) -> impl Iterator<Item = u64> + '_ {
+        [
+            self.key.kern_stack,
+            self.key.user_stack,
+            self.acc.key.kern_stack,
+            self.acc.key.user_stack,
+        ]
+        .into_iter()
+        .chain(self.sites.iter().flat_map(|s| {
+            [
+                s.user_stack,
+                s.kern_stack,
+                s.acc.key.kern_stack,
+                s.acc.key.user_stack,
+            ]
+        }))
+    }
+
     /// The blocks not yet in the off-CPU map, by key.
     pub fn pending(&self) -> impl Iterator<Item = &OffCpuAcc> {
         core::iter::once(&self.acc)

@@ -12,7 +12,7 @@
 //! change nothing), then read whole, with what is still in flight — the
 //! blocks of tasks still blocked, and those not yet added up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use aya::{
     Ebpf,
@@ -21,8 +21,9 @@ use aya::{
 use profiler_common::{
     record::{
         CgroupKey, CgroupValue, Counter, DbusKey, DbusValue, ForkKey, ForkValue, LockKey,
-        LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue, PHASE_PARITY, PHASE_STOPPED,
-        STACK_ID_MIN, SampleKey, StackBuf, VmState, names, parity_of, recorded_window,
+        LockPending, LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue, PHASE_PARITY,
+        PHASE_STOPPED, STACK_ID_MIN, SampleKey, StackBuf, VmState, names, parity_of,
+        recorded_window,
     },
     unwind::UnwindStop,
 };
@@ -544,9 +545,10 @@ fn aggregation<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
 }
 
 /// Reads the stacks the rows name that `store` does not have yet into it;
-/// with `delete`, deletes them from the kernel's map, which then holds only
-/// stacks not read yet (the programs store a stack again when they meet it
-/// again; userspace keeps every stack it read).
+/// with `delete`, deletes every stack they name from the kernel's map,
+/// which then holds only stacks not read yet (the programs store a stack
+/// again when they walk it again, and name the ids they hold: `store`
+/// keeps those, see [`StackStore::expire`]).
 fn fetch_stacks(
     bpf: &mut Ebpf,
     triples: &[(u32, u64, u64)],
@@ -556,7 +558,7 @@ fn fetch_stacks(
     let mut ids: Vec<u64> = triples
         .iter()
         .flat_map(|&(_, k, u)| [k, u])
-        .filter(|&id| id >= STACK_ID_MIN && !store.ips.contains_key(&id))
+        .filter(|&id| id >= STACK_ID_MIN)
         .collect();
     ids.sort_unstable();
     ids.dedup();
@@ -564,20 +566,46 @@ fn fetch_stacks(
     let mut m: BpfHashMap<&mut MapData, u64, StackBuf> =
         BpfHashMap::try_from(map_mut(bpf, name)?).map_err(map_err(name))?;
     for id in ids {
-        let Ok(st) = m.get(&id, 0) else {
-            continue;
-        };
-        let n = st
-            .ips
-            .iter()
-            .position(|&ip| ip == 0)
-            .unwrap_or(st.ips.len());
-        store.ips.insert(id, st.ips[..n].into());
+        // A stack the store has may be in the map again all the same: a
+        // program walked it again.
+        if !store.named(id) {
+            let Ok(st) = m.get(&id, 0) else {
+                continue;
+            };
+            let n = st
+                .ips
+                .iter()
+                .position(|&ip| ip == 0)
+                .unwrap_or(st.ips.len());
+            store.insert(id, st.ips[..n].into());
+        }
         if delete {
             let _ = m.remove(&id);
         }
     }
     Ok(())
+}
+
+/// The stack ids the programs hold and may name in a row without storing
+/// the stack again (see [`StackStore::expire`]): in every thread's off-CPU
+/// entry and kernel-stack cache of lock waits.
+pub(super) fn held_stacks(bpf: &Ebpf) -> Result<HashSet<u64>, RecordError> {
+    let mut held = HashSet::new();
+    if let Some(m) = bpf.map(names::OFFCPU_START) {
+        let m: BpfHashMap<&MapData, u64, OffCpuStart> =
+            BpfHashMap::try_from(m).map_err(map_err(names::OFFCPU_START))?;
+        for (_, e) in m.iter().filter_map(Result::ok) {
+            held.extend(e.stacks().filter(|&id| id >= STACK_ID_MIN));
+        }
+    }
+    if let Some(m) = bpf.map(names::LOCK_PENDING) {
+        let m: BpfHashMap<&MapData, u32, LockPending> =
+            BpfHashMap::try_from(m).map_err(map_err(names::LOCK_PENDING))?;
+        for (_, e) in m.iter().filter_map(Result::ok) {
+            held.extend(e.stacks().filter(|&id| id >= STACK_ID_MIN));
+        }
+    }
+    Ok(held)
 }
 
 /// The off-CPU tracer's stack work (`--bpf-stats`).

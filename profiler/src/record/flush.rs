@@ -44,6 +44,8 @@ pub(super) struct Flusher {
     /// The rows of the flushes whose record could not be appended (the
     /// others are read back from the file at the stop).
     unwritten: Rows,
+    /// This flush expires the stacks no program can name again.
+    expire_stacks: bool,
     /// The flush parity the programs write under now.
     parity: bool,
     vms_written: usize,
@@ -78,6 +80,7 @@ impl Flusher {
             stacks: StackStore::default(),
             seen: Seen::default(),
             unwritten: Rows::default(),
+            expire_stacks: false,
             parity: false,
             vms_written: 0,
             last_flip_ns: 0,
@@ -96,6 +99,13 @@ impl Flusher {
         ring: &mut RingBuf<MapData>,
     ) -> Result<(), RecordError> {
         let started = Instant::now();
+        // Before the flip: what the programs hold then may be in any row
+        // drained from now on.
+        let held = if self.expire_stacks {
+            Some(drain::held_stacks(bpf)?)
+        } else {
+            None
+        };
         let inactive = self.parity;
         self.parity = !self.parity;
         drain::flip(bpf, self.parity)?;
@@ -139,6 +149,10 @@ impl Flusher {
         record.part.vms = vms.into_iter().skip(self.vms_written).collect();
         self.vms_written += record.part.vms.len();
         record.part.processes = rec.processes.take_changed();
+        if let Some(held) = held {
+            self.stacks.expire(&held);
+        }
+        self.expire_stacks = self.stacks.flushed();
         if let Err(e) = self.log.append(&mut record, self.frames.names()) {
             // The rows stay in memory and are written at the stop.
             if !self.append_failed {
@@ -236,17 +250,16 @@ impl Flusher {
                 ns / 1_000_000,
             );
         }
+        let (stacks, frames, expired) = self.stacks.kept();
+        counters.insert("stacks kept for the programs' reuse".to_owned(), stacks);
         counters.insert(
-            "stacks kept for the programs' reuse".to_owned(),
-            self.stacks.ips.len() as u64,
+            "stacks kept for the programs' reuse: frames".to_owned(),
+            frames,
         );
+        counters.insert("stacks dropped: no program held them".to_owned(), expired);
         let (addresses, names) = self.frames.kept();
         counters.insert("symbolizer: addresses kept".to_owned(), addresses as u64);
         counters.insert("symbolizer: names kept".to_owned(), names as u64);
-        counters.insert(
-            "stacks kept for the programs' reuse: frames".to_owned(),
-            self.stacks.ips.values().map(|s| s.len() as u64).sum(),
-        );
         counters.insert(
             "flushes while recording: ms".to_owned(),
             u64::try_from(self.busy.as_millis()).unwrap_or(u64::MAX),

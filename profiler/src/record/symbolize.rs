@@ -30,17 +30,76 @@ const FILES_IDLE: Duration = Duration::from_secs(30);
 /// -EFAULT. With `-a` that is a kernel thread, and no loss.
 const STACK_EFAULT: u64 = libc::EFAULT.unsigned_abs() as u64;
 
-/// Every stack read from the kernel, by id: the kernel deletes a stack
-/// once it is read (so that its map holds only new ones), and may name
-/// it again later.
+/// Flushes between two expiries of the stacks no program can name again
+/// (see [`StackStore::expire`]): each reads every thread's entry.
+const EXPIRE_EVERY: u64 = 16;
+
+/// The stacks read from the kernel that a row may still name, by id. The
+/// kernel's map holds a stack until a flush reads it (then it holds only
+/// new ones), but the programs keep stack ids beyond that — a thread's
+/// blocking sites reuse theirs, a thread blocked holds the ids taken when
+/// it blocked — and name them again without storing the stack again. So
+/// a stack is kept while a flush named it lately or a program holds it,
+/// and dropped after: a recording of hours keeps what its threads hold
+/// now, not every stack it ever met.
 #[derive(Default)]
 pub(super) struct StackStore {
-    pub ips: HashMap<u64, Box<[u64]>>,
+    stacks: HashMap<u64, Stored>,
+    /// Flushes so far.
+    flush: u64,
+    /// Stacks dropped so far.
+    expired: u64,
+}
+
+/// A stack's frames, and the last flush that named it.
+struct Stored {
+    ips: Box<[u64]>,
+    named: u64,
 }
 
 impl StackStore {
     fn get(&self, id: u64) -> &[u64] {
-        self.ips.get(&id).map_or(&[][..], |s| s)
+        self.stacks.get(&id).map_or(&[][..], |s| &s.ips)
+    }
+
+    /// Whether the store has stack `id`, which the flush under way names.
+    pub fn named(&mut self, id: u64) -> bool {
+        let flush = self.flush;
+        self.stacks.get_mut(&id).map(|s| s.named = flush).is_some()
+    }
+
+    /// Keeps stack `id`, read by the flush under way.
+    pub fn insert(&mut self, id: u64, ips: Box<[u64]>) {
+        let named = self.flush;
+        self.stacks.insert(id, Stored { ips, named });
+    }
+
+    /// Ends a flush. Returns whether the next one is to expire stacks: it
+    /// reads the stacks the programs hold before it flips the parity, and
+    /// gives them to [`StackStore::expire`].
+    pub fn flushed(&mut self) -> bool {
+        self.flush += 1;
+        self.flush.is_multiple_of(EXPIRE_EVERY)
+    }
+
+    /// Drops the stacks neither this flush nor the one before named, nor
+    /// `held` (the ids the programs held before this flush's flip). A row
+    /// drained later names a stack a program held then (kept), or one it
+    /// stored anew since (in the kernel's map again), or one this flush
+    /// or the one before named, which it deleted from the map (kept).
+    pub fn expire(&mut self, held: &std::collections::HashSet<u64>) {
+        let since = self.flush.saturating_sub(1);
+        let before = self.stacks.len();
+        self.stacks
+            .retain(|id, s| s.named >= since || held.contains(id));
+        self.expired += (before - self.stacks.len()) as u64;
+        self.stacks.shrink_to_fit();
+    }
+
+    /// Stacks kept, their frames, and stacks dropped so far.
+    pub fn kept(&self) -> (u64, u64, u64) {
+        let frames = self.stacks.values().map(|s| s.ips.len() as u64).sum();
+        (self.stacks.len() as u64, frames, self.expired)
     }
 }
 
