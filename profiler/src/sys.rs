@@ -203,6 +203,13 @@ pub fn explain_errno(errno: i32) -> &'static str {
     }
 }
 
+/// The size of a memory page.
+#[must_use]
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

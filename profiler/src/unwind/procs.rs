@@ -22,7 +22,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs, io,
     os::{
-        fd::{AsFd as _, AsRawFd as _},
+        fd::{AsFd as _, AsRawFd as _, OwnedFd},
         unix::fs::{FileExt as _, MetadataExt as _},
     },
     path::{Path, PathBuf},
@@ -197,34 +197,55 @@ pub fn map_kib(rows: u64, chunks: u64) -> u64 {
 /// path.
 type MappingKey = (u64, u64, u64, String);
 
-/// An mmapable array map of `T`s mapped into hvprof's memory.
+/// An mmapable array map of `T`s, written through a mapping of the pages
+/// each write covers, made for the write. Kept mapped, the whole map (tens
+/// of MB of kernel memory, counted apart) would count in hvprof's RSS too.
 struct MmapArray<T> {
-    ptr: *mut u8,
+    fd: OwnedFd,
+    /// The map's size in bytes.
     len: usize,
     _of: std::marker::PhantomData<T>,
 }
-
-// SAFETY: the mapping belongs to this value alone (as a Vec's buffer does
-// to the Vec), and is reached only through it, so it may move to another
-// thread with it (the event loop's work does during a flush).
-unsafe impl<T: Send> Send for MmapArray<T> {}
 
 impl<T: Copy> MmapArray<T> {
     /// The kernel's array element stride: the value size rounded up to 8.
     const STRIDE: usize = size_of::<T>().next_multiple_of(8);
 
     fn new(map: &MapData, capacity: u32) -> Result<Self, LoaderError> {
-        let len = capacity as usize * Self::STRIDE;
-        // SAFETY: a shared mapping of an mmapable array map's fd, of the
-        // map's size; checked for failure below.
+        let fd = map
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| LoaderError::Mmap { source })?;
+        Ok(Self {
+            fd,
+            len: capacity as usize * Self::STRIDE,
+            _of: std::marker::PhantomData,
+        })
+    }
+
+    /// Writes `values` from element `at` on (what would go past the map's
+    /// end is left out).
+    fn write(&mut self, at: u32, values: &[T]) -> Result<(), LoaderError> {
+        let page = crate::sys::page_size();
+        let first = at as usize * Self::STRIDE;
+        let end = (first + values.len() * Self::STRIDE).min(self.len);
+        if first >= end {
+            return Ok(());
+        }
+        let from = first / page * page;
+        let to = end.next_multiple_of(page);
+        // SAFETY: a shared mapping of pages of an mmapable array map's fd,
+        // inside the map (its size rounded up to a page, as the kernel
+        // allows); checked for failure below, unmapped below.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                to - from,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
+                self.fd.as_raw_fd(),
+                libc::off_t::try_from(from).unwrap_or(libc::off_t::MAX),
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -232,29 +253,19 @@ impl<T: Copy> MmapArray<T> {
                 source: std::io::Error::last_os_error(),
             });
         }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-            _of: std::marker::PhantomData,
-        })
-    }
-
-    fn write(&mut self, at: u32, values: &[T]) {
+        let base = ptr.cast::<u8>();
         for (i, value) in values.iter().enumerate() {
-            let off = (at as usize + i) * Self::STRIDE;
-            if off + size_of::<T>() > self.len {
-                return;
+            let off = first + i * Self::STRIDE;
+            if off + size_of::<T>() > end {
+                break;
             }
-            // SAFETY: inside the mapping (checked above); unaligned-safe.
-            unsafe { std::ptr::write_unaligned(self.ptr.add(off).cast::<T>(), *value) };
+            // SAFETY: inside the mapping (from..to covers first..end);
+            // unaligned-safe.
+            unsafe { std::ptr::write_unaligned(base.add(off - from).cast::<T>(), *value) };
         }
-    }
-}
-
-impl<T> Drop for MmapArray<T> {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        // SAFETY: the mapping made above, unmapped once.
+        unsafe { libc::munmap(ptr, to - from) };
+        Ok(())
     }
 }
 
@@ -672,7 +683,11 @@ impl Loader {
                         .flatten()
                 })
         })?;
-        self.rows.write(start, rows);
+        if let Err(e) = self.rows.write(start, rows) {
+            self.row_space.give_back(start, len);
+            eprintln!("hvprof: warning: {e}: a file's unwind table is left out");
+            return None;
+        }
         self.stats.rows += u64::from(len);
         let mut run = RowsRun {
             rows_start: start,
@@ -684,7 +699,11 @@ impl Loader {
             && n > 0
             && let Some(at) = self.chunk_space.take(n)
         {
-            self.chunks.write(at, &index);
+            if self.chunks.write(at, &index).is_err() {
+                // The rows alone: the unwinder searches all of them.
+                self.chunk_space.give_back(at, n);
+                return Some(run);
+            }
             run.chunks_start = at;
             run.chunks_len = n;
             run.chunk_base = base;
