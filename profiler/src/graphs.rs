@@ -3,7 +3,7 @@
 //! `report` and `diff`, the HTML report's graphs and the pprof and
 //! speedscope exports are all drawn from a graph's [`StackRow`]s.
 
-use std::collections::BTreeMap;
+use std::{collections::HashMap, fmt::Write as _};
 
 use crate::{
     profile::{DbusCall, LockWait, Profile},
@@ -133,24 +133,46 @@ impl Graph {
     /// leaves out stacks under one.
     #[must_use]
     pub fn folded(&self, profile: &Profile, window: u32) -> Vec<String> {
-        let mut folded: BTreeMap<String, u64> = BTreeMap::new();
-        for r in (self.rows)(profile, Some(window)) {
-            let mut line = stack_line(profile, r.comm, r.stack);
-            if let Some(c) = &r.context {
-                let at = line.find(';').unwrap_or(line.len());
-                line.insert_str(at, &format!(";{}", c.replace(';', ":")));
-            }
-            if let Some(leaf) = &r.leaf {
-                line.push(';');
-                line.push_str(&leaf.replace(';', ":"));
-            }
-            *folded.entry(line).or_default() += if self.sampled { r.count } else { r.ns };
+        let rows = (self.rows)(profile, Some(window));
+        // Rows of many processes and threads share a stack: each line is
+        // built once.
+        let mut merged: HashMap<_, u64> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let key = (r.comm, r.stack, r.context.as_deref(), r.leaf.as_deref());
+            *merged.entry(key).or_default() += if self.sampled { r.count } else { r.ns };
         }
-        folded
+        let mut lines: Vec<(String, u64)> = merged
             .into_iter()
-            .filter_map(|(stack, n)| {
+            .map(|((comm, stack, context, leaf), n)| {
+                let mut line = stack_line(profile, comm, stack);
+                if let Some(c) = context {
+                    let at = line.find(';').unwrap_or(line.len());
+                    line.insert_str(at, &format!(";{}", c.replace(';', ":")));
+                }
+                if let Some(leaf) = leaf {
+                    line.push(';');
+                    line.push_str(&leaf.replace(';', ":"));
+                }
+                (line, n)
+            })
+            .collect();
+        lines.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Names made clean for the format may make two lines one.
+        lines.dedup_by(|next, kept| {
+            let same = next.0 == kept.0;
+            if same {
+                kept.1 += next.1;
+            }
+            same
+        });
+        lines
+            .into_iter()
+            .filter_map(|(mut line, n)| {
                 let n = if self.sampled { n } else { n / 1000 };
-                (n > 0).then(|| format!("{stack} {n}"))
+                (n > 0).then(|| {
+                    let _ = write!(line, " {n}");
+                    line
+                })
             })
             .collect()
     }

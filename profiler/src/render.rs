@@ -13,7 +13,12 @@ use std::{
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::{graphs::GRAPHS, profile::Profile, tables::TABLES, windows::WindowInfo};
+use crate::{
+    graphs::{GRAPHS, Graph},
+    profile::Profile,
+    tables::TABLES,
+    windows::WindowInfo,
+};
 
 #[derive(Debug, Error)]
 pub enum RenderError {
@@ -28,24 +33,25 @@ pub type Emit<'a> = dyn Fn(&Path, &[u8]) -> Result<(), RenderError> + Sync + 'a;
 
 /// Renders a flame graph from folded lines. An empty window still gets an
 /// SVG, which says that nothing was recorded.
-pub fn write_flame_graph(
-    lines: &[String],
+pub fn write_flame_graph<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
     title: &str,
     count_name: &str,
     mut out: impl Write,
 ) -> io::Result<()> {
+    let mut lines = lines.into_iter().peekable();
     let mut opts = inferno::flamegraph::Options::default();
     title.clone_into(&mut opts.title);
     count_name.clone_into(&mut opts.count_name);
     opts.deterministic = true;
-    if lines.is_empty() {
+    if lines.peek().is_none() {
         write!(
             out,
             r#"<?xml version="1.0" standalone="no"?><svg version="1.1" width="1200" height="60" xmlns="http://www.w3.org/2000/svg"><text x="600" y="24" text-anchor="middle" font-family="Verdana" font-size="17">{}</text><text x="600" y="48" text-anchor="middle" font-family="Verdana" font-size="12">nothing recorded in this window</text></svg>"#,
             xml_escape(title)
         )
     } else {
-        inferno::flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), out)
+        inferno::flamegraph::from_lines(&mut opts, lines, out)
     }
 }
 
@@ -455,10 +461,25 @@ pub fn write_all(profile: &Profile, dir: &Path) -> Result<Summary, RenderError> 
 /// path under `dir`, which it does not create, and its contents): the
 /// fuzz targets render a profile without a disk.
 pub fn render_all(profile: &Profile, dir: &Path, emit: &Emit<'_>) -> Result<Summary, RenderError> {
-    // Windows render independently, and their flame graphs are most of a
-    // report's time.
-    parallel_map(&profile.windows, |w| {
-        render_window(profile, w, &dir.join(w.dir_name()), emit)
+    // Each window's graphs and tables render independently, and the flame
+    // graphs are most of a report's time: one piece of work each, so that
+    // a recording of one window uses every CPU too.
+    let work: Vec<(&WindowInfo, Option<&Graph>)> = profile
+        .windows
+        .iter()
+        .flat_map(|w| {
+            GRAPHS
+                .iter()
+                .map(move |&g| (w, Some(g)))
+                .chain(std::iter::once((w, None)))
+        })
+        .collect();
+    parallel_map(&work, |&(w, graph)| {
+        let wdir = dir.join(w.dir_name());
+        match graph {
+            Some(g) => render_graph(profile, w, g, &wdir, emit),
+            None => render_tables(profile, Some(w.id), &wdir, emit),
+        }
     })?;
     render_tables(profile, None, dir, emit)?;
     let summary = summary(profile);
@@ -523,29 +544,26 @@ where
     Ok(all.into_iter().map(|(_, r)| r).collect())
 }
 
-fn render_window(
+/// One window's folded file and flame graph of `g`.
+fn render_graph(
     profile: &Profile,
     w: &WindowInfo,
+    g: &Graph,
     wdir: &Path,
     emit: &Emit<'_>,
 ) -> Result<(), RenderError> {
-    for g in GRAPHS {
-        let lines = g.folded(profile, w.id);
-        emit(
-            &wdir.join(format!("{}.folded", g.name)),
-            join_lines(&lines).as_bytes(),
-        )?;
-        let path = wdir.join(format!("{}.svg", g.name));
-        let mut svg = Vec::new();
-        write_flame_graph(&lines, &g.title_for(w), g.count_name(), &mut svg).map_err(|source| {
-            RenderError::FlameGraph {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        emit(&path, &svg)?;
-    }
-    render_tables(profile, Some(w.id), wdir, emit)
+    let folded = join_lines(&g.folded(profile, w.id));
+    emit(&wdir.join(format!("{}.folded", g.name)), folded.as_bytes())?;
+    let path = wdir.join(format!("{}.svg", g.name));
+    let mut svg = Vec::new();
+    write_flame_graph(folded.lines(), &g.title_for(w), g.count_name(), &mut svg).map_err(
+        |source| RenderError::FlameGraph {
+            path: path.clone(),
+            source,
+        },
+    )?;
+    drop(folded);
+    emit(&path, &svg)
 }
 
 /// `NAME.txt`, `.md`, `.csv` and `.json` of every table, for one window or

@@ -705,11 +705,15 @@ pub fn differential_graph(
         )
     };
     let mut svg = Vec::new();
-    render::write_flame_graph(&lines, &title, count_name, &mut svg).map_err(|source| {
-        RenderError::FlameGraph {
-            path: svg_path.to_path_buf(),
-            source,
-        }
+    render::write_flame_graph(
+        lines.iter().map(String::as_str),
+        &title,
+        count_name,
+        &mut svg,
+    )
+    .map_err(|source| RenderError::FlameGraph {
+        path: svg_path.to_path_buf(),
+        source,
     })?;
     Ok(DifferentialGraph {
         folded,

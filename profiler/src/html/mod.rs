@@ -320,12 +320,12 @@ pub fn window_section(id: u32, body: &str) -> String {
 /// Renders one flame graph in memory.
 fn flame_svg(lines: &[String], title: &str, unit: &str) -> Result<Vec<u8>, RenderError> {
     let mut svg = Vec::new();
-    render::write_flame_graph(lines, title, unit, &mut svg).map_err(|source| {
-        RenderError::FlameGraph {
+    render::write_flame_graph(lines.iter().map(String::as_str), title, unit, &mut svg).map_err(
+        |source| RenderError::FlameGraph {
             path: title.into(),
             source,
-        }
-    })?;
+        },
+    )?;
     Ok(svg)
 }
 

@@ -91,10 +91,29 @@ pub struct Record {
     pub part: Profile,
 }
 
+/// [`Record`] as written, borrowing its part (a whole profile is not
+/// copied to be written).
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    until_ns: u64,
+    last: bool,
+    part: &'a Profile,
+}
+
+impl<'a> From<&'a Record> for RecordRef<'a> {
+    fn from(r: &'a Record) -> Self {
+        Self {
+            until_ns: r.until_ns,
+            last: r.last,
+            part: &r.part,
+        }
+    }
+}
+
 /// A record's frame: length and CRC-32, little-endian.
 const RECORD_HEAD: usize = 8;
 
-fn encode_record(record: &Record) -> io::Result<Vec<u8>> {
+fn encode_record(record: &RecordRef<'_>) -> io::Result<Vec<u8>> {
     // Buffered in front of the encoder: serde writes a few bytes at a
     // time, and each write into the encoder zeroed its 32 KiB output buffer
     // (a quarter of a 50-guest recording's CPU, after the stop).
@@ -169,7 +188,7 @@ impl ProfileLog {
             .get(self.frames_written..)
             .unwrap_or_default()
             .to_vec();
-        let bytes = encode_record(record).map_err(err)?;
+        let bytes = encode_record(&RecordRef::from(&*record)).map_err(err)?;
         record.part.frames.clear();
         if let Err(e) = self.file.write_all(&bytes) {
             // What a short write left is cut off again, so that the file
@@ -242,10 +261,10 @@ impl Profile {
             path: path.to_path_buf(),
             source,
         };
-        let record = Record {
+        let record = RecordRef {
             until_ns: self.meta.duration_ns,
             last: true,
-            part: self.clone(),
+            part: self,
         };
         let bytes = encode_record(&record).map_err(err)?;
         let tmp = path.with_extension("hvprof.tmp");

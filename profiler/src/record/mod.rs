@@ -275,9 +275,23 @@ fn write(
     let mut profile = flusher.finish(rec, bpf, stop, stop_ns)?;
     timing("drain, symbolize and assemble the rest");
     profile.meta.program_stats = program_stats;
-    profile.write(&rec.opts.output.join(profile::FILE_NAME))?;
-    interrupts.phase(Phase::Rendering);
-    let summary = render::write_all(&profile, &rec.opts.output)?;
+    // The profile file (compressing it is a few hundred ms of a large
+    // one) is written beside the renderings.
+    let path = rec.opts.output.join(profile::FILE_NAME);
+    let (written, summary) = std::thread::scope(|scope| {
+        let file = scope.spawn(|| {
+            let written = profile.write(&path);
+            if written.is_ok() {
+                interrupts.phase(Phase::Rendering);
+            }
+            written
+        });
+        let summary = render::write_all(&profile, &rec.opts.output);
+        let written = file.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (written, summary)
+    });
+    written?;
+    let summary = summary?;
     Ok((profile, summary))
 }
 
