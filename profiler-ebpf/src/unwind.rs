@@ -20,10 +20,10 @@ use aya_ebpf::{
 use profiler_common::{
     record::MAX_STACK_DEPTH,
     unwind::{
-        CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_SIGNAL, MAX_PROC_MAPPINGS, NO_ROOM,
-        ProcMappings, RBP_AT_CFA, RBP_SAME, ROW_CHUNK_SHIFT, RowChunk, SIGFRAME_RBP, SIGFRAME_RIP,
-        SIGFRAME_RSP, SITE_CHECK_BYTES, SITE_CHECK_FRAMES, STACK_CUT, UnwindMapping, UnwindRow,
-        UnwindStop,
+        CFA_END, CFA_NONE, CFA_PLT, CFA_RBP, CFA_RSP, CFA_SIGNAL, MAX_PROC_MAPPINGS,
+        MAX_UNWIND_RULES, MapRow, NO_ROOM, ProcMappings, RBP_AT_CFA, RBP_SAME, ROW_CHUNK_SHIFT,
+        RowChunk, SIGFRAME_RBP, SIGFRAME_RIP, SIGFRAME_RSP, SITE_CHECK_BYTES, SITE_CHECK_FRAMES,
+        STACK_CUT, UnwindMapping, UnwindRule, UnwindStop,
     },
 };
 
@@ -32,7 +32,11 @@ use crate::record::STACK_SCRATCH;
 /// Every file's rows, one run per file (userspace writes them through
 /// mmap; it sets the size).
 #[map]
-pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+pub static UNWIND_ROWS: Array<MapRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+/// The rules the rows name, each once (written through mmap).
+#[map]
+pub static UNWIND_RULES: Array<UnwindRule> =
+    Array::with_max_entries(MAX_UNWIND_RULES, BPF_F_MMAPABLE);
 /// Every file's chunk index into its rows (see `ROW_CHUNK_SHIFT`; written
 /// through mmap; userspace sets the size).
 #[map]
@@ -87,7 +91,7 @@ const ROW_CACHE_BITS: u32 = 12;
 struct RowCacheEntry {
     /// `(rows_start + 1) << 32 | file address` (0: empty).
     tag: u64,
-    row: UnwindRow,
+    rule: UnwindRule,
 }
 
 /// Row searches: enough for 2^24 rows in one file.
@@ -765,7 +769,7 @@ unsafe fn find_mapping(w: *mut Walk, pc: u64) -> bool {
 
 /// [`find_row`] through `ROW_CACHE`.
 #[inline(always)]
-unsafe fn cached_row(w: *mut Walk, pc: u32) -> Option<UnwindRow> {
+unsafe fn cached_row(w: *mut Walk, pc: u32) -> Option<UnwindRule> {
     unsafe {
         let tag = ((u64::from((*w).map.rows_start) + 1) << 32) | u64::from(pc);
         let slot = (tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - ROW_CACHE_BITS)) as u32;
@@ -773,14 +777,14 @@ unsafe fn cached_row(w: *mut Walk, pc: u32) -> Option<UnwindRow> {
         if let Some(e) = entry
             && (*e).tag == tag
         {
-            return Some((*e).row);
+            return Some((*e).rule);
         }
-        let row = find_row(w, pc)?;
+        let rule = *UNWIND_RULES.get(find_row(w, pc)?.rule)?;
         if let Some(e) = entry {
             (*e).tag = tag;
-            (*e).row = row;
+            (*e).rule = rule;
         }
-        Some(row)
+        Some(rule)
     }
 }
 
@@ -788,7 +792,7 @@ unsafe fn cached_row(w: *mut Walk, pc: u32) -> Option<UnwindRow> {
 /// a binary search of the rows its chunk index names (all the file's rows
 /// without one).
 #[inline(always)]
-unsafe fn find_row(w: *mut Walk, pc: u32) -> Option<UnwindRow> {
+unsafe fn find_row(w: *mut Walk, pc: u32) -> Option<MapRow> {
     unsafe {
         let map = &raw const (*w).map;
         let rows_len = (*map).rows_len;

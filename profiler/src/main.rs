@@ -195,9 +195,10 @@ struct RecordArgs {
     /// pointers (`fp`).
     #[arg(long, value_enum, default_value = "dwarf", value_name = "MODE")]
     unwind: UnwindArg,
-    /// Unwind-table rows kept, 16 bytes each; raise it if the summary counts user stacks
-    /// cut because the unwind tables were full (rustc's two libraries take 2 M rows).
-    #[arg(long, default_value_t = 4_000_000, value_name = "N")]
+    /// Unwind-table rows kept, 10 bytes each with their index; raise it if the summary counts
+    /// user stacks cut because the unwind tables were full (rustc's two libraries take 2 M
+    /// rows).
+    #[arg(long, default_value_t = 8_000_000, value_name = "N")]
     unwind_max_rows: u32,
     /// Where built unwind tables are kept, so later recordings start sooner (default:
     /// ~/.cache/hvprof/unwind).

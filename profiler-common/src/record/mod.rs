@@ -163,6 +163,7 @@ pub mod names {
     pub const PROG_DBUS_RETURN: &str = "dbus_return";
     pub const PROG_DBUS_NAMES: &str = "dbus_names";
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    pub const UNWIND_RULES: &str = "UNWIND_RULES";
     pub const UNWIND_CHUNKS: &str = "UNWIND_CHUNKS";
     pub const UNWIND_PROCS: &str = "UNWIND_PROCS";
     pub const UNWIND_STOPS: &str = "UNWIND_STOPS";

@@ -132,10 +132,12 @@ pub(super) fn load(
         };
         let rows = take(&mut bpf, names::UNWIND_ROWS)?;
         let chunks = take(&mut bpf, names::UNWIND_CHUNKS)?;
+        let rules = take(&mut bpf, names::UNWIND_RULES)?;
         let procs = take(&mut bpf, names::UNWIND_PROCS)?;
         Some(crate::unwind::procs::Loader::new(
             rows,
             chunks,
+            rules,
             procs,
             (unwind_rows, ebpf::unwind_chunks(unwind_rows)),
             opts.unwind_cache.clone(),

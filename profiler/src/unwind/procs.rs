@@ -32,7 +32,8 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use object::{Object as _, ObjectSegment as _, ReadCache, ReadRef};
 use profiler_common::unwind::{
-    MAX_PROC_MAPPINGS, NO_ROOM, ProcMappings, ROW_CHUNK_SHIFT, RowChunk, UnwindMapping, UnwindRow,
+    MAX_PROC_MAPPINGS, MAX_UNWIND_RULES, MapRow, NO_ROOM, ProcMappings, ROW_CHUNK_SHIFT, RowChunk,
+    UnwindMapping, UnwindRow, UnwindRule,
 };
 use thiserror::Error;
 
@@ -186,10 +187,11 @@ struct JitRows {
 }
 
 /// The kernel memory of `rows` rows and `chunks` chunk index entries, in
-/// KiB (array elements are 8-byte aligned: 16 bytes a row, 8 an entry).
+/// KiB (8 bytes a row and an entry; the rules they name are at most
+/// 512 KiB more).
 #[must_use]
 pub fn map_kib(rows: u64, chunks: u64) -> u64 {
-    (rows * MmapArray::<UnwindRow>::STRIDE as u64 + chunks * MmapArray::<RowChunk>::STRIDE as u64)
+    (rows * MmapArray::<MapRow>::STRIDE as u64 + chunks * MmapArray::<RowChunk>::STRIDE as u64)
         / 1024
 }
 
@@ -370,11 +372,15 @@ const RECENTLY_USED: Duration = Duration::from_secs(10);
 
 /// Loads processes' mappings and their files' tables into the maps.
 pub struct Loader {
-    rows: MmapArray<UnwindRow>,
+    rows: MmapArray<MapRow>,
     chunks: MmapArray<RowChunk>,
+    rules: MmapArray<UnwindRule>,
+    /// Each rule written to `rules`, by its index there.
+    rule_index: HashMap<UnwindRule, u32>,
     /// Kept open: programs loaded later name the maps by these fds.
     _rows_map: MapData,
     _chunks_map: MapData,
+    _rules_map: MapData,
     row_space: Space,
     chunk_space: Space,
     procs: BpfHashMap<MapData, u32, ProcMappings>,
@@ -409,6 +415,7 @@ impl Loader {
     pub fn new(
         rows_map: Map,
         chunks_map: Map,
+        rules_map: Map,
         procs_map: Map,
         (capacity, chunk_capacity): (u32, u32),
         cache_dir: PathBuf,
@@ -423,16 +430,25 @@ impl Loader {
                 name: profiler_common::record::names::UNWIND_CHUNKS,
             });
         };
+        let Map::Array(rules_data) = rules_map else {
+            return Err(LoaderError::MissingMap {
+                name: profiler_common::record::names::UNWIND_RULES,
+            });
+        };
         let rows = MmapArray::new(&rows_data, capacity)?;
         let chunks = MmapArray::new(&chunks_data, chunk_capacity)?;
+        let rules = MmapArray::new(&rules_data, MAX_UNWIND_RULES)?;
         let procs = BpfHashMap::try_from(procs_map).map_err(|_| LoaderError::MissingMap {
             name: profiler_common::record::names::UNWIND_PROCS,
         })?;
         Ok(Self {
             rows,
             chunks,
+            rules,
+            rule_index: HashMap::new(),
             _rows_map: rows_data,
             _chunks_map: chunks_data,
+            _rules_map: rules_data,
             row_space: Space::new(capacity),
             chunk_space: Space::new(chunk_capacity),
             procs,
@@ -671,6 +687,7 @@ impl Loader {
     /// the unwinder searches all of them); `None` if the rows do not fit.
     fn write_rows(&mut self, rows: &[UnwindRow]) -> Option<RowsRun> {
         let len = u32::try_from(rows.len()).ok().filter(|&n| n > 0)?;
+        let packed = self.map_rows(rows)?;
         // The tables no process maps go, those idle for a while first: a
         // library that processes map one after the other (rustc's, in a
         // build) stays.
@@ -683,7 +700,7 @@ impl Loader {
                         .flatten()
                 })
         })?;
-        if let Err(e) = self.rows.write(start, rows) {
+        if let Err(e) = self.rows.write(start, &packed) {
             self.row_space.give_back(start, len);
             eprintln!("hvprof: warning: {e}: a file's unwind table is left out");
             return None;
@@ -710,6 +727,32 @@ impl Loader {
             self.stats.chunks += u64::from(n);
         }
         Some(run)
+    }
+
+    /// `rows` as the map keeps them, their new rules written; `None` if
+    /// the rules map is full.
+    fn map_rows(&mut self, rows: &[UnwindRow]) -> Option<Vec<MapRow>> {
+        let first_new = u32::try_from(self.rule_index.len()).ok()?;
+        let mut new = Vec::new();
+        let mut mapped = Vec::with_capacity(rows.len());
+        for row in rows {
+            let rule = row.rule();
+            let next = first_new.saturating_add(u32::try_from(new.len()).unwrap_or(u32::MAX));
+            let index = *self.rule_index.entry(rule).or_insert_with(|| {
+                new.push(rule);
+                next
+            });
+            mapped.push(MapRow {
+                pc: row.pc,
+                rule: index,
+            });
+        }
+        let fits = u64::from(first_new) + new.len() as u64 <= u64::from(MAX_UNWIND_RULES);
+        if !fits || (!new.is_empty() && self.rules.write(first_new, &new).is_err()) {
+            self.rule_index.retain(|_, i| *i < first_new);
+            return None;
+        }
+        Some(mapped)
     }
 
     /// The table of the file mapped at `start..end` in `tgid`, loaded if it
