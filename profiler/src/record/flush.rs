@@ -169,6 +169,7 @@ impl Flusher {
         rec.processes.forget_exited_before(self.last_flip_ns);
         self.last_flip_ns = flip_ns;
         crate::sys::release_free_heap();
+        crate::sys::release_mapped_files();
         self.flushes += 1;
         self.busy += started.elapsed();
         let ms = |from: Duration, to: Duration| to.saturating_sub(from).as_secs_f64() * 1e3;
