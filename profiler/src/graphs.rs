@@ -3,7 +3,7 @@
 //! `report` and `diff`, the HTML report's graphs and the pprof and
 //! speedscope exports are all drawn from a graph's [`StackRow`]s.
 
-use std::{collections::HashMap, fmt::Write as _};
+use std::{borrow::Cow, collections::HashMap, fmt::Write as _};
 
 use crate::{
     profile::{DbusCall, LockWait, Profile},
@@ -133,48 +133,110 @@ impl Graph {
     /// leaves out stacks under one.
     #[must_use]
     pub fn folded(&self, profile: &Profile, window: u32) -> Vec<String> {
+        let f = self.fold(profile, window);
+        f.stacks.iter().map(|(s, n)| f.line(s, *n)).collect()
+    }
+
+    /// One window's stacks, merged and sorted, as [`Graph::folded`] has
+    /// them (see [`Fold`]).
+    #[must_use]
+    pub fn fold<'a>(&self, profile: &'a Profile, window: u32) -> Fold<'a> {
         let rows = (self.rows)(profile, Some(window));
-        // Rows of many processes and threads share a stack: each line is
-        // built once.
+        // Rows of many processes and threads share a stack: merged first.
         let mut merged: HashMap<_, u64> = HashMap::with_capacity(rows.len());
         for r in &rows {
             let key = (r.comm, r.stack, r.context.as_deref(), r.leaf.as_deref());
             *merged.entry(key).or_default() += if self.sampled { r.count } else { r.ns };
         }
-        let mut lines: Vec<(String, u64)> = merged
-            .into_iter()
-            .map(|((comm, stack, context, leaf), n)| {
-                let mut line = stack_line(profile, comm, stack);
-                if let Some(c) = context {
-                    let at = line.find(';').unwrap_or(line.len());
-                    line.insert_str(at, &format!(";{}", c.replace(';', ":")));
-                }
-                if let Some(leaf) = leaf {
-                    line.push(';');
-                    line.push_str(&leaf.replace(';', ":"));
-                }
-                (line, n)
+        // Each line as tokens: a frame by its id, the other names (comm,
+        // context, leaf; made fit for the format) after the frames.
+        let frames = profile.frames.len();
+        let mut others: HashMap<String, usize> = HashMap::new();
+        let mut other_names: Vec<String> = Vec::new();
+        let mut other = |name: String| -> usize {
+            let next = frames + other_names.len();
+            *others.entry(name).or_insert_with_key(|k| {
+                other_names.push(k.clone());
+                next
             })
+        };
+        let mut stacks: Vec<(Vec<usize>, u64)> = Vec::with_capacity(merged.len());
+        for ((comm, stack, context, leaf), n) in merged {
+            let mut tokens = Vec::with_capacity(stack.len() + 3);
+            let comm = clean(comm, '_');
+            tokens.push(other(if comm.is_empty() {
+                "[unknown]".to_owned()
+            } else {
+                comm.into_owned()
+            }));
+            if let Some(c) = context {
+                tokens.push(other(c.replace(';', ":")));
+            }
+            for &f in stack {
+                let f = f as usize;
+                tokens.push(if f < frames {
+                    f
+                } else {
+                    other("[bad frame]".to_owned())
+                });
+            }
+            if let Some(leaf) = leaf {
+                tokens.push(other(leaf.replace(';', ":")));
+            }
+            stacks.push((tokens, n));
+        }
+        let mut names: Vec<Option<Cow<'a, str>>> = vec![None; frames];
+        names.extend(other_names.into_iter().map(|n| Some(Cow::Owned(n))));
+        let mut seen = vec![false; names.len()];
+        for &t in stacks.iter().flat_map(|(t, _)| t) {
+            seen[t] = true;
+        }
+        let used: Vec<usize> = (0..names.len()).filter(|&t| seen[t]).collect();
+        for &t in &used {
+            if names[t].is_none() {
+                names[t] = Some(clean(&profile.frames[t], ' '));
+            }
+        }
+        // Ranks in the order of the names as they stand in a line (each
+        // followed by `;`), equal names one rank: sorting the lines by
+        // their ranks sorts them as text, without comparing text, and
+        // merges the lines that cleaning made equal.
+        let name_of = |t: usize| names[t].as_deref().unwrap_or("");
+        let mut by_name = used;
+        by_name.sort_unstable_by(|&a, &b| {
+            (name_of(a).bytes().chain(Some(b';'))).cmp(name_of(b).bytes().chain(Some(b';')))
+        });
+        let mut rank = vec![0u32; names.len()];
+        let mut texts: Vec<Cow<'a, str>> = Vec::new();
+        for (i, &t) in by_name.iter().enumerate() {
+            if i == 0 || name_of(t) != name_of(by_name[i - 1]) {
+                texts.push(names[t].clone().unwrap_or_default());
+            }
+            rank[t] = u32::try_from(texts.len() - 1).unwrap_or(u32::MAX);
+        }
+        let mut stacks: Vec<(Vec<u32>, u64)> = stacks
+            .into_iter()
+            .map(|(tokens, n)| (tokens.into_iter().map(|t| rank[t]).collect(), n))
             .collect();
-        lines.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        // Names made clean for the format may make two lines one.
-        lines.dedup_by(|next, kept| {
+        stacks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        stacks.dedup_by(|next, kept| {
             let same = next.0 == kept.0;
             if same {
-                kept.1 += next.1;
+                kept.1 = kept.1.saturating_add(next.1);
             }
             same
         });
-        lines
-            .into_iter()
-            .filter_map(|(mut line, n)| {
-                let n = if self.sampled { n } else { n / 1000 };
-                (n > 0).then(|| {
-                    let _ = write!(line, " {n}");
-                    line
-                })
-            })
-            .collect()
+        let sampled = self.sampled;
+        stacks.retain_mut(|(_, n)| {
+            if !sampled {
+                *n /= 1000;
+            }
+            *n > 0
+        });
+        Fold {
+            names: texts,
+            stacks,
+        }
     }
 
     /// Whether the profile has this graph: its tracer was recorded, or it
@@ -182,6 +244,45 @@ impl Graph {
     #[must_use]
     pub fn in_profile(&self, profile: &Profile) -> bool {
         profile.recorded(self.tracer) || !(self.rows)(profile, None).is_empty()
+    }
+}
+
+/// One window's stacks of a graph, merged: each a line of names (indices
+/// into `names`), sorted as their text, with its count (samples, or µs).
+pub struct Fold<'a> {
+    pub names: Vec<Cow<'a, str>>,
+    pub stacks: Vec<(Vec<u32>, u64)>,
+}
+
+impl Fold<'_> {
+    /// `stack`'s folded line: `comm;frame;…;frame count`.
+    #[must_use]
+    pub fn line(&self, stack: &[u32], n: u64) -> String {
+        let mut line = String::new();
+        self.push_line(&mut line, stack);
+        let _ = write!(line, " {n}");
+        line
+    }
+
+    /// Appends `stack`'s names, `;`-separated.
+    pub fn push_line(&self, out: &mut String, stack: &[u32]) {
+        for (i, &t) in stack.iter().enumerate() {
+            if i > 0 {
+                out.push(';');
+            }
+            out.push_str(&self.names[t as usize]);
+        }
+    }
+
+    /// The folded file: every line, each ending in a newline.
+    #[must_use]
+    pub fn text(&self) -> String {
+        let mut text = String::new();
+        for (stack, n) in &self.stacks {
+            self.push_line(&mut text, stack);
+            let _ = writeln!(text, " {n}");
+        }
+        text
     }
 }
 
@@ -337,33 +438,66 @@ pub fn dbus_frame(c: &DbusCall) -> String {
 /// `comm;frame;…;frame`, root first: a folded line without its count.
 #[must_use]
 pub fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
-    // `;` separates frames and a space separates the count: keep both out
-    // of the names so every line parses. This runs for every frame of every
-    // stack, and most names need no change: those are copied whole.
-    fn push_clean(line: &mut String, s: &str, space: char) {
-        if !s
-            .bytes()
-            .any(|b| matches!(b, b';' | b'\n' | b'\r') || (b == b' ' && space != ' '))
-        {
-            line.push_str(s);
-            return;
+    StackLines::new(profile).line(comm, stack)
+}
+
+/// `s` fit for a folded line: `;` separates frames and a space separates
+/// the count, so both are kept out of names (`space` replaces spaces in a
+/// comm; a frame keeps its own). Most names need no change: borrowed.
+fn clean(s: &str, space: char) -> Cow<'_, str> {
+    if !s
+        .bytes()
+        .any(|b| matches!(b, b';' | b'\n' | b'\r') || (b == b' ' && space != ' '))
+    {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(
+        s.chars()
+            .map(|c| match c {
+                ';' => ':',
+                '\n' | '\r' | ' ' => space,
+                c => c,
+            })
+            .collect(),
+    )
+}
+
+/// Builds the folded lines of one profile's stacks, each frame's name made
+/// clean once: a graph's lines hold millions of frames, and a name
+/// thousands of times.
+struct StackLines<'a> {
+    profile: &'a Profile,
+    names: Vec<Option<Cow<'a, str>>>,
+}
+
+impl<'a> StackLines<'a> {
+    fn new(profile: &'a Profile) -> Self {
+        Self {
+            profile,
+            names: vec![None; profile.frames.len()],
         }
-        line.extend(s.chars().map(|c| match c {
-            ';' => ':',
-            '\n' | '\r' | ' ' => space,
-            c => c,
-        }));
     }
-    let mut line = String::new();
-    push_clean(&mut line, comm, '_');
-    if line.is_empty() {
-        line.push_str("[unknown]");
+
+    fn line(&mut self, comm: &str, stack: &[u32]) -> String {
+        let mut line = String::new();
+        line.push_str(&clean(comm, '_'));
+        if line.is_empty() {
+            line.push_str("[unknown]");
+        }
+        for &f in stack {
+            line.push(';');
+            match self.names.get_mut(f as usize) {
+                Some(name) => {
+                    let profile = self.profile;
+                    line.push_str(
+                        name.get_or_insert_with(|| clean(&profile.frames[f as usize], ' ')),
+                    );
+                }
+                None => line.push_str("[bad frame]"),
+            }
+        }
+        line
     }
-    for f in profile.frame_names(stack) {
-        line.push(';');
-        push_clean(&mut line, f, ' ');
-    }
-    line
 }
 
 #[cfg(test)]
