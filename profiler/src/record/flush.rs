@@ -223,26 +223,52 @@ impl Flusher {
         stop: &Stop,
         stop_ns: u64,
     ) -> Result<Profile, RecordError> {
-        let mut drained = drain::drain(
-            rec,
-            bpf,
-            Take::Rest { stop_ns },
-            &mut self.seen,
-            &mut self.stacks,
-        )?;
-        let lookups = self
-            .frames
-            .lookups(&rec.processes, &self.stacks, &drained.triples());
-        self.frames.look_up(&lookups);
-        let mut part = assemble::part(rec, &mut drained, &mut self.frames, &self.stacks);
-        // The flushes' rows, read back, with those that could not be
-        // written and the last part.
-        let mut rows = self.log.rows()?;
-        super::timing_detail(&format!("{} flushed records read back", self.flushes));
+        let started = Instant::now();
+        // The flushes' rows are read back from the file (every CPU decodes
+        // records) while the rest is drained and symbolized here.
+        let log = &self.log;
+        let (rows, part) = std::thread::scope(|scope| {
+            let read_back = scope.spawn(|| {
+                let rows = log.rows();
+                (rows, started.elapsed())
+            });
+            let part = (|| {
+                let mut drained = drain::drain(
+                    rec,
+                    bpf,
+                    Take::Rest { stop_ns },
+                    &mut self.seen,
+                    &mut self.stacks,
+                )?;
+                let lookups = self
+                    .frames
+                    .lookups(&rec.processes, &self.stacks, &drained.triples());
+                self.frames.look_up(&lookups);
+                let part = assemble::part(rec, &mut drained, &mut self.frames, &self.stacks);
+                Ok::<_, RecordError>((part, drained, started.elapsed()))
+            })();
+            let read_back = read_back
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (read_back, part)
+        });
+        let (rows, read_ms) = rows;
+        let (mut part, mut drained, rest_ms) = part?;
+        let mut rows = rows?;
+        super::timing_detail(&format!(
+            "{} flushed records read back in {} ms, beside the rest drained and symbolized in {} ms",
+            self.flushes,
+            read_ms.as_millis(),
+            rest_ms.as_millis()
+        ));
         for part in [&mut self.unwritten.into_profile_part(), &mut part] {
             rows.add(part);
         }
         let mut profile = assemble::profile(rec, rows, &self.frames, &mut drained, stop, stop_ns);
+        super::timing_detail(&format!(
+            "profile assembled: {} ms",
+            started.elapsed().as_millis()
+        ));
         let counters = &mut profile.meta.counters;
         counters.insert("flushes while recording".to_owned(), self.flushes);
         if let Some(ns) = rec.per_call_since_ns {

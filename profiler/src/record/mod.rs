@@ -278,15 +278,24 @@ fn write(
     // The profile file (compressing it is a few hundred ms of a large
     // one) is written beside the renderings.
     let path = rec.opts.output.join(profile::FILE_NAME);
+    let started = Instant::now();
     let (written, summary) = std::thread::scope(|scope| {
         let file = scope.spawn(|| {
             let written = profile.write(&path);
             if written.is_ok() {
                 interrupts.phase(Phase::Rendering);
             }
+            timing_detail(&format!(
+                "profile file written: {} ms",
+                started.elapsed().as_millis()
+            ));
             written
         });
         let summary = render::write_all(&profile, &rec.opts.output);
+        timing_detail(&format!(
+            "graphs and tables rendered: {} ms",
+            started.elapsed().as_millis()
+        ));
         let written = file.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         (written, summary)
     });
