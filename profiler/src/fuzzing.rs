@@ -91,8 +91,13 @@ const DIFF_GATES: &[&str] = &[
 fn use_profile(profile: &Profile) {
     let source = Path::new(INPUT);
     let dir = Path::new("out");
-    render::render_all(profile, dir, &|_, _| Ok(()))
-        .unwrap_or_else(|e| panic!("report of a profile that reads: {e}"));
+    render::render_all(profile, dir, &|path, contents| {
+        contents(&mut std::io::sink()).map_err(|source| render::RenderError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    })
+    .unwrap_or_else(|e| panic!("report of a profile that reads: {e}"));
     html::report(profile).unwrap_or_else(|e| panic!("HTML report of a profile that reads: {e}"));
     for t in tables::TABLES {
         let _ = tables::whole_recording_text(t, profile, 15);

@@ -274,15 +274,18 @@ impl Fold<'_> {
         }
     }
 
-    /// The folded file: every line, each ending in a newline.
-    #[must_use]
-    pub fn text(&self) -> String {
-        let mut text = String::new();
+    /// Writes the folded file: every line, each ending in a newline.
+    pub fn write_text(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         for (stack, n) in &self.stacks {
-            self.push_line(&mut text, stack);
-            let _ = writeln!(text, " {n}");
+            for (i, &t) in stack.iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b";")?;
+                }
+                out.write_all(self.names[t as usize].as_bytes())?;
+            }
+            writeln!(out, " {n}")?;
         }
-        text
+        Ok(())
     }
 }
 

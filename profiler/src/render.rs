@@ -28,8 +28,17 @@ pub enum RenderError {
     FlameGraph { path: PathBuf, source: io::Error },
 }
 
-/// A function that takes each output file: its path and contents.
-pub type Emit<'a> = dyn Fn(&Path, &[u8]) -> Result<(), RenderError> + Sync + 'a;
+/// A function that takes each output file: its path, and a function
+/// that writes its contents (a folded file of minutes of deep stacks is
+/// hundreds of MB, written as it is made rather than held).
+pub type Emit<'a> = dyn Fn(&Path, &mut dyn FnMut(&mut dyn Write) -> io::Result<()>) -> Result<(), RenderError>
+    + Sync
+    + 'a;
+
+/// Hands `emit` a file whose contents are `bytes`.
+fn put(emit: &Emit<'_>, path: &Path, bytes: &[u8]) -> Result<(), RenderError> {
+    emit(path, &mut |w| w.write_all(bytes))
+}
 
 /// Renders a flame graph from folded lines. An empty window still gets an
 /// SVG, which says that nothing was recorded.
@@ -511,8 +520,13 @@ pub fn write_all(profile: &Profile, dir: &Path) -> Result<Summary, RenderError> 
     for w in &profile.windows {
         mkdir(&dir.join(w.dir_name()))?;
     }
-    render_all(profile, dir, &|path, bytes| {
-        fs::write(path, bytes).map_err(|source| RenderError::Write {
+    render_all(profile, dir, &|path, contents| {
+        let file = fs::File::create(path).and_then(|f| {
+            let mut out = io::BufWriter::with_capacity(1 << 20, f);
+            contents(&mut out)?;
+            out.flush()
+        });
+        file.map_err(|source| RenderError::Write {
             path: path.to_path_buf(),
             source,
         })
@@ -545,12 +559,12 @@ pub fn render_all(profile: &Profile, dir: &Path, emit: &Emit<'_>) -> Result<Summ
     })?;
     render_tables(profile, None, dir, emit)?;
     let summary = summary(profile);
-    emit(&dir.join("summary.txt"), summary.to_text().as_bytes())?;
+    put(emit, &dir.join("summary.txt"), summary.to_text().as_bytes())?;
     let json = serde_json::to_string_pretty(&summary).map_err(|e| RenderError::Write {
         path: dir.join("summary.json"),
         source: io::Error::other(e),
     })?;
-    emit(&dir.join("summary.json"), json.as_bytes())?;
+    put(emit, &dir.join("summary.json"), json.as_bytes())?;
     Ok(summary)
 }
 
@@ -615,10 +629,9 @@ fn render_graph(
     emit: &Emit<'_>,
 ) -> Result<(), RenderError> {
     let fold = g.fold(profile, w.id);
-    emit(
-        &wdir.join(format!("{}.folded", g.name)),
-        fold.text().as_bytes(),
-    )?;
+    emit(&wdir.join(format!("{}.folded", g.name)), &mut |w| {
+        fold.write_text(w)
+    })?;
     let drawn = drawn(&fold);
     drop(fold);
     let path = wdir.join(format!("{}.svg", g.name));
@@ -633,7 +646,7 @@ fn render_graph(
         path: path.clone(),
         source,
     })?;
-    emit(&path, &svg)
+    put(emit, &path, &svg)
 }
 
 /// `NAME.txt`, `.md`, `.csv` and `.json` of every table, for one window or
@@ -650,12 +663,18 @@ fn render_tables(
             .note(profile, window)
             .map(|n| format!("\n{n}"))
             .unwrap_or_default();
-        emit(
+        put(
+            emit,
             &dir.join(format!("{name}.txt")),
             format!("{}{note}", human.text()).as_bytes(),
         )?;
-        emit(&dir.join(format!("{name}.md")), human.markdown().as_bytes())?;
-        emit(
+        put(
+            emit,
+            &dir.join(format!("{name}.md")),
+            human.markdown().as_bytes(),
+        )?;
+        put(
+            emit,
             &dir.join(format!("{name}.csv")),
             t.table(profile, window, false).csv().as_bytes(),
         )?;
@@ -664,7 +683,7 @@ fn render_tables(
             path: path.clone(),
             source: io::Error::other(e),
         })?;
-        emit(&path, json.as_bytes())?;
+        put(emit, &path, json.as_bytes())?;
     }
     Ok(())
 }
