@@ -276,14 +276,12 @@ impl Fold<'_> {
 
     /// Writes the folded file: every line, each ending in a newline.
     pub fn write_text(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut line = String::new();
         for (stack, n) in &self.stacks {
-            for (i, &t) in stack.iter().enumerate() {
-                if i > 0 {
-                    out.write_all(b";")?;
-                }
-                out.write_all(self.names[t as usize].as_bytes())?;
-            }
-            writeln!(out, " {n}")?;
+            line.clear();
+            self.push_line(&mut line, stack);
+            let _ = writeln!(line, " {n}");
+            out.write_all(line.as_bytes())?;
         }
         Ok(())
     }
@@ -438,12 +436,6 @@ pub fn dbus_frame(c: &DbusCall) -> String {
     )
 }
 
-/// `comm;frame;…;frame`, root first: a folded line without its count.
-#[must_use]
-pub fn stack_line(profile: &Profile, comm: &str, stack: &[u32]) -> String {
-    StackLines::new(profile).line(comm, stack)
-}
-
 /// `s` fit for a folded line: `;` separates frames and a space separates
 /// the count, so both are kept out of names (`space` replaces spaces in a
 /// comm; a frame keeps its own). Most names need no change: borrowed.
@@ -463,44 +455,6 @@ fn clean(s: &str, space: char) -> Cow<'_, str> {
             })
             .collect(),
     )
-}
-
-/// Builds the folded lines of one profile's stacks, each frame's name made
-/// clean once: a graph's lines hold millions of frames, and a name
-/// thousands of times.
-struct StackLines<'a> {
-    profile: &'a Profile,
-    names: Vec<Option<Cow<'a, str>>>,
-}
-
-impl<'a> StackLines<'a> {
-    fn new(profile: &'a Profile) -> Self {
-        Self {
-            profile,
-            names: vec![None; profile.frames.len()],
-        }
-    }
-
-    fn line(&mut self, comm: &str, stack: &[u32]) -> String {
-        let mut line = String::new();
-        line.push_str(&clean(comm, '_'));
-        if line.is_empty() {
-            line.push_str("[unknown]");
-        }
-        for &f in stack {
-            line.push(';');
-            match self.names.get_mut(f as usize) {
-                Some(name) => {
-                    let profile = self.profile;
-                    line.push_str(
-                        name.get_or_insert_with(|| clean(&profile.frames[f as usize], ' ')),
-                    );
-                }
-                None => line.push_str("[bad frame]"),
-            }
-        }
-        line
-    }
 }
 
 #[cfg(test)]
@@ -544,6 +498,10 @@ mod tests {
                 on(1, vec![main, busy], 4),
                 on(1, vec![main, weird], 1),
                 on(0, vec![main], 9),
+                OnCpu {
+                    comm: "a\nb c".into(),
+                    ..on(2, vec![weird], 1)
+                },
             ],
             offcpu: vec![
                 off(None, 2_500_000),
@@ -565,6 +523,6 @@ mod tests {
             ["t;[D-Bus g_dbus:call];main 7", "t;main 2500"]
         );
         // Newlines: `_` in a comm (like spaces), a space in a frame.
-        assert_eq!(stack_line(&p, "a\nb c", &[weird]), "a_b_c;do:weird name");
+        assert_eq!(ONCPU.folded(&p, 2), ["a_b_c;do:weird name 1"]);
     }
 }

@@ -17,6 +17,41 @@ pub struct Mapping {
     pub path: String,
 }
 
+/// One line of a `/proc/<pid>/maps` text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapsLine<'a> {
+    pub start: u64,
+    pub end: u64,
+    /// `r-xp`, `r--s`, …
+    pub perms: &'a str,
+    /// File offset of `start`.
+    pub offset: u64,
+    pub inode: u64,
+    /// The mapped file, a pseudo name such as `[vdso]`, or empty.
+    pub path: &'a str,
+}
+
+/// The mappings of a `/proc/<pid>/maps` text; lines that do not parse are
+/// left out.
+pub fn maps_lines(text: &str) -> impl Iterator<Item = MapsLine<'_>> {
+    text.lines().filter_map(|line| {
+        let mut f = line.splitn(6, ' ');
+        let (start, end) = f.next()?.split_once('-')?;
+        let perms = f.next()?;
+        let offset = f.next()?;
+        let _dev = f.next()?;
+        let inode = f.next()?;
+        Some(MapsLine {
+            start: u64::from_str_radix(start, 16).ok()?,
+            end: u64::from_str_radix(end, 16).ok()?,
+            perms,
+            offset: u64::from_str_radix(offset, 16).ok()?,
+            inode: inode.parse().ok()?,
+            path: f.next().map_or("", str::trim),
+        })
+    })
+}
+
 /// The executable mappings of one process at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -45,30 +80,17 @@ impl Snapshot {
     /// Parses the text of `/proc/<pid>/maps`, keeping executable mappings.
     #[must_use]
     pub fn parse(text: &str) -> Self {
-        let mappings = text
-            .lines()
-            .filter_map(|line| {
-                let mut f = line.splitn(6, ' ');
-                let range = f.next()?;
-                let perms = f.next()?;
-                let offset = f.next()?;
-                let _dev = f.next()?;
-                let _inode = f.next()?;
-                let path = f.next().map_or("", str::trim);
-                if !perms.contains('x') {
-                    return None;
-                }
-                let (start, end) = range.split_once('-')?;
-                Some(Mapping {
-                    start: u64::from_str_radix(start, 16).ok()?,
-                    end: u64::from_str_radix(end, 16).ok()?,
-                    offset: u64::from_str_radix(offset, 16).ok()?,
-                    path: if path.is_empty() {
-                        "[anon]".to_owned()
-                    } else {
-                        path.to_owned()
-                    },
-                })
+        let mappings = maps_lines(text)
+            .filter(|m| m.perms.contains('x'))
+            .map(|m| Mapping {
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+                path: if m.path.is_empty() {
+                    "[anon]".to_owned()
+                } else {
+                    m.path.to_owned()
+                },
             })
             .collect();
         Self { mappings }

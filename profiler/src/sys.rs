@@ -3,6 +3,8 @@
 
 use std::{collections::HashSet, fs, io, os::unix::fs::MetadataExt as _};
 
+use crate::procmaps::maps_lines;
+
 /// Linux capability numbers (include/uapi/linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -174,54 +176,34 @@ pub fn release_mapped_files() {
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return;
     };
-    // start, end, perms, offset, inode, path
-    let mappings: Vec<(u64, u64, &str, u64, u64, &str)> = maps
-        .lines()
-        .filter_map(|line| {
-            let mut f = line.splitn(6, ' ');
-            let (start, end) = f.next()?.split_once('-')?;
-            let perms = f.next()?;
-            let offset = u64::from_str_radix(f.next()?, 16).ok()?;
-            let _dev = f.next()?;
-            let inode = f.next()?.parse().ok()?;
-            let path = f.next().map_or("", str::trim);
-            Some((
-                u64::from_str_radix(start, 16).ok()?,
-                u64::from_str_radix(end, 16).ok()?,
-                perms,
-                offset,
-                inode,
-                path,
-            ))
-        })
-        .collect();
+    let mappings: Vec<_> = maps_lines(&maps).collect();
     let code: HashSet<u64> = mappings
         .iter()
-        .filter(|m| m.2.contains('x'))
-        .map(|m| m.4)
+        .filter(|m| m.perms.contains('x'))
+        .map(|m| m.inode)
         .collect();
     let page = page_size() as u64;
-    for &(start, end, perms, offset, inode, path) in &mappings {
-        let read_only = perms == "r--s" || perms == "r--p";
+    for m in &mappings {
+        let read_only = m.perms == "r--s" || m.perms == "r--p";
         if !read_only
-            || offset != 0
-            || inode == 0
-            || !path.starts_with('/')
-            || code.contains(&inode)
+            || m.offset != 0
+            || m.inode == 0
+            || !m.path.starts_with('/')
+            || code.contains(&m.inode)
         {
             continue;
         }
         // Mapped whole: the symbolizer's, not a loader's first segment.
-        let whole = std::fs::metadata(path)
-            .is_ok_and(|m| m.ino() == inode && m.len().next_multiple_of(page) == end - start);
+        let whole = std::fs::metadata(m.path)
+            .is_ok_and(|f| f.ino() == m.inode && f.len().next_multiple_of(page) == m.end - m.start);
         if whole {
             // SAFETY: a read-only mapping of a file: dropping its pages
             // loses nothing (they are read from the file again), and its
             // owner may keep using it.
             unsafe {
                 libc::madvise(
-                    start as *mut libc::c_void,
-                    usize::try_from(end - start).unwrap_or(0),
+                    m.start as *mut libc::c_void,
+                    usize::try_from(m.end - m.start).unwrap_or(0),
                     libc::MADV_DONTNEED,
                 );
             }
