@@ -63,9 +63,11 @@ pub const SETUP_WINDOW: u32 = 0;
 /// The `STOPPED` flag's bits. [`PHASE_STOPPED`]: the recording has
 /// stopped, the programs change nothing. [`PHASE_PARITY`]: the flush
 /// parity, flipped by userspace at every flush: the programs key what they
-/// record under the window with the parity in [`WINDOW_PARITY`], so the
-/// entries of the parity before the flip are written no more (but by events
-/// that began before it) and can be read and deleted without a race.
+/// record under the window with the parity in [`WINDOW_PARITY`] — the
+/// parity when they write it, even for an event that began before the
+/// flip (charged to the window it began in) — so the entries of the parity
+/// before the flip are written no more and can be read and deleted
+/// without a race.
 pub const PHASE_STOPPED: u32 = 1;
 pub const PHASE_PARITY: u32 = 2;
 /// The system-call programs run on the calls' own tracepoints, no longer

@@ -13,7 +13,9 @@ use profiler_common::record::{
     CGROUP_PATH_LEN, COMM_LEN, CgroupKey, CgroupPending, CgroupValue, Loss, cgroup_op,
 };
 
-use super::common::{Task, add_atomic, add_timed, comm, now, reset, slot, stopped, timed, traced};
+use super::common::{
+    Task, add_atomic, add_timed, comm, now, reset, slot, stopped, timed, traced, written_now,
+};
 
 #[map]
 static CGROUP_OPS: HashMap<CgroupKey, CgroupValue> = HashMap::with_max_entries(16384, 0);
@@ -185,6 +187,7 @@ fn try_cgroup_syscall_exit() -> Option<u32> {
     unsafe {
         if (*p).ops > 0 {
             let ns = now().saturating_sub((*p).start_ns);
+            (*p).key.window = written_now((*p).key.window);
             let _ = account(
                 &raw const (*p).key,
                 (*p).key.window,

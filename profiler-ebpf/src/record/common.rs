@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use profiler_common::record::{
     COMM_LEN, Counter, Event, EventKind, LOCK_HIST_BUCKETS, Loss, LossKey, MAX_WINDOW_RANGES,
-    PHASE_PARITY, PHASE_PER_CALL_SYSCALLS, PHASE_STOPPED, SETUP_WINDOW, TargetMode, VmState,
-    WINDOW_PARITY, WindowMode, WindowRange, hist_bucket, window_every,
+    NO_WINDOW, PHASE_PARITY, PHASE_PER_CALL_SYSCALLS, PHASE_STOPPED, SETUP_WINDOW, TargetMode,
+    VmState, WINDOW_PARITY, WindowMode, WindowRange, hist_bucket, window_every,
 };
 
 #[map]
@@ -227,12 +227,32 @@ pub(super) fn current_window() -> Option<u32> {
     if phase & PHASE_STOPPED != 0 {
         return None;
     }
-    let parity = if phase & PHASE_PARITY != 0 {
+    window_for(vms_created()).map(|w| w | parity_bit(phase))
+}
+
+/// The [`WINDOW_PARITY`] bit of the flush parity in `phase`.
+#[inline(always)]
+fn parity_bit(phase: u32) -> u32 {
+    if phase & PHASE_PARITY != 0 {
         WINDOW_PARITY
     } else {
         0
-    };
-    window_for(vms_created()).map(|w| w | parity)
+    }
+}
+
+/// A window recorded when an event began, for the row written now that it
+/// ends: under the flush parity of now. Userspace drains a parity after
+/// the flip away from it by reading each key's value and then deleting
+/// the key, so an event that began before the flip and added to a key of
+/// the old parity during the drain would be lost; under the parity of now
+/// its add goes to the entries nobody drains yet.
+#[inline(always)]
+pub(super) fn written_now(recorded: u32) -> u32 {
+    if recorded == NO_WINDOW {
+        return recorded;
+    }
+    let phase = STOPPED.get(0).copied().unwrap_or(0);
+    (recorded & !WINDOW_PARITY) | parity_bit(phase)
 }
 
 // ------------------------------------------------------ losses and counts

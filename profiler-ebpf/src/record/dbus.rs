@@ -19,6 +19,7 @@ use profiler_common::record::{
 use super::{
     common::{
         Running, Task, add_atomic, aggregate, comm, lose, now, reset, slot, stopped, timed, traced,
+        written_now,
     },
     stacks::user_stack,
 };
@@ -318,7 +319,7 @@ fn try_dbus_return(ctx: &RetProbeContext) -> Option<u32> {
         let _ = DBUS_INFLIGHT.remove(&pid);
         return None;
     }
-    let window = st.window;
+    let window = written_now(st.window);
     let latency = end.saturating_sub(st.start_ns);
     let timeout_ns = match st.timeout_ms {
         DBUS_TIMEOUT_INFINITE => u64::MAX,

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use profiler_common::record::{CLONE_THREAD, ForkKey, ForkStart, ForkValue, Loss, fork_kind};
 
 use super::{
-    common::{EntryRegs, Syscall, Task, aggregate, comm, now, stopped, timed, traced},
+    common::{EntryRegs, Syscall, Task, aggregate, comm, now, stopped, timed, traced, written_now},
     stacks::user_stack,
 };
 use crate::unwind;
@@ -140,8 +140,9 @@ fn try_fork_syscall_exit<C: EbpfContext>(call: Syscall, ctx: &C) -> Option<u32> 
     }
     let took = now().saturating_sub(start.start_ns);
     let user_stack = user_stack(ctx, start.window);
+    let window = written_now(start.window);
     let key = ForkKey {
-        window: start.window,
+        window,
         tgid,
         kind: start.kind,
         pad: 0,
@@ -154,14 +155,7 @@ fn try_fork_syscall_exit<C: EbpfContext>(call: Syscall, ctx: &C) -> Option<u32> 
         total_ns: 0,
         max_ns: 0,
     };
-    aggregate(
-        &FORK_CALLS,
-        &key,
-        &zero,
-        start.window,
-        Loss::ForkMapFull,
-        took,
-    )?;
+    aggregate(&FORK_CALLS, &key, &zero, window, Loss::ForkMapFull, took)?;
     Some(0)
 }
 

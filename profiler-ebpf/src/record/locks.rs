@@ -19,7 +19,10 @@ use profiler_common::record::{
 };
 
 use super::{
-    common::{EntryRegs, Task, aggregate, comm, count, lose, now, slot, stopped, timed, traced},
+    common::{
+        EntryRegs, Task, aggregate, comm, count, lose, now, slot, stopped, timed, traced,
+        written_now,
+    },
     offcpu,
     stacks::{STACK_SCRATCH, kern_stack, kern_stack_or_reason, user_stack, verified, walk_stack},
 };
@@ -123,8 +126,9 @@ fn try_lock_contention_end(ctx: &BtfTracePointContext) -> Option<u32> {
     let wait = end.saturating_sub(begin.start_ns);
     let user_stack = waiter_user_stack(ctx, pid, begin.window);
     let kern_stack = lock_kernel_stack(ctx, pending, begin.flags, begin.window);
+    let window = written_now(begin.window);
     let key = LockKey {
-        window: begin.window,
+        window,
         tgid,
         flags: begin.flags,
         pad: 0,
@@ -139,7 +143,7 @@ fn try_lock_contention_end(ctx: &BtfTracePointContext) -> Option<u32> {
         &LOCK_WAITS,
         &key,
         &LOCK_VALUE_ZERO,
-        begin.window,
+        window,
         Loss::LockMapFull,
         wait,
     )?;

@@ -23,6 +23,7 @@ use profiler_common::record::{
 use super::{
     common::{
         Running, Task, comm_of, count, current_window, is_tracked, lose, now, reset, stopped,
+        written_now,
     },
     dbus,
     stacks::{kern_stack, site_return, user_stack, user_stack_walk, verified},
@@ -512,6 +513,12 @@ fn same_key(a: *const OffCpuKey, b: *const OffCpuKey) -> bool {
 #[inline(always)]
 fn add_offcpu(key: &OffCpuKey, value: &OffCpuValue) {
     count(Counter::OffCpuMapUpdates);
+    // The block's window, under the parity of now: a thread's blocks are
+    // added up in its entry and reach the map later.
+    let key = &OffCpuKey {
+        window: written_now(key.window),
+        ..*key
+    };
     if let Some(v) = OFFCPU_TIMES.get_ptr_mut(key) {
         // SAFETY: a valid map value. Keys hold the pid, and only the thread
         // itself adds its blocks (at switch-in and at exit), so plain updates
