@@ -14,8 +14,8 @@ use crate::{
     ci::{self, Context, Gate, WindowMetrics},
     diff, export, html,
     profile::{
-        CgroupOp, DbusCall, ForkCall, FrameTable, LockWait, LossCount, Meta, OffCpu, OnCpu,
-        Process, Profile, ProfileError, VmCreation,
+        CgroupOp, DbusCall, ForkCall, FrameTable, LibvirtCall, LockWait, LossCount, Meta, OffCpu,
+        OnCpu, Process, Profile, ProfileError, VmCreation,
     },
     render, tables,
     windows::WindowSpec,
@@ -71,6 +71,12 @@ const REPORT_GATES: &[&str] = &[
     "dbus.timeouts>0",
     "dbus:Work.calls>0",
     "dbus:org.example.Service.Work.total>1ms",
+    "apiwait>1s",
+    "qmpwait.total>1s",
+    "libvirt:DomainCreateXML.p99>2s",
+    "libvirt.errors>0",
+    "qmp:query-cpus-fast.total>1s",
+    "qmp-event:RESUME.count>0",
 ];
 
 const DIFF_GATES: &[&str] = &[
@@ -79,6 +85,7 @@ const DIFF_GATES: &[&str] = &[
     "window:0.offcpu>=0%",
     "lock.total>5%",
     "dbus:Work.count>0%",
+    "libvirt:DomainCreateXML.total>10%",
     "losses>0",
 ];
 
@@ -311,7 +318,44 @@ pub fn fixture() -> Profile {
             fixture_dbus(&f, 1, "Work", 3, 1),
             fixture_dbus(&f, 2, "Hello", 12, 0),
         ],
+        libvirt: fixture_libvirt_rows(),
         unwind: Vec::new(),
+    }
+}
+
+fn fixture_libvirt_rows() -> Vec<LibvirtCall> {
+    vec![
+        fixture_libvirt(1, LibvirtCall::API, "DomainCreateXML", LibvirtCall::OK, 2),
+        fixture_libvirt(
+            1,
+            LibvirtCall::API,
+            "DomainCreateXML",
+            LibvirtCall::ERROR,
+            1,
+        ),
+        fixture_libvirt(2, LibvirtCall::API, "DomainCreateXML", LibvirtCall::OK, 3),
+        fixture_libvirt(1, LibvirtCall::QMP, "qmp_capabilities", LibvirtCall::OK, 2),
+        fixture_libvirt(2, LibvirtCall::QMP, "cont", LibvirtCall::IN_FLIGHT, 1),
+        fixture_libvirt(2, LibvirtCall::EVENT, "RESUME", LibvirtCall::OK, 3),
+    ]
+}
+
+/// `calls` libvirt calls of 2 ms each (events are not timed).
+fn fixture_libvirt(window: u32, kind: &str, name: &str, status: &str, calls: u64) -> LibvirtCall {
+    let timed = kind != LibvirtCall::EVENT;
+    let ns = if timed { 2_000_000 } else { 0 };
+    let mut hist = vec![0; 21];
+    hist[20] = if timed { calls } else { 0 };
+    LibvirtCall {
+        window,
+        tgid: 100,
+        kind: kind.into(),
+        name: name.into(),
+        status: status.into(),
+        calls,
+        total_ns: calls * ns,
+        max_ns: ns,
+        hist: if timed { hist } else { Vec::new() },
     }
 }
 

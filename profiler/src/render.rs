@@ -152,12 +152,25 @@ pub struct WindowSummary {
     pub dbus_ns: u64,
     pub dbus_calls: u64,
     pub dbus_timeouts: u64,
+    /// libvirt's API calls answered: their total time and count; the QEMU
+    /// monitor commands answered: their total time.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub api_ns: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub api_calls: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub qmp_ns: u64,
     pub losses: BTreeMap<String, u64>,
     pub processes: usize,
     /// Why user-stack walks ended and how frames were found
     /// (`--unwind dwarf`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub unwind: BTreeMap<String, u64>,
+}
+
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's signature")]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -191,6 +204,39 @@ pub struct Summary {
     pub restarts: Vec<crate::profile::Restart>,
 }
 
+/// A window's blocking D-Bus calls: their time, count and timeouts.
+fn dbus_figures(profile: &Profile, window: u32) -> (u64, u64, u64) {
+    let (mut ns, mut calls, mut timeouts) = (0, 0, 0);
+    for c in profile.dbus.iter().filter(|c| c.window == window) {
+        ns += c.total_ns;
+        calls += c.calls;
+        timeouts += c.timeouts;
+    }
+    (ns, calls, timeouts)
+}
+
+/// A window's libvirt API calls answered (their time and count) and QEMU
+/// monitor commands answered (their time).
+fn libvirt_figures(profile: &Profile, window: u32) -> (u64, u64, u64) {
+    use crate::profile::LibvirtCall;
+    let (mut api_ns, mut api_calls, mut qmp_ns) = (0, 0, 0);
+    for c in profile
+        .libvirt
+        .iter()
+        .filter(|c| c.window == window && c.status != LibvirtCall::IN_FLIGHT)
+    {
+        match c.kind.as_str() {
+            LibvirtCall::API => {
+                api_ns += c.total_ns;
+                api_calls += c.calls;
+            }
+            LibvirtCall::QMP => qmp_ns += c.total_ns,
+            _ => {}
+        }
+    }
+    (api_ns, api_calls, qmp_ns)
+}
+
 #[must_use]
 pub fn summary(profile: &Profile) -> Summary {
     let windows = profile
@@ -214,12 +260,8 @@ pub fn summary(profile: &Profile) -> Summary {
                 lock_ns += l.total_ns;
                 lock_n += l.count;
             }
-            let (mut dbus_ns, mut dbus_calls, mut dbus_timeouts) = (0, 0, 0);
-            for c in profile.dbus.iter().filter(|c| c.window == w.id) {
-                dbus_ns += c.total_ns;
-                dbus_calls += c.calls;
-                dbus_timeouts += c.timeouts;
-            }
+            let (dbus_ns, dbus_calls, dbus_timeouts) = dbus_figures(profile, w.id);
+            let (api_ns, api_calls, qmp_ns) = libvirt_figures(profile, w.id);
             let mut losses = BTreeMap::new();
             for l in profile.losses.iter().filter(|l| l.window == Some(w.id)) {
                 *losses.entry(l.kind.clone()).or_default() += l.count;
@@ -254,6 +296,9 @@ pub fn summary(profile: &Profile) -> Summary {
                 dbus_ns,
                 dbus_calls,
                 dbus_timeouts,
+                api_ns,
+                api_calls,
+                qmp_ns,
                 losses,
                 processes: pids.len(),
                 unwind,

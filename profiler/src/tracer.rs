@@ -36,16 +36,20 @@ pub enum Tracer {
     Fork,
     Cgroup,
     Dbus,
+    /// libvirt's API calls and QEMU monitor commands, from libvirt's own
+    /// USDT probes.
+    Libvirt,
 }
 
 impl Tracer {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::OnCpu,
         Self::OffCpu,
         Self::Locks,
         Self::Fork,
         Self::Cgroup,
         Self::Dbus,
+        Self::Libvirt,
     ];
 
     #[must_use]
@@ -57,6 +61,7 @@ impl Tracer {
             Self::Fork => "fork",
             Self::Cgroup => "cgroup",
             Self::Dbus => "dbus",
+            Self::Libvirt => "libvirt",
         }
     }
 
@@ -128,7 +133,7 @@ impl Part {
     /// Every part, in the order `hvprof check` lists their probes. `record`
     /// attaches the machinery's first (so that no fork, exec or VM creation
     /// between two attaches is missed), then the tracers', in this order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Tracer(Tracer::OffCpu),
         Self::Targets,
         Self::Syscalls,
@@ -138,6 +143,7 @@ impl Part {
         Self::Tracer(Tracer::Cgroup),
         Self::Unwind,
         Self::Tracer(Tracer::Dbus),
+        Self::Tracer(Tracer::Libvirt),
         Self::Tracer(Tracer::OnCpu),
     ];
 
@@ -163,7 +169,9 @@ impl Part {
             | Self::Syscalls
             | Self::Tracer(Tracer::OffCpu | Tracer::OnCpu) => true,
             Self::Unwind
-            | Self::Tracer(Tracer::Locks | Tracer::Fork | Tracer::Cgroup | Tracer::Dbus) => false,
+            | Self::Tracer(
+                Tracer::Locks | Tracer::Fork | Tracer::Cgroup | Tracer::Dbus | Tracer::Libvirt,
+            ) => false,
         }
     }
 
@@ -181,6 +189,7 @@ impl Part {
             Self::Tracer(Tracer::Fork) => &FORK,
             Self::Tracer(Tracer::Cgroup) => &CGROUP,
             Self::Tracer(Tracer::Dbus) => &DBUS,
+            Self::Tracer(Tracer::Libvirt) => &LIBVIRT,
         }
     }
 }
@@ -282,6 +291,18 @@ const DBUS: [Probe; 3] = [
     },
     Probe::Uprobe {
         program: names::PROG_DBUS_NAMES,
+    },
+];
+
+const LIBVIRT: [Probe; 3] = [
+    Probe::Uprobe {
+        program: names::PROG_LIBVIRT_MSG_RX,
+    },
+    Probe::Uprobe {
+        program: names::PROG_LIBVIRT_MSG_TX,
+    },
+    Probe::Uprobe {
+        program: names::PROG_QMP_MSG,
     },
 ];
 
@@ -542,7 +563,7 @@ mod tests {
         assert_eq!(
             Tracer::parse_list("oncpu,cpu"),
             Err(
-                "unknown tracer \"cpu\": choose from oncpu, offcpu, locks, fork, cgroup, dbus"
+                "unknown tracer \"cpu\": choose from oncpu, offcpu, locks, fork, cgroup, dbus, libvirt"
                     .to_owned()
             )
         );

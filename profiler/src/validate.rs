@@ -129,12 +129,20 @@ impl Profile {
             stack: &r.stack,
             hist: &r.hist,
         });
+        let libvirt = self.libvirt.iter().enumerate().map(|(index, r)| Row {
+            what: "libvirt row",
+            index,
+            window: r.window,
+            stack: &[],
+            hist: &r.hist,
+        });
         oncpu
             .chain(offcpu)
             .chain(locks)
             .chain(forks)
             .chain(cgroups)
             .chain(dbus)
+            .chain(libvirt)
     }
 
     /// Every column that reports, summaries, gates or diffs add up, added
@@ -177,6 +185,13 @@ impl Profile {
         total("D-Bus call times", self.dbus.iter().map(|r| r.total_ns))?;
         let hists = self.dbus.iter().flat_map(|r| r.hist.iter().copied());
         total("D-Bus histograms", hists)?;
+        total("libvirt calls", self.libvirt.iter().map(|r| r.calls))?;
+        total(
+            "libvirt call times",
+            self.libvirt.iter().map(|r| r.total_ns),
+        )?;
+        let hists = self.libvirt.iter().flat_map(|r| r.hist.iter().copied());
+        total("libvirt histograms", hists)?;
         total("loss counts", self.losses.iter().map(|r| r.count))?;
         total("unwinder counts", self.unwind.iter().map(|r| r.count))?;
         Ok(())

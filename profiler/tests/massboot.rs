@@ -77,8 +77,83 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
     // No losses at defaults.
     assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
     assert_user_stacks_are_whole(&p, libvirtd);
+    assert_libvirt_calls_match_the_client(&p, &dir, libvirtd);
     assert_nothing_is_left_behind(&dir, qemu_conf_before.as_deref(), user_before);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The libvirt tracer, against the client's own figures (`boot.py` times
+/// each createXML call, in `massboot.json`): one `DomainCreateXML` per
+/// guest (each in the window it began in: the windows add up to the
+/// guests), each timed within the client's call; a `ConnectOpen` per
+/// client connection; one `qmp_capabilities` per QEMU monitor; `cont` and
+/// a `RESUME` event for each guest not started paused.
+fn assert_libvirt_calls_match_the_client(p: &Profile, dir: &Path, libvirtd: u32) {
+    use profiler::profile::LibvirtCall;
+    assert!(p.meta.tracers.iter().any(|t| t == "libvirt"));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("massboot.json")).unwrap()).unwrap();
+    let client: Vec<f64> = report["boot"]["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["create_s"].as_f64().unwrap())
+        .collect();
+    assert_eq!(client.len(), 14);
+    let rows = |kind: &str, name: &str| -> Vec<&LibvirtCall> {
+        p.libvirt
+            .iter()
+            .filter(|r| r.kind == kind && r.name == name)
+            .collect()
+    };
+    let sum = |rows: &[&LibvirtCall], f: fn(&LibvirtCall) -> u64| -> u64 {
+        rows.iter().map(|r| f(r)).sum()
+    };
+    let create = rows(LibvirtCall::API, "DomainCreateXML");
+    assert!(
+        create
+            .iter()
+            .all(|r| r.tgid == libvirtd && r.status == LibvirtCall::OK),
+        "{create:#?}"
+    );
+    assert_eq!(sum(&create, |r| r.calls), 14, "{create:#?}");
+    // libvirtd's time for a call is within the client's (which adds the
+    // RPC's transport), and most of it.
+    let client_total: f64 = client.iter().sum();
+    let client_max = client.iter().copied().fold(0.0, f64::max);
+    #[expect(clippy::cast_precision_loss, reason = "seconds")]
+    let (total, max) = (
+        sum(&create, |r| r.total_ns) as f64 / 1e9,
+        create.iter().map(|r| r.max_ns).max().unwrap() as f64 / 1e9,
+    );
+    assert!(
+        total <= client_total && total >= 0.9 * client_total,
+        "DomainCreateXML: {total:.3} s in libvirtd, {client_total:.3} s at the client"
+    );
+    assert!(
+        max <= client_max && max >= 0.9 * client_max,
+        "DomainCreateXML max: {max:.3} s in libvirtd, {client_max:.3} s at the client"
+    );
+    // Every call took time (none in the histogram's first bucket, < 2 ns).
+    assert!(
+        create
+            .iter()
+            .all(|r| r.hist.first().is_none_or(|&n| n == 0))
+    );
+    let count = |kind, name| sum(&rows(kind, name), |r| r.calls);
+    // boot.py's four client threads open a connection each (massboot's
+    // own `virsh` calls come before the recording and after it).
+    assert_eq!(count(LibvirtCall::API, "ConnectOpen"), 4);
+    assert_eq!(count(LibvirtCall::QMP, "qmp_capabilities"), 14);
+    assert_eq!(count(LibvirtCall::QMP, "cont"), 12);
+    assert_eq!(count(LibvirtCall::EVENT, "RESUME"), 12);
+    assert!(
+        p.libvirt
+            .iter()
+            .filter(|r| r.kind != LibvirtCall::EVENT)
+            .all(|r| r.status != LibvirtCall::ERROR),
+        "an error in a clean boot"
+    );
 }
 
 fn libvirt_qemu_user_exists() -> bool {

@@ -9,10 +9,11 @@
 mod cgroup;
 mod dbus;
 mod fork;
+mod libvirt;
 mod locks;
 mod stacks;
 
-pub use self::{cgroup::*, dbus::*, fork::*, locks::*, stacks::*};
+pub use self::{cgroup::*, dbus::*, fork::*, libvirt::*, locks::*, stacks::*};
 
 /// `KVM_CREATE_VM`, `_IO(KVMIO, 0x01)`: a successful call is a VM creation.
 pub const KVM_CREATE_VM: u64 = 0xAE01;
@@ -160,6 +161,12 @@ pub mod names {
     pub const PROG_SYSCALL_EXIT: &str = "syscall_exit";
     pub const SYSCALL_ENTER_PROGS: &str = "SYSCALL_ENTER_PROGS";
     pub const SYSCALL_EXIT_PROGS: &str = "SYSCALL_EXIT_PROGS";
+    pub const API_CALLS: &str = "API_CALLS";
+    pub const API_CALL_START: &str = "API_CALL_START";
+    pub const QMP_MSGS: &str = "QMP_MSGS";
+    pub const PROG_LIBVIRT_MSG_RX: &str = "libvirt_msg_rx";
+    pub const PROG_LIBVIRT_MSG_TX: &str = "libvirt_msg_tx";
+    pub const PROG_QMP_MSG: &str = "libvirt_qmp_msg";
     pub const DBUS_CALLS: &str = "DBUS_CALLS";
     pub const PROG_DBUS_ENTER: &str = "dbus_enter";
     pub const PROG_DBUS_RETURN: &str = "dbus_return";
@@ -561,10 +568,15 @@ pub enum Loss {
     CgroupMapFull = 13,
     /// A D-Bus call could not be counted: a D-Bus map is full.
     DbusMapFull = 14,
+    /// A libvirt API call could not be timed or counted: an API-call map
+    /// is full.
+    ApiCallMapFull = 15,
+    /// A QMP message was not seen: its ring buffer was full.
+    QmpMsgDropped = 16,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -581,6 +593,8 @@ impl Loss {
         Self::ForkMapFull,
         Self::CgroupMapFull,
         Self::DbusMapFull,
+        Self::ApiCallMapFull,
+        Self::QmpMsgDropped,
     ];
 }
 
@@ -616,6 +630,11 @@ mod pod {
     unsafe impl aya::Pod for super::CgroupValue {}
     unsafe impl aya::Pod for super::DbusKey {}
     unsafe impl aya::Pod for super::DbusValue {}
+    unsafe impl aya::Pod for super::ApiCallKey {}
+    unsafe impl aya::Pod for super::ApiCallValue {}
+    unsafe impl aya::Pod for super::ApiCallStartKey {}
+    unsafe impl aya::Pod for super::ApiCallStart {}
+    unsafe impl aya::Pod for super::QmpMsg {}
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 //!   entry, the timed aggregates, events to userspace, the tasks' saved
 //!   user registers;
 //! - [`stacks`]: kernel and user stacks, stored by content hash;
-//! - [`oncpu`], [`offcpu`], [`locks`], [`fork`], [`cgroup`], [`dbus`]: the
-//!   tracers;
+//! - [`oncpu`], [`offcpu`], [`locks`], [`fork`], [`cgroup`], [`dbus`],
+//!   [`libvirt`]: the tracers;
 //! - [`vm`]: VM creations, which move the windows;
 //! - [`tasks`]: forks, execs and exits of tasks (following targets); a
 //!   task's exit calls each tracer's exit hook;
@@ -117,6 +117,7 @@ mod cgroup;
 mod common;
 mod dbus;
 mod fork;
+mod libvirt;
 mod locks;
 mod mappings;
 mod offcpu;

@@ -200,6 +200,72 @@ pub(super) fn dbus_libraries_row() -> Row {
     )
 }
 
+/// libvirt's USDT probes the libvirt tracer would attach: which files have
+/// which, and whether each has its semaphore.
+pub(super) fn libvirt_probes_row() -> Row {
+    use crate::libvirt::probes;
+    const NAME: &str = "libvirt USDT probes";
+    let files = probes::files(&[]);
+    if files.is_empty() {
+        return Row::missing(
+            NAME,
+            NeededBy::from(Tracer::Libvirt),
+            false,
+            "no libvirt.so.0 or libvirt_driver_qemu.so in the standard library directories (a target's own copy is found from its maps at record time)",
+            "install libvirt (Debian: libvirt0, libvirt-daemon-driver-qemu), built with SystemTap SDT probes as Debian's is",
+        );
+    }
+    let mut found = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    for f in &files {
+        match probes::sites(f) {
+            Ok(sites) => {
+                let mut here: Vec<&str> = sites.iter().map(|s| s.usage.probe).collect();
+                here.dedup();
+                names.extend(here.iter().copied());
+                let unguarded = sites
+                    .iter()
+                    .filter(|s| s.probe.semaphore_offset.is_none())
+                    .count();
+                found.push(format!(
+                    "{}: {}{}",
+                    f.display(),
+                    if here.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        here.join(" ")
+                    },
+                    if unguarded > 0 {
+                        format!(" ({unguarded} without a semaphore)")
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+            Err(e) => found.push(format!("{}: unreadable ({e})", f.display())),
+        }
+    }
+    let missing: Vec<String> = probes::USES
+        .iter()
+        .filter(|u| !names.contains(u.probe))
+        .map(|u| format!("{} ({})", u.probe, u.gives))
+        .collect();
+    if names.is_empty() {
+        return Row::missing(
+            NAME,
+            NeededBy::from(Tracer::Libvirt),
+            false,
+            format!("none of the probes it uses: {}", found.join("; ")),
+            "use a libvirt built with SystemTap SDT probes (--with-dtrace), as Debian's is",
+        );
+    }
+    let mut detail = found.join("; ");
+    if !missing.is_empty() {
+        detail = format!("{detail}; missing: {}", missing.join(", "));
+    }
+    Row::ok(NAME, NeededBy::from(Tracer::Libvirt), false, detail)
+}
+
 /// Builds the unwind tables of this process's own files, cold (no cache):
 /// what `record --unwind dwarf` does for each file its targets map.
 pub(super) fn unwind_row() -> Row {

@@ -132,7 +132,7 @@ impl Quantity {
         match self {
             Self::Metric(m) => m.unit(),
             Self::Row { stat, .. } => match stat {
-                Role::Count => Unit::Count,
+                Role::Count | Role::Errors => Unit::Count,
                 Role::Timeouts => Unit::Timeouts,
                 _ => Unit::Ns,
             },

@@ -24,6 +24,9 @@ pub enum Metric {
     Dbuswait,
     Dbuscalls,
     Dbustimeouts,
+    Apiwait,
+    Apicalls,
+    Qmpwait,
     Losses,
 }
 
@@ -70,7 +73,7 @@ impl Unit {
 }
 
 impl Metric {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 13] = [
         Self::Oncpu,
         Self::Offcpu,
         Self::Lockwait,
@@ -80,6 +83,9 @@ impl Metric {
         Self::Dbuswait,
         Self::Dbuscalls,
         Self::Dbustimeouts,
+        Self::Apiwait,
+        Self::Apicalls,
+        Self::Qmpwait,
         Self::Losses,
     ];
 
@@ -226,6 +232,33 @@ static METRICS: [MetricDef; Metric::ALL.len()] = [
         tracer: Some(Tracer::Dbus),
         heatmap: Some("D-Bus timeouts"),
         of: |w| w.dbus_timeouts,
+    },
+    MetricDef {
+        name: "apiwait",
+        help: "libvirt API call time, all calls answered (apiwait.total)",
+        describe: "libvirt API time",
+        unit: Unit::Ns,
+        tracer: Some(Tracer::Libvirt),
+        heatmap: Some("libvirt API time"),
+        of: |w| w.api_ns,
+    },
+    MetricDef {
+        name: "apicalls",
+        help: "libvirt API calls answered",
+        describe: "libvirt API calls",
+        unit: Unit::Count,
+        tracer: Some(Tracer::Libvirt),
+        heatmap: None,
+        of: |w| w.api_calls,
+    },
+    MetricDef {
+        name: "qmpwait",
+        help: "QEMU monitor command time, all commands answered (qmpwait.total)",
+        describe: "QMP time",
+        unit: Unit::Ns,
+        tracer: Some(Tracer::Libvirt),
+        heatmap: Some("QMP time"),
+        of: |w| w.qmp_ns,
     },
     MetricDef {
         name: "losses",

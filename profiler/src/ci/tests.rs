@@ -412,3 +412,54 @@ fn markdown_is_escaped() {
     assert!(md.contains("&lt;img src=x onerror=alert(1)&gt;"), "{md}");
     assert!(md.contains("| 2 | VMs 3\u{2013}4 | 50 |"), "{md}");
 }
+
+/// The libvirt tables' quantities: a procedure's calls, errors and p99, a
+/// QMP command's total, an event's count (the fixture's calls take 2 ms).
+#[test]
+fn libvirt_gates_name_procedures_commands_and_events() {
+    let p = crate::fuzzing::fixture();
+    // DomainCreateXML: window 1 two answered and one error, window 2 three.
+    bounds(
+        &p,
+        "libvirt:DomainCreateXML.calls>5",
+        "libvirt:DomainCreateXML.calls>6",
+        6,
+    );
+    bounds(
+        &p,
+        "libvirt:DomainCreateXML.errors>0",
+        "libvirt:DomainCreateXML.errors>1",
+        1,
+    );
+    // p99 is a log2 bucket's upper bound: 2 ms is in [2^20, 2^21) ns.
+    bounds(
+        &p,
+        "libvirt:DomainCreateXML.p99>2ms",
+        "libvirt:DomainCreateXML.p99>3ms",
+        1 << 21,
+    );
+    bounds(
+        &p,
+        "qmp:qmp_capabilities.total>3ms",
+        "qmp:qmp_capabilities.total>4ms",
+        4 * MS,
+    );
+    bounds(
+        &p,
+        "qmp-event:RESUME.count>2",
+        "qmp-event:RESUME.count>3",
+        3,
+    );
+    // A command still in flight is a call, not time.
+    bounds(&p, "qmp:cont.calls>0", "qmp:cont.calls>1", 1);
+    let r = report(&p, "qmp:cont.total>0ms");
+    assert!(r.passed, "{}", r.text());
+    assert_eq!(r.worst.as_ref().unwrap().value, 0);
+    // And the per-window metrics.
+    let f = WindowMetrics::new(&p);
+    let w = |id: u32| &f.windows.iter().find(|(w, _)| w.id == id).unwrap().1;
+    assert_eq!(w(1).get(Metric::Apicalls), 3);
+    assert_eq!(w(1).get(Metric::Apiwait), 6 * MS);
+    assert_eq!(w(1).get(Metric::Qmpwait), 4 * MS);
+    assert_eq!(w(2).get(Metric::Qmpwait), 0);
+}

@@ -276,6 +276,7 @@ fn restrict(p: &Profile, keep: &HashMap<u32, u32>, windows: Vec<WindowInfo>) -> 
         forks: rows(&p.forks, keep, |r| &mut r.window),
         cgroups: rows(&p.cgroups, keep, |r| &mut r.window),
         dbus: rows(&p.dbus, keep, |r| &mut r.window),
+        libvirt: rows(&p.libvirt, keep, |r| &mut r.window),
         losses: counts(&p.losses),
         unwind: counts(&p.unwind),
         processes: p

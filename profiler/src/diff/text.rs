@@ -129,7 +129,9 @@ impl Diff {
                 .chain(std::iter::once(&self.whole))
                 .all(|s| s.tables.iter().all(|t| t.rows.iter().all(|r| !r.changed())))
         {
-            out.push_str("\nno lock, fork, cgroup or D-Bus row differs\n");
+            out.push_str(
+                "\nno row of a table (locks, forks, cgroups, D-Bus, libvirt, QMP) differs\n",
+            );
         }
         if !self.gates.is_empty() {
             out.push('\n');

@@ -347,6 +347,11 @@ fn heat_rows(profile: &Profile, summary: &render::Summary) -> Vec<HeatRow> {
     }]
     .into_iter()
     .chain(ci::Metric::ALL.into_iter().filter_map(|m| {
+        // A tracer the recording did not run has no row (a profile from
+        // before the libvirt tracer has no libvirt rows).
+        if m.tracer().is_some_and(|t| !profile.recorded(t)) {
+            return None;
+        }
         Some(HeatRow {
             name: m.heatmap()?,
             values: ws.iter().map(|w| m.of(w)).collect(),

@@ -8,6 +8,7 @@
 //! QMP messages, which [`qmp_command`], [`qmp_reply_error`] and
 //! [`qmp_event`] read.
 
+pub mod probes;
 mod procs;
 mod qmp;
 

@@ -9,7 +9,9 @@ use std::{
     hash::{BuildHasher, Hash, RandomState},
 };
 
-use super::{CgroupOp, DbusCall, ForkCall, LockWait, LossCount, OffCpu, OnCpu, Profile};
+use super::{
+    CgroupOp, DbusCall, ForkCall, LibvirtCall, LockWait, LossCount, OffCpu, OnCpu, Profile,
+};
 
 /// A row of the profile that adds up events.
 pub trait Row: Clone {
@@ -137,6 +139,19 @@ type DbusCallKey<'a> = (
     Option<i64>,
 );
 
+impl Row for LibvirtCall {
+    type Key<'a> = (u32, u32, &'a str, &'a str, &'a str);
+    fn key(&self) -> Self::Key<'_> {
+        (self.window, self.tgid, &self.kind, &self.name, &self.status)
+    }
+    fn add(&mut self, o: &Self) {
+        self.calls = self.calls.saturating_add(o.calls);
+        self.total_ns = self.total_ns.saturating_add(o.total_ns);
+        self.max_ns = self.max_ns.max(o.max_ns);
+        add_hist(&mut self.hist, &o.hist);
+    }
+}
+
 impl Row for DbusCall {
     type Key<'a> = (u32, u32, &'a str, DbusCallKey<'a>, &'a [u32]);
     fn key(&self) -> Self::Key<'_> {
@@ -247,6 +262,7 @@ pub struct Rows {
     pub forks: Merged<ForkCall>,
     pub cgroups: Merged<CgroupOp>,
     pub dbus: Merged<DbusCall>,
+    pub libvirt: Merged<LibvirtCall>,
     pub losses: Merged<LossCount>,
     pub unwind: Merged<LossCount>,
 }
@@ -260,6 +276,7 @@ impl Rows {
         self.forks.extend(std::mem::take(&mut part.forks));
         self.cgroups.extend(std::mem::take(&mut part.cgroups));
         self.dbus.extend(std::mem::take(&mut part.dbus));
+        self.libvirt.extend(std::mem::take(&mut part.libvirt));
         self.losses.extend(std::mem::take(&mut part.losses));
         self.unwind.extend(std::mem::take(&mut part.unwind));
     }
@@ -280,6 +297,7 @@ impl Rows {
         profile.forks = self.forks.into_rows();
         profile.cgroups = self.cgroups.into_rows();
         profile.dbus = self.dbus.into_rows();
+        profile.libvirt = self.libvirt.into_rows();
         profile.losses = self.losses.into_rows();
         profile.unwind = self.unwind.into_rows();
         profile.sort_rows();

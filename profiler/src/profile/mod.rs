@@ -276,6 +276,55 @@ pub struct DbusCall {
     pub hist: Vec<u64>,
 }
 
+/// libvirt's calls of one name in one window, ended one way: libvirtd's
+/// API calls (from the call's arrival to its reply's queueing), the QMP
+/// commands its QEMU driver sent (from the command to QEMU's reply), or
+/// the QMP events QEMU sent (counted, not timed). The libvirt tracer's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtCall {
+    pub window: u32,
+    /// libvirtd's process.
+    pub tgid: u32,
+    /// [`LibvirtCall::API`], [`LibvirtCall::QMP`] or [`LibvirtCall::EVENT`].
+    pub kind: String,
+    /// `DomainCreateXML` (see [`crate::libvirt::procedure_name`]),
+    /// `query-cpus-fast`, `RESUME`.
+    pub name: String,
+    /// [`LibvirtCall::OK`], [`LibvirtCall::ERROR`] or
+    /// [`LibvirtCall::IN_FLIGHT`] (no reply by the stop: its time is up to
+    /// the stop).
+    pub status: String,
+    pub calls: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// log2 histogram of the latencies, as [`DbusCall::hist`].
+    pub hist: Vec<u64>,
+}
+
+impl LibvirtCall {
+    pub const API: &str = "api";
+    pub const QMP: &str = "qmp";
+    pub const EVENT: &str = "qmp-event";
+    pub const OK: &str = "ok";
+    pub const ERROR: &str = "error";
+    pub const IN_FLIGHT: &str = "in flight";
+
+    /// This row as one call that took `ns`.
+    #[must_use]
+    pub fn timed_once(self, ns: u64) -> Self {
+        let bucket = profiler_common::record::hist_bucket(ns);
+        let mut hist = vec![0; bucket + 1];
+        hist[bucket] = 1;
+        Self {
+            calls: 1,
+            total_ns: ns,
+            max_ns: ns,
+            hist,
+            ..self
+        }
+    }
+}
+
 impl DbusCall {
     /// The method called: `interface.member`, or what is known of it.
     #[must_use]
@@ -334,6 +383,8 @@ pub struct Profile {
     pub cgroups: Vec<CgroupOp>,
     #[serde(default)]
     pub dbus: Vec<DbusCall>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub libvirt: Vec<LibvirtCall>,
     /// The user-stack unwinder, per window: why walks ended and how frames
     /// were found (`--unwind dwarf`; empty with frame pointers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -420,6 +471,10 @@ impl Profile {
         self.dbus.sort_by(|a, b| {
             (a.window, a.tgid, &a.library, &a.member, &a.stack)
                 .cmp(&(b.window, b.tgid, &b.library, &b.member, &b.stack))
+        });
+        self.libvirt.sort_by(|a, b| {
+            (a.window, &a.kind, &a.name, &a.status, a.tgid)
+                .cmp(&(b.window, &b.kind, &b.name, &b.status, b.tgid))
         });
         self.cgroups.sort_by(|a, b| {
             (a.window, &a.op, &a.hierarchy, &a.path, a.tgid).cmp(&(

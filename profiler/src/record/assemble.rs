@@ -58,7 +58,7 @@ fn fork_syscall_name(kind: u32) -> &'static str {
 }
 
 /// A kernel log2 histogram without its empty tail buckets.
-fn trim_hist(hist: &[u64]) -> Vec<u64> {
+pub(super) fn trim_hist(hist: &[u64]) -> Vec<u64> {
     let n = hist.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
     hist[..n].to_vec()
 }
@@ -90,6 +90,7 @@ pub(super) fn part(
         forks: forks(drained, &mut s),
         dbus: dbus(drained, &mut s),
         cgroups: cgroups(drained),
+        libvirt: std::mem::take(&mut drained.libvirt),
         losses: std::mem::take(&mut drained.losses),
         unwind: std::mem::take(&mut drained.unwind),
         ..Profile::default()

@@ -33,7 +33,7 @@ use super::{
     options::{RecordError, RecordOptions, Target, UnwindMode},
 };
 use crate::{
-    forkpath,
+    forkpath, libvirt,
     procmaps::Snapshot,
     sys,
     tracefs::Tracepoint,
@@ -58,6 +58,9 @@ pub(super) struct Plan<'a> {
 pub(super) struct Attached {
     pub tracers: Vec<Tracer>,
     pub uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    /// The USDT probes' `uprobe.multi` links: closing one detaches it and
+    /// gives its semaphores back.
+    pub usdt_links: Vec<std::os::fd::OwnedFd>,
     /// The system-call dispatch's links, detached when the programs move to
     /// the calls' own tracepoints ([`switch_to_per_call`]).
     pub dispatch_links: Vec<(&'static str, BtfTracePointLinkId)>,
@@ -83,6 +86,7 @@ pub(super) fn attach(
     let mut attached = Attached {
         tracers: facts.tracers.clone(),
         uprobe_links: Vec::new(),
+        usdt_links: Vec::new(),
         dispatch_links: Vec::new(),
     };
     for part in Part::ALL {
@@ -99,7 +103,8 @@ pub(super) fn attach(
         if !attached.tracers.contains(&tracer) {
             continue;
         }
-        if let Some(why) = attach_tracer(bpf, btf, tracer, plan, &mut attached.uprobe_links)? {
+        let links = (&mut attached.uprobe_links, &mut attached.usdt_links);
+        if let Some(why) = attach_tracer(bpf, btf, tracer, plan, links)? {
             eprintln!(
                 "hvprof: warning: the {} tracer is skipped: {why}",
                 tracer.name()
@@ -138,7 +143,9 @@ fn programs_to_load(tracers: &[Tracer], plan: &Plan<'_>) -> Vec<(&'static str, L
                 }
                 Probe::CpuClock { program } => out.push((program, Load::Plain)),
                 Probe::Uprobe { program } => {
-                    if part == Part::Tracer(Tracer::Dbus) || plan.fork_uprobes.is_some() {
+                    if matches!(part, Part::Tracer(Tracer::Dbus | Tracer::Libvirt))
+                        || plan.fork_uprobes.is_some()
+                    {
                         out.push((program, Load::Plain));
                     }
                 }
@@ -221,7 +228,10 @@ fn attach_tracer(
     btf: &Btf,
     tracer: Tracer,
     plan: &Plan<'_>,
-    links: &mut Vec<(&'static str, UProbeLinkId)>,
+    (links, usdt_links): (
+        &mut Vec<(&'static str, UProbeLinkId)>,
+        &mut Vec<std::os::fd::OwnedFd>,
+    ),
 ) -> Result<Option<String>, RecordError> {
     let attached = attach_probes(bpf, btf, Part::Tracer(tracer), plan.opts).map(drop);
     match tracer {
@@ -243,7 +253,115 @@ fn attach_tracer(
                 ));
             }
         }
+        Tracer::Libvirt => {
+            attached?;
+            return attach_libvirt(bpf, plan.initial, usdt_links);
+        }
         Tracer::OnCpu | Tracer::Locks | Tracer::Cgroup => attached?,
+    }
+    Ok(None)
+}
+
+/// Attaches libvirt's USDT probes ([`libvirt::probes::USES`]) in every
+/// libvirt library and QEMU driver file found, with their semaphores, one
+/// `uprobe.multi` link per program and file; `Some(why)` when there is no
+/// file with them.
+fn attach_libvirt(
+    bpf: &mut Ebpf,
+    pids: &[u32],
+    links: &mut Vec<std::os::fd::OwnedFd>,
+) -> Result<Option<String>, RecordError> {
+    use std::os::fd::AsFd as _;
+
+    use profiler_common::usdt::{USDT_MAX_SPECS, USDT_SPECS_MAP, UsdtSpec};
+
+    use super::uprobe_multi::{self, Target};
+    let files = libvirt::probes::files(pids);
+    if files.is_empty() {
+        return Ok(Some(
+            "libvirt (libvirt.so.0, libvirt_driver_qemu.so) is not installed here, nor mapped by the targets"
+                .to_owned(),
+        ));
+    }
+    let mut specs: Vec<UsdtSpec> = Vec::new();
+    // (program, file, sites)
+    let mut plan: Vec<(&'static str, PathBuf, Vec<Target>)> = Vec::new();
+    let mut unreadable = Vec::new();
+    for path in files {
+        let sites = match libvirt::probes::sites(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                unreadable.push(format!("{}: {e}", path.display()));
+                continue;
+            }
+        };
+        for site in sites {
+            let Ok(spec) = site.probe.spec() else {
+                continue;
+            };
+            let id = match specs.iter().position(|s| *s == spec) {
+                Some(i) => i,
+                None if specs.len() < USDT_MAX_SPECS as usize => {
+                    specs.push(spec);
+                    specs.len() - 1
+                }
+                None => continue,
+            };
+            let target = Target {
+                offset: site.probe.offset,
+                ref_ctr_offset: site.probe.semaphore_offset.unwrap_or(0),
+                cookie: id as u64 | (u64::from(site.usage.kind) << 32),
+            };
+            match plan
+                .iter_mut()
+                .find(|(p, f, _)| *p == site.usage.program && *f == path)
+            {
+                Some((_, _, t)) => t.push(target),
+                None => plan.push((site.usage.program, path.clone(), vec![target])),
+            }
+        }
+    }
+    if plan.is_empty() {
+        let why = if unreadable.is_empty() {
+            "this libvirt has none of the probes it uses (rpc_server_client_msg_*, qemu_monitor_*): it was built without SystemTap SDT probes".to_owned()
+        } else {
+            format!(
+                "libvirt's probes could not be read: {}",
+                unreadable.join("; ")
+            )
+        };
+        return Ok(Some(why));
+    }
+    {
+        let name = USDT_SPECS_MAP;
+        let mut m: aya::maps::Array<&mut MapData, UsdtSpec> =
+            aya::maps::Array::try_from(bpf.map_mut(name).ok_or(RecordError::Missing { name })?)
+                .map_err(|source| RecordError::Map { name, source })?;
+        for (i, s) in (0..).zip(&specs) {
+            m.set(i, s, 0)
+                .map_err(|source| RecordError::Map { name, source })?;
+        }
+    }
+    for (prog, path, targets) in plan {
+        let p: &mut UProbe = bpf
+            .program_mut(prog)
+            .ok_or(RecordError::Missing { name: prog })?
+            .try_into()
+            .map_err(attach_err(prog))?;
+        if p.fd().is_err() {
+            p.load().map_err(attach_err(prog))?;
+        }
+        let fd = p.fd().map_err(attach_err(prog))?;
+        match uprobe_multi::attach(fd.as_fd(), &path, &targets, None, false) {
+            Ok(link) => links.push(link),
+            Err(e) => eprintln!(
+                "hvprof: warning: libvirt's probes in {} are not attached ({prog}): {e}",
+                path.display()
+            ),
+        }
+    }
+    if links.is_empty() {
+        return Ok(Some("no libvirt probe could be attached".to_owned()));
     }
     Ok(None)
 }

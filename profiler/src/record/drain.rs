@@ -22,7 +22,7 @@ use profiler_common::{
     record::{
         CgroupKey, CgroupValue, Counter, DbusKey, DbusValue, ForkKey, ForkValue, LockKey,
         LockPending, LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue, PHASE_PARITY,
-        PHASE_STOPPED, STACK_ID_MIN, SampleKey, StackBuf, VmState, names, parity_of,
+        PHASE_STOPPED, STACK_ID_MIN, SampleKey, StackBuf, VmState, names, net_status, parity_of,
         recorded_window,
     },
     unwind::UnwindStop,
@@ -116,7 +116,7 @@ pub(super) struct Seen {
 /// program of the tracer registry, each once (a test checks it).
 /// (A program not loaded, as the system calls' twins on their own
 /// tracepoints until the move, has no line.)
-const STATS_ORDER: [&str; 32] = [
+const STATS_ORDER: [&str; 35] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_SYSCALL_ENTER,
@@ -149,6 +149,9 @@ const STATS_ORDER: [&str; 32] = [
     names::PROG_DBUS_ENTER,
     names::PROG_DBUS_RETURN,
     names::PROG_DBUS_NAMES,
+    names::PROG_LIBVIRT_MSG_RX,
+    names::PROG_LIBVIRT_MSG_TX,
+    names::PROG_QMP_MSG,
 ];
 
 /// Run counts and run time of every recording program (`--bpf-stats`).
@@ -178,6 +181,9 @@ pub(super) struct Drained {
     pub dbus: Vec<(DbusKey, DbusValue)>,
     pub forks: Vec<(ForkKey, ForkValue)>,
     pub cgroups: Vec<(CgroupKey, CgroupValue)>,
+    /// libvirt's API calls (at the stop with those still in flight), and
+    /// the QMP rows paired in userspace since the last drain.
+    pub libvirt: Vec<profile::LibvirtCall>,
     pub losses: Vec<LossCount>,
     /// The unwinder's stops per window.
     pub unwind: Vec<LossCount>,
@@ -267,6 +273,7 @@ pub(super) fn drain(
             take,
             |k: &CgroupKey| k.window,
         )?,
+        libvirt: api_calls(rec, bpf, take)?,
         losses: losses(bpf, take, &mut seen.losses)?,
         unwind: unwind_counts(bpf, take, &mut seen.unwind),
         ..Drained::default()
@@ -374,6 +381,73 @@ fn offcpu(
         merged.entry(k).or_default().add(&v);
     }
     Ok(merged.into_iter().collect())
+}
+
+/// libvirt's API calls, named; at the stop with the calls received and
+/// not answered yet, timed up to the stop.
+fn api_calls(
+    rec: &Recorder,
+    bpf: &mut Ebpf,
+    take: Take,
+) -> Result<Vec<profile::LibvirtCall>, RecordError> {
+    use profiler_common::record::{ApiCallKey, ApiCallStart, ApiCallStartKey, ApiCallValue};
+    let row = |window: u32, tgid, program, procedure, status: &str| profile::LibvirtCall {
+        window,
+        tgid,
+        kind: profile::LibvirtCall::API.to_owned(),
+        name: crate::libvirt::procedure_name(program, procedure).into_owned(),
+        status: status.to_owned(),
+        ..profile::LibvirtCall::default()
+    };
+    let calls: Vec<(ApiCallKey, ApiCallValue)> = aggregation(
+        rec,
+        bpf,
+        names::API_CALLS,
+        Tracer::Libvirt,
+        take,
+        |k: &ApiCallKey| k.window,
+    )?;
+    let mut rows: Vec<profile::LibvirtCall> = calls
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let status = if k.status == net_status::OK {
+                profile::LibvirtCall::OK
+            } else {
+                profile::LibvirtCall::ERROR
+            };
+            Some(profile::LibvirtCall {
+                calls: v.count,
+                total_ns: v.total_ns,
+                max_ns: v.max_ns,
+                hist: super::assemble::trim_hist(&v.hist),
+                ..row(
+                    recorded_window(k.window)?,
+                    k.tgid,
+                    k.program,
+                    k.procedure,
+                    status,
+                )
+            })
+        })
+        .collect();
+    let Take::Rest { stop_ns } = take else {
+        return Ok(rows);
+    };
+    if !rec.tracers.contains(&Tracer::Libvirt) {
+        return Ok(rows);
+    }
+    let name = names::API_CALL_START;
+    let m: BpfHashMap<&MapData, ApiCallStartKey, ApiCallStart> =
+        BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
+    for (_, s) in m.iter().filter_map(Result::ok) {
+        let Some(window) = recorded_window(s.window) else {
+            continue;
+        };
+        let ns = stop_ns.saturating_sub(s.start_ns);
+        let status = profile::LibvirtCall::IN_FLIGHT;
+        rows.push(row(window, s.tgid, s.program, s.procedure, status).timed_once(ns));
+    }
+    Ok(profile::merge::merge_rows(rows))
 }
 
 /// A thread's total run-queue wait so far, in ns (the second field of
@@ -486,6 +560,8 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::EventDropped => "ring-buffer events dropped",
         Loss::TrackedFull => "children not followed (tracked map full)",
         Loss::DbusMapFull => "D-Bus calls not counted (map full)",
+        Loss::ApiCallMapFull => "libvirt API calls not timed (map full)",
+        Loss::QmpMsgDropped => "QEMU monitor messages dropped (ring buffer full)",
         Loss::LockMapFull => "lock waits not counted (lock map full)",
         Loss::LockNestingTooDeep => "lock waits not timed (contentions nested too deep)",
         Loss::ForkMapFull => "forks not counted (fork map full)",

@@ -43,6 +43,12 @@ pub(super) struct Recorder {
     pub restarts: Restarts,
     /// The uprobe links, detached together at the stop.
     pub uprobe_links: Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>,
+    /// libvirt's USDT probes' links, detached when the recording goes.
+    pub usdt_links: Vec<std::os::fd::OwnedFd>,
+    /// The QEMU monitor messages, paired (the libvirt tracer).
+    pub qmp: Option<super::qmp::Qmp>,
+    /// What [`Recorder::qmp`] paired after the last flush, at the stop.
+    pub qmp_at_stop: Vec<crate::profile::LibvirtCall>,
     /// The system-call dispatch's links, while it runs.
     pub dispatch_links: Vec<(&'static str, aya::programs::tp_btf::BtfTracePointLinkId)>,
     /// When the system-call programs move to the calls' own tracepoints
@@ -113,6 +119,9 @@ impl Recorder {
             targets_gone: false,
             tracers: Vec::new(),
             uprobe_links: Vec::new(),
+            usdt_links: Vec::new(),
+            qmp: None,
+            qmp_at_stop: Vec::new(),
             dispatch_links: Vec::new(),
             syscall_switch_at: None,
             per_call_since_ns: None,
@@ -221,6 +230,9 @@ impl Recorder {
                 _ = sigchld.recv() => {}
                 _ = tick.tick() => {
                     self.drain_events(events);
+                    if let Some(q) = &mut self.qmp {
+                        q.read();
+                    }
                     self.drain_verifier(false);
                     slow = true;
                 }

@@ -124,6 +124,10 @@ impl Flusher {
         // and the snapshot follows: only a process with a snapshot still due,
         // or none, is read. Reading every QEMU's maps at every flush was most
         // of a flush's time with a hundred of them.
+        if let Some(q) = &mut rec.qmp {
+            q.read();
+            drained.libvirt.extend(q.take());
+        }
         let drained_at = started.elapsed();
         let mut tgids: Vec<u32> = drained.triples().iter().map(|t| t.0).collect();
         tgids.sort_unstable();
@@ -240,6 +244,7 @@ impl Flusher {
                     &mut self.seen,
                     &mut self.stacks,
                 )?;
+                drained.libvirt.extend(rec.qmp_at_stop.iter().cloned());
                 let lookups = self
                     .frames
                     .lookups(&rec.processes, &self.stacks, &drained.triples());

@@ -22,6 +22,7 @@ mod interrupts;
 mod kernel;
 mod load;
 mod options;
+mod qmp;
 mod symbolize;
 mod targets;
 pub mod uprobe_multi;
@@ -172,7 +173,14 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
     timing("probes attached");
     rec.tracers = attached.tracers;
     rec.uprobe_links = attached.uprobe_links;
+    rec.usdt_links = attached.usdt_links;
     rec.dispatch_links = attached.dispatch_links;
+    if rec.tracers.contains(&Tracer::Libvirt) {
+        let name = names::QMP_MSGS;
+        let ring = RingBuf::try_from(bpf.take_map(name).ok_or(RecordError::Missing { name })?)
+            .map_err(|source| RecordError::Map { name, source })?;
+        rec.qmp = Some(qmp::Qmp::new(ring));
+    }
     run(rec, bpf, gated.as_mut(), &interrupts)
 }
 
@@ -228,6 +236,10 @@ fn run(
     let stop_ns = monotonic_ns();
     rec.self_cpu_ns = sys::self_cpu_ns().saturating_sub(rec.start_cpu_ns);
     let (command_status, program_stats) = stop_recording(&mut rec, &mut bpf, &mut events, gated);
+    if let Some(q) = &mut rec.qmp {
+        q.stop(stop_ns);
+        rec.qmp_at_stop = q.take();
+    }
     // The programs change nothing any more: their uprobes go meanwhile.
     let detaching = Detaching::start(
         &mut bpf,

@@ -8,6 +8,7 @@
 mod cgroups;
 mod dbus;
 mod forks;
+mod libvirt;
 mod locks;
 
 use std::fmt::Write as _;
@@ -18,13 +19,15 @@ pub use self::{
     cgroups::{CGROUPS, CgroupRow, cgroups, fold_cgroup_path},
     dbus::{DBUS, DbusRow, dbus},
     forks::{FORKS, ForkRow, ForkSummary, fork_summary, forks},
+    libvirt::{LIBVIRT, LibvirtRow, QMP, QMP_EVENTS, libvirt_rows},
     locks::{LOCKS, LockRow, lock_caller, locks},
 };
 pub use crate::words::human_ns;
 use crate::{profile::Profile, tracer::Tracer};
 
 /// Every table, in the order reports show them.
-pub static TABLES: [&dyn AnyTable; 4] = [&LOCKS, &FORKS, &CGROUPS, &DBUS];
+pub static TABLES: [&dyn AnyTable; 7] =
+    [&LOCKS, &FORKS, &CGROUPS, &DBUS, &LIBVIRT, &QMP, &QMP_EVENTS];
 
 /// The table with this name (`locks`, `forks`, `cgroups`, `dbus`).
 #[must_use]
@@ -49,6 +52,10 @@ pub enum Role {
     /// Events that ran into their timeout: `diff`'s timeouts, a gate's
     /// `.timeouts`.
     Timeouts,
+    /// The 99th percentile of the events' times: a gate's `.p99`.
+    P99,
+    /// Events that failed: a gate's `.errors`.
+    Errors,
     /// Another number or duration, shown only.
     Figure,
 }

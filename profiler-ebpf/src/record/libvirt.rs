@@ -1,0 +1,186 @@
+//! libvirt's API calls: libvirtd's `rpc_server_client_msg_rx` probe at a
+//! call's arrival notes it by client and serial; its
+//! `rpc_server_client_msg_tx_queue` probe at the reply's queueing times it
+//! and counts it under its procedure and reply status.
+//!
+//! QEMU monitor (QMP) messages: the QEMU driver's `qemu_monitor_send_msg`,
+//! `qemu_monitor_recv_reply` and `qemu_monitor_recv_event` probes send the
+//! start of the message's text to userspace, which pairs and reads them.
+//!
+//! All are USDT sites with semaphores, attached as `uprobe.multi` links
+//! with the sites' reference counters; the low half of a probe's cookie is
+//! the site's argument spec (see `crate::usdt`), the high half what the
+//! site is (a [`qmp_kind`]).
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_attach_cookie, generated},
+    macros::{map, uprobe},
+    maps::{HashMap, RingBuf},
+    programs::ProbeContext,
+};
+use profiler_common::record::{
+    ApiCallKey, ApiCallStart, ApiCallStartKey, ApiCallValue, LOCK_HIST_BUCKETS, Loss, NO_WINDOW,
+    QMP_TEXT, QmpMsg, msg_arg, net_type, qmp_arg, qmp_kind,
+};
+
+use super::common::{Task, aggregate, current_window, lose, now, stopped, timed, written_now};
+use crate::usdt::{usdt_arg, usdt_spec};
+
+#[map]
+static API_CALLS: HashMap<ApiCallKey, ApiCallValue> = HashMap::with_max_entries(8192, 0);
+/// Calls received and not answered yet.
+#[map]
+static API_CALL_START: HashMap<ApiCallStartKey, ApiCallStart> = HashMap::with_max_entries(16384, 0);
+
+/// QMP messages for userspace, drained every 100 ms: room for 15 000. A
+/// guest's start sends hundreds of commands within a few ms (libvirt 11
+/// reads the CPU's features with one `qom-get` each): 256 KiB overflowed
+/// with 14 guests starting at once.
+#[map]
+static QMP_MSGS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+#[unsafe(no_mangle)]
+static API_CALL_VALUE_ZERO: ApiCallValue = ApiCallValue {
+    count: 0,
+    total_ns: 0,
+    max_ns: 0,
+    hist: [0; LOCK_HIST_BUCKETS],
+};
+
+timed!(ApiCallValue, count, total_ns, max_ns, hist: hist);
+
+/// A message arrives: a call is noted.
+#[uprobe(multi)]
+pub fn libvirt_msg_rx(ctx: ProbeContext) -> u32 {
+    let _ = try_msg_rx(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_msg_rx(ctx: &ProbeContext) -> Option<()> {
+    let task = Task::tracked()?;
+    if stopped() {
+        return None;
+    }
+    // Charged to the window it began in, as a block is; outside every
+    // window it is still noted, so that its reply finds it.
+    let window = current_window().unwrap_or(NO_WINDOW);
+    let (_, spec) = usdt_spec(ctx)?;
+    let kind = usdt_arg(ctx, spec, msg_arg::TYPE)?;
+    if kind != net_type::CALL && kind != net_type::CALL_WITH_FDS {
+        return None;
+    }
+    let key = ApiCallStartKey {
+        client: usdt_arg(ctx, spec, msg_arg::CLIENT)?,
+        serial: usdt_arg(ctx, spec, msg_arg::SERIAL)?,
+    };
+    let start = ApiCallStart {
+        start_ns: now(),
+        window,
+        tgid: task.tgid(),
+        program: usdt_arg(ctx, spec, msg_arg::PROGRAM)? as u32,
+        procedure: usdt_arg(ctx, spec, msg_arg::PROCEDURE)? as u32,
+    };
+    if API_CALL_START.insert(&key, &start, 0).is_err() {
+        lose(window, Loss::ApiCallMapFull);
+    }
+    Some(())
+}
+
+/// A reply is queued: its call is timed.
+#[uprobe(multi)]
+pub fn libvirt_msg_tx(ctx: ProbeContext) -> u32 {
+    let _ = try_msg_tx(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_msg_tx(ctx: &ProbeContext) -> Option<()> {
+    let _ = Task::tracked()?;
+    let (_, spec) = usdt_spec(ctx)?;
+    let kind = usdt_arg(ctx, spec, msg_arg::TYPE)?;
+    if kind != net_type::REPLY && kind != net_type::REPLY_WITH_FDS {
+        return None;
+    }
+    let key = ApiCallStartKey {
+        client: usdt_arg(ctx, spec, msg_arg::CLIENT)?,
+        serial: usdt_arg(ctx, spec, msg_arg::SERIAL)?,
+    };
+    // SAFETY: a valid map value, copied before its entry goes.
+    let start = unsafe { *API_CALL_START.get(&key)? };
+    let _ = API_CALL_START.remove(&key);
+    if start.window == NO_WINDOW || stopped() {
+        return None;
+    }
+    let window = written_now(start.window);
+    let call = ApiCallKey {
+        window,
+        tgid: start.tgid,
+        program: start.program,
+        procedure: start.procedure,
+        status: usdt_arg(ctx, spec, msg_arg::STATUS)? as u32,
+        pad: 0,
+    };
+    let ns = now().saturating_sub(start.start_ns);
+    aggregate(
+        &API_CALLS,
+        &call,
+        &API_CALL_VALUE_ZERO,
+        window,
+        Loss::ApiCallMapFull,
+        ns,
+    )?;
+    Some(())
+}
+
+/// A QMP message sent or received: its monitor and the start of its text,
+/// to userspace.
+#[uprobe(multi)]
+pub fn libvirt_qmp_msg(ctx: ProbeContext) -> u32 {
+    let _ = try_qmp_msg(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_qmp_msg(ctx: &ProbeContext) -> Option<()> {
+    let task = Task::tracked()?;
+    if stopped() {
+        return None;
+    }
+    // A command outside every window is still paired with its reply (and
+    // counted nowhere).
+    let window = current_window().unwrap_or(NO_WINDOW);
+    let (_, spec) = usdt_spec(ctx)?;
+    // SAFETY: the context is the probe's.
+    let kind = (unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } >> 32) as u32;
+    if !matches!(kind, qmp_kind::SEND | qmp_kind::REPLY | qmp_kind::EVENT) {
+        return None;
+    }
+    let mon = usdt_arg(ctx, spec, qmp_arg::MON)?;
+    let text = usdt_arg(ctx, spec, qmp_arg::TEXT)?;
+    let Some(mut entry) = QMP_MSGS.reserve::<QmpMsg>(0) else {
+        lose(window, Loss::QmpMsgDropped);
+        return None;
+    };
+    let msg = entry.as_mut_ptr();
+    // SAFETY: the reserved entry, one QmpMsg long; the text is read from
+    // user memory with the checked helper, at most QMP_TEXT bytes.
+    unsafe {
+        (*msg).ts_ns = now();
+        (*msg).mon = mon;
+        (*msg).kind = kind;
+        (*msg).window = window;
+        (*msg).tgid = task.tgid();
+        let n = generated::bpf_probe_read_user_str(
+            (&raw mut (*msg).text).cast::<c_void>(),
+            QMP_TEXT as u32,
+            text as *const c_void,
+        );
+        (*msg).len = if n > 0 { n as u32 } else { 0 };
+    }
+    entry.submit(0);
+    Some(())
+}

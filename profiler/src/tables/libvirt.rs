@@ -1,0 +1,254 @@
+//! libvirt's tables: libvirtd's API calls, the QEMU monitor commands its
+//! QEMU driver sent, and the events QEMU sent back (the libvirt tracer's
+//! rows, one kind each).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{Cell, Column, Gate, Note, Role, TableDef, hist_quantile, merge_hist};
+use crate::{
+    profile::{LibvirtCall, Profile},
+    tracer::Tracer,
+};
+
+/// The calls of one name (API procedure, QMP command or event).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LibvirtRow {
+    pub name: String,
+    /// Every call: answered or not.
+    pub calls: u64,
+    /// Answered with an error.
+    pub errors: u64,
+    /// Not answered by the stop.
+    pub in_flight: u64,
+    /// The answered calls' time.
+    pub total_ns: u64,
+    pub mean_ns: u64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    /// The longest, the calls in flight counted up to the stop.
+    pub max_ns: u64,
+}
+
+/// The rows of one kind ([`LibvirtCall::API`], …) of one window or of the
+/// whole recording, by total time, then calls.
+#[must_use]
+pub fn libvirt_rows(profile: &Profile, window: Option<u32>, kind: &str) -> Vec<LibvirtRow> {
+    #[derive(Default)]
+    struct Acc {
+        calls: u64,
+        errors: u64,
+        in_flight: u64,
+        total: u64,
+        answered: u64,
+        max: u64,
+        hist: Vec<u64>,
+    }
+    let mut by: BTreeMap<&str, Acc> = BTreeMap::new();
+    for c in profile
+        .libvirt
+        .iter()
+        .filter(|c| c.kind == kind && window.is_none_or(|w| c.window == w))
+    {
+        let a = by.entry(&c.name).or_default();
+        a.calls += c.calls;
+        a.max = a.max.max(c.max_ns);
+        match c.status.as_str() {
+            LibvirtCall::IN_FLIGHT => a.in_flight += c.calls,
+            s => {
+                if s == LibvirtCall::ERROR {
+                    a.errors += c.calls;
+                }
+                a.answered += c.calls;
+                a.total += c.total_ns;
+                merge_hist(&mut a.hist, &c.hist);
+            }
+        }
+    }
+    let mut rows: Vec<LibvirtRow> = by
+        .into_iter()
+        .map(|(name, a)| LibvirtRow {
+            name: name.to_owned(),
+            calls: a.calls,
+            errors: a.errors,
+            in_flight: a.in_flight,
+            total_ns: a.total,
+            mean_ns: a.total.checked_div(a.answered).unwrap_or(0),
+            p50_ns: hist_quantile(&a.hist, 0.5),
+            p99_ns: hist_quantile(&a.hist, 0.99),
+            max_ns: a.max,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.total_ns
+            .cmp(&a.total_ns)
+            .then(b.calls.cmp(&a.calls))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    rows
+}
+
+/// The columns of a timed table: calls, errors, in flight, times.
+const TIMED: [Column<LibvirtRow>; 9] = [
+    Column {
+        header: "name",
+        csv: "name",
+        role: Role::Key,
+        cell: |r| Cell::Text(r.name.clone()),
+    },
+    Column {
+        header: "calls",
+        csv: "calls",
+        role: Role::Count,
+        cell: |r| Cell::Count(r.calls),
+    },
+    Column {
+        header: "errors",
+        csv: "errors",
+        role: Role::Errors,
+        cell: |r| Cell::Count(r.errors),
+    },
+    Column {
+        header: "in flight",
+        csv: "in_flight",
+        role: Role::Figure,
+        cell: |r| Cell::Count(r.in_flight),
+    },
+    Column {
+        header: "total",
+        csv: "total_ns",
+        role: Role::Total,
+        cell: |r| Cell::Ns(r.total_ns),
+    },
+    Column {
+        header: "mean",
+        csv: "mean_ns",
+        role: Role::Figure,
+        cell: |r| Cell::Ns(r.mean_ns),
+    },
+    Column {
+        header: "p50",
+        csv: "p50_ns",
+        role: Role::Figure,
+        cell: |r| Cell::AtMost(r.p50_ns),
+    },
+    Column {
+        header: "p99",
+        csv: "p99_ns",
+        role: Role::P99,
+        cell: |r| Cell::AtMost(r.p99_ns),
+    },
+    Column {
+        header: "max",
+        csv: "max_ns",
+        role: Role::Max,
+        cell: |r| Cell::Ns(r.max_ns),
+    },
+];
+
+/// A timed table's gate statistics.
+const TIMED_STATS: &[(&str, Role)] = &[
+    ("total", Role::Total),
+    ("max", Role::Max),
+    ("p99", Role::P99),
+    ("calls", Role::Count),
+    ("count", Role::Count),
+    ("errors", Role::Errors),
+];
+
+/// Where the API procedures' names come from, said after the table.
+#[derive(Serialize)]
+pub struct NamesSource(String);
+
+pub static LIBVIRT: TableDef<LibvirtRow, NamesSource> = TableDef {
+    name: "libvirt",
+    title: "libvirt API calls (libvirtd, call to reply)",
+    order: Some("by total time"),
+    tracer: Tracer::Libvirt,
+    count_name: "calls",
+    empty: "no libvirt API calls recorded",
+    rows: |p, w| libvirt_rows(p, w, LibvirtCall::API),
+    columns: &TIMED,
+    note: Some(Note {
+        of: |_, _| NamesSource(crate::libvirt::names_source()),
+        text: |s| format!("{}\n", s.0),
+    }),
+    gate: Some(Gate {
+        prefix: "libvirt",
+        name: "PROCEDURE",
+        noun: "libvirt API",
+        help: ("a procedure, e.g. DomainCreateXML", "any single procedure"),
+        stats: TIMED_STATS,
+        label: |r| format!("libvirt {}", r.name),
+        is: |r, n| r.name == n,
+    }),
+    top: Some((
+        "**Top libvirt API calls** (by total time)",
+        &["name", "calls", "errors", "total", "p99", "max"],
+    )),
+};
+
+pub static QMP: TableDef<LibvirtRow> = TableDef {
+    name: "qmp",
+    title: "QEMU monitor commands (libvirtd's QEMU driver, command to reply)",
+    order: Some("by total time"),
+    tracer: Tracer::Libvirt,
+    count_name: "commands",
+    empty: "no QEMU monitor commands recorded",
+    rows: |p, w| libvirt_rows(p, w, LibvirtCall::QMP),
+    columns: &TIMED,
+    note: None,
+    gate: Some(Gate {
+        prefix: "qmp",
+        name: "COMMAND",
+        noun: "QMP",
+        help: ("a command, e.g. query-cpus-fast", "any single command"),
+        stats: TIMED_STATS,
+        label: |r| format!("QMP {}", r.name),
+        is: |r, n| r.name == n,
+    }),
+    top: Some((
+        "**Top QEMU monitor commands** (by total time)",
+        &["name", "calls", "errors", "total", "p99", "max"],
+    )),
+};
+
+pub static QMP_EVENTS: TableDef<LibvirtRow> = TableDef {
+    name: "qmp-events",
+    title: "QEMU monitor events (sent by QEMU to libvirtd)",
+    order: Some("by count"),
+    tracer: Tracer::Libvirt,
+    count_name: "events",
+    empty: "no QEMU monitor events recorded",
+    rows: |p, w| {
+        let mut rows = libvirt_rows(p, w, LibvirtCall::EVENT);
+        rows.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.name.cmp(&b.name)));
+        rows
+    },
+    columns: &[
+        Column {
+            header: "event",
+            csv: "event",
+            role: Role::Key,
+            cell: |r| Cell::Text(r.name.clone()),
+        },
+        Column {
+            header: "count",
+            csv: "count",
+            role: Role::Count,
+            cell: |r| Cell::Count(r.calls),
+        },
+    ],
+    note: None,
+    gate: Some(Gate {
+        prefix: "qmp-event",
+        name: "EVENT",
+        noun: "QMP event",
+        help: ("an event, e.g. RESUME", "any single event"),
+        stats: &[("count", Role::Count)],
+        label: |r| format!("QMP event {}", r.name),
+        is: |r, n| r.name == n,
+    }),
+    top: None,
+};
