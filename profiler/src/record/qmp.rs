@@ -247,9 +247,49 @@ mod tests {
                 2,
                 r#"{"execute":"cont","id":"libvirt-3"}"#,
             ),
-            // Sent in window 1, answered in window 2: window 1's (as a
-            // block is the window's it began in); sent outside every window:
-            // no row.
+            // A reply on no command in flight is ignored.
+            msg(qmp_kind::REPLY, 0xc, 31_000, 2, r#"{"return": {}}"#),
+        ] {
+            p.add(&m);
+        }
+        let first = p.take();
+        let caps = row(&first, "qmp_capabilities", LibvirtCall::OK);
+        assert_eq!(
+            (caps.window, caps.calls, caps.total_ns, caps.max_ns),
+            (1, 2, 13_000, 10_000)
+        );
+        assert_eq!(caps.hist.iter().sum::<u64>(), 2);
+        let ev = row(&first, "RESUME", LibvirtCall::OK);
+        assert_eq!((ev.kind.as_str(), ev.calls), (LibvirtCall::EVENT, 1));
+        let err = row(&first, "query-cpus-fast", LibvirtCall::ERROR);
+        assert_eq!((err.window, err.calls, err.total_ns), (2, 1, 700));
+        assert_eq!(first.len(), 3, "{first:#?}");
+        p.stop(45_000);
+        let last = p.take();
+        let cont = row(&last, "cont", LibvirtCall::IN_FLIGHT);
+        assert_eq!((cont.calls, cont.total_ns), (1, 15_000));
+        assert_eq!(last.len(), 1);
+    }
+
+    /// Text the probe could not read or cut before the member is `?`, not
+    /// a loss of the command's time.
+    #[test]
+    fn unreadable_text_is_named_unknown() {
+        let mut p = Paired::default();
+        let mut m = msg(qmp_kind::SEND, 1, 0, 1, "");
+        m.len = 0;
+        p.add(&m);
+        p.add(&msg(qmp_kind::REPLY, 1, 9, 1, r#"{"return": {}}"#));
+        let rows = p.take();
+        assert_eq!(row(&rows, UNKNOWN, LibvirtCall::OK).total_ns, 9);
+    }
+
+    /// A command counts in the window it was sent in (as a block in the
+    /// one it began in), and not at all if sent outside every window.
+    #[test]
+    fn commands_count_in_the_window_they_were_sent_in() {
+        let mut p = Paired::default();
+        for m in [
             msg(
                 qmp_kind::SEND,
                 0xd,
@@ -278,42 +318,12 @@ mod tests {
                 2,
                 r#"{"return": {}, "id": "libvirt-7"}"#,
             ),
-            // A reply on no command in flight is ignored.
-            msg(qmp_kind::REPLY, 0xc, 31_000, 2, r#"{"return": {}}"#),
         ] {
             p.add(&m);
         }
-        let first = p.take();
-        let caps = row(&first, "qmp_capabilities", LibvirtCall::OK);
-        assert_eq!(
-            (caps.window, caps.calls, caps.total_ns, caps.max_ns),
-            (1, 2, 13_000, 10_000)
-        );
-        assert_eq!(caps.hist.iter().sum::<u64>(), 2);
-        let ev = row(&first, "RESUME", LibvirtCall::OK);
-        assert_eq!((ev.kind.as_str(), ev.calls), (LibvirtCall::EVENT, 1));
-        let err = row(&first, "query-cpus-fast", LibvirtCall::ERROR);
-        assert_eq!((err.window, err.calls, err.total_ns), (2, 1, 700));
-        let block = row(&first, "query-block", LibvirtCall::OK);
-        assert_eq!((block.window, block.total_ns), (1, 400));
-        assert_eq!(first.len(), 4, "{first:#?}");
-        p.stop(45_000);
-        let last = p.take();
-        let cont = row(&last, "cont", LibvirtCall::IN_FLIGHT);
-        assert_eq!((cont.calls, cont.total_ns), (1, 15_000));
-        assert_eq!(last.len(), 1);
-    }
-
-    /// Text the probe could not read or cut before the member is `?`, not
-    /// a loss of the command's time.
-    #[test]
-    fn unreadable_text_is_named_unknown() {
-        let mut p = Paired::default();
-        let mut m = msg(qmp_kind::SEND, 1, 0, 1, "");
-        m.len = 0;
-        p.add(&m);
-        p.add(&msg(qmp_kind::REPLY, 1, 9, 1, r#"{"return": {}}"#));
         let rows = p.take();
-        assert_eq!(row(&rows, UNKNOWN, LibvirtCall::OK).total_ns, 9);
+        let block = row(&rows, "query-block", LibvirtCall::OK);
+        assert_eq!((block.window, block.total_ns), (1, 400));
+        assert_eq!(rows.len(), 1, "{rows:#?}");
     }
 }
