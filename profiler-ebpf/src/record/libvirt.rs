@@ -52,6 +52,18 @@ static API_CALL_VALUE_ZERO: ApiCallValue = ApiCallValue {
 
 timed!(ApiCallValue, count, total_ns, max_ns, hist: hist);
 
+/// The current task if it is traced and the recording runs, with the
+/// window now (`NO_WINDOW` outside every window: a call or command that
+/// starts there is still paired with its end).
+#[inline(always)]
+fn noted() -> Option<(Task, u32)> {
+    let task = Task::tracked()?;
+    if stopped() {
+        return None;
+    }
+    Some((task, current_window().unwrap_or(NO_WINDOW)))
+}
+
 /// A message arrives: a call is noted.
 #[uprobe(multi)]
 pub fn libvirt_msg_rx(ctx: ProbeContext) -> u32 {
@@ -61,13 +73,9 @@ pub fn libvirt_msg_rx(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn try_msg_rx(ctx: &ProbeContext) -> Option<()> {
-    let task = Task::tracked()?;
-    if stopped() {
-        return None;
-    }
     // Charged to the window it began in, as a block is; outside every
     // window it is still noted, so that its reply finds it.
-    let window = current_window().unwrap_or(NO_WINDOW);
+    let (task, window) = noted()?;
     let (_, spec) = usdt_spec(ctx)?;
     let kind = usdt_arg(ctx, spec, msg_arg::TYPE)?;
     if kind != net_type::CALL && kind != net_type::CALL_WITH_FDS {
@@ -146,13 +154,9 @@ pub fn libvirt_qmp_msg(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn try_qmp_msg(ctx: &ProbeContext) -> Option<()> {
-    let task = Task::tracked()?;
-    if stopped() {
-        return None;
-    }
     // A command outside every window is still paired with its reply (and
     // counted nowhere).
-    let window = current_window().unwrap_or(NO_WINDOW);
+    let (task, window) = noted()?;
     let (_, spec) = usdt_spec(ctx)?;
     // SAFETY: the context is the probe's.
     let kind = (unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } >> 32) as u32;
