@@ -318,13 +318,31 @@ pub fn fixture() -> Profile {
             fixture_dbus(&f, 1, "Work", 3, 1),
             fixture_dbus(&f, 2, "Hello", 12, 0),
         ],
-        libvirt: fixture_libvirt_rows(),
+        libvirt: fixture_libvirt_rows(&f),
         unwind: Vec::new(),
     }
 }
 
-fn fixture_libvirt_rows() -> Vec<LibvirtCall> {
-    vec![
+/// libvirt's rows: API calls, QMP commands and events, and two job waits
+/// of one caller (`f[5]`): one got the job, one timed out.
+fn fixture_libvirt_rows(f: &[u32]) -> Vec<LibvirtCall> {
+    let job = |status: &str, ns: u64| {
+        LibvirtCall {
+            window: 2,
+            tgid: 100,
+            kind: LibvirtCall::JOB.into(),
+            status: status.into(),
+            comm: "rpc-libvirtd".into(),
+            stack: vec![f[0], f[5]],
+            ..LibvirtCall::default()
+        }
+        .timed_once(ns)
+    };
+    let mut rows = vec![
+        job(LibvirtCall::OK, 500_000_000),
+        job(LibvirtCall::TIMEOUT, 30_000_000_000),
+    ];
+    rows.extend([
         fixture_libvirt(1, LibvirtCall::API, "DomainCreateXML", LibvirtCall::OK, 2),
         fixture_libvirt(
             1,
@@ -337,7 +355,8 @@ fn fixture_libvirt_rows() -> Vec<LibvirtCall> {
         fixture_libvirt(1, LibvirtCall::QMP, "qmp_capabilities", LibvirtCall::OK, 2),
         fixture_libvirt(2, LibvirtCall::QMP, "cont", LibvirtCall::IN_FLIGHT, 1),
         fixture_libvirt(2, LibvirtCall::EVENT, "RESUME", LibvirtCall::OK, 3),
-    ]
+    ]);
+    rows
 }
 
 /// `calls` libvirt calls of 2 ms each (events are not timed).
@@ -356,6 +375,7 @@ fn fixture_libvirt(window: u32, kind: &str, name: &str, status: &str, calls: u64
         total_ns: calls * ns,
         max_ns: ns,
         hist: if timed { hist } else { Vec::new() },
+        ..LibvirtCall::default()
     }
 }
 

@@ -106,8 +106,18 @@ pub static DBUSWAIT: Graph = Graph {
     rows: dbuswait_rows,
 };
 
+/// libvirtd's workers waiting for a domain's job, by the waiter's stack.
+pub static JOBWAIT: Graph = Graph {
+    name: "jobwait",
+    title: "Domain job wait",
+    tracer: Tracer::Libvirt,
+    sampled: false,
+    sample_types: [("waits", "count"), ("job_wait", "nanoseconds")],
+    rows: jobwait_rows,
+};
+
 /// The graphs every window gets, in the order reports show them.
-pub static GRAPHS: [&Graph; 4] = [&ONCPU, &OFFCPU, &LOCKWAIT, &DBUSWAIT];
+pub static GRAPHS: [&Graph; 5] = [&ONCPU, &OFFCPU, &LOCKWAIT, &DBUSWAIT, &JOBWAIT];
 
 impl Graph {
     /// `On-CPU: window 1 (VMs 1–4)`.
@@ -410,6 +420,31 @@ fn dbuswait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
                 ),
                 ("dbus_method", Label::Str(r.method())),
             ],
+        })
+        .collect()
+}
+
+/// The waits that ended (a wait under way at the stop has no stack yet),
+/// each under a leaf that says how: `[job wait: ok]`, `…: timeout`.
+fn jobwait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
+    use crate::profile::LibvirtCall;
+    let keep = in_window(window);
+    profile
+        .libvirt
+        .iter()
+        .filter(|r| r.kind == LibvirtCall::JOB && r.status != LibvirtCall::IN_FLIGHT)
+        .filter(|r| keep(r.window))
+        .map(|r| StackRow {
+            window: r.window,
+            tgid: r.tgid,
+            tid: None,
+            comm: &r.comm,
+            context: None,
+            stack: &r.stack,
+            leaf: Some(format!("[job wait: {}]", r.status)),
+            count: r.calls,
+            ns: r.total_ns,
+            labels: vec![("job_wait", Label::Str(r.status.clone()))],
         })
         .collect()
 }

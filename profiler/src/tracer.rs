@@ -294,7 +294,7 @@ const DBUS: [Probe; 3] = [
     },
 ];
 
-const LIBVIRT: [Probe; 3] = [
+const LIBVIRT: [Probe; 5] = [
     Probe::Uprobe {
         program: names::PROG_LIBVIRT_MSG_RX,
     },
@@ -303,6 +303,12 @@ const LIBVIRT: [Probe; 3] = [
     },
     Probe::Uprobe {
         program: names::PROG_QMP_MSG,
+    },
+    Probe::Uprobe {
+        program: names::PROG_JOB_ENTER,
+    },
+    Probe::Uprobe {
+        program: names::PROG_JOB_RETURN,
     },
 ];
 

@@ -133,7 +133,7 @@ impl Profile {
             what: "libvirt row",
             index,
             window: r.window,
-            stack: &[],
+            stack: &r.stack,
             hist: &r.hist,
         });
         oncpu

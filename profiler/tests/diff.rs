@@ -65,7 +65,7 @@ fn folded(dir: &Path, window: &str, tracer: &str) -> Vec<String> {
         .collect()
 }
 
-const TRACERS: [&str; 4] = ["oncpu", "offcpu", "lockwait", "dbuswait"];
+const TRACERS: [&str; 5] = ["oncpu", "offcpu", "lockwait", "dbuswait", "jobwait"];
 
 /// `diff.html` inlines no graph (it stays small on big profiles): in each
 /// window's panel, one frame per tracer loads that window's SVG file, which
@@ -73,7 +73,10 @@ const TRACERS: [&str; 4] = ["oncpu", "offcpu", "lockwait", "dbuswait"];
 fn assert_page_links_every_graph(dir: &Path, p: &Profile) {
     let html = std::fs::read_to_string(dir.join("diff.html")).unwrap();
     assert!(!html.contains("<svg"), "a graph is inlined in diff.html");
-    assert_eq!(html.matches("<iframe").count(), 4 * p.windows.len());
+    assert_eq!(
+        html.matches("<iframe").count(),
+        TRACERS.len() * p.windows.len()
+    );
     for w in &p.windows {
         let start = html
             .find(&format!(
@@ -82,7 +85,13 @@ fn assert_page_links_every_graph(dir: &Path, p: &Profile) {
             ))
             .unwrap_or_else(|| panic!("no panel for window {}", w.id));
         let panel = &html[start..start + html[start..].find("</section>").unwrap()];
-        let titles = ["On-CPU", "Off-CPU time", "Kernel lock wait", "D-Bus wait"];
+        let titles = [
+            "On-CPU",
+            "Off-CPU time",
+            "Kernel lock wait",
+            "D-Bus wait",
+            "Domain job wait",
+        ];
         for (tracer, title) in TRACERS.iter().zip(titles) {
             let src = format!("{}/{tracer}.diff.svg", w.dir_name());
             assert!(

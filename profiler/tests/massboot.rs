@@ -141,18 +141,89 @@ fn assert_libvirt_calls_match_the_client(p: &Profile, dir: &Path, libvirtd: u32)
             .all(|r| r.hist.first().is_none_or(|&n| n == 0))
     );
     let count = |kind, name| sum(&rows(kind, name), |r| r.calls);
-    // boot.py's four client threads open a connection each (massboot's
-    // own `virsh` calls come before the recording and after it).
-    assert_eq!(count(LibvirtCall::API, "ConnectOpen"), 4);
+    // boot.py's four client threads open a connection each, and the job
+    // contention's three clients one each (massboot's own `virsh` calls
+    // come before the recording and after it).
+    assert_eq!(count(LibvirtCall::API, "ConnectOpen"), 4 + 3);
     assert_eq!(count(LibvirtCall::QMP, "qmp_capabilities"), 14);
     assert_eq!(count(LibvirtCall::QMP, "cont"), 12);
     assert_eq!(count(LibvirtCall::EVENT, "RESUME"), 12);
+    // The job contention's suspends: one failed.
+    let suspend = rows(LibvirtCall::API, "DomainSuspend");
+    assert_eq!(sum(&suspend, |r| r.calls), 2, "{suspend:#?}");
+    let failed: u64 = suspend
+        .iter()
+        .filter(|r| r.status == LibvirtCall::ERROR)
+        .map(|r| r.calls)
+        .sum();
+    assert_eq!(failed, 1, "{suspend:#?}");
     assert!(
         p.libvirt
             .iter()
-            .filter(|r| r.kind != LibvirtCall::EVENT)
+            .filter(|r| r.kind != LibvirtCall::EVENT && r.name != "DomainSuspend")
             .all(|r| r.status != LibvirtCall::ERROR),
         "an error in a clean boot"
+    );
+    assert_job_waits_match_the_clients(p, &report["job_contention"]);
+}
+
+/// The domain job held on purpose (`--job-contention 32`): the first
+/// suspend waits from 0.5 s and times out after libvirt's 30 s; the second
+/// waits from 30 s until the holder ends at 32 s. Both named by
+/// `virDomainSuspend`, the innermost named caller (Debian's QEMU driver
+/// has no symbols for `qemuDomainSuspend`).
+fn assert_job_waits_match_the_clients(p: &Profile, contention: &serde_json::Value) {
+    use profiler::profile::LibvirtCall;
+    let client = |who: &str, what: &str| contention["clients"][who][what].as_f64().unwrap();
+    let released = contention["released_s"].as_f64().unwrap();
+    let first_error = contention["clients"]["first waiter"]["error"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        first_error.contains("cannot acquire state change lock"),
+        "{contention:#}"
+    );
+    assert!(
+        contention["clients"]["second waiter"]["error"].is_null(),
+        "{contention:#}"
+    );
+    let waits: Vec<&LibvirtCall> = p
+        .libvirt
+        .iter()
+        .filter(|r| {
+            r.kind == LibvirtCall::JOB && p.frame_names(&r.stack).any(|f| f == "virDomainSuspend")
+        })
+        .collect();
+    // The table names them by it.
+    let table = profiler::tables::libvirt_rows(p, None, LibvirtCall::JOB);
+    let row = table.iter().find(|r| r.name == "virDomainSuspend");
+    assert!(
+        row.is_some_and(|r| r.calls == 2 && r.timeouts == 1),
+        "{table:#?}"
+    );
+    let of = |status: &str| -> Vec<&&LibvirtCall> {
+        waits.iter().filter(|r| r.status == status).collect()
+    };
+    #[expect(clippy::cast_precision_loss, reason = "seconds")]
+    let secs = |ns: u64| ns as f64 / 1e9;
+    // The first: timed out, after at least 30 s and within its client's call.
+    let timeout = of(LibvirtCall::TIMEOUT);
+    assert_eq!(timeout.len(), 1, "{waits:#?}");
+    assert_eq!(timeout[0].calls, 1);
+    let first = client("first waiter", "end_s") - client("first waiter", "start_s");
+    let t = secs(timeout[0].total_ns);
+    assert!(
+        (30.0..=first).contains(&t),
+        "timed out after {t:.3} s, client {first:.3} s"
+    );
+    // The second: got the job when the holder let it go.
+    let got = of(LibvirtCall::OK);
+    assert_eq!(got.iter().map(|r| r.calls).sum::<u64>(), 1, "{waits:#?}");
+    let want = released - client("second waiter", "start_s");
+    let w = secs(got[0].total_ns);
+    assert!(
+        (w - want).abs() < 0.3,
+        "waited {w:.3} s, the job was held {want:.3} s past the waiter's start"
     );
 }
 
@@ -194,6 +265,10 @@ fn run_massboot(dir: &Path) {
             "tcg",
             "--kvm-paused",
             "2",
+            // Then the first guest's job held for 32 s while two clients
+            // wait for it: the first runs into the 30 s job wait timeout.
+            "--job-contention",
+            "32",
             // Every 32nd user-stack walk is copied and unwound again in
             // userspace by another unwinder.
             "--hvprof-arg=--verify-unwind=32",

@@ -4,6 +4,8 @@ API, from several client threads: the client side of `./x massboot`.
 
     boot.py boot GUESTS.json --threads T      boots, waits for each '!' on COM1
     boot.py destroy GUESTS.json               destroys whatever is still running
+    boot.py contend NAME HOLD_S               holds guest NAME's job for HOLD_S
+                                              while two other clients wait for it
 
 GUESTS.json is a list of {"name", "xml", "serial", "paused"} written by xtask.
 `boot` prints one JSON object: per guest the time createXML took and the time
@@ -12,11 +14,14 @@ Uses Debian's python3-libvirt (the C library's own bindings).
 """
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
 
 import libvirt
+import libvirt_qemu
 
 URI = "qemu:///system"
 BOOT_TIMEOUT_S = 60.0
@@ -104,7 +109,56 @@ def destroy(guests):
     return 0 if left == 0 else 1
 
 
+def contend(name, hold_s):
+    """A domain job held on purpose, and waited for: guest NAME's QEMU is
+    stopped (SIGSTOP), so a monitor command ('query-status') waits for its
+    reply holding the domain's job, until HOLD_S later QEMU goes on
+    (SIGCONT). Meanwhile two clients ask to suspend the guest: the first
+    from 0.5 s, the second from HOLD_S - 2 s. Prints the times, from the
+    holder's start, each client saw: a suspend that waits past libvirt's
+    30 s job wait time fails ("cannot acquire state change lock")."""
+    with open("/run/libvirt/qemu/%s.pid" % name) as f:
+        qemu = int(f.read().strip())
+    start = time.monotonic()
+    out = {"hold_s": hold_s, "clients": {}}
+
+    def client(what, delay, call):
+        time.sleep(delay)
+        conn = libvirt.open(URI)
+        t0 = time.monotonic() - start
+        error = None
+        try:
+            call(conn.lookupByName(name))
+        except libvirt.libvirtError as e:
+            error = str(e)
+        t1 = time.monotonic() - start
+        conn.close()
+        out["clients"][what] = {"start_s": t0, "end_s": t1, "error": error}
+
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        threads = [
+            threading.Thread(target=client, args=(
+                "holder", 0.0,
+                lambda d: libvirt_qemu.qemuMonitorCommand(d, '{"execute":"query-status"}', 0))),
+            threading.Thread(target=client, args=("first waiter", 0.5, lambda d: d.suspend())),
+            threading.Thread(target=client, args=("second waiter", hold_s - 2.0, lambda d: d.suspend())),
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(hold_s)
+    finally:
+        out["released_s"] = time.monotonic() - start
+        os.kill(qemu, signal.SIGCONT)
+    for t in threads:
+        t.join()
+    print(json.dumps(out))
+    return 0
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "contend":
+        return contend(sys.argv[2], float(sys.argv[3]))
     if len(sys.argv) < 3 or sys.argv[1] not in ("boot", "destroy"):
         print(__doc__, file=sys.stderr)
         return 2

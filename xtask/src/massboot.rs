@@ -86,6 +86,13 @@ pub struct Opts {
     /// boot finds it, for a test to compare the teardown with.
     #[arg(long)]
     pub install_only: bool,
+    /// After the boot, still recording: hold the first guest's domain job
+    /// for this many seconds (its QEMU stopped under a monitor command)
+    /// while two other clients wait to suspend it, the first from 0.5 s
+    /// (past 30 s, libvirt's job wait timeout, it fails), the second from
+    /// 2 s before the end. The clients' times go to `massboot.json`.
+    #[arg(long, value_name = "SECONDS")]
+    pub job_contention: Option<f64>,
 }
 
 /// A 512-byte boot sector: write '!' to COM1 and halt.
@@ -472,7 +479,10 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
     let (guests_file, guests) = write_guests(opts, &scratch)?;
     s.guests_file = Some(guests_file.clone());
     let err_drain = start_recording(opts, hvprof, libvirtd_pid, &out, &mut s)?;
-    let boot = boot_guests(opts, &guests_file, guests, &s)?;
+    let mut boot = boot_guests(opts, &guests_file, guests, &s)?;
+    if let Some(hold) = opts.job_contention {
+        boot.contention = Some(contend(hold, &s)?);
+    }
     // Stop recording before the teardown, so the profile is the boot alone.
     if let Some(err_drain) = err_drain {
         stop_recording(&mut s, err_drain)?;
@@ -711,6 +721,32 @@ struct Boot {
     cpu_s: f64,
     /// hvprof's own process CPU time during the boot, when it recorded.
     hvprof_cpu_s: Option<f64>,
+    /// `--job-contention`: what its clients saw.
+    contention: Option<serde_json::Value>,
+}
+
+/// `--job-contention`: the first guest's job held for `hold` seconds while
+/// two clients wait for it (`boot.py contend`).
+fn contend(hold: f64, s: &Session) -> anyhow::Result<serde_json::Value> {
+    ensure!(
+        hold > 2.5,
+        "--job-contention: hold the job for more than 2.5 s"
+    );
+    step(&format!(
+        "step 6/7: holding {GUEST_PREFIX}1's domain job for {hold} s while two clients wait"
+    ));
+    let out = Command::new("/usr/bin/python3")
+        .arg(boot_script())
+        .args(["contend", &format!("{GUEST_PREFIX}1"), &hold.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("step 6/7: running the job contention failed")?;
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        anyhow!(
+            "step 6/7: the job contention printed no result ({e}); see {}/libvirtd.log",
+            s.logs.display()
+        )
+    })
 }
 
 /// Step 6: boots every guest through the boot client, measuring the
@@ -764,6 +800,7 @@ fn boot_guests(
         json,
         cpu_s,
         hvprof_cpu_s,
+        contention: None,
     })
 }
 
@@ -841,6 +878,7 @@ fn report_boot(
         "create_s": { "p50": percentile(&create, 0.5), "p90": percentile(&create, 0.9),
                       "max": create.last().copied().unwrap_or(0.0) },
         "boot": boot.json,
+        "job_contention": boot.contention,
         "teardown_cleaned": leftovers,
         "teardown_left": still,
         "libvirtd_pid": libvirtd_pid,

@@ -124,3 +124,48 @@ pub struct QmpMsg {
     pub len: u32,
     pub text: [u8; QMP_TEXT],
 }
+
+/// The function every domain job of libvirt ≥ 8.x starts in
+/// (`virDomainObjBeginJob`, `…AgentJob`, `…AsyncJob`, `…NestedJob` end in a
+/// tail call to it): it waits on the domain's job condition until the job
+/// is free, or until `VIR_JOB_WAIT_TIME` (30 s) has passed.
+pub const JOB_FUNCTION: &str = "virDomainObjBeginJobInternal";
+
+/// libvirt's `VIR_JOB_WAIT_TIME`: a wait that fails after this long timed
+/// out ("cannot acquire state change lock").
+pub const JOB_WAIT_TIMEOUT_NS: u64 = 30_000_000_000;
+
+/// How a wait for a domain job ended.
+pub mod job_outcome {
+    /// The caller got the job.
+    pub const GOT: u32 = 0;
+    /// It failed at once (no such domain, not running, …).
+    pub const FAILED: u32 = 1;
+    /// It failed after the job wait timeout.
+    pub const TIMEOUT: u32 = 2;
+}
+
+/// Key of the job-wait aggregation: the waits of one caller stack that
+/// ended one way, charged to the window the wait began in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct JobWaitKey {
+    pub window: u32,
+    pub tgid: u32,
+    /// [`job_outcome`].
+    pub outcome: u32,
+    pub pad: u32,
+    /// The waiter's user stack at the return: its caller's, whole.
+    pub user_stack: u64,
+    pub comm: [u8; super::COMM_LEN],
+}
+
+/// A thread waiting for a domain job.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobWaitStart {
+    pub start_ns: u64,
+    /// `NO_WINDOW` outside every window.
+    pub window: u32,
+    pub tgid: u32,
+}

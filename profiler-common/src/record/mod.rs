@@ -167,6 +167,10 @@ pub mod names {
     pub const PROG_LIBVIRT_MSG_RX: &str = "libvirt_msg_rx";
     pub const PROG_LIBVIRT_MSG_TX: &str = "libvirt_msg_tx";
     pub const PROG_QMP_MSG: &str = "libvirt_qmp_msg";
+    pub const JOB_WAITS: &str = "JOB_WAITS";
+    pub const JOB_WAIT_START: &str = "JOB_WAIT_START";
+    pub const PROG_JOB_ENTER: &str = "libvirt_job_enter";
+    pub const PROG_JOB_RETURN: &str = "libvirt_job_return";
     pub const DBUS_CALLS: &str = "DBUS_CALLS";
     pub const PROG_DBUS_ENTER: &str = "dbus_enter";
     pub const PROG_DBUS_RETURN: &str = "dbus_return";
@@ -573,10 +577,12 @@ pub enum Loss {
     ApiCallMapFull = 15,
     /// A QMP message was not seen: its ring buffer was full.
     QmpMsgDropped = 16,
+    /// A wait for a domain job could not be counted: a job map is full.
+    JobWaitMapFull = 17,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -595,6 +601,7 @@ impl Loss {
         Self::DbusMapFull,
         Self::ApiCallMapFull,
         Self::QmpMsgDropped,
+        Self::JobWaitMapFull,
     ];
 }
 
@@ -635,6 +642,8 @@ mod pod {
     unsafe impl aya::Pod for super::ApiCallStartKey {}
     unsafe impl aya::Pod for super::ApiCallStart {}
     unsafe impl aya::Pod for super::QmpMsg {}
+    unsafe impl aya::Pod for super::JobWaitKey {}
+    unsafe impl aya::Pod for super::JobWaitStart {}
 }
 
 #[cfg(test)]

@@ -17,16 +17,20 @@ use core::ffi::c_void;
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_attach_cookie, generated},
-    macros::{map, uprobe},
+    macros::{map, uprobe, uretprobe},
     maps::{HashMap, RingBuf},
-    programs::ProbeContext,
+    programs::{ProbeContext, RetProbeContext},
 };
 use profiler_common::record::{
-    ApiCallKey, ApiCallStart, ApiCallStartKey, ApiCallValue, LOCK_HIST_BUCKETS, Loss, NO_WINDOW,
-    QMP_TEXT, QmpMsg, msg_arg, net_type, qmp_arg, qmp_kind,
+    ApiCallKey, ApiCallStart, ApiCallStartKey, ApiCallValue, JOB_WAIT_TIMEOUT_NS, JobWaitKey,
+    JobWaitStart, LOCK_HIST_BUCKETS, Loss, NO_WINDOW, QMP_TEXT, QmpMsg, job_outcome, msg_arg,
+    net_type, qmp_arg, qmp_kind,
 };
 
-use super::common::{Task, aggregate, current_window, lose, now, stopped, timed, written_now};
+use super::{
+    common::{Task, aggregate, comm, current_window, lose, now, stopped, timed, written_now},
+    stacks::user_stack,
+};
 use crate::usdt::{usdt_arg, usdt_spec};
 
 #[map]
@@ -41,6 +45,13 @@ static API_CALL_START: HashMap<ApiCallStartKey, ApiCallStart> = HashMap::with_ma
 /// with 14 guests starting at once.
 #[map]
 static QMP_MSGS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Waits for a domain job, by caller stack and outcome.
+#[map]
+static JOB_WAITS: HashMap<JobWaitKey, ApiCallValue> = HashMap::with_max_entries(4096, 0);
+/// The threads waiting for a domain job now.
+#[map]
+static JOB_WAIT_START: HashMap<u32, JobWaitStart> = HashMap::with_max_entries(16384, 0);
 
 #[unsafe(no_mangle)]
 static API_CALL_VALUE_ZERO: ApiCallValue = ApiCallValue {
@@ -187,4 +198,70 @@ fn try_qmp_msg(ctx: &ProbeContext) -> Option<()> {
     }
     entry.submit(0);
     Some(())
+}
+
+/// A worker starts waiting for a domain's job (`JOB_FUNCTION`'s entry).
+#[uprobe(multi)]
+pub fn libvirt_job_enter(_ctx: ProbeContext) -> u32 {
+    if let Some((task, window)) = noted() {
+        let start = JobWaitStart {
+            start_ns: now(),
+            window,
+            tgid: task.tgid(),
+        };
+        if JOB_WAIT_START.insert(&task.pid(), &start, 0).is_err() {
+            lose(window, Loss::JobWaitMapFull);
+        }
+    }
+    0
+}
+
+/// It has the job, or gave up: the wait is timed, under the caller's
+/// stack (at the return the registers are the caller's) and how it ended.
+#[uretprobe(multi)]
+pub fn libvirt_job_return(ctx: RetProbeContext) -> u32 {
+    let _ = try_job_return(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_job_return(ctx: &RetProbeContext) -> Option<()> {
+    let (tgid, pid) = Task::current().ids();
+    // SAFETY: copied before the entry goes.
+    let start = unsafe { *JOB_WAIT_START.get(&pid)? };
+    let _ = JOB_WAIT_START.remove(&pid);
+    if start.window == NO_WINDOW || stopped() {
+        return None;
+    }
+    let ns = now().saturating_sub(start.start_ns);
+    let rc: i32 = ctx.ret();
+    let outcome = match rc {
+        0.. => job_outcome::GOT,
+        _ if ns >= JOB_WAIT_TIMEOUT_NS => job_outcome::TIMEOUT,
+        _ => job_outcome::FAILED,
+    };
+    let window = written_now(start.window);
+    let key = JobWaitKey {
+        window,
+        tgid,
+        outcome,
+        pad: 0,
+        user_stack: user_stack(ctx, window),
+        comm: comm(),
+    };
+    aggregate(
+        &JOB_WAITS,
+        &key,
+        &API_CALL_VALUE_ZERO,
+        window,
+        Loss::JobWaitMapFull,
+        ns,
+    )?;
+    Some(())
+}
+
+/// The exit hook of a traced thread: a wait it was in goes with it.
+#[inline(always)]
+pub(super) fn task_exited(pid: u32) {
+    let _ = JOB_WAIT_START.remove(&pid);
 }

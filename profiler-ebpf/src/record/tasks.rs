@@ -11,7 +11,7 @@ use super::{
     common::{
         EntryRegs, TRACKED, Task, comm, comm_matches, current_window, emit, is_tracked, lose,
     },
-    dbus, fork, locks, mappings, offcpu, vm,
+    dbus, fork, libvirt, locks, mappings, offcpu, vm,
 };
 
 /// Tracked tasks past `sched_process_exit`: their address space is gone, so
@@ -139,6 +139,7 @@ fn try_task_exit() -> Option<u32> {
     cgroup::task_exited(task.pid());
     mappings::task_exited(task);
     dbus::task_exited(task.pid());
+    libvirt::task_exited(task.pid());
     let _ = EXITING.insert(&task.pid(), &1, 0);
     if task.pid() == task.tgid() {
         emit(EventKind::Exit, task, 0, 0, current_window());

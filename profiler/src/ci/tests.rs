@@ -450,6 +450,10 @@ fn libvirt_gates_name_procedures_commands_and_events() {
         "qmp-event:RESUME.count>3",
         3,
     );
+    // Job waits: one got the job after 0.5 s, one timed out after 30 s.
+    bounds(&p, "jobwait.timeouts>0", "jobwait.timeouts>1", 1);
+    bounds(&p, "jobwait.total>30s", "jobwait.total>31s", 30_500 * MS);
+    bounds(&p, "jobwait.waits>1", "jobwait.waits>2", 2);
     // A command still in flight is a call, not time.
     bounds(&p, "qmp:cont.calls>0", "qmp:cont.calls>1", 1);
     let r = report(&p, "qmp:cont.total>0ms");

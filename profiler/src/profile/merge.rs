@@ -140,9 +140,17 @@ type DbusCallKey<'a> = (
 );
 
 impl Row for LibvirtCall {
-    type Key<'a> = (u32, u32, &'a str, &'a str, &'a str);
+    type Key<'a> = (u32, u32, &'a str, &'a str, &'a str, &'a str, &'a [u32]);
     fn key(&self) -> Self::Key<'_> {
-        (self.window, self.tgid, &self.kind, &self.name, &self.status)
+        (
+            self.window,
+            self.tgid,
+            &self.kind,
+            &self.name,
+            &self.status,
+            &self.comm,
+            &self.stack,
+        )
     }
     fn add(&mut self, o: &Self) {
         self.calls = self.calls.saturating_add(o.calls);

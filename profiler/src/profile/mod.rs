@@ -278,22 +278,31 @@ pub struct DbusCall {
 
 /// libvirt's calls of one name in one window, ended one way: libvirtd's
 /// API calls (from the call's arrival to its reply's queueing), the QMP
-/// commands its QEMU driver sent (from the command to QEMU's reply), or
-/// the QMP events QEMU sent (counted, not timed). The libvirt tracer's.
+/// commands its QEMU driver sent (from the command to QEMU's reply), the
+/// QMP events QEMU sent (counted, not timed), or its workers' waits for a
+/// domain's job (from one caller stack). The libvirt tracer's.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LibvirtCall {
     pub window: u32,
     /// libvirtd's process.
     pub tgid: u32,
-    /// [`LibvirtCall::API`], [`LibvirtCall::QMP`] or [`LibvirtCall::EVENT`].
+    /// [`LibvirtCall::API`], [`LibvirtCall::QMP`], [`LibvirtCall::EVENT`]
+    /// or [`LibvirtCall::JOB`].
     pub kind: String,
     /// `DomainCreateXML` (see [`crate::libvirt::procedure_name`]),
     /// `query-cpus-fast`, `RESUME`.
     pub name: String,
-    /// [`LibvirtCall::OK`], [`LibvirtCall::ERROR`] or
-    /// [`LibvirtCall::IN_FLIGHT`] (no reply by the stop: its time is up to
-    /// the stop).
+    /// [`LibvirtCall::OK`], [`LibvirtCall::ERROR`],
+    /// [`LibvirtCall::TIMEOUT`] (a job wait that ran into libvirt's job
+    /// wait timeout) or [`LibvirtCall::IN_FLIGHT`] (not over by the stop:
+    /// its time is up to the stop).
     pub status: String,
+    /// A job wait's: the waiter's thread name and user stack (its
+    /// caller's, whole: taken at the return).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comm: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack: Stack,
     pub calls: u64,
     pub total_ns: u64,
     pub max_ns: u64,
@@ -305,8 +314,10 @@ impl LibvirtCall {
     pub const API: &str = "api";
     pub const QMP: &str = "qmp";
     pub const EVENT: &str = "qmp-event";
+    pub const JOB: &str = "jobwait";
     pub const OK: &str = "ok";
     pub const ERROR: &str = "error";
+    pub const TIMEOUT: &str = "timeout";
     pub const IN_FLIGHT: &str = "in flight";
 
     /// This row as one call that took `ns`.
@@ -473,8 +484,8 @@ impl Profile {
                 .cmp(&(b.window, b.tgid, &b.library, &b.member, &b.stack))
         });
         self.libvirt.sort_by(|a, b| {
-            (a.window, &a.kind, &a.name, &a.status, a.tgid)
-                .cmp(&(b.window, &b.kind, &b.name, &b.status, b.tgid))
+            (a.window, &a.kind, &a.name, &a.status, a.tgid, &a.stack)
+                .cmp(&(b.window, &b.kind, &b.name, &b.status, b.tgid, &b.stack))
         });
         self.cgroups.sort_by(|a, b| {
             (a.window, &a.op, &a.hierarchy, &a.path, a.tgid).cmp(&(

@@ -5,7 +5,7 @@
 use std::{cell::OnceCell, collections::HashMap};
 
 use profiler_common::record::{
-    DBUS_TIMEOUT_DEFAULT, VM_SOURCE_EXEC, WINDOW_PARITY, cgroup_op, dbus_fn, fork_kind,
+    DBUS_TIMEOUT_DEFAULT, VM_SOURCE_EXEC, WINDOW_PARITY, cgroup_op, dbus_fn, fork_kind, job_outcome,
 };
 
 use super::{
@@ -18,8 +18,8 @@ use super::{
 use crate::{
     procmaps,
     profile::{
-        CgroupOp, DbusCall, ForkCall, LockWait, LossCount, Meta, OffCpu, OnCpu, Process, Profile,
-        VmCreation, merge::Rows,
+        CgroupOp, DbusCall, ForkCall, LibvirtCall, LockWait, LossCount, Meta, OffCpu, OnCpu,
+        Process, Profile, VmCreation, merge::Rows,
     },
     sys,
     tracer::dbus_function,
@@ -90,7 +90,7 @@ pub(super) fn part(
         forks: forks(drained, &mut s),
         dbus: dbus(drained, &mut s),
         cgroups: cgroups(drained),
-        libvirt: std::mem::take(&mut drained.libvirt),
+        libvirt: libvirt(drained, &mut s),
         losses: std::mem::take(&mut drained.losses),
         unwind: std::mem::take(&mut drained.unwind),
         ..Profile::default()
@@ -190,6 +190,33 @@ fn offcpu(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffCpu> {
             runq_ns: v.runq_ns,
         })
         .collect()
+}
+
+/// libvirt's rows: those drained as they are, and the job waits with their
+/// stacks.
+fn libvirt(drained: &mut Drained, frames: &mut Symbolize<'_>) -> Vec<LibvirtCall> {
+    let mut rows = std::mem::take(&mut drained.libvirt);
+    rows.extend(drained.jobs.iter().map(|(k, v)| {
+        let status = match k.outcome {
+            job_outcome::GOT => LibvirtCall::OK,
+            job_outcome::TIMEOUT => LibvirtCall::TIMEOUT,
+            _ => LibvirtCall::ERROR,
+        };
+        LibvirtCall {
+            window: window(k.window),
+            tgid: k.tgid,
+            kind: LibvirtCall::JOB.to_owned(),
+            name: String::new(),
+            status: status.to_owned(),
+            comm: comm_str(&k.comm),
+            stack: frames.stack(k.tgid, 0, k.user_stack),
+            calls: v.count,
+            total_ns: v.total_ns,
+            max_ns: v.max_ns,
+            hist: trim_hist(&v.hist),
+        }
+    }));
+    rows
 }
 
 /// The kernel's data symbols, to name static locks: read once, at the

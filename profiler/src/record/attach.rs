@@ -26,7 +26,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use profiler_common::record::{PHASE_PER_CALL_SYSCALLS, names};
+use profiler_common::record::{JOB_FUNCTION, PHASE_PER_CALL_SYSCALLS, names};
 
 use super::{
     kernel::Facts,
@@ -255,7 +255,7 @@ fn attach_tracer(
         }
         Tracer::Libvirt => {
             attached?;
-            return attach_libvirt(bpf, plan.initial, usdt_links);
+            return attach_libvirt(bpf, plan.initial, links, usdt_links);
         }
         Tracer::OnCpu | Tracer::Locks | Tracer::Cgroup => attached?,
     }
@@ -264,11 +264,13 @@ fn attach_tracer(
 
 /// Attaches libvirt's USDT probes ([`libvirt::probes::USES`]) in every
 /// libvirt library and QEMU driver file found, with their semaphores, one
-/// `uprobe.multi` link per program and file; `Some(why)` when there is no
+/// `uprobe.multi` link per program and file, and the job-wait uprobes to
+/// the files that define [`JOB_FUNCTION`]; `Some(why)` when there is no
 /// file with them.
 fn attach_libvirt(
     bpf: &mut Ebpf,
     pids: &[u32],
+    job_links: &mut Vec<(&'static str, UProbeLinkId)>,
     links: &mut Vec<std::os::fd::OwnedFd>,
 ) -> Result<Option<String>, RecordError> {
     use std::os::fd::AsFd as _;
@@ -283,6 +285,7 @@ fn attach_libvirt(
                 .to_owned(),
         ));
     }
+    attach_job_waits(bpf, &files, job_links)?;
     let mut specs: Vec<UsdtSpec> = Vec::new();
     // (program, file, sites)
     let mut plan: Vec<(&'static str, PathBuf, Vec<Target>)> = Vec::new();
@@ -364,6 +367,42 @@ fn attach_libvirt(
         return Ok(Some("no libvirt probe could be attached".to_owned()));
     }
     Ok(None)
+}
+
+/// The job-wait uprobes (entry and return of [`JOB_FUNCTION`]), in each of
+/// `files` that defines it (libvirt.so.0 of libvirt 8.x and later).
+fn attach_job_waits(
+    bpf: &mut Ebpf,
+    files: &[PathBuf],
+    links: &mut Vec<(&'static str, UProbeLinkId)>,
+) -> Result<(), RecordError> {
+    for path in files {
+        if defined(path, &[JOB_FUNCTION]).is_empty() {
+            continue;
+        }
+        for prog in [names::PROG_JOB_ENTER, names::PROG_JOB_RETURN] {
+            let p: &mut UProbe = bpf
+                .program_mut(prog)
+                .ok_or(RecordError::Missing { name: prog })?
+                .try_into()
+                .map_err(attach_err(prog))?;
+            if p.fd().is_err() {
+                p.load().map_err(attach_err(prog))?;
+            }
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::Symbol(JOB_FUNCTION),
+                cookie: None,
+            };
+            match p.attach([point], path, UProbeScope::AllProcesses) {
+                Ok(id) => links.push((prog, id)),
+                Err(e) => eprintln!(
+                    "hvprof: warning: domain job waits are not timed in {} ({prog}): {e}",
+                    path.display()
+                ),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The calls of `part`'s [`Probe::Syscalls`] `calls` that are hooked:

@@ -20,10 +20,10 @@ use aya::{
 };
 use profiler_common::{
     record::{
-        CgroupKey, CgroupValue, Counter, DbusKey, DbusValue, ForkKey, ForkValue, LockKey,
-        LockPending, LockValue, Loss, LossKey, OffCpuKey, OffCpuStart, OffCpuValue, PHASE_PARITY,
-        PHASE_STOPPED, STACK_ID_MIN, SampleKey, StackBuf, VmState, names, net_status, parity_of,
-        recorded_window,
+        ApiCallValue, CgroupKey, CgroupValue, Counter, DbusKey, DbusValue, ForkKey, ForkValue,
+        JobWaitKey, JobWaitStart, LockKey, LockPending, LockValue, Loss, LossKey, OffCpuKey,
+        OffCpuStart, OffCpuValue, PHASE_PARITY, PHASE_STOPPED, STACK_ID_MIN, SampleKey, StackBuf,
+        VmState, names, net_status, parity_of, recorded_window,
     },
     unwind::UnwindStop,
 };
@@ -116,7 +116,7 @@ pub(super) struct Seen {
 /// program of the tracer registry, each once (a test checks it).
 /// (A program not loaded, as the system calls' twins on their own
 /// tracepoints until the move, has no line.)
-const STATS_ORDER: [&str; 35] = [
+const STATS_ORDER: [&str; 37] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_SYSCALL_ENTER,
@@ -152,6 +152,8 @@ const STATS_ORDER: [&str; 35] = [
     names::PROG_LIBVIRT_MSG_RX,
     names::PROG_LIBVIRT_MSG_TX,
     names::PROG_QMP_MSG,
+    names::PROG_JOB_ENTER,
+    names::PROG_JOB_RETURN,
 ];
 
 /// Run counts and run time of every recording program (`--bpf-stats`).
@@ -181,9 +183,12 @@ pub(super) struct Drained {
     pub dbus: Vec<(DbusKey, DbusValue)>,
     pub forks: Vec<(ForkKey, ForkValue)>,
     pub cgroups: Vec<(CgroupKey, CgroupValue)>,
-    /// libvirt's API calls (at the stop with those still in flight), and
-    /// the QMP rows paired in userspace since the last drain.
+    /// libvirt's API calls (at the stop with those still in flight, and
+    /// the waits for a domain job still under way), and the QMP rows paired
+    /// in userspace since the last drain.
     pub libvirt: Vec<profile::LibvirtCall>,
+    /// Waits for a domain job, by caller stack.
+    pub jobs: Vec<(JobWaitKey, ApiCallValue)>,
     pub losses: Vec<LossCount>,
     /// The unwinder's stops per window.
     pub unwind: Vec<LossCount>,
@@ -210,6 +215,7 @@ impl Drained {
             )
             .chain(self.forks.iter().map(|(k, _)| (k.tgid, 0, k.user_stack)))
             .chain(self.dbus.iter().map(|(k, _)| (k.tgid, 0, k.user_stack)))
+            .chain(self.jobs.iter().map(|(k, _)| (k.tgid, 0, k.user_stack)))
             .collect()
     }
 }
@@ -274,6 +280,14 @@ pub(super) fn drain(
             |k: &CgroupKey| k.window,
         )?,
         libvirt: api_calls(rec, bpf, take)?,
+        jobs: aggregation(
+            rec,
+            bpf,
+            names::JOB_WAITS,
+            Tracer::Libvirt,
+            take,
+            |k: &JobWaitKey| k.window,
+        )?,
         losses: losses(bpf, take, &mut seen.losses)?,
         unwind: unwind_counts(bpf, take, &mut seen.unwind),
         ..Drained::default()
@@ -390,7 +404,7 @@ fn api_calls(
     bpf: &mut Ebpf,
     take: Take,
 ) -> Result<Vec<profile::LibvirtCall>, RecordError> {
-    use profiler_common::record::{ApiCallKey, ApiCallStart, ApiCallStartKey, ApiCallValue};
+    use profiler_common::record::{ApiCallKey, ApiCallStart, ApiCallStartKey};
     let row = |window: u32, tgid, program, procedure, status: &str| profile::LibvirtCall {
         window,
         tgid,
@@ -446,6 +460,24 @@ fn api_calls(
         let ns = stop_ns.saturating_sub(s.start_ns);
         let status = profile::LibvirtCall::IN_FLIGHT;
         rows.push(row(window, s.tgid, s.program, s.procedure, status).timed_once(ns));
+    }
+    // The workers still waiting for a domain's job (their stack is taken
+    // when the wait ends).
+    let name = names::JOB_WAIT_START;
+    let m: BpfHashMap<&MapData, u32, JobWaitStart> =
+        BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
+    for (_, s) in m.iter().filter_map(Result::ok) {
+        let Some(window) = recorded_window(s.window) else {
+            continue;
+        };
+        let wait = profile::LibvirtCall {
+            window,
+            tgid: s.tgid,
+            kind: profile::LibvirtCall::JOB.to_owned(),
+            status: profile::LibvirtCall::IN_FLIGHT.to_owned(),
+            ..profile::LibvirtCall::default()
+        };
+        rows.push(wait.timed_once(stop_ns.saturating_sub(s.start_ns)));
     }
     Ok(profile::merge::merge_rows(rows))
 }
@@ -562,6 +594,7 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::DbusMapFull => "D-Bus calls not counted (map full)",
         Loss::ApiCallMapFull => "libvirt API calls not timed (map full)",
         Loss::QmpMsgDropped => "QEMU monitor messages dropped (ring buffer full)",
+        Loss::JobWaitMapFull => "domain job waits not counted (map full)",
         Loss::LockMapFull => "lock waits not counted (lock map full)",
         Loss::LockNestingTooDeep => "lock waits not timed (contentions nested too deep)",
         Loss::ForkMapFull => "forks not counted (fork map full)",

@@ -1,6 +1,6 @@
 //! libvirt's tables: libvirtd's API calls, the QEMU monitor commands its
-//! QEMU driver sent, and the events QEMU sent back (the libvirt tracer's
-//! rows, one kind each).
+//! QEMU driver sent, the events QEMU sent back, and its workers' waits for
+//! a domain's job (the libvirt tracer's rows, one kind each).
 
 use std::collections::BTreeMap;
 
@@ -12,14 +12,17 @@ use crate::{
     tracer::Tracer,
 };
 
-/// The calls of one name (API procedure, QMP command or event).
+/// The calls of one name (API procedure, QMP command or event; a job
+/// wait's caller).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LibvirtRow {
     pub name: String,
     /// Every call: answered or not.
     pub calls: u64,
-    /// Answered with an error.
+    /// Answered with an error (a job wait: failed, timed out or not).
     pub errors: u64,
+    /// Job waits that ran into libvirt's job wait timeout.
+    pub timeouts: u64,
     /// Not answered by the stop.
     pub in_flight: u64,
     /// The answered calls' time.
@@ -39,26 +42,30 @@ pub fn libvirt_rows(profile: &Profile, window: Option<u32>, kind: &str) -> Vec<L
     struct Acc {
         calls: u64,
         errors: u64,
+        timeouts: u64,
         in_flight: u64,
         total: u64,
         answered: u64,
         max: u64,
         hist: Vec<u64>,
     }
-    let mut by: BTreeMap<&str, Acc> = BTreeMap::new();
+    let mut by: BTreeMap<String, Acc> = BTreeMap::new();
     for c in profile
         .libvirt
         .iter()
         .filter(|c| c.kind == kind && window.is_none_or(|w| c.window == w))
     {
-        let a = by.entry(&c.name).or_default();
+        let a = by.entry(row_name(profile, c)).or_default();
         a.calls += c.calls;
         a.max = a.max.max(c.max_ns);
         match c.status.as_str() {
             LibvirtCall::IN_FLIGHT => a.in_flight += c.calls,
             s => {
-                if s == LibvirtCall::ERROR {
+                if s == LibvirtCall::ERROR || s == LibvirtCall::TIMEOUT {
                     a.errors += c.calls;
+                }
+                if s == LibvirtCall::TIMEOUT {
+                    a.timeouts += c.calls;
                 }
                 a.answered += c.calls;
                 a.total += c.total_ns;
@@ -69,9 +76,10 @@ pub fn libvirt_rows(profile: &Profile, window: Option<u32>, kind: &str) -> Vec<L
     let mut rows: Vec<LibvirtRow> = by
         .into_iter()
         .map(|(name, a)| LibvirtRow {
-            name: name.to_owned(),
+            name,
             calls: a.calls,
             errors: a.errors,
+            timeouts: a.timeouts,
             in_flight: a.in_flight,
             total_ns: a.total,
             mean_ns: a.total.checked_div(a.answered).unwrap_or(0),
@@ -88,6 +96,35 @@ pub fn libvirt_rows(profile: &Profile, window: Option<u32>, kind: &str) -> Vec<L
     });
     rows
 }
+
+/// What a row is named by: its name, or a job wait's caller: the
+/// innermost function of its stack with a name, past libvirt's own
+/// `virDomainObjBegin…Job` (Debian's QEMU driver has symbols for its
+/// exported functions only, so the waiter is often the public API call
+/// that led there: `virDomainSuspend`).
+fn row_name(profile: &Profile, c: &LibvirtCall) -> String {
+    if c.kind != LibvirtCall::JOB {
+        return c.name.clone();
+    }
+    if c.status == LibvirtCall::IN_FLIGHT {
+        return WAITING.to_owned();
+    }
+    let frames: Vec<&str> = profile
+        .frame_names(&c.stack)
+        .rev()
+        .filter(|f| !f.starts_with("virDomainObjBegin"))
+        .collect();
+    frames
+        .iter()
+        .find(|f| !f.starts_with('['))
+        .or(frames.first())
+        .map_or("[unknown]", |f| f)
+        .to_owned()
+}
+
+/// A job wait still under way at the stop (its caller's stack is taken
+/// when it ends).
+const WAITING: &str = "[still waiting at the stop]";
 
 /// The columns of a timed table: calls, errors, in flight, times.
 const TIMED: [Column<LibvirtRow>; 9] = [
@@ -251,4 +288,101 @@ pub static QMP_EVENTS: TableDef<LibvirtRow> = TableDef {
         is: |r, n| r.name == n,
     }),
     top: None,
+};
+
+pub static JOBWAIT: TableDef<LibvirtRow> = TableDef {
+    name: "jobwait",
+    title: "domain job waits (libvirtd's workers, virDomainObjBeginJob)",
+    order: Some("by total wait"),
+    tracer: Tracer::Libvirt,
+    count_name: "waits",
+    empty: "no domain job waits recorded",
+    rows: |p, w| libvirt_rows(p, w, LibvirtCall::JOB),
+    columns: &[
+        Column {
+            header: "caller",
+            csv: "caller",
+            role: Role::Key,
+            cell: |r| Cell::Text(r.name.clone()),
+        },
+        Column {
+            header: "waits",
+            csv: "waits",
+            role: Role::Count,
+            cell: |r| Cell::Count(r.calls),
+        },
+        Column {
+            header: "failed",
+            csv: "failed",
+            role: Role::Errors,
+            cell: |r| Cell::Count(r.errors),
+        },
+        Column {
+            header: "timeouts",
+            csv: "timeouts",
+            role: Role::Timeouts,
+            cell: |r| Cell::Count(r.timeouts),
+        },
+        Column {
+            header: "waiting",
+            csv: "waiting",
+            role: Role::Figure,
+            cell: |r| Cell::Count(r.in_flight),
+        },
+        Column {
+            header: "total",
+            csv: "total_ns",
+            role: Role::Total,
+            cell: |r| Cell::Ns(r.total_ns),
+        },
+        Column {
+            header: "mean",
+            csv: "mean_ns",
+            role: Role::Figure,
+            cell: |r| Cell::Ns(r.mean_ns),
+        },
+        Column {
+            header: "p50",
+            csv: "p50_ns",
+            role: Role::Figure,
+            cell: |r| Cell::AtMost(r.p50_ns),
+        },
+        Column {
+            header: "p99",
+            csv: "p99_ns",
+            role: Role::P99,
+            cell: |r| Cell::AtMost(r.p99_ns),
+        },
+        Column {
+            header: "max",
+            csv: "max_ns",
+            role: Role::Max,
+            cell: |r| Cell::Ns(r.max_ns),
+        },
+    ],
+    note: None,
+    gate: Some(Gate {
+        prefix: "jobwait",
+        name: "CALLER",
+        noun: "domain job wait",
+        help: (
+            "the waiter's caller, e.g. virDomainSuspend",
+            "any single caller",
+        ),
+        stats: &[
+            ("total", Role::Total),
+            ("max", Role::Max),
+            ("p99", Role::P99),
+            ("waits", Role::Count),
+            ("count", Role::Count),
+            ("failed", Role::Errors),
+            ("timeouts", Role::Timeouts),
+        ],
+        label: |r| format!("job wait in {}", r.name),
+        is: |r, n| r.name == n,
+    }),
+    top: Some((
+        "**Top domain job waits** (by total wait)",
+        &["caller", "waits", "timeouts", "total", "max"],
+    )),
 };

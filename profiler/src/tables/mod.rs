@@ -19,15 +19,23 @@ pub use self::{
     cgroups::{CGROUPS, CgroupRow, cgroups, fold_cgroup_path},
     dbus::{DBUS, DbusRow, dbus},
     forks::{FORKS, ForkRow, ForkSummary, fork_summary, forks},
-    libvirt::{LIBVIRT, LibvirtRow, QMP, QMP_EVENTS, libvirt_rows},
+    libvirt::{JOBWAIT, LIBVIRT, LibvirtRow, QMP, QMP_EVENTS, libvirt_rows},
     locks::{LOCKS, LockRow, lock_caller, locks},
 };
 pub use crate::words::human_ns;
 use crate::{profile::Profile, tracer::Tracer};
 
 /// Every table, in the order reports show them.
-pub static TABLES: [&dyn AnyTable; 7] =
-    [&LOCKS, &FORKS, &CGROUPS, &DBUS, &LIBVIRT, &QMP, &QMP_EVENTS];
+pub static TABLES: [&dyn AnyTable; 8] = [
+    &LOCKS,
+    &FORKS,
+    &CGROUPS,
+    &DBUS,
+    &LIBVIRT,
+    &QMP,
+    &QMP_EVENTS,
+    &JOBWAIT,
+];
 
 /// The table with this name (`locks`, `forks`, `cgroups`, `dbus`).
 #[must_use]
