@@ -70,3 +70,48 @@ fn sample_profile_renders_every_output() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The checked-in 50-guest boots under Debian's libvirt 9.0 and 11.3
+/// (`samples/libvirt-versions`): each has every guest's `DomainCreateXML`
+/// and `qmp_capabilities`, and `hvprof diff` of the two shows the libvirt
+/// tables' deltas, as the checked-in `diff.txt` does.
+#[test]
+fn libvirt_version_samples_diff() {
+    use profiler::profile::LibvirtCall;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/libvirt-versions");
+    for v in ["9.0", "11.3"] {
+        let p = Profile::read(&dir.join(format!("libvirt-{v}.hvprof"))).unwrap();
+        let count = |kind: &str, name: &str| -> u64 {
+            p.libvirt
+                .iter()
+                .filter(|r| r.kind == kind && r.name == name && r.status == LibvirtCall::OK)
+                .map(|r| r.calls)
+                .sum()
+        };
+        assert_eq!(count(LibvirtCall::API, "DomainCreateXML"), 50, "{v}");
+        assert_eq!(count(LibvirtCall::QMP, "qmp_capabilities"), 50, "{v}");
+    }
+    let out = std::env::temp_dir().join(format!("hvprof-versions-diff-{}", std::process::id()));
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_hvprof"))
+        .arg("diff")
+        .arg(dir.join("libvirt-9.0.hvprof"))
+        .arg(dir.join("libvirt-11.3.hvprof"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = std::fs::read_to_string(out.join("diff.txt")).unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+    for want in ["libvirt API time", "QMP time", "DomainCreateXML", "qom-get"] {
+        assert!(text.contains(want), "diff.txt has no {want}");
+    }
+    let checked_in = std::fs::read_to_string(dir.join("diff.txt")).unwrap();
+    // The same diff but for the paths of the profiles in its heading.
+    let body = |t: &str| t.lines().skip(3).collect::<Vec<_>>().join("\n");
+    assert_eq!(body(&text), body(&checked_in));
+}

@@ -45,6 +45,22 @@ pub enum Accel {
     Kvm,
 }
 
+/// Where massboot's libvirt comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LibvirtFrom {
+    Release,
+    Backports,
+}
+
+/// The packages of libvirt's own that a switch between the two moves
+/// (those the older one lacks are removed by apt).
+const LIBVIRT_PACKAGES: &[&str] = &[
+    "libvirt0",
+    "libvirt-daemon",
+    "libvirt-daemon-driver-qemu",
+    "libvirt-clients",
+];
+
 #[derive(Debug, clap::Args)]
 pub struct Opts {
     /// Guests to boot.
@@ -86,6 +102,12 @@ pub struct Opts {
     /// boot finds it, for a test to compare the teardown with.
     #[arg(long)]
     pub install_only: bool,
+    /// Which libvirt to boot with: Debian's own (`release`: 9.0 on
+    /// bookworm) or its backports' (11.3 on bookworm), switched to (up or
+    /// down) if the other is installed; QEMU stays the backports' 10.
+    /// Diff a boot under each with `hvprof diff`.
+    #[arg(long, value_enum, default_value_t = LibvirtFrom::Backports)]
+    pub libvirt: LibvirtFrom,
     /// After the boot, still recording: hold the first guest's domain job
     /// for this many seconds (its QEMU stopped under a monitor command)
     /// while two other clients wait to suspend it, the first from 0.5 s
@@ -460,7 +482,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Runs the whole mass boot. Returns the report directory.
 pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
     check_machine(opts)?;
-    install_packages()?;
+    install_packages(opts.libvirt)?;
     if opts.install_only {
         return Ok(opts.output.clone());
     }
@@ -517,9 +539,29 @@ fn check_machine(opts: &Opts) -> anyhow::Result<()> {
 }
 
 /// Step 1: libvirt and QEMU from backports, and no daemon of ours running.
-fn install_packages() -> anyhow::Result<()> {
-    crate::packages::ensure("massboot", PACKAGES, crate::packages::Suite::Backports)
+fn install_packages(from: LibvirtFrom) -> anyhow::Result<()> {
+    use crate::packages::{Suite, install, release_version, version};
+    crate::packages::ensure("massboot", PACKAGES, Suite::Backports)
         .context("step 1/7 (packages) failed")?;
+    // Backports' versions say so (`11.3.0-2~bpo12+1`).
+    let backports = version("libvirt-daemon").is_some_and(|v| v.contains("~bpo"));
+    match (from, backports) {
+        (LibvirtFrom::Release, true) => {
+            let v = release_version("libvirt-daemon").context("step 1/7 (packages) failed")?;
+            let pinned: Vec<String> = LIBVIRT_PACKAGES
+                .iter()
+                .map(|p| format!("{p}={v}"))
+                .collect();
+            let pinned: Vec<&str> = pinned.iter().map(String::as_str).collect();
+            install("massboot", &pinned, Suite::Release, true)
+                .context("step 1/7: installing the release's libvirt failed")?;
+        }
+        (LibvirtFrom::Backports, false) => {
+            install("massboot", LIBVIRT_PACKAGES, Suite::Backports, false)
+                .context("step 1/7: installing backports' libvirt failed")?;
+        }
+        _ => {}
+    }
     step(&format!(
         "libvirt-daemon {}, qemu-system-x86 {}",
         crate::packages::version("libvirt-daemon").unwrap_or_default(),

@@ -373,18 +373,45 @@ pub fn ensure(who: &str, packages: &[&str], suite: Suite) -> anyhow::Result<()> 
         println!("{who}: packages present");
         return Ok(());
     }
+    install(who, &missing, suite, false)
+}
+
+/// The version of `pkg` the release's own suites have (not backports'),
+/// from apt's lists.
+pub fn release_version(pkg: &str) -> anyhow::Result<String> {
+    let code = codename()?;
+    let out = Command::new("apt-cache")
+        .args(["madison", pkg])
+        .output()
+        .context("running apt-cache madison")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split('|').map(str::trim);
+            let (_, version, archive) = (f.next()?, f.next()?, f.next()?);
+            let suite = archive.split_whitespace().nth(1)?;
+            (suite.split('/').next() == Some(code.as_str())).then(|| version.to_owned())
+        })
+        .ok_or_else(|| anyhow!("apt knows no {pkg} of {code} (run apt-get update?)"))
+}
+
+/// Installs `packages` (each `name` or `name=version`) from `suite`,
+/// installed or not; `downgrade`: allowing older versions than those
+/// installed (and the removal of what only the newer ones had).
+pub fn install(who: &str, packages: &[&str], suite: Suite, downgrade: bool) -> anyhow::Result<()> {
     let target = match suite {
         Suite::Release => None,
         Suite::Backports => Some(format!("{}-backports", codename()?)),
     };
     println!(
         "{who}: installing {}{} (a minute)…",
-        missing.join(" "),
+        packages.join(" "),
         target
             .as_deref()
             .map(|t| format!(" from {t}"))
             .unwrap_or_default()
     );
+    let missing = packages;
     let parts = std::env::temp_dir().join(format!("hvprof-apt-{}", std::process::id()));
     fs::create_dir_all(&parts)?;
     let result = (|| {
@@ -415,11 +442,25 @@ pub fn ensure(who: &str, packages: &[&str], suite: Suite) -> anyhow::Result<()> 
         };
         sh(&mut apt(&["update", "-qq"])).context("apt-get update failed")?;
         let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+        if downgrade {
+            install.arg("--allow-downgrades");
+        }
         if let Some(t) = &target {
             install.args(["-t", t]);
         }
-        install.args(&missing);
+        install.args(missing);
         sh(&mut install).with_context(|| format!("installing {} failed", missing.join(" ")))?;
+        if downgrade {
+            // A package the newer set split out and apt removes takes the
+            // files the older one has back with it (libvirt-common's
+            // /usr/share/libvirt/cpu_map, libvirt0's in 9.0): put them
+            // back.
+            let mut again = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+            again
+                .args(["--reinstall", "--allow-downgrades"])
+                .args(missing);
+            sh(&mut again).with_context(|| format!("reinstalling {} failed", missing.join(" ")))?;
+        }
         Ok(())
     })();
     let _ = fs::remove_dir_all(&parts);
