@@ -346,14 +346,7 @@ fn attach_libvirt(
         }
     }
     for (prog, path, targets) in plan {
-        let p: &mut UProbe = bpf
-            .program_mut(prog)
-            .ok_or(RecordError::Missing { name: prog })?
-            .try_into()
-            .map_err(attach_err(prog))?;
-        if p.fd().is_err() {
-            p.load().map_err(attach_err(prog))?;
-        }
+        let p = loaded_uprobe(bpf, prog)?;
         let fd = p.fd().map_err(attach_err(prog))?;
         match uprobe_multi::attach(fd.as_fd(), &path, &targets, None, false) {
             Ok(link) => links.push(link),
@@ -381,14 +374,7 @@ fn attach_job_waits(
             continue;
         }
         for prog in [names::PROG_JOB_ENTER, names::PROG_JOB_RETURN] {
-            let p: &mut UProbe = bpf
-                .program_mut(prog)
-                .ok_or(RecordError::Missing { name: prog })?
-                .try_into()
-                .map_err(attach_err(prog))?;
-            if p.fd().is_err() {
-                p.load().map_err(attach_err(prog))?;
-            }
+            let p = loaded_uprobe(bpf, prog)?;
             let point = UProbeAttachPoint {
                 location: UProbeAttachLocation::Symbol(JOB_FUNCTION),
                 cookie: None,
@@ -545,6 +531,19 @@ pub(super) fn switch_to_per_call(
         }
     }
     Ok(links)
+}
+
+/// The uprobe program `name`, loaded (the first attach loads it).
+fn loaded_uprobe<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, RecordError> {
+    let p: &mut UProbe = bpf
+        .program_mut(name)
+        .ok_or(RecordError::Missing { name })?
+        .try_into()
+        .map_err(attach_err(name))?;
+    if p.fd().is_err() {
+        p.load().map_err(attach_err(name))?;
+    }
+    Ok(p)
 }
 
 fn attach_err(what: impl Into<String>) -> impl FnOnce(ProgramError) -> RecordError {
@@ -925,14 +924,7 @@ fn attach_dbus(
         names::PROG_DBUS_RETURN,
         names::PROG_DBUS_NAMES,
     ] {
-        let p: &mut UProbe = bpf
-            .program_mut(name)
-            .ok_or(RecordError::Missing { name })?
-            .try_into()
-            .map_err(attach_err(name))?;
-        if p.fd().is_err() {
-            p.load().map_err(attach_err(name))?;
-        }
+        loaded_uprobe(bpf, name)?;
     }
     for (lib, path) in libs {
         let Some(l) = DBUS_LIBRARIES.iter().find(|l| l.name == lib) else {

@@ -126,8 +126,49 @@ fn row_name(profile: &Profile, c: &LibvirtCall) -> String {
 /// when it ends).
 const WAITING: &str = "[still waiting at the stop]";
 
-/// The columns of a timed table: calls, errors, in flight, times.
-const TIMED: [Column<LibvirtRow>; 9] = [
+/// A timed table's columns: `$lead` (the name and counts), then the
+/// times of the calls or waits that ended.
+macro_rules! timed_columns {
+    ($($lead:expr),* $(,)?) => {
+        [
+            $($lead,)*
+            Column {
+                header: "total",
+                csv: "total_ns",
+                role: Role::Total,
+                cell: |r| Cell::Ns(r.total_ns),
+            },
+            Column {
+                header: "mean",
+                csv: "mean_ns",
+                role: Role::Figure,
+                cell: |r| Cell::Ns(r.mean_ns),
+            },
+            Column {
+                header: "p50",
+                csv: "p50_ns",
+                role: Role::Figure,
+                cell: |r| Cell::AtMost(r.p50_ns),
+            },
+            Column {
+                header: "p99",
+                csv: "p99_ns",
+                role: Role::P99,
+                cell: |r| Cell::AtMost(r.p99_ns),
+            },
+            Column {
+                header: "max",
+                csv: "max_ns",
+                role: Role::Max,
+                cell: |r| Cell::Ns(r.max_ns),
+            },
+        ]
+    };
+}
+
+/// The API calls' and QMP commands' columns: calls, errors, in flight,
+/// times.
+const TIMED: [Column<LibvirtRow>; 9] = timed_columns![
     Column {
         header: "name",
         csv: "name",
@@ -151,37 +192,7 @@ const TIMED: [Column<LibvirtRow>; 9] = [
         csv: "in_flight",
         role: Role::Figure,
         cell: |r| Cell::Count(r.in_flight),
-    },
-    Column {
-        header: "total",
-        csv: "total_ns",
-        role: Role::Total,
-        cell: |r| Cell::Ns(r.total_ns),
-    },
-    Column {
-        header: "mean",
-        csv: "mean_ns",
-        role: Role::Figure,
-        cell: |r| Cell::Ns(r.mean_ns),
-    },
-    Column {
-        header: "p50",
-        csv: "p50_ns",
-        role: Role::Figure,
-        cell: |r| Cell::AtMost(r.p50_ns),
-    },
-    Column {
-        header: "p99",
-        csv: "p99_ns",
-        role: Role::P99,
-        cell: |r| Cell::AtMost(r.p99_ns),
-    },
-    Column {
-        header: "max",
-        csv: "max_ns",
-        role: Role::Max,
-        cell: |r| Cell::Ns(r.max_ns),
-    },
+    }
 ];
 
 /// A timed table's gate statistics.
@@ -298,7 +309,7 @@ pub static JOBWAIT: TableDef<LibvirtRow> = TableDef {
     count_name: "waits",
     empty: "no domain job waits recorded",
     rows: |p, w| libvirt_rows(p, w, LibvirtCall::JOB),
-    columns: &[
+    columns: &timed_columns![
         Column {
             header: "caller",
             csv: "caller",
@@ -328,37 +339,7 @@ pub static JOBWAIT: TableDef<LibvirtRow> = TableDef {
             csv: "waiting",
             role: Role::Figure,
             cell: |r| Cell::Count(r.in_flight),
-        },
-        Column {
-            header: "total",
-            csv: "total_ns",
-            role: Role::Total,
-            cell: |r| Cell::Ns(r.total_ns),
-        },
-        Column {
-            header: "mean",
-            csv: "mean_ns",
-            role: Role::Figure,
-            cell: |r| Cell::Ns(r.mean_ns),
-        },
-        Column {
-            header: "p50",
-            csv: "p50_ns",
-            role: Role::Figure,
-            cell: |r| Cell::AtMost(r.p50_ns),
-        },
-        Column {
-            header: "p99",
-            csv: "p99_ns",
-            role: Role::P99,
-            cell: |r| Cell::AtMost(r.p99_ns),
-        },
-        Column {
-            header: "max",
-            csv: "max_ns",
-            role: Role::Max,
-            cell: |r| Cell::Ns(r.max_ns),
-        },
+        }
     ],
     note: None,
     gate: Some(Gate {
