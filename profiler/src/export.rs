@@ -3,7 +3,7 @@
 //! every renderer, it works from a [`Profile`] alone.
 //!
 //! Layout of an export directory, for each stack-keyed tracer (`oncpu`,
-//! `offcpu`, `lockwait`, `dbuswait`) that was recorded:
+//! `offcpu`, `lockwait`, `dbuswait`, `jobwait`) that was recorded:
 //!
 //! ```text
 //! oncpu.pb.gz               every window; each sample labelled with its window
