@@ -117,6 +117,11 @@ impl Flusher {
             &mut self.seen,
             &mut self.stacks,
         )?;
+        // The QMP messages paired since the last flush go with it.
+        if let Some(q) = &mut rec.qmp {
+            q.read();
+            drained.libvirt.extend(q.take());
+        }
         // The mappings of the processes with rows that may have mapped a
         // library since their last snapshot (a dlopen not settled yet), read
         // again now: its frames must symbolize. With `--unwind dwarf` the
@@ -124,10 +129,6 @@ impl Flusher {
         // and the snapshot follows: only a process with a snapshot still due,
         // or none, is read. Reading every QEMU's maps at every flush was most
         // of a flush's time with a hundred of them.
-        if let Some(q) = &mut rec.qmp {
-            q.read();
-            drained.libvirt.extend(q.take());
-        }
         let drained_at = started.elapsed();
         let mut tgids: Vec<u32> = drained.triples().iter().map(|t| t.0).collect();
         tgids.sort_unstable();
