@@ -212,8 +212,9 @@ fn assert_job_waits_match_the_clients(p: &Profile, contention: &serde_json::Valu
     assert_eq!(timeout[0].calls, 1);
     let first = client("first waiter", "end_s") - client("first waiter", "start_s");
     let t = secs(timeout[0].total_ns);
+    // libvirt's deadline is in ms of a truncated clock: a ms early at most.
     assert!(
-        (30.0..=first).contains(&t),
+        (29.99..=first).contains(&t),
         "timed out after {t:.3} s, client {first:.3} s"
     );
     // The second: got the job when the holder let it go.

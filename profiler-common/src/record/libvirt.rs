@@ -131,9 +131,11 @@ pub struct QmpMsg {
 /// is free, or until `VIR_JOB_WAIT_TIME` (30 s) has passed.
 pub const JOB_FUNCTION: &str = "virDomainObjBeginJobInternal";
 
-/// libvirt's `VIR_JOB_WAIT_TIME`: a wait that fails after this long timed
-/// out ("cannot acquire state change lock").
-pub const JOB_WAIT_TIMEOUT_NS: u64 = 30_000_000_000;
+/// A wait that fails after this long ran into libvirt's `VIR_JOB_WAIT_TIME`
+/// (30 s: "cannot acquire state change lock"). libvirt's deadline is in ms
+/// of a clock it truncates, so such a wait may end up to a ms short of
+/// 30 s; a wait that fails otherwise fails at once.
+pub const JOB_WAIT_TIMEOUT_NS: u64 = 29_900_000_000;
 
 /// How a wait for a domain job ended.
 pub mod job_outcome {
