@@ -175,6 +175,10 @@ struct RecordArgs {
     /// cache.
     #[arg(long, conflicts_with = "no_stack_cache")]
     verify_stack_cache: bool,
+    /// Drop one lock contention end in N at random, as if the kernel had kept the program
+    /// from running: to test that the begins left behind are never paired.
+    #[arg(long, hide = true, value_name = "N", default_value = "0")]
+    drop_lock_ends: u32,
     /// Drain the kernel's maps into the profile file this often: a killed recording keeps
     /// all but its last interval, and the maps hold only what two intervals add.
     #[arg(long, value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
@@ -416,6 +420,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         unwind_max_rows: args.unwind_max_rows,
         unwind_cache: args.unwind_cache.unwrap_or_else(default_unwind_cache),
         verify_unwind: args.verify_unwind,
+        drop_lock_ends: args.drop_lock_ends,
         tracers: match args.tracers.as_deref() {
             Some(t) => Tracer::parse_list(t).map_err(|e| anyhow::anyhow!("--tracers: {e}"))?,
             None => Tracer::ALL.to_vec(),

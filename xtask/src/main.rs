@@ -212,6 +212,7 @@ const TEST_PACKAGES: &[&str] = &[
     "golang-go",
     "python3-jsonschema",
     "linux-perf",
+    "bpftrace",
 ];
 
 fn test(args: &[String]) -> anyhow::Result<()> {

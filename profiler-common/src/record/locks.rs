@@ -17,6 +17,21 @@ pub mod lock_flags {
     pub const fn sleeps(flags: u32) -> bool {
         flags & SPIN == 0 || flags & MUTEX != 0
     }
+
+    /// A wait that spins (a spinlock, an rwlock, a mutex's optimistic
+    /// spin): with preemption off, so its task is not switched out before
+    /// it ends.
+    #[must_use]
+    pub const fn spins(flags: u32) -> bool {
+        flags & SPIN != 0
+    }
+
+    /// A mutex's optimistic spin going on to sleep: the kernel begins the
+    /// same contention a second time (`__mutex_lock_common`), one wait.
+    #[must_use]
+    pub const fn spin_then_sleep(pending: u32, new: u32) -> bool {
+        pending == MUTEX | SPIN && new & MUTEX != 0 && new & SPIN == 0
+    }
 }
 
 /// log2 buckets of lock wait time: bucket `i` holds waits in
@@ -61,7 +76,10 @@ pub struct LockBegin {
     pub start_ns: u64,
     /// The CPU the wait began on (the end may come on another).
     pub cpu: u32,
-    pub pad: u32,
+    /// The task's context switches at the begin (the low half of
+    /// `nvcsw + nivcsw`): a spinning wait whose task has switched out
+    /// since has ended unseen.
+    pub switches: u32,
     pub flags: u32,
     /// The window at the begin (waits are charged there).
     pub window: u32,
@@ -94,7 +112,7 @@ impl LockPending {
             lock: 0,
             start_ns: 0,
             cpu: 0,
-            pad: 0,
+            switches: 0,
             flags: 0,
             window: 0,
         }; MAX_LOCK_NESTING],

@@ -215,6 +215,10 @@ pub struct KernelOffsets {
     /// cgroup operation: 0 is cgroup v2).
     pub cgroup_root: u32,
     pub cgroup_hierarchy_id: u32,
+    /// `task_struct.nvcsw` and `nivcsw`: a task's context switches, which
+    /// tell the lock tracer a spinning wait has ended unseen.
+    pub task_nvcsw: u32,
+    pub task_nivcsw: u32,
     pub pad: u32,
 }
 
@@ -319,6 +323,12 @@ pub struct Config {
     pub verify_unwind: u32,
     /// Nonzero: the dbus tracer is on (a thread's exit ends its calls).
     pub dbus: u32,
+    /// Nonzero: the lock tracer acts as if the kernel had kept its end
+    /// program from running once in this many ends, at random (each
+    /// counted, `Counter::LockEndsDropped`), to test that the begins left
+    /// behind are dropped and never paired (`--drop-lock-ends`, hidden).
+    pub drop_lock_ends: u32,
+    pub pad_tail: u32,
     /// Where libc's fork functions keep their caller's return address at
     /// the syscall (see [`ForkPath`]); unused entries are
     /// [`ForkPath::UNUSED`].
@@ -358,6 +368,8 @@ impl Config {
                 task_pid: 0,
                 cgroup_root: 0,
                 cgroup_hierarchy_id: 0,
+                task_nvcsw: 0,
+                task_nivcsw: 0,
                 pad: 0,
             },
             task_thread_sp: 0,
@@ -368,6 +380,8 @@ impl Config {
             unwind_dwarf: 0,
             verify_unwind: 0,
             dbus: 0,
+            drop_lock_ends: 0,
+            pad_tail: 0,
             fork_paths: [ForkPath::UNUSED; FORK_PATHS],
         }
     }
@@ -532,10 +546,12 @@ pub enum Counter {
     /// they share per-CPU scratch (the kernel skips a classic tracepoint's
     /// or a perf event's program in that case too).
     NestedSkipped = 17,
+    /// Lock contention ends dropped on purpose (`Config::drop_lock_ends`).
+    LockEndsDropped = 18,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 /// Slots of the `LOSSES` map: everything the kernel side could not record.
@@ -579,10 +595,16 @@ pub enum Loss {
     QmpMsgDropped = 16,
     /// A wait for a domain job could not be counted: a job map is full.
     JobWaitMapFull = 17,
+    /// A lock contention's end that hvprof did not see (its program was
+    /// kept from running: an interrupt came while hvprof's own program for
+    /// an end ran on the CPU): its begin is dropped, not timed.
+    LockEndUnseen = 18,
+    /// A lock contention's end whose begin hvprof did not see: not timed.
+    LockBeginUnseen = 19,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -602,6 +624,8 @@ impl Loss {
         Self::ApiCallMapFull,
         Self::QmpMsgDropped,
         Self::JobWaitMapFull,
+        Self::LockEndUnseen,
+        Self::LockBeginUnseen,
     ];
 }
 

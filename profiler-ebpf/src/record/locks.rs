@@ -4,6 +4,17 @@
 //! stack. The waiter's user stack comes from the off-CPU site cache when
 //! the thread is at one of its sites; its kernel stack from the two this
 //! thread's entry remembers when every return address is where it was.
+//!
+//! An end or a begin can go unseen: the kernel keeps a program on a BTF
+//! tracepoint from running while the same program runs on the CPU, and an
+//! interrupt that contends while the end program is starting or finishing
+//! (before [`Running`](super::common::Running) is taken, or after it is
+//! given back) has its begin seen and its end not. Such a begin must never
+//! be paired with a later end of the same lock (seconds later, by then).
+//! A begin is known to be over when its task has switched out since and the
+//! wait spins (a spinning waiter is not switched out), or when the same
+//! lock is begun again (except for a mutex's spin going on to sleep): it is
+//! dropped and counted as a loss, as is an end without a begin.
 
 use aya_ebpf::{
     cty::c_void,
@@ -70,20 +81,30 @@ fn try_lock_contention_begin(ctx: &BtfTracePointContext) -> Option<u32> {
         window,
         Loss::LockMapFull,
     )?;
+    let switches = switches();
+    drop_ended(pending, switches);
     // SAFETY: a valid map value, only touched by this thread (and by
     // interrupts on this CPU, which run to completion first).
     unsafe {
         let depth = (*pending).depth as usize;
-        // The same lock again (a mutex that spun, then sleeps): one wait,
-        // from the first begin; keep the latest flags.
         let mut i = 0;
         while i < MAX_LOCK_NESTING {
             if i < depth && (*pending).entries[i].lock == lock {
-                (*pending).entries[i].flags = flags;
-                return Some(0);
+                if lock_flags::spin_then_sleep((*pending).entries[i].flags, flags) {
+                    // One wait, from the first begin; the latest flags.
+                    (*pending).entries[i].flags = flags;
+                    return Some(0);
+                }
+                // Its end went unseen: a task does not wait for a lock
+                // while it waits for it already (an interrupt that takes a
+                // spinlock finds it taken with interrupts off).
+                let stale = remove_entry(pending, i);
+                lose(written_now(stale.window), Loss::LockEndUnseen);
+                break;
             }
             i += 1;
         }
+        let depth = (*pending).depth as usize;
         if depth >= MAX_LOCK_NESTING {
             lose(window, Loss::LockNestingTooDeep);
             return Some(0);
@@ -92,13 +113,76 @@ fn try_lock_contention_begin(ctx: &BtfTracePointContext) -> Option<u32> {
             lock,
             start_ns: now(),
             cpu: bpf_get_smp_processor_id(),
-            pad: 0,
+            switches,
             flags,
             window,
         };
         (*pending).depth = depth as u32 + 1;
     }
     Some(0)
+}
+
+/// The low half of the current task's count of context switches
+/// (`nvcsw + nivcsw`, two plain loads from its `task_struct`).
+#[inline(always)]
+fn switches() -> u32 {
+    let (nv, niv) = (
+        config!(offsets.task_nvcsw) as usize,
+        config!(offsets.task_nivcsw) as usize,
+    );
+    // SAFETY: bpf_get_current_task_btf has no preconditions; the offsets
+    // are constants (read-only config) the verifier checks against kernel
+    // BTF.
+    unsafe {
+        let task = bpf_get_current_task_btf().cast::<u8>();
+        let nv = core::ptr::read_volatile(task.add(nv).cast::<u64>());
+        let niv = core::ptr::read_volatile(task.add(niv).cast::<u64>());
+        nv.wrapping_add(niv) as u32
+    }
+}
+
+/// Drops the spinning waits of the thread's entry whose task has switched
+/// out since they began: their ends went unseen.
+#[inline(always)]
+fn drop_ended(pending: *mut LockPending, switches: u32) {
+    // SAFETY: as in lock_contention_begin; indices are bounded.
+    unsafe {
+        let depth = (*pending).depth as usize;
+        let mut kept = 0usize;
+        let mut i = 0;
+        while i < MAX_LOCK_NESTING {
+            if i < depth {
+                let e = (*pending).entries[i];
+                if lock_flags::spins(e.flags) && e.switches != switches {
+                    lose(written_now(e.window), Loss::LockEndUnseen);
+                } else {
+                    (*pending).entries[kept & (MAX_LOCK_NESTING - 1)] = e;
+                    kept += 1;
+                }
+            }
+            i += 1;
+        }
+        (*pending).depth = kept as u32;
+    }
+}
+
+/// Takes entry `found` (< depth) out of the thread's entry.
+#[inline(always)]
+fn remove_entry(pending: *mut LockPending, found: usize) -> LockBegin {
+    // SAFETY: as in lock_contention_begin; indices are bounded.
+    unsafe {
+        let depth = (*pending).depth as usize;
+        let begin = (*pending).entries[found & (MAX_LOCK_NESTING - 1)];
+        let mut j = 0;
+        while j + 1 < MAX_LOCK_NESTING {
+            if j >= found && j + 1 < depth {
+                (*pending).entries[j] = (*pending).entries[j + 1];
+            }
+            j += 1;
+        }
+        (*pending).depth = depth as u32 - 1;
+        begin
+    }
 }
 
 tracepoint_program! {
@@ -117,8 +201,20 @@ fn try_lock_contention_end(ctx: &BtfTracePointContext) -> Option<u32> {
     let pending = LOCK_PENDING.get_ptr_mut(&pid)?;
     let lock: u64 = ctx.arg(0);
     let end = now();
-    // Began before the recording, or in another task: no begin.
-    let begin = take_begin(pending, lock)?;
+    let drop_every = config!(drop_lock_ends);
+    // SAFETY: no preconditions.
+    if drop_every != 0 && unsafe { generated::bpf_get_prandom_u32() } % drop_every == 0 {
+        count(Counter::LockEndsDropped);
+        return None;
+    }
+    drop_ended(pending, switches());
+    let Some(begin) = take_begin(pending, lock) else {
+        // Began before the recording, outside every window, or unseen.
+        if let Some((_, window)) = traced() {
+            lose(window, Loss::LockBeginUnseen);
+        }
+        return None;
+    };
     // SAFETY: no preconditions.
     if begin.cpu != unsafe { bpf_get_smp_processor_id() } {
         count(Counter::LockWaitsMigrated);
@@ -167,19 +263,10 @@ fn take_begin(pending: *mut LockPending, lock: u64) -> Option<LockBegin> {
         if found >= MAX_LOCK_NESTING {
             return None;
         }
-        let begin = (*pending).entries[found];
-        let mut j = 0;
-        while j + 1 < MAX_LOCK_NESTING {
-            if j >= found && j + 1 < depth {
-                (*pending).entries[j] = (*pending).entries[j + 1];
-            }
-            j += 1;
-        }
-        (*pending).depth = depth as u32 - 1;
         if depth > 1 {
             count(Counter::LockWaitsNested);
         }
-        Some(begin)
+        Some(remove_entry(pending, found))
     }
 }
 
@@ -409,8 +496,26 @@ fn remember_lock_kstack(
     }
 }
 
-/// The exit hook: contentions the thread was in go with it.
+/// The exit hook: contentions the thread was in go with it. None can be
+/// under way as it exits: their ends went unseen.
 #[inline(always)]
 pub(super) fn task_exited(pid: u32) {
+    let Some(pending) = LOCK_PENDING.get_ptr(&pid) else {
+        return;
+    };
+    // SAFETY: a valid map value; indices are bounded.
+    unsafe {
+        let depth = (*pending).depth as usize;
+        let mut i = 0;
+        while i < MAX_LOCK_NESTING {
+            if i < depth {
+                lose(
+                    written_now((*pending).entries[i].window),
+                    Loss::LockEndUnseen,
+                );
+            }
+            i += 1;
+        }
+    }
     let _ = LOCK_PENDING.remove(&pid);
 }

@@ -597,6 +597,8 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::JobWaitMapFull => "domain job waits not counted (map full)",
         Loss::LockMapFull => "lock waits not counted (lock map full)",
         Loss::LockNestingTooDeep => "lock waits not timed (contentions nested too deep)",
+        Loss::LockEndUnseen => "lock waits not timed (end not seen)",
+        Loss::LockBeginUnseen => "lock waits not timed (begin not seen)",
         Loss::ForkMapFull => "forks not counted (fork map full)",
         Loss::CgroupMapFull => "cgroup operations not counted (cgroup map full)",
     }
@@ -771,7 +773,11 @@ const NESTED_COUNTERS: [(Counter, &str); 1] = [(
 )];
 
 /// The locks tracer's stack work.
-const LOCK_COUNTERS: [(Counter, &str); 6] = [
+const LOCK_COUNTERS: [(Counter, &str); 7] = [
+    (
+        Counter::LockEndsDropped,
+        "lock contention ends dropped on purpose (--drop-lock-ends)",
+    ),
     (
         Counter::LockWaitsMigrated,
         "lock waits ended on another CPU",

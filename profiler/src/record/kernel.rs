@@ -148,6 +148,21 @@ fn kernel_offsets(kbtf: &Kbtf, runnable: &mut Vec<Tracer>) -> Result<KernelOffse
             }
         }
     }
+    if runnable.contains(&Tracer::Locks) {
+        match (
+            kbtf.offset_of("task_struct", &["nvcsw"]),
+            kbtf.offset_of("task_struct", &["nivcsw"]),
+        ) {
+            (Ok(voluntary), Ok(involuntary)) => {
+                offsets.task_nvcsw = voluntary;
+                offsets.task_nivcsw = involuntary;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("hvprof: warning: the locks tracer is skipped: kernel BTF: {e}");
+                runnable.retain(|t| *t != Tracer::Locks);
+            }
+        }
+    }
     Ok(offsets)
 }
 

@@ -77,6 +77,7 @@ fn stack_config(config: &mut Config, opts: &RecordOptions, facts: &Facts) {
     config.preempted_stacks = u32::from(opts.preempted_stacks);
     config.block_site_cache = u32::from(opts.block_site_cache);
     config.verify_stack_cache = u32::from(opts.verify_stack_cache);
+    config.drop_lock_ends = opts.drop_lock_ends;
     config.unwind_dwarf = u32::from(opts.unwind == UnwindMode::Dwarf);
     if opts.unwind == UnwindMode::Dwarf {
         config.verify_unwind = opts.verify_unwind.unwrap_or(0);

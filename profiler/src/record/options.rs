@@ -165,6 +165,9 @@ pub struct RecordOptions {
     /// Every Nth user-stack walk is unwound again in userspace and
     /// compared (`--verify-unwind`; with `UnwindMode::Dwarf` only).
     pub verify_unwind: Option<u32>,
+    /// Drop one lock contention end in this many, at random, as if unseen
+    /// (0: none); for tests.
+    pub drop_lock_ends: u32,
 }
 
 /// How user stacks are walked.
