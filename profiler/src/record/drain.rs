@@ -772,12 +772,14 @@ const NESTED_COUNTERS: [(Counter, &str); 1] = [(
     "programs skipped: another of hvprof's was running on the CPU",
 )];
 
+/// `--drop-lock-ends`'s doing.
+const DROP_COUNTERS: [(Counter, &str); 1] = [(
+    Counter::LockEndsDropped,
+    "lock contention ends dropped on purpose (--drop-lock-ends)",
+)];
+
 /// The locks tracer's stack work.
-const LOCK_COUNTERS: [(Counter, &str); 7] = [
-    (
-        Counter::LockEndsDropped,
-        "lock contention ends dropped on purpose (--drop-lock-ends)",
-    ),
+const LOCK_COUNTERS: [(Counter, &str); 6] = [
     (
         Counter::LockWaitsMigrated,
         "lock waits ended on another CPU",
@@ -805,8 +807,9 @@ fn counters(rec: &Recorder, bpf: &Ebpf) -> BTreeMap<String, u64> {
     let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else {
         return out;
     };
-    let groups: [(bool, &[(Counter, &str)]); 4] = [
+    let groups: [(bool, &[(Counter, &str)]); 5] = [
         (true, &NESTED_COUNTERS),
+        (rec.opts.drop_lock_ends != 0, &DROP_COUNTERS),
         (rec.tracers.contains(&Tracer::OffCpu), &OFFCPU_COUNTERS),
         (rec.opts.verify_stack_cache, &VERIFY_COUNTERS),
         (rec.tracers.contains(&Tracer::Locks), &LOCK_COUNTERS),
