@@ -444,6 +444,7 @@ fn fixture_lock(
         total_ns,
         max_ns: total_ns / 2,
         hist,
+        holder: None,
     }
 }
 

@@ -214,6 +214,7 @@ fn changed() -> (Profile, usize, u64) {
         total_ns: 50_000_000,
         max_ns: 20_000_000,
         hist: vec![0; 25].into_iter().chain([5]).collect(),
+        holder: None,
     });
     (p, i, added)
 }

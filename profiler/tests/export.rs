@@ -612,6 +612,7 @@ fn synthetic() -> Profile {
             total_ns: 1_500_000,
             max_ns: 1_000_000,
             hist: vec![],
+            holder: None,
         }],
         dbus: vec![DbusCall {
             window: 1,

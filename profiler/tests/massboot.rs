@@ -11,6 +11,9 @@ use std::{
 
 use profiler::profile::Profile;
 
+mod common;
+use common::assert_no_losses;
+
 fn xtask() -> PathBuf {
     let status = Command::new(env!("CARGO"))
         .args(["build", "--quiet", "--package", "xtask"])
@@ -75,7 +78,7 @@ fn libvirtd_mass_boot_is_profiled_per_window_and_torn_down() {
     // The kernel lock tracer ran and libvirtd waited on kernel locks.
     assert!(p.meta.tracers.iter().any(|t| t == "locks"));
     // No losses at defaults.
-    assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
+    assert_no_losses(&p);
     assert_user_stacks_are_whole(&p, libvirtd);
     assert_libvirt_calls_match_the_client(&p, &dir, libvirtd);
     assert_nothing_is_left_behind(&dir, qemu_conf_before.as_deref(), user_before);

@@ -103,7 +103,7 @@ fn windows_follow_vm_creations_and_stacks_match_ground_truth() {
         !p.frames.iter().any(|f| is_tracing_frame(f)),
         "tracing frames in stacks"
     );
-    assert!(p.losses.is_empty(), "losses: {:?}", p.losses);
+    assert_no_losses(&p);
 
     // The profile alone re-renders the same folded stacks.
     let again = out_dir("truth-report");
@@ -475,7 +475,7 @@ fn off_cpu_kernel_stacks_are_walked_for_long_blocks_only() {
         );
         assert!(!names.iter().any(|f| is_tracing_frame(f)), "{names:?}");
     }
-    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    assert_no_losses(&p);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -525,7 +525,7 @@ fn stack_reuses_agree_with_walks() {
             p.meta.counters
         );
     }
-    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    assert_no_losses(&p);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -575,7 +575,7 @@ fn off_cpu_kernel_stacks_are_reused_only_where_they_match() {
     // Half the reads follow a read of the same fd: their stacks are reused.
     let reused = p.meta.counters["off-CPU kernel stacks reused (same site)"];
     assert!(reused >= n / 4, "{reused} kernel stacks reused");
-    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    assert_no_losses(&p);
     let _ = std::fs::remove_dir_all(&dir);
 
     // --no-stack-cache: every block walked, none reused.
@@ -669,7 +669,7 @@ fn run_queue_wait_matches_the_kernels_count() {
         preempted_runq >= preempted_total * 98 / 100,
         "preemptions: {preempted_runq} ns waiting of {preempted_total} ns"
     );
-    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    assert_no_losses(&p);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -763,7 +763,7 @@ fn all_records_every_task_but_hvprof_itself() {
             .iter()
             .any(|r| r.comm.starts_with("kworker") || r.comm.starts_with("rcu"))
     );
-    assert!(p.losses.is_empty(), "{:?}", p.losses);
+    assert_no_losses(&p);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -26,6 +26,14 @@ pub mod lock_flags {
         flags & SPIN != 0
     }
 
+    /// A lock that records its holder task in an `owner` word: a mutex
+    /// (spinning or sleeping) and an rwsem (not a percpu one, whose
+    /// writer is not recorded).
+    #[must_use]
+    pub const fn has_owner(flags: u32) -> bool {
+        flags & MUTEX != 0 || (flags & (SPIN | RT | PERCPU) == 0 && flags & (READ | WRITE) != 0)
+    }
+
     /// A mutex's optimistic spin going on to sleep: the kernel begins the
     /// same contention a second time (`__mutex_lock_common`), one wait.
     #[must_use]
@@ -38,7 +46,34 @@ pub mod lock_flags {
 /// `[2^i, 2^(i+1))` ns (bucket 0 also 0–1 ns); the last collects the rest.
 pub const LOCK_HIST_BUCKETS: usize = 40;
 
-/// Key of the lock-wait aggregation: one lock, waited for from one stack.
+/// [`LockHolder::pid`] of a wait whose lock records no holder (a spinlock),
+/// or did not have one at the begin (being handed over).
+pub const HOLDER_UNKNOWN: u32 = 0;
+/// [`LockHolder::pid`] of a wait for an rwsem held for reading: readers
+/// are not recorded, one at most is hinted at.
+pub const HOLDER_READERS: u32 = u32::MAX;
+
+/// Who held a lock as a waiter began to wait for it: the task in the
+/// lock's `owner` word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LockHolder {
+    /// Its thread, or [`HOLDER_UNKNOWN`], [`HOLDER_READERS`].
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+impl LockHolder {
+    pub const UNKNOWN: Self = Self {
+        pid: HOLDER_UNKNOWN,
+        tgid: 0,
+        comm: [0; COMM_LEN],
+    };
+}
+
+/// Key of the lock-wait aggregation: one lock, waited for from one stack
+/// while one holder held it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LockKey {
@@ -52,6 +87,7 @@ pub struct LockKey {
     pub kern_stack: u64,
     pub user_stack: u64,
     pub comm: [u8; COMM_LEN],
+    pub holder: LockHolder,
 }
 
 /// Waits of one [`LockKey`].
@@ -83,6 +119,8 @@ pub struct LockBegin {
     pub flags: u32,
     /// The window at the begin (waits are charged there).
     pub window: u32,
+    /// Who held the lock at the begin.
+    pub holder: LockHolder,
 }
 
 /// The contentions a task is inside, innermost last. An end pops the entry
@@ -115,6 +153,7 @@ impl LockPending {
             switches: 0,
             flags: 0,
             window: 0,
+            holder: LockHolder::UNKNOWN,
         }; MAX_LOCK_NESTING],
         kstacks: [LockKstack {
             id: 0,

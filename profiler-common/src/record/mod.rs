@@ -219,8 +219,15 @@ pub struct KernelOffsets {
     /// tell the lock tracer a spinning wait has ended unseen.
     pub task_nvcsw: u32,
     pub task_nivcsw: u32,
-    pub pad: u32,
+    /// `task_struct.tgid`, `mutex.owner` and `rw_semaphore.owner`: a lock
+    /// waiter's holder ([`OFFSET_UNKNOWN`] where kernel BTF lacks one).
+    pub task_tgid: u32,
+    pub mutex_owner: u32,
+    pub rwsem_owner: u32,
 }
+
+/// A [`KernelOffsets`] field kernel BTF did not give.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
 /// Slots of the system-call dispatch tables (`SYSCALL_ENTER_PROGS`,
 /// `SYSCALL_EXIT_PROGS`), indexed by system call number: the programs on
@@ -370,7 +377,9 @@ impl Config {
                 cgroup_hierarchy_id: 0,
                 task_nvcsw: 0,
                 task_nivcsw: 0,
-                pad: 0,
+                task_tgid: OFFSET_UNKNOWN,
+                mutex_owner: OFFSET_UNKNOWN,
+                rwsem_owner: OFFSET_UNKNOWN,
             },
             task_thread_sp: 0,
             verify_stack_cache: 0,

@@ -18,15 +18,18 @@
 
 use aya_ebpf::{
     cty::c_void,
-    helpers::{bpf_get_current_task_btf, bpf_get_smp_processor_id, generated},
+    helpers::{
+        bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_probe_read_kernel, generated,
+    },
     macros::map,
     maps::{HashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use profiler_common::record::{
-    Counter, KSTACK_UNCHECKED, LOCK_HIST_BUCKETS, LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS,
-    LOCK_KSTACKS, LockBegin, LockKey, LockKstack, LockPending, LockValue, Loss, MAX_LOCK_NESTING,
-    STACK_ID_MIN, StackBuf, lock_flags,
+    COMM_LEN, Counter, HOLDER_READERS, HOLDER_UNKNOWN, KSTACK_UNCHECKED, LOCK_HIST_BUCKETS,
+    LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS, LOCK_KSTACKS, LockBegin, LockHolder, LockKey,
+    LockKstack, LockPending, LockValue, Loss, MAX_LOCK_NESTING, OFFSET_UNKNOWN, STACK_ID_MIN,
+    StackBuf, lock_flags,
 };
 
 use super::{
@@ -109,6 +112,7 @@ fn try_lock_contention_begin(ctx: &BtfTracePointContext) -> Option<u32> {
             lose(window, Loss::LockNestingTooDeep);
             return Some(0);
         }
+        let holder = holder(lock, flags);
         (*pending).entries[depth] = LockBegin {
             lock,
             start_ns: now(),
@@ -116,11 +120,72 @@ fn try_lock_contention_begin(ctx: &BtfTracePointContext) -> Option<u32> {
             switches,
             flags,
             window,
+            holder,
         };
         (*pending).depth = depth as u32 + 1;
     }
     Some(0)
 }
+
+/// Who holds `lock` (of type `flags`): the task in its `owner` word, with
+/// the word's flag bits masked off (a mutex keeps three, an rwsem two); an
+/// rwsem owned by readers says so. Read with the checked helper: the lock
+/// and the task are plain addresses here.
+#[inline(always)]
+fn holder(lock: u64, flags: u32) -> LockHolder {
+    if !lock_flags::has_owner(flags) {
+        return LockHolder::UNKNOWN;
+    }
+    let mutex = flags & lock_flags::MUTEX != 0;
+    let (off, mask) = if mutex {
+        (config!(offsets.mutex_owner), MUTEX_OWNER_FLAGS)
+    } else {
+        (config!(offsets.rwsem_owner), RWSEM_OWNER_FLAGS)
+    };
+    let (pid_off, tgid_off, comm_off) = (
+        config!(offsets.task_pid),
+        config!(offsets.task_tgid),
+        config!(task_comm),
+    );
+    if off == OFFSET_UNKNOWN || tgid_off == OFFSET_UNKNOWN || comm_off == 0 {
+        return LockHolder::UNKNOWN;
+    }
+    // SAFETY: reads of kernel memory through the checked helper.
+    unsafe {
+        let Ok(owner) = bpf_probe_read_kernel((lock + u64::from(off)) as *const u64) else {
+            return LockHolder::UNKNOWN;
+        };
+        if !mutex && owner & RWSEM_READER_OWNED != 0 {
+            return LockHolder {
+                pid: HOLDER_READERS,
+                tgid: 0,
+                comm: [0; COMM_LEN],
+            };
+        }
+        let task = owner & !mask;
+        if task == 0 {
+            return LockHolder::UNKNOWN;
+        }
+        let (Ok(pid), Ok(tgid), Ok(comm)) = (
+            bpf_probe_read_kernel((task + u64::from(pid_off)) as *const u32),
+            bpf_probe_read_kernel((task + u64::from(tgid_off)) as *const u32),
+            bpf_probe_read_kernel((task + u64::from(comm_off)) as *const [u8; COMM_LEN]),
+        ) else {
+            return LockHolder::UNKNOWN;
+        };
+        if pid == HOLDER_UNKNOWN || pid == HOLDER_READERS {
+            return LockHolder::UNKNOWN;
+        }
+        LockHolder { pid, tgid, comm }
+    }
+}
+
+/// The flag bits in the low bits of a mutex's `owner` (`MUTEX_FLAGS`).
+const MUTEX_OWNER_FLAGS: u64 = 0x07;
+/// Those of an rwsem's (`RWSEM_OWNER_FLAGS_MASK`), and the one that says
+/// readers own it (`RWSEM_READER_OWNED`).
+const RWSEM_OWNER_FLAGS: u64 = 0x03;
+const RWSEM_READER_OWNED: u64 = 0x01;
 
 /// The low half of the current task's count of context switches
 /// (`nvcsw + nivcsw`, two plain loads from its `task_struct`).
@@ -232,6 +297,7 @@ fn try_lock_contention_end(ctx: &BtfTracePointContext) -> Option<u32> {
         kern_stack,
         user_stack,
         comm: comm(),
+        holder: begin.holder,
     };
     // Threads of one process contend on the same lock from the same
     // stack: the aggregate's adds are atomic.

@@ -95,6 +95,7 @@ fn known_locks(stack: &[u32]) -> Vec<LockWait> {
         total_ns,
         max_ns,
         hist: vec![count],
+        holder: None,
     };
     vec![
         lock(

@@ -10,7 +10,7 @@ use std::{
 };
 
 use super::{
-    CgroupOp, DbusCall, ForkCall, LibvirtCall, LockWait, LossCount, OffCpu, OnCpu, Profile,
+    CgroupOp, DbusCall, ForkCall, Holder, LibvirtCall, LockWait, LossCount, OffCpu, OnCpu, Profile,
 };
 
 /// A row of the profile that adds up events.
@@ -66,7 +66,15 @@ impl Row for OffCpu {
 }
 
 impl Row for LockWait {
-    type Key<'a> = (u32, u32, &'a str, u64, &'a str, &'a [u32]);
+    type Key<'a> = (
+        u32,
+        u32,
+        &'a str,
+        u64,
+        &'a str,
+        &'a [u32],
+        Option<&'a Holder>,
+    );
     fn key(&self) -> Self::Key<'_> {
         (
             self.window,
@@ -75,6 +83,7 @@ impl Row for LockWait {
             self.lock,
             &self.lock_type,
             &self.stack,
+            self.holder.as_ref(),
         )
     }
     fn add(&mut self, o: &Self) {
@@ -355,6 +364,7 @@ mod tests {
             total_ns: max_ns,
             max_ns,
             hist,
+            holder: None,
         };
         let rows = merge_rows(vec![w(vec![1, 0, 2], 7), w(vec![0, 1, 0, 0, 1], 30)]);
         assert_eq!(rows.len(), 1);

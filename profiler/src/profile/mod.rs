@@ -201,6 +201,29 @@ pub struct LockWait {
     /// log2 histogram of the waits: bucket `i` counts waits in
     /// `[2^i, 2^(i+1))` ns.
     pub hist: Vec<u64>,
+    /// Who held the lock as the waits began (mutexes and rwsems; `None`
+    /// for other locks, and while a lock was being handed over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Holder>,
+}
+
+/// Who held a lock as a waiter began to wait for it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Holder {
+    /// An rwsem held for reading: the kernel does not record its readers.
+    Readers,
+    /// The task in the lock's `owner` word.
+    Task { tgid: u32, pid: u32, comm: String },
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Readers => f.write_str("[readers]"),
+            Self::Task { pid, comm, .. } => write!(f, "{comm}[{pid}]"),
+        }
+    }
 }
 
 /// Successful fork syscalls from one parent and call site.
@@ -474,7 +497,8 @@ impl Profile {
                 .cmp(&(b.window, b.tgid, b.pid, &b.stack, &b.state))
         });
         self.locks.sort_by(|a, b| {
-            (a.window, a.lock, a.tgid, &a.stack).cmp(&(b.window, b.lock, b.tgid, &b.stack))
+            (a.window, a.lock, a.tgid, &a.stack, &a.holder)
+                .cmp(&(b.window, b.lock, b.tgid, &b.stack, &b.holder))
         });
         self.forks.sort_by(|a, b| {
             (a.window, a.tgid, &a.stack, a.thread).cmp(&(b.window, b.tgid, &b.stack, b.thread))

@@ -18,8 +18,8 @@ use super::{
 use crate::{
     procmaps,
     profile::{
-        CgroupOp, DbusCall, ForkCall, LibvirtCall, LockWait, LossCount, Meta, OffCpu, OnCpu,
-        Process, Profile, VmCreation, merge::Rows,
+        CgroupOp, DbusCall, ForkCall, Holder, LibvirtCall, LockWait, LossCount, Meta, OffCpu,
+        OnCpu, Process, Profile, VmCreation, merge::Rows,
     },
     sys,
     tracer::dbus_function,
@@ -252,8 +252,23 @@ fn locks(
             total_ns: v.total_ns,
             max_ns: v.max_ns,
             hist: trim_hist(&v.hist),
+            holder: holder(&k.holder),
         })
         .collect()
+}
+
+/// A wait's holder as the lock tracer found it.
+fn holder(h: &profiler_common::record::LockHolder) -> Option<Holder> {
+    use profiler_common::record::{HOLDER_READERS, HOLDER_UNKNOWN};
+    match h.pid {
+        HOLDER_UNKNOWN => None,
+        HOLDER_READERS => Some(Holder::Readers),
+        pid => Some(Holder::Task {
+            tgid: h.tgid,
+            pid,
+            comm: comm_str(&h.comm),
+        }),
+    }
 }
 
 fn forks(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<ForkCall> {

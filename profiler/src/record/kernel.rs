@@ -8,7 +8,7 @@
 use std::{collections::HashMap, thread::JoinHandle};
 
 use aya::{Btf, BtfError};
-use profiler_common::record::KernelOffsets;
+use profiler_common::record::{KernelOffsets, OFFSET_UNKNOWN};
 
 use super::options::{RecordError, RecordOptions};
 use crate::{
@@ -156,6 +156,7 @@ fn kernel_offsets(kbtf: &Kbtf, runnable: &mut Vec<Tracer>) -> Result<KernelOffse
             (Ok(voluntary), Ok(involuntary)) => {
                 offsets.task_nvcsw = voluntary;
                 offsets.task_nivcsw = involuntary;
+                holder_offsets(kbtf, &mut offsets);
             }
             (Err(e), _) | (_, Err(e)) => {
                 eprintln!("hvprof: warning: the locks tracer is skipped: kernel BTF: {e}");
@@ -164,6 +165,28 @@ fn kernel_offsets(kbtf: &Kbtf, runnable: &mut Vec<Tracer>) -> Result<KernelOffse
         }
     }
     Ok(offsets)
+}
+
+/// Where a lock waiter finds its holder: the `owner` word of a mutex and
+/// of an rwsem, and the holder task's thread group. Without one, the
+/// holders of those locks are not recorded (said once).
+fn holder_offsets(kbtf: &Kbtf, offsets: &mut KernelOffsets) {
+    let mut missing = Vec::new();
+    let mut off = |structure: &str, field: &str| {
+        kbtf.offset_of(structure, &[field]).unwrap_or_else(|e| {
+            missing.push(e.to_string());
+            OFFSET_UNKNOWN
+        })
+    };
+    offsets.task_tgid = off("task_struct", "tgid");
+    offsets.mutex_owner = off("mutex", "owner");
+    offsets.rwsem_owner = off("rw_semaphore", "owner");
+    if !missing.is_empty() {
+        eprintln!(
+            "hvprof: note: some lock holders are not recorded: kernel BTF: {}",
+            missing.join("; ")
+        );
+    }
 }
 
 /// `task_struct`'s `comm`, and for the off-CPU tracer `thread.sp` and

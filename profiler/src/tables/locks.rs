@@ -70,6 +70,11 @@ pub struct LockRow {
     pub lock_type: String,
     /// The function most often contending on it.
     pub caller: String,
+    /// Who held it for most of the wait (a mutex's or rwsem's holder as
+    /// each wait began: `comm[pid]`, or `[readers]`), and the share of the
+    /// wait time; empty for locks that record no holder.
+    pub holder: String,
+    pub holder_share_pct: u64,
     pub contentions: u64,
     pub total_ns: u64,
     pub max_ns: u64,
@@ -90,6 +95,7 @@ pub fn locks(profile: &Profile, window: Option<u32>) -> Vec<LockRow> {
         max: u64,
         hist: Vec<u64>,
         callers: BTreeMap<String, u64>,
+        holders: BTreeMap<String, u64>,
     }
     let mut by_lock: BTreeMap<(u64, &str), Acc<'_>> = BTreeMap::new();
     for w in profile
@@ -106,6 +112,7 @@ pub fn locks(profile: &Profile, window: Option<u32>) -> Vec<LockRow> {
                 max: 0,
                 hist: Vec::new(),
                 callers: BTreeMap::new(),
+                holders: BTreeMap::new(),
             });
         a.name = a.name.or(w.lock_name.as_deref());
         a.count += w.count;
@@ -114,12 +121,26 @@ pub fn locks(profile: &Profile, window: Option<u32>) -> Vec<LockRow> {
         merge_hist(&mut a.hist, &w.hist);
         let caller = lock_caller(profile, w).unwrap_or_else(|| "[unknown]".to_owned());
         *a.callers.entry(caller).or_default() += w.total_ns;
+        if let Some(h) = &w.holder {
+            *a.holders.entry(h.to_string()).or_default() += w.total_ns;
+        }
     }
     let mut rows: Vec<LockRow> = by_lock
         .into_iter()
         .map(|((addr, ty), a)| {
             let address = format!("{addr:#x}");
+            let (holder, held_ns) = a
+                .holders
+                .iter()
+                .max_by_key(|(_, ns)| **ns)
+                .map(|(h, ns)| (h.clone(), *ns))
+                .unwrap_or_default();
             LockRow {
+                holder,
+                holder_share_pct: held_ns
+                    .saturating_mul(100)
+                    .checked_div(a.total)
+                    .unwrap_or(0),
                 lock: a.name.map_or_else(|| address.clone(), str::to_owned),
                 address,
                 lock_type: ty.to_owned(),
@@ -173,6 +194,18 @@ pub static LOCKS: TableDef<LockRow> = TableDef {
             csv: "caller",
             role: Role::Text,
             cell: |r| Cell::Text(r.caller.clone()),
+        },
+        Column {
+            header: "holder",
+            csv: "holder",
+            role: Role::Text,
+            cell: |r| {
+                Cell::Text(if r.holder.is_empty() {
+                    "-".to_owned()
+                } else {
+                    format!("{} {}%", r.holder, r.holder_share_pct)
+                })
+            },
         },
         Column {
             header: "contentions",
@@ -268,6 +301,7 @@ mod tests {
             total_ns: ns,
             max_ns: ns / 2,
             hist,
+            holder: None,
         };
         Profile {
             frames: t.into_names(),
@@ -278,6 +312,32 @@ mod tests {
             ],
             ..Profile::default()
         }
+    }
+
+    #[test]
+    fn the_top_holder_is_the_one_that_made_most_of_the_wait() {
+        use crate::profile::Holder;
+        let mut p = profile();
+        let task = |pid| Holder::Task {
+            tgid: 7,
+            pid,
+            comm: format!("w{pid}"),
+        };
+        p.locks[0].holder = Some(task(11));
+        p.locks[1].holder = Some(Holder::Readers);
+        let mut third = p.locks[1].clone();
+        third.holder = Some(task(11));
+        third.total_ns = 1000;
+        p.locks.push(third);
+        let rows = locks(&p, Some(1));
+        // 6000 of 9000 ns by w11, 3000 by readers.
+        assert_eq!(rows[0].holder, "w11[11]");
+        assert_eq!(rows[0].holder_share_pct, 66);
+        let text = LOCKS.table(&p, Some(1), true).text();
+        assert!(text.contains("w11[11] 66%"), "{text}");
+        // A lock that records no holder says so.
+        assert_eq!(locks(&p, Some(2))[0].holder, "");
+        assert!(LOCKS.table(&p, Some(2), true).text().contains(" - "));
     }
 
     #[test]
@@ -330,7 +390,7 @@ mod tests {
             csv.lines()
                 .nth(1)
                 .unwrap()
-                .contains(",rwsem:W,do_mmap,4,8000,"),
+                .contains(",rwsem:W,do_mmap,-,4,8000,"),
             "{csv}"
         );
         assert_eq!(
