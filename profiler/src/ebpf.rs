@@ -3,6 +3,8 @@
 //! `profiler/build.rs` builds `profiler-ebpf` with aya-build; the object is
 //! embedded here so that `hvprof` is one self-contained executable.
 
+pub mod kfuncs;
+
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use thiserror::Error;
 
@@ -16,6 +18,19 @@ pub enum LoadError {
         #[source]
         source: EbpfError,
     },
+    #[error("linking the eBPF object's kernel function calls failed: {source}")]
+    Link {
+        #[source]
+        source: kfuncs::KfuncError,
+    },
+}
+
+/// The object with its kfunc calls linked to this kernel's (see
+/// [`kfuncs`]); without kernel BTF, each such call returns 0.
+fn linked_object() -> Result<Vec<u8>, LoadError> {
+    let btf = crate::kbtf::Kbtf::from_sys_fs().ok();
+    kfuncs::link(OBJECT, &|name| btf.as_ref()?.func_id(name))
+        .map_err(|source| LoadError::Link { source })
 }
 
 /// An error and its causes (aya's `Display` of a failed system call leaves
@@ -66,7 +81,7 @@ pub fn load_with_config(
             profiler_common::record::names::UNWIND_CHUNKS,
             unwind_chunks(unwind_rows),
         )
-        .load(OBJECT)
+        .load(&linked_object()?)
         .map_err(|source| LoadError::Load { source })
 }
 
@@ -95,6 +110,6 @@ pub fn load(globals: &[Global<'_>]) -> Result<Ebpf, LoadError> {
         loader.override_global(g.name, &g.value, true);
     }
     loader
-        .load(OBJECT)
+        .load(&linked_object()?)
         .map_err(|source| LoadError::Load { source })
 }

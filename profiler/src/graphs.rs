@@ -96,6 +96,18 @@ pub static LOCKWAIT: Graph = Graph {
     rows: lockwait_rows,
 };
 
+/// The lock waits each holder caused, on the holder's stack (where it was
+/// when a waiter began to wait), then the lock: who held the locks others
+/// waited for, and where. An rwsem held for reading is `[readers]`.
+pub static LOCKHOLD: Graph = Graph {
+    name: "lockhold",
+    title: "Kernel lock wait, by holder",
+    tracer: Tracer::Locks,
+    sampled: false,
+    sample_types: [("contentions", "count"), ("delay", "nanoseconds")],
+    rows: lockhold_rows,
+};
+
 /// The caller's stack, then the call (`[dbus gio org.foo.Bar.Method]`).
 pub static DBUSWAIT: Graph = Graph {
     name: "dbuswait",
@@ -117,7 +129,7 @@ pub static JOBWAIT: Graph = Graph {
 };
 
 /// The graphs every window gets, in the order reports show them.
-pub static GRAPHS: [&Graph; 5] = [&ONCPU, &OFFCPU, &LOCKWAIT, &DBUSWAIT, &JOBWAIT];
+pub static GRAPHS: [&Graph; 6] = [&ONCPU, &OFFCPU, &LOCKWAIT, &LOCKHOLD, &DBUSWAIT, &JOBWAIT];
 
 impl Graph {
     /// `On-CPU: window 1 (VMs 1–4)`.
@@ -381,17 +393,41 @@ fn lockwait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
             leaf: Some(lock_frame(r)),
             count: r.count,
             ns: r.total_ns,
-            labels: vec![
-                (
-                    "lock",
-                    Label::Str(
-                        r.lock_name
-                            .clone()
-                            .unwrap_or_else(|| format!("{:#x}", r.lock)),
-                    ),
-                ),
-                ("lock_type", Label::Str(r.lock_type.clone())),
-            ],
+            labels: lock_labels(r),
+        })
+        .collect()
+}
+
+fn lockhold_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
+    use crate::profile::Holder;
+    let keep = in_window(window);
+    profile
+        .locks
+        .iter()
+        .filter(|r| keep(r.window))
+        .filter_map(|r| {
+            let (tgid, thread, comm, stack): (u32, Option<u32>, &str, &[u32]) =
+                match r.holder.as_ref()? {
+                    Holder::Readers => (0, None, "[readers]", &[]),
+                    Holder::Task {
+                        tgid,
+                        pid,
+                        comm,
+                        stack,
+                    } => (*tgid, Some(*pid), comm, stack),
+                };
+            Some(StackRow {
+                window: r.window,
+                tgid,
+                tid: thread,
+                comm,
+                context: None,
+                stack,
+                leaf: Some(lock_frame(r)),
+                count: r.count,
+                ns: r.total_ns,
+                labels: lock_labels(r),
+            })
         })
         .collect()
 }
@@ -447,6 +483,21 @@ fn jobwait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
             labels: vec![("job_wait", Label::Str(r.status.clone()))],
         })
         .collect()
+}
+
+/// A lock wait's labels: the lock (its symbol, or its address) and type.
+fn lock_labels(r: &LockWait) -> Vec<(&'static str, Label)> {
+    vec![
+        (
+            "lock",
+            Label::Str(
+                r.lock_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{:#x}", r.lock)),
+            ),
+        ),
+        ("lock_type", Label::Str(r.lock_type.clone())),
+    ]
 }
 
 /// The leaf frame a lock wait's stack ends in: `[lock NAME TYPE]`, the lock

@@ -17,6 +17,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -57,6 +58,8 @@ pub struct Kbtf {
     structs: HashMap<String, u32>,
     /// The BTF tracepoints: `NAME` of each `btf_trace_NAME` typedef.
     tracepoints: HashSet<String>,
+    /// Functions (kfuncs among them) by name.
+    funcs: HashMap<String, u32>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -132,8 +135,8 @@ impl Kbtf {
                 }
                 KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
                 KIND_DATASEC | KIND_ENUM64 => vlen * 12,
-                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
-                | KIND_TYPE_TAG => 0,
+                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_FUNC
+                | 16 | KIND_TYPE_TAG => 0,
                 _ => return Err(KbtfError::BadType(id, kind)),
             };
             at += extra;
@@ -152,11 +155,15 @@ impl Kbtf {
             types,
             structs: HashMap::new(),
             tracepoints: HashSet::new(),
+            funcs: HashMap::new(),
         };
         let mut structs = HashMap::new();
         let mut tracepoints = HashSet::new();
+        let mut funcs = HashMap::new();
         for (id, t) in (0u32..).zip(&btf.types) {
-            if t.kind == KIND_STRUCT && t.name != 0 {
+            if t.kind == KIND_FUNC && t.name != 0 {
+                funcs.entry(btf.name(t.name).to_owned()).or_insert(id);
+            } else if t.kind == KIND_STRUCT && t.name != 0 {
                 // The first (complete) definition wins.
                 structs.entry(btf.name(t.name).to_owned()).or_insert(id);
             } else if t.kind == KIND_TYPEDEF
@@ -167,6 +174,7 @@ impl Kbtf {
         }
         btf.structs = structs;
         btf.tracepoints = tracepoints;
+        btf.funcs = funcs;
         Ok(btf)
     }
 
@@ -209,6 +217,12 @@ impl Kbtf {
             }
         }
         None
+    }
+
+    /// The type id of function `name` (a kfunc's, for a call to it).
+    #[must_use]
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.funcs.get(name).copied()
     }
 
     /// Whether the kernel has BTF tracepoint `name` (`sched_switch`): a

@@ -108,6 +108,18 @@ impl Profile {
             stack: &r.stack,
             hist: &r.hist,
         });
+        let holders = self.locks.iter().enumerate().filter_map(|(index, r)| {
+            let Some(crate::profile::Holder::Task { stack, .. }) = &r.holder else {
+                return None;
+            };
+            Some(Row {
+                what: "lock wait row's holder",
+                index,
+                window: r.window,
+                stack,
+                hist: &[],
+            })
+        });
         let forks = self.forks.iter().enumerate().map(|(index, r)| Row {
             what: "fork row",
             index,
@@ -139,6 +151,7 @@ impl Profile {
         oncpu
             .chain(offcpu)
             .chain(locks)
+            .chain(holders)
             .chain(forks)
             .chain(cgroups)
             .chain(dbus)

@@ -65,7 +65,9 @@ fn folded(dir: &Path, window: &str, tracer: &str) -> Vec<String> {
         .collect()
 }
 
-const TRACERS: [&str; 5] = ["oncpu", "offcpu", "lockwait", "dbuswait", "jobwait"];
+const TRACERS: [&str; 6] = [
+    "oncpu", "offcpu", "lockwait", "lockhold", "dbuswait", "jobwait",
+];
 
 /// `diff.html` inlines no graph (it stays small on big profiles): in each
 /// window's panel, one frame per tracer loads that window's SVG file, which
@@ -89,6 +91,7 @@ fn assert_page_links_every_graph(dir: &Path, p: &Profile) {
             "On-CPU",
             "Off-CPU time",
             "Kernel lock wait",
+            "Kernel lock wait, by holder",
             "D-Bus wait",
             "Domain job wait",
         ];

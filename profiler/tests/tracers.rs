@@ -48,6 +48,22 @@ fn assert_mmap_lock_holders(p: &Profile, row: &profiler::tables::LockRow) {
     assert!(by_vmload > 0 && by_readers > 0, "{summary}");
     assert!((by_vmload + by_readers) * 10 >= total * 9, "{summary}");
     assert!(by_others * 20 <= total, "{summary}");
+    // A writer holding it, not running: its stack where it held the lock,
+    // from vmload_contend's mmap or munmap down into the kernel's.
+    let held_in_mmap = waits.iter().any(|w| match &w.holder {
+        Some(Holder::Task { stack, .. }) => {
+            let names: Vec<&str> = stack
+                .iter()
+                .map(|&f| p.frames[f as usize].as_str())
+                .collect();
+            names.contains(&"vmload_contend")
+                && names
+                    .iter()
+                    .any(|f| *f == "__vm_munmap_[k]" || *f == "vm_mmap_pgoff_[k]")
+        }
+        _ => false,
+    });
+    assert!(held_in_mmap, "no holder stack in mmap or munmap: {summary}");
     assert!(
         (row.holder.starts_with("vmload") || row.holder == "[readers]")
             && row.holder_share_pct > 0

@@ -62,6 +62,12 @@ pub struct LockHolder {
     pub pid: u32,
     pub tgid: u32,
     pub comm: [u8; COMM_LEN],
+    /// Its stacks at the begin, as in [`SampleKey`]: the kernel stack of a
+    /// holder that is not running ([`STACK_HOLDER_ON_CPU`] for one that
+    /// is), the user stack of one blocked where the off-CPU tracer saw it
+    /// block ([`STACK_HOLDER_USER_UNKNOWN`] otherwise).
+    pub kern_stack: u64,
+    pub user_stack: u64,
 }
 
 impl LockHolder {
@@ -69,6 +75,8 @@ impl LockHolder {
         pid: HOLDER_UNKNOWN,
         tgid: 0,
         comm: [0; COMM_LEN],
+        kern_stack: 0,
+        user_stack: 0,
     };
 }
 

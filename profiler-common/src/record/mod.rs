@@ -54,6 +54,12 @@ pub const STACK_DEFERRED: u64 = 4001;
 /// Off-CPU kernel stack not walked: the block was shorter than
 /// `Config::kstack_min_ns`.
 pub const STACK_SHORT_BLOCK: u64 = 4002;
+/// A lock holder's stacks not taken: it was running (on another CPU),
+/// where no other task's stack can be walked.
+pub const STACK_HOLDER_ON_CPU: u64 = 4003;
+/// A lock holder's user stack not known: it was not blocked where the
+/// off-CPU tracer saw it block.
+pub const STACK_HOLDER_USER_UNKNOWN: u64 = 4004;
 
 /// At most this many explicit `--windows` ranges.
 pub const MAX_WINDOW_RANGES: u32 = 64;
@@ -224,6 +230,9 @@ pub struct KernelOffsets {
     pub task_tgid: u32,
     pub mutex_owner: u32,
     pub rwsem_owner: u32,
+    /// `task_struct.on_cpu`: whether a lock holder is running.
+    pub task_on_cpu: u32,
+    pub pad: u32,
 }
 
 /// A [`KernelOffsets`] field kernel BTF did not give.
@@ -380,6 +389,8 @@ impl Config {
                 task_tgid: OFFSET_UNKNOWN,
                 mutex_owner: OFFSET_UNKNOWN,
                 rwsem_owner: OFFSET_UNKNOWN,
+                task_on_cpu: OFFSET_UNKNOWN,
+                pad: 0,
             },
             task_thread_sp: 0,
             verify_stack_cache: 0,
@@ -766,10 +777,14 @@ mod tests {
                 + BLOCK_SITES * size_of::<BlockSite>()
         );
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
-        assert_eq!(size_of::<KernelOffsets>(), 4 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 10 * 4);
         assert_eq!(size_of::<CgroupKey>(), 4 * 4 + CGROUP_PATH_LEN + COMM_LEN);
         assert_eq!(size_of::<ForkKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
-        assert_eq!(size_of::<LockKey>(), 4 * 4 + 3 * 8 + COMM_LEN);
+        assert_eq!(size_of::<LockHolder>(), 2 * 4 + COMM_LEN + 2 * 8);
+        assert_eq!(
+            size_of::<LockKey>(),
+            4 * 4 + 3 * 8 + COMM_LEN + size_of::<LockHolder>()
+        );
         assert_eq!(size_of::<DbusNames>(), 4 * DBUS_NAME_LEN);
         assert_eq!(
             size_of::<DbusKey>(),
@@ -784,7 +799,8 @@ mod tests {
         assert_eq!(size_of::<LockKstack>(), 3 * 8 + LOCK_KSTACK_FRAMES * 12);
         assert_eq!(
             size_of::<LockPending>(),
-            8 + MAX_LOCK_NESTING * 32 + LOCK_KSTACKS * size_of::<LockKstack>()
+            8 + MAX_LOCK_NESTING * (32 + size_of::<LockHolder>())
+                + LOCK_KSTACKS * size_of::<LockKstack>()
         );
         assert_eq!(
             size_of::<Config>(),
@@ -798,6 +814,7 @@ mod tests {
                 + size_of::<KernelOffsets>()
                 + 5 * 4
                 + 3 * 4
+                + 2 * 4
                 + FORK_PATHS * size_of::<ForkPath>()
         );
         assert_eq!(size_of::<ForkPath>(), 4 * 4 + 8);

@@ -17,9 +17,11 @@
 //! dropped and counted as a loss, as is an end without a begin.
 
 use aya_ebpf::{
+    bindings::task_struct,
     cty::c_void,
     helpers::{
-        bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_probe_read_kernel, generated,
+        bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_task_stack,
+        bpf_probe_read_kernel, generated,
     },
     macros::map,
     maps::{HashMap, PerCpuArray},
@@ -28,8 +30,8 @@ use aya_ebpf::{
 use profiler_common::record::{
     COMM_LEN, Counter, HOLDER_READERS, HOLDER_UNKNOWN, KSTACK_UNCHECKED, LOCK_HIST_BUCKETS,
     LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS, LOCK_KSTACKS, LockBegin, LockHolder, LockKey,
-    LockKstack, LockPending, LockValue, Loss, MAX_LOCK_NESTING, OFFSET_UNKNOWN, STACK_ID_MIN,
-    StackBuf, lock_flags,
+    LockKstack, LockPending, LockValue, Loss, MAX_LOCK_NESTING, OFFSET_UNKNOWN,
+    STACK_HOLDER_ON_CPU, STACK_HOLDER_USER_UNKNOWN, STACK_ID_MIN, StackBuf, lock_flags,
 };
 
 use super::{
@@ -38,7 +40,10 @@ use super::{
         written_now,
     },
     offcpu,
-    stacks::{STACK_SCRATCH, kern_stack, kern_stack_or_reason, user_stack, verified, walk_stack},
+    stacks::{
+        STACK_SCRATCH, kern_stack, kern_stack_or_reason, store_stack, user_stack, verified,
+        walk_stack,
+    },
 };
 
 #[map]
@@ -112,7 +117,7 @@ fn try_lock_contention_begin(ctx: &BtfTracePointContext) -> Option<u32> {
             lose(window, Loss::LockNestingTooDeep);
             return Some(0);
         }
-        let holder = holder(lock, flags);
+        let holder = holder(lock, flags, window);
         (*pending).entries[depth] = LockBegin {
             lock,
             start_ns: now(),
@@ -130,9 +135,10 @@ fn try_lock_contention_begin(ctx: &BtfTracePointContext) -> Option<u32> {
 /// Who holds `lock` (of type `flags`): the task in its `owner` word, with
 /// the word's flag bits masked off (a mutex keeps three, an rwsem two); an
 /// rwsem owned by readers says so. Read with the checked helper: the lock
-/// and the task are plain addresses here.
+/// and the task are plain addresses here. Then the holder's stacks (see
+/// [`holder_stacks`]).
 #[inline(always)]
-fn holder(lock: u64, flags: u32) -> LockHolder {
+fn holder(lock: u64, flags: u32, window: u32) -> LockHolder {
     if !lock_flags::has_owner(flags) {
         return LockHolder::UNKNOWN;
     }
@@ -158,8 +164,7 @@ fn holder(lock: u64, flags: u32) -> LockHolder {
         if !mutex && owner & RWSEM_READER_OWNED != 0 {
             return LockHolder {
                 pid: HOLDER_READERS,
-                tgid: 0,
-                comm: [0; COMM_LEN],
+                ..LockHolder::UNKNOWN
             };
         }
         let task = owner & !mask;
@@ -176,8 +181,57 @@ fn holder(lock: u64, flags: u32) -> LockHolder {
         if pid == HOLDER_UNKNOWN || pid == HOLDER_READERS {
             return LockHolder::UNKNOWN;
         }
-        LockHolder { pid, tgid, comm }
+        let (kern_stack, user_stack) = holder_stacks(task, pid, window);
+        LockHolder {
+            pid,
+            tgid,
+            comm,
+            kern_stack,
+            user_stack,
+        }
     }
+}
+
+/// The stacks of holder `task` (thread `pid`). Not of one that is running:
+/// another CPU's task has no stack to walk from here (the kernel's walk of
+/// it would read a stack being overwritten). Else its kernel stack, walked
+/// by the kernel from where it switched out (the task is taken by pid, as
+/// the helper wants a counted task), and its user stack where the off-CPU
+/// tracer saw it block.
+#[inline(always)]
+fn holder_stacks(task: u64, pid: u32, window: u32) -> (u64, u64) {
+    let on_cpu_off = config!(offsets.task_on_cpu);
+    // SAFETY: a read of kernel memory through the checked helper.
+    let running = on_cpu_off == OFFSET_UNKNOWN
+        || !matches!(
+            unsafe { bpf_probe_read_kernel((task + u64::from(on_cpu_off)) as *const u32) },
+            Ok(0)
+        );
+    if running {
+        return (STACK_HOLDER_ON_CPU, STACK_HOLDER_ON_CPU);
+    }
+    let user = offcpu::blocked_user_stack(task, pid).unwrap_or(STACK_HOLDER_USER_UNKNOWN);
+    let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return (STACK_HOLDER_ON_CPU, user);
+    };
+    // SAFETY: kfuncs on a pid; the task they give is released on every
+    // path; buf is this CPU's scratch value, one StackBuf long.
+    let n = unsafe {
+        let t = bpf_task_from_pid(pid as i32);
+        if t.is_null() {
+            return (STACK_HOLDER_ON_CPU, user);
+        }
+        let n = bpf_get_task_stack(t, buf.cast(), core::mem::size_of::<StackBuf>() as u32, 0);
+        bpf_task_release(t);
+        n
+    };
+    (kern_stack_or_reason(store_stack(n), window), user)
+}
+
+unsafe extern "C" {
+    /// The task of `pid`, counted (`KF_ACQUIRE`), or null.
+    fn bpf_task_from_pid(pid: i32) -> *mut task_struct;
+    fn bpf_task_release(task: *mut task_struct);
 }
 
 /// The flag bits in the low bits of a mutex's `owner` (`MUTEX_FLAGS`).

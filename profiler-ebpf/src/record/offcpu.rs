@@ -251,6 +251,16 @@ pub(super) fn own_entry(task: u64, pid: u32) -> Option<*mut OffCpuStart> {
         .filter(|e| unsafe { (**e).key.pid } == pid)
 }
 
+/// The user stack of thread `pid` (task pointer `task`) where it blocked,
+/// while it is still blocked there.
+#[inline(always)]
+pub(super) fn blocked_user_stack(task: u64, pid: u32) -> Option<u64> {
+    let e = OFFCPU_START.get_ptr(&task)?;
+    // SAFETY: a valid map value (another CPU may be changing it: a stale
+    // read gives a stack of the thread's, or none).
+    unsafe { ((*e).key.pid == pid && (*e).start_ns != 0).then(|| (*e).key.user_stack) }
+}
+
 /// The remembered sites of a thread's entry.
 #[inline(always)]
 fn sites_of(e: *mut OffCpuStart) -> *mut BlockSite {

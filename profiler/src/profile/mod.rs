@@ -213,8 +213,16 @@ pub struct LockWait {
 pub enum Holder {
     /// An rwsem held for reading: the kernel does not record its readers.
     Readers,
-    /// The task in the lock's `owner` word.
-    Task { tgid: u32, pid: u32, comm: String },
+    /// The task in the lock's `owner` word, and its stack: kernel frames
+    /// where it was switched out (one frame saying so if it was running),
+    /// user frames where it blocked.
+    Task {
+        tgid: u32,
+        pid: u32,
+        comm: String,
+        #[serde(default)]
+        stack: Stack,
+    },
 }
 
 impl std::fmt::Display for Holder {

@@ -252,13 +252,13 @@ fn locks(
             total_ns: v.total_ns,
             max_ns: v.max_ns,
             hist: trim_hist(&v.hist),
-            holder: holder(&k.holder),
+            holder: holder(&k.holder, frames),
         })
         .collect()
 }
 
 /// A wait's holder as the lock tracer found it.
-fn holder(h: &profiler_common::record::LockHolder) -> Option<Holder> {
+fn holder(h: &profiler_common::record::LockHolder, frames: &mut Symbolize<'_>) -> Option<Holder> {
     use profiler_common::record::{HOLDER_READERS, HOLDER_UNKNOWN};
     match h.pid {
         HOLDER_UNKNOWN => None,
@@ -267,6 +267,7 @@ fn holder(h: &profiler_common::record::LockHolder) -> Option<Holder> {
             tgid: h.tgid,
             pid,
             comm: comm_str(&h.comm),
+            stack: frames.stack(h.tgid, h.kern_stack, h.user_stack),
         }),
     }
 }

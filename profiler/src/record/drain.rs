@@ -213,6 +213,10 @@ impl Drained {
                     .iter()
                     .map(|(k, _)| (k.tgid, k.kern_stack, k.user_stack)),
             )
+            .chain(self.locks.iter().map(|(k, _)| {
+                let h = &k.holder;
+                (h.tgid, h.kern_stack, h.user_stack)
+            }))
             .chain(self.forks.iter().map(|(k, _)| (k.tgid, 0, k.user_stack)))
             .chain(self.dbus.iter().map(|(k, _)| (k.tgid, 0, k.user_stack)))
             .chain(self.jobs.iter().map(|(k, _)| (k.tgid, 0, k.user_stack)))

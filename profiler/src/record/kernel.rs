@@ -181,6 +181,7 @@ fn holder_offsets(kbtf: &Kbtf, offsets: &mut KernelOffsets) {
     offsets.task_tgid = off("task_struct", "tgid");
     offsets.mutex_owner = off("mutex", "owner");
     offsets.rwsem_owner = off("rw_semaphore", "owner");
+    offsets.task_on_cpu = off("task_struct", "on_cpu");
     if !missing.is_empty() {
         eprintln!(
             "hvprof: note: some lock holders are not recorded: kernel BTF: {}",

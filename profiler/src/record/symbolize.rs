@@ -11,7 +11,10 @@
 use std::{collections::HashMap, rc::Rc, time::Duration};
 
 use profiler_common::{
-    record::{STACK_DEFERRED, STACK_EXITING, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK},
+    record::{
+        STACK_DEFERRED, STACK_EXITING, STACK_HOLDER_ON_CPU, STACK_HOLDER_USER_UNKNOWN,
+        STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK,
+    },
     unwind::{STACK_CUT, UnwindStop},
 };
 
@@ -275,8 +278,12 @@ impl Frames {
             return match user {
                 // No user space: a kernel thread (-a), or exiting.
                 STACK_EFAULT if self.target_all => Vec::new(),
-                STACK_EXITING => Vec::new(),
+                // Its kernel stack says why.
+                STACK_EXITING | STACK_HOLDER_ON_CPU => Vec::new(),
                 STACK_NOT_TAKEN => vec![self.table.intern("[preempted]")],
+                STACK_HOLDER_USER_UNKNOWN => {
+                    vec![self.table.intern("[holder's user stack unknown]")]
+                }
                 _ => vec![self.table.intern("[missing user stack]")],
             };
         }
@@ -313,6 +320,12 @@ impl Frames {
         if kern < STACK_ID_MIN {
             return match kern {
                 STACK_SHORT_BLOCK => vec![self.table.intern(&self.short_block)],
+                STACK_HOLDER_ON_CPU => {
+                    vec![
+                        self.table
+                            .intern("[holder on CPU: its stack cannot be walked]"),
+                    ]
+                }
                 STACK_DEFERRED => {
                     vec![
                         self.table

@@ -322,6 +322,7 @@ mod tests {
             tgid: 7,
             pid,
             comm: format!("w{pid}"),
+            stack: Vec::new(),
         };
         p.locks[0].holder = Some(task(11));
         p.locks[1].holder = Some(Holder::Readers);
