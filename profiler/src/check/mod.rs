@@ -289,6 +289,7 @@ pub fn run() -> Report {
     let btf = Btf::from_sys_fs();
     rows.push(system::btf_row(&btf));
     rows.push(system::run_queue_row());
+    rows.push(system::lock_holders_row());
     rows.extend(programs::rows(
         &privileges,
         tracefs.as_ref().ok(),

@@ -176,6 +176,71 @@ pub(super) fn run_queue_row() -> Row {
     }
 }
 
+/// What the lock tracer needs to say who held a mutex or rwsem: the locks'
+/// `owner` words, the task's `on_cpu`, and the kfuncs that give it a
+/// holder's kernel stack.
+pub(super) fn lock_holders_row() -> Row {
+    const CAP: &str = "lock holders";
+    let needed = NeededBy::from(Tracer::Locks);
+    let btf = match crate::kbtf::Kbtf::from_sys_fs() {
+        Ok(b) => b,
+        Err(e) => {
+            return Row::missing(
+                CAP,
+                needed,
+                false,
+                format!("kernel BTF unreadable ({e}): no lock holder is recorded"),
+                "use a kernel with CONFIG_DEBUG_INFO_BTF",
+            );
+        }
+    };
+    let fields = [
+        ("mutex", "owner"),
+        ("rw_semaphore", "owner"),
+        ("task_struct", "tgid"),
+        ("task_struct", "on_cpu"),
+    ];
+    let missing: Vec<String> = fields
+        .iter()
+        .filter_map(|(s, f)| btf.offset_of(s, &[f]).err().map(|e| e.to_string()))
+        .collect();
+    if !missing.is_empty() {
+        return Row::missing(
+            CAP,
+            needed,
+            false,
+            format!(
+                "kernel BTF lacks {}: no lock holder is recorded",
+                missing.join("; ")
+            ),
+            "use a kernel whose BTF describes mutex, rw_semaphore and task_struct (any BTF kernel)",
+        );
+    }
+    let kfuncs: Vec<&str> = crate::ebpf::kfuncs::KFUNCS
+        .iter()
+        .copied()
+        .filter(|k| btf.func_id(k).is_none())
+        .collect();
+    if !kfuncs.is_empty() {
+        return Row::missing(
+            CAP,
+            needed,
+            false,
+            format!(
+                "the kernel has no kfunc {}: holders are named, their kernel stacks not taken",
+                kfuncs.join(", ")
+            ),
+            "use Linux 6.2 or later (bpf_task_from_pid)",
+        );
+    }
+    Row::ok(
+        CAP,
+        needed,
+        false,
+        "mutex and rwsem owners; holder kernel stacks through bpf_task_from_pid",
+    )
+}
+
 /// The D-Bus client libraries the dbus tracer would probe.
 pub(super) fn dbus_libraries_row() -> Row {
     let libs = crate::record::dbus_library_paths(&[]);
