@@ -60,6 +60,9 @@ pub fn lock_caller(profile: &Profile, w: &LockWait) -> Option<String> {
         .map(|f| f.trim_end_matches("_[k]").to_owned())
 }
 
+/// Holders a lock's row names.
+pub const TOP_HOLDERS: usize = 3;
+
 /// One lock in a table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LockRow {
@@ -75,6 +78,8 @@ pub struct LockRow {
     /// wait time; empty for locks that record no holder.
     pub holder: String,
     pub holder_share_pct: u64,
+    /// The top [`TOP_HOLDERS`] holders by wait caused, with their shares.
+    pub holders: Vec<(String, u64)>,
     pub contentions: u64,
     pub total_ns: u64,
     pub max_ns: u64,
@@ -129,18 +134,17 @@ pub fn locks(profile: &Profile, window: Option<u32>) -> Vec<LockRow> {
         .into_iter()
         .map(|((addr, ty), a)| {
             let address = format!("{addr:#x}");
-            let (holder, held_ns) = a
-                .holders
-                .iter()
-                .max_by_key(|(_, ns)| **ns)
-                .map(|(h, ns)| (h.clone(), *ns))
-                .unwrap_or_default();
+            let mut holders: Vec<(String, u64)> = a.holders.into_iter().collect();
+            holders.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
+            holders.truncate(TOP_HOLDERS);
+            for h in &mut holders {
+                h.1 = h.1.saturating_mul(100).checked_div(a.total).unwrap_or(0);
+            }
+            let (holder, holder_share_pct) = holders.first().cloned().unwrap_or_default();
             LockRow {
                 holder,
-                holder_share_pct: held_ns
-                    .saturating_mul(100)
-                    .checked_div(a.total)
-                    .unwrap_or(0),
+                holder_share_pct,
+                holders,
                 lock: a.name.map_or_else(|| address.clone(), str::to_owned),
                 address,
                 lock_type: ty.to_owned(),
@@ -200,10 +204,15 @@ pub static LOCKS: TableDef<LockRow> = TableDef {
             csv: "holder",
             role: Role::Text,
             cell: |r| {
-                Cell::Text(if r.holder.is_empty() {
+                Cell::Text(if r.holders.is_empty() {
                     "-".to_owned()
                 } else {
-                    format!("{} {}%", r.holder, r.holder_share_pct)
+                    let shares: Vec<String> = r
+                        .holders
+                        .iter()
+                        .map(|(h, pct)| format!("{h} {pct}%"))
+                        .collect();
+                    shares.join(", ")
                 })
             },
         },
@@ -334,8 +343,12 @@ mod tests {
         // 6000 of 9000 ns by w11, 3000 by readers.
         assert_eq!(rows[0].holder, "w11[11]");
         assert_eq!(rows[0].holder_share_pct, 66);
+        assert_eq!(
+            rows[0].holders,
+            [("w11[11]".to_owned(), 66), ("[readers]".to_owned(), 33)]
+        );
         let text = LOCKS.table(&p, Some(1), true).text();
-        assert!(text.contains("w11[11] 66%"), "{text}");
+        assert!(text.contains("w11[11] 66%, [readers] 33%"), "{text}");
         // A lock that records no holder says so.
         assert_eq!(locks(&p, Some(2))[0].holder, "");
         assert!(LOCKS.table(&p, Some(2), true).text().contains(" - "));
