@@ -22,6 +22,13 @@
 //!   mapping (the copy faults, and the fault read-locks it), while two
 //!   threads of `contend` write-lock it.
 //!
+//! - `holdlock:MS` — a kernel mutex held by a sleeping thread: `vmload-holder`
+//!   writes to a pipe from a page that userfaultfd leaves missing, so it
+//!   faults inside `pipe_write` holding the pipe's mutex and sleeps until
+//!   a handler fills the page MS ms later; meanwhile `vmload-waiter`
+//!   writes to the same pipe (`vmload_holdlock_wait`) and waits about MS
+//!   ms for the mutex. Needs root (userfaultfd of kernel faults).
+//!
 //! - `crowd:MS` — 3 threads (`vmload-crowd`) on one CPU, each burning in
 //!   `vmload_crowd_busy` until MS ms have passed: each runs about a third
 //!   of the time and waits for the CPU the rest, about 2·MS ms of
@@ -75,6 +82,7 @@ enum Step {
     Work(u64),
     Contend(u64),
     ReadLocks(u64),
+    HoldLock(u64),
     Crowd(u64),
     Cgroups(u64),
     Forks(u64),
@@ -111,6 +119,7 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
                 "work" => Ok(Step::Work(ms)),
                 "contend" => Ok(Step::Contend(ms)),
                 "readlocks" => Ok(Step::ReadLocks(ms)),
+                "holdlock" => Ok(Step::HoldLock(ms)),
                 "crowd" => Ok(Step::Crowd(ms)),
                 "cgroups" => Ok(Step::Cgroups(ms)),
                 "forks" => Ok(Step::Forks(ms)),
@@ -286,6 +295,143 @@ fn contend(ms: u64) -> Result<(), String> {
         .collect::<Result<_, _>>()?;
     for t in threads {
         t.join().map_err(|_| "contend thread panicked".to_owned())?;
+    }
+    Ok(())
+}
+
+/// userfaultfd's ioctls and their arguments (`linux/userfaultfd.h`).
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// The holder: a write to the pipe from the missing page, which faults
+/// with the pipe's mutex held.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_holdlock_hold(fd: i32, page: u64) -> isize {
+    // SAFETY: page is a mapping of one page (its contents come from the
+    // handler).
+    let n = unsafe { libc::write(fd, page as *const libc::c_void, 16) };
+    // Not a tail call: this function stays on the stack.
+    black_box(n)
+}
+
+/// The waiter: a write to the same pipe, which waits for its mutex.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_holdlock_wait(fd: i32) -> isize {
+    // SAFETY: writes one byte of a static.
+    let n = unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+    black_box(n)
+}
+
+fn holdlock(ms: u64) -> Result<(), String> {
+    const PAGE: usize = 4096;
+    // SAFETY: plain system calls on descriptors and a mapping this
+    // function owns; the structures are the kernel's layouts.
+    unsafe {
+        let uffd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC);
+        let uffd = i32::try_from(uffd)
+            .ok()
+            .filter(|&fd| fd >= 0)
+            .ok_or_else(|| os_err("userfaultfd"))?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        if libc::ioctl(uffd, UFFDIO_API, &raw mut api) != 0 {
+            return Err(os_err("UFFDIO_API"));
+        }
+        let page = libc::mmap(
+            std::ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if page == libc::MAP_FAILED {
+            return Err(os_err("mmap"));
+        }
+        let mut reg = UffdioRegister {
+            start: page as u64,
+            len: PAGE as u64,
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        if libc::ioctl(uffd, UFFDIO_REGISTER, &raw mut reg) != 0 {
+            return Err(os_err("UFFDIO_REGISTER"));
+        }
+        let mut fds = [0; 2];
+        if libc::pipe(fds.as_mut_ptr()) != 0 {
+            return Err(os_err("pipe"));
+        }
+        let (rd, wr) = (fds[0], fds[1]);
+        let addr = page as u64;
+        let holder = std::thread::Builder::new()
+            .name("vmload-holder".to_owned())
+            .spawn(move || vmload_holdlock_hold(wr, addr))
+            .map_err(|e| format!("thread: {e}"))?;
+        // The holder's fault: it now sleeps with the pipe's mutex held.
+        let mut msg = [0u8; 32];
+        if libc::read(uffd, msg.as_mut_ptr().cast(), msg.len()) != 32 {
+            return Err(os_err("reading the userfaultfd"));
+        }
+        let waiter = std::thread::Builder::new()
+            .name("vmload-waiter".to_owned())
+            .spawn(move || vmload_holdlock_wait(wr))
+            .map_err(|e| format!("thread: {e}"))?;
+        std::thread::sleep(Duration::from_millis(ms));
+        let src = [b'h'; PAGE];
+        let mut copy = UffdioCopy {
+            dst: addr,
+            src: src.as_ptr() as u64,
+            len: PAGE as u64,
+            mode: 0,
+            copy: 0,
+        };
+        if libc::ioctl(uffd, UFFDIO_COPY, &raw mut copy) != 0 {
+            return Err(os_err("UFFDIO_COPY"));
+        }
+        let (h, w) = (holder.join(), waiter.join());
+        if h.map_or(true, |n| n != 16) || w.map_or(true, |n| n != 1) {
+            return Err("holdlock: a write to the pipe failed".to_owned());
+        }
+        libc::close(rd);
+        libc::close(wr);
+        libc::close(uffd);
+        libc::munmap(page, PAGE);
     }
     Ok(())
 }
@@ -760,6 +906,7 @@ fn run(steps: &[Step]) -> Result<(), String> {
             Step::NoClone3 => deny_clone3()?,
             Step::Contend(ms) => contend(ms)?,
             Step::ReadLocks(ms) => readlocks(ms)?,
+            Step::HoldLock(ms) => holdlock(ms)?,
             Step::Crowd(ms) => crowd(ms)?,
             Step::Cgroups(n) => {
                 if vmload_cgroups(n) != 0 {
