@@ -19,7 +19,9 @@ use common::*;
 /// vmload's own threads take it (`contend` makes 4 of them mmap, fault and
 /// munmap), as writers (a task) or as readers (faulting threads, which the
 /// kernel does not record: `[readers]`). The table names the top holder.
-/// (Their stacks: `lock_oracle.rs`, whose contention runs longer.)
+/// (The holders' stacks: `a_lock_wait_names_its_sleeping_holder_and_the_
+/// holders_stack`, where the holder is known to sleep; here a waiter often
+/// meets only running holders.)
 fn assert_mmap_lock_holders(p: &Profile, row: &profiler::tables::LockRow) {
     use profiler::profile::Holder;
     let vmload_pid = p.vms[0].pid;

@@ -31,7 +31,7 @@ use profiler_common::record::{
     COMM_LEN, Counter, HOLDER_READERS, HOLDER_UNKNOWN, KSTACK_UNCHECKED, LOCK_HIST_BUCKETS,
     LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS, LOCK_KSTACKS, LockBegin, LockHolder, LockKey,
     LockKstack, LockPending, LockValue, Loss, MAX_LOCK_NESTING, OFFSET_UNKNOWN,
-    STACK_HOLDER_ON_CPU, STACK_HOLDER_USER_UNKNOWN, STACK_ID_MIN, StackBuf, lock_flags,
+    STACK_HOLDER_ON_CPU, STACK_HOLDER_USER_UNKNOWN, STACK_ID_MIN, StackBuf, WindowMode, lock_flags,
 };
 
 use super::{
@@ -328,8 +328,11 @@ fn try_lock_contention_end(ctx: &BtfTracePointContext) -> Option<u32> {
     }
     drop_ended(pending, switches());
     let Some(begin) = take_begin(pending, lock) else {
-        // Began before the recording, outside every window, or unseen.
-        if let Some((_, window)) = traced() {
+        // Unseen, or began before the recording or outside every window
+        // (explicit windows: between two of them, which is no loss).
+        if config!(window_mode) == WindowMode::Every as u32
+            && let Some((_, window)) = traced()
+        {
             lose(window, Loss::LockBeginUnseen);
         }
         return None;
