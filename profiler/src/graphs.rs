@@ -383,18 +383,7 @@ fn lockwait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
         .locks
         .iter()
         .filter(|r| keep(r.window))
-        .map(|r| StackRow {
-            window: r.window,
-            tgid: r.tgid,
-            tid: None,
-            comm: &r.comm,
-            context: None,
-            stack: &r.stack,
-            leaf: Some(lock_frame(r)),
-            count: r.count,
-            ns: r.total_ns,
-            labels: lock_labels(r),
-        })
+        .map(|r| lock_row(r, r.tgid, None, &r.comm, &r.stack))
         .collect()
 }
 
@@ -405,31 +394,39 @@ fn lockhold_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
         .locks
         .iter()
         .filter(|r| keep(r.window))
-        .filter_map(|r| {
-            let (tgid, thread, comm, stack): (u32, Option<u32>, &str, &[u32]) =
-                match r.holder.as_ref()? {
-                    Holder::Readers => (0, None, "[readers]", &[]),
-                    Holder::Task {
-                        tgid,
-                        pid,
-                        comm,
-                        stack,
-                    } => (*tgid, Some(*pid), comm, stack),
-                };
-            Some(StackRow {
-                window: r.window,
+        .filter_map(|r| match r.holder.as_ref()? {
+            Holder::Readers => Some(lock_row(r, 0, None, "[readers]", &[])),
+            Holder::Task {
                 tgid,
-                tid: thread,
+                pid,
                 comm,
-                context: None,
                 stack,
-                leaf: Some(lock_frame(r)),
-                count: r.count,
-                ns: r.total_ns,
-                labels: lock_labels(r),
-            })
+            } => Some(lock_row(r, *tgid, Some(*pid), comm, stack)),
         })
         .collect()
+}
+
+/// A lock wait's row on the stack of `comm` (the waiter's, or the
+/// holder's), the lock as the leaf.
+fn lock_row<'a>(
+    r: &'a LockWait,
+    tgid: u32,
+    thread: Option<u32>,
+    comm: &'a str,
+    stack: &'a [u32],
+) -> StackRow<'a> {
+    StackRow {
+        window: r.window,
+        tgid,
+        tid: thread,
+        comm,
+        context: None,
+        stack,
+        leaf: Some(lock_frame(r)),
+        count: r.count,
+        ns: r.total_ns,
+        labels: lock_labels(r),
+    }
 }
 
 fn dbuswait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
