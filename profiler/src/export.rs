@@ -36,7 +36,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
-    graphs::{GRAPHS, Graph, Label, StackRow, period_ns},
+    graphs::{GRAPHS, Graph, Label, StackRow, Tail, period_ns},
     profile::Profile,
     windows::WindowInfo,
 };
@@ -224,8 +224,11 @@ impl<'p> PprofBuilder<'p> {
 
     fn sample(&mut self, row: &StackRow<'_>, labels: &[(&str, Label)]) {
         self.locations.clear();
-        if let Some(leaf) = &row.leaf {
-            let id = self.leaf(leaf);
+        for t in row.tail.iter().rev() {
+            let id = match t {
+                Tail::Frame(f) => self.frame(*f),
+                Tail::Name(name) => self.leaf(name),
+            };
             self.locations.push(id);
         }
         for &f in row.stack.iter().rev() {
@@ -439,8 +442,16 @@ pub fn speedscope(profile: &Profile, graph: &Graph) -> Result<Speedscope, Export
             let mut stack = Vec::with_capacity(row.stack.len() + 2);
             stack.push(intern(comm));
             stack.extend(profile.frame_names(row.stack).map(&mut intern));
-            if let Some(leaf) = &row.leaf {
-                stack.push(intern(leaf));
+            for t in &row.tail {
+                stack.push(match t {
+                    Tail::Frame(f) => intern(
+                        profile
+                            .frames
+                            .get(*f as usize)
+                            .map_or("[bad frame]", String::as_str),
+                    ),
+                    Tail::Name(name) => intern(name),
+                });
             }
             *stacks.entry(stack).or_default() += row.ns;
         }

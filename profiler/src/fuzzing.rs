@@ -15,7 +15,7 @@ use crate::{
     diff, export, html,
     profile::{
         CgroupOp, DbusCall, ForkCall, FrameTable, LibvirtCall, LockWait, LossCount, Meta, OffCpu,
-        OnCpu, Process, Profile, ProfileError, VmCreation,
+        OffWake, OnCpu, Process, Profile, ProfileError, VmCreation, Waker,
     },
     render, tables,
     windows::WindowSpec,
@@ -221,6 +221,27 @@ pub fn fail_on(data: &[u8]) -> Result<String, String> {
     Ok(ci::gates_text(&results))
 }
 
+/// The fixture's off-CPU block woken by another thread.
+fn fixture_offwake(f: &[u32]) -> OffWake {
+    OffWake {
+        window: 1,
+        tgid: 100,
+        pid: 102,
+        comm: "libvirtd".into(),
+        state: "S".into(),
+        stack: vec![f[0], f[5]],
+        waker: Waker::Task {
+            tgid: 100,
+            pid: 101,
+            comm: "rpc libvirtd".into(),
+            stack: vec![f[0], f[1]],
+        },
+        blocks: 2,
+        total_ns: 30_000_000,
+        max_ns: 20_000_000,
+    }
+}
+
 /// A small profile with every tracer's rows in three windows (setup, VMs
 /// 1–2, VMs 3–4), named locks and D-Bus methods, losses and names that
 /// need escaping: [`fail_on`]'s profile, and a seed of the profile
@@ -268,6 +289,7 @@ pub fn fixture() -> Profile {
             runq_ns: 1_000,
             dbus: Some("g_dbus_connection_call_sync".into()),
         }],
+        offwake: vec![fixture_offwake(&f)],
         losses: fixture_losses(),
         processes: vec![Process {
             tgid: 201,

@@ -23,14 +23,24 @@ pub struct StackRow<'a> {
     pub context: Option<String>,
     /// Root first.
     pub stack: &'a [u32],
-    /// A frame below the stack's leaf: the lock, or the D-Bus call.
-    pub leaf: Option<String>,
+    /// Frames past the stack's leaf, outermost first: the lock, the D-Bus
+    /// call; in the wakers graph `--`, the waker's stack leaf first, and
+    /// the waker.
+    pub tail: Vec<Tail>,
     /// Events: samples, blocks, contentions, calls.
     pub count: u64,
     /// Their time (on-CPU: samples × the sampling period).
     pub ns: u64,
     /// Labels of this graph only (task state, lock, D-Bus method).
     pub labels: Vec<(&'static str, Label)>,
+}
+
+/// A frame past a row's stack: one of the profile's frames, or a name of
+/// the graph's own (`[lock …]`, `--`, a waker's `comm[pid]`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Tail {
+    Frame(u32),
+    Name(String),
 }
 
 /// A label's value. Ids are numbers, as in `perf_to_profile`'s profiles,
@@ -85,6 +95,19 @@ pub static OFFCPU: Graph = Graph {
     rows: offcpu_rows,
 };
 
+/// Off-CPU time by who ended it, as `offwaketime` folds it: the blocked
+/// thread's stack, `--`, then the waker's stack leaf first, and the waker
+/// (its comm, or `[interrupt]`). Read upward: where the thread slept, then
+/// from where and by whom it was woken. Preemptions have no waker.
+pub static OFFWAKE: Graph = Graph {
+    name: "offwake",
+    title: "Off-CPU time, by waker",
+    tracer: Tracer::Wakers,
+    sampled: false,
+    sample_types: [("blocks", "count"), ("off_cpu", "nanoseconds")],
+    rows: offwake_rows,
+};
+
 /// The waiter's stack, then the lock (`[lock 0x… rwsem:W]` or its
 /// symbol). pprof's types are Go's mutex profile.
 pub static LOCKWAIT: Graph = Graph {
@@ -129,7 +152,9 @@ pub static JOBWAIT: Graph = Graph {
 };
 
 /// The graphs every window gets, in the order reports show them.
-pub static GRAPHS: [&Graph; 6] = [&ONCPU, &OFFCPU, &LOCKWAIT, &LOCKHOLD, &DBUSWAIT, &JOBWAIT];
+pub static GRAPHS: [&Graph; 7] = [
+    &ONCPU, &OFFCPU, &OFFWAKE, &LOCKWAIT, &LOCKHOLD, &DBUSWAIT, &JOBWAIT,
+];
 
 impl Graph {
     /// `On-CPU: window 1 (VMs 1–4)`.
@@ -167,7 +192,7 @@ impl Graph {
         // Rows of many processes and threads share a stack: merged first.
         let mut merged: HashMap<_, u64> = HashMap::with_capacity(rows.len());
         for r in &rows {
-            let key = (r.comm, r.stack, r.context.as_deref(), r.leaf.as_deref());
+            let key = (r.comm, r.stack, r.context.as_deref(), r.tail.as_slice());
             *merged.entry(key).or_default() += if self.sampled { r.count } else { r.ns };
         }
         // Each line as tokens: a frame by its id, the other names (comm,
@@ -183,7 +208,7 @@ impl Graph {
             })
         };
         let mut stacks: Vec<(Vec<usize>, u64)> = Vec::with_capacity(merged.len());
-        for ((comm, stack, context, leaf), n) in merged {
+        for ((comm, stack, context, tail), n) in merged {
             let mut tokens = Vec::with_capacity(stack.len() + 3);
             let comm = clean(comm, '_');
             tokens.push(other(if comm.is_empty() {
@@ -194,16 +219,13 @@ impl Graph {
             if let Some(c) = context {
                 tokens.push(other(c.replace(';', ":")));
             }
-            for &f in stack {
-                let f = f as usize;
-                tokens.push(if f < frames {
-                    f
-                } else {
-                    other("[bad frame]".to_owned())
+            let own = stack.iter().map(|&f| Tail::Frame(f));
+            for t in own.chain(tail.iter().cloned()) {
+                tokens.push(match t {
+                    Tail::Frame(f) if (f as usize) < frames => f as usize,
+                    Tail::Frame(_) => other("[bad frame]".to_owned()),
+                    Tail::Name(name) => other(name.replace(';', ":")),
                 });
-            }
-            if let Some(leaf) = leaf {
-                tokens.push(other(leaf.replace(';', ":")));
             }
             stacks.push((tokens, n));
         }
@@ -342,7 +364,7 @@ fn oncpu_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
             comm: &r.comm,
             context: None,
             stack: &r.stack,
-            leaf: None,
+            tail: Vec::new(),
             count: r.samples,
             ns: r.samples.saturating_mul(period),
             labels: Vec::new(),
@@ -363,7 +385,7 @@ fn offcpu_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
             comm: &r.comm,
             context: r.dbus.as_ref().map(|f| format!("[D-Bus {f}]")),
             stack: &r.stack,
-            leaf: None,
+            tail: Vec::new(),
             count: r.blocks,
             ns: r.total_ns,
             labels: {
@@ -373,6 +395,36 @@ fn offcpu_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
                 }
                 l
             },
+        })
+        .collect()
+}
+
+fn offwake_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
+    let keep = in_window(window);
+    profile
+        .offwake
+        .iter()
+        .filter(|r| keep(r.window))
+        .map(|r| {
+            let mut tail = Vec::with_capacity(r.waker.stack().len() + 2);
+            tail.push(Tail::Name("--".to_owned()));
+            tail.extend(r.waker.stack().iter().rev().map(|&f| Tail::Frame(f)));
+            tail.push(Tail::Name(r.waker.name().to_owned()));
+            StackRow {
+                window: r.window,
+                tgid: r.tgid,
+                tid: Some(r.pid),
+                comm: &r.comm,
+                context: None,
+                stack: &r.stack,
+                tail,
+                count: r.blocks,
+                ns: r.total_ns,
+                labels: vec![
+                    ("state", Label::Str(r.state.clone())),
+                    ("waker", Label::Str(r.waker.to_string())),
+                ],
+            }
         })
         .collect()
 }
@@ -422,7 +474,7 @@ fn lock_row<'a>(
         comm,
         context: None,
         stack,
-        leaf: Some(lock_frame(r)),
+        tail: vec![Tail::Name(lock_frame(r))],
         count: r.count,
         ns: r.total_ns,
         labels: lock_labels(r),
@@ -442,7 +494,7 @@ fn dbuswait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
             comm: &r.comm,
             context: None,
             stack: &r.stack,
-            leaf: Some(dbus_frame(r)),
+            tail: vec![Tail::Name(dbus_frame(r))],
             count: r.calls,
             ns: r.total_ns,
             labels: vec![
@@ -474,7 +526,7 @@ fn jobwait_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
             comm: &r.comm,
             context: None,
             stack: &r.stack,
-            leaf: Some(format!("[job wait: {}]", r.status)),
+            tail: vec![Tail::Name(format!("[job wait: {}]", r.status))],
             count: r.calls,
             ns: r.total_ns,
             labels: vec![("job_wait", Label::Str(r.status.clone()))],

@@ -423,7 +423,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         drop_lock_ends: args.drop_lock_ends,
         tracers: match args.tracers.as_deref() {
             Some(t) => Tracer::parse_list(t).map_err(|e| anyhow::anyhow!("--tracers: {e}"))?,
-            None => Tracer::ALL.to_vec(),
+            None => Tracer::DEFAULT.to_vec(),
         },
     };
     let outcome = record::record(opts)?;

@@ -160,6 +160,10 @@ pub struct WindowSummary {
     pub api_calls: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub qmp_ns: u64,
+    /// Off-CPU time of the blocks a task (not an interrupt) woke (the
+    /// wakers tracer).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub task_woken_ns: u64,
     pub losses: BTreeMap<String, u64>,
     pub processes: usize,
     /// Why user-stack walks ended and how frames were found
@@ -237,6 +241,17 @@ fn libvirt_figures(profile: &Profile, window: u32) -> (u64, u64, u64) {
     (api_ns, api_calls, qmp_ns)
 }
 
+/// Off-CPU time of a window's blocks that a task woke.
+fn task_woken_ns(profile: &Profile, window: u32) -> u64 {
+    profile
+        .offwake
+        .iter()
+        .filter(|r| r.window == window)
+        .filter(|r| matches!(r.waker, crate::profile::Waker::Task { .. }))
+        .map(|r| r.total_ns)
+        .sum()
+}
+
 #[must_use]
 pub fn summary(profile: &Profile) -> Summary {
     let windows = profile
@@ -296,6 +311,7 @@ pub fn summary(profile: &Profile) -> Summary {
                 dbus_ns,
                 dbus_calls,
                 dbus_timeouts,
+                task_woken_ns: task_woken_ns(profile, w.id),
                 api_ns,
                 api_calls,
                 qmp_ns,

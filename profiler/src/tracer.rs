@@ -39,10 +39,25 @@ pub enum Tracer {
     /// libvirt's API calls and QEMU monitor commands, from libvirt's own
     /// USDT probes.
     Libvirt,
+    /// Who woke each off-CPU block: a program at every wakeup on the
+    /// machine, so off unless asked for; needs `offcpu`.
+    Wakers,
 }
 
 impl Tracer {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
+        Self::OnCpu,
+        Self::OffCpu,
+        Self::Locks,
+        Self::Fork,
+        Self::Cgroup,
+        Self::Dbus,
+        Self::Libvirt,
+        Self::Wakers,
+    ];
+
+    /// What a recording runs without `--tracers`: all but [`Self::Wakers`].
+    pub const DEFAULT: [Self; 7] = [
         Self::OnCpu,
         Self::OffCpu,
         Self::Locks,
@@ -62,6 +77,7 @@ impl Tracer {
             Self::Cgroup => "cgroup",
             Self::Dbus => "dbus",
             Self::Libvirt => "libvirt",
+            Self::Wakers => "wakers",
         }
     }
 
@@ -84,6 +100,13 @@ impl Tracer {
         }
         if out.is_empty() {
             return Err("--tracers: name at least one tracer".to_owned());
+        }
+        if out.contains(&Self::Wakers) && !out.contains(&Self::OffCpu) {
+            return Err(
+                "the wakers tracer charges off-CPU blocks to their wakers: add offcpu \
+                 (--tracers offcpu,wakers,...)"
+                    .to_owned(),
+            );
         }
         Ok(out)
     }
@@ -133,8 +156,9 @@ impl Part {
     /// Every part, in the order `hvprof check` lists their probes. `record`
     /// attaches the machinery's first (so that no fork, exec or VM creation
     /// between two attaches is missed), then the tracers', in this order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Tracer(Tracer::OffCpu),
+        Self::Tracer(Tracer::Wakers),
         Self::Targets,
         Self::Syscalls,
         Self::VmWindows,
@@ -170,7 +194,12 @@ impl Part {
             | Self::Tracer(Tracer::OffCpu | Tracer::OnCpu) => true,
             Self::Unwind
             | Self::Tracer(
-                Tracer::Locks | Tracer::Fork | Tracer::Cgroup | Tracer::Dbus | Tracer::Libvirt,
+                Tracer::Locks
+                | Tracer::Fork
+                | Tracer::Cgroup
+                | Tracer::Dbus
+                | Tracer::Libvirt
+                | Tracer::Wakers,
             ) => false,
         }
     }
@@ -190,6 +219,7 @@ impl Part {
             Self::Tracer(Tracer::Cgroup) => &CGROUP,
             Self::Tracer(Tracer::Dbus) => &DBUS,
             Self::Tracer(Tracer::Libvirt) => &LIBVIRT,
+            Self::Tracer(Tracer::Wakers) => &WAKERS,
         }
     }
 }
@@ -235,6 +265,11 @@ const ONCPU: [Probe; 1] = [Probe::CpuClock {
 const OFFCPU: [Probe; 1] = [Probe::BtfTracepoint {
     tracepoint: Tracepoint::new("sched", "sched_switch"),
     program: names::PROG_SCHED_SWITCH,
+}];
+
+const WAKERS: [Probe; 1] = [Probe::BtfTracepoint {
+    tracepoint: Tracepoint::new("sched", "sched_waking"),
+    program: names::PROG_SCHED_WAKING,
 }];
 
 const LOCKS: [Probe; 2] = [
@@ -569,11 +604,20 @@ mod tests {
         assert_eq!(
             Tracer::parse_list("oncpu,cpu"),
             Err(
-                "unknown tracer \"cpu\": choose from oncpu, offcpu, locks, fork, cgroup, dbus, libvirt"
+                "unknown tracer \"cpu\": choose from oncpu, offcpu, locks, fork, cgroup, dbus, \
+                 libvirt, wakers"
                     .to_owned()
             )
         );
         assert!(Tracer::parse_list(" , ").is_err());
+        // Wakers charge off-CPU blocks; they are not on by default.
+        assert!(Tracer::parse_list("wakers,locks").is_err());
+        assert_eq!(
+            Tracer::parse_list("wakers,offcpu"),
+            Ok(vec![Tracer::Wakers, Tracer::OffCpu])
+        );
+        assert!(!Tracer::DEFAULT.contains(&Tracer::Wakers));
+        assert_eq!(Tracer::DEFAULT.len() + 1, Tracer::ALL.len());
     }
 
     /// Every system call the registry times has a slot in the dispatch.

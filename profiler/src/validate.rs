@@ -101,6 +101,19 @@ impl Profile {
             stack: &r.stack,
             hist: &[],
         });
+        let offwake = self.offwake.iter().enumerate().flat_map(|(index, r)| {
+            [
+                ("off-CPU waker row", r.stack.as_slice()),
+                ("off-CPU waker row's waker", r.waker.stack()),
+            ]
+            .map(|(what, stack)| Row {
+                what,
+                index,
+                window: r.window,
+                stack,
+                hist: &[],
+            })
+        });
         let locks = self.locks.iter().enumerate().map(|(index, r)| Row {
             what: "lock wait row",
             index,
@@ -150,6 +163,7 @@ impl Profile {
         });
         oncpu
             .chain(offcpu)
+            .chain(offwake)
             .chain(locks)
             .chain(holders)
             .chain(forks)
@@ -174,6 +188,14 @@ impl Profile {
         total(
             "off-CPU run-queue times",
             self.offcpu.iter().map(|r| r.runq_ns),
+        )?;
+        total(
+            "off-CPU waker blocks",
+            self.offwake.iter().map(|r| r.blocks),
+        )?;
+        total(
+            "off-CPU waker times",
+            self.offwake.iter().map(|r| r.total_ns),
         )?;
         total("lock contentions", self.locks.iter().map(|r| r.count))?;
         total("lock wait times", self.locks.iter().map(|r| r.total_ns))?;

@@ -129,6 +129,153 @@ fn a_lock_wait_names_its_sleeping_holder_and_the_holders_stack() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The folded wakers graph of `wakers_name_…`'s recording: blocked
+/// stack, `--`, the waker's stack leaf first, the waker.
+fn assert_offwake_folded(dir: &Path) {
+    let folded = std::fs::read_to_string(dir.join("w00-setup/offwake.folded")).unwrap();
+    assert!(
+        folded.lines().any(|l| {
+            let Some((blocked, waker)) = l.split_once(";--;") else {
+                return false;
+            };
+            blocked.starts_with("vmload-ping;")
+                && blocked.ends_with("pipe_read_[k]")
+                && waker.starts_with("try_to_wake_up_[k];")
+                && waker.contains(";vmload_pong_write;")
+                && waker
+                    .rsplit_once(' ')
+                    .is_some_and(|(w, _)| w.ends_with(";vmload-pong"))
+        }),
+        "{folded}"
+    );
+}
+
+/// Who woke each block (`--tracers offcpu,wakers`), on `pingpong:400`:
+/// `vmload-ping` blocks 400 times in `vmload_ping_read`, each time woken
+/// by `vmload-pong`'s write (`vmload_pong_write`, through the kernel's
+/// pipe write); pong's 1 ms naps are woken by a timer interrupt; pong's
+/// reads by ping's write. Each block's waker is that thread, with its pid
+/// and stack, and the time is the block's.
+#[test]
+fn wakers_name_the_thread_and_the_stack_that_woke_each_block() {
+    use profiler::profile::Waker;
+    const N: u64 = 400;
+    let vmload = vmload();
+    // The block first: the process's unwind tables are loaded by the time
+    // the threads start.
+    let (p, dir) = record(
+        "wakers",
+        &[
+            "--tracers",
+            "offcpu,wakers",
+            "--",
+            vmload.to_str().unwrap(),
+            "block:300,pingpong:400",
+        ],
+    );
+    assert_no_losses(&p);
+    let names = |stack: &[u32]| -> Vec<String> {
+        stack
+            .iter()
+            .map(|&f| p.frames[f as usize].clone())
+            .collect()
+    };
+    let has = |stack: &[u32], f: &str| names(stack).iter().any(|n| n == f);
+    let pid_of = |comm: &str| {
+        p.offcpu
+            .iter()
+            .find(|r| r.comm == comm)
+            .unwrap_or_else(|| panic!("no off-CPU row of {comm}"))
+            .pid
+    };
+    let (asker, answerer) = (pid_of("vmload-ping"), pid_of("vmload-pong"));
+    // The rows of `comm`'s blocks in `func`, and which of them `waker`
+    // (its comm, pid or interrupt, and a frame of its stack) woke.
+    let blocks_in = |comm: &str, func: &str| -> Vec<&profiler::profile::OffWake> {
+        p.offwake
+            .iter()
+            .filter(|r| r.comm == comm && has(&r.stack, func))
+            .collect()
+    };
+    let sum = |rows: &[&profiler::profile::OffWake]| -> (u64, u64) {
+        (
+            rows.iter().map(|r| r.blocks).sum(),
+            rows.iter().map(|r| r.total_ns).sum(),
+        )
+    };
+    let woken_by_task = |rows: &[&profiler::profile::OffWake], comm: &str, pid: u32, f: &str| {
+        let (ok, other): (Vec<_>, Vec<_>) = rows.iter().partition(|r| {
+            matches!(&r.waker, Waker::Task { comm: c, pid: w, stack, .. }
+                if c == comm && *w == pid && has(stack, f)
+                    && names(stack).iter().any(|n| n.ends_with("pipe_write_[k]")))
+        });
+        (sum(&ok), sum(&other))
+    };
+
+    // Ping's reads: woken by pong's write, about 1 ms each (pong's nap).
+    let reads = blocks_in("vmload-ping", "vmload_ping_read");
+    let ((n, ns), (n_other, _)) =
+        woken_by_task(&reads, "vmload-pong", answerer, "vmload_pong_write");
+    assert!(
+        (N * 97 / 100..=N).contains(&n) && n_other <= N / 100,
+        "ping's reads: {n} woken by pong's write, {n_other} otherwise, of {N}: {reads:#?}"
+    );
+    assert!(
+        (N * 900_000..=N * 4_000_000).contains(&ns),
+        "ping's {n} reads blocked {ns} ns, each for pong's 1 ms nap"
+    );
+    // The same blocks as the off-CPU tracer's, but those whose waker went
+    // unseen.
+    let off: u64 = p
+        .offcpu
+        .iter()
+        .filter(|r| r.pid == asker && has(&r.stack, "vmload_ping_read"))
+        .map(|r| r.blocks)
+        .sum();
+    let unseen = p
+        .meta
+        .counters
+        .get("off-CPU blocks whose waker was not seen")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        n + n_other <= off && off <= n + n_other + unseen,
+        "{off} off-CPU blocks in vmload_ping_read, {} charged to wakers, {unseen} not",
+        n + n_other
+    );
+
+    // Pong's reads, those that blocked (ping's next write can come before
+    // pong reads): woken by ping's write; the last one by ping closing
+    // the pipe.
+    let reads = blocks_in("vmload-pong", "vmload_pong_read");
+    let ((n, _), (n_other, _)) = woken_by_task(&reads, "vmload-ping", asker, "vmload_ping_write");
+    assert!(
+        n > 0 && n_other <= 1 + n / 100,
+        "pong's reads: {n} woken by ping's write, {n_other} otherwise: {reads:#?}"
+    );
+
+    // Pong's naps: woken by the timer interrupt, whose stack starts at
+    // the interrupt's entry (not in whatever it interrupted).
+    let naps = blocks_in("vmload-pong", "vmload_pong_nap");
+    let (timer, other): (Vec<_>, Vec<_>) = naps.iter().partition(|r| {
+        matches!(&r.waker, Waker::Interrupt { stack }
+            if has(stack, "hrtimer_wakeup_[k]")
+                && names(stack).first().is_some_and(|f| f.starts_with("asm_")))
+    });
+    let ((n, ns), (n_other, _)) = (sum(&timer), sum(&other));
+    assert!(
+        (N * 97 / 100..=N).contains(&n) && n_other <= N / 100,
+        "pong's naps: {n} woken by a timer interrupt, {n_other} otherwise: {naps:#?}"
+    );
+    assert!(
+        (N * 900_000..=N * 4_000_000).contains(&ns),
+        "pong's {n} 1 ms naps took {ns} ns"
+    );
+
+    assert_offwake_folded(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_contended_kernel_lock_shows_with_type_caller_and_window() {
     let vmload = vmload();

@@ -1,6 +1,6 @@
 //! The kernel lock contention tracer's keys, values and in-flight waits.
 
-use super::COMM_LEN;
+use super::{COMM_LEN, TaskStacks};
 
 /// `lock:contention_begin` flags (include/trace/events/lock.h).
 pub mod lock_flags {
@@ -46,39 +46,12 @@ pub mod lock_flags {
 /// `[2^i, 2^(i+1))` ns (bucket 0 also 0–1 ns); the last collects the rest.
 pub const LOCK_HIST_BUCKETS: usize = 40;
 
-/// [`LockHolder::pid`] of a wait whose lock records no holder (a spinlock),
+/// [`TaskStacks::pid`] of a wait whose lock records no holder (a spinlock),
 /// or did not have one at the begin (being handed over).
 pub const HOLDER_UNKNOWN: u32 = 0;
-/// [`LockHolder::pid`] of a wait for an rwsem held for reading: readers
+/// [`TaskStacks::pid`] of a wait for an rwsem held for reading: readers
 /// are not recorded, one at most is hinted at.
 pub const HOLDER_READERS: u32 = u32::MAX;
-
-/// Who held a lock as a waiter began to wait for it: the task in the
-/// lock's `owner` word.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct LockHolder {
-    /// Its thread, or [`HOLDER_UNKNOWN`], [`HOLDER_READERS`].
-    pub pid: u32,
-    pub tgid: u32,
-    pub comm: [u8; COMM_LEN],
-    /// Its stacks at the begin, as in [`SampleKey`]: the kernel stack of a
-    /// holder that is not running ([`STACK_HOLDER_ON_CPU`] for one that
-    /// is), the user stack of one blocked where the off-CPU tracer saw it
-    /// block ([`STACK_HOLDER_USER_UNKNOWN`] otherwise).
-    pub kern_stack: u64,
-    pub user_stack: u64,
-}
-
-impl LockHolder {
-    pub const UNKNOWN: Self = Self {
-        pid: HOLDER_UNKNOWN,
-        tgid: 0,
-        comm: [0; COMM_LEN],
-        kern_stack: 0,
-        user_stack: 0,
-    };
-}
 
 /// Key of the lock-wait aggregation: one lock, waited for from one stack
 /// while one holder held it.
@@ -95,7 +68,7 @@ pub struct LockKey {
     pub kern_stack: u64,
     pub user_stack: u64,
     pub comm: [u8; COMM_LEN],
-    pub holder: LockHolder,
+    pub holder: TaskStacks,
 }
 
 /// Waits of one [`LockKey`].
@@ -128,7 +101,7 @@ pub struct LockBegin {
     /// The window at the begin (waits are charged there).
     pub window: u32,
     /// Who held the lock at the begin.
-    pub holder: LockHolder,
+    pub holder: TaskStacks,
 }
 
 /// The contentions a task is inside, innermost last. An end pops the entry
@@ -161,7 +134,7 @@ impl LockPending {
             switches: 0,
             flags: 0,
             window: 0,
-            holder: LockHolder::UNKNOWN,
+            holder: TaskStacks::UNKNOWN,
         }; MAX_LOCK_NESTING],
         kstacks: [LockKstack {
             id: 0,

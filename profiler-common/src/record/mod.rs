@@ -60,6 +60,9 @@ pub const STACK_HOLDER_ON_CPU: u64 = 4003;
 /// A lock holder's user stack not known: it was not blocked where the
 /// off-CPU tracer saw it block.
 pub const STACK_HOLDER_USER_UNKNOWN: u64 = 4004;
+/// A stack not walked, and nothing to say in its place: a waker's user
+/// stack when the waker was an interrupt, or a process not traced.
+pub const STACK_NOT_WALKED: u64 = 4005;
 
 /// At most this many explicit `--windows` ranges.
 pub const MAX_WINDOW_RANGES: u32 = 64;
@@ -134,6 +137,8 @@ pub mod names {
         ["vm_ioctl_enter_per_call", "vm_ioctl_exit_per_call"];
     pub const PROG_LOCK_BEGIN: &str = "lock_contention_begin";
     pub const PROG_LOCK_END: &str = "lock_contention_end";
+    pub const PROG_SCHED_WAKING: &str = "offcpu_sched_waking";
+    pub const OFFWAKE_TIMES: &str = "OFFWAKE_TIMES";
 
     pub const LOCK_WAITS: &str = "LOCK_WAITS";
     pub const LOCK_PENDING: &str = "LOCK_PENDING";
@@ -232,7 +237,9 @@ pub struct KernelOffsets {
     pub rwsem_owner: u32,
     /// `task_struct.on_cpu`: whether a lock holder is running.
     pub task_on_cpu: u32,
-    pub pad: u32,
+    /// `task_struct.stack`: the base of a task's kernel stack, which tells
+    /// a waker's program whether it runs in an interrupt.
+    pub task_stack: u32,
 }
 
 /// A [`KernelOffsets`] field kernel BTF did not give.
@@ -339,6 +346,13 @@ pub struct Config {
     pub verify_unwind: u32,
     /// Nonzero: the dbus tracer is on (a thread's exit ends its calls).
     pub dbus: u32,
+    /// Nonzero: the wakers tracer is on (the off-CPU tracer charges a
+    /// block to its waker too).
+    pub wakers: u32,
+    /// The kernel's `THREAD_SIZE`: a program whose stack is not within
+    /// the current task's that far runs in an interrupt. 0: not known, a
+    /// waker is never taken for an interrupt.
+    pub thread_size: u32,
     /// Nonzero: the lock tracer acts as if the kernel had kept its end
     /// program from running once in this many ends, at random (each
     /// counted, `Counter::LockEndsDropped`), to test that the begins left
@@ -390,7 +404,7 @@ impl Config {
                 mutex_owner: OFFSET_UNKNOWN,
                 rwsem_owner: OFFSET_UNKNOWN,
                 task_on_cpu: OFFSET_UNKNOWN,
-                pad: 0,
+                task_stack: OFFSET_UNKNOWN,
             },
             task_thread_sp: 0,
             verify_stack_cache: 0,
@@ -400,6 +414,8 @@ impl Config {
             unwind_dwarf: 0,
             verify_unwind: 0,
             dbus: 0,
+            wakers: 0,
+            thread_size: 0,
             drop_lock_ends: 0,
             pad_tail: 0,
             fork_paths: [ForkPath::UNUSED; FORK_PATHS],
@@ -568,10 +584,19 @@ pub enum Counter {
     NestedSkipped = 17,
     /// Lock contention ends dropped on purpose (`Config::drop_lock_ends`).
     LockEndsDropped = 18,
+    /// Wakeups of a blocked traced thread whose waker was taken.
+    Wakeups = 19,
+    /// Blocks (not preemptions) whose waker was not seen: its program was
+    /// kept from running, or ran before the block began.
+    WakerNotSeen = 20,
+    /// Wakers' user stacks reused (the waker was at a site of its own) and
+    /// walked.
+    WakerUserCached = 21,
+    WakerUserWalk = 22,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 23;
 }
 
 /// Slots of the `LOSSES` map: everything the kernel side could not record.
@@ -621,10 +646,12 @@ pub enum Loss {
     LockEndUnseen = 18,
     /// A lock contention's end whose begin hvprof did not see: not timed.
     LockBeginUnseen = 19,
+    /// A block could not be charged to its waker: the wakers map is full.
+    OffWakeMapFull = 20,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -646,6 +673,7 @@ impl Loss {
         Self::JobWaitMapFull,
         Self::LockEndUnseen,
         Self::LockBeginUnseen,
+        Self::OffWakeMapFull,
     ];
 }
 
@@ -668,6 +696,7 @@ mod pod {
     unsafe impl aya::Pod for super::OffCpuKey {}
     unsafe impl aya::Pod for super::OffCpuValue {}
     unsafe impl aya::Pod for super::OffCpuStart {}
+    unsafe impl aya::Pod for super::OffWakeKey {}
     unsafe impl aya::Pod for super::VmState {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::LossKey {}
@@ -775,15 +804,21 @@ mod tests {
                 + 4 * 8
                 + size_of::<OffCpuAcc>()
                 + BLOCK_SITES * size_of::<BlockSite>()
+                + size_of::<TaskStacks>()
+                + 8
+        );
+        assert_eq!(
+            size_of::<OffWakeKey>(),
+            size_of::<OffCpuKey>() + size_of::<TaskStacks>()
         );
         assert_eq!(size_of::<Event>(), 4 * 4 + 16 + 8 + COMM_LEN);
         assert_eq!(size_of::<KernelOffsets>(), 10 * 4);
         assert_eq!(size_of::<CgroupKey>(), 4 * 4 + CGROUP_PATH_LEN + COMM_LEN);
         assert_eq!(size_of::<ForkKey>(), 4 * 4 + 2 * 8 + COMM_LEN);
-        assert_eq!(size_of::<LockHolder>(), 2 * 4 + COMM_LEN + 2 * 8);
+        assert_eq!(size_of::<TaskStacks>(), 2 * 4 + COMM_LEN + 2 * 8);
         assert_eq!(
             size_of::<LockKey>(),
-            4 * 4 + 3 * 8 + COMM_LEN + size_of::<LockHolder>()
+            4 * 4 + 3 * 8 + COMM_LEN + size_of::<TaskStacks>()
         );
         assert_eq!(size_of::<DbusNames>(), 4 * DBUS_NAME_LEN);
         assert_eq!(
@@ -799,7 +834,7 @@ mod tests {
         assert_eq!(size_of::<LockKstack>(), 3 * 8 + LOCK_KSTACK_FRAMES * 12);
         assert_eq!(
             size_of::<LockPending>(),
-            8 + MAX_LOCK_NESTING * (32 + size_of::<LockHolder>())
+            8 + MAX_LOCK_NESTING * (32 + size_of::<TaskStacks>())
                 + LOCK_KSTACKS * size_of::<LockKstack>()
         );
         assert_eq!(
@@ -814,6 +849,7 @@ mod tests {
                 + size_of::<KernelOffsets>()
                 + 5 * 4
                 + 3 * 4
+                + 2 * 4
                 + 2 * 4
                 + FORK_PATHS * size_of::<ForkPath>()
         );

@@ -1,6 +1,6 @@
 //! On-CPU sample keys, and the off-CPU tracer's keys, values and block sites.
 
-use super::COMM_LEN;
+use super::{COMM_LEN, HOLDER_UNKNOWN};
 
 /// Key of the on-CPU sample counts.
 #[repr(C)]
@@ -47,6 +47,50 @@ impl OffCpuKey {
         user_stack: 0,
         comm: [0; COMM_LEN],
     };
+}
+
+/// A task other than the one an event happened to, with its stacks: a
+/// lock's holder as a waiter began to wait (the task in the lock's `owner`
+/// word), or the task that woke a blocked thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TaskStacks {
+    /// Its thread; or for a holder [`HOLDER_UNKNOWN`], [`HOLDER_READERS`],
+    /// for a waker [`WAKER_INTERRUPT`].
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: [u8; COMM_LEN],
+    /// Its stacks, as in [`SampleKey`]. A holder's: the kernel stack of
+    /// one that is not running ([`STACK_HOLDER_ON_CPU`] for one that is),
+    /// the user stack of one blocked where the off-CPU tracer saw it block
+    /// ([`STACK_HOLDER_USER_UNKNOWN`] otherwise). A waker's: where it woke
+    /// the thread ([`STACK_NOT_WALKED`] for the user stack of an interrupt
+    /// or of a process not traced).
+    pub kern_stack: u64,
+    pub user_stack: u64,
+}
+
+impl TaskStacks {
+    pub const UNKNOWN: Self = Self {
+        pid: HOLDER_UNKNOWN,
+        tgid: 0,
+        comm: [0; COMM_LEN],
+        kern_stack: 0,
+        user_stack: 0,
+    };
+}
+
+/// [`TaskStacks::pid`] of a waker that was an interrupt (a timer, a
+/// device): whatever task it interrupted did not wake the thread.
+pub const WAKER_INTERRUPT: u32 = u32::MAX;
+
+/// Key of the wakers tracer's times: a block, as the off-CPU tracer keys
+/// it, and who woke it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OffWakeKey {
+    pub blocked: OffCpuKey,
+    pub waker: TaskStacks,
 }
 
 /// Off-CPU times of one key.
@@ -218,6 +262,11 @@ pub struct OffCpuStart {
     /// not yet in the off-CPU map; those with one are in their site.
     pub acc: OffCpuAcc,
     pub sites: [BlockSite; BLOCK_SITES],
+    /// The wakers tracer's: who last woke the thread, and when (0: nobody
+    /// since its last block was charged). Written by the waker's program,
+    /// on the waker's CPU, read when the thread is switched in.
+    pub waker: TaskStacks,
+    pub woken_ns: u64,
 }
 
 impl OffCpuStart {
@@ -249,6 +298,7 @@ impl OffCpuStart {
                 s.acc.key.user_stack,
             ]
         }))
+        .chain([self.waker.kern_stack, self.waker.user_stack])
     }
 
     /// The blocks not yet in the off-CPU map, by key.

@@ -29,9 +29,9 @@ use aya_ebpf::{
 };
 use profiler_common::record::{
     COMM_LEN, Counter, HOLDER_READERS, HOLDER_UNKNOWN, KSTACK_UNCHECKED, LOCK_HIST_BUCKETS,
-    LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS, LOCK_KSTACKS, LockBegin, LockHolder, LockKey,
-    LockKstack, LockPending, LockValue, Loss, MAX_LOCK_NESTING, OFFSET_UNKNOWN,
-    STACK_HOLDER_ON_CPU, STACK_HOLDER_USER_UNKNOWN, STACK_ID_MIN, StackBuf, WindowMode, lock_flags,
+    LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS, LOCK_KSTACKS, LockBegin, LockKey, LockKstack,
+    LockPending, LockValue, Loss, MAX_LOCK_NESTING, OFFSET_UNKNOWN, STACK_HOLDER_ON_CPU,
+    STACK_HOLDER_USER_UNKNOWN, STACK_ID_MIN, StackBuf, TaskStacks, WindowMode, lock_flags,
 };
 
 use super::{
@@ -138,9 +138,9 @@ fn try_lock_contention_begin(ctx: &BtfTracePointContext) -> Option<u32> {
 /// and the task are plain addresses here. Then the holder's stacks (see
 /// [`holder_stacks`]).
 #[inline(always)]
-fn holder(lock: u64, flags: u32, window: u32) -> LockHolder {
+fn holder(lock: u64, flags: u32, window: u32) -> TaskStacks {
     if !lock_flags::has_owner(flags) {
-        return LockHolder::UNKNOWN;
+        return TaskStacks::UNKNOWN;
     }
     let mutex = flags & lock_flags::MUTEX != 0;
     let (off, mask) = if mutex {
@@ -154,35 +154,35 @@ fn holder(lock: u64, flags: u32, window: u32) -> LockHolder {
         config!(task_comm),
     );
     if off == OFFSET_UNKNOWN || tgid_off == OFFSET_UNKNOWN || comm_off == 0 {
-        return LockHolder::UNKNOWN;
+        return TaskStacks::UNKNOWN;
     }
     // SAFETY: reads of kernel memory through the checked helper.
     unsafe {
         let Ok(owner) = bpf_probe_read_kernel((lock + u64::from(off)) as *const u64) else {
-            return LockHolder::UNKNOWN;
+            return TaskStacks::UNKNOWN;
         };
         if !mutex && owner & RWSEM_READER_OWNED != 0 {
-            return LockHolder {
+            return TaskStacks {
                 pid: HOLDER_READERS,
-                ..LockHolder::UNKNOWN
+                ..TaskStacks::UNKNOWN
             };
         }
         let task = owner & !mask;
         if task == 0 {
-            return LockHolder::UNKNOWN;
+            return TaskStacks::UNKNOWN;
         }
         let (Ok(pid), Ok(tgid), Ok(comm)) = (
             bpf_probe_read_kernel((task + u64::from(pid_off)) as *const u32),
             bpf_probe_read_kernel((task + u64::from(tgid_off)) as *const u32),
             bpf_probe_read_kernel((task + u64::from(comm_off)) as *const [u8; COMM_LEN]),
         ) else {
-            return LockHolder::UNKNOWN;
+            return TaskStacks::UNKNOWN;
         };
         if pid == HOLDER_UNKNOWN || pid == HOLDER_READERS {
-            return LockHolder::UNKNOWN;
+            return TaskStacks::UNKNOWN;
         }
         let (kern_stack, user_stack) = holder_stacks(task, pid, window);
-        LockHolder {
+        TaskStacks {
             pid,
             tgid,
             comm,

@@ -7,6 +7,7 @@
 //! tracer uses too, and [`kstack`]).
 
 mod kstack;
+mod wakers;
 
 use aya_ebpf::{
     EbpfContext,
@@ -17,7 +18,7 @@ use aya_ebpf::{
 };
 use profiler_common::record::{
     BLOCK_SITES, BlockSite, Counter, Loss, NO_SITE, NOT_CHARGED, OffCpuAcc, OffCpuKey, OffCpuStart,
-    OffCpuValue, STACK_DEFERRED, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK,
+    OffCpuValue, STACK_DEFERRED, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK, TaskStacks,
 };
 
 use super::{
@@ -51,6 +52,8 @@ static OFFCPU_START_ZERO: OffCpuStart = OffCpuStart {
     pad: 0,
     acc: OffCpuAcc::ZERO,
     sites: [BlockSite::EMPTY; BLOCK_SITES],
+    waker: TaskStacks::UNKNOWN,
+    woken_ns: 0,
 };
 
 /// `sched_switch`'s raw `prev_state` (`task_struct.__state`) bits.
@@ -63,6 +66,14 @@ const TASK_REPORT_UNINTERRUPTIBLE: u32 = 0x2;
 const TASK_REPORT_IDLE: u32 = 0x80;
 /// Reported for a preempted task (`R+`).
 const TASK_REPORT_MAX: u32 = 0x100;
+
+/// Whether a switch-out in reported `state` is a preemption (or a task
+/// switching out running): waiting for a CPU, not blocked, so nobody
+/// wakes it.
+#[inline(always)]
+fn is_preemption(state: u32) -> bool {
+    state == 0 || state == TASK_REPORT_MAX
+}
 
 /// The state as the `sched_switch` trace event reports it (one bit of
 /// `S D T t X Z P I`, `R+` preempted, 0 running), from the raw arguments:
@@ -211,8 +222,7 @@ fn block_stacks(
     // Preempted (R): waiting for a CPU, not blocked. Its stack is where it
     // ran, which on-CPU samples show; walking it at every preemption is
     // most of the off-CPU cost under CPU contention.
-    let preempted = state == 0 || state == TASK_REPORT_MAX;
-    if preempted && config!(preempted_stacks) == 0 {
+    if is_preemption(state) && config!(preempted_stacks) == 0 {
         count(Counter::OffCpuPreempted);
         return (STACK_NOT_TAKEN, STACK_NOT_TAKEN, NO_SITE);
     }
@@ -396,14 +406,20 @@ fn switch_in(next: *mut task_struct, now: u64) -> Option<()> {
         return None;
     }
     let e = OFFCPU_START.get_ptr_mut(&task)?;
+    let wakers = config!(wakers) != 0;
     // SAFETY: a valid map value of this task, which is not running.
-    let (start_ns, mut key) = unsafe {
+    let (start_ns, mut key, woken_ns) = unsafe {
         let start_ns = (*e).start_ns;
         if start_ns == 0 {
             return None;
         }
         (*e).start_ns = 0;
-        (start_ns, (*e).key)
+        // Its waker, once: one this block does not use was not its own.
+        let woken_ns = if wakers { (*e).woken_ns } else { 0 };
+        if woken_ns != 0 {
+            (*e).woken_ns = 0;
+        }
+        (start_ns, (*e).key, woken_ns)
     };
     let blocked = now.saturating_sub(start_ns);
     if blocked < config!(min_block_ns) || blocked > config!(max_block_ns) {
@@ -417,6 +433,9 @@ fn switch_in(next: *mut task_struct, now: u64) -> Option<()> {
             // SAFETY: e is this task's valid map value.
             kstack::at_site(next, sites_of(e), unsafe { (*e).slot }, key.window)
         };
+    }
+    if wakers {
+        wakers::charge(e, &key, start_ns, woken_ns, blocked);
     }
     // SAFETY: e is this task's valid map value, written only by the task
     // itself (switch-out, exit) and here, when it is switched in.

@@ -379,6 +379,7 @@ mod tests {
             .collect();
         let want = [
             "sched:sched_switch offcpu",
+            "sched:sched_waking wakers",
             "sched:sched_process_fork targets",
             "sched:sched_process_exec targets",
             "sched:sched_process_exit targets",

@@ -27,6 +27,7 @@ pub enum Metric {
     Apiwait,
     Apicalls,
     Qmpwait,
+    Wakewait,
     Losses,
 }
 
@@ -73,7 +74,7 @@ impl Unit {
 }
 
 impl Metric {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Oncpu,
         Self::Offcpu,
         Self::Lockwait,
@@ -86,6 +87,7 @@ impl Metric {
         Self::Apiwait,
         Self::Apicalls,
         Self::Qmpwait,
+        Self::Wakewait,
         Self::Losses,
     ];
 
@@ -259,6 +261,15 @@ static METRICS: [MetricDef; Metric::ALL.len()] = [
         tracer: Some(Tracer::Libvirt),
         heatmap: Some("QMP time"),
         of: |w| w.qmp_ns,
+    },
+    MetricDef {
+        name: "wakewait",
+        help: "off-CPU time of the blocks another task woke (wakers tracer)",
+        describe: "off-CPU time woken by a task",
+        unit: Unit::Ns,
+        tracer: Some(Tracer::Wakers),
+        heatmap: None,
+        of: |w| w.task_woken_ns,
     },
     MetricDef {
         name: "losses",

@@ -272,6 +272,7 @@ fn restrict(p: &Profile, keep: &HashMap<u32, u32>, windows: Vec<WindowInfo>) -> 
         frames: p.frames.clone(),
         oncpu: rows(&p.oncpu, keep, |r| &mut r.window),
         offcpu: rows(&p.offcpu, keep, |r| &mut r.window),
+        offwake: rows(&p.offwake, keep, |r| &mut r.window),
         locks: rows(&p.locks, keep, |r| &mut r.window),
         forks: rows(&p.forks, keep, |r| &mut r.window),
         cgroups: rows(&p.cgroups, keep, |r| &mut r.window),

@@ -10,7 +10,8 @@ use std::{
 };
 
 use super::{
-    CgroupOp, DbusCall, ForkCall, Holder, LibvirtCall, LockWait, LossCount, OffCpu, OnCpu, Profile,
+    CgroupOp, DbusCall, ForkCall, Holder, LibvirtCall, LockWait, LossCount, OffCpu, OffWake, OnCpu,
+    Profile, Waker,
 };
 
 /// A row of the profile that adds up events.
@@ -62,6 +63,26 @@ impl Row for OffCpu {
         self.total_ns = self.total_ns.saturating_add(o.total_ns);
         self.max_ns = self.max_ns.max(o.max_ns);
         self.runq_ns = self.runq_ns.saturating_add(o.runq_ns);
+    }
+}
+
+impl Row for OffWake {
+    type Key<'a> = (u32, u32, u32, &'a str, &'a str, &'a [u32], &'a Waker);
+    fn key(&self) -> Self::Key<'_> {
+        (
+            self.window,
+            self.tgid,
+            self.pid,
+            &self.comm,
+            &self.state,
+            &self.stack,
+            &self.waker,
+        )
+    }
+    fn add(&mut self, o: &Self) {
+        self.blocks = self.blocks.saturating_add(o.blocks);
+        self.total_ns = self.total_ns.saturating_add(o.total_ns);
+        self.max_ns = self.max_ns.max(o.max_ns);
     }
 }
 
@@ -275,6 +296,7 @@ pub fn merge_rows<R: Row>(rows: Vec<R>) -> Vec<R> {
 pub struct Rows {
     pub oncpu: Merged<OnCpu>,
     pub offcpu: Merged<OffCpu>,
+    pub offwake: Merged<OffWake>,
     pub locks: Merged<LockWait>,
     pub forks: Merged<ForkCall>,
     pub cgroups: Merged<CgroupOp>,
@@ -289,6 +311,7 @@ impl Rows {
     pub fn add(&mut self, part: &mut Profile) {
         self.oncpu.extend(std::mem::take(&mut part.oncpu));
         self.offcpu.extend(std::mem::take(&mut part.offcpu));
+        self.offwake.extend(std::mem::take(&mut part.offwake));
         self.locks.extend(std::mem::take(&mut part.locks));
         self.forks.extend(std::mem::take(&mut part.forks));
         self.cgroups.extend(std::mem::take(&mut part.cgroups));
@@ -310,6 +333,7 @@ impl Rows {
     pub fn into_profile(self, profile: &mut Profile) {
         profile.oncpu = self.oncpu.into_rows();
         profile.offcpu = self.offcpu.into_rows();
+        profile.offwake = self.offwake.into_rows();
         profile.locks = self.locks.into_rows();
         profile.forks = self.forks.into_rows();
         profile.cgroups = self.cgroups.into_rows();

@@ -181,6 +181,70 @@ pub struct OffCpu {
     pub dbus: Option<String>,
 }
 
+/// Blocks of one thread from one stack, woken by one waker from one stack
+/// (the wakers tracer): the off-CPU time of [`OffCpu`] rows, by who ended
+/// it. A block counts in the window it began in, as there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffWake {
+    pub window: u32,
+    pub tgid: u32,
+    pub pid: u32,
+    pub comm: String,
+    /// As [`OffCpu::state`] (never a preemption: nobody wakes those).
+    pub state: String,
+    /// The blocked thread's stack, as [`OffCpu::stack`].
+    pub stack: Stack,
+    pub waker: Waker,
+    pub blocks: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+}
+
+/// Who woke a blocked thread.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Waker {
+    /// An interrupt (a timer, a device, an IPI): its kernel stack. The task
+    /// it interrupted had no part in the wakeup.
+    Interrupt { stack: Stack },
+    /// The task that ran the wakeup, and its stack there (kernel frames,
+    /// and user frames for a traced process).
+    Task {
+        tgid: u32,
+        pid: u32,
+        comm: String,
+        stack: Stack,
+    },
+}
+
+impl Waker {
+    /// Its name in a graph: its comm, or `[interrupt]`.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Interrupt { .. } => "[interrupt]",
+            Self::Task { comm, .. } => comm,
+        }
+    }
+
+    /// Its stack, root first.
+    #[must_use]
+    pub fn stack(&self) -> &[u32] {
+        match self {
+            Self::Interrupt { stack } | Self::Task { stack, .. } => stack,
+        }
+    }
+}
+
+impl std::fmt::Display for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Interrupt { .. } => f.write_str("[interrupt]"),
+            Self::Task { pid, comm, .. } => write!(f, "{comm}[{pid}]"),
+        }
+    }
+}
+
 /// Waits for one kernel lock from one stack (the lock-contention tracer).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockWait {
@@ -415,6 +479,9 @@ pub struct Profile {
     pub frames: Vec<String>,
     pub oncpu: Vec<OnCpu>,
     pub offcpu: Vec<OffCpu>,
+    /// The wakers tracer's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offwake: Vec<OffWake>,
     pub losses: Vec<LossCount>,
     pub processes: Vec<Process>,
     #[serde(default)]
@@ -503,6 +570,10 @@ impl Profile {
         self.offcpu.sort_by(|a, b| {
             (a.window, a.tgid, a.pid, &a.stack, &a.state)
                 .cmp(&(b.window, b.tgid, b.pid, &b.stack, &b.state))
+        });
+        self.offwake.sort_by(|a, b| {
+            (a.window, a.tgid, a.pid, &a.stack, &a.state, &a.waker)
+                .cmp(&(b.window, b.tgid, b.pid, &b.stack, &b.state, &b.waker))
         });
         self.locks.sort_by(|a, b| {
             (a.window, a.lock, a.tgid, &a.stack, &a.holder)

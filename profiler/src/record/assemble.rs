@@ -19,7 +19,7 @@ use crate::{
     procmaps,
     profile::{
         CgroupOp, DbusCall, ForkCall, Holder, LibvirtCall, LockWait, LossCount, Meta, OffCpu,
-        OnCpu, Process, Profile, VmCreation, merge::Rows,
+        OffWake, OnCpu, Process, Profile, VmCreation, Waker, merge::Rows,
     },
     sys,
     tracer::dbus_function,
@@ -86,6 +86,7 @@ pub(super) fn part(
     Profile {
         oncpu: oncpu(drained, &mut s),
         offcpu: offcpu(drained, &mut s),
+        offwake: offwake(drained, &mut s),
         locks: locks(drained, &mut s, &rec.data_symbols),
         forks: forks(drained, &mut s),
         dbus: dbus(drained, &mut s),
@@ -192,6 +193,56 @@ fn offcpu(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffCpu> {
         .collect()
 }
 
+fn offwake(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffWake> {
+    use profiler_common::record::WAKER_INTERRUPT;
+    drained
+        .offwake
+        .iter()
+        .map(|(k, v)| {
+            let (b, w) = (&k.blocked, &k.waker);
+            let mut stack = frames.stack(w.tgid, w.kern_stack, w.user_stack);
+            if w.pid == WAKER_INTERRUPT {
+                stack = interrupt_frames(stack, frames.frames.names());
+            }
+            OffWake {
+                window: window(b.window),
+                tgid: b.tgid,
+                pid: b.pid,
+                comm: comm_str(&b.comm),
+                state: task_state_name(b.state).to_owned(),
+                stack: frames.stack(b.tgid, b.kern_stack, b.user_stack),
+                waker: if w.pid == WAKER_INTERRUPT {
+                    Waker::Interrupt { stack }
+                } else {
+                    Waker::Task {
+                        tgid: w.tgid,
+                        pid: w.pid,
+                        comm: comm_str(&w.comm),
+                        stack,
+                    }
+                },
+                blocks: v.count,
+                total_ns: v.total_ns,
+                max_ns: v.max_ns,
+            }
+        })
+        .collect()
+}
+
+/// An interrupt's kernel stack from its entry on (`asm_sysvec_…`,
+/// `asm_common_interrupt`: x86-64's interrupt entry points): what it
+/// interrupted had no part in the wakeup, and would split one waker into
+/// as many rows as places it happened to interrupt.
+fn interrupt_frames(mut stack: Vec<u32>, names: &[String]) -> Vec<u32> {
+    let entry = stack
+        .iter()
+        .rposition(|&f| names.get(f as usize).is_some_and(|n| n.starts_with("asm_")));
+    if let Some(i) = entry {
+        stack.drain(..i);
+    }
+    stack
+}
+
 /// libvirt's rows: those drained as they are, and the job waits with their
 /// stacks.
 fn libvirt(drained: &mut Drained, frames: &mut Symbolize<'_>) -> Vec<LibvirtCall> {
@@ -258,7 +309,7 @@ fn locks(
 }
 
 /// A wait's holder as the lock tracer found it.
-fn holder(h: &profiler_common::record::LockHolder, frames: &mut Symbolize<'_>) -> Option<Holder> {
+fn holder(h: &profiler_common::record::TaskStacks, frames: &mut Symbolize<'_>) -> Option<Holder> {
     use profiler_common::record::{HOLDER_READERS, HOLDER_UNKNOWN};
     match h.pid {
         HOLDER_UNKNOWN => None,

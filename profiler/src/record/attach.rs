@@ -257,7 +257,7 @@ fn attach_tracer(
             attached?;
             return attach_libvirt(bpf, plan.initial, links, usdt_links);
         }
-        Tracer::OnCpu | Tracer::Locks | Tracer::Cgroup => attached?,
+        Tracer::OnCpu | Tracer::Locks | Tracer::Cgroup | Tracer::Wakers => attached?,
     }
     Ok(None)
 }

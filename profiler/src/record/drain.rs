@@ -22,8 +22,8 @@ use profiler_common::{
     record::{
         ApiCallValue, CgroupKey, CgroupValue, Counter, DbusKey, DbusValue, ForkKey, ForkValue,
         JobWaitKey, JobWaitStart, LockKey, LockPending, LockValue, Loss, LossKey, OffCpuKey,
-        OffCpuStart, OffCpuValue, PHASE_PARITY, PHASE_STOPPED, STACK_ID_MIN, SampleKey, StackBuf,
-        VmState, names, net_status, parity_of, recorded_window,
+        OffCpuStart, OffCpuValue, OffWakeKey, PHASE_PARITY, PHASE_STOPPED, STACK_ID_MIN, SampleKey,
+        StackBuf, VmState, names, net_status, parity_of, recorded_window,
     },
     unwind::UnwindStop,
 };
@@ -116,9 +116,10 @@ pub(super) struct Seen {
 /// program of the tracer registry, each once (a test checks it).
 /// (A program not loaded, as the system calls' twins on their own
 /// tracepoints until the move, has no line.)
-const STATS_ORDER: [&str; 37] = [
+const STATS_ORDER: [&str; 38] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
+    names::PROG_SCHED_WAKING,
     names::PROG_SYSCALL_ENTER,
     names::PROG_SYSCALL_EXIT,
     names::PROG_FORK,
@@ -179,6 +180,8 @@ pub(super) struct Drained {
     pub oncpu: Vec<(SampleKey, u64)>,
     /// One row per key: the map's, and the blocks still in flight.
     pub offcpu: Vec<(OffCpuKey, OffCpuValue)>,
+    /// The wakers tracer's: blocks by who woke them.
+    pub offwake: Vec<(OffWakeKey, OffCpuValue)>,
     pub locks: Vec<(LockKey, LockValue)>,
     pub dbus: Vec<(DbusKey, DbusValue)>,
     pub forks: Vec<(ForkKey, ForkValue)>,
@@ -208,6 +211,13 @@ impl Drained {
                     .iter()
                     .map(|(k, _)| (k.tgid, k.kern_stack, k.user_stack)),
             )
+            .chain(self.offwake.iter().flat_map(|(k, _)| {
+                let (b, w) = (&k.blocked, &k.waker);
+                [
+                    (b.tgid, b.kern_stack, b.user_stack),
+                    (w.tgid, w.kern_stack, w.user_stack),
+                ]
+            }))
             .chain(
                 self.locks
                     .iter()
@@ -251,6 +261,14 @@ pub(super) fn drain(
     let mut drained = Drained {
         oncpu: entries(bpf, names::ONCPU_COUNTS, take, |k: &SampleKey| k.window)?,
         offcpu: offcpu(rec, bpf, take)?,
+        offwake: aggregation(
+            rec,
+            bpf,
+            names::OFFWAKE_TIMES,
+            Tracer::Wakers,
+            take,
+            |k: &OffWakeKey| k.blocked.window,
+        )?,
         locks: aggregation(
             rec,
             bpf,
@@ -603,6 +621,7 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::LockNestingTooDeep => "lock waits not timed (contentions nested too deep)",
         Loss::LockEndUnseen => "lock waits not timed (end not seen)",
         Loss::LockBeginUnseen => "lock waits not timed (begin not seen)",
+        Loss::OffWakeMapFull => "off-CPU blocks not charged to their waker (map full)",
         Loss::ForkMapFull => "forks not counted (fork map full)",
         Loss::CgroupMapFull => "cgroup operations not counted (cgroup map full)",
     }
@@ -776,6 +795,20 @@ const NESTED_COUNTERS: [(Counter, &str); 1] = [(
     "programs skipped: another of hvprof's was running on the CPU",
 )];
 
+/// The wakers tracer's.
+const WAKER_COUNTERS: [(Counter, &str); 4] = [
+    (Counter::Wakeups, "wakeups of blocked threads (waker taken)"),
+    (Counter::WakerUserWalk, "waker user stacks walked"),
+    (
+        Counter::WakerUserCached,
+        "waker user stacks reused (same site)",
+    ),
+    (
+        Counter::WakerNotSeen,
+        "off-CPU blocks whose waker was not seen",
+    ),
+];
+
 /// `--drop-lock-ends`'s doing.
 const DROP_COUNTERS: [(Counter, &str); 1] = [(
     Counter::LockEndsDropped,
@@ -811,8 +844,9 @@ fn counters(rec: &Recorder, bpf: &Ebpf) -> BTreeMap<String, u64> {
     let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else {
         return out;
     };
-    let groups: [(bool, &[(Counter, &str)]); 5] = [
+    let groups: [(bool, &[(Counter, &str)]); 6] = [
         (true, &NESTED_COUNTERS),
+        (rec.tracers.contains(&Tracer::Wakers), &WAKER_COUNTERS),
         (rec.opts.drop_lock_ends != 0, &DROP_COUNTERS),
         (rec.tracers.contains(&Tracer::OffCpu), &OFFCPU_COUNTERS),
         (rec.opts.verify_stack_cache, &VERIFY_COUNTERS),

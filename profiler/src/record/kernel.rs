@@ -67,6 +67,9 @@ pub(super) struct TaskOffsets {
     /// `sched_info.run_delay`: the task's total run-queue wait, which gives
     /// each block's wait for a CPU.
     pub run_delay: u32,
+    /// The kernel's `THREAD_SIZE` (with the wakers tracer): see
+    /// [`thread_size`].
+    pub thread_size: u32,
 }
 
 impl Facts {
@@ -98,8 +101,18 @@ impl Facts {
                 false
             }
         });
+        if runnable.contains(&Tracer::Wakers) && !runnable.contains(&Tracer::OffCpu) {
+            eprintln!(
+                "hvprof: warning: the wakers tracer is skipped: it charges off-CPU blocks, and \
+                 the offcpu tracer cannot run here"
+            );
+            runnable.retain(|t| *t != Tracer::Wakers);
+        }
         let offsets = kernel_offsets(&kbtf, &mut runnable)?;
-        let task = task_offsets(&kbtf, opts.tracers.contains(&Tracer::OffCpu));
+        let mut task = task_offsets(&kbtf, opts.tracers.contains(&Tracer::OffCpu));
+        if runnable.contains(&Tracer::Wakers) {
+            task.thread_size = thread_size();
+        }
         drop(kbtf);
         let calibration = (runnable.contains(&Tracer::Fork) && !opts.fork_uprobes)
             .then(calibrate_fork_paths)
@@ -131,8 +144,18 @@ fn kernel_offsets(kbtf: &Kbtf, runnable: &mut Vec<Tracer>) -> Result<KernelOffse
             .map_err(|e| RecordError::Btf {
                 cause: e.to_string(),
             })?,
+        task_stack: OFFSET_UNKNOWN,
         ..KernelOffsets::default()
     };
+    if runnable.contains(&Tracer::Wakers) {
+        match kbtf.offset_of("task_struct", &["stack"]) {
+            Ok(off) => offsets.task_stack = off,
+            Err(e) => eprintln!(
+                "hvprof: note: wakeups from interrupts are charged to the task they \
+                 interrupted: kernel BTF: {e}"
+            ),
+        }
+    }
     if runnable.contains(&Tracer::Cgroup) {
         match (
             kbtf.offset_of("cgroup", &["root"]),
@@ -217,6 +240,40 @@ fn task_offsets(kbtf: &Kbtf, offcpu: bool) -> TaskOffsets {
         }
     }
     out
+}
+
+/// The kernel's `THREAD_SIZE`, the size of a task's kernel stack: a
+/// wakeup whose program does not run on the current task's stack runs on
+/// an interrupt's (x86-64 and arm64 run hard and soft interrupts on
+/// per-CPU stacks). 16 KiB on both, twice that with KASAN, which the
+/// kernel's config says (`/proc/config.gz`, or `/boot/config-RELEASE`).
+/// Without a config, 32 KiB: a task's stack is never taken for an
+/// interrupt's; an interrupt stack lying within 32 KiB above a task's
+/// stack base would be taken for that task's.
+#[must_use]
+pub(super) fn thread_size() -> u32 {
+    const BASE: u32 = 16 << 10;
+    match kernel_config() {
+        Some(text) if text.lines().any(|l| l == "CONFIG_KASAN=y") => BASE * 2,
+        Some(_) => BASE,
+        None => BASE * 2,
+    }
+}
+
+/// The running kernel's build configuration, where it can be read.
+fn kernel_config() -> Option<String> {
+    use std::io::Read as _;
+    if let Ok(f) = std::fs::File::open("/proc/config.gz") {
+        let mut text = String::new();
+        if flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut text)
+            .is_ok()
+        {
+            return Some(text);
+        }
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    std::fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()
 }
 
 /// libc's fork paths, or `None` with a warning saying what that costs.

@@ -35,6 +35,8 @@ pub(super) fn config(opts: &RecordOptions, facts: &Facts) -> Config {
     config.max_block_ns = u64::try_from(opts.max_block.as_nanos()).unwrap_or(u64::MAX);
     config.offsets = facts.offsets;
     config.dbus = u32::from(facts.tracers.contains(&Tracer::Dbus));
+    config.wakers = u32::from(facts.tracers.contains(&Tracer::Wakers));
+    config.thread_size = facts.task.thread_size;
     for (field, nr) in [
         (&mut config.nr_clone, libc::SYS_clone),
         (&mut config.nr_clone3, libc::SYS_clone3),

@@ -13,7 +13,7 @@ use std::{collections::HashMap, rc::Rc, time::Duration};
 use profiler_common::{
     record::{
         STACK_DEFERRED, STACK_EXITING, STACK_HOLDER_ON_CPU, STACK_HOLDER_USER_UNKNOWN,
-        STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK,
+        STACK_ID_MIN, STACK_NOT_TAKEN, STACK_NOT_WALKED, STACK_SHORT_BLOCK,
     },
     unwind::{STACK_CUT, UnwindStop},
 };
@@ -279,7 +279,7 @@ impl Frames {
                 // No user space: a kernel thread (-a), or exiting.
                 STACK_EFAULT if self.target_all => Vec::new(),
                 // Its kernel stack says why.
-                STACK_EXITING | STACK_HOLDER_ON_CPU => Vec::new(),
+                STACK_EXITING | STACK_HOLDER_ON_CPU | STACK_NOT_WALKED => Vec::new(),
                 STACK_NOT_TAKEN => vec![self.table.intern("[preempted]")],
                 STACK_HOLDER_USER_UNKNOWN => {
                     vec![self.table.intern("[holder's user stack unknown]")]

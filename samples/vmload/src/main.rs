@@ -54,6 +54,16 @@
 //! - `switches:N` — N round trips between two threads over pipes (2N
 //!   context switches).
 //!
+//! - `pingpong:N` — N round trips between threads `vmload-ping` and
+//!   `vmload-pong` over two pipes. Ping writes a byte
+//!   (`vmload_ping_write`) and blocks reading the answer
+//!   (`vmload_ping_read`); pong, woken by that write in its read
+//!   (`vmload_pong_read`), sleeps 1 ms (`vmload_pong_nap`, woken by a
+//!   timer interrupt) and answers (`vmload_pong_write`), which wakes ping.
+//!   So ping blocks N times, about 1 ms each, each woken by pong's write;
+//!   pong's naps are N blocks of about 1 ms woken by an interrupt. Prints
+//!   `vmload: pingpong ping TID pong TID`.
+//!
 //! - `twofds:N` — N one-byte reads at one call site (`vmload_twofds_read`),
 //!   two from a pipe, two from a unix socket, and so on; a helper thread
 //!   writes each byte 1 ms after it sees the read asleep, so every read
@@ -90,6 +100,7 @@ enum Step {
     NoClone3,
     Spawns(u64),
     Switches(u64),
+    PingPong(u64),
     TwoFds(u64),
 }
 
@@ -126,6 +137,7 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
                 "vforks" => Ok(Step::Vforks(ms)),
                 "spawns" => Ok(Step::Spawns(ms)),
                 "switches" => Ok(Step::Switches(ms)),
+                "pingpong" => Ok(Step::PingPong(ms)),
                 "twofds" => Ok(Step::TwoFds(ms)),
                 _ => Err(format!("step {s:?}: unknown step {name:?}")),
             }
@@ -704,6 +716,96 @@ fn switches(n: u64) -> Result<(), String> {
     echo.join().map_err(|_| "echo thread panicked".to_owned())
 }
 
+/// One byte written to `fd` (whose reader it wakes).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_ping_write(fd: libc::c_int) -> isize {
+    black_box(write_byte(fd))
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_ping_read(fd: libc::c_int) -> isize {
+    black_box(read_byte(fd))
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_pong_read(fd: libc::c_int) -> isize {
+    black_box(read_byte(fd))
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_pong_nap() {
+    std::thread::sleep(Duration::from_millis(1));
+    black_box(());
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_pong_write(fd: libc::c_int) -> isize {
+    black_box(write_byte(fd))
+}
+
+#[inline(never)]
+fn write_byte(fd: libc::c_int) -> isize {
+    let b = 1u8;
+    // SAFETY: a one-byte buffer.
+    black_box(unsafe { libc::write(black_box(fd), (&raw const b).cast(), 1) })
+}
+
+/// The kernel's id of the calling thread.
+fn gettid() -> i64 {
+    // SAFETY: no arguments.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+fn ping_pong(n: u64) -> Result<(), String> {
+    let mut requests = [0; 2];
+    let mut answers = [0; 2];
+    // SAFETY: arrays of two fds.
+    if unsafe { libc::pipe(requests.as_mut_ptr()) != 0 || libc::pipe(answers.as_mut_ptr()) != 0 } {
+        return Err(format!("pingpong: {}", std::io::Error::last_os_error()));
+    }
+    let answerer = std::thread::Builder::new()
+        .name("vmload-pong".to_owned())
+        .spawn(move || {
+            let tid = gettid();
+            while vmload_pong_read(requests[0]) == 1 {
+                vmload_pong_nap();
+                if vmload_pong_write(answers[1]) != 1 {
+                    break;
+                }
+            }
+            tid
+        })
+        .map_err(|e| e.to_string())?;
+    let asker = std::thread::Builder::new()
+        .name("vmload-ping".to_owned())
+        .spawn(move || {
+            for _ in 0..n {
+                if vmload_ping_write(requests[1]) != 1 || vmload_ping_read(answers[0]) != 1 {
+                    return Err(format!("pingpong: {}", std::io::Error::last_os_error()));
+                }
+            }
+            // SAFETY: pong's end of the pipe: its read returns 0 and it ends.
+            unsafe { libc::close(requests[1]) };
+            Ok(gettid())
+        })
+        .map_err(|e| e.to_string())?;
+    let asker = asker.join().map_err(|_| "ping panicked".to_owned())??;
+    let answerer = answerer.join().map_err(|_| "pong panicked".to_owned())?;
+    // SAFETY: the other ends, unused now.
+    unsafe {
+        libc::close(requests[0]);
+        libc::close(answers[0]);
+        libc::close(answers[1]);
+    }
+    println!("vmload: pingpong ping {asker} pong {answerer}");
+    Ok(())
+}
+
 /// libc's read is a leaf without a frame, so a frame-pointer walk skips
 /// its direct caller: that is this helper, and `vmload_twofds_read` above
 /// it stays visible.
@@ -924,6 +1026,7 @@ fn run(steps: &[Step]) -> Result<(), String> {
                 }
             }
             Step::Switches(n) => switches(n)?,
+            Step::PingPong(n) => ping_pong(n)?,
             Step::TwoFds(n) => two_fds(n)?,
             Step::Thread(ms) => {
                 std::thread::Builder::new()
