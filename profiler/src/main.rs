@@ -155,8 +155,9 @@ struct RecordArgs {
     /// limit]`.
     #[arg(long, alias = "user-stack-depth", default_value_t = 127, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=127))]
     max_user_frames: u32,
-    /// Tracers to run: oncpu, offcpu, locks, fork, cgroup, dbus (default: all); fewer cost
-    /// less.
+    /// Tracers to run: oncpu, offcpu, locks, fork, cgroup, dbus, libvirt (default: these),
+    /// wakers (who woke each off-CPU block; needs offcpu; a program at every wakeup); fewer
+    /// cost less.
     #[arg(long, value_name = "LIST")]
     tracers: Option<String>,
     /// Also time attaches made by writing cgroup.procs (always counted); hooks every
