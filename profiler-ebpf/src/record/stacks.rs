@@ -46,6 +46,17 @@ pub(super) fn stack_id<C: EbpfContext>(ctx: &C, flags: u64) -> Result<u64, i32> 
 /// [`stack_id`], and the number of frames, which stay in `STACK_SCRATCH`.
 #[inline(always)]
 pub(super) fn walk_stack<C: EbpfContext>(ctx: &C, flags: u64) -> (Result<u64, i32>, usize) {
+    walk_stack_upto(ctx, flags, MAX_STACK_DEPTH)
+}
+
+/// [`walk_stack`] of at most `frames` kernel frames (user stacks get
+/// `user_stack_depth`).
+#[inline(always)]
+pub(super) fn walk_stack_upto<C: EbpfContext>(
+    ctx: &C,
+    flags: u64,
+    frames: usize,
+) -> (Result<u64, i32>, usize) {
     let Some(buf) = STACK_SCRATCH.get_ptr_mut(0) else {
         return (Err(-ENOMEM), 0);
     };
@@ -60,6 +71,8 @@ pub(super) fn walk_stack<C: EbpfContext>(ctx: &C, flags: u64) -> (Result<u64, i3
             d
         };
         d * 8
+    } else if frames < MAX_STACK_DEPTH {
+        frames * 8
     } else {
         core::mem::size_of::<StackBuf>()
     };

@@ -200,10 +200,19 @@ fn offwake(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffWake> {
         .iter()
         .map(|(k, v)| {
             let (b, w) = (&k.blocked, &k.waker);
-            let mut stack = frames.stack(w.tgid, w.kern_stack, w.user_stack);
-            if w.pid == WAKER_INTERRUPT {
-                stack = interrupt_frames(stack, frames.frames.names());
-            }
+            let stack = frames.stack(w.tgid, w.kern_stack, w.user_stack);
+            let waker = match interrupt_entry(&stack, frames.frames.names()) {
+                Some(i) => Waker::Interrupt {
+                    stack: stack[i..].to_vec(),
+                },
+                None if w.pid == WAKER_INTERRUPT => Waker::Interrupt { stack },
+                None => Waker::Task {
+                    tgid: w.tgid,
+                    pid: w.pid,
+                    comm: comm_str(&w.comm),
+                    stack,
+                },
+            };
             OffWake {
                 window: window(b.window),
                 tgid: b.tgid,
@@ -211,16 +220,7 @@ fn offwake(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffWake> {
                 comm: comm_str(&b.comm),
                 state: task_state_name(b.state).to_owned(),
                 stack: frames.stack(b.tgid, b.kern_stack, b.user_stack),
-                waker: if w.pid == WAKER_INTERRUPT {
-                    Waker::Interrupt { stack }
-                } else {
-                    Waker::Task {
-                        tgid: w.tgid,
-                        pid: w.pid,
-                        comm: comm_str(&w.comm),
-                        stack,
-                    }
-                },
+                waker,
                 blocks: v.count,
                 total_ns: v.total_ns,
                 max_ns: v.max_ns,
@@ -229,18 +229,25 @@ fn offwake(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffWake> {
         .collect()
 }
 
-/// An interrupt's kernel stack from its entry on (`asm_sysvec_…`,
-/// `asm_common_interrupt`: x86-64's interrupt entry points): what it
-/// interrupted had no part in the wakeup, and would split one waker into
-/// as many rows as places it happened to interrupt.
-fn interrupt_frames(mut stack: Vec<u32>, names: &[String]) -> Vec<u32> {
-    let entry = stack
-        .iter()
-        .rposition(|&f| names.get(f as usize).is_some_and(|n| n.starts_with("asm_")));
-    if let Some(i) = entry {
-        stack.drain(..i);
-    }
-    stack
+/// Where a waker's stack enters an interrupt (`asm_sysvec_…`,
+/// `asm_common_interrupt`: x86-64's interrupt entry points), if it does:
+/// the wakeup was the interrupt's, whatever task it interrupted (the
+/// program tells only an interrupt on its own stack; one that came in user
+/// mode runs on the task's). Its stack from there on: what it interrupted
+/// had no part in the wakeup, and would split one waker into as many rows
+/// as places it happened to interrupt.
+fn interrupt_entry(stack: &[u32], names: &[String]) -> Option<usize> {
+    stack.iter().rposition(|&f| {
+        names.get(f as usize).is_some_and(|n| {
+            [
+                "asm_sysvec_",
+                "asm_common_interrupt",
+                "asm_spurious_interrupt",
+            ]
+            .iter()
+            .any(|p| n.starts_with(p))
+        })
+    })
 }
 
 /// libvirt's rows: those drained as they are, and the job waits with their

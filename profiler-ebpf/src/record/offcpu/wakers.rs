@@ -23,7 +23,7 @@ use profiler_common::record::{
 use super::{OFFCPU_START, is_preemption, own_entry, site_user_stack};
 use crate::record::{
     common::{Task, comm_of, count, current_window, is_tracked, lose, now, stopped, written_now},
-    stacks::{kern_stack, user_stack},
+    stacks::{kern_stack, kern_stack_or_reason, user_stack, walk_stack_upto},
 };
 
 #[map]
@@ -35,6 +35,13 @@ static OFFWAKE_TIMES: HashMap<OffWakeKey, OffCpuValue> = HashMap::with_max_entri
 /// stamped the block's start. An older one woke an earlier block (or the
 /// thread before it slept at all), and the block's own waker went unseen.
 const WAKE_BEFORE_BLOCK_NS: u64 = 1_000_000;
+
+/// Kernel frames walked of an interrupt's wakeup: from the program through
+/// a timer's handlers to the interrupt's entry takes 10; walking on
+/// through the interrupted context's stack would cost as much again (a
+/// walk from an interrupt costs about 0.3 µs a frame here). A deeper
+/// chain (a network softirq's) is cut.
+const INTERRUPT_FRAMES: usize = 16;
 
 tracepoint_program! {
 /// `sched_waking(struct task_struct *p)`, in the waker's context, for every
@@ -72,16 +79,19 @@ fn waking(ctx: &BtfTracePointContext) -> Option<()> {
 fn waker(ctx: &BtfTracePointContext, window: u32) -> TaskStacks {
     // SAFETY: no preconditions.
     let task = unsafe { bpf_get_current_task_btf() };
-    let kern_stack = kern_stack(ctx, window);
     if in_interrupt(ctx, task) {
+        // Up to the interrupt's entry, not on through what it interrupted
+        // (which userspace cuts off anyway).
+        let walked = walk_stack_upto(ctx, 0, INTERRUPT_FRAMES).0;
         return TaskStacks {
             pid: WAKER_INTERRUPT,
             tgid: 0,
             comm: [0; COMM_LEN],
-            kern_stack,
+            kern_stack: kern_stack_or_reason(walked, window),
             user_stack: STACK_NOT_WALKED,
         };
     }
+    let kern_stack = kern_stack(ctx, window);
     let (tgid, pid) = Task::current().ids();
     let user_stack = if !is_tracked(tgid) {
         STACK_NOT_WALKED
@@ -111,9 +121,12 @@ fn waker(ctx: &BtfTracePointContext, window: u32) -> TaskStacks {
     }
 }
 
-/// Whether the wakeup runs in an interrupt: the tracepoint's caller is not
-/// on the current task's stack (x86-64 runs hard and soft interrupts on
-/// per-CPU stacks). The caller's stack is where the tracepoint put the
+/// Whether the wakeup runs in an interrupt that came while the CPU was in
+/// the kernel: the tracepoint's caller is not on the current task's stack
+/// (x86-64 then runs hard and soft interrupts on per-CPU stacks). One that
+/// came while the task ran in user mode runs on the task's stack, and
+/// userspace tells it by its kernel stack, which holds the interrupt's
+/// entry. The caller's stack is where the tracepoint put the
 /// arguments this program's context points to (the program's own stack
 /// may be a private per-CPU one); that address, copied through the checked
 /// helper, is a plain number. The task's stack base is one load.
