@@ -64,6 +64,7 @@ pub fn load_with_config(
     max_stacks: u32,
     unwind_rows: u32,
 ) -> Result<Ebpf, LoadError> {
+    use profiler_common::record::{OFFWAKE_ENTRIES, WAKER_SITES_ENTRIES};
     let _ = crate::sys::raise_memlock();
     // The copies of user stacks for `--verify-unwind` need room; otherwise
     // the ring is one page.
@@ -72,8 +73,18 @@ pub fn load_with_config(
     } else {
         4096
     };
+    // The wakers tracer's maps, one entry each when it is off.
+    let wakers = |n: u32| if config.wakers != 0 { n } else { 1 };
     EbpfLoader::new()
         .map_max_entries(profiler_common::record::names::UNWIND_VERIFY, verify_ring)
+        .map_max_entries(
+            profiler_common::record::names::OFFWAKE_TIMES,
+            wakers(OFFWAKE_ENTRIES),
+        )
+        .map_max_entries(
+            profiler_common::record::names::WAKER_SITES,
+            wakers(WAKER_SITES_ENTRIES),
+        )
         .override_global(profiler_common::record::names::CONFIG, config, true)
         .map_max_entries(profiler_common::record::names::STACKS, max_stacks)
         .map_max_entries(profiler_common::record::names::UNWIND_ROWS, unwind_rows)

@@ -1,6 +1,6 @@
 //! The kernel lock contention tracer's keys, values and in-flight waits.
 
-use super::{COMM_LEN, TaskStacks};
+use super::{COMM_LEN, LiveKstack, TaskStacks};
 
 /// `lock:contention_begin` flags (include/trace/events/lock.h).
 pub mod lock_flags {
@@ -114,7 +114,7 @@ pub struct LockPending {
     pub kstack_next: u32,
     pub entries: [LockBegin; MAX_LOCK_NESTING],
     /// The thread's last kernel stacks walked at a contention end.
-    pub kstacks: [LockKstack; LOCK_KSTACKS],
+    pub kstacks: [LiveKstack; LOCK_KSTACKS],
 }
 
 impl LockPending {
@@ -136,43 +136,9 @@ impl LockPending {
             window: 0,
             holder: TaskStacks::UNKNOWN,
         }; MAX_LOCK_NESTING],
-        kstacks: [LockKstack {
-            id: 0,
-            syscall: 0,
-            found: 0,
-            search: 0,
-            ret: [0; LOCK_KSTACK_FRAMES],
-            at: [0; LOCK_KSTACK_FRAMES],
-        }; LOCK_KSTACKS],
+        kstacks: [LiveKstack::EMPTY; LOCK_KSTACKS],
     };
 }
 
 /// Kernel stacks a thread's lock entry remembers.
 pub const LOCK_KSTACKS: usize = 2;
-/// Return addresses of a remembered lock-wait kernel stack that are checked.
-pub const LOCK_KSTACK_FRAMES: usize = 16;
-/// Words below the task's entry registers (the top of its kernel stack)
-/// searched for them (4 KiB).
-pub const LOCK_KSTACK_WORDS: usize = 512;
-
-/// A kernel stack walked at a contention end, and where its return
-/// addresses sat in the 4 KiB at the top of the waiter's kernel stack. The
-/// kernel moves the frames below the syscall entry by a random offset at
-/// every syscall, all by the same amount: the same syscall and return
-/// addresses at the same places (after finding the innermost one) mean the
-/// same kernel call chain, without walking it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LockKstack {
-    /// The stack id (0: empty).
-    pub id: u64,
-    pub syscall: u64,
-    /// Its frames, innermost first, all in `ret` and `at`.
-    pub found: u32,
-    /// Scratch for the search (in the map value, not a register, for the
-    /// verifier's sake).
-    pub search: u32,
-    pub ret: [u64; LOCK_KSTACK_FRAMES],
-    /// Word index in the 4 KiB window.
-    pub at: [u32; LOCK_KSTACK_FRAMES],
-}

@@ -139,6 +139,7 @@ pub mod names {
     pub const PROG_LOCK_END: &str = "lock_contention_end";
     pub const PROG_SCHED_WAKING: &str = "offcpu_sched_waking";
     pub const OFFWAKE_TIMES: &str = "OFFWAKE_TIMES";
+    pub const WAKER_SITES: &str = "WAKER_SITES";
 
     pub const LOCK_WAITS: &str = "LOCK_WAITS";
     pub const LOCK_PENDING: &str = "LOCK_PENDING";
@@ -568,7 +569,7 @@ pub enum Counter {
     /// Lock waits whose waiter's kernel stack was walked.
     LockKernWalk = 12,
     /// Lock waits whose waiter's kernel stack was reused (see
-    /// [`LockKstack`]).
+    /// [`LiveKstack`]).
     LockKernCached = 13,
     /// Stacks reused that differ from the walk done anyway
     /// (`verify_stack_cache`), one counter per cache: off-CPU user stacks,
@@ -593,10 +594,16 @@ pub enum Counter {
     /// walked.
     WakerUserCached = 21,
     WakerUserWalk = 22,
+    /// Wakers' kernel stacks reused (the live one: see `LiveKstack`) and
+    /// walked.
+    WakerKernCached = 23,
+    WakerKernWalk = 24,
+    /// Wakeups whose waker was an interrupt on its own stack.
+    WakerInterrupts = 25,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 26;
 }
 
 /// Slots of the `LOSSES` map: everything the kernel side could not record.
@@ -697,6 +704,7 @@ mod pod {
     unsafe impl aya::Pod for super::OffCpuValue {}
     unsafe impl aya::Pod for super::OffCpuStart {}
     unsafe impl aya::Pod for super::OffWakeKey {}
+    unsafe impl aya::Pod for super::WakerSites {}
     unsafe impl aya::Pod for super::VmState {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::LossKey {}
@@ -808,6 +816,10 @@ mod tests {
                 + 8
         );
         assert_eq!(
+            size_of::<WakerSites>(),
+            8 + WAKE_SITES * (8 * 8 + size_of::<LiveKstack>())
+        );
+        assert_eq!(
             size_of::<OffWakeKey>(),
             size_of::<OffCpuKey>() + size_of::<TaskStacks>()
         );
@@ -831,11 +843,11 @@ mod tests {
         );
         assert_eq!(size_of::<DbusLast>(), 2 * 4 + 8 + size_of::<DbusNames>());
         assert_eq!(size_of::<LockValue>(), (3 + LOCK_HIST_BUCKETS) * 8);
-        assert_eq!(size_of::<LockKstack>(), 3 * 8 + LOCK_KSTACK_FRAMES * 12);
+        assert_eq!(size_of::<LiveKstack>(), 3 * 8 + LIVE_KSTACK_FRAMES * 12);
         assert_eq!(
             size_of::<LockPending>(),
             8 + MAX_LOCK_NESTING * (32 + size_of::<TaskStacks>())
-                + LOCK_KSTACKS * size_of::<LockKstack>()
+                + LOCK_KSTACKS * size_of::<LiveKstack>()
         );
         assert_eq!(
             size_of::<Config>(),

@@ -171,6 +171,99 @@ impl OffCpuAcc {
     };
 }
 
+/// Return addresses of a remembered live kernel stack that are checked.
+pub const LIVE_KSTACK_FRAMES: usize = 16;
+/// Words below the task's entry registers (the top of its kernel stack)
+/// searched for them (4 KiB).
+pub const LIVE_KSTACK_WORDS: usize = 512;
+
+/// A kernel stack of the current task walked once (at a contention end, at
+/// a wakeup), and where its return addresses sat in the 4 KiB at the top
+/// of its kernel stack. The kernel moves the frames below the syscall
+/// entry by a random offset at every syscall, all by the same amount: the
+/// same syscall and return addresses at the same places (after finding the
+/// innermost one) mean the same kernel call chain, without walking it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveKstack {
+    /// The stack id (0: empty).
+    pub id: u64,
+    pub syscall: u64,
+    /// Its frames, innermost first, all in `ret` and `at`.
+    pub found: u32,
+    /// Scratch for the search (in the map value, not a register, for the
+    /// verifier's sake).
+    pub search: u32,
+    pub ret: [u64; LIVE_KSTACK_FRAMES],
+    /// Word index in the 4 KiB window.
+    pub at: [u32; LIVE_KSTACK_FRAMES],
+}
+
+impl LiveKstack {
+    pub const EMPTY: Self = Self {
+        id: 0,
+        syscall: 0,
+        found: 0,
+        search: 0,
+        ret: [0; LIVE_KSTACK_FRAMES],
+        at: [0; LIVE_KSTACK_FRAMES],
+    };
+}
+
+/// Entries of the wakers tracer's maps (`OFFWAKE_TIMES`, `WAKER_SITES`);
+/// one each when it is off.
+pub const OFFWAKE_ENTRIES: u32 = 65536;
+pub const WAKER_SITES_ENTRIES: u32 = 8192;
+
+/// Wake sites a waker's entry remembers.
+pub const WAKE_SITES: usize = 2;
+
+/// A place a thread woke others from (the wakers tracer): its user site,
+/// keyed as a [`BlockSite`]'s, with the user stack walked there, and the
+/// kernel stack of its last wakeup there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WakeSite {
+    /// As [`BlockSite::user`], [`BlockSite::user_check`] and
+    /// [`BlockSite::user_check_hash`].
+    pub user: [u64; 4],
+    pub user_stack: u64,
+    pub user_check: [u64; 2],
+    pub user_check_hash: u64,
+    pub kstack: LiveKstack,
+}
+
+/// Per waker thread (keyed by task pointer, in an LRU map: no exit hook
+/// removes it): where it last woke others from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WakerSites {
+    /// The thread (a reused `task_struct` is another thread).
+    pub pid: u32,
+    /// The site a new one replaces next.
+    pub next: u32,
+    pub sites: [WakeSite; WAKE_SITES],
+}
+
+impl WakerSites {
+    pub const EMPTY: Self = Self {
+        pid: 0,
+        next: 0,
+        sites: [WakeSite {
+            user: [0; 4],
+            user_stack: 0,
+            user_check: [0; 2],
+            user_check_hash: 0,
+            kstack: LiveKstack::EMPTY,
+        }; WAKE_SITES],
+    };
+
+    /// The stack ids it holds.
+    pub fn stacks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.sites.iter().flat_map(|s| [s.user_stack, s.kstack.id])
+    }
+}
+
 /// Sites a thread's off-CPU entry remembers (a QEMU vCPU thread alternates
 /// between the BQL, its halt condition and a few locks).
 pub const BLOCK_SITES: usize = 4;

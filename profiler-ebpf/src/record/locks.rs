@@ -18,32 +18,25 @@
 
 use aya_ebpf::{
     bindings::task_struct,
-    cty::c_void,
     helpers::{
         bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_task_stack,
         bpf_probe_read_kernel, generated,
     },
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::HashMap,
     programs::BtfTracePointContext,
 };
 use profiler_common::record::{
-    COMM_LEN, Counter, HOLDER_READERS, HOLDER_UNKNOWN, KSTACK_UNCHECKED, LOCK_HIST_BUCKETS,
-    LOCK_KSTACK_FRAMES, LOCK_KSTACK_WORDS, LOCK_KSTACKS, LockBegin, LockKey, LockKstack,
+    COMM_LEN, Counter, HOLDER_READERS, HOLDER_UNKNOWN, LOCK_HIST_BUCKETS, LockBegin, LockKey,
     LockPending, LockValue, Loss, MAX_LOCK_NESTING, OFFSET_UNKNOWN, STACK_HOLDER_ON_CPU,
-    STACK_HOLDER_USER_UNKNOWN, STACK_ID_MIN, StackBuf, TaskStacks, WindowMode, lock_flags,
+    STACK_HOLDER_USER_UNKNOWN, StackBuf, TaskStacks, WindowMode, lock_flags,
 };
 
 use super::{
-    common::{
-        EntryRegs, Task, aggregate, comm, count, lose, now, slot, stopped, timed, traced,
-        written_now,
-    },
+    common::{Task, aggregate, comm, count, lose, now, slot, stopped, timed, traced, written_now},
+    live_kstack::live_kern_stack,
     offcpu,
-    stacks::{
-        STACK_SCRATCH, kern_stack, kern_stack_or_reason, store_stack, user_stack, verified,
-        walk_stack,
-    },
+    stacks::{STACK_SCRATCH, kern_stack, kern_stack_or_reason, store_stack, user_stack},
 };
 
 #[map]
@@ -62,11 +55,6 @@ static LOCK_VALUE_ZERO: LockValue = LockValue {
 };
 #[unsafe(no_mangle)]
 static LOCK_PENDING_ZERO: LockPending = LockPending::ZERO;
-
-/// Scratch for the top 4 KiB of a lock waiter's kernel stack.
-#[map]
-static LOCK_KSTACK_SCRATCH: PerCpuArray<[u64; LOCK_KSTACK_WORDS]> =
-    PerCpuArray::with_max_entries(1, 0);
 
 timed!(LockValue, count, total_ns, max_ns, hist: hist);
 
@@ -416,20 +404,12 @@ fn waiter_user_stack(ctx: &BtfTracePointContext, pid: u32, window: u32) -> u64 {
     user_stack(ctx, window)
 }
 
-/// `bpf_get_stack`'s count of innermost frames to leave out: the first is
-/// in the calling program (a BTF tracepoint's walk starts there).
-const SKIP_OWN_FRAME: u64 = 1;
-
 /// The current task's kernel stack at the end of a wait for a sleeping
-/// lock: one of the two its lock entry remembers if it is in the same
-/// syscall and every return address of it is where it was on its kernel
-/// stack (allowing for the per-syscall random offset); else a walk (4 to
-/// 12 µs here), remembered in the older slot.
-///
-/// Where the return addresses are is read from the 4 KiB below the task's
-/// entry registers, the top of its kernel stack. (Not relative to this
-/// program's frame: since Linux 6.13 a tracing program may run on a
-/// private stack.)
+/// lock: one of the two its lock entry remembers if it is the live one
+/// (see [`live_kern_stack`]), else a walk (4 to 12 µs here), remembered in
+/// the older slot. Only for sleeping locks, taken in process context: a
+/// spinlock's waiter may be an interrupt on its own stack, and the task
+/// stack under it may still hold a whole earlier stack that would match.
 #[inline(always)]
 fn lock_kernel_stack(
     ctx: &BtfTracePointContext,
@@ -437,186 +417,23 @@ fn lock_kernel_stack(
     flags: u32,
     window: u32,
 ) -> u64 {
-    // Only for sleeping locks, taken in process context: a spinlock's
-    // waiter may be an interrupt on its own stack, and the task stack under
-    // it may still hold a whole earlier stack that would match.
-    let (Some(words), true) = (
-        LOCK_KSTACK_SCRATCH.get_ptr_mut(0),
-        config!(block_site_cache) != 0 && lock_flags::sleeps(flags),
-    ) else {
+    if config!(block_site_cache) == 0 || !lock_flags::sleeps(flags) {
         count(Counter::LockKernWalk);
         return kern_stack(ctx, window);
-    };
-    // The top of the kernel stack is just under the entry registers.
-    let regs = EntryRegs::current();
-    let nr = regs.syscall();
-    let bytes = (LOCK_KSTACK_WORDS * 8) as u64;
-    // SAFETY: the stack is read with the checked helper into this CPU's
-    // scratch.
-    let cache = unsafe {
-        generated::bpf_probe_read_kernel(
-            words.cast(),
-            bytes as u32,
-            (regs.addr() - bytes) as *const c_void,
-        ) == 0
-    };
-    let mut reused = 0;
-    if cache {
-        let mut k = 0;
-        while k < LOCK_KSTACKS {
-            // SAFETY: k < LOCK_KSTACKS, inside the thread's entry.
-            let c = unsafe { &raw mut (*pending).kstacks[k] };
-            if lock_kstack_matches(c, words, nr) {
-                count(Counter::LockKernCached);
-                // SAFETY: as above.
-                reused = unsafe { (*c).id };
-                if config!(verify_stack_cache) == 0 {
-                    return reused;
-                }
-                break;
-            }
-            k += 1;
-        }
     }
-    if reused == 0 {
-        count(Counter::LockKernWalk);
-    }
-    // Without this program's own frame (where the walk returns to it): a
-    // later wait's check runs before any walk, and only the frames of the
-    // live chain, the tracepoint's runner first, can be found in place.
-    let (id, frames) = walk_stack(ctx, SKIP_OWN_FRAME);
-    let id = kern_stack_or_reason(id, window);
-    if reused != 0 {
-        return verified(reused, id, Counter::LockKernReuseDiffers);
-    }
-    if let (true, Some(ips)) = (id >= STACK_ID_MIN && cache, STACK_SCRATCH.get_ptr(0)) {
-        // SAFETY: the thread's own entry; the slot is bounded.
-        unsafe {
-            let next = (*pending).kstack_next as usize & (LOCK_KSTACKS - 1);
-            let c = &raw mut (*pending).kstacks[next];
-            if remember_lock_kstack(c, words, ips, frames) {
-                (*c).id = id;
-                (*c).syscall = nr;
-                (*pending).kstack_next = ((next + 1) % LOCK_KSTACKS) as u32;
-            }
-        }
-    }
-    id
-}
-
-/// Whether remembered stack `c` is the current one: the same syscall, its
-/// innermost return address is found (the highest copy in the window:
-/// older copies left by deeper calls are below the live frames), the
-/// others are where they were, moved by as much, and the outermost, where
-/// the walk ends under the entry registers, has not moved (above a
-/// syscall's random offset; an exception's stack has none). The same
-/// return addresses at the same places make the unwinder find the same
-/// frames.
-#[inline(always)]
-fn lock_kstack_matches(
-    c: *mut LockKstack,
-    words: *const [u64; LOCK_KSTACK_WORDS],
-    nr: u64,
-) -> bool {
-    // SAFETY: c is a valid map value, words this CPU's scratch; indices
-    // are masked into range. The search's state is kept in the map value
-    // (see `offcpu::kstack::remember`).
-    let (entry, entry_end) = (config!(syscall_entry), config!(syscall_entry_end));
-    unsafe {
-        if (*c).id < STACK_ID_MIN || (*c).syscall != nr {
-            return false;
-        }
-        let at0 = (*c).at[0] as usize & (LOCK_KSTACK_WORDS - 1);
-        let ret0 = (*c).ret[0];
-        core::ptr::write_volatile(&raw mut (*c).search, KSTACK_UNCHECKED);
-        let mut w = LOCK_KSTACK_WORDS;
-        while w > 0 {
-            w -= 1;
-            if (*words)[w] == ret0 {
-                core::ptr::write_volatile(&raw mut (*c).search, w as u32);
-                break;
-            }
-        }
-        let now0 = core::ptr::read_volatile(&raw const (*c).search);
-        if now0 == KSTACK_UNCHECKED {
-            return false;
-        }
-        let now0 = now0 as usize;
-        let frames = (*c).found as usize;
-        if frames <= 1 {
-            return now0 == at0;
-        }
-        let mut i = 1;
-        while i < LOCK_KSTACK_FRAMES {
-            if i >= frames {
-                break;
-            }
-            let at = (*c).at[i] as usize & (LOCK_KSTACK_WORDS - 1);
-            let ret = (*c).ret[i];
-            let ok = if i + 1 < frames {
-                // Moved as much as the innermost, inside the window.
-                let moved = at + now0;
-                moved >= at0
-                    && moved - at0 < LOCK_KSTACK_WORDS
-                    && (*words)[(moved - at0) & (LOCK_KSTACK_WORDS - 1)] == ret
-            } else {
-                // The outermost, just under the entry registers, where the
-                // walk ends: not moved (else this is the same chain nested
-                // deeper, under another entry), and the others moved only
-                // if the random offset is between (a syscall).
-                (*words)[at] == ret && (now0 == at0 || (ret >= entry && ret < entry_end))
-            };
-            if !ok {
-                return false;
-            }
-            i += 1;
-        }
-        true
-    }
-}
-
-/// Finds, in one pass down from the top of the window, where the walked
-/// stack's return addresses (`frames` of them in `ips`, outermost first
-/// from the top) sit, and keeps them in `c`. False if the stack cannot be
-/// checked that way: deeper than [`LOCK_KSTACK_FRAMES`], or a frame not in
-/// the window (on the IRQ stack, or more than 4 KiB down).
-#[inline(always)]
-fn remember_lock_kstack(
-    c: *mut LockKstack,
-    words: *const [u64; LOCK_KSTACK_WORDS],
-    ips: *const StackBuf,
-    frames: usize,
-) -> bool {
-    // SAFETY: c is a valid map value, words and ips this CPU's scratch
-    // values; indices are masked into range. The count of frames still to
-    // find lives in the map value (see `offcpu::kstack::remember`).
-    unsafe {
-        (*c).id = 0;
-        if frames == 0 || frames > LOCK_KSTACK_FRAMES {
-            return false;
-        }
-        core::ptr::write_volatile(&raw mut (*c).found, frames as u32);
-        let mut w = LOCK_KSTACK_WORDS;
-        while w > 0 {
-            w -= 1;
-            let j = core::ptr::read_volatile(&raw const (*c).found) as usize;
-            if j == 0 {
-                break;
-            }
-            let j = (j - 1) & (LOCK_KSTACK_FRAMES - 1);
-            let ip = (*ips).ips[j];
-            if (*words)[w] == ip {
-                (*c).at[j] = w as u32;
-                (*c).ret[j] = ip;
-                core::ptr::write_volatile(&raw mut (*c).found, j as u32);
-            }
-        }
-        if core::ptr::read_volatile(&raw const (*c).found) != 0 {
-            return false;
-        }
-        (*c).found = frames as u32;
-        true
-    }
+    // SAFETY: the thread's own entry.
+    let (slots, next) = unsafe { (&raw mut (*pending).kstacks, &raw mut (*pending).kstack_next) };
+    live_kern_stack(
+        ctx,
+        window,
+        slots,
+        next,
+        [
+            Counter::LockKernCached,
+            Counter::LockKernWalk,
+            Counter::LockKernReuseDiffers,
+        ],
+    )
 }
 
 /// The exit hook: contentions the thread was in go with it. None can be

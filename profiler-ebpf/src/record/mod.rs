@@ -118,6 +118,7 @@ mod common;
 mod dbus;
 mod fork;
 mod libvirt;
+mod live_kstack;
 mod locks;
 mod mappings;
 mod offcpu;

@@ -331,26 +331,63 @@ fn known_site(e: *mut OffCpuStart, regs: [u64; 3], ret: &mut Option<u64>) -> Opt
     while i < BLOCK_SITES {
         // SAFETY: i < BLOCK_SITES, inside the thread's entry.
         let s = unsafe { &*sites.add(i) };
-        if s.user_stack >= STACK_ID_MIN
-            && s.user[0] == regs[0]
-            && s.user[1] == regs[1]
-            && s.user[2] == regs[2]
-            && if s.user_check[0] != 0 {
-                unwind::hvprof_site_matches(
-                    s.user_check_hash,
-                    regs[1],
-                    s.user_check[0],
-                    s.user_check[1],
-                ) != 0
-            } else {
-                *ret.get_or_insert_with(|| site_return(regs)) == s.user[3]
-            }
-        {
+        if at_site(
+            &s.user,
+            s.user_stack,
+            &s.user_check,
+            s.user_check_hash,
+            regs,
+            ret,
+        ) {
             return Some((s.user_stack, i as u32));
         }
         i += 1;
     }
     None
+}
+
+/// Whether a thread at user registers `regs` is at the site keyed by
+/// `user` (ip, sp, bp, return address), `check` and `check_hash` (see
+/// [`BlockSite`]), which has user stack `stack`; the return address is
+/// found once into `ret` where a site needs it.
+#[inline(always)]
+pub(super) fn at_site(
+    user: &[u64; 4],
+    stack: u64,
+    check: &[u64; 2],
+    check_hash: u64,
+    regs: [u64; 3],
+    ret: &mut Option<u64>,
+) -> bool {
+    stack >= STACK_ID_MIN
+        && user[0] == regs[0]
+        && user[1] == regs[1]
+        && user[2] == regs[2]
+        && if check[0] != 0 {
+            unwind::hvprof_site_matches(check_hash, regs[1], check[0], check[1]) != 0
+        } else {
+            *ret.get_or_insert_with(|| site_return(regs)) == user[3]
+        }
+}
+
+/// The key of the site the current thread is at (user registers `regs`,
+/// and its return address if already found), just walked: its `user`
+/// (ip, sp, bp and the return address, 0 where checked), and the check of
+/// its first return addresses with their hash, where the walk recorded
+/// them.
+#[inline(always)]
+pub(super) fn site_key(regs: [u64; 3], ret: Option<u64>) -> ([u64; 4], [u64; 2], u64) {
+    let (check, check_hash) = if config!(unwind_dwarf) != 0 {
+        unwind::last_site_check()
+    } else {
+        ([0; 2], 0)
+    };
+    let ret = if check[0] != 0 {
+        0
+    } else {
+        ret.unwrap_or_else(|| site_return(regs))
+    };
+    ([regs[0], regs[1], regs[2], ret], check, check_hash)
 }
 
 /// Remembers the user stack `user` just walked at the current thread's
@@ -364,16 +401,7 @@ fn remember_site(
     ret: Option<u64>,
     user: u64,
 ) -> u32 {
-    let (check, check_hash) = if config!(unwind_dwarf) != 0 {
-        unwind::last_site_check()
-    } else {
-        ([0; 2], 0)
-    };
-    let ret = if check[0] != 0 {
-        0
-    } else {
-        ret.unwrap_or_else(|| site_return(regs))
-    };
+    let (user_key, check, check_hash) = site_key(regs, ret);
     // A new site replaces the oldest, whose blocks go to the map first
     // (with the last block's run-queue wait, if it is one of them).
     // SAFETY: the thread's own entry (it is running here, so no switch-in
@@ -384,7 +412,7 @@ fn remember_site(
         let next = if next < BLOCK_SITES { next } else { 0 };
         flush(&raw mut (*sites_of(e).add(next)).acc);
         *sites_of(e).add(next) = BlockSite {
-            user: [regs[0], regs[1], regs[2], ret],
+            user: user_key,
             user_stack: user,
             user_check: check,
             user_check_hash: check_hash,

@@ -796,8 +796,17 @@ const NESTED_COUNTERS: [(Counter, &str); 1] = [(
 )];
 
 /// The wakers tracer's.
-const WAKER_COUNTERS: [(Counter, &str); 4] = [
+const WAKER_COUNTERS: [(Counter, &str); 7] = [
     (Counter::Wakeups, "wakeups of blocked threads (waker taken)"),
+    (
+        Counter::WakerInterrupts,
+        "wakeups by an interrupt on its own stack",
+    ),
+    (Counter::WakerKernWalk, "waker kernel stacks walked"),
+    (
+        Counter::WakerKernCached,
+        "waker kernel stacks reused (same place)",
+    ),
     (Counter::WakerUserWalk, "waker user stacks walked"),
     (
         Counter::WakerUserCached,

@@ -12,22 +12,38 @@ use aya_ebpf::{
     bindings::task_struct,
     helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel},
     macros::map,
-    maps::HashMap,
+    maps::{HashMap, LruHashMap},
     programs::BtfTracePointContext,
 };
 use profiler_common::record::{
-    COMM_LEN, Counter, Loss, OFFSET_UNKNOWN, OffCpuKey, OffCpuStart, OffCpuValue, OffWakeKey,
-    STACK_NOT_WALKED, TaskStacks, WAKER_INTERRUPT,
+    COMM_LEN, Counter, LiveKstack, Loss, OFFSET_UNKNOWN, OFFWAKE_ENTRIES, OffCpuKey, OffCpuStart,
+    OffCpuValue, OffWakeKey, STACK_ID_MIN, STACK_NOT_WALKED, TaskStacks, WAKE_SITES,
+    WAKER_INTERRUPT, WAKER_SITES_ENTRIES, WakerSites,
 };
 
-use super::{OFFCPU_START, is_preemption, own_entry, site_user_stack};
-use crate::record::{
-    common::{Task, comm_of, count, current_window, is_tracked, lose, now, stopped, written_now},
-    stacks::{kern_stack, kern_stack_or_reason, user_stack, walk_stack_upto},
+use super::{OFFCPU_START, at_site, is_preemption, site_key};
+use crate::{
+    record::{
+        common::{
+            Task, comm_of, count, current_window, is_tracked, lose, now, stopped, written_now,
+        },
+        live_kstack::live_kern_stack,
+        stacks::{kern_stack, kern_stack_or_reason, user_stack, user_stack_walk, walk_stack_upto},
+    },
+    unwind,
 };
 
 #[map]
-static OFFWAKE_TIMES: HashMap<OffWakeKey, OffCpuValue> = HashMap::with_max_entries(65536, 0);
+static OFFWAKE_TIMES: HashMap<OffWakeKey, OffCpuValue> =
+    HashMap::with_max_entries(OFFWAKE_ENTRIES, 0);
+/// Per waker thread, by task pointer: where it woke others from. LRU: a
+/// thread gone is forgotten in time, without an exit hook.
+#[map]
+static WAKER_SITES: LruHashMap<u64, WakerSites> =
+    LruHashMap::with_max_entries(WAKER_SITES_ENTRIES, 0);
+/// A new waker's sites (larger than the BPF stack allows).
+#[unsafe(no_mangle)]
+static WAKER_SITES_EMPTY: WakerSites = WakerSites::EMPTY;
 
 /// A waker seen this long before the block began still woke it: the
 /// wakeup can run on another CPU while the thread is being switched out,
@@ -82,6 +98,7 @@ fn waker(ctx: &BtfTracePointContext, window: u32) -> TaskStacks {
     if in_interrupt(ctx, task) {
         // Up to the interrupt's entry, not on through what it interrupted
         // (which userspace cuts off anyway).
+        count(Counter::WakerInterrupts);
         let walked = walk_stack_upto(ctx, 0, INTERRUPT_FRAMES).0;
         return TaskStacks {
             pid: WAKER_INTERRUPT,
@@ -91,26 +108,19 @@ fn waker(ctx: &BtfTracePointContext, window: u32) -> TaskStacks {
             user_stack: STACK_NOT_WALKED,
         };
     }
-    let kern_stack = kern_stack(ctx, window);
     let (tgid, pid) = Task::current().ids();
-    let user_stack = if !is_tracked(tgid) {
-        STACK_NOT_WALKED
-    } else if let Some(own) = own_entry(task as u64, pid) {
-        // Where it wakes others is a site of its own, as where it blocks
-        // (a QEMU worker's futex wake, a libvirtd worker's write to a
-        // pipe): the same cache saves the walk.
-        site_user_stack(
-            ctx,
-            task,
-            own,
-            window,
-            Counter::WakerUserCached,
-            Counter::WakerUserWalk,
-        )
-        .0
-    } else {
-        count(Counter::WakerUserWalk);
-        user_stack(ctx, window)
+    let (kern_stack, user_stack) = match waker_sites(task as u64, pid) {
+        Some(w) => site_stacks(ctx, task, w, is_tracked(tgid), window),
+        None => {
+            count(Counter::WakerKernWalk);
+            let user = if is_tracked(tgid) {
+                count(Counter::WakerUserWalk);
+                user_stack(ctx, window)
+            } else {
+                STACK_NOT_WALKED
+            };
+            (kern_stack(ctx, window), user)
+        }
     };
     TaskStacks {
         pid,
@@ -119,6 +129,112 @@ fn waker(ctx: &BtfTracePointContext, window: u32) -> TaskStacks {
         kern_stack,
         user_stack,
     }
+}
+
+/// The sites waker `task` (thread `pid`) woke others from, a new entry if
+/// it has none (or one of a thread gone, whose `task_struct` it reuses).
+#[inline(always)]
+fn waker_sites(task: u64, pid: u32) -> Option<*mut WakerSites> {
+    if let Some(w) = WAKER_SITES.get_ptr_mut(&task)
+        // SAFETY: a valid map value.
+        && unsafe { (*w).pid } == pid
+    {
+        return Some(w);
+    }
+    let _ = WAKER_SITES.insert(&task, &WAKER_SITES_EMPTY, 0);
+    let w = WAKER_SITES.get_ptr_mut(&task)?;
+    // SAFETY: a valid map value, the current thread's.
+    unsafe { (*w).pid = pid };
+    Some(w)
+}
+
+/// The stacks of the current thread (`task`, its sites `w`) where it
+/// wakes another: where it woke others from before (a QEMU worker's futex
+/// wake, a libvirtd worker's write to a pipe), the user stack walked there
+/// and the kernel stack its site remembers if it is the live one; else
+/// walks, remembered in the older site. A process not traced has one
+/// kernel stack remembered, and no user stack.
+#[inline(always)]
+fn site_stacks(
+    ctx: &BtfTracePointContext,
+    task: *mut task_struct,
+    w: *mut WakerSites,
+    traced: bool,
+    window: u32,
+) -> (u64, u64) {
+    const KERN: [Counter; 3] = [
+        Counter::WakerKernCached,
+        Counter::WakerKernWalk,
+        Counter::KernReuseDiffers,
+    ];
+    // The kernel stacks' slot index (one slot each) needs no turn.
+    let mut one_slot = 0u32;
+    // SAFETY (each block): w is the current thread's valid map value;
+    // indices are bounded.
+    let first = unsafe { (&raw mut (*w).sites[0].kstack).cast::<[LiveKstack; 1]>() };
+    if !traced {
+        return (
+            live_kern_stack(ctx, window, first, &raw mut one_slot, KERN),
+            STACK_NOT_WALKED,
+        );
+    }
+    let regs = if config!(block_site_cache) != 0 {
+        unwind::user_regs(task)
+    } else {
+        [0; 3]
+    };
+    let mut ret = None;
+    let mut at = WAKE_SITES;
+    if regs[0] != 0 {
+        let mut i = 0;
+        while i < WAKE_SITES {
+            // SAFETY: as above.
+            let s = unsafe { &(*w).sites[i] };
+            if at_site(
+                &s.user,
+                s.user_stack,
+                &s.user_check,
+                s.user_check_hash,
+                regs,
+                &mut ret,
+            ) {
+                at = i;
+                break;
+            }
+            i += 1;
+        }
+    }
+    let user = if at < WAKE_SITES {
+        count(Counter::WakerUserCached);
+        // SAFETY: as above.
+        unsafe { (*w).sites[at & (WAKE_SITES - 1)].user_stack }
+    } else {
+        count(Counter::WakerUserWalk);
+        let (user, cacheable) = user_stack_walk(ctx, window);
+        if user < STACK_ID_MIN || regs[0] == 0 || !cacheable {
+            count(Counter::WakerKernWalk);
+            return (kern_stack(ctx, window), user);
+        }
+        let (key, check, check_hash) = site_key(regs, ret);
+        // SAFETY: as above.
+        unsafe {
+            at = (*w).next as usize & (WAKE_SITES - 1);
+            let s = &raw mut (*w).sites[at];
+            (*s).user = key;
+            (*s).user_stack = user;
+            (*s).user_check = check;
+            (*s).user_check_hash = check_hash;
+            (*w).next = ((at + 1) % WAKE_SITES) as u32;
+        }
+        user
+    };
+    // SAFETY: as above.
+    let slot: *mut [LiveKstack; 1] =
+        unsafe { (&raw mut (*w).sites[at & (WAKE_SITES - 1)].kstack).cast() };
+    (
+        live_kern_stack(ctx, window, slot, &raw mut one_slot, KERN),
+        user,
+    )
 }
 
 /// Whether the wakeup runs in an interrupt that came while the CPU was in
