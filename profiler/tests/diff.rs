@@ -65,8 +65,8 @@ fn folded(dir: &Path, window: &str, tracer: &str) -> Vec<String> {
         .collect()
 }
 
-const TRACERS: [&str; 6] = [
-    "oncpu", "offcpu", "lockwait", "lockhold", "dbuswait", "jobwait",
+const TRACERS: [&str; 7] = [
+    "oncpu", "offcpu", "offwake", "lockwait", "lockhold", "dbuswait", "jobwait",
 ];
 
 /// `diff.html` inlines no graph (it stays small on big profiles): in each
@@ -90,6 +90,7 @@ fn assert_page_links_every_graph(dir: &Path, p: &Profile) {
         let titles = [
             "On-CPU",
             "Off-CPU time",
+            "Off-CPU time, by waker",
             "Kernel lock wait",
             "Kernel lock wait, by holder",
             "D-Bus wait",
