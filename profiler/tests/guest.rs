@@ -66,7 +66,11 @@ fn alone_and_beside_hvprof(
 ) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
     let alone = perf_stat(events, plan);
     let dir = out_dir(name);
-    let mut all = vec!["-a", "--tracers", "oncpu,offcpu,locks,fork,cgroup,dbus"];
+    let mut all = vec![
+        "-a",
+        "--tracers",
+        "oncpu,offcpu,locks,fork,cgroup,dbus,wakers",
+    ];
     all.extend(args);
     let hv = start_recording(&dir, &all);
     let beside = perf_stat(events, plan);
@@ -97,6 +101,7 @@ fn perf_counts_the_same_tracepoint_events_while_hvprof_records() {
     for e in [
         "lock:contention_begin",
         "lock:contention_end",
+        "sched:sched_waking",
         "raw_syscalls:sys_enter",
         "raw_syscalls:sys_exit",
     ] {
@@ -120,6 +125,7 @@ fn assert_same_exact_counts(
     for e in events {
         if e.starts_with("lock:")
             || e.starts_with("sched:sched_switch")
+            || e.starts_with("sched:sched_waking")
             || e.starts_with("raw_syscalls:")
         {
             continue; // not the same each run

@@ -560,8 +560,10 @@ fn section(
         window: id,
         label: window.map_or_else(|| "whole recording".to_owned(), WindowInfo::label),
         dir: window.map(WindowInfo::dir_name),
+        // The metrics of the tracers either profile recorded.
         metrics: Metric::ALL
             .into_iter()
+            .filter(|m| m.tracer().is_none_or(|t| pa.recorded(t) || pb.recorded(t)))
             .map(|m| MetricDelta {
                 metric: m,
                 unit: m.unit(),
