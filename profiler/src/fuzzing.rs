@@ -288,6 +288,7 @@ pub fn fixture() -> Profile {
             max_ns: 20_000_000,
             runq_ns: 1_000,
             dbus: Some("g_dbus_connection_call_sync".into()),
+            unfinished: false,
         }],
         offwake: vec![fixture_offwake(&f)],
         losses: fixture_losses(),

@@ -86,6 +86,11 @@ pub static ONCPU: Graph = Graph {
     rows: oncpu_rows,
 };
 
+/// The frame above the process of the blocks still going at the stop,
+/// which the windows' off-CPU totals leave out.
+pub const UNFINISHED: &str = "[still blocked at the stop]";
+
+/// Blocked time; a block still going at the stop under [`UNFINISHED`].
 pub static OFFCPU: Graph = Graph {
     name: "offcpu",
     title: "Off-CPU time",
@@ -383,13 +388,20 @@ fn offcpu_rows(profile: &Profile, window: Option<u32>) -> Vec<StackRow<'_>> {
             tgid: r.tgid,
             tid: Some(r.pid),
             comm: &r.comm,
-            context: r.dbus.as_ref().map(|f| format!("[D-Bus {f}]")),
+            context: if r.unfinished {
+                Some(UNFINISHED.to_owned())
+            } else {
+                r.dbus.as_ref().map(|f| format!("[D-Bus {f}]"))
+            },
             stack: &r.stack,
             tail: Vec::new(),
             count: r.blocks,
             ns: r.total_ns,
             labels: {
                 let mut l = vec![("state", Label::Str(r.state.clone()))];
+                if r.unfinished {
+                    l.push(("unfinished", Label::Str("at the stop".to_owned())));
+                }
                 if let Some(f) = &r.dbus {
                     l.push(("dbus_function", Label::Str(f.clone())));
                 }
@@ -625,6 +637,7 @@ mod tests {
             max_ns: 2_000_000,
             runq_ns: 0,
             dbus: dbus.map(str::to_owned),
+            unfinished: false,
         };
         let p = Profile {
             frames: frames.into_names(),

@@ -31,6 +31,11 @@ enum Cmd {
         json: bool,
     },
     /// Record where the time goes while VMs are created, in windows keyed to the Nth VM.
+    ///
+    /// Off-CPU time in a window is the time blocked within it: a block going on past its
+    /// window is cut at the windows' boundaries (the VMs' creation times). Blocks still going
+    /// at the stop are kept apart, under `[still blocked at the stop]`, out of the windows'
+    /// totals, the heatmap and the gates.
     Record(Box<RecordArgs>),
     /// Render a profile again, offline on any machine: flame graphs, tables, HTML, CI
     /// gates.

@@ -142,8 +142,13 @@ pub struct WindowSummary {
     pub last_vm: Option<u64>,
     pub dir: String,
     pub oncpu_samples: u64,
+    /// Off-CPU time and blocks, without those still going at the stop
+    /// (with profiles that keep them apart: see
+    /// `Meta::offcpu_cut_at_windows`), which are `offcpu_unfinished_ns`.
     pub offcpu_ns: u64,
     pub offcpu_blocks: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub offcpu_unfinished_ns: u64,
     pub lock_wait_ns: u64,
     pub lock_contentions: u64,
     pub forks: u64,
@@ -206,6 +211,30 @@ pub struct Summary {
     /// `record --comm`: the target's restarts, each followed again.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restarts: Vec<crate::profile::Restart>,
+    /// Which rule the windows' off-CPU times follow, in words.
+    pub offcpu_rule: String,
+}
+
+/// [`Summary::offcpu_rule`] of a profile.
+fn offcpu_rule(profile: &Profile) -> String {
+    if !profile.meta.offcpu_cut_at_windows {
+        return "off-CPU: each block whole in the window it began in, blocks still going at the \
+                stop counted up to it (a profile of an older hvprof)"
+            .to_owned();
+    }
+    let unfinished: u64 = profile
+        .offcpu
+        .iter()
+        .filter(|r| r.unfinished)
+        .map(|r| r.total_ns)
+        .sum();
+    format!(
+        "off-CPU: the time blocked within each window (a block going on past its window is cut \
+         at the windows' boundaries); {} still blocked at the stop is kept apart, out of the \
+         windows' totals and gates ({} in offcpu.svg)",
+        ms(unfinished),
+        crate::graphs::UNFINISHED
+    )
 }
 
 /// A window's blocking D-Bus calls: their time, count and timeouts.
@@ -252,74 +281,83 @@ fn task_woken_ns(profile: &Profile, window: u32) -> u64 {
         .sum()
 }
 
+/// One window's figures.
+fn window_summary(profile: &Profile, w: &crate::windows::WindowInfo) -> WindowSummary {
+    let mut pids = std::collections::HashSet::new();
+    let mut samples = 0;
+    for r in profile.oncpu.iter().filter(|r| r.window == w.id) {
+        samples += r.samples;
+        pids.insert(r.tgid);
+    }
+    let (mut ns, mut blocks) = (0, 0);
+    let mut unfinished_ns = 0;
+    for r in profile.offcpu.iter().filter(|r| r.window == w.id) {
+        if r.unfinished {
+            unfinished_ns += r.total_ns;
+        } else {
+            ns += r.total_ns;
+            blocks += r.blocks;
+        }
+        pids.insert(r.tgid);
+    }
+    let (mut lock_ns, mut lock_n) = (0, 0);
+    for l in profile.locks.iter().filter(|l| l.window == w.id) {
+        lock_ns += l.total_ns;
+        lock_n += l.count;
+    }
+    let (dbus_ns, dbus_calls, dbus_timeouts) = dbus_figures(profile, w.id);
+    let (api_ns, api_calls, qmp_ns) = libvirt_figures(profile, w.id);
+    let mut losses = BTreeMap::new();
+    for l in profile.losses.iter().filter(|l| l.window == Some(w.id)) {
+        *losses.entry(l.kind.clone()).or_default() += l.count;
+    }
+    let mut unwind = BTreeMap::new();
+    for l in profile.unwind.iter().filter(|l| l.window == Some(w.id)) {
+        *unwind.entry(l.kind.clone()).or_default() += l.count;
+    }
+    WindowSummary {
+        id: w.id,
+        label: w.label(),
+        first_vm: w.first_vm,
+        last_vm: w.last_vm,
+        dir: w.dir_name(),
+        oncpu_samples: samples,
+        offcpu_ns: ns,
+        offcpu_blocks: blocks,
+        offcpu_unfinished_ns: unfinished_ns,
+        lock_wait_ns: lock_ns,
+        lock_contentions: lock_n,
+        forks: profile
+            .forks
+            .iter()
+            .filter(|f| f.window == w.id)
+            .map(|f| f.count)
+            .sum(),
+        cgroup_ops: profile
+            .cgroups
+            .iter()
+            .filter(|c| c.window == w.id)
+            .map(|c| c.count)
+            .sum(),
+        dbus_ns,
+        dbus_calls,
+        dbus_timeouts,
+        task_woken_ns: task_woken_ns(profile, w.id),
+        api_ns,
+        api_calls,
+        qmp_ns,
+        losses,
+        processes: pids.len(),
+        unwind,
+    }
+}
+
 #[must_use]
 pub fn summary(profile: &Profile) -> Summary {
-    let windows = profile
+    let windows: Vec<WindowSummary> = profile
         .windows
         .iter()
-        .map(|w| {
-            let mut pids = std::collections::HashSet::new();
-            let mut samples = 0;
-            for r in profile.oncpu.iter().filter(|r| r.window == w.id) {
-                samples += r.samples;
-                pids.insert(r.tgid);
-            }
-            let (mut ns, mut blocks) = (0, 0);
-            for r in profile.offcpu.iter().filter(|r| r.window == w.id) {
-                ns += r.total_ns;
-                blocks += r.blocks;
-                pids.insert(r.tgid);
-            }
-            let (mut lock_ns, mut lock_n) = (0, 0);
-            for l in profile.locks.iter().filter(|l| l.window == w.id) {
-                lock_ns += l.total_ns;
-                lock_n += l.count;
-            }
-            let (dbus_ns, dbus_calls, dbus_timeouts) = dbus_figures(profile, w.id);
-            let (api_ns, api_calls, qmp_ns) = libvirt_figures(profile, w.id);
-            let mut losses = BTreeMap::new();
-            for l in profile.losses.iter().filter(|l| l.window == Some(w.id)) {
-                *losses.entry(l.kind.clone()).or_default() += l.count;
-            }
-            let mut unwind = BTreeMap::new();
-            for l in profile.unwind.iter().filter(|l| l.window == Some(w.id)) {
-                *unwind.entry(l.kind.clone()).or_default() += l.count;
-            }
-            WindowSummary {
-                id: w.id,
-                label: w.label(),
-                first_vm: w.first_vm,
-                last_vm: w.last_vm,
-                dir: w.dir_name(),
-                oncpu_samples: samples,
-                offcpu_ns: ns,
-                offcpu_blocks: blocks,
-                lock_wait_ns: lock_ns,
-                lock_contentions: lock_n,
-                forks: profile
-                    .forks
-                    .iter()
-                    .filter(|f| f.window == w.id)
-                    .map(|f| f.count)
-                    .sum(),
-                cgroup_ops: profile
-                    .cgroups
-                    .iter()
-                    .filter(|c| c.window == w.id)
-                    .map(|c| c.count)
-                    .sum(),
-                dbus_ns,
-                dbus_calls,
-                dbus_timeouts,
-                task_woken_ns: task_woken_ns(profile, w.id),
-                api_ns,
-                api_calls,
-                qmp_ns,
-                losses,
-                processes: pids.len(),
-                unwind,
-            }
-        })
+        .map(|w| window_summary(profile, w))
         .collect();
     let mut other_losses = BTreeMap::new();
     let known: Vec<u32> = profile.windows.iter().map(|w| w.id).collect();
@@ -351,6 +389,7 @@ pub fn summary(profile: &Profile) -> Summary {
         self_cpu_ns: profile.meta.self_cpu_ns,
         verify_unwind: profile.meta.verify_unwind.clone(),
         restarts: profile.meta.restarts.clone(),
+        offcpu_rule: offcpu_rule(profile),
     }
 }
 
@@ -439,6 +478,7 @@ impl Summary {
                 w.dir
             );
         }
+        let _ = writeln!(out, "{}", self.offcpu_rule);
         self.cost_text(&mut out);
         self.unwind_text(&mut out);
         self.verify_unwind_text(&mut out);
@@ -790,6 +830,7 @@ mod tests {
                 max_ns: 2_000_000,
                 runq_ns: 0,
                 dbus: None,
+                unfinished: false,
             }],
             ..Profile::default()
         }

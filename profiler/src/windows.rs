@@ -109,6 +109,37 @@ impl WindowSpec {
         window_of(self.mode() as u32, size, vms, &self.kernel_ranges())
     }
 
+    /// The parts of a block from `start` to `end` (ns, on one clock) in
+    /// each window, cut where the VMs were created (`created`: their
+    /// creation times, ascending; the `k`th VM moves the windows to
+    /// `window_of(k)`), in time order, consecutive parts of one window
+    /// joined. A part outside every window is left out, as events there
+    /// are.
+    #[must_use]
+    pub fn cut_at_vms(&self, created: &[u64], start: u64, end: u64) -> Vec<(u32, u64)> {
+        let mut vms = created.partition_point(|&t| t <= start);
+        let mut from = start;
+        let mut parts: Vec<(u32, u64)> = Vec::new();
+        let mut add = |window: Option<u32>, ns: u64| {
+            let Some(w) = window else { return };
+            match parts.last_mut() {
+                Some((last, n)) if *last == w => *n += ns,
+                _ if ns > 0 => parts.push((w, ns)),
+                _ => {}
+            }
+        };
+        for &t in created.iter().skip(vms) {
+            if t >= end {
+                break;
+            }
+            add(self.window_of(vms as u64), t - from);
+            from = t;
+            vms += 1;
+        }
+        add(self.window_of(vms as u64), end.saturating_sub(from));
+        parts
+    }
+
     /// The windows a recording that created `vms_created` VMs has: the
     /// setup window, then every window up to the last VM (with `Every`), or
     /// every explicit range.
@@ -198,6 +229,29 @@ impl WindowInfo {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_block_is_cut_where_vms_moved_the_windows() {
+        let every2 = WindowSpec::every(2).unwrap();
+        // VMs at 100, 200, 300, 400: window 1 from 100 (VMs 1-2), window 2
+        // from 300.
+        let vms = [100, 200, 300, 400];
+        assert_eq!(every2.cut_at_vms(&vms, 50, 90), [(0, 40)]);
+        assert_eq!(
+            every2.cut_at_vms(&vms, 50, 350),
+            [(0, 50), (1, 200), (2, 50)]
+        );
+        // Starting on a creation: after it.
+        assert_eq!(every2.cut_at_vms(&vms, 100, 150), [(1, 50)]);
+        assert_eq!(every2.cut_at_vms(&vms, 250, 1000), [(1, 50), (2, 700)]);
+        // Outside every explicit range: left out.
+        let ranges = WindowSpec::parse_ranges("2-2").unwrap();
+        assert_eq!(ranges.cut_at_vms(&vms, 150, 350), [(1, 100)]);
+        assert_eq!(ranges.cut_at_vms(&vms, 0, 50), [(0, 50)]);
+        // A VM not known yet: the rest stays in the last window known.
+        assert_eq!(every2.cut_at_vms(&vms[..1], 50, 350), [(0, 50), (1, 250)]);
+    }
+
     use super::*;
 
     #[test]

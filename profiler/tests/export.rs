@@ -542,7 +542,11 @@ fn pprof_of_the_sample_decodes_with_protoc_and_matches_the_profile() {
     let offcpu = decode_pprof(&dir.join("offcpu.pb.gz"));
     assert_eq!(
         offcpu.samples.iter().map(|s| s.values[1]).sum::<u64>(),
-        summary.windows.iter().map(|w| w.offcpu_ns).sum::<u64>()
+        summary
+            .windows
+            .iter()
+            .map(|w| w.offcpu_ns + w.offcpu_unfinished_ns)
+            .sum::<u64>()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -599,6 +603,7 @@ fn synthetic() -> Profile {
             max_ns: 20_000_000,
             runq_ns: 5,
             dbus: None,
+            unfinished: false,
         }],
         locks: vec![LockWait {
             window: 2,

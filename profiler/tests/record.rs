@@ -127,6 +127,115 @@ fn windows_follow_vm_creations_and_stacks_match_ground_truth() {
     let _ = std::fs::remove_dir_all(&again);
 }
 
+/// Off-CPU time in a window is the time blocked within it. `vmload-sleeper`
+/// sleeps 700 ms from VM 1 on, while VMs 2 and 3 are created 250 ms apart
+/// (windows of one VM): window 2 holds exactly the time between VMs 2 and
+/// 3 of its sleep, windows 1 and 3 the rest, and the block counts once, in
+/// window 1. The main thread's last block is still going when the
+/// recording stops (`-d`): it is kept apart, under its own frame, in no
+/// window's total.
+#[test]
+fn off_cpu_time_is_cut_at_window_boundaries_and_unfinished_blocks_kept_apart() {
+    let vmload = vmload();
+    let plan = "vm,sleeper:700,block:250,vm,block:250,vm,block:5000";
+    let (p, dir) = record(
+        "offcpu-cut",
+        &[
+            "--window-size",
+            "1",
+            "-d",
+            "1500ms",
+            "--",
+            vmload.to_str().unwrap(),
+            plan,
+        ],
+    );
+    assert!(p.meta.offcpu_cut_at_windows);
+    assert_eq!(p.vms.len(), 3, "{:#?}", p.vms);
+    let names = |stack: &[u32]| -> Vec<&str> {
+        stack
+            .iter()
+            .map(|&f| p.frames[f as usize].as_str())
+            .collect()
+    };
+    let rows_in = |func: &str, unfinished: bool| -> Vec<&profiler::profile::OffCpu> {
+        p.offcpu
+            .iter()
+            .filter(|r| r.unfinished == unfinished && names(&r.stack).contains(&func))
+            .collect()
+    };
+    let per_window = |rows: &[&profiler::profile::OffCpu]| {
+        let mut m = std::collections::BTreeMap::<u32, (u64, u64)>::new();
+        for r in rows {
+            let e = m.entry(r.window).or_default();
+            e.0 += r.blocks;
+            e.1 += r.total_ns;
+        }
+        m
+    };
+    let ms = 1_000_000;
+    let sleeper = per_window(&rows_in("vmload_sleeper_nap", false));
+    let between = p.vms[2].time_ns - p.vms[1].time_ns;
+    let (w1, w2, w3) = (sleeper[&1], sleeper[&2], sleeper[&3]);
+    assert_eq!(
+        sleeper.keys().copied().collect::<Vec<_>>(),
+        [1, 2, 3],
+        "{sleeper:?}"
+    );
+    assert_eq!((w1.0, w2.0, w3.0), (1, 0, 0), "blocks: {sleeper:?}");
+    assert!(
+        w2.1.abs_diff(between) <= 2 * ms,
+        "window 2 holds {} ns of the sleep, VMs 2 and 3 were {between} ns apart",
+        w2.1
+    );
+    assert!(
+        (200 * ms..=320 * ms).contains(&w1.1) && (100 * ms..=300 * ms).contains(&w3.1),
+        "{sleeper:?}"
+    );
+    let whole = w1.1 + w2.1 + w3.1;
+    assert!((690 * ms..=800 * ms).contains(&whole), "{sleeper:?}");
+    assert_eq!(rows_in("vmload_sleeper_nap", true).len(), 0);
+
+    // The main thread's last block, still going at the stop: about a
+    // second (VM 3 at ~0.5 s, the stop at 1.5 s), in no window's total.
+    let unfinished = per_window(&rows_in("vmload_block", true));
+    let (blocks, ns) = unfinished.get(&3).copied().unwrap_or_default();
+    assert_eq!(unfinished.len(), 1, "{unfinished:?}");
+    assert!(
+        blocks == 1 && (700 * ms..=1300 * ms).contains(&ns),
+        "{unfinished:?}"
+    );
+    let summary = profiler::render::summary(&p);
+    let w = summary.windows.iter().find(|w| w.id == 3).unwrap();
+    assert_eq!(w.offcpu_unfinished_ns, ns);
+    let finished: u64 = p
+        .offcpu
+        .iter()
+        .filter(|r| r.window == 3 && !r.unfinished)
+        .map(|r| r.total_ns)
+        .sum();
+    assert_eq!(w.offcpu_ns, finished);
+    assert!(
+        w.offcpu_ns < 500 * ms,
+        "window 3: {} ns off-CPU",
+        w.offcpu_ns
+    );
+    let folded = std::fs::read_to_string(dir.join("w03-vms-3-3/offcpu.folded")).unwrap();
+    assert!(
+        folded
+            .lines()
+            .any(|l| l.starts_with("vmload;[still blocked at the stop];")
+                && l.contains(";vmload_block;")),
+        "{folded}"
+    );
+    let text = std::fs::read_to_string(dir.join("summary.txt")).unwrap();
+    assert!(
+        text.contains("still blocked at the stop is kept apart"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn nothing_is_recorded_outside_the_requested_windows() {
     let vmload = vmload();
@@ -239,14 +348,19 @@ fn a_vm_created_by_any_process_moves_the_window_of_the_target() {
     assert_eq!(busy.keys().copied().collect::<Vec<_>>(), [1], "{busy:?}");
     assert_samples(busy[&1], 400, "vmload_busy after the VM");
     // The second sleep started before the VM and ended after it: it is
-    // charged to window 0, whole. (The first began before the recording.)
+    // cut where the VM was created, about 400 ms into it (4.4 s after the
+    // spawn, the sleep from 4 s). (The first began before the recording.)
     let blocked = blocked_in(&p, "vmload_block");
     assert_eq!(
         blocked.keys().copied().collect::<Vec<_>>(),
-        [0],
+        [0, 1],
         "{blocked:?}"
     );
-    assert_blocked(blocked[&0], 1500, "second sleep");
+    assert_blocked(blocked[&0] + blocked[&1], 1500, "second sleep");
+    assert!(
+        (200_000_000..=700_000_000).contains(&blocked[&0]),
+        "{blocked:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -83,6 +83,10 @@ pub const PHASE_PARITY: u32 = 2;
 /// The system-call programs run on the calls' own tracepoints, no longer
 /// through the dispatch (see the eBPF `syscalls` module).
 pub const PHASE_PER_CALL_SYSCALLS: u32 = 4;
+/// The off-CPU tracer has stopped (before the rest, which goes on while a
+/// command hvprof started is ended): a block still going stays so, to be
+/// read as unfinished at the stop.
+pub const PHASE_OFFCPU_STOPPED: u32 = 8;
 /// The bit of a recorded window that is the flush parity.
 pub const WINDOW_PARITY: u32 = 1 << 31;
 /// A recorded window that is no window (an event outside every window).
@@ -140,6 +144,7 @@ pub mod names {
     pub const PROG_SCHED_WAKING: &str = "offcpu_sched_waking";
     pub const OFFWAKE_TIMES: &str = "OFFWAKE_TIMES";
     pub const WAKER_SITES: &str = "WAKER_SITES";
+    pub const OFFCPU_SPANS: &str = "OFFCPU_SPANS";
 
     pub const LOCK_WAITS: &str = "LOCK_WAITS";
     pub const LOCK_PENDING: &str = "LOCK_PENDING";
@@ -655,10 +660,14 @@ pub enum Loss {
     LockBeginUnseen = 19,
     /// A block could not be charged to its waker: the wakers map is full.
     OffWakeMapFull = 20,
+    /// A block that went on past its window could not be cut at the
+    /// windows' boundaries (its map was full): counted whole in the window
+    /// it began in.
+    OffCpuSpanFull = 21,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -681,6 +690,7 @@ impl Loss {
         Self::LockEndUnseen,
         Self::LockBeginUnseen,
         Self::OffWakeMapFull,
+        Self::OffCpuSpanFull,
     ];
 }
 
@@ -705,6 +715,8 @@ mod pod {
     unsafe impl aya::Pod for super::OffCpuStart {}
     unsafe impl aya::Pod for super::OffWakeKey {}
     unsafe impl aya::Pod for super::WakerSites {}
+    unsafe impl aya::Pod for super::SpanKey {}
+    unsafe impl aya::Pod for super::SpanBlock {}
     unsafe impl aya::Pod for super::VmState {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::LossKey {}
@@ -813,8 +825,10 @@ mod tests {
                 + size_of::<OffCpuAcc>()
                 + BLOCK_SITES * size_of::<BlockSite>()
                 + size_of::<TaskStacks>()
-                + 8
+                + 2 * 8
         );
+        assert_eq!(size_of::<SpanKey>(), 2 * 4 + 8);
+        assert_eq!(size_of::<SpanBlock>(), size_of::<OffCpuKey>() + 2 * 8);
         assert_eq!(
             size_of::<WakerSites>(),
             8 + WAKE_SITES * (8 * 8 + size_of::<LiveKstack>())

@@ -49,6 +49,33 @@ impl OffCpuKey {
     };
 }
 
+/// Key of a block that went on past its window's end (the VM count moved
+/// while the thread was blocked, into another window or out of every
+/// one): userspace cuts it at the windows' boundaries, the VMs' creation
+/// times.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SpanKey {
+    /// The window it began in, under the flush parity of now.
+    pub window: u32,
+    pub pid: u32,
+    pub start_ns: u64,
+}
+
+/// Such a block: its key as the off-CPU tracer's (the window it began
+/// in), when it ended, and the VMs created by then.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanBlock {
+    pub key: OffCpuKey,
+    pub end_ns: u64,
+    pub end_vms: u64,
+}
+
+/// Entries of `OFFCPU_SPANS`: blocks cut at windows' ends between two
+/// flushes.
+pub const OFFCPU_SPANS_ENTRIES: u32 = 16384;
+
 /// A task other than the one an event happened to, with its stacks: a
 /// lock's holder as a waiter began to wait (the task in the lock's `owner`
 /// word), or the task that woke a blocked thread.
@@ -360,6 +387,9 @@ pub struct OffCpuStart {
     /// on the waker's CPU, read when the thread is switched in.
     pub waker: TaskStacks,
     pub woken_ns: u64,
+    /// VMs created when the block in progress began: a block that comes
+    /// back with another count may have gone on past its window.
+    pub start_vms: u64,
 }
 
 impl OffCpuStart {

@@ -15,8 +15,9 @@ use aya_ebpf::{
 };
 use profiler_common::record::{
     COMM_LEN, Counter, Event, EventKind, LOCK_HIST_BUCKETS, Loss, LossKey, MAX_WINDOW_RANGES,
-    NO_WINDOW, PHASE_PARITY, PHASE_PER_CALL_SYSCALLS, PHASE_STOPPED, SETUP_WINDOW, TargetMode,
-    VmState, WINDOW_PARITY, WindowMode, WindowRange, hist_bucket, window_every,
+    NO_WINDOW, PHASE_OFFCPU_STOPPED, PHASE_PARITY, PHASE_PER_CALL_SYSCALLS, PHASE_STOPPED,
+    SETUP_WINDOW, TargetMode, VmState, WINDOW_PARITY, WindowMode, WindowRange, hist_bucket,
+    window_every,
 };
 
 #[map]
@@ -172,8 +173,9 @@ pub(super) fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// VMs created so far (the kernel's count, which moves the windows).
 #[inline(always)]
-fn vms_created() -> u64 {
+pub(super) fn vms_created() -> u64 {
     VM_STATE.get(0).map_or(0, |s| s.created)
 }
 
@@ -216,6 +218,15 @@ pub(crate) fn per_call_syscalls() -> bool {
 #[inline(always)]
 pub(super) fn stopped() -> bool {
     STOPPED.get(0).is_some_and(|s| *s & PHASE_STOPPED != 0)
+}
+
+/// Whether the off-CPU tracer has stopped: with the rest, or before them
+/// (`PHASE_OFFCPU_STOPPED`).
+#[inline(always)]
+pub(super) fn offcpu_stopped() -> bool {
+    STOPPED
+        .get(0)
+        .is_some_and(|s| *s & (PHASE_STOPPED | PHASE_OFFCPU_STOPPED) != 0)
 }
 
 /// The window an event now is charged to, with the flush parity in its

@@ -17,14 +17,15 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use profiler_common::record::{
-    BLOCK_SITES, BlockSite, Counter, Loss, NO_SITE, NOT_CHARGED, OffCpuAcc, OffCpuKey, OffCpuStart,
-    OffCpuValue, STACK_DEFERRED, STACK_ID_MIN, STACK_NOT_TAKEN, STACK_SHORT_BLOCK, TaskStacks,
+    BLOCK_SITES, BlockSite, Counter, Loss, NO_SITE, NOT_CHARGED, OFFCPU_SPANS_ENTRIES, OffCpuAcc,
+    OffCpuKey, OffCpuStart, OffCpuValue, STACK_DEFERRED, STACK_ID_MIN, STACK_NOT_TAKEN,
+    STACK_SHORT_BLOCK, SpanBlock, SpanKey, TaskStacks, WINDOW_PARITY,
 };
 
 use super::{
     common::{
-        Running, Task, comm_of, count, current_window, is_tracked, lose, now, reset, stopped,
-        written_now,
+        Running, Task, comm_of, count, current_window, is_tracked, lose, now, offcpu_stopped,
+        reset, vms_created, written_now,
     },
     dbus,
     stacks::{kern_stack, site_return, user_stack, user_stack_walk, verified},
@@ -36,6 +37,10 @@ use crate::unwind;
 static OFFCPU_TIMES: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_max_entries(65536, 0);
 #[map]
 static OFFCPU_START: HashMap<u64, OffCpuStart> = HashMap::with_max_entries(32768, 0);
+/// Blocks that went on past their window, for userspace to cut.
+#[map]
+static OFFCPU_SPANS: HashMap<SpanKey, SpanBlock> =
+    HashMap::with_max_entries(OFFCPU_SPANS_ENTRIES, 0);
 /// Per CPU: its idle task (pid 0), never tracked.
 #[map]
 static IDLE_TASK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -54,6 +59,7 @@ static OFFCPU_START_ZERO: OffCpuStart = OffCpuStart {
     sites: [BlockSite::EMPTY; BLOCK_SITES],
     waker: TaskStacks::UNKNOWN,
     woken_ns: 0,
+    start_vms: 0,
 };
 
 /// `sched_switch`'s raw `prev_state` (`task_struct.__state`) bits.
@@ -148,7 +154,7 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) -> Option<()> {
         return None;
     }
     // After the stop userspace reads the entries: nothing changes them.
-    if stopped() {
+    if offcpu_stopped() {
         return None;
     }
     // Not the common preamble: a thread with an entry is tracked (only
@@ -193,6 +199,7 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) -> Option<()> {
         (*e).key = key;
         (*e).start_ns = now;
         (*e).slot = slot;
+        (*e).start_vms = vms_created();
     }
     Some(())
 }
@@ -426,7 +433,7 @@ fn remember_site(
 /// The task switching in: if it was blocked, charge its block.
 #[inline(always)]
 fn switch_in(next: *mut task_struct, now: u64) -> Option<()> {
-    if stopped() {
+    if offcpu_stopped() {
         return None;
     }
     let task = next as u64;
@@ -465,6 +472,14 @@ fn switch_in(next: *mut task_struct, now: u64) -> Option<()> {
     if wakers {
         wakers::charge(e, &key, start_ns, woken_ns, blocked);
     }
+    // A block that went on past its window goes to userspace whole, to be
+    // cut at the windows' boundaries.
+    // SAFETY: e is this task's valid map value.
+    if unsafe { (*e).start_vms } != vms_created() && spanned(&key, start_ns, now) {
+        // SAFETY: as above.
+        unsafe { (*e).charged = NOT_CHARGED };
+        return Some(());
+    }
     // SAFETY: e is this task's valid map value, written only by the task
     // itself (switch-out, exit) and here, when it is switched in.
     unsafe {
@@ -484,6 +499,33 @@ fn switch_in(next: *mut task_struct, now: u64) -> Option<()> {
         (*acc).value = block;
     }
     Some(())
+}
+
+/// Block `key` from `start_ns` to `now`, if it ended in another window
+/// than it began in (or outside every one): kept in `OFFCPU_SPANS` for
+/// userspace, which cuts it where the VMs that moved the windows were
+/// created. False if it did not, or if the map is full (a loss: it is
+/// then counted whole in the window it began in).
+#[inline(always)]
+fn spanned(key: &OffCpuKey, start_ns: u64, now: u64) -> bool {
+    if current_window().is_some_and(|w| (w ^ key.window) & !WINDOW_PARITY == 0) {
+        return false;
+    }
+    let k = SpanKey {
+        window: written_now(key.window),
+        pid: key.pid,
+        start_ns,
+    };
+    let v = SpanBlock {
+        key: *key,
+        end_ns: now,
+        end_vms: vms_created(),
+    };
+    if OFFCPU_SPANS.insert(&k, &v, 0).is_err() {
+        lose(k.window, Loss::OffCpuSpanFull);
+        return false;
+    }
+    true
 }
 
 /// The accumulator of a thread's entry `e` that `*slot` names: a site's,
@@ -592,7 +634,7 @@ fn add_offcpu(key: &OffCpuKey, value: &OffCpuValue) {
 /// goes. After the stop the entry stays for userspace to read.
 #[inline(always)]
 pub(super) fn task_exited(current: *mut task_struct) {
-    if stopped() {
+    if offcpu_stopped() {
         return;
     }
     let task = current as u64;

@@ -31,6 +31,7 @@ fn known() -> Profile {
         max_ns: total_ns,
         runq_ns: 0,
         dbus: None,
+        unfinished: false,
     };
     let fork = |window, count| ForkCall {
         window,

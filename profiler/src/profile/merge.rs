@@ -46,7 +46,16 @@ impl Row for OnCpu {
 }
 
 impl Row for OffCpu {
-    type Key<'a> = (u32, u32, u32, &'a str, &'a str, &'a [u32], Option<&'a str>);
+    type Key<'a> = (
+        u32,
+        u32,
+        u32,
+        &'a str,
+        &'a str,
+        &'a [u32],
+        Option<&'a str>,
+        bool,
+    );
     fn key(&self) -> Self::Key<'_> {
         (
             self.window,
@@ -56,6 +65,7 @@ impl Row for OffCpu {
             &self.state,
             &self.stack,
             self.dbus.as_deref(),
+            self.unfinished,
         )
     }
     fn add(&mut self, o: &Self) {

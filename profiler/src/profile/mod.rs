@@ -72,6 +72,13 @@ pub struct Meta {
     /// (or its machine stopped) while it recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incomplete: Option<Incomplete>,
+    /// Off-CPU time is the blocked time within each window (a block going
+    /// on past its window cut at the windows' boundaries), and the blocks
+    /// still going at the stop are kept apart ([`OffCpu::unfinished`]).
+    /// False in profiles written before: each block whole in the window it
+    /// began in, those still going at the stop included.
+    #[serde(default)]
+    pub offcpu_cut_at_windows: bool,
     /// `record --comm`: each time every process of that name was gone and
     /// one was started again (a daemon restarted), which was then followed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -179,6 +186,11 @@ pub struct OffCpu {
     /// The blocking D-Bus function the task was inside when it blocked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dbus: Option<String>,
+    /// Blocks still going when the recording stopped, timed up to the
+    /// stop: kept out of the windows' off-CPU totals (see
+    /// [`Meta::offcpu_cut_at_windows`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unfinished: bool,
 }
 
 /// Blocks of one thread from one stack, woken by one waker from one stack

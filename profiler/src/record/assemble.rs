@@ -173,11 +173,13 @@ fn oncpu(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OnCpu> {
         .collect()
 }
 
+/// The off-CPU rows: the windows' blocks, and (at the stop) those still
+/// going, marked [`OffCpu::unfinished`].
 fn offcpu(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffCpu> {
-    drained
-        .offcpu
-        .iter()
-        .map(|(k, v)| OffCpu {
+    let done = drained.offcpu.iter().map(|r| (r, false));
+    let unfinished = drained.unfinished.iter().map(|r| (r, true));
+    done.chain(unfinished)
+        .map(|((k, v), unfinished)| OffCpu {
             window: window(k.window),
             tgid: k.tgid,
             pid: k.pid,
@@ -189,6 +191,7 @@ fn offcpu(drained: &Drained, frames: &mut Symbolize<'_>) -> Vec<OffCpu> {
             total_ns: v.total_ns,
             max_ns: v.max_ns,
             runq_ns: v.runq_ns,
+            unfinished,
         })
         .collect()
 }
@@ -471,6 +474,7 @@ pub(super) fn meta(rec: &Recorder, stop_reason: String, duration_ns: u64) -> Met
             .as_ref()
             .map(crate::unwind::verify::Verifier::result),
         restarts: rec.restarts.found.clone(),
+        offcpu_cut_at_windows: true,
     }
 }
 

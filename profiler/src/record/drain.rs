@@ -22,8 +22,9 @@ use profiler_common::{
     record::{
         ApiCallValue, CgroupKey, CgroupValue, Counter, DbusKey, DbusValue, ForkKey, ForkValue,
         JobWaitKey, JobWaitStart, LockKey, LockPending, LockValue, Loss, LossKey, OffCpuKey,
-        OffCpuStart, OffCpuValue, OffWakeKey, PHASE_PARITY, PHASE_STOPPED, STACK_ID_MIN, SampleKey,
-        StackBuf, VmState, names, net_status, parity_of, recorded_window,
+        OffCpuStart, OffCpuValue, OffWakeKey, PHASE_OFFCPU_STOPPED, PHASE_PARITY, PHASE_STOPPED,
+        STACK_ID_MIN, SampleKey, SpanBlock, SpanKey, StackBuf, VmState, names, net_status,
+        parity_of, recorded_window,
     },
     unwind::UnwindStop,
 };
@@ -48,6 +49,31 @@ pub(super) fn freeze(bpf: &mut Ebpf) {
         attach::unload_all(bpf);
     }
     settle();
+}
+
+/// Stops the off-CPU tracer (`PHASE_OFFCPU_STOPPED`) and returns the
+/// threads blocked then, and alive: their blocks are unfinished, timed up
+/// to the stop. (An entry of a thread gone has a block that never ended:
+/// its exit went unseen.)
+pub(super) fn stop_offcpu(bpf: &mut Ebpf) -> HashSet<u32> {
+    if set_phase(bpf, PHASE_OFFCPU_STOPPED, 0).is_err() {
+        return HashSet::new();
+    }
+    settle();
+    let Some(Ok(m)) = bpf
+        .map(names::OFFCPU_START)
+        .map(BpfHashMap::<&MapData, u64, OffCpuStart>::try_from)
+    else {
+        return HashSet::new();
+    };
+    m.iter()
+        .filter_map(Result::ok)
+        .filter(|(_, s)| s.start_ns != 0)
+        .filter(|(_, s)| {
+            std::path::Path::new(&format!("/proc/{}/task/{}", s.key.tgid, s.key.pid)).exists()
+        })
+        .map(|(_, s)| s.key.pid)
+        .collect()
 }
 
 /// Lets the programs already running on other CPUs finish (a program runs
@@ -180,6 +206,8 @@ pub(super) struct Drained {
     pub oncpu: Vec<(SampleKey, u64)>,
     /// One row per key: the map's, and the blocks still in flight.
     pub offcpu: Vec<(OffCpuKey, OffCpuValue)>,
+    /// At the stop: the blocks still going, each up to the stop.
+    pub unfinished: Vec<(OffCpuKey, OffCpuValue)>,
     /// The wakers tracer's: blocks by who woke them.
     pub offwake: Vec<(OffWakeKey, OffCpuValue)>,
     pub locks: Vec<(LockKey, LockValue)>,
@@ -209,6 +237,7 @@ impl Drained {
             .chain(
                 self.offcpu
                     .iter()
+                    .chain(&self.unfinished)
                     .map(|(k, _)| (k.tgid, k.kern_stack, k.user_stack)),
             )
             .chain(self.offwake.iter().flat_map(|(k, _)| {
@@ -261,6 +290,7 @@ pub(super) fn drain(
     let mut drained = Drained {
         oncpu: entries(bpf, names::ONCPU_COUNTS, take, |k: &SampleKey| k.window)?,
         offcpu: offcpu(rec, bpf, take)?,
+        unfinished: unfinished(rec, bpf, take)?,
         offwake: aggregation(
             rec,
             bpf,
@@ -367,26 +397,25 @@ fn entries<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     Ok(out)
 }
 
-/// The off-CPU map; at the stop with the blocks still in flight: each
-/// thread's blocks not yet added to the map, and the block of a task still
-/// blocked at the stop, so far. One row per key.
+/// The off-CPU map, with the blocks that went on past their window cut at
+/// the windows' boundaries; at the stop also each thread's blocks not yet
+/// added to the map. One row per key at the stop.
 fn offcpu(
     rec: &Recorder,
     bpf: &mut Ebpf,
     take: Take,
 ) -> Result<Vec<(OffCpuKey, OffCpuValue)>, RecordError> {
     let mut rows = entries(bpf, names::OFFCPU_TIMES, take, |k: &OffCpuKey| k.window)?;
-    let Take::Rest { stop_ns } = take else {
+    rows.extend(spans(rec, bpf, take)?);
+    let Take::Rest { .. } = take else {
         return Ok(rows);
     };
     let name = names::OFFCPU_START;
     let m: BpfHashMap<&MapData, u64, OffCpuStart> =
         BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
-    let min = u64::try_from(rec.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
-    let max = u64::try_from(rec.opts.max_block.as_nanos()).unwrap_or(u64::MAX);
     // Entries stay for live threads (and, after the stop, for the threads
     // that exited since). Each holds its last blocks not yet in the
-    // off-CPU map; one not blocked has no start.
+    // off-CPU map.
     for (_, mut s) in m.iter().filter_map(Result::ok) {
         let task = format!("/proc/{}/task/{}", s.key.tgid, s.key.pid);
         // A thread that ran since its last block: that block's run-queue
@@ -399,22 +428,90 @@ fn offcpu(
             acc.value.add_runq(now.saturating_sub(since));
         }
         rows.extend(s.pending().map(|a| (a.key, a.value)));
+    }
+    // One row per key: the map's and a thread's pending blocks may share
+    // one.
+    let mut merged: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_capacity(rows.len());
+    for (k, v) in rows {
+        merged.entry(k).or_default().add(&v);
+    }
+    Ok(merged.into_iter().collect())
+}
+
+/// The blocks that went on past their window (`OFFCPU_SPANS`), cut where
+/// the VMs that moved the windows were created: a row per window part,
+/// the block counted once, in its first part (the window it began in).
+/// A VM created just before the block ended may not be known yet (its
+/// event still on its way): the rest of the block then stays in the last
+/// window known.
+fn spans(
+    rec: &Recorder,
+    bpf: &mut Ebpf,
+    take: Take,
+) -> Result<Vec<(OffCpuKey, OffCpuValue)>, RecordError> {
+    let spans: Vec<(SpanKey, SpanBlock)> = aggregation(
+        rec,
+        bpf,
+        names::OFFCPU_SPANS,
+        Tracer::OffCpu,
+        take,
+        |k: &SpanKey| k.window,
+    )?;
+    if spans.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut created: Vec<u64> = rec.vms.iter().map(|(e, _)| e.ts_ns).collect();
+    created.sort_unstable();
+    let mut rows = Vec::new();
+    for (k, b) in spans {
+        let parts = rec.opts.windows.cut_at_vms(&created, k.start_ns, b.end_ns);
+        for (i, (window, ns)) in parts.into_iter().enumerate() {
+            let value = OffCpuValue {
+                count: u64::from(i == 0),
+                total_ns: ns,
+                max_ns: ns,
+                runq_ns: 0,
+            };
+            rows.push((OffCpuKey { window, ..b.key }, value));
+        }
+    }
+    Ok(rows)
+}
+
+/// At the stop, the block of each task still blocked, up to the stop:
+/// kept apart from the windows' off-CPU time, which would otherwise grow
+/// with how long the recording ran.
+fn unfinished(
+    rec: &Recorder,
+    bpf: &mut Ebpf,
+    take: Take,
+) -> Result<Vec<(OffCpuKey, OffCpuValue)>, RecordError> {
+    let Take::Rest { stop_ns } = take else {
+        return Ok(Vec::new());
+    };
+    if !rec.tracers.contains(&Tracer::OffCpu) {
+        return Ok(Vec::new());
+    }
+    let name = names::OFFCPU_START;
+    let m: BpfHashMap<&MapData, u64, OffCpuStart> =
+        BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
+    let min = u64::try_from(rec.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
+    let max = u64::try_from(rec.opts.max_block.as_nanos()).unwrap_or(u64::MAX);
+    let mut merged: HashMap<OffCpuKey, OffCpuValue> = HashMap::new();
+    for (_, s) in m.iter().filter_map(Result::ok) {
         if s.start_ns == 0 {
             continue;
         }
         let blocked = stop_ns.saturating_sub(s.start_ns);
-        let alive = std::path::Path::new(&task).exists();
+        let alive = rec.blocked_at_stop.contains(&s.key.pid);
         if blocked < min || blocked > max || s.start_ns < rec.start_ns || !alive {
             continue;
         }
-        // Still blocked: whether it already waits for a CPU is not known.
-        rows.push((s.key, OffCpuValue::block(blocked, 0)));
-    }
-    // One row per key: the map's, a thread's pending blocks and its block
-    // in progress may share one.
-    let mut merged: HashMap<OffCpuKey, OffCpuValue> = HashMap::with_capacity(rows.len());
-    for (k, v) in rows {
-        merged.entry(k).or_default().add(&v);
+        // Whether it already waits for a CPU is not known.
+        merged
+            .entry(s.key)
+            .or_default()
+            .add(&OffCpuValue::block(blocked, 0));
     }
     Ok(merged.into_iter().collect())
 }
@@ -622,6 +719,7 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::LockEndUnseen => "lock waits not timed (end not seen)",
         Loss::LockBeginUnseen => "lock waits not timed (begin not seen)",
         Loss::OffWakeMapFull => "off-CPU blocks not charged to their waker (map full)",
+        Loss::OffCpuSpanFull => "off-CPU blocks not cut at window boundaries (map full)",
         Loss::ForkMapFull => "forks not counted (fork map full)",
         Loss::CgroupMapFull => "cgroup operations not counted (cgroup map full)",
     }

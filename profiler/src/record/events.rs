@@ -39,6 +39,8 @@ pub(super) struct Recorder {
     targets_gone: bool,
     /// The tracers actually attached.
     pub tracers: Vec<Tracer>,
+    /// The threads blocked (and alive) when the off-CPU tracer stopped.
+    pub blocked_at_stop: HashSet<u32>,
     /// `--comm`: when the target restarted.
     pub restarts: Restarts,
     /// The uprobe links, detached together at the stop.
@@ -118,6 +120,7 @@ impl Recorder {
             },
             targets_gone: false,
             tracers: Vec::new(),
+            blocked_at_stop: HashSet::new(),
             uprobe_links: Vec::new(),
             usdt_links: Vec::new(),
             qmp: None,

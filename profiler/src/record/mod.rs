@@ -333,6 +333,9 @@ fn stop_recording(
     for t in alive {
         rec.processes.snapshot(t);
     }
+    // Off-CPU first, before a command hvprof started is ended: the blocks
+    // still going now are unfinished, not ended by the command's end.
+    rec.blocked_at_stop = drain::stop_offcpu(bpf);
     let command_status = gated.and_then(GatedChild::end);
     let program_stats = if rec.opts.bpf_stats {
         drain::program_stats(bpf)

@@ -54,6 +54,10 @@
 //! - `switches:N` — N round trips between two threads over pipes (2N
 //!   context switches).
 //!
+//! - `sleeper:MS` — a thread (`vmload-sleeper`) that sleeps MS ms in
+//!   `vmload_sleeper_nap` while the next steps run (VMs created meanwhile
+//!   move the windows under it); joined after the last step.
+//!
 //! - `pingpong:N` — N round trips between threads `vmload-ping` and
 //!   `vmload-pong` over two pipes. Ping writes a byte
 //!   (`vmload_ping_write`) and blocks reading the answer
@@ -101,6 +105,7 @@ enum Step {
     Spawns(u64),
     Switches(u64),
     PingPong(u64),
+    Sleeper(u64),
     TwoFds(u64),
 }
 
@@ -138,6 +143,7 @@ fn parse(plan: &str) -> Result<Vec<Step>, String> {
                 "spawns" => Ok(Step::Spawns(ms)),
                 "switches" => Ok(Step::Switches(ms)),
                 "pingpong" => Ok(Step::PingPong(ms)),
+                "sleeper" => Ok(Step::Sleeper(ms)),
                 "twofds" => Ok(Step::TwoFds(ms)),
                 _ => Err(format!("step {s:?}: unknown step {name:?}")),
             }
@@ -716,6 +722,14 @@ fn switches(n: u64) -> Result<(), String> {
     echo.join().map_err(|_| "echo thread panicked".to_owned())
 }
 
+/// One sleep of `ms` ms, in a thread of its own.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vmload_sleeper_nap(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+    black_box(());
+}
+
 /// One byte written to `fd` (whose reader it wakes).
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -946,6 +960,7 @@ fn open_kvm() -> Result<libc::c_int, String> {
 fn run(steps: &[Step]) -> Result<(), String> {
     let mut kvm = None;
     let mut vms = 0;
+    let mut sleepers = Vec::new();
     let start = Instant::now();
     for &step in steps {
         match step {
@@ -954,20 +969,8 @@ fn run(steps: &[Step]) -> Result<(), String> {
                     Some(fd) => fd,
                     None => *kvm.insert(open_kvm()?),
                 };
-                let vm = vmload_create_vm(fd);
-                if vm < 0 {
-                    return Err(format!(
-                        "KVM_CREATE_VM failed: {}",
-                        std::io::Error::last_os_error()
-                    ));
-                }
-                // SAFETY: vm is the fd KVM_CREATE_VM returned.
-                unsafe { libc::close(vm) };
                 vms += 1;
-                eprintln!(
-                    "vmload: {:>8.3}s VM {vms} created",
-                    start.elapsed().as_secs_f64()
-                );
+                create_vm(fd, vms, start)?;
             }
             Step::Busy(ms) => {
                 vmload_busy(ms);
@@ -1027,16 +1030,21 @@ fn run(steps: &[Step]) -> Result<(), String> {
             }
             Step::Switches(n) => switches(n)?,
             Step::PingPong(n) => ping_pong(n)?,
+            Step::Sleeper(ms) => {
+                sleepers.push(named_thread("vmload-sleeper", move || {
+                    vmload_sleeper_nap(ms);
+                })?);
+            }
             Step::TwoFds(n) => two_fds(n)?,
             Step::Thread(ms) => {
-                std::thread::Builder::new()
-                    .name("vmload-worker".to_owned())
-                    .spawn(move || vmload_thread_busy(ms))
-                    .map_err(|e| format!("thread: {e}"))?
+                named_thread("vmload-worker", move || vmload_thread_busy(ms))?
                     .join()
                     .map_err(|_| "thread panicked".to_owned())?;
             }
         }
+    }
+    for t in sleepers {
+        t.join().map_err(|_| "sleeper panicked".to_owned())?;
     }
     if let Some(fd) = kvm {
         // SAFETY: our own fd.
@@ -1045,6 +1053,35 @@ fn run(steps: &[Step]) -> Result<(), String> {
     eprintln!("vmload: done in {:.6}s", start.elapsed().as_secs_f64());
     eprintln!("vmload: cpu {:.6}s", cpu_seconds());
     Ok(())
+}
+
+/// VM number `n`, created and closed at once.
+fn create_vm(kvm: libc::c_int, n: u64, start: Instant) -> Result<(), String> {
+    let vm = vmload_create_vm(kvm);
+    if vm < 0 {
+        return Err(format!(
+            "KVM_CREATE_VM failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: vm is the fd KVM_CREATE_VM returned.
+    unsafe { libc::close(vm) };
+    eprintln!(
+        "vmload: {:>8.3}s VM {n} created",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A thread named `name` running `f`.
+fn named_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>, String> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .map_err(|e| format!("{name}: {e}"))
 }
 
 /// User and system CPU time of this process and its waited-for children.

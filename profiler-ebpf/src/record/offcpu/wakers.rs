@@ -25,7 +25,8 @@ use super::{OFFCPU_START, at_site, is_preemption, site_key};
 use crate::{
     record::{
         common::{
-            Task, comm_of, count, current_window, is_tracked, lose, now, stopped, written_now,
+            Task, comm_of, count, current_window, is_tracked, lose, now, offcpu_stopped,
+            written_now,
         },
         live_kstack::live_kern_stack,
         stacks::{kern_stack, kern_stack_or_reason, user_stack, user_stack_walk, walk_stack_upto},
@@ -69,7 +70,7 @@ pub fn offcpu_sched_waking(ctx: BtfTracePointContext) -> Option<()> {
 
 #[inline(always)]
 fn waking(ctx: &BtfTracePointContext) -> Option<()> {
-    if stopped() {
+    if offcpu_stopped() {
         return None;
     }
     let woken: *mut task_struct = ctx.arg(0);
