@@ -31,11 +31,6 @@ enum Cmd {
         json: bool,
     },
     /// Record where the time goes while VMs are created, in windows keyed to the Nth VM.
-    ///
-    /// Off-CPU time in a window is the time blocked within it: a block going on past its
-    /// window is cut at the windows' boundaries (the VMs' creation times). Blocks still going
-    /// at the stop are kept apart, under `[still blocked at the stop]`, out of the windows'
-    /// totals, the heatmap and the gates.
     Record(Box<RecordArgs>),
     /// Render a profile again, offline on any machine: flame graphs, tables, HTML, CI
     /// gates.
@@ -101,8 +96,11 @@ enum Cmd {
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Windows: the kernel counts VM creations (whoever makes them); each event is charged to the \
-window the count is in when it happens, off-CPU time to the window in which the block \
-STARTED. Window 0 is the setup before the first VM.
+window the count is in when it happens. Off-CPU time in a window is the time blocked within \
+it: a block going on past its window is cut where the VMs that moved the windows were \
+created (and counted once, in the window it began in); blocks still going at the stop are \
+kept apart, under [still blocked at the stop], out of the windows' totals, the heatmap and \
+the gates. Window 0 is the setup before the first VM.
 
 How each tracer works and what each option changes: docs/internals.md in hvprof's source.")]
 #[expect(
