@@ -459,6 +459,7 @@ fn header(profile: &Profile, summary: &render::Summary, out: &mut String) {
     row("tracers", &m.tracers.join(", "));
     row("sampling", &format!("{} Hz", m.frequency_hz));
     row("windows", &summary.windows_spec);
+    row("off-CPU time", &summary.offcpu_rule);
     row("VM events", &m.vm_events.join(", "));
     row("VMs created", &summary.vms_created.to_string());
     row(
