@@ -470,10 +470,51 @@ pub struct Observation {
     pub value: u64,
     /// B against A in percent; `None` when A is 0 (and B is not: new).
     pub change_pct: Option<f64>,
+    /// With several runs a side: each run's value (`a` and `value` are
+    /// the medians) and how significant B's being larger is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runs: Option<RunValues>,
+}
+
+/// The runs behind an [`Observation`] of a diff over several runs a side.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunValues {
+    pub a: Vec<u64>,
+    pub b: Vec<u64>,
+    /// One-sided Mann–Whitney p-value of "B's runs are larger than A's";
+    /// a regression is only one at or under [`super::stats::SIGNIFICANCE`].
+    pub p_value: f64,
+}
+
+impl RunValues {
+    /// `medians of 3 and 3 runs; A 1.0 s–1.2 s, B 1.5 s–1.9 s, p = 0.050`.
+    fn text(&self, u: Unit) -> String {
+        let spread = |v: &[u64]| match (v.iter().min(), v.iter().max()) {
+            (Some(lo), Some(hi)) if lo == hi => u.format(*lo),
+            (Some(lo), Some(hi)) => format!("{}\u{2013}{}", u.format(*lo), u.format(*hi)),
+            _ => "-".to_owned(),
+        };
+        format!(
+            "medians of {} and {} runs; A {}, B {}, p = {:.3}",
+            self.a.len(),
+            self.b.len(),
+            spread(&self.a),
+            spread(&self.b),
+            self.p_value
+        )
+    }
 }
 
 impl Observation {
     fn text(&self) -> String {
+        let text = self.value_text();
+        match &self.runs {
+            Some(r) => format!("{text} [{}]", r.text(self.unit)),
+            None => text,
+        }
+    }
+
+    fn value_text(&self) -> String {
         let u = self.unit;
         match self.a {
             Some(a) => {
@@ -578,6 +619,7 @@ fn quantity_label(q: &Quantity, key: &str) -> String {
 
 /// Evaluates conditions on one profile (`hvprof report`).
 pub fn evaluate(gates: &[Gate], facts: &WindowMetrics<'_>) -> Result<Vec<GateResult>, GateError> {
+    let facts = std::slice::from_ref(facts);
     gates.iter().map(|g| evaluate_one(g, None, facts)).collect()
 }
 
@@ -589,31 +631,84 @@ pub fn evaluate_diff(
     a: &WindowMetrics<'_>,
     b: &WindowMetrics<'_>,
 ) -> Result<Vec<GateResult>, GateError> {
+    evaluate_runs(gates, std::slice::from_ref(a), std::slice::from_ref(b))
+}
+
+/// Evaluates conditions on several runs a side (`hvprof diff A… --vs
+/// B…`; all with the same windows): each value is the median of its runs,
+/// and with two runs or more on a side a value over its bound fails only
+/// where B's runs are also significantly larger than A's (one-sided
+/// Mann–Whitney U, p at most [`super::stats::SIGNIFICANCE`]).
+pub fn evaluate_runs(
+    gates: &[Gate],
+    a: &[WindowMetrics<'_>],
+    b: &[WindowMetrics<'_>],
+) -> Result<Vec<GateResult>, GateError> {
     gates.iter().map(|g| evaluate_one(g, Some(a), b)).collect()
+}
+
+/// Per key of quantity `q` in `window`, each run's value of A (`base`)
+/// and of B (`runs`), 0 where a run has none.
+fn per_run(
+    base: &[WindowMetrics<'_>],
+    runs: &[WindowMetrics<'_>],
+    q: &Quantity,
+    window: Option<u32>,
+) -> BTreeMap<String, (Vec<u64>, Vec<u64>)> {
+    let mut values: BTreeMap<String, (Vec<u64>, Vec<u64>)> = BTreeMap::new();
+    let fresh = || (vec![0; base.len()], vec![0; runs.len()]);
+    for (i, run) in runs.iter().enumerate() {
+        for (k, v) in run.items(q, window) {
+            values.entry(k).or_insert_with(fresh).1[i] = v;
+        }
+    }
+    for (i, run) in base.iter().enumerate() {
+        for (k, v) in run.items(q, window) {
+            values.entry(k).or_insert_with(fresh).0[i] = v;
+        }
+    }
+    values
+}
+
+/// Sorts a gate's observations worst first: by change for percentages
+/// (new beats any finite change), by value otherwise.
+fn worst_first(gate: &Gate, observations: &mut [(bool, bool, Observation)]) {
+    let severity = |o: &Observation| match gate.bound {
+        Bound::Percent(_) => match (o.change_pct, o.value) {
+            (None, v) if v > 0 => f64::INFINITY,
+            (None, _) => 0.0,
+            (Some(c), _) => c,
+        },
+        #[expect(clippy::cast_precision_loss, reason = "ordering only")]
+        Bound::Value(_) => o.value as f64,
+    };
+    observations.sort_by(|x, y| {
+        severity(&y.2)
+            .partial_cmp(&severity(&x.2))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
 }
 
 fn evaluate_one(
     gate: &Gate,
-    base: Option<&WindowMetrics<'_>>,
-    facts: &WindowMetrics<'_>,
+    base: Option<&[WindowMetrics<'_>]>,
+    runs: &[WindowMetrics<'_>],
 ) -> Result<GateResult, GateError> {
+    use super::stats::{SIGNIFICANCE, median, p_greater};
+    let facts = &runs[0];
+    let n_base = base.map_or(0, <[_]>::len);
+    let several = runs.len() > 1 || n_base > 1;
     let mut observations = Vec::new();
     let mut below_floor = 0;
     let mut missing = Vec::new();
     for window in gate.places(facts)? {
         for q in gate.quantities() {
-            let mut joined: BTreeMap<String, (Option<u64>, u64)> = BTreeMap::new();
-            for (k, v) in facts.items(&q, window) {
-                joined.entry(k).or_insert((None, 0)).1 = v;
-            }
-            if let Some(base) = base {
-                for (k, v) in base.items(&q, window) {
-                    joined.entry(k).or_insert((None, 0)).0 = Some(v);
-                }
-                for e in joined.values_mut() {
-                    e.0.get_or_insert(0);
-                }
-            }
+            let values = per_run(base.unwrap_or_default(), runs, &q, window);
+            let fresh = || (vec![0; n_base], vec![0; runs.len()]);
+            let mut joined: BTreeMap<String, (Option<u64>, u64)> = values
+                .iter()
+                .map(|(k, (a, b))| (k.clone(), (base.map(|_| median(a)), median(b))))
+                .collect();
             if joined.is_empty() {
                 // A named lock or method that is in neither profile: say so,
                 // and compare 0 (a typo must not pass silently).
@@ -635,6 +730,19 @@ fn evaluate_one(
                 if under {
                     below_floor += 1;
                 }
+                let run_values = (several && base.is_some()).then(|| {
+                    let (ra, rb) = values.get(&key).cloned().unwrap_or_else(fresh);
+                    let p_value = p_greater(&ra, &rb);
+                    RunValues {
+                        a: ra,
+                        b: rb,
+                        p_value,
+                    }
+                });
+                let hit = hit
+                    && run_values
+                        .as_ref()
+                        .is_none_or(|r| r.p_value <= SIGNIFICANCE);
                 observations.push((
                     hit,
                     under,
@@ -646,27 +754,13 @@ fn evaluate_one(
                         a,
                         value,
                         change_pct,
+                        runs: run_values,
                     },
                 ));
             }
         }
     }
-    // Worst first: by change for percentages (new beats any finite change),
-    // by value otherwise.
-    let severity = |o: &Observation| match gate.bound {
-        Bound::Percent(_) => match (o.change_pct, o.value) {
-            (None, v) if v > 0 => f64::INFINITY,
-            (None, _) => 0.0,
-            (Some(c), _) => c,
-        },
-        #[expect(clippy::cast_precision_loss, reason = "ordering only")]
-        Bound::Value(_) => o.value as f64,
-    };
-    observations.sort_by(|x, y| {
-        severity(&y.2)
-            .partial_cmp(&severity(&x.2))
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
+    worst_first(gate, &mut observations);
     let checked = observations.len();
     let worst = observations
         .iter()

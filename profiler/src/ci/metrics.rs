@@ -317,6 +317,22 @@ pub struct WindowMetrics<'a> {
 }
 
 impl<'a> WindowMetrics<'a> {
+    /// Each window's and the whole recording's metrics set to their
+    /// medians over `runs` (which have this one's windows).
+    pub fn set_medians(&mut self, runs: &[WindowMetrics<'_>]) {
+        let median_of = |get: &dyn Fn(&WindowMetrics<'_>) -> Option<u64>| -> u64 {
+            let v: Vec<u64> = runs.iter().filter_map(get).collect();
+            super::stats::median(&v)
+        };
+        for m in Metric::ALL {
+            for (info, values) in &mut self.windows {
+                let id = info.id;
+                values.0[m as usize] = median_of(&|r| r.window(id).map(|(_, v)| v.get(m)));
+            }
+            self.whole.0[m as usize] = median_of(&|r| Some(r.whole.get(m)));
+        }
+    }
+
     #[must_use]
     pub fn new(profile: &'a Profile) -> Self {
         let summary = render::summary(profile);

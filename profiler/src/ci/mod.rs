@@ -6,6 +6,7 @@
 
 mod gate;
 mod metrics;
+pub mod stats;
 #[cfg(test)]
 mod tests;
 

@@ -469,3 +469,49 @@ fn libvirt_gates_name_procedures_commands_and_events() {
     assert_eq!(w(1).get(Metric::Qmpwait), 4 * MS);
     assert_eq!(w(2).get(Metric::Qmpwait), 0);
 }
+
+/// `known()` with window 1's off-CPU time set to `ms` (window 2's stays).
+fn with_offcpu(ms: u64) -> Profile {
+    let mut p = known();
+    p.offcpu[0].total_ns = ms * MS;
+    p
+}
+
+fn runs_gate(a: &[u64], b: &[u64], expr: &str) -> GateResult {
+    let (pa, pb): (Vec<Profile>, Vec<Profile>) = (
+        a.iter().map(|&ms| with_offcpu(ms)).collect(),
+        b.iter().map(|&ms| with_offcpu(ms)).collect(),
+    );
+    let fa: Vec<WindowMetrics<'_>> = pa.iter().map(WindowMetrics::new).collect();
+    let fb: Vec<WindowMetrics<'_>> = pb.iter().map(WindowMetrics::new).collect();
+    let g = Gate::parse(expr, Context::Diff).unwrap();
+    evaluate_runs(&[g], &fa, &fb).unwrap().remove(0)
+}
+
+/// Over several runs a side, a regression gate fails only where B's median
+/// is over the bound and B's runs are significantly larger (every B run
+/// above every A run, with three a side).
+#[test]
+fn regressions_over_runs_need_significance() {
+    let gate = "window:1.offcpu>10%";
+    // Medians 105 → 135 ms (+28.6%), every B run above every A run: p = 0.05.
+    let f = runs_gate(&[100, 110, 105], &[130, 140, 135], gate);
+    assert!(!f.passed, "{}", f.text());
+    let v = &f.violations[0];
+    assert_eq!((v.a, v.value), (Some(105 * MS), 135 * MS));
+    let r = v.runs.as_ref().unwrap();
+    assert!((r.p_value - 0.05).abs() < 1e-9, "{r:?}");
+    assert!(f.text().contains("medians of 3 and 3 runs"), "{}", f.text());
+    // The same medians, but one B run below A's: not significant.
+    let ok = runs_gate(&[100, 110, 105], &[90, 140, 135], gate);
+    assert!(ok.passed, "{}", ok.text());
+    // Significant, but the medians within 10%.
+    let ok = runs_gate(&[100, 101, 102], &[108, 109, 110], gate);
+    assert!(ok.passed, "{}", ok.text());
+    // Identical runs: nothing.
+    let ok = runs_gate(&[100, 110, 105], &[100, 110, 105], gate);
+    assert!(ok.passed, "{}", ok.text());
+    // One run a side is the plain diff: the medians alone decide.
+    let f = runs_gate(&[100], &[130], gate);
+    assert!(!f.passed && f.violations[0].runs.is_none(), "{}", f.text());
+}
