@@ -57,10 +57,17 @@ enum Cmd {
     /// Compare two profiles (two kernels, two builds) window by window; CI gates.
     #[command(after_help = profiler::ci::GRAMMAR.as_str())]
     Diff {
-        /// The baseline profile.
-        a: PathBuf,
-        /// The profile compared with it.
-        b: PathBuf,
+        /// The baseline profile and the one compared with it (`A B`); or, with --vs, the
+        /// baseline's runs. A directory stands for its recording, or for every recording or
+        /// profile in it.
+        #[arg(required = true, num_args = 1.., value_name = "PROFILE")]
+        profiles: Vec<PathBuf>,
+        /// The runs compared with the baseline's: then each side's metrics are medians, and a
+        /// regression gate fails only where B's runs are also significantly larger than A's
+        /// (one-sided Mann-Whitney U, p <= 0.05: with 3 runs a side, every B run above every
+        /// A run).
+        #[arg(long, num_args = 1.., value_name = "PROFILE")]
+        vs: Vec<PathBuf>,
         /// Where to write the differential flame graphs and the deltas.
         #[arg(short, long, default_value = "hvprof-diff")]
         output: PathBuf,
@@ -274,14 +281,25 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Diff {
-            a,
-            b,
+            profiles,
+            vs,
             output,
             no_normalize,
             common_windows,
             fail_on,
             markdown_summary,
         } => {
+            let (a, b) = match (profiles.as_slice(), vs.is_empty()) {
+                ([a, b], true) => (vec![a.clone()], vec![b.clone()]),
+                (_, true) => {
+                    eprintln!(
+                        "hvprof: diff: name two profiles (A B), or A's runs, then --vs and B's \
+                         runs"
+                    );
+                    return ExitCode::from(profiler::ci::EXIT_ERROR);
+                }
+                (a, false) => (a.to_vec(), vs),
+            };
             let args = profiler::diff::DiffArgs {
                 a: &a,
                 b: &b,

@@ -633,3 +633,93 @@ fn hostile_names_are_escaped_in_every_output() {
     assert!(!svg.contains("<img src=x"), "svg");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The sample with window 2's off-CPU time scaled by `percent` %.
+fn offcpu_scaled(percent: u64) -> Profile {
+    let mut p = sample();
+    for r in p.offcpu.iter_mut().filter(|r| r.window == 2) {
+        r.total_ns = r.total_ns / 100 * percent;
+    }
+    p
+}
+
+/// Writes runs with these scales into `dir/NAME-i/profile.hvprof`.
+fn runs(dir: &Path, name: &str, scales: &[u64]) -> Vec<String> {
+    scales
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let d = dir.join(format!("{name}-{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let path = d.join("profile.hvprof");
+            offcpu_scaled(s).write(&path).unwrap();
+            path.display().to_string()
+        })
+        .collect()
+}
+
+/// `hvprof diff A1 A2 A3 --vs B1 B2 B3`: medians per metric, and a
+/// regression gate that fails only where B's runs are significantly larger
+/// (every B run above every A run, with three a side) and their median
+/// over the bound: window 2's off-CPU time +30 % in every B run fails it;
+/// the same median with one B run below A's does not, nor do A's runs
+/// against themselves. A directory of recordings stands for its runs.
+#[test]
+fn gates_over_several_runs_need_a_significant_change() {
+    let dir = tmp("runs");
+    let a = runs(&dir.join("a"), "run", &[100, 102, 98]);
+    let gate = ["--fail-on", "regression>10%"];
+    let diff_of = |b: &[String], out: &str| {
+        let out = dir.join(out);
+        let mut args: Vec<&str> = vec!["diff"];
+        args.extend(a.iter().map(String::as_str));
+        args.push("--vs");
+        args.extend(b.iter().map(String::as_str));
+        args.extend(["-o", out.to_str().unwrap()]);
+        args.extend(gate);
+        let run = hvprof(&args);
+        (run.status.code(), text(&run), json(&out))
+    };
+
+    let b = runs(&dir.join("b"), "run", &[130, 135, 140]);
+    let (code, out, j) = diff_of(&b, "worse");
+    assert_eq!(code, Some(i32::from(ci::EXIT_GATE_FAILED)), "{out}");
+    let failed = &j["gates"][0]["violations"];
+    assert!(
+        failed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["window"] == 2 && v["quantity"] == "offcpu"),
+        "{failed:#}"
+    );
+    assert!((failed[0]["runs"]["p_value"].as_f64().unwrap() - 0.05).abs() < 1e-9);
+    assert!(out.contains("medians of 3 and 3 runs"), "{out}");
+    assert_eq!(j["b"]["runs"].as_array().unwrap().len(), 3);
+
+    let b = runs(&dir.join("b-noisy"), "run", &[135, 90, 130]);
+    let (code, out, _) = diff_of(&b, "noisy");
+    assert_eq!(code, Some(0), "{out}");
+
+    let (code, out, _) = diff_of(&a, "same");
+    assert_eq!(code, Some(0), "{out}");
+
+    // Directories of recordings.
+    let run = hvprof(&[
+        "diff",
+        dir.join("a").to_str().unwrap(),
+        "--vs",
+        dir.join("b").to_str().unwrap(),
+        "-o",
+        dir.join("dirs").to_str().unwrap(),
+        "--fail-on",
+        "regression>10%",
+    ]);
+    assert_eq!(
+        run.status.code(),
+        Some(i32::from(ci::EXIT_GATE_FAILED)),
+        "{}",
+        text(&run)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

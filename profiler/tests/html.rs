@@ -828,8 +828,8 @@ fn browser_renders_the_diff_page_and_its_graph_files() {
     let a_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/massboot/profile.hvprof");
     let out = dir.join("out");
     diff::run(&diff::DiffArgs {
-        a: &a_path,
-        b: &b_path,
+        a: &[a_path],
+        b: &[b_path],
         output: &out,
         normalize: true,
         common_windows: false,

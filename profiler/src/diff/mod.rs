@@ -61,6 +61,16 @@ pub enum DiffError {
         a_total: u64,
         b_total: u64,
     },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} holds no profile: name profile files, recordings' directories, or a directory of them"
+    )]
+    NoProfiles { path: PathBuf },
+    #[error(
+        "the runs of a side must have the same windows: {why}; record every run with the same --window-size or --windows and the same number of VMs"
+    )]
+    RunsNeedSameWindows { why: String },
     #[error(transparent)]
     Render(#[from] RenderError),
     #[error(transparent)]
@@ -71,8 +81,10 @@ pub enum DiffError {
 
 /// What `hvprof diff` is asked to do.
 pub struct DiffArgs<'a> {
-    pub a: &'a Path,
-    pub b: &'a Path,
+    /// A's profile, or its runs (profile files, or directories of
+    /// recordings: see [`expand`]); the same for B.
+    pub a: &'a [PathBuf],
+    pub b: &'a [PathBuf],
     pub output: &'a Path,
     /// Scale A's flame-graph counts to B's total (inferno's `normalize`).
     pub normalize: bool,
@@ -98,21 +110,99 @@ impl Outcome {
     }
 }
 
-/// Reads both profiles, diffs them, writes every output into
-/// `args.output`, and evaluates the gates.
+/// The profiles `path` names: a profile file; a recording's directory
+/// (its `profile.hvprof`); or a directory of recordings or profiles (every
+/// `*/profile.hvprof` and `*.hvprof` in it, in name order).
+pub fn expand(path: &Path) -> Result<Vec<PathBuf>, DiffError> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let own = path.join(crate::profile::FILE_NAME);
+    if own.is_file() {
+        return Ok(vec![own]);
+    }
+    let entries = fs::read_dir(path).map_err(|source| DiffError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter_map(|p| {
+            let inner = p.join(crate::profile::FILE_NAME);
+            if inner.is_file() {
+                Some(inner)
+            } else {
+                (p.is_file() && p.extension().is_some_and(|x| x == "hvprof")).then_some(p)
+            }
+        })
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Err(DiffError::NoProfiles {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(found)
+}
+
+/// The runs of one side, read.
+fn read_runs(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<Profile>), DiffError> {
+    let mut files = Vec::new();
+    for p in paths {
+        files.extend(expand(p)?);
+    }
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let profiles = render::parallel_map(&refs, |p| Profile::open(p))?;
+    Ok((files, profiles))
+}
+
+/// Reads both sides, diffs them, writes every output into `args.output`,
+/// and evaluates the gates. One profile a side is compared as it is; with
+/// several runs on a side, the graphs and tables are of each side's runs
+/// merged, the metrics are medians, and the gates need significance
+/// ([`ci::evaluate_runs`]).
 pub fn run(args: &DiffArgs<'_>) -> Result<Outcome, DiffError> {
-    let [a, b]: [Profile; 2] = render::parallel_map(&[args.a, args.b], |p| Profile::open(p))?
-        .try_into()
-        .unwrap_or_else(|_| unreachable!("two paths, two profiles"));
-    let matched = match_windows(&a, args.a, &b, args.b, args.common_windows)?;
-    let (fa, fb) = (
+    let ((a_files, a_runs), (b_files, b_runs)) = (read_runs(args.a)?, read_runs(args.b)?);
+    let several = a_runs.len() > 1 || b_runs.len() > 1;
+    if several && args.common_windows {
+        return Err(DiffError::RunsNeedSameWindows {
+            why: "--common-windows compares two profiles, not runs".to_owned(),
+        });
+    }
+    for (files, runs) in [(&a_files, &a_runs), (&b_files, &b_runs)] {
+        same_windows(files, runs)?;
+    }
+    let merged = |runs: &[Profile]| {
+        crate::profile::merge::merge_runs(runs).unwrap_or_else(|| unreachable!("a run a side"))
+    };
+    let (a, b) = if several {
+        (merged(&a_runs), merged(&b_runs))
+    } else {
+        (a_runs[0].clone(), b_runs[0].clone())
+    };
+    let (a_path, b_path) = (&a_files[0], &b_files[0]);
+    let matched = match_windows(&a, a_path, &b, b_path, args.common_windows)?;
+    let (mut fa, mut fb) = (
         WindowMetrics::new(&matched.a),
         WindowMetrics::new(&matched.b),
     );
-    let mut diff = compare(&fa, args.a, &fb, args.b, args.normalize);
+    let ra: Vec<WindowMetrics<'_>> = a_runs.iter().map(WindowMetrics::new).collect();
+    let rb: Vec<WindowMetrics<'_>> = b_runs.iter().map(WindowMetrics::new).collect();
+    if several {
+        fa.set_medians(&ra);
+        fb.set_medians(&rb);
+    }
+    let mut diff = compare(&fa, a_path, &fb, b_path, args.normalize);
+    diff.a.runs = a_files.iter().map(|p| p.display().to_string()).collect();
+    diff.b.runs = b_files.iter().map(|p| p.display().to_string()).collect();
     diff.unmatched_a = matched.only_a.iter().map(window_name).collect();
     diff.unmatched_b = matched.only_b.iter().map(window_name).collect();
-    diff.gates = ci::evaluate_diff(args.gates, &fa, &fb)?;
+    diff.gates = if several {
+        ci::evaluate_runs(args.gates, &ra, &rb)?
+    } else {
+        ci::evaluate_diff(args.gates, &fa, &fb)?
+    };
     write_all(&mut diff, &matched.a, &matched.b, args.output)?;
     if let Some(path) = args.markdown_summary {
         ci::append_markdown(path, &diff.summary_markdown()).map_err(|source| DiffError::Write {
@@ -516,6 +606,10 @@ pub struct Section {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Side {
     pub path: String,
+    /// Every run's profile, with several a side (the metrics are then
+    /// their medians, the graphs and tables of them merged).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<String>,
     /// Target, kernel, VMs, duration, windows, losses, in one line.
     pub description: String,
     pub kernel: String,
@@ -540,11 +634,33 @@ pub struct Diff {
 fn side(f: &WindowMetrics<'_>, path: &Path) -> Side {
     Side {
         path: path.display().to_string(),
+        runs: Vec::new(),
         description: ci::profile_line(f),
         kernel: f.profile.meta.kernel.clone(),
         vms: f.profile.vms.len(),
         duration_ns: f.profile.meta.duration_ns,
     }
+}
+
+/// Every run of a side has the windows of its first (ids and VM ranges).
+fn same_windows(files: &[PathBuf], runs: &[Profile]) -> Result<(), DiffError> {
+    let names = |p: &Profile| p.windows.iter().map(window_name).collect::<Vec<_>>();
+    let first = names(&runs[0]);
+    for (file, run) in files.iter().zip(runs).skip(1) {
+        let these = names(run);
+        if these != first {
+            return Err(DiffError::RunsNeedSameWindows {
+                why: format!(
+                    "{} has {}, {} has {}",
+                    files[0].display(),
+                    first.join(", "),
+                    file.display(),
+                    these.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn section(

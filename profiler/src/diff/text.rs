@@ -46,28 +46,46 @@ impl Diff {
     }
 
     fn header_lines(&self) -> Vec<String> {
-        vec![
-            format!("A: {} \u{2014} {}", self.a.path, self.a.description),
-            format!("B: {} \u{2014} {}", self.b.path, self.b.description),
-            format!(
-                "{} windows compared{}; flame graphs: {}",
-                self.windows.len(),
-                if self.unmatched_a.is_empty() && self.unmatched_b.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        " (--common-windows left out A's {} and B's {})",
-                        list_or_none(&self.unmatched_a),
-                        list_or_none(&self.unmatched_b)
-                    )
-                },
-                if self.normalized {
-                    "A scaled to B's total (--no-normalize to compare raw counts)"
-                } else {
-                    "raw counts"
-                }
-            ),
-        ]
+        let side = |name: &str, s: &super::Side| {
+            if s.runs.len() > 1 {
+                format!(
+                    "{name}: {} runs ({}) \u{2014} the first: {}",
+                    s.runs.len(),
+                    s.runs.join(", "),
+                    s.description
+                )
+            } else {
+                format!("{name}: {} \u{2014} {}", s.path, s.description)
+            }
+        };
+        let mut lines = vec![side("A", &self.a), side("B", &self.b)];
+        if self.a.runs.len() > 1 || self.b.runs.len() > 1 {
+            lines.push(format!(
+                "metrics: the medians of each side's runs; gates: a value over its bound fails \
+                 only where B's runs are also significantly larger than A's (one-sided \
+                 Mann-Whitney U, p <= {}); flame graphs and tables: each side's runs merged",
+                crate::ci::stats::SIGNIFICANCE
+            ));
+        }
+        lines.push(format!(
+            "{} windows compared{}; flame graphs: {}",
+            self.windows.len(),
+            if self.unmatched_a.is_empty() && self.unmatched_b.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (--common-windows left out A's {} and B's {})",
+                    list_or_none(&self.unmatched_a),
+                    list_or_none(&self.unmatched_b)
+                )
+            },
+            if self.normalized {
+                "A scaled to B's total (--no-normalize to compare raw counts)"
+            } else {
+                "raw counts"
+            }
+        ));
+        lines
     }
 
     /// The diff as text. `limit`: only changed rows, at most that many per

@@ -301,6 +301,33 @@ pub fn merge_rows<R: Row>(rows: Vec<R>) -> Vec<R> {
     m.into_rows()
 }
 
+/// Several runs of one workload as one profile (`hvprof diff A1 A2 A3 --vs
+/// …`'s merged graphs and tables): their rows added up, their stacks
+/// interned into one frame table; the first run's meta, windows and VMs.
+/// `None` for no runs.
+#[must_use]
+pub fn merge_runs(runs: &[Profile]) -> Option<Profile> {
+    let first = runs.first()?;
+    let mut frames = super::FrameTable::default();
+    let mut rows = Rows::default();
+    for run in runs {
+        let map: Vec<u32> = run.frames.iter().map(|f| frames.intern(f)).collect();
+        let mut part = run.clone();
+        part.remap_stacks(&|f| map.get(f as usize).copied().unwrap_or(u32::MAX));
+        rows.add(&mut part);
+    }
+    let mut out = Profile {
+        meta: first.meta.clone(),
+        windows: first.windows.clone(),
+        vms: first.vms.clone(),
+        processes: first.processes.clone(),
+        ..Profile::default()
+    };
+    rows.into_profile(&mut out);
+    out.frames = frames.into_names();
+    Some(out)
+}
+
 /// A profile's rows being added up, part after part.
 #[derive(Debug, Default)]
 pub struct Rows {
@@ -382,6 +409,31 @@ mod tests {
             rows.iter().map(|r| r.samples).collect::<Vec<_>>(),
             [5, 5, 7]
         );
+    }
+
+    #[test]
+    fn runs_merge_into_one_frame_table() {
+        let run = |frames: &[&str], stack: Vec<u32>, samples| Profile {
+            frames: frames.iter().map(|f| (*f).to_owned()).collect(),
+            oncpu: vec![on(1, stack, samples)],
+            ..Profile::default()
+        };
+        // The same stack main;busy, numbered differently in each run, and
+        // another stack in the second.
+        let a = run(&["main", "busy"], vec![0, 1], 3);
+        let mut b = run(&["busy", "idle", "main"], vec![2, 0], 4);
+        b.oncpu.push(on(1, vec![2, 1], 1));
+        let m = merge_runs(&[a, b]).unwrap();
+        let named: Vec<(Vec<&str>, u64)> = m
+            .oncpu
+            .iter()
+            .map(|r| (m.frame_names(&r.stack).collect(), r.samples))
+            .collect();
+        assert_eq!(
+            named,
+            [(vec!["main", "busy"], 7), (vec!["main", "idle"], 1)]
+        );
+        assert!(merge_runs(&[]).is_none());
     }
 
     #[test]

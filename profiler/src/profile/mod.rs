@@ -617,6 +617,29 @@ impl Profile {
             .sort_by(|a, b| (a.window, &a.kind).cmp(&(b.window, &b.kind)));
     }
 
+    /// Every stack of every row, its frames renumbered by `f` (into
+    /// another frame table).
+    pub fn remap_stacks(&mut self, f: &dyn Fn(u32) -> u32) {
+        let remap = |s: &mut Stack| s.iter_mut().for_each(|x| *x = f(*x));
+        self.oncpu.iter_mut().for_each(|r| remap(&mut r.stack));
+        self.offcpu.iter_mut().for_each(|r| remap(&mut r.stack));
+        for r in &mut self.offwake {
+            remap(&mut r.stack);
+            match &mut r.waker {
+                Waker::Interrupt { stack } | Waker::Task { stack, .. } => remap(stack),
+            }
+        }
+        for r in &mut self.locks {
+            remap(&mut r.stack);
+            if let Some(Holder::Task { stack, .. }) = &mut r.holder {
+                remap(stack);
+            }
+        }
+        self.forks.iter_mut().for_each(|r| remap(&mut r.stack));
+        self.dbus.iter_mut().for_each(|r| remap(&mut r.stack));
+        self.libvirt.iter_mut().for_each(|r| remap(&mut r.stack));
+    }
+
     /// The names of a stack's frames, root first.
     pub fn frame_names<'a>(
         &'a self,
