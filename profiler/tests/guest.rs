@@ -77,6 +77,7 @@ fn alone_and_beside_hvprof(
     // SAFETY: kill(2) of the child this test started.
     unsafe { libc::kill(hv.id().cast_signed(), libc::SIGINT) };
     let out = hv.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "hvprof record failed");
     (alone, beside)
 }
