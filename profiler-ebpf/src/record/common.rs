@@ -234,11 +234,18 @@ pub(super) fn offcpu_stopped() -> bool {
 /// after the stop.
 #[inline(always)]
 pub(super) fn current_window() -> Option<u32> {
+    current_window_at().map(|(w, _)| w)
+}
+
+/// [`current_window`], and the VMs created so far it follows from.
+#[inline(always)]
+pub(super) fn current_window_at() -> Option<(u32, u64)> {
     let phase = STOPPED.get(0).copied().unwrap_or(0);
     if phase & PHASE_STOPPED != 0 {
         return None;
     }
-    window_for(vms_created()).map(|w| w | parity_bit(phase))
+    let vms = vms_created();
+    window_for(vms).map(|w| (w | parity_bit(phase), vms))
 }
 
 /// The [`WINDOW_PARITY`] bit of the flush parity in `phase`.

@@ -24,8 +24,8 @@ use profiler_common::record::{
 
 use super::{
     common::{
-        Running, Task, comm_of, count, current_window, is_tracked, lose, now, offcpu_stopped,
-        reset, vms_created, written_now,
+        Running, Task, comm_of, count, current_window, current_window_at, is_tracked, lose, now,
+        offcpu_stopped, reset, vms_created, written_now,
     },
     dbus,
     stacks::{kern_stack, site_return, user_stack, user_stack_walk, verified},
@@ -168,7 +168,7 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) -> Option<()> {
         None if !is_tracked(tgid) => return None,
         None => {}
     }
-    let window = current_window()?;
+    let (window, vms) = current_window_at()?;
     let raw_state = raw_state as u32;
     // A task switching out for the last time (exit) never comes back; it
     // is not blocked.
@@ -199,7 +199,7 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64) -> Option<()> {
         (*e).key = key;
         (*e).start_ns = now;
         (*e).slot = slot;
-        (*e).start_vms = vms_created();
+        (*e).start_vms = vms;
     }
     Some(())
 }

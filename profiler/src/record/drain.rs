@@ -287,10 +287,11 @@ pub(super) fn drain(
     seen: &mut Seen,
     stacks: &mut StackStore,
 ) -> Result<Drained, RecordError> {
+    let (offcpu, unfinished) = offcpu(rec, bpf, take)?;
     let mut drained = Drained {
+        offcpu,
+        unfinished,
         oncpu: entries(bpf, names::ONCPU_COUNTS, take, |k: &SampleKey| k.window)?,
-        offcpu: offcpu(rec, bpf, take)?,
-        unfinished: unfinished(rec, bpf, take)?,
         offwake: aggregation(
             rec,
             bpf,
@@ -397,25 +398,31 @@ fn entries<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
     Ok(out)
 }
 
-/// The off-CPU map, with the blocks that went on past their window cut at
-/// the windows' boundaries; at the stop also each thread's blocks not yet
-/// added to the map. One row per key at the stop.
+/// Off-CPU rows: the map's, with the blocks that went on past their window
+/// cut at the windows' boundaries; at the stop also each thread's blocks
+/// not yet added to the map (one row per key), and apart from them the
+/// block of each thread still blocked, up to the stop: kept out of the
+/// windows' off-CPU time, which would otherwise grow with how long the
+/// recording ran.
 fn offcpu(
     rec: &Recorder,
     bpf: &mut Ebpf,
     take: Take,
-) -> Result<Vec<(OffCpuKey, OffCpuValue)>, RecordError> {
+) -> Result<(OffCpuRows, OffCpuRows), RecordError> {
     let mut rows = entries(bpf, names::OFFCPU_TIMES, take, |k: &OffCpuKey| k.window)?;
     rows.extend(spans(rec, bpf, take)?);
-    let Take::Rest { .. } = take else {
-        return Ok(rows);
+    let Take::Rest { stop_ns } = take else {
+        return Ok((rows, Vec::new()));
     };
     let name = names::OFFCPU_START;
     let m: BpfHashMap<&MapData, u64, OffCpuStart> =
         BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
-    // Entries stay for live threads (and, after the stop, for the threads
-    // that exited since). Each holds its last blocks not yet in the
-    // off-CPU map.
+    let min = u64::try_from(rec.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
+    let max = u64::try_from(rec.opts.max_block.as_nanos()).unwrap_or(u64::MAX);
+    let mut unfinished: HashMap<OffCpuKey, OffCpuValue> = HashMap::new();
+    // Entries stay for live threads (and, after the off-CPU tracer
+    // stopped, for the threads that exited since). Each holds its last
+    // blocks not yet in the off-CPU map, and its block in progress.
     for (_, mut s) in m.iter().filter_map(Result::ok) {
         let task = format!("/proc/{}/task/{}", s.key.tgid, s.key.pid);
         // A thread that ran since its last block: that block's run-queue
@@ -428,6 +435,19 @@ fn offcpu(
             acc.value.add_runq(now.saturating_sub(since));
         }
         rows.extend(s.pending().map(|a| (a.key, a.value)));
+        if s.start_ns == 0 {
+            continue;
+        }
+        let blocked = stop_ns.saturating_sub(s.start_ns);
+        let alive = rec.blocked_at_stop.contains(&s.key.pid);
+        if blocked < min || blocked > max || s.start_ns < rec.start_ns || !alive {
+            continue;
+        }
+        // Whether it already waits for a CPU is not known.
+        unfinished
+            .entry(s.key)
+            .or_default()
+            .add(&OffCpuValue::block(blocked, 0));
     }
     // One row per key: the map's and a thread's pending blocks may share
     // one.
@@ -435,8 +455,14 @@ fn offcpu(
     for (k, v) in rows {
         merged.entry(k).or_default().add(&v);
     }
-    Ok(merged.into_iter().collect())
+    Ok((
+        merged.into_iter().collect(),
+        unfinished.into_iter().collect(),
+    ))
 }
+
+/// Off-CPU rows as the kernel keys them.
+type OffCpuRows = Vec<(OffCpuKey, OffCpuValue)>;
 
 /// The blocks that went on past their window (`OFFCPU_SPANS`), cut where
 /// the VMs that moved the windows were created: a row per window part,
@@ -476,44 +502,6 @@ fn spans(
         }
     }
     Ok(rows)
-}
-
-/// At the stop, the block of each task still blocked, up to the stop:
-/// kept apart from the windows' off-CPU time, which would otherwise grow
-/// with how long the recording ran.
-fn unfinished(
-    rec: &Recorder,
-    bpf: &mut Ebpf,
-    take: Take,
-) -> Result<Vec<(OffCpuKey, OffCpuValue)>, RecordError> {
-    let Take::Rest { stop_ns } = take else {
-        return Ok(Vec::new());
-    };
-    if !rec.tracers.contains(&Tracer::OffCpu) {
-        return Ok(Vec::new());
-    }
-    let name = names::OFFCPU_START;
-    let m: BpfHashMap<&MapData, u64, OffCpuStart> =
-        BpfHashMap::try_from(map(bpf, name)?).map_err(map_err(name))?;
-    let min = u64::try_from(rec.opts.min_block.as_nanos()).unwrap_or(u64::MAX);
-    let max = u64::try_from(rec.opts.max_block.as_nanos()).unwrap_or(u64::MAX);
-    let mut merged: HashMap<OffCpuKey, OffCpuValue> = HashMap::new();
-    for (_, s) in m.iter().filter_map(Result::ok) {
-        if s.start_ns == 0 {
-            continue;
-        }
-        let blocked = stop_ns.saturating_sub(s.start_ns);
-        let alive = rec.blocked_at_stop.contains(&s.key.pid);
-        if blocked < min || blocked > max || s.start_ns < rec.start_ns || !alive {
-            continue;
-        }
-        // Whether it already waits for a CPU is not known.
-        merged
-            .entry(s.key)
-            .or_default()
-            .add(&OffCpuValue::block(blocked, 0));
-    }
-    Ok(merged.into_iter().collect())
 }
 
 /// libvirt's API calls, named; at the stop with the calls received and
