@@ -2,7 +2,9 @@
 """Boot (or destroy) transient libvirt guests concurrently, over the libvirt
 API, from several client threads: the client side of `./x massboot`.
 
-    boot.py boot GUESTS.json --threads T      boots, waits for each '!' on COM1
+    boot.py boot GUESTS.json --threads T [--gap-ms G]
+                                              boots, waits for each '!' on COM1;
+                                              client thread k starts k*G ms late
     boot.py destroy GUESTS.json               destroys whatever is still running
     boot.py contend NAME HOLD_S               holds guest NAME's job for HOLD_S
                                               while two other clients wait for it
@@ -27,14 +29,15 @@ URI = "qemu:///system"
 BOOT_TIMEOUT_S = 60.0
 
 
-def boot(guests, threads):
+def boot(guests, threads, gap_s=0.0):
     results = [None] * len(guests)
     errors = []
     next_index = [0]
     lock = threading.Lock()
     start = time.monotonic()
 
-    def worker():
+    def worker(k):
+        time.sleep(k * gap_s)
         conn = libvirt.open(URI)
         try:
             while True:
@@ -80,7 +83,7 @@ def boot(guests, threads):
         finally:
             conn.close()
 
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
@@ -168,7 +171,10 @@ def main():
         threads = 4
         if "--threads" in sys.argv:
             threads = int(sys.argv[sys.argv.index("--threads") + 1])
-        return boot(guests, max(1, threads))
+        gap_ms = 0.0
+        if "--gap-ms" in sys.argv:
+            gap_ms = float(sys.argv[sys.argv.index("--gap-ms") + 1])
+        return boot(guests, max(1, threads), max(0.0, gap_ms) / 1000.0)
     return destroy(guests)
 
 

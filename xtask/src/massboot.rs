@@ -36,6 +36,9 @@ const PACKAGES: &[&str] = &[
 ];
 
 const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
+/// libvirt's hook for QEMU guests, run by libvirtd at each guest's
+/// preparation, start and stop (`qemu GUEST OPERATION SUB-OP EXTRA`).
+const QEMU_HOOK: &str = "/etc/libvirt/hooks/qemu";
 const QEMU_USER: &str = "libvirt-qemu";
 const GUEST_PREFIX: &str = "hvprof-mb-";
 
@@ -115,6 +118,21 @@ pub struct Opts {
     /// 2 s before the end. The clients' times go to `massboot.json`.
     #[arg(long, value_name = "SECONDS")]
     pub job_contention: Option<f64>,
+    /// Install a libvirt `qemu` hook (/etc/libvirt/hooks/qemu) for the boot,
+    /// which libvirtd runs at every guest's preparation, start and stop, and
+    /// which sleeps this many ms at the preparation of the guests
+    /// `--qemu-hook-guests` (0: it runs, and sleeps for none): a regression
+    /// injected the way an administrator could. Removed at the teardown.
+    #[arg(long, value_name = "MS")]
+    pub qemu_hook_sleep: Option<u64>,
+    /// Client thread k starts its first guest k times this many ms after the
+    /// first thread: the guests still boot concurrently, in a steadier
+    /// order.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub start_gap: u64,
+    /// The guests the hook sleeps for, by number (`FIRST-LAST`).
+    #[arg(long, value_name = "FIRST-LAST", default_value = "1-1000000")]
+    pub qemu_hook_guests: String,
 }
 
 /// A 512-byte boot sector: write '!' to COM1 and halt.
@@ -263,6 +281,10 @@ struct Session {
     created_user: bool,
     /// What qemu.conf was before massboot wrote it.
     qemu_conf: QemuConf,
+    /// What the qemu hook was before massboot wrote it (`--qemu-hook-sleep`),
+    /// and whether massboot made its directory.
+    qemu_hook: QemuConf,
+    created_hooks_dir: bool,
     virtlogd: Option<Child>,
     /// The subreaper that runs libvirtd.
     libvirtd: Option<Child>,
@@ -311,6 +333,18 @@ impl Session {
                 let _ = fs::remove_file(QEMU_CONF);
             }
             QemuConf::Untouched => {}
+        }
+        match std::mem::take(&mut self.qemu_hook) {
+            QemuConf::Was(old) => {
+                let _ = fs::write(QEMU_HOOK, old);
+            }
+            QemuConf::WasAbsent => {
+                let _ = fs::remove_file(QEMU_HOOK);
+            }
+            QemuConf::Untouched => {}
+        }
+        if std::mem::take(&mut self.created_hooks_dir) {
+            let _ = fs::remove_dir(Path::new(QEMU_HOOK).parent().unwrap_or(Path::new("/")));
         }
         if std::mem::take(&mut self.created_user) {
             let _ = Command::new("userdel").arg(QEMU_USER).status();
@@ -497,6 +531,9 @@ pub fn run(opts: &Opts, hvprof: &Path) -> anyhow::Result<PathBuf> {
     s.scratch = Some(scratch.clone());
 
     configure_libvirt(&mut s)?;
+    if let Some(ms) = opts.qemu_hook_sleep {
+        install_qemu_hook(&mut s, ms, &opts.qemu_hook_guests)?;
+    }
     let libvirtd_pid = start_daemons(&mut s, &scratch)?;
     let (guests_file, guests) = write_guests(opts, &scratch)?;
     s.guests_file = Some(guests_file.clone());
@@ -604,6 +641,48 @@ fn configure_libvirt(s: &mut Session) -> anyhow::Result<()> {
          user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\n",
     )
     .context("step 2/7: writing /etc/libvirt/qemu.conf failed")?;
+    Ok(())
+}
+
+/// Step 2 (`--qemu-hook-sleep`): the qemu hook, which libvirtd finds when it
+/// starts; undone by the session's teardown.
+fn install_qemu_hook(s: &mut Session, ms: u64, guests: &str) -> anyhow::Result<()> {
+    let (first, last) = guests.split_once('-').unwrap_or((guests, guests));
+    let (first, last): (u64, u64) = (
+        first
+            .trim()
+            .parse()
+            .context("--qemu-hook-guests: FIRST-LAST, e.g. 5-8")?,
+        last.trim()
+            .parse()
+            .context("--qemu-hook-guests: FIRST-LAST, e.g. 5-8")?,
+    );
+    step(&format!(
+        "step 2/7: a qemu hook ({QEMU_HOOK}) that sleeps {ms} ms at the preparation of guests {first}-{last}"
+    ));
+    let dir = Path::new(QEMU_HOOK).parent().unwrap_or(Path::new("/"));
+    if !dir.exists() {
+        fs::create_dir_all(dir)?;
+        s.created_hooks_dir = true;
+    }
+    s.qemu_hook = fs::read(QEMU_HOOK).map_or(QemuConf::WasAbsent, QemuConf::Was);
+    let script = format!(
+        "#!/bin/sh\n\
+         # Written by hvprof's ./x massboot (--qemu-hook-sleep); removed when it ends.\n\
+         # libvirtd runs it as: qemu GUEST OPERATION SUB-OPERATION EXTRA\n\
+         [ \"$2\" = prepare ] || exit 0\n\
+         n=\"${{1#{GUEST_PREFIX}}}\"\n\
+         if [ {ms} -gt 0 ] && [ \"$n\" -ge {first} ] 2>/dev/null && [ \"$n\" -le {last} ]; then\n\
+         \x20   sleep {secs}\n\
+         fi\n\
+         exit 0\n",
+        secs = format_args!("{}.{:03}", ms / 1000, ms % 1000),
+    );
+    fs::write(QEMU_HOOK, script).context("step 2/7: writing the qemu hook failed")?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(QEMU_HOOK, fs::Permissions::from_mode(0o755))?;
+    }
     Ok(())
 }
 
@@ -811,6 +890,7 @@ fn boot_guests(
         .arg("boot")
         .arg(guests_file)
         .args(["--threads", &opts.threads.to_string()])
+        .args(["--gap-ms", &opts.start_gap.to_string()])
         .stderr(Stdio::inherit())
         .output()
         .context("step 6/7: running the boot client failed")?;
