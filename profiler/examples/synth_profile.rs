@@ -244,6 +244,7 @@ fn profile(a: &Args, rng: &mut Rng) -> Result<(Profile, usize), String> {
                 source: "kvm".to_owned(),
                 cmdline: None,
                 name: Some(format!("vm{ordinal}")),
+                token: None,
             })
             .collect(),
         frames: table.into_names(),

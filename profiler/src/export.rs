@@ -358,7 +358,7 @@ pub fn pprof(
     }
     let meta = &profile.meta;
     let scope = match window.map(|w| windows.get(&w).copied()) {
-        Some(Some(w)) => format!("window {} ({})", w.id, w.label()),
+        Some(Some(w)) => format!("window {} ({})", w.name(), w.label()),
         Some(None) => format!("window {}", window.unwrap_or_default()),
         None => "every window (label `window`)".to_owned(),
     };

@@ -263,6 +263,7 @@ pub fn fixture() -> Profile {
     let spec = WindowSpec::Every { size: 2 };
     Profile {
         meta: fixture_meta(&spec),
+        calls: Vec::new(),
         windows: spec.windows(4),
         vms: fixture_vms(),
         frames: t.into_names(),
@@ -443,6 +444,7 @@ fn fixture_vms() -> Vec<VmCreation> {
             source: "kvm".into(),
             cmdline: Some("qemu-system-x86_64 -name guest=vm,debug-threads=on".into()),
             name: Some(format!("vm{ordinal}")),
+            token: None,
         })
         .collect()
 }

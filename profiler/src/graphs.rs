@@ -165,7 +165,7 @@ impl Graph {
     /// `On-CPU: window 1 (VMs 1–4)`.
     #[must_use]
     pub fn title_for(&self, w: &crate::windows::WindowInfo) -> String {
-        format!("{}: window {} ({})", self.title, w.id, w.label())
+        format!("{}: window {} ({})", self.title, w.name(), w.label())
     }
 
     /// What a folded count is, as the flame graph says it.

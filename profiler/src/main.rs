@@ -9,7 +9,7 @@ use profiler::{
     profile::Profile,
     record::{self, RecordOptions, Target, Tracer, UnwindMode, VmEvent},
     render,
-    windows::WindowSpec,
+    windows::{Attribution, WindowSpec},
 };
 
 /// A profiler for hypervisor management stacks: on-CPU and off-CPU profiles
@@ -63,9 +63,9 @@ enum Cmd {
         #[arg(required = true, num_args = 1.., value_name = "PROFILE")]
         profiles: Vec<PathBuf>,
         /// The runs compared with the baseline's: then each side's metrics are medians, and a
-        /// regression gate fails only where B's runs are also significantly larger than A's
-        /// (one-sided Mann-Whitney U, p <= 0.05: with 3 runs a side, every B run above every
-        /// A run).
+        /// regression gate fails only where B's runs are also significantly more than the
+        /// bound above A's (one-sided Welch t-test on the logarithms, p-values Holm-adjusted
+        /// over the gate's values, at 0.05).
         #[arg(long, num_args = 1.., value_name = "PROFILE")]
         vs: Vec<PathBuf>,
         /// Where to write the differential flame graphs and the deltas.
@@ -109,6 +109,14 @@ created (and counted once, in the window it began in); blocks still going at the
 kept apart, under [still blocked at the stop], out of the windows' totals, the heatmap and \
 the gates. Window 0 is the setup before the first VM.
 
+--attribute vm: a window of VMs N-M holds the work done for those VMs, whenever it happened, \
+which is what a concurrent boot (many VMs started at once) needs. Each QEMU process and its \
+threads work for the VM it created; a libvirtd worker works, from the start of a call that \
+can start a VM (virNetServerProgramDispatch: DomainCreate*, DomainRestore*, \
+DomainMigratePrepare*, DomainSnapshotRevert) to its reply, for the VM whose QEMU that call \
+started; a process forked meanwhile (QEMU, a hook script, a helper) works for it too. The \
+rest is shown apart, in an \"unattributed\" window for each time window, with its share.
+
 How each tracer works and what each option changes: docs/internals.md in hvprof's source.")]
 #[expect(
     clippy::struct_excessive_bools,
@@ -134,6 +142,10 @@ struct RecordArgs {
     /// kept).
     #[arg(long, value_name = "RANGES")]
     windows: Option<String>,
+    /// What a window holds: `time`, the events between the creations of its VMs; or `vm`,
+    /// the work done for its VMs whenever it happened (for concurrent boots; see below).
+    #[arg(long, value_enum, default_value_t = Attribution::Time, value_name = "MODE")]
+    attribute: Attribution,
     /// On-CPU samples per second per CPU; higher is finer and costs more.
     #[arg(short = 'F', long, default_value_t = 99, value_name = "HZ")]
     frequency: u64,
@@ -417,6 +429,7 @@ fn record_cmd(args: RecordArgs) -> anyhow::Result<()> {
         target,
         follow_children: !args.no_children,
         windows,
+        attribute: args.attribute,
         frequency_hz: args.frequency,
         min_block: args.min_block,
         max_block,

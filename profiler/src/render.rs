@@ -213,6 +213,48 @@ pub struct Summary {
     pub restarts: Vec<crate::profile::Restart>,
     /// Which rule the windows' off-CPU times follow, in words.
     pub offcpu_rule: String,
+    /// What the windows hold (`record --attribute`), in words, with the
+    /// unattributed share of each figure.
+    pub attribute_rule: String,
+}
+
+/// A figure of the window summaries, by name.
+type Figure = (&'static str, fn(&WindowSummary) -> u64);
+
+/// [`Summary::attribute_rule`] of a profile, from its window summaries.
+fn attribute_rule(profile: &Profile, windows: &[WindowSummary]) -> String {
+    if profile.meta.attribute == crate::windows::Attribution::Time {
+        return "windows: the events between the creations of their VMs (--attribute time)"
+            .to_owned();
+    }
+    let unattributed = |w: &&WindowSummary| w.id & crate::windows::UNATTRIBUTED != 0;
+    let figures: [Figure; 6] = [
+        ("on-CPU", |w| w.oncpu_samples),
+        ("off-CPU", |w| w.offcpu_ns),
+        ("lock wait", |w| w.lock_wait_ns),
+        ("forks", |w| w.forks),
+        ("cgroup ops", |w| w.cgroup_ops),
+        ("libvirt calls", |w| w.api_calls),
+    ];
+    let shares: Vec<String> = figures
+        .iter()
+        .filter_map(|(name, f)| {
+            let all: u64 = windows.iter().map(f).sum();
+            let apart: u64 = windows.iter().filter(unattributed).map(f).sum();
+            #[expect(clippy::cast_precision_loss, reason = "a percentage")]
+            (all > 0).then(|| format!("{name} {:.1} %", apart as f64 * 100.0 / all as f64))
+        })
+        .collect();
+    format!(
+        "windows: the work done for their VMs (--attribute vm: each VM's QEMU, the libvirtd \
+         calls that started it and what they forked), whenever it happened; the rest is in the \
+         unattributed windows (u*): {}",
+        if shares.is_empty() {
+            "nothing recorded".to_owned()
+        } else {
+            shares.join(", ")
+        }
+    )
 }
 
 /// [`Summary::offcpu_rule`] of a profile.
@@ -381,7 +423,6 @@ pub fn summary(profile: &Profile) -> Summary {
             .map_or_else(String::new, ToString::to_string),
         vms_created: profile.vms.len(),
         vms: profile.vms.clone(),
-        windows,
         other_losses,
         total_losses: profile.losses.iter().map(|l| l.count).sum(),
         program_stats: profile.meta.program_stats.clone(),
@@ -390,6 +431,8 @@ pub fn summary(profile: &Profile) -> Summary {
         verify_unwind: profile.meta.verify_unwind.clone(),
         restarts: profile.meta.restarts.clone(),
         offcpu_rule: offcpu_rule(profile),
+        attribute_rule: attribute_rule(profile, &windows),
+        windows,
     }
 }
 
@@ -464,7 +507,7 @@ impl Summary {
             let _ = writeln!(
                 out,
                 "{:<4} {:<22} {:>10} {:>14} {:>9} {:>12} {:>6} {:>7} {:>12} {:>6} {:>7}  {}",
-                w.id,
+                crate::windows::window_name(w.id),
                 w.label,
                 w.oncpu_samples,
                 ms(w.offcpu_ns),
@@ -479,6 +522,7 @@ impl Summary {
             );
         }
         let _ = writeln!(out, "{}", self.offcpu_rule);
+        let _ = writeln!(out, "{}", self.attribute_rule);
         self.cost_text(&mut out);
         self.unwind_text(&mut out);
         self.verify_unwind_text(&mut out);
@@ -488,7 +532,11 @@ impl Summary {
             let _ = writeln!(out, "\nlosses: {} in all", self.total_losses);
             for w in &self.windows {
                 for (k, n) in &w.losses {
-                    let _ = writeln!(out, "  window {:<3} {k}: {n}", w.id);
+                    let _ = writeln!(
+                        out,
+                        "  window {:<3} {k}: {n}",
+                        crate::windows::window_name(w.id)
+                    );
                 }
             }
             for (k, n) in &self.other_losses {
@@ -535,7 +583,12 @@ user stacks unwound from .eh_frame: {walks} walks, {pct:.1} % to the thread's or
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect();
             if !stops.is_empty() {
-                let _ = writeln!(out, "  window {:<3} ended: {}", w.id, stops.join(", "));
+                let _ = writeln!(
+                    out,
+                    "  window {:<3} ended: {}",
+                    crate::windows::window_name(w.id),
+                    stops.join(", ")
+                );
             }
         }
     }

@@ -143,6 +143,8 @@ pub enum Part {
     /// Whole user stacks without frame pointers (`--unwind dwarf`): the
     /// libraries mapped during the recording.
     Unwind,
+    /// `--attribute vm`: libvirtd's calls that can start a VM.
+    Attribution,
     Tracer(Tracer),
 }
 
@@ -156,7 +158,7 @@ impl Part {
     /// Every part, in the order `hvprof check` lists their probes. `record`
     /// attaches the machinery's first (so that no fork, exec or VM creation
     /// between two attaches is missed), then the tracers', in this order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Tracer(Tracer::OffCpu),
         Self::Tracer(Tracer::Wakers),
         Self::Targets,
@@ -168,6 +170,7 @@ impl Part {
         Self::Unwind,
         Self::Tracer(Tracer::Dbus),
         Self::Tracer(Tracer::Libvirt),
+        Self::Attribution,
         Self::Tracer(Tracer::OnCpu),
     ];
 
@@ -179,6 +182,7 @@ impl Part {
             Self::VmWindows => "vm-windows",
             Self::Syscalls => "syscalls",
             Self::Unwind => "unwind",
+            Self::Attribution => "attribute-vm",
             Self::Tracer(t) => t.name(),
         }
     }
@@ -193,6 +197,7 @@ impl Part {
             | Self::Syscalls
             | Self::Tracer(Tracer::OffCpu | Tracer::OnCpu) => true,
             Self::Unwind
+            | Self::Attribution
             | Self::Tracer(
                 Tracer::Locks
                 | Tracer::Fork
@@ -212,6 +217,7 @@ impl Part {
             Self::VmWindows => &VM_WINDOWS,
             Self::Syscalls => &SYSCALLS,
             Self::Unwind => &UNWIND,
+            Self::Attribution => &ATTRIBUTION,
             Self::Tracer(Tracer::OnCpu) => &ONCPU,
             Self::Tracer(Tracer::OffCpu) => &OFFCPU,
             Self::Tracer(Tracer::Locks) => &LOCKS,
@@ -293,6 +299,16 @@ const FORK: [Probe; 2] = [
     // Only where the learned fork paths do not hold.
     Probe::Uprobe {
         program: names::PROG_FORK_CALLER,
+    },
+];
+
+/// Entry and return of libvirt's `virNetServerProgramDispatch`.
+const ATTRIBUTION: [Probe; 2] = [
+    Probe::Uprobe {
+        program: names::PROG_CALL_ENTER,
+    },
+    Probe::Uprobe {
+        program: names::PROG_CALL_RETURN,
     },
 ];
 

@@ -10,6 +10,35 @@ use profiler_common::record::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// What a window holds (`record --attribute`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Attribution {
+    /// The events that happened between the creations of its first VM and
+    /// of the VM after its last.
+    #[default]
+    Time,
+    /// The work done for its VMs, whenever it happened: each VM's QEMU,
+    /// the libvirtd calls that started it and the helpers they forked. The
+    /// rest is in an unattributed window per time window.
+    Vm,
+}
+
+impl Attribution {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Time => "time",
+            Self::Vm => "vm",
+        }
+    }
+}
+
+/// The bit of a window id that marks an unattributed window (`--attribute
+/// vm`): the work done for no VM known, during time window `id &
+/// !UNATTRIBUTED`.
+pub const UNATTRIBUTED: u32 = 1 << 30;
+
 /// How VM ordinals are cut into windows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -149,6 +178,7 @@ impl WindowSpec {
             id: SETUP_WINDOW,
             first_vm: None,
             last_vm: None,
+            unattributed: false,
         }];
         match self {
             Self::Every { size } => {
@@ -159,6 +189,7 @@ impl WindowSpec {
                         id: w,
                         first_vm: Some(first),
                         last_vm: Some(first + u64::from(*size) - 1),
+                        unattributed: false,
                     });
                 }
             }
@@ -168,11 +199,27 @@ impl WindowSpec {
                         id: u32::try_from(i + 1).unwrap_or(u32::MAX),
                         first_vm: Some(u64::from(a)),
                         last_vm: Some(u64::from(b)),
+                        unattributed: false,
                     });
                 }
             }
         }
         out
+    }
+
+    /// The windows of a recording with `--attribute vm`: each window of
+    /// VMs (no setup: work for a VM is for VM 1 or later), then an
+    /// unattributed window for each time window, the setup's included.
+    #[must_use]
+    pub fn attributed_windows(&self, vms_created: u64) -> Vec<WindowInfo> {
+        let time = self.windows(vms_created);
+        let vms = time.iter().filter(|w| w.first_vm.is_some()).cloned();
+        let rest = time.iter().map(|w| WindowInfo {
+            id: w.id | UNATTRIBUTED,
+            unattributed: true,
+            ..w.clone()
+        });
+        vms.chain(rest).collect()
     }
 }
 
@@ -204,25 +251,65 @@ pub struct WindowInfo {
     /// `None` for the setup window.
     pub first_vm: Option<u64>,
     pub last_vm: Option<u64>,
+    /// `--attribute vm`: the work for no VM known, done while this time
+    /// window's VMs were created (its id has [`UNATTRIBUTED`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unattributed: bool,
+}
+
+/// How window `id` is written: `3`, or `u3` for an unattributed window.
+#[must_use]
+pub fn window_name(id: u32) -> String {
+    if id & UNATTRIBUTED == 0 {
+        id.to_string()
+    } else {
+        format!("u{}", id & !UNATTRIBUTED)
+    }
 }
 
 impl WindowInfo {
+    /// [`window_name`].
+    #[must_use]
+    pub fn name(&self) -> String {
+        window_name(self.id)
+    }
+
+    /// A short tag: `w3`, or `u3` for an unattributed window.
+    #[must_use]
+    pub fn tag(&self) -> String {
+        if self.unattributed {
+            self.name()
+        } else {
+            format!("w{}", self.id)
+        }
+    }
+
     /// `setup (before VM 1)` or `VMs 11–20`.
     #[must_use]
     pub fn label(&self) -> String {
-        match (self.first_vm, self.last_vm) {
+        let time = match (self.first_vm, self.last_vm) {
             (Some(a), Some(b)) if a == b => format!("VM {a}"),
             (Some(a), Some(b)) => format!("VMs {a}\u{2013}{b}"),
             _ => "setup (before VM 1)".to_owned(),
+        };
+        if self.unattributed {
+            format!("unattributed, during {time}")
+        } else {
+            time
         }
     }
 
     /// A directory name: `w00-setup`, `w02-vms-11-20`.
     #[must_use]
     pub fn dir_name(&self) -> String {
+        let (letter, id) = if self.unattributed {
+            ('u', self.id & !UNATTRIBUTED)
+        } else {
+            ('w', self.id)
+        };
         match (self.first_vm, self.last_vm) {
-            (Some(a), Some(b)) => format!("w{:02}-vms-{a}-{b}", self.id),
-            _ => format!("w{:02}-setup", self.id),
+            (Some(a), Some(b)) => format!("{letter}{id:02}-vms-{a}-{b}"),
+            _ => format!("{letter}{id:02}-setup"),
         }
     }
 }
@@ -291,6 +378,24 @@ mod tests {
         assert_eq!(w[1].label(), "VMs 1\u{2013}4");
         assert_eq!(w[3].dir_name(), "w03-vms-9-12");
         assert_eq!(s.windows(0).len(), 1);
+        let a = s.attributed_windows(10);
+        let ids: Vec<u32> = a.iter().map(|w| w.id).collect();
+        assert_eq!(
+            ids,
+            [
+                1,
+                2,
+                3,
+                UNATTRIBUTED,
+                UNATTRIBUTED | 1,
+                UNATTRIBUTED | 2,
+                UNATTRIBUTED | 3
+            ]
+        );
+        assert_eq!(a[0].label(), "VMs 1\u{2013}4");
+        assert_eq!(a[4].label(), "unattributed, during VMs 1\u{2013}4");
+        assert_eq!(a[3].dir_name(), "u00-setup");
+        assert_eq!(a[5].dir_name(), "u02-vms-5-8");
         let r = WindowSpec::parse_ranges("2-3,7").unwrap();
         let w = r.windows(1);
         assert_eq!(w.len(), 3);

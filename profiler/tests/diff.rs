@@ -693,7 +693,10 @@ fn gates_over_several_runs_need_a_significant_change() {
             .all(|v| v["window"] == 2 && v["quantity"] == "offcpu"),
         "{failed:#}"
     );
-    assert!((failed[0]["runs"]["p_value"].as_f64().unwrap() - 0.05).abs() < 1e-9);
+    assert!(
+        failed[0]["runs"]["p_value"].as_f64().unwrap() < 0.05,
+        "{failed:#}"
+    );
     assert!(out.contains("medians of 3 and 3 runs"), "{out}");
     assert_eq!(j["b"]["runs"].as_array().unwrap().len(), 3);
 

@@ -3,25 +3,12 @@
 //! KVM guests, windows of 4 VMs. Needs root, /dev/kvm and Debian's package
 //! mirrors (massboot installs libvirt and QEMU if they are missing).
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{collections::BTreeSet, path::Path, process::Command};
 
 use profiler::profile::Profile;
 
 mod common;
-use common::assert_no_losses;
-
-fn xtask() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--package", "xtask"])
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building xtask failed");
-    Path::new(env!("CARGO_BIN_EXE_hvprof")).with_file_name("xtask")
-}
+use common::{assert_no_losses, xtask};
 
 /// A stack that reaches its thread's entry or main: not cut by the
 /// unwinder, and with user frames.

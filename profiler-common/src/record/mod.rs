@@ -92,6 +92,34 @@ pub const WINDOW_PARITY: u32 = 1 << 31;
 /// A recorded window that is no window (an event outside every window).
 pub const NO_WINDOW: u32 = u32::MAX;
 
+/// A recorded window that is not a time window but the VM its thread works
+/// for (`--attribute vm`): this bit, with an attribution token in the bits
+/// below it. Userspace learns which VM a token is for from the VM
+/// creations that carry it ([`Event::token`]).
+pub const ATTRIBUTED: u32 = 1 << 30;
+
+/// The bit of an attribution token given to a process at a VM creation of
+/// its own (not forked by a call): its next VM creation gives it another,
+/// so that a process that creates VM after VM works for the latest.
+pub const ATTRIBUTED_OWN: u32 = 1 << 29;
+
+/// Whether a recorded window is an attribution token ([`ATTRIBUTED`]).
+#[must_use]
+pub const fn is_attributed(recorded: u32) -> bool {
+    recorded != NO_WINDOW && recorded & ATTRIBUTED != 0
+}
+
+/// The function of libvirt's RPC server that dispatches one call, in a
+/// worker thread, up to its reply: `virNetServerProgramDispatch(prog,
+/// server, client, msg)`, exported by `libvirt.so.0`.
+pub const DISPATCH_FUNCTION: &str = "virNetServerProgramDispatch";
+/// Where `virNetMessage.buffer` is (`bool tracked; char *buffer; …`, the
+/// layout since libvirt 1.x): the message as received, its XDR header
+/// (`program, version, procedure, …`, big-endian) after its length.
+pub const NET_MESSAGE_BUFFER: u64 = 8;
+/// The `remote` program of libvirt's RPC protocol (the public API).
+pub const REMOTE_PROGRAM: u32 = 0x2000_8086;
+
 /// The window of a recorded key or event, without its flush parity;
 /// `None` for [`NO_WINDOW`].
 #[must_use]
@@ -188,6 +216,9 @@ pub mod names {
     pub const JOB_WAIT_START: &str = "JOB_WAIT_START";
     pub const PROG_JOB_ENTER: &str = "libvirt_job_enter";
     pub const PROG_JOB_RETURN: &str = "libvirt_job_return";
+    pub const PROG_CALL_ENTER: &str = "attribute_call_enter";
+    pub const PROG_CALL_RETURN: &str = "attribute_call_return";
+    pub const VM_CALLS: &str = "VM_CALLS";
     pub const DBUS_CALLS: &str = "DBUS_CALLS";
     pub const PROG_DBUS_ENTER: &str = "dbus_enter";
     pub const PROG_DBUS_RETURN: &str = "dbus_return";
@@ -364,6 +395,11 @@ pub struct Config {
     /// counted, `Counter::LockEndsDropped`), to test that the begins left
     /// behind are dropped and never paired (`--drop-lock-ends`, hidden).
     pub drop_lock_ends: u32,
+    /// Nonzero: `--attribute vm` (see [`ATTRIBUTED`]).
+    pub attribute_vm: u32,
+    /// Attribution tokens are a per-CPU count shifted left by this many
+    /// bits, or'ed with the CPU: enough bits for every possible CPU.
+    pub token_cpu_bits: u32,
     pub pad_tail: u32,
     /// Where libc's fork functions keep their caller's return address at
     /// the syscall (see [`ForkPath`]); unused entries are
@@ -423,6 +459,8 @@ impl Config {
             wakers: 0,
             thread_size: 0,
             drop_lock_ends: 0,
+            attribute_vm: 0,
+            token_cpu_bits: 0,
             pad_tail: 0,
             fork_paths: [ForkPath::UNUSED; FORK_PATHS],
         }
@@ -502,6 +540,10 @@ pub enum EventKind {
     /// loader at a `dlopen`): userspace reads its mappings again once the
     /// loader's burst of mappings is over.
     UnwindMapping = 6,
+    /// `--attribute vm`: a libvirtd worker began a call that can start a
+    /// VM (`child`: its procedure), and works for it under
+    /// [`Event::token`] until its reply.
+    CallStarted = 7,
 }
 
 /// A process's mappings are read again this long after an
@@ -531,8 +573,13 @@ pub struct Event {
     /// For [`EventKind::VmCreated`], the VM's ordinal (1-based).
     pub ordinal: u64,
     /// The window the event falls in (`u32::MAX`: outside every window).
+    /// For [`EventKind::CallStarted`], the time window, whatever the
+    /// thread's attribution.
     pub window: u32,
-    pub pad: u32,
+    /// `--attribute vm`: for [`EventKind::VmCreated`] and
+    /// [`EventKind::CallStarted`], the attribution token (an
+    /// [`ATTRIBUTED`] window) of the VM's creator or of the call; else 0.
+    pub token: u32,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -605,10 +652,16 @@ pub enum Counter {
     WakerKernWalk = 24,
     /// Wakeups whose waker was an interrupt on its own stack.
     WakerInterrupts = 25,
+    /// `--attribute vm`: libvirt calls dispatched that can start a VM (a
+    /// token given), other calls of the `remote` program, and dispatches
+    /// whose message could not be read (or of another program).
+    CallsAttributed = 26,
+    CallsOther = 27,
+    CallsUnread = 28,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 29;
 }
 
 /// Slots of the `LOSSES` map: everything the kernel side could not record.
@@ -664,10 +717,13 @@ pub enum Loss {
     /// windows' boundaries (its map was full): counted whole in the window
     /// it began in.
     OffCpuSpanFull = 21,
+    /// `--attribute vm`: a call or process could not be attributed (its
+    /// map was full): its work is unattributed.
+    AttributionFull = 22,
 }
 
 impl Loss {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::KernStackCollision,
         Self::UserStackCollision,
@@ -691,6 +747,7 @@ impl Loss {
         Self::LockBeginUnseen,
         Self::OffWakeMapFull,
         Self::OffCpuSpanFull,
+        Self::AttributionFull,
     ];
 }
 
@@ -876,6 +933,8 @@ mod tests {
                 + 5 * 4
                 + 3 * 4
                 + 2 * 4
+                + 2 * 4
+                // attribute_vm, token_cpu_bits
                 + 2 * 4
                 + FORK_PATHS * size_of::<ForkPath>()
         );

@@ -237,7 +237,9 @@ pub(super) fn current_window() -> Option<u32> {
     current_window_at().map(|(w, _)| w)
 }
 
-/// [`current_window`], and the VMs created so far it follows from.
+/// [`current_window`], and the VMs created so far it follows from. With
+/// `--attribute vm`, a thread that works for a VM (or for a call that may
+/// start one) gets its attribution token in place of the time window.
 #[inline(always)]
 pub(super) fn current_window_at() -> Option<(u32, u64)> {
     let phase = STOPPED.get(0).copied().unwrap_or(0);
@@ -245,7 +247,21 @@ pub(super) fn current_window_at() -> Option<(u32, u64)> {
         return None;
     }
     let vms = vms_created();
+    if let Some(token) = super::attribution::of(Task::current()) {
+        return Some((token | parity_bit(phase), vms));
+    }
     window_for(vms).map(|w| (w | parity_bit(phase), vms))
+}
+
+/// The time window now, whatever the current thread's attribution, with
+/// the flush parity; `None` outside every window or after the stop.
+#[inline(always)]
+pub(super) fn time_window() -> Option<u32> {
+    let phase = STOPPED.get(0).copied().unwrap_or(0);
+    if phase & PHASE_STOPPED != 0 {
+        return None;
+    }
+    window_for(vms_created()).map(|w| w | parity_bit(phase))
 }
 
 /// The [`WINDOW_PARITY`] bit of the flush parity in `phase`.
@@ -583,6 +599,19 @@ const USER64_CS: u64 = 0x33;
 /// tables) to userspace; `window` `None` is outside every window.
 #[inline(always)]
 pub(super) fn emit(kind: EventKind, task: Task, child: u32, ordinal: u64, window: Option<u32>) {
+    emit_token(kind, task, child, ordinal, window, 0);
+}
+
+/// [`emit`] with an attribution token ([`Event::token`]).
+#[inline(always)]
+pub(super) fn emit_token(
+    kind: EventKind,
+    task: Task,
+    child: u32,
+    ordinal: u64,
+    window: Option<u32>,
+    token: u32,
+) {
     let event = Event {
         kind: kind as u32,
         pid: task.pid(),
@@ -591,7 +620,7 @@ pub(super) fn emit(kind: EventKind, task: Task, child: u32, ordinal: u64, window
         ts_ns: now(),
         ordinal,
         window: window.unwrap_or(u32::MAX),
-        pad: 0,
+        token,
         comm: comm(),
     };
     // Only an exec (its maps must be read while it lives) and the

@@ -131,10 +131,13 @@ fn try_msg_tx(ctx: &ProbeContext) -> Option<()> {
     // SAFETY: a valid map value, copied before its entry goes.
     let start = unsafe { *API_CALL_START.get(&key)? };
     let _ = API_CALL_START.remove(&key);
-    if start.window == NO_WINDOW || stopped() {
+    // Noted by the thread that received it; replied to by the worker that
+    // ran it, whose attribution (`--attribute vm`) is the call's.
+    let window = super::attribution::of(Task::current()).unwrap_or(start.window);
+    if window == NO_WINDOW || stopped() {
         return None;
     }
-    let window = written_now(start.window);
+    let window = written_now(window);
     let call = ApiCallKey {
         window,
         tgid: start.tgid,

@@ -9,6 +9,7 @@
 //! - [`oncpu`], [`offcpu`], [`locks`], [`fork`], [`cgroup`], [`dbus`],
 //!   [`libvirt`]: the tracers;
 //! - [`vm`]: VM creations, which move the windows;
+//! - [`attribution`]: `--attribute vm`, which VM a thread works for;
 //! - [`tasks`]: forks, execs and exits of tasks (following targets); a
 //!   task's exit calls each tracer's exit hook;
 //! - [`mappings`]: the processes' executable mappings the unwinder knows;
@@ -113,6 +114,7 @@ macro_rules! syscall_program {
     };
 }
 
+mod attribution;
 mod cgroup;
 mod common;
 mod dbus;

@@ -19,13 +19,13 @@ use aya_ebpf::{
 use profiler_common::record::{
     BLOCK_SITES, BlockSite, Counter, Loss, NO_SITE, NOT_CHARGED, OFFCPU_SPANS_ENTRIES, OffCpuAcc,
     OffCpuKey, OffCpuStart, OffCpuValue, STACK_DEFERRED, STACK_ID_MIN, STACK_NOT_TAKEN,
-    STACK_SHORT_BLOCK, SpanBlock, SpanKey, TaskStacks, WINDOW_PARITY,
+    STACK_SHORT_BLOCK, SpanBlock, SpanKey, TaskStacks, WINDOW_PARITY, is_attributed,
 };
 
 use super::{
     common::{
-        Running, Task, comm_of, count, current_window, current_window_at, is_tracked, lose, now,
-        offcpu_stopped, reset, vms_created, written_now,
+        Running, Task, comm_of, count, current_window_at, is_tracked, lose, now, offcpu_stopped,
+        reset, time_window, vms_created, written_now,
     },
     dbus,
     stacks::{kern_stack, site_return, user_stack, user_stack_walk, verified},
@@ -508,7 +508,10 @@ fn switch_in(next: *mut task_struct, now: u64) -> Option<()> {
 /// then counted whole in the window it began in).
 #[inline(always)]
 fn spanned(key: &OffCpuKey, start_ns: u64, now: u64) -> bool {
-    if current_window().is_some_and(|w| (w ^ key.window) & !WINDOW_PARITY == 0) {
+    // A block of a thread working for a VM is that VM's, whenever it ends.
+    if is_attributed(key.window)
+        || time_window().is_some_and(|w| (w ^ key.window) & !WINDOW_PARITY == 0)
+    {
         return false;
     }
     let k = SpanKey {

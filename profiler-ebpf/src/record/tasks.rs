@@ -7,7 +7,7 @@ use aya_ebpf::{helpers::bpf_get_current_task_btf, macros::map, maps::HashMap};
 use profiler_common::record::{CLONE_THREAD, EventKind, Loss, TargetMode};
 
 use super::{
-    cgroup,
+    attribution, cgroup,
     common::{
         EntryRegs, TRACKED, Task, comm, comm_matches, current_window, emit, is_tracked, lose,
     },
@@ -51,6 +51,7 @@ fn try_task_fork(child: *const u8) -> Option<u32> {
     // is in clone or clone3 with CLONE_THREAD (an io_uring worker, made
     // elsewhere, still goes to userspace, which tells it apart there).
     if creates_thread() {
+        attribution::thread_created(task, child);
         return None;
     }
     if config!(target_mode) == TargetMode::Tracked as u32 && config!(follow_children) != 0 {
@@ -62,6 +63,7 @@ fn try_task_fork(child: *const u8) -> Option<u32> {
         }
     }
     mappings::fork(task.tgid(), child);
+    attribution::fork(task, child);
     emit(EventKind::Fork, task, child, 0, current_window());
     Some(0)
 }
@@ -129,6 +131,7 @@ fn try_task_exit() -> Option<u32> {
     let task = Task::current();
     // Whether tracked or not.
     vm::task_exited(task);
+    attribution::task_exited(task);
     // SAFETY: bpf_get_current_task_btf has no preconditions.
     offcpu::task_exited(unsafe { bpf_get_current_task_btf() });
     if !is_tracked(task.tgid()) {

@@ -4,7 +4,9 @@
 use aya_ebpf::{macros::map, maps::HashMap};
 use profiler_common::record::{COMM_LEN, EventKind, KVM_CREATE_VM, VM_SOURCE_EXEC, VM_SOURCE_KVM};
 
-use super::common::{Syscall, Task, VM_STATE, add_atomic, comm_matches, emit, stopped, window_for};
+use super::common::{
+    Syscall, Task, VM_STATE, add_atomic, comm_matches, emit_token, stopped, window_for,
+};
 
 /// Processes whose VM was counted at exec (`--vm-event exec:`): their first
 /// successful `KVM_CREATE_VM` is that same VM and is not counted again.
@@ -31,12 +33,13 @@ fn vm_created(task: Task, source: u32) -> Option<()> {
         add_atomic(&raw mut (*state).created, 1);
         core::ptr::read_volatile(&raw const (*state).created)
     };
-    emit(
+    emit_token(
         EventKind::VmCreated,
         task,
         source,
         created,
         window_for(created),
+        super::attribution::vm_created(task),
     );
     Some(())
 }

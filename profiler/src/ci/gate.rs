@@ -21,6 +21,8 @@ fn grammar() -> String {
   SCOPE     (none)     the whole recording
             window:N.  window N only (window 0 is the setup before VM 1)
             metric:    each window on its own; holds if it holds in any window
+                       (of an --attribute vm profile: each window of VMs; its
+                       unattributed windows only when named, window:uN.)
 ",
     );
     for (i, m) in Metric::ALL.into_iter().enumerate() {
@@ -31,6 +33,10 @@ fn grammar() -> String {
         };
         let _ = writeln!(out, "{head}{:<13} {}", m.name(), m.def().help);
     }
+    out.push_str(
+        "            offcpu:FUNCTION, oncpu:FUNCTION  the off-CPU time (on-CPU samples) of the stacks\n\
+         \x20                         through FUNCTION, e.g. offcpu:virHookCall\n",
+    );
     for t in TABLES {
         let Some(prefix) = t.gate_prefix() else {
             continue;
@@ -71,6 +77,12 @@ impl WindowMetrics<'_> {
                 };
                 vec![(m.name().to_owned(), v)]
             }
+            Quantity::Frame { metric, function } => {
+                vec![(
+                    format!("{} {function}", metric.name()),
+                    through(self.profile, *metric, function, window),
+                )]
+            }
             Quantity::Row { table, name, stat } => named_or_each(
                 table_of(table)
                     .observe(self.profile, window, *stat, name.as_deref())
@@ -80,6 +92,39 @@ impl WindowMetrics<'_> {
                 *stat,
             ),
         }
+    }
+}
+
+/// `metric` (off-CPU time or on-CPU samples) of the stacks through a frame
+/// named `function`, in `window` (`None`: every window); off-CPU blocks
+/// still going at the stop are not counted, as in the metric.
+fn through(
+    profile: &crate::profile::Profile,
+    metric: Metric,
+    function: &str,
+    window: Option<u32>,
+) -> u64 {
+    let frames: std::collections::HashSet<u32> = (0..)
+        .zip(&profile.frames)
+        .filter(|(_, name)| *name == function)
+        .map(|(i, _)| i)
+        .collect();
+    let counted = |w: u32, stack: &[u32]| {
+        window.is_none_or(|id| id == w) && stack.iter().any(|f| frames.contains(f))
+    };
+    match metric {
+        Metric::Oncpu => profile
+            .oncpu
+            .iter()
+            .filter(|r| counted(r.window, &r.stack))
+            .map(|r| r.samples)
+            .sum(),
+        _ => profile
+            .offcpu
+            .iter()
+            .filter(|r| !r.unfinished && counted(r.window, &r.stack))
+            .map(|r| r.total_ns)
+            .sum(),
     }
 }
 
@@ -115,6 +160,12 @@ fn named_or_each(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Quantity {
     Metric(Metric),
+    /// A metric (off-CPU time, on-CPU samples) of the stacks through a
+    /// function (`offcpu:virHookCall`).
+    Frame {
+        metric: Metric,
+        function: String,
+    },
     /// A statistic of a table's rows (`lock:NAME.max`); `name: None`: any
     /// single row.
     Row {
@@ -130,7 +181,7 @@ impl Quantity {
     #[must_use]
     pub fn unit(&self) -> Unit {
         match self {
-            Self::Metric(m) => m.unit(),
+            Self::Metric(m) | Self::Frame { metric: m, .. } => m.unit(),
             Self::Row { stat, .. } => match stat {
                 Role::Count | Role::Errors => Unit::Count,
                 Role::Timeouts => Unit::Timeouts,
@@ -141,7 +192,7 @@ impl Quantity {
 
     fn stat_name(&self) -> &'static str {
         match self {
-            Self::Metric(_) => "",
+            Self::Metric(_) | Self::Frame { .. } => "",
             Self::Row { table, stat, .. } => table_of(table).gate_stat_name(*stat),
         }
     }
@@ -244,10 +295,16 @@ impl Gate {
             let (n, q) = r.split_once('.').ok_or_else(|| {
                 bad("window:N must be followed by `.` and a quantity, e.g. window:3.oncpu>500")
             })?;
-            let n = n
-                .trim()
+            let (unattributed, number) = match n.trim().strip_prefix('u') {
+                Some(rest) => (crate::windows::UNATTRIBUTED, rest),
+                None => (0, n.trim()),
+            };
+            let n = number
                 .parse::<u32>()
-                .map_err(|_| bad(&format!("window:{n}: {n:?} is not a window number")))?;
+                .ok()
+                .filter(|n| n & crate::windows::UNATTRIBUTED == 0)
+                .map(|n| n | unattributed)
+                .ok_or_else(|| bad(&format!("window:{n}: {n:?} is not a window number")))?;
             (Scope::Window(n), q.trim(), false)
         } else if let Some(m) = lhs.strip_prefix("metric:") {
             (Scope::EachWindow, m.trim(), true)
@@ -266,7 +323,7 @@ impl Gate {
             Subject::Regression
         } else {
             let q = parse_quantity(subject_text).map_err(|why| bad(&why))?;
-            if metrics_only && !matches!(q, Quantity::Metric(_)) {
+            if metrics_only && !matches!(q, Quantity::Metric(_) | Quantity::Frame { .. }) {
                 return Err(bad(
                     "metric: takes a metric (oncpu, offcpu, lockwait, …); for a lock or a D-Bus method write lock:NAME.STAT or dbus:METHOD.STAT",
                 ));
@@ -312,7 +369,15 @@ impl Gate {
     fn places(&self, facts: &WindowMetrics<'_>) -> Result<Vec<Option<u32>>, GateError> {
         match self.scope {
             Scope::Whole => Ok(vec![None]),
-            Scope::EachWindow => Ok(facts.windows.iter().map(|(w, _)| Some(w.id)).collect()),
+            // An --attribute vm profile's unattributed windows hold the work
+            // for no VM, which grows with the wall time (idle threads): each
+            // is gated only when named.
+            Scope::EachWindow => Ok(facts
+                .windows
+                .iter()
+                .filter(|(w, _)| !w.unattributed)
+                .map(|(w, _)| Some(w.id))
+                .collect()),
             Scope::Window(n) => {
                 if facts.window(n).is_some() {
                     Ok(vec![Some(n)])
@@ -323,12 +388,21 @@ impl Gate {
                         available: facts
                             .windows
                             .iter()
-                            .map(|(w, _)| format!("{} ({})", w.id, w.label()))
+                            .map(|(w, _)| format!("{} ({})", w.name(), w.label()))
                             .collect::<Vec<_>>()
                             .join(", "),
                     })
                 }
             }
+        }
+    }
+
+    /// How many times A's runs B's must be significantly above: 1 plus a
+    /// percentage bound, 1 for a count or a duration.
+    fn ratio(&self) -> f64 {
+        match self.bound {
+            Bound::Percent(p) => 1.0 + p / 100.0,
+            Bound::Value(_) => 1.0,
         }
     }
 
@@ -373,6 +447,26 @@ impl Gate {
 fn parse_quantity(text: &str) -> Result<Quantity, String> {
     if let Some(m) = Metric::parse(text) {
         return Ok(Quantity::Metric(m));
+    }
+    for (metric, stat) in [(Metric::Offcpu, "total"), (Metric::Oncpu, "samples")] {
+        let Some(rest) = text
+            .strip_prefix(metric.name())
+            .and_then(|r| r.strip_prefix(':'))
+        else {
+            continue;
+        };
+        let function = rest.strip_suffix(&format!(".{stat}")).unwrap_or(rest);
+        if function.is_empty() || function.contains(char::is_whitespace) {
+            return Err(format!(
+                "{}:FUNCTION: name one function, e.g. {}:virHookCall (the statistic is .{stat})",
+                metric.name(),
+                metric.name()
+            ));
+        }
+        return Ok(Quantity::Frame {
+            metric,
+            function: function.to_owned(),
+        });
     }
     let family = |prefix: &str| -> Option<(Option<String>, Option<&str>)> {
         let rest = text.strip_prefix(prefix)?;
@@ -481,8 +575,9 @@ pub struct Observation {
 pub struct RunValues {
     pub a: Vec<u64>,
     pub b: Vec<u64>,
-    /// One-sided Mann–Whitney p-value of "B's runs are larger than A's";
-    /// a regression is only one at or under [`super::stats::SIGNIFICANCE`].
+    /// The one-sided p-value of "B is more than the bound above A" (Welch's
+    /// t-test on the logarithms), Holm-adjusted over the gate's values: a
+    /// regression is only one at or under [`super::stats::SIGNIFICANCE`].
     pub p_value: f64,
 }
 
@@ -605,7 +700,7 @@ impl GateResult {
 
 fn place_of(facts: &WindowMetrics<'_>, window: Option<u32>) -> String {
     match window.and_then(|id| facts.window(id)) {
-        Some((w, _)) => format!("window {} ({})", w.id, w.label()),
+        Some((w, _)) => format!("window {} ({})", w.name(), w.label()),
         None => "whole recording".to_owned(),
     }
 }
@@ -613,6 +708,7 @@ fn place_of(facts: &WindowMetrics<'_>, window: Option<u32>) -> String {
 fn quantity_label(q: &Quantity, key: &str) -> String {
     match q {
         Quantity::Metric(m) => m.name().to_owned(),
+        Quantity::Frame { .. } => key.to_owned(),
         Quantity::Row { .. } => format!("{key} {}", q.stat_name()),
     }
 }
@@ -637,8 +733,9 @@ pub fn evaluate_diff(
 /// Evaluates conditions on several runs a side (`hvprof diff A… --vs
 /// B…`; all with the same windows): each value is the median of its runs,
 /// and with two runs or more on a side a value over its bound fails only
-/// where B's runs are also significantly larger than A's (one-sided
-/// Mann–Whitney U, p at most [`super::stats::SIGNIFICANCE`]).
+/// where B's runs are also significantly more than the bound above A's
+/// (see [`super::stats`]: Welch's t-test on the logarithms, Holm-adjusted
+/// over the gate's values, at [`super::stats::SIGNIFICANCE`]).
 pub fn evaluate_runs(
     gates: &[Gate],
     a: &[WindowMetrics<'_>],
@@ -689,12 +786,34 @@ fn worst_first(gate: &Gate, observations: &mut [(bool, bool, Observation)]) {
     });
 }
 
+/// Over several runs a side, a value over its bound holds only where it is
+/// significant: its p-value adjusted (Holm) over every value the gate looked
+/// at above the noise floor, one family per gate.
+fn significant_only(observations: &mut [(bool, bool, Observation)]) {
+    use super::stats::{SIGNIFICANCE, holm};
+    let tested: Vec<usize> = (0..observations.len())
+        .filter(|&i| !observations[i].1 && observations[i].2.runs.is_some())
+        .collect();
+    let raw: Vec<f64> = tested
+        .iter()
+        .filter_map(|&i| observations[i].2.runs.as_ref().map(|r| r.p_value))
+        .collect();
+    for (&i, p) in tested.iter().zip(holm(&raw)) {
+        if let Some(r) = observations[i].2.runs.as_mut() {
+            r.p_value = p;
+        }
+    }
+    for (hit, _, o) in observations {
+        *hit = *hit && o.runs.as_ref().is_none_or(|r| r.p_value <= SIGNIFICANCE);
+    }
+}
+
 fn evaluate_one(
     gate: &Gate,
     base: Option<&[WindowMetrics<'_>]>,
     runs: &[WindowMetrics<'_>],
 ) -> Result<GateResult, GateError> {
-    use super::stats::{SIGNIFICANCE, median, p_greater};
+    use super::stats::{median, p_above};
     let facts = &runs[0];
     let n_base = base.map_or(0, <[_]>::len);
     let several = runs.len() > 1 || n_base > 1;
@@ -732,17 +851,13 @@ fn evaluate_one(
                 }
                 let run_values = (several && base.is_some()).then(|| {
                     let (ra, rb) = values.get(&key).cloned().unwrap_or_else(fresh);
-                    let p_value = p_greater(&ra, &rb);
+                    let p_value = p_above(&ra, &rb, gate.ratio());
                     RunValues {
                         a: ra,
                         b: rb,
                         p_value,
                     }
                 });
-                let hit = hit
-                    && run_values
-                        .as_ref()
-                        .is_none_or(|r| r.p_value <= SIGNIFICANCE);
                 observations.push((
                     hit,
                     under,
@@ -760,6 +875,7 @@ fn evaluate_one(
             }
         }
     }
+    significant_only(&mut observations);
     worst_first(gate, &mut observations);
     let checked = observations.len();
     let worst = observations

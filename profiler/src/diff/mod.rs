@@ -240,7 +240,7 @@ fn list_or_none(v: &[String]) -> String {
 }
 
 fn window_name(w: &WindowInfo) -> String {
-    format!("{} {}", w.id, w.label())
+    format!("{} {}", w.name(), w.label())
 }
 
 /// Both profiles cut to the windows they share, with B's window ids
@@ -329,57 +329,10 @@ pub fn match_windows<'a>(
 
 /// A copy of `p` with only the windows in `keep`, renumbered.
 fn restrict(p: &Profile, keep: &HashMap<u32, u32>, windows: Vec<WindowInfo>) -> Profile {
-    fn rows<T: Clone>(
-        v: &[T],
-        keep: &HashMap<u32, u32>,
-        window: impl Fn(&mut T) -> &mut u32,
-    ) -> Vec<T> {
-        v.iter()
-            .filter_map(|r| {
-                let mut r = r.clone();
-                let w = window(&mut r);
-                *w = *keep.get(w)?;
-                Some(r)
-            })
-            .collect()
-    }
-    let map = |w: Option<u32>| w.and_then(|w| keep.get(&w).copied());
-    let counts = |list: &[crate::profile::LossCount]| {
-        list.iter()
-            .filter_map(|l| match l.window {
-                None => Some(l.clone()),
-                Some(w) => keep.get(&w).map(|&id| crate::profile::LossCount {
-                    window: Some(id),
-                    ..l.clone()
-                }),
-            })
-            .collect()
-    };
-    Profile {
-        meta: p.meta.clone(),
-        windows,
-        vms: p.vms.clone(),
-        frames: p.frames.clone(),
-        oncpu: rows(&p.oncpu, keep, |r| &mut r.window),
-        offcpu: rows(&p.offcpu, keep, |r| &mut r.window),
-        offwake: rows(&p.offwake, keep, |r| &mut r.window),
-        locks: rows(&p.locks, keep, |r| &mut r.window),
-        forks: rows(&p.forks, keep, |r| &mut r.window),
-        cgroups: rows(&p.cgroups, keep, |r| &mut r.window),
-        dbus: rows(&p.dbus, keep, |r| &mut r.window),
-        libvirt: rows(&p.libvirt, keep, |r| &mut r.window),
-        losses: counts(&p.losses),
-        unwind: counts(&p.unwind),
-        processes: p
-            .processes
-            .iter()
-            .map(|pr| crate::profile::Process {
-                fork_window: map(pr.fork_window),
-                exec_window: map(pr.exec_window),
-                ..pr.clone()
-            })
-            .collect(),
-    }
+    let mut out = p.clone();
+    out.windows = windows;
+    crate::profile::merge::map_windows(&mut out, &|w| keep.get(&w).copied());
+    out
 }
 
 /// A value in A and in B.
@@ -868,7 +821,7 @@ fn flame_diff(
         &g.folded(a, w.id),
         &g.folded(b, w.id),
         normalized,
-        &format!("{}, window {} ({})", g.title, w.id, w.label()),
+        &format!("{}, window {} ({})", g.title, w.name(), w.label()),
         g.count_name(),
         &folded_path,
         &svg_path,

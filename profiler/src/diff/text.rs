@@ -62,8 +62,9 @@ impl Diff {
         if self.a.runs.len() > 1 || self.b.runs.len() > 1 {
             lines.push(format!(
                 "metrics: the medians of each side's runs; gates: a value over its bound fails \
-                 only where B's runs are also significantly larger than A's (one-sided \
-                 Mann-Whitney U, p <= {}); flame graphs and tables: each side's runs merged",
+                 only where B's runs are also significantly more than the bound above A's \
+                 (one-sided Welch t-test on the logarithms, p Holm-adjusted over the gate's \
+                 values, <= {}); flame graphs and tables: each side's runs merged",
                 crate::ci::stats::SIGNIFICANCE
             ));
         }

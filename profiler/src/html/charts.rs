@@ -166,7 +166,13 @@ pub(super) fn timeline(profile: &Profile, out: &mut String) {
 /// The timeline's horizontal band of each window's VM ordinals.
 fn window_bands(profile: &Profile, max_ord: u64, y: &dyn Fn(f64) -> f64, out: &mut String) {
     let (pw, ph) = (PLOT_W, PLOT_H);
-    for (i, w) in profile.windows.iter().enumerate() {
+    // An unattributed window's VMs are those of a window of VMs too.
+    for (i, w) in profile
+        .windows
+        .iter()
+        .filter(|w| !w.unattributed)
+        .enumerate()
+    {
         let (Some(a), Some(b)) = (w.first_vm, w.last_vm) else {
             continue;
         };
@@ -183,14 +189,14 @@ fn window_bands(profile: &Profile, max_ord: u64, y: &dyn Fn(f64) -> f64, out: &m
         let _ = write!(
             out,
             "<rect x=\"{PAD_L:.1}\" y=\"{y0:.1}\" width=\"{pw:.1}\" height=\"{:.1}\" fill=\"{fill}\" data-select-window=\"{}\" data-scroll=\"\" style=\"cursor:pointer\"><title>window {} ({})</title></rect>\
-             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#456\">w{} {}</text>",
+             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#456\">{} {}</text>",
             (y1 - y0).max(0.0),
             w.id,
             w.id,
             escape(&w.label()),
             PAD_L + pw + 4.0,
             f64::midpoint(y0, y1) + 4.0,
-            w.id,
+            w.tag(),
             short_label(w)
         );
     }
@@ -375,10 +381,10 @@ pub(super) fn heatmap(profile: &Profile, summary: &render::Summary, out: &mut St
     for w in &profile.windows {
         let _ = write!(
             out,
-            "<th class=\"win\" data-select-window=\"{}\" data-scroll=\"\" title=\"{}\">w{}<br><span class=\"muted\">{}</span></th>",
+            "<th class=\"win\" data-select-window=\"{}\" data-scroll=\"\" title=\"{}\">{}<br><span class=\"muted\">{}</span></th>",
             w.id,
             escape(&w.label()),
-            w.id,
+            w.tag(),
             escape(&short_label(w))
         );
     }
@@ -443,7 +449,7 @@ fn cell(
 ) -> (String, String, String) {
     let title = format!(
         "{metric}, window {} ({}): {}",
-        window.id,
+        window.name(),
         window.label(),
         if value.is_some() { shown } else { "-" }
     );

@@ -300,7 +300,8 @@ pub fn window_nav(windows: &[(u32, String)], initial: Option<u32>) -> String {
     for (id, label) in windows {
         let _ = writeln!(
             out,
-            "<button type=\"button\" data-select-window=\"{id}\">{id} {}</button>",
+            "<button type=\"button\" data-select-window=\"{id}\">{} {}</button>",
+            crate::windows::window_name(*id),
             escape(label)
         );
     }
@@ -460,6 +461,7 @@ fn header(profile: &Profile, summary: &render::Summary, out: &mut String) {
     row("sampling", &format!("{} Hz", m.frequency_hz));
     row("windows", &summary.windows_spec);
     row("off-CPU time", &summary.offcpu_rule);
+    row("windows", &summary.attribute_rule);
     row("VM events", &m.vm_events.join(", "));
     row("VMs created", &summary.vms_created.to_string());
     row(
@@ -656,6 +658,7 @@ mod tests {
             source: "kvm".into(),
             cmdline: None,
             name: None,
+            token: None,
         };
         let p = Profile {
             windows: crate::windows::WindowSpec::Every { size: 2 }.windows(3),

@@ -47,6 +47,28 @@ impl Program {
 /// The public API's program, whose names stand alone in the tables.
 const REMOTE: &str = "remote";
 
+/// The public API's procedures that can start a VM (a QEMU process): the
+/// creations, restores, incoming migrations and snapshot reverts. Their
+/// work is attributed to the VM they start (`record --attribute vm`).
+#[must_use]
+pub fn vm_starting_procedures() -> Vec<u32> {
+    const STARTS: [&str; 4] = [
+        "DomainCreate",
+        "DomainRestore",
+        "DomainMigratePrepare",
+        "DomainSnapshotRevert",
+    ];
+    program(profiler_common::record::REMOTE_PROGRAM)
+        .map(|p| {
+            p.procedures
+                .iter()
+                .filter(|(_, name)| STARTS.iter().any(|s| name.starts_with(s)))
+                .map(|&(n, _)| n)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The program numbered `prog`, if libvirt defines one.
 #[must_use]
 pub fn program(prog: u32) -> Option<&'static Program> {

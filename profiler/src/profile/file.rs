@@ -499,6 +499,7 @@ impl Assembly {
         self.profile.frames.append(&mut part.frames);
         self.rows.add(part);
         self.profile.vms.append(&mut part.vms);
+        self.profile.calls.append(&mut part.calls);
         for p in std::mem::take(&mut part.processes) {
             self.processes.insert(p.tgid, p);
         }
@@ -531,6 +532,7 @@ impl Assembly {
                 damaged,
             });
             p.meta.stop_reason = p.incomplete_warning().unwrap_or_default();
+            super::attribute::resolve(&mut p);
         }
         p
     }
@@ -566,6 +568,7 @@ mod tests {
                 source: "kvm".into(),
                 cmdline: None,
                 name: None,
+                token: None,
             }],
             frames: frames.into_names(),
             oncpu: vec![OnCpu {

@@ -23,6 +23,54 @@ pub trait Row: Clone {
     fn key(&self) -> Self::Key<'_>;
     /// Adds `other`'s values (its key is the same) to this row's.
     fn add(&mut self, other: &Self);
+    /// The window it counts in (`None`: a loss tied to no window).
+    fn window_mut(&mut self) -> Option<&mut u32>;
+}
+
+/// The row kinds, each named once: `$m!(field)` for every kind of row that
+/// counts in a window.
+macro_rules! windowed_rows {
+    ($m:ident) => {
+        $m!(oncpu);
+        $m!(offcpu);
+        $m!(offwake);
+        $m!(locks);
+        $m!(forks);
+        $m!(cgroups);
+        $m!(dbus);
+        $m!(libvirt);
+    };
+}
+
+/// Moves every row to the window `f` gives for its own (`None`: the row is
+/// left out, as are the losses of that window), adding up the rows that
+/// then count the same thing; a process's fork or exec window that `f`
+/// leaves out becomes none.
+pub fn map_windows(profile: &mut Profile, f: &dyn Fn(u32) -> Option<u32>) {
+    fn map<R: Row>(rows: &mut Vec<R>, f: &dyn Fn(u32) -> Option<u32>) {
+        let mut merged = Merged::default();
+        for mut row in std::mem::take(rows) {
+            if let Some(w) = row.window_mut() {
+                let Some(to) = f(*w) else { continue };
+                *w = to;
+            }
+            merged.add(row);
+        }
+        *rows = merged.into_rows();
+    }
+    macro_rules! map_field {
+        ($field:ident) => {
+            map(&mut profile.$field, f)
+        };
+    }
+    windowed_rows!(map_field);
+    map(&mut profile.losses, f);
+    map(&mut profile.unwind, f);
+    for p in &mut profile.processes {
+        p.fork_window = p.fork_window.and_then(f);
+        p.exec_window = p.exec_window.and_then(f);
+    }
+    profile.sort_rows();
 }
 
 /// Adds `other` to `acc` bucket by bucket (log2 histograms).
@@ -39,6 +87,9 @@ impl Row for OnCpu {
     type Key<'a> = (u32, u32, u32, &'a str, &'a [u32]);
     fn key(&self) -> Self::Key<'_> {
         (self.window, self.tgid, self.pid, &self.comm, &self.stack)
+    }
+    fn window_mut(&mut self) -> Option<&mut u32> {
+        Some(&mut self.window)
     }
     fn add(&mut self, o: &Self) {
         self.samples = self.samples.saturating_add(o.samples);
@@ -68,6 +119,9 @@ impl Row for OffCpu {
             self.unfinished,
         )
     }
+    fn window_mut(&mut self) -> Option<&mut u32> {
+        Some(&mut self.window)
+    }
     fn add(&mut self, o: &Self) {
         self.blocks = self.blocks.saturating_add(o.blocks);
         self.total_ns = self.total_ns.saturating_add(o.total_ns);
@@ -88,6 +142,9 @@ impl Row for OffWake {
             &self.stack,
             &self.waker,
         )
+    }
+    fn window_mut(&mut self) -> Option<&mut u32> {
+        Some(&mut self.window)
     }
     fn add(&mut self, o: &Self) {
         self.blocks = self.blocks.saturating_add(o.blocks);
@@ -117,6 +174,9 @@ impl Row for LockWait {
             self.holder.as_ref(),
         )
     }
+    fn window_mut(&mut self) -> Option<&mut u32> {
+        Some(&mut self.window)
+    }
     fn add(&mut self, o: &Self) {
         self.count = self.count.saturating_add(o.count);
         self.total_ns = self.total_ns.saturating_add(o.total_ns);
@@ -141,6 +201,9 @@ impl Row for ForkCall {
             self.caller.as_deref(),
         )
     }
+    fn window_mut(&mut self) -> Option<&mut u32> {
+        Some(&mut self.window)
+    }
     fn add(&mut self, o: &Self) {
         self.count = self.count.saturating_add(o.count);
         self.total_ns = self.total_ns.saturating_add(o.total_ns);
@@ -159,6 +222,9 @@ impl Row for CgroupOp {
             &self.hierarchy,
             &self.path,
         )
+    }
+    fn window_mut(&mut self) -> Option<&mut u32> {
+        Some(&mut self.window)
     }
     fn add(&mut self, o: &Self) {
         self.count = self.count.saturating_add(o.count);
@@ -192,6 +258,9 @@ impl Row for LibvirtCall {
             &self.stack,
         )
     }
+    fn window_mut(&mut self) -> Option<&mut u32> {
+        Some(&mut self.window)
+    }
     fn add(&mut self, o: &Self) {
         self.calls = self.calls.saturating_add(o.calls);
         self.total_ns = self.total_ns.saturating_add(o.total_ns);
@@ -219,6 +288,9 @@ impl Row for DbusCall {
             &self.stack,
         )
     }
+    fn window_mut(&mut self) -> Option<&mut u32> {
+        Some(&mut self.window)
+    }
     fn add(&mut self, o: &Self) {
         self.calls = self.calls.saturating_add(o.calls);
         self.timeouts = self.timeouts.saturating_add(o.timeouts);
@@ -232,6 +304,9 @@ impl Row for LossCount {
     type Key<'a> = (Option<u32>, &'a str);
     fn key(&self) -> Self::Key<'_> {
         (self.window, &self.kind)
+    }
+    fn window_mut(&mut self) -> Option<&mut u32> {
+        self.window.as_mut()
     }
     fn add(&mut self, o: &Self) {
         self.count = self.count.saturating_add(o.count);

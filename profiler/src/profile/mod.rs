@@ -3,6 +3,7 @@
 //! file alone, offline, on another machine. [`file`] is how it is stored,
 //! [`merge`] how the parts of a recording add up.
 
+pub mod attribute;
 mod file;
 pub mod merge;
 
@@ -14,7 +15,7 @@ pub use self::file::{
     DEFAULT_MAX_INFLATED_MIB, FILE_NAME, FORMAT_VERSION, MAGIC, MAX_INFLATED_ENV, ProfileError,
     ProfileLog, Record,
 };
-use crate::windows::{WindowInfo, WindowSpec};
+use crate::windows::{Attribution, WindowInfo, WindowSpec};
 
 /// Frame names are interned: stacks are lists of indices into
 /// [`Profile::frames`], root first.
@@ -83,6 +84,11 @@ pub struct Meta {
     /// one was started again (a daemon restarted), which was then followed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restarts: Vec<Restart>,
+    /// What the windows hold (`record --attribute`): the events of a time
+    /// interval, or the work done for their VMs (then each row's window
+    /// says which: a window of VMs, or an unattributed one).
+    #[serde(default)]
+    pub attribute: Attribution,
 }
 
 /// A recording cut off before its end: what the file still holds.
@@ -156,6 +162,25 @@ pub struct VmCreation {
     pub cmdline: Option<String>,
     /// QEMU's `-name guest=NAME`.
     pub name: Option<String>,
+    /// `--attribute vm`: the attribution token of its creator (the
+    /// libvirtd call that started it, or its own process), while the
+    /// recording's rows are not attributed yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u32>,
+}
+
+/// `--attribute vm`: a libvirtd call that could start a VM, whose work is
+/// recorded under its token until it is known which VM it started (if
+/// any; else it is unattributed, in the time window it began in).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallToken {
+    pub token: u32,
+    /// The time window it began in (`None`: outside every window).
+    pub window: Option<u32>,
+    /// libvirt's `remote` procedure.
+    pub procedure: u32,
+    /// Since the start of the recording.
+    pub time_ns: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -510,6 +535,10 @@ pub struct Profile {
     /// were found (`--unwind dwarf`; empty with frame pointers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unwind: Vec<LossCount>,
+    /// `--attribute vm`, while the rows are not attributed yet (parts of a
+    /// recording, and a recording that was killed): the calls with a token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<CallToken>,
 }
 
 /// Interns frame names while a profile is built.
@@ -559,7 +588,7 @@ impl Profile {
             .and_then(|id| self.windows.iter().find(|w| w.id == id))
             .map_or_else(
                 || "no window".to_owned(),
-                |w| format!("window {} ({})", w.id, w.label()),
+                |w| format!("window {} ({})", w.name(), w.label()),
             );
         Some(format!(
             "the recording has no end: it holds the first {} and {} is incomplete{}",

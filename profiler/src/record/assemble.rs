@@ -155,6 +155,8 @@ pub(super) fn profile(
     profile.vms = vms;
     profile.frames = frames.names().to_vec();
     profile.processes = processes;
+    profile.calls.clone_from(&rec.calls);
+    crate::profile::attribute::resolve(&mut profile);
     profile
 }
 
@@ -438,6 +440,7 @@ pub(super) fn vms(rec: &Recorder) -> Vec<VmCreation> {
                 .to_owned(),
                 cmdline,
                 name,
+                token: (e.token != 0).then_some(e.token),
             }
         })
         .collect()
@@ -475,6 +478,7 @@ pub(super) fn meta(rec: &Recorder, stop_reason: String, duration_ns: u64) -> Met
             .map(crate::unwind::verify::Verifier::result),
         restarts: rec.restarts.found.clone(),
         offcpu_cut_at_windows: true,
+        attribute: opts.attribute,
     }
 }
 

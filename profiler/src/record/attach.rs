@@ -26,7 +26,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use profiler_common::record::{JOB_FUNCTION, PHASE_PER_CALL_SYSCALLS, names};
+use profiler_common::record::{DISPATCH_FUNCTION, JOB_FUNCTION, PHASE_PER_CALL_SYSCALLS, names};
 
 use super::{
     kernel::Facts,
@@ -71,6 +71,7 @@ fn wanted(part: Part, tracers: &[Tracer], opts: &RecordOptions) -> bool {
     match part {
         Part::Targets | Part::Syscalls | Part::VmWindows => true,
         Part::Unwind => opts.unwind == UnwindMode::Dwarf,
+        Part::Attribution => opts.attribute == crate::windows::Attribution::Vm,
         Part::Tracer(t) => tracers.contains(&t),
     }
 }
@@ -112,7 +113,50 @@ pub(super) fn attach(
             attached.tracers.retain(|t| *t != tracer);
         }
     }
+    if plan.opts.attribute == crate::windows::Attribution::Vm {
+        attach_attribution(bpf, plan.initial, &mut attached.uprobe_links)?;
+    }
     Ok(attached)
+}
+
+/// `--attribute vm`: the uprobes on the entry and return of libvirt's
+/// [`DISPATCH_FUNCTION`], in each libvirt library file found that defines
+/// it. Without one, only QEMU processes (and what they fork) are
+/// attributed, which is said.
+fn attach_attribution(
+    bpf: &mut Ebpf,
+    pids: &[u32],
+    links: &mut Vec<(&'static str, UProbeLinkId)>,
+) -> Result<(), RecordError> {
+    let files: Vec<PathBuf> = libvirt::probes::files(pids)
+        .into_iter()
+        .filter(|path| !defined(path, &[DISPATCH_FUNCTION]).is_empty())
+        .collect();
+    let before = links.len();
+    for path in &files {
+        for prog in [names::PROG_CALL_ENTER, names::PROG_CALL_RETURN] {
+            let p = loaded_uprobe(bpf, prog)?;
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::Symbol(DISPATCH_FUNCTION),
+                cookie: None,
+            };
+            match p.attach([point], path, UProbeScope::AllProcesses) {
+                Ok(id) => links.push((prog, id)),
+                Err(e) => eprintln!(
+                    "hvprof: warning: libvirtd's calls in {} are not attributed to VMs ({prog}): {e}",
+                    path.display()
+                ),
+            }
+        }
+    }
+    if links.len() == before {
+        eprintln!(
+            "hvprof: warning: --attribute vm: no libvirt library with {DISPATCH_FUNCTION} was \
+             found, so only QEMU processes (and what they fork) are attributed to their VMs; \
+             libvirtd's calls are unattributed"
+        );
+    }
+    Ok(())
 }
 
 /// How a program is loaded: on a BTF tracepoint, or as it is.
@@ -143,8 +187,10 @@ fn programs_to_load(tracers: &[Tracer], plan: &Plan<'_>) -> Vec<(&'static str, L
                 }
                 Probe::CpuClock { program } => out.push((program, Load::Plain)),
                 Probe::Uprobe { program } => {
-                    if matches!(part, Part::Tracer(Tracer::Dbus | Tracer::Libvirt))
-                        || plan.fork_uprobes.is_some()
+                    if matches!(
+                        part,
+                        Part::Attribution | Part::Tracer(Tracer::Dbus | Tracer::Libvirt)
+                    ) || plan.fork_uprobes.is_some()
                     {
                         out.push((program, Load::Plain));
                     }

@@ -142,7 +142,7 @@ pub(super) struct Seen {
 /// program of the tracer registry, each once (a test checks it).
 /// (A program not loaded, as the system calls' twins on their own
 /// tracepoints until the move, has no line.)
-const STATS_ORDER: [&str; 38] = [
+const STATS_ORDER: [&str; 40] = [
     names::PROG_ONCPU,
     names::PROG_SCHED_SWITCH,
     names::PROG_SCHED_WAKING,
@@ -179,6 +179,8 @@ const STATS_ORDER: [&str; 38] = [
     names::PROG_LIBVIRT_MSG_RX,
     names::PROG_LIBVIRT_MSG_TX,
     names::PROG_QMP_MSG,
+    names::PROG_CALL_ENTER,
+    names::PROG_CALL_RETURN,
     names::PROG_JOB_ENTER,
     names::PROG_JOB_RETURN,
 ];
@@ -708,6 +710,7 @@ pub fn loss_name(l: Loss) -> &'static str {
         Loss::LockBeginUnseen => "lock waits not timed (begin not seen)",
         Loss::OffWakeMapFull => "off-CPU blocks not charged to their waker (map full)",
         Loss::OffCpuSpanFull => "off-CPU blocks not cut at window boundaries (map full)",
+        Loss::AttributionFull => "calls or processes not attributed to a VM (map full)",
         Loss::ForkMapFull => "forks not counted (fork map full)",
         Loss::CgroupMapFull => "cgroup operations not counted (cgroup map full)",
     }
@@ -904,6 +907,19 @@ const WAKER_COUNTERS: [(Counter, &str); 7] = [
     ),
 ];
 
+/// `--attribute vm`'s calls.
+const ATTRIBUTION_COUNTERS: [(Counter, &str); 3] = [
+    (
+        Counter::CallsAttributed,
+        "libvirt calls that can start a VM (attributed to it)",
+    ),
+    (Counter::CallsOther, "libvirt calls of other procedures"),
+    (
+        Counter::CallsUnread,
+        "libvirt dispatches whose message was not read (or not of the remote program)",
+    ),
+];
+
 /// `--drop-lock-ends`'s doing.
 const DROP_COUNTERS: [(Counter, &str); 1] = [(
     Counter::LockEndsDropped,
@@ -939,7 +955,11 @@ fn counters(rec: &Recorder, bpf: &Ebpf) -> BTreeMap<String, u64> {
     let Ok(a) = PerCpuArray::<_, u64>::try_from(m) else {
         return out;
     };
-    let groups: [(bool, &[(Counter, &str)]); 6] = [
+    let groups: [(bool, &[(Counter, &str)]); 7] = [
+        (
+            rec.opts.attribute == crate::windows::Attribution::Vm,
+            &ATTRIBUTION_COUNTERS,
+        ),
         (true, &NESTED_COUNTERS),
         (rec.tracers.contains(&Tracer::Wakers), &WAKER_COUNTERS),
         (rec.opts.drop_lock_ends != 0, &DROP_COUNTERS),

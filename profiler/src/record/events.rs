@@ -34,6 +34,8 @@ pub(super) struct Recorder {
     pub started_unix_ms: u64,
     pub processes: Processes,
     pub vms: Vec<(Event, Option<String>)>,
+    /// `--attribute vm`: the calls that got a token, in order.
+    pub calls: Vec<crate::profile::CallToken>,
     target_pids: HashSet<u32>,
     /// Every `-p` target has exited.
     targets_gone: bool,
@@ -114,6 +116,7 @@ impl Recorder {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
             processes: Processes::with_unwinder(unwind),
             vms: Vec::new(),
+            calls: Vec::new(),
             target_pids: match &opts.target {
                 Target::Pids(p) => p.iter().copied().collect(),
                 _ => HashSet::new(),
@@ -419,6 +422,14 @@ impl Recorder {
             k if k == EventKind::VmCreated as u32 => {
                 let cmdline = procmaps::cmdline(ev.tgid);
                 self.vms.push((ev, cmdline));
+            }
+            k if k == EventKind::CallStarted as u32 => {
+                self.calls.push(crate::profile::CallToken {
+                    token: ev.token,
+                    window: recorded_window(ev.window),
+                    procedure: ev.child,
+                    time_ns: rel,
+                });
             }
             _ => self.ring_losses += 1,
         }

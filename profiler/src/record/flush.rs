@@ -49,6 +49,8 @@ pub(super) struct Flusher {
     /// The flush parity the programs write under now.
     parity: bool,
     vms_written: usize,
+    /// `--attribute vm`: the calls with a token written so far.
+    calls_written: usize,
     /// Since the start: when the last flush flipped the parity.
     last_flip_ns: u64,
     /// An append failed (and said so): a kill may lose the recording.
@@ -83,6 +85,7 @@ impl Flusher {
             expire_stacks: false,
             parity: false,
             vms_written: 0,
+            calls_written: 0,
             last_flip_ns: 0,
             append_failed: false,
             flushes: 0,
@@ -153,6 +156,8 @@ impl Flusher {
         record.part.windows = rec.opts.windows.windows(vms.len() as u64);
         record.part.vms = vms.into_iter().skip(self.vms_written).collect();
         self.vms_written += record.part.vms.len();
+        record.part.calls = rec.calls[self.calls_written.min(rec.calls.len())..].to_vec();
+        self.calls_written = rec.calls.len();
         record.part.processes = rec.processes.take_changed();
         if let Some(held) = held {
             self.stacks.expire(&held);

@@ -30,6 +30,12 @@ pub(super) fn config(opts: &RecordOptions, facts: &Facts) -> Config {
         config.window_size = size;
     }
     config.window_ranges = u32::try_from(opts.windows.kernel_ranges().len()).unwrap_or(0);
+    if opts.attribute == crate::windows::Attribution::Vm {
+        config.attribute_vm = 1;
+        // Every possible CPU (a CPU brought online later has a number below).
+        let cpus: u32 = aya::util::nr_cpus().map_or(4096, std::num::NonZero::get);
+        config.token_cpu_bits = (cpus - 1).bit_width();
+    }
     config.self_tgid = std::process::id();
     config.min_block_ns = u64::try_from(opts.min_block.as_nanos()).unwrap_or(u64::MAX);
     config.max_block_ns = u64::try_from(opts.max_block.as_nanos()).unwrap_or(u64::MAX);
@@ -156,7 +162,7 @@ pub(super) fn load(
         let ring = RingBuf::try_from(map).map_err(|source| RecordError::Map { name, source })?;
         Some(crate::unwind::verify::Verifier::new(ring))
     };
-    fill_maps(&mut bpf, &opts.windows, initial)?;
+    fill_maps(&mut bpf, opts, initial)?;
     Ok(Loaded {
         bpf,
         unwinder,
@@ -164,7 +170,8 @@ pub(super) fn load(
     })
 }
 
-fn fill_maps(bpf: &mut Ebpf, windows: &WindowSpec, initial: &[u32]) -> Result<(), RecordError> {
+fn fill_maps(bpf: &mut Ebpf, opts: &RecordOptions, initial: &[u32]) -> Result<(), RecordError> {
+    let windows = &opts.windows;
     let map_err = |name: &'static str| move |source| RecordError::Map { name, source };
     let name = names::WINDOW_RANGES;
     let mut map: Array<&mut MapData, profiler_common::record::WindowRange> =
@@ -180,6 +187,15 @@ fn fill_maps(bpf: &mut Ebpf, windows: &WindowSpec, initial: &[u32]) -> Result<()
             .map_err(map_err(name))?;
     for &pid in initial {
         tracked.insert(&pid, &pid, 0).map_err(map_err(name))?;
+    }
+    if opts.attribute == crate::windows::Attribution::Vm {
+        let name = names::VM_CALLS;
+        let mut calls: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(bpf.map_mut(name).ok_or(RecordError::Missing { name })?)
+                .map_err(map_err(name))?;
+        for procedure in crate::libvirt::vm_starting_procedures() {
+            calls.insert(&procedure, &1, 0).map_err(map_err(name))?;
+        }
     }
     Ok(())
 }

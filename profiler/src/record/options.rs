@@ -121,6 +121,9 @@ pub struct RecordOptions {
     pub target: Target,
     pub follow_children: bool,
     pub windows: WindowSpec,
+    /// What the windows hold: the events of a time interval, or the work
+    /// for their VMs.
+    pub attribute: crate::windows::Attribution,
     pub frequency_hz: u64,
     pub min_block: Duration,
     pub max_block: Duration,

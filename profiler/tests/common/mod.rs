@@ -33,6 +33,16 @@ pub fn vmload() -> &'static Path {
     })
 }
 
+/// The project's xtask (`./x`), built.
+pub fn xtask() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--package", "xtask"])
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building xtask failed");
+    Path::new(env!("CARGO_BIN_EXE_hvprof")).with_file_name("xtask")
+}
+
 pub fn out_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("hvprof-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
