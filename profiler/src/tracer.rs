@@ -182,7 +182,7 @@ impl Part {
             Self::VmWindows => "vm-windows",
             Self::Syscalls => "syscalls",
             Self::Unwind => "unwind",
-            Self::Attribution => "attribute-vm",
+            Self::Attribution => "attribution",
             Self::Tracer(t) => t.name(),
         }
     }

@@ -72,6 +72,7 @@ fn loaded_rows(bpf: &mut Ebpf, tracefs: Option<&Tracefs>, btf: Option<&Btf>) -> 
     rows.push(uprobe_row(bpf));
     rows.push(system::dbus_libraries_row());
     rows.push(system::libvirt_probes_row());
+    rows.push(system::attribution_row());
     rows.push(system::fork_paths_row());
     rows.push(system::unwind_row());
     match btf {

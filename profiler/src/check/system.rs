@@ -265,6 +265,35 @@ pub(super) fn dbus_libraries_row() -> Row {
     )
 }
 
+/// `--attribute vm`'s uprobes: the libvirt libraries that define libvirt's
+/// RPC dispatch.
+pub(super) fn attribution_row() -> Row {
+    use profiler_common::record::DISPATCH_FUNCTION;
+    const NAME: &str = "libvirt RPC dispatch";
+    let files: Vec<String> = crate::libvirt::probes::files(&[])
+        .into_iter()
+        .filter(|f| !crate::record::defined(f, &[DISPATCH_FUNCTION]).is_empty())
+        .map(|f| f.display().to_string())
+        .collect();
+    if files.is_empty() {
+        return Row::missing(
+            NAME,
+            NeededBy::from(Part::Attribution),
+            false,
+            format!(
+                "no libvirt.so.0 defining {DISPATCH_FUNCTION}: --attribute vm attributes QEMU processes, not libvirtd's calls"
+            ),
+            "install libvirt (Debian: libvirt0); a target's own copy is found from its maps at record time",
+        );
+    }
+    Row::ok(
+        NAME,
+        NeededBy::from(Part::Attribution),
+        false,
+        format!("{DISPATCH_FUNCTION} in {}", files.join(", ")),
+    )
+}
+
 /// libvirt's USDT probes the libvirt tracer would attach: which files have
 /// which, and whether each has its semaphore.
 pub(super) fn libvirt_probes_row() -> Row {

@@ -934,7 +934,7 @@ pub(crate) fn dbus_library_paths(pids: &[u32]) -> Vec<(&'static str, PathBuf)> {
 
 /// Of `functions`, those `path` defines (an old libdbus lacks some), in
 /// their order: a `uprobe.multi` link is refused whole for one missing.
-fn defined<'a>(path: &Path, functions: &[&'a str]) -> Vec<&'a str> {
+pub(crate) fn defined<'a>(path: &Path, functions: &[&'a str]) -> Vec<&'a str> {
     use object::{Object as _, ObjectSymbol as _};
     let Ok(data) = std::fs::read(path) else {
         return Vec::new();

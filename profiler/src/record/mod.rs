@@ -38,7 +38,7 @@ use aya::{
 };
 use profiler_common::record::{COMM_LEN, names};
 
-pub(crate) use self::attach::dbus_library_paths;
+pub(crate) use self::attach::{dbus_library_paths, defined};
 pub use self::{
     assemble::task_state_name,
     attach::Detaching,
