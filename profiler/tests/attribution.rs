@@ -18,7 +18,7 @@ use profiler::{
 };
 
 mod common;
-use common::xtask;
+use common::massboot;
 
 const HOOK: &str = "/etc/libvirt/hooks/qemu";
 const WINDOW: u64 = 4;
@@ -40,9 +40,9 @@ impl Drop for HookGone {
 /// every guest and sleeps for none).
 fn boot(dir: &Path, sleep_ms: u64) -> Profile {
     let _ = std::fs::remove_dir_all(dir);
-    let out = Command::new(xtask())
-        .args([
-            "massboot",
+    let sleep_ms = sleep_ms.to_string();
+    massboot(
+        &[
             "--vms",
             "8",
             "--threads",
@@ -56,22 +56,12 @@ fn boot(dir: &Path, sleep_ms: u64) -> Profile {
             "--start-gap",
             "40",
             "--qemu-hook-sleep",
-            &sleep_ms.to_string(),
+            &sleep_ms,
             "--qemu-hook-guests",
             "5-8",
             "--hvprof-arg=--attribute=vm",
-        ])
-        .arg("--hvprof")
-        .arg(env!("CARGO_BIN_EXE_hvprof"))
-        .arg("-o")
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "massboot failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        Some(dir),
     );
     assert!(!Path::new(HOOK).exists(), "massboot left its hook behind");
     Profile::read(&dir.join("profile.hvprof")).unwrap()

@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, path::Path, process::Command};
 use profiler::profile::Profile;
 
 mod common;
-use common::{assert_no_losses, xtask};
+use common::{assert_no_losses, massboot};
 
 /// A stack that reaches its thread's entry or main: not cut by the
 /// unwinder, and with user frames.
@@ -231,23 +231,12 @@ fn libvirt_qemu_user_exists() -> bool {
 /// with this build's hvprof, the report in `dir`.
 /// Step 1 of massboot alone: Debian's libvirt and QEMU.
 fn install_libvirt() {
-    let out = Command::new(xtask())
-        .args(["massboot", "--install-only", "--hvprof"])
-        .arg(env!("CARGO_BIN_EXE_hvprof"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "massboot --install-only failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    massboot(&["--install-only"], None);
 }
 
 fn run_massboot(dir: &Path) {
-    let out = Command::new(xtask())
-        .args([
-            "massboot",
+    massboot(
+        &[
             "--vms",
             "12",
             "--window-size",
@@ -263,16 +252,9 @@ fn run_massboot(dir: &Path) {
             // Every 32nd user-stack walk is copied and unwound again in
             // userspace by another unwinder.
             "--hvprof-arg=--verify-unwind=32",
-        ])
-        .arg("--hvprof")
-        .arg(env!("CARGO_BIN_EXE_hvprof"))
-        .arg("-o")
-        .arg(dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "massboot failed:\n{stdout}\n{stderr}");
+        ],
+        Some(dir),
+    );
 }
 
 /// The boot's VMs, in order, and its windows.

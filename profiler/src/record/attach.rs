@@ -128,28 +128,16 @@ fn attach_attribution(
     pids: &[u32],
     links: &mut Vec<(&'static str, UProbeLinkId)>,
 ) -> Result<(), RecordError> {
-    let files: Vec<PathBuf> = libvirt::probes::files(pids)
-        .into_iter()
-        .filter(|path| !defined(path, &[DISPATCH_FUNCTION]).is_empty())
-        .collect();
-    let before = links.len();
-    for path in &files {
-        for prog in [names::PROG_CALL_ENTER, names::PROG_CALL_RETURN] {
-            let p = loaded_uprobe(bpf, prog)?;
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::Symbol(DISPATCH_FUNCTION),
-                cookie: None,
-            };
-            match p.attach([point], path, UProbeScope::AllProcesses) {
-                Ok(id) => links.push((prog, id)),
-                Err(e) => eprintln!(
-                    "hvprof: warning: libvirtd's calls in {} are not attributed to VMs ({prog}): {e}",
-                    path.display()
-                ),
-            }
-        }
-    }
-    if links.len() == before {
+    let files = libvirt::probes::files(pids);
+    let attached = attach_entry_and_return(
+        bpf,
+        &files,
+        DISPATCH_FUNCTION,
+        [names::PROG_CALL_ENTER, names::PROG_CALL_RETURN],
+        "libvirtd's calls are not attributed to VMs",
+        links,
+    )?;
+    if attached == 0 {
         eprintln!(
             "hvprof: warning: --attribute vm: no libvirt library with {DISPATCH_FUNCTION} was \
              found, so only QEMU processes (and what they fork) are attributed to their VMs; \
@@ -415,26 +403,49 @@ fn attach_job_waits(
     files: &[PathBuf],
     links: &mut Vec<(&'static str, UProbeLinkId)>,
 ) -> Result<(), RecordError> {
+    attach_entry_and_return(
+        bpf,
+        files,
+        JOB_FUNCTION,
+        [names::PROG_JOB_ENTER, names::PROG_JOB_RETURN],
+        "domain job waits are not timed",
+        links,
+    )?;
+    Ok(())
+}
+
+/// Attaches `progs` (a uprobe and a uretprobe) to `function` in each of
+/// `files` that defines it; a failure is a warning, `what` saying what is
+/// lost. Returns the links made.
+fn attach_entry_and_return(
+    bpf: &mut Ebpf,
+    files: &[PathBuf],
+    function: &'static str,
+    progs: [&'static str; 2],
+    what: &str,
+    links: &mut Vec<(&'static str, UProbeLinkId)>,
+) -> Result<usize, RecordError> {
+    let before = links.len();
     for path in files {
-        if defined(path, &[JOB_FUNCTION]).is_empty() {
+        if defined(path, &[function]).is_empty() {
             continue;
         }
-        for prog in [names::PROG_JOB_ENTER, names::PROG_JOB_RETURN] {
+        for prog in progs {
             let p = loaded_uprobe(bpf, prog)?;
             let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::Symbol(JOB_FUNCTION),
+                location: UProbeAttachLocation::Symbol(function),
                 cookie: None,
             };
             match p.attach([point], path, UProbeScope::AllProcesses) {
                 Ok(id) => links.push((prog, id)),
                 Err(e) => eprintln!(
-                    "hvprof: warning: domain job waits are not timed in {} ({prog}): {e}",
+                    "hvprof: warning: {what} in {} ({prog}): {e}",
                     path.display()
                 ),
             }
         }
     }
-    Ok(())
+    Ok(links.len() - before)
 }
 
 /// The calls of `part`'s [`Probe::Syscalls`] `calls` that are hooked:

@@ -43,6 +43,26 @@ pub fn xtask() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_hvprof")).with_file_name("xtask")
 }
 
+/// `./x massboot ARGS` with this build's hvprof (the report in `dir`, if
+/// given); panics with its output if it fails.
+pub fn massboot(args: &[&str], dir: Option<&Path>) {
+    let mut cmd = Command::new(xtask());
+    cmd.arg("massboot")
+        .args(args)
+        .arg("--hvprof")
+        .arg(env!("CARGO_BIN_EXE_hvprof"));
+    if let Some(dir) = dir {
+        cmd.arg("-o").arg(dir);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "massboot {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn out_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("hvprof-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
