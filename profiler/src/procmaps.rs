@@ -167,6 +167,26 @@ pub fn qemu_vm_name(cmdline: &str) -> Option<String> {
     None
 }
 
+/// QEMU's `-uuid` (libvirt's domain UUID), as its 16 bytes.
+#[must_use]
+pub fn qemu_uuid(cmdline: &str) -> Option<[u8; 16]> {
+    let mut args = cmdline.split(' ');
+    while let Some(a) = args.next() {
+        if a == "-uuid" || a == "--uuid" {
+            let hex: Vec<u8> = args.next()?.bytes().filter(|&b| b != b'-').collect();
+            if hex.len() != 32 {
+                return None;
+            }
+            let mut out = [0u8; 16];
+            for (o, pair) in out.iter_mut().zip(hex.chunks(2)) {
+                *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+            }
+            return Some(out);
+        }
+    }
+    None
+}
+
 /// Whether a process is alive: it exists and is not a zombie.
 #[must_use]
 pub fn alive(pid: u32) -> bool {
@@ -251,6 +271,20 @@ mod tests {
         );
         assert_eq!(qemu_vm_name("qemu -m 16"), None);
         assert_eq!(qemu_vm_name("qemu -name"), None);
+        let uuid = qemu_uuid("qemu -name guest=a -uuid 436e4fd9-5f7f-4893-b905-ad63fdfe78cd -m 16");
+        assert_eq!(
+            uuid,
+            Some([
+                0x43, 0x6e, 0x4f, 0xd9, 0x5f, 0x7f, 0x48, 0x93, 0xb9, 0x05, 0xad, 0x63, 0xfd, 0xfe,
+                0x78, 0xcd
+            ])
+        );
+        assert_eq!(qemu_uuid("qemu -uuid 436e4fd9"), None);
+        assert_eq!(
+            qemu_uuid("qemu -uuid 436e4fd9-5f7f-4893-b905-ad63fdfe78zz"),
+            None
+        );
+        assert_eq!(qemu_uuid("qemu -m 16"), None);
     }
 
     #[test]

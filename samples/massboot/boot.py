@@ -2,9 +2,10 @@
 """Boot (or destroy) transient libvirt guests concurrently, over the libvirt
 API, from several client threads: the client side of `./x massboot`.
 
-    boot.py boot GUESTS.json --threads T [--gap-ms G]
+    boot.py boot GUESTS.json --threads T [--gap-ms G] [--get-info]
                                               boots, waits for each '!' on COM1;
-                                              client thread k starts k*G ms late
+                                              client thread k starts k*G ms late;
+                                              then asks for each guest's info once
     boot.py destroy GUESTS.json               destroys whatever is still running
     boot.py contend NAME HOLD_S               holds guest NAME's job for HOLD_S
                                               while two other clients wait for it
@@ -29,7 +30,7 @@ URI = "qemu:///system"
 BOOT_TIMEOUT_S = 60.0
 
 
-def boot(guests, threads, gap_s=0.0):
+def boot(guests, threads, gap_s=0.0, get_info=False):
     results = [None] * len(guests)
     errors = []
     next_index = [0]
@@ -50,7 +51,7 @@ def boot(guests, threads, gap_s=0.0):
                 flags = libvirt.VIR_DOMAIN_START_PAUSED if g["paused"] else 0
                 t0 = time.monotonic()
                 try:
-                    conn.createXML(g["xml"], flags)
+                    dom = conn.createXML(g["xml"], flags)
                 except libvirt.libvirtError as e:
                     errors.append("%s: createXML failed: %s" % (g["name"], e))
                     return
@@ -73,6 +74,8 @@ def boot(guests, threads, gap_s=0.0):
                             % (g["name"], g["serial"], BOOT_TIMEOUT_S)
                         )
                         return
+                if get_info:
+                    dom.info()
                 results[i] = {
                     "name": g["name"],
                     "start_s": t0 - start,
@@ -174,7 +177,9 @@ def main():
         gap_ms = 0.0
         if "--gap-ms" in sys.argv:
             gap_ms = float(sys.argv[sys.argv.index("--gap-ms") + 1])
-        return boot(guests, max(1, threads), max(0.0, gap_ms) / 1000.0)
+        return boot(
+            guests, max(1, threads), max(0.0, gap_ms) / 1000.0, "--get-info" in sys.argv
+        )
     return destroy(guests)
 
 

@@ -65,6 +65,10 @@ const LIBVIRT_PACKAGES: &[&str] = &[
 ];
 
 #[derive(Debug, clap::Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent switches from the command line"
+)]
 pub struct Opts {
     /// Guests to boot.
     #[arg(long, default_value_t = 12)]
@@ -119,10 +123,11 @@ pub struct Opts {
     #[arg(long, value_name = "SECONDS")]
     pub job_contention: Option<f64>,
     /// Install a libvirt `qemu` hook (/etc/libvirt/hooks/qemu) for the boot,
-    /// which libvirtd runs at every guest's preparation, start and stop, and
-    /// which sleeps this many ms at the preparation of the guests
-    /// `--qemu-hook-guests` (0: it runs, and sleeps for none): a regression
-    /// injected the way an administrator could. Removed at the teardown.
+    /// which libvirtd runs at every guest's preparation, start, end of start
+    /// and stop, and which sleeps this many ms each time it runs for the
+    /// guests `--qemu-hook-guests` (0: it runs, and sleeps for none): a
+    /// regression injected the way an administrator could. Removed at the
+    /// teardown.
     #[arg(long, value_name = "MS")]
     pub qemu_hook_sleep: Option<u64>,
     /// Client thread k starts its first guest k times this many ms after the
@@ -130,6 +135,10 @@ pub struct Opts {
     /// order.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub start_gap: u64,
+    /// After booting each guest, its client asks for the guest's info once
+    /// (`virDomainGetInfo`: a call on a running domain).
+    #[arg(long)]
+    pub get_info: bool,
     /// The guests the hook sleeps for, by number (`FIRST-LAST`).
     #[arg(long, value_name = "FIRST-LAST", default_value = "1-1000000")]
     pub qemu_hook_guests: String,
@@ -645,7 +654,8 @@ fn configure_libvirt(s: &mut Session) -> anyhow::Result<()> {
 }
 
 /// Step 2 (`--qemu-hook-sleep`): the qemu hook, which libvirtd finds when it
-/// starts; undone by the session's teardown.
+/// starts (it runs it at each guest's preparation, start and end of start,
+/// three times per boot); undone by the session's teardown.
 fn install_qemu_hook(s: &mut Session, ms: u64, guests: &str) -> anyhow::Result<()> {
     let (first, last) = guests.split_once('-').unwrap_or((guests, guests));
     let (first, last): (u64, u64) = (
@@ -658,7 +668,7 @@ fn install_qemu_hook(s: &mut Session, ms: u64, guests: &str) -> anyhow::Result<(
             .context("--qemu-hook-guests: FIRST-LAST, e.g. 5-8")?,
     );
     step(&format!(
-        "step 2/7: a qemu hook ({QEMU_HOOK}) that sleeps {ms} ms at the preparation of guests {first}-{last}"
+        "step 2/7: a qemu hook ({QEMU_HOOK}) that sleeps {ms} ms whenever it runs for guests {first}-{last}"
     ));
     let dir = Path::new(QEMU_HOOK).parent().unwrap_or(Path::new("/"));
     if !dir.exists() {
@@ -670,7 +680,6 @@ fn install_qemu_hook(s: &mut Session, ms: u64, guests: &str) -> anyhow::Result<(
         "#!/bin/sh\n\
          # Written by hvprof's ./x massboot (--qemu-hook-sleep); removed when it ends.\n\
          # libvirtd runs it as: qemu GUEST OPERATION SUB-OPERATION EXTRA\n\
-         [ \"$2\" = prepare ] || exit 0\n\
          n=\"${{1#{GUEST_PREFIX}}}\"\n\
          if [ {ms} -gt 0 ] && [ \"$n\" -ge {first} ] 2>/dev/null && [ \"$n\" -le {last} ]; then\n\
          \x20   sleep {secs}\n\
@@ -891,6 +900,7 @@ fn boot_guests(
         .arg(guests_file)
         .args(["--threads", &opts.threads.to_string()])
         .args(["--gap-ms", &opts.start_gap.to_string()])
+        .args(opts.get_info.then_some("--get-info"))
         .stderr(Stdio::inherit())
         .output()
         .context("step 6/7: running the boot client failed")?;

@@ -117,6 +117,13 @@ pub const DISPATCH_FUNCTION: &str = "virNetServerProgramDispatch";
 /// layout since libvirt 1.x): the message as received, its XDR header
 /// (`program, version, procedure, …`, big-endian) after its length.
 pub const NET_MESSAGE_BUFFER: u64 = 8;
+/// Where a call's arguments start in its message: after the length and the
+/// six words of the header.
+pub const NET_MESSAGE_PAYLOAD: u64 = 4 + 6 * 4;
+/// The longest domain name read from a call's arguments (libvirt's own
+/// limit is larger; a longer one is not looked up).
+pub const MAX_DOMAIN_NAME: u32 = 1024;
+
 /// The `remote` program of libvirt's RPC protocol (the public API).
 pub const REMOTE_PROGRAM: u32 = 0x2000_8086;
 
@@ -219,6 +226,7 @@ pub mod names {
     pub const PROG_CALL_ENTER: &str = "attribute_call_enter";
     pub const PROG_CALL_RETURN: &str = "attribute_call_return";
     pub const VM_CALLS: &str = "VM_CALLS";
+    pub const VM_BY_UUID: &str = "VM_BY_UUID";
     pub const DBUS_CALLS: &str = "DBUS_CALLS";
     pub const PROG_DBUS_ENTER: &str = "dbus_enter";
     pub const PROG_DBUS_RETURN: &str = "dbus_return";
@@ -658,10 +666,13 @@ pub enum Counter {
     CallsAttributed = 26,
     CallsOther = 27,
     CallsUnread = 28,
+    /// `--attribute vm`: other calls naming the domain of a VM hvprof saw
+    /// created (attributed to it).
+    CallsOfDomain = 29,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
 }
 
 /// Slots of the `LOSSES` map: everything the kernel side could not record.

@@ -13,6 +13,10 @@
 //!   token to the VM, so the work of a call counts for the VM whose QEMU
 //!   it started, whenever the VM was created.
 //!
+//! - A call of another procedure whose arguments start with a domain (most
+//!   `Domain*` calls) works for the VM of that domain, found by its UUID
+//!   (userspace puts each VM's, from its QEMU's `-uuid`, in `VM_BY_UUID`).
+//!
 //! Threads with no token record under the time window, as without the
 //! option: userspace shows them as unattributed. Each event pays for two
 //! hash lookups (thread, then process) only with the option on.
@@ -27,7 +31,8 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use profiler_common::record::{
-    ATTRIBUTED, ATTRIBUTED_OWN, Counter, EventKind, Loss, NET_MESSAGE_BUFFER, REMOTE_PROGRAM,
+    ATTRIBUTED, ATTRIBUTED_OWN, Counter, EventKind, Loss, MAX_DOMAIN_NAME, NET_MESSAGE_BUFFER,
+    NET_MESSAGE_PAYLOAD, REMOTE_PROGRAM,
 };
 
 use super::common::{Task, count, emit_token, lose, stopped, time_window};
@@ -42,6 +47,10 @@ static ATTR_PROCESS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
 /// The `remote` procedures that can start a VM (set by userspace).
 #[map]
 static VM_CALLS: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+/// The VMs by their domain's UUID (set by userspace from each QEMU's
+/// `-uuid`): their token.
+#[map]
+static VM_BY_UUID: HashMap<[u8; 16], u32> = HashMap::with_max_entries(16384, 0);
 /// Per CPU: tokens given so far.
 #[map]
 static TOKENS: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
@@ -152,13 +161,21 @@ fn try_call_enter(ctx: &ProbeContext) -> Option<()> {
         return None;
     }
     let task = Task::tracked()?;
-    let Some(procedure) = procedure(ctx) else {
+    let Some((buffer, procedure)) = procedure(ctx) else {
         count(Counter::CallsUnread);
         return None;
     };
     // SAFETY: only presence is tested.
     if unsafe { VM_CALLS.get(&procedure) }.is_none() {
-        count(Counter::CallsOther);
+        // A call on a domain: the VM it names, if hvprof saw it created.
+        let Some(token) = named_vm(buffer) else {
+            count(Counter::CallsOther);
+            return None;
+        };
+        count(Counter::CallsOfDomain);
+        if ATTR_THREAD.insert(&task.pid(), &token, 0).is_err() {
+            lose(time_window().unwrap_or(u32::MAX), Loss::AttributionFull);
+        }
         return None;
     }
     count(Counter::CallsAttributed);
@@ -178,17 +195,37 @@ fn try_call_enter(ctx: &ProbeContext) -> Option<()> {
     Some(())
 }
 
-/// The procedure of the `remote` program's call in the dispatch's message,
-/// if it can be read.
+/// The dispatch's message (its buffer) and the procedure of its `remote`
+/// program's call, if they can be read.
 #[inline(always)]
-fn procedure(ctx: &ProbeContext) -> Option<u32> {
+fn procedure(ctx: &ProbeContext) -> Option<(u64, u32)> {
     let msg: u64 = ctx.arg(3)?;
     // SAFETY: user memory, read with the checked helper.
     let buffer = unsafe { bpf_probe_read_user((msg + NET_MESSAGE_BUFFER) as *const u64) }.ok()?;
     // The length, then program, version and procedure, big-endian.
     // SAFETY: as above.
     let head = unsafe { bpf_probe_read_user((buffer + 4) as *const [u32; 3]) }.ok()?;
-    (u32::from_be(head[0]) == REMOTE_PROGRAM).then(|| u32::from_be(head[2]))
+    (u32::from_be(head[0]) == REMOTE_PROGRAM).then(|| (buffer, u32::from_be(head[2])))
+}
+
+/// The token of the VM whose domain a call's arguments start with (XDR
+/// `remote_nonnull_domain`: the name, a length and its bytes padded to 4,
+/// then the 16-byte UUID), if that UUID is one of the VMs'. A call whose
+/// arguments are something else does not match: 16 bytes that are a VM's
+/// UUID by chance are not to be expected.
+#[inline(always)]
+fn named_vm(buffer: u64) -> Option<u32> {
+    let payload = buffer + NET_MESSAGE_PAYLOAD;
+    // SAFETY: user memory, read with the checked helper.
+    let len = u32::from_be(unsafe { bpf_probe_read_user(payload as *const u32) }.ok()?);
+    if len == 0 || len > MAX_DOMAIN_NAME {
+        return None;
+    }
+    let uuid_at = payload + 4 + u64::from((len + 3) & !3);
+    // SAFETY: as above.
+    let uuid = unsafe { bpf_probe_read_user(uuid_at as *const [u8; 16]) }.ok()?;
+    // SAFETY: a plain value, copied.
+    unsafe { VM_BY_UUID.get(&uuid) }.copied()
 }
 
 /// The dispatch returned: the call (replied to) is over for its thread (the

@@ -908,10 +908,14 @@ const WAKER_COUNTERS: [(Counter, &str); 7] = [
 ];
 
 /// `--attribute vm`'s calls.
-const ATTRIBUTION_COUNTERS: [(Counter, &str); 3] = [
+const ATTRIBUTION_COUNTERS: [(Counter, &str); 4] = [
     (
         Counter::CallsAttributed,
         "libvirt calls that can start a VM (attributed to it)",
+    ),
+    (
+        Counter::CallsOfDomain,
+        "libvirt calls on the domain of a VM (attributed to it)",
     ),
     (Counter::CallsOther, "libvirt calls of other procedures"),
     (

@@ -36,6 +36,9 @@ pub(super) struct Recorder {
     pub vms: Vec<(Event, Option<String>)>,
     /// `--attribute vm`: the calls that got a token, in order.
     pub calls: Vec<crate::profile::CallToken>,
+    /// `--attribute vm`: the kernel's VMs by domain UUID, for the calls on a
+    /// domain.
+    pub vm_uuids: Option<aya::maps::HashMap<aya::maps::MapData, [u8; 16], u32>>,
     target_pids: HashSet<u32>,
     /// Every `-p` target has exited.
     targets_gone: bool,
@@ -117,6 +120,7 @@ impl Recorder {
             processes: Processes::with_unwinder(unwind),
             vms: Vec::new(),
             calls: Vec::new(),
+            vm_uuids: None,
             target_pids: match &opts.target {
                 Target::Pids(p) => p.iter().copied().collect(),
                 _ => HashSet::new(),
@@ -421,6 +425,14 @@ impl Recorder {
             k if k == EventKind::Exit as u32 => self.on_exit(&ev, rel),
             k if k == EventKind::VmCreated as u32 => {
                 let cmdline = procmaps::cmdline(ev.tgid);
+                if let (Some(map), Some(uuid)) = (
+                    self.vm_uuids.as_mut(),
+                    cmdline.as_deref().and_then(procmaps::qemu_uuid),
+                ) && ev.token != 0
+                {
+                    // Full: that VM's later calls are unattributed.
+                    let _ = map.insert(&uuid, &ev.token, 0);
+                }
                 self.vms.push((ev, cmdline));
             }
             k if k == EventKind::CallStarted as u32 => {

@@ -181,6 +181,13 @@ pub fn record(opts: RecordOptions) -> Result<Outcome, RecordError> {
             .map_err(|source| RecordError::Map { name, source })?;
         rec.qmp = Some(qmp::Qmp::new(ring));
     }
+    if rec.opts.attribute == crate::windows::Attribution::Vm {
+        let name = names::VM_BY_UUID;
+        let map =
+            aya::maps::HashMap::try_from(bpf.take_map(name).ok_or(RecordError::Missing { name })?)
+                .map_err(|source| RecordError::Map { name, source })?;
+        rec.vm_uuids = Some(map);
+    }
     run(rec, bpf, gated.as_mut(), &interrupts)
 }
 
