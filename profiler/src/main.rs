@@ -114,7 +114,8 @@ which is what a concurrent boot (many VMs started at once) needs. Each QEMU proc
 threads work for the VM it created; a libvirtd worker works, from the start of a call that \
 can start a VM (virNetServerProgramDispatch: DomainCreate*, DomainRestore*, \
 DomainMigratePrepare*, DomainSnapshotRevert) to its reply, for the VM whose QEMU that call \
-started; a process forked meanwhile (QEMU, a hook script, a helper) works for it too. The \
+started; a process forked meanwhile (QEMU, a hook script, a helper) works for it too; a call \
+on a running domain (DomainGetInfo, DomainDestroy, ...) works for that domain's VM. The \
 rest is shown apart, in an \"unattributed\" window for each time window, with its share.
 
 How each tracer works and what each option changes: docs/internals.md in hvprof's source.")]
